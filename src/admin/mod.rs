@@ -1,0 +1,71 @@
+//! The admin HTTP API (JSON) on `admin.listen`: state, weights, placement, metrics, liveness, readiness.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/live` | 200 while the process runs |
+//! | GET | `/ready` | 200 once the first routing table is published, 503 before and while shutting down |
+//! | GET | `/metrics` | Prometheus text format |
+//! | GET | `/v1/state` | shards, clusters (weight, ready, in-flight), apps |
+//! | GET | `/v1/placement?app=NAME` | the shard an application name maps to |
+//! | PUT | `/v1/shards/{shard}/weights` | `{"weights": {"blue": 70, "green": 30}}` |
+//!
+//! Mutating calls need `Authorization: Bearer <token>` when `admin.token_file` is set.
+
+mod api;
+pub mod auth;
+mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::SplitKey;
+use crate::control::ControlHandle;
+pub use auth::AdminToken;
+
+/// What the admin handlers need.
+#[derive(Debug)]
+pub struct AdminContext {
+    /// The control plane.
+    pub control: ControlHandle,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+    /// Bearer token for mutating calls.
+    pub token: AdminToken,
+    /// Shown in `/v1/state`.
+    pub split_key: SplitKey,
+    /// True once the gateway is shutting down (`/ready` answers 503).
+    pub shutting_down: watch::Receiver<bool>,
+}
+
+/// Serves the admin API until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            service_fn(move |req| api::handle(Arc::clone(&ctx), req)),
+                        );
+                    let _ = conn.await;
+                });
+            }
+            () = crate::gateway::stopped(&mut shutdown) => return,
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! JSON shapes of the admin API's answers.
+
+use serde::Serialize;
+
+use crate::snapshot::Snapshot;
+
+/// `GET /v1/state`.
+#[derive(Debug, Serialize)]
+pub struct StateView {
+    /// Snapshot version (increases with every routing-table update).
+    pub version: u64,
+    /// The first table is published.
+    pub ready: bool,
+    /// The configured split key (`none`, `header:x`, `cookie:x`, `client_ip`).
+    pub split_key: String,
+    /// Declared shards with their clusters.
+    pub shards: Vec<ShardView>,
+    /// Known applications.
+    pub apps: Vec<AppView>,
+}
+
+/// One shard.
+#[derive(Debug, Serialize)]
+pub struct ShardView {
+    /// Shard name.
+    pub name: String,
+    /// The shard's clusters, in split order.
+    pub clusters: Vec<ClusterStateView>,
+}
+
+/// One cluster.
+#[derive(Debug, Serialize)]
+pub struct ClusterStateView {
+    /// Cluster name.
+    pub name: String,
+    /// Revision label.
+    pub revision: String,
+    /// Configured weight (0-100).
+    pub weight: u32,
+    /// Passes readiness probes.
+    pub ready: bool,
+    /// Takes no new requests.
+    pub draining: bool,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Applications its `/-/routes` lists.
+    pub apps: Vec<String>,
+    /// Why it is not ready.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// One application.
+#[derive(Debug, Serialize)]
+pub struct AppView {
+    /// Application name.
+    pub name: String,
+    /// Serve route prefix.
+    pub route_prefix: String,
+    /// Shard it is placed on.
+    pub shard: String,
+    /// Clusters it is currently split across, with effective weights.
+    pub split: Vec<SplitView>,
+}
+
+/// One cluster of an application's effective split.
+#[derive(Debug, Serialize)]
+pub struct SplitView {
+    /// Cluster name.
+    pub cluster: String,
+    /// Effective weight (after unready clusters were left out).
+    pub weight: u32,
+}
+
+impl StateView {
+    /// The view of a snapshot (in-flight counts read live).
+    pub fn of(snap: &Snapshot, ready: bool, split_key: String) -> Self {
+        let table = &snap.table;
+        let shard_count = table.placement().len();
+        let mut shards: Vec<ShardView> = (0..shard_count)
+            .map(|i| ShardView {
+                name: table.shard_name(i as u32).to_string(),
+                clusters: Vec::new(),
+            })
+            .collect();
+        for (cluster, view) in snap.clusters.iter().zip(&snap.views) {
+            let Some(shard) = shards.iter_mut().find(|s| *s.name == *cluster.shard) else {
+                continue;
+            };
+            shard.clusters.push(ClusterStateView {
+                name: cluster.name.to_string(),
+                revision: cluster.revision.to_string(),
+                weight: view.weight,
+                ready: view.ready,
+                draining: view.draining,
+                in_flight: cluster.stats.in_flight(),
+                apps: view.apps.clone(),
+                detail: view.detail.clone(),
+            });
+        }
+        let apps = table
+            .apps()
+            .iter()
+            .enumerate()
+            .map(|(i, app)| AppView {
+                name: app.name.to_string(),
+                route_prefix: app.route_prefix.to_string(),
+                shard: table.shard_name(app.shard).to_string(),
+                split: table
+                    .split_of(i as u32)
+                    .entries()
+                    .map(|(id, weight)| SplitView {
+                        cluster: snap.cluster(id).name.to_string(),
+                        weight,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self {
+            version: snap.version,
+            ready,
+            split_key,
+            shards,
+            apps,
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! A backend Ray cluster as the request path sees it: where to send requests, and its live counters.
+
+use std::sync::Arc;
+
+use http::uri::{Authority, Scheme};
+use metrics::{Gauge, Histogram};
+
+use crate::stats::ClusterStats;
+use crate::telemetry;
+
+/// One Serve cluster (the Serve proxy of a RayCluster). Created once by the control plane when the
+/// cluster appears and shared by `Arc` across routing-table snapshots, so its counters survive swaps.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Cluster name, unique in the gateway (e.g. `blue`).
+    pub name: Arc<str>,
+    /// Name of the shard the cluster serves.
+    pub shard: Arc<str>,
+    /// Revision label (e.g. `v2`); newer revisions are shift targets.
+    pub revision: Arc<str>,
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// `host:port` of the cluster's Serve HTTP proxy.
+    pub authority: Authority,
+    /// Outcome counters for shift analysis and `/v1/state`.
+    pub stats: ClusterStats,
+    /// `rayshift_request_duration_seconds{shard,cluster}`, resolved once.
+    pub duration: Histogram,
+    /// `rayshift_cluster_in_flight{cluster}`, resolved once.
+    pub in_flight_gauge: Gauge,
+}
+
+impl Cluster {
+    /// Creates the cluster entry and resolves its metric handles.
+    pub fn new(name: &str, shard: &str, revision: &str, scheme: Scheme, authority: Authority) -> Self {
+        let duration = metrics::histogram!(
+            telemetry::REQUEST_DURATION_SECONDS,
+            "shard" => shard.to_string(),
+            "cluster" => name.to_string()
+        );
+        let in_flight_gauge =
+            metrics::gauge!(telemetry::CLUSTER_IN_FLIGHT, "cluster" => name.to_string());
+        Self {
+            name: name.into(),
+            shard: shard.into(),
+            revision: revision.into(),
+            scheme,
+            authority,
+            stats: ClusterStats::default(),
+            duration,
+            in_flight_gauge,
+        }
+    }
+
+    /// Marks a request as started on this cluster; the guard marks it finished when dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        let now = self.stats.enter();
+        self.in_flight_gauge.set(now as f64);
+        InFlight {
+            cluster: Arc::clone(self),
+        }
+    }
+}
+
+/// A request in flight on a cluster; dropping it ends the request (on body end, error or cancel).
+#[derive(Debug)]
+pub struct InFlight {
+    cluster: Arc<Cluster>,
+}
+
+impl InFlight {
+    /// The cluster the request is on.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.cluster.stats.leave();
+        self.cluster.in_flight_gauge.set(now as f64);
+    }
+}

@@ -1,0 +1,188 @@
+//! Readiness probes of one cluster: Serve's `GET /-/healthz` and `GET /-/routes`.
+//!
+//! A Serve proxy can report healthy before its route table is loaded, so a cluster counts as ready
+//! only when `/-/healthz` answers 200 *and* `/-/routes` answers 200 with the applications it serves;
+//! per application, the routing table then requires the cluster to list that application.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::telemetry;
+
+/// Largest probe response body read (a `/-/routes` of many thousands of apps fits easily).
+const MAX_PROBE_BODY: usize = 4 << 20;
+
+/// What one probe round found about a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// The probed cluster.
+    pub cluster: Arc<str>,
+    /// `/-/healthz` answered 200.
+    pub healthy: bool,
+    /// `/-/routes` as `route_prefix -> app name`; `None` when not populated or unreachable.
+    pub routes: Option<BTreeMap<String, String>>,
+    /// Why the cluster is not ready (empty when it is).
+    pub detail: String,
+}
+
+impl ProbeReport {
+    /// Healthy and with a populated route table.
+    pub fn ready(&self) -> bool {
+        self.healthy && self.routes.is_some()
+    }
+}
+
+/// HTTP client shared by all probes (separate from the data-path pool, with short timeouts).
+#[derive(Clone, Debug)]
+pub struct Prober {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl Prober {
+    /// A prober that probes every `interval`, giving each request `timeout`.
+    pub fn new(interval: Duration, timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(3))
+            .pool_max_idle_per_host(2)
+            .build(connector);
+        Self {
+            client,
+            interval,
+            timeout,
+        }
+    }
+
+    /// Probes the cluster once.
+    pub async fn probe(&self, cluster: &Arc<str>, scheme: &Scheme, authority: &Authority) -> ProbeReport {
+        let healthz = self.get(scheme, authority, "/-/healthz").await;
+        let (healthy, mut detail) = match &healthz {
+            Ok((StatusCode::OK, _)) => (true, String::new()),
+            Ok((status, body)) => (
+                false,
+                format!("/-/healthz answered {status}: {}", String::from_utf8_lossy(body).trim()),
+            ),
+            Err(e) => (false, format!("/-/healthz failed: {e}")),
+        };
+        let routes = match self.get(scheme, authority, "/-/routes").await {
+            Ok((StatusCode::OK, body)) => match serde_json::from_slice::<BTreeMap<String, String>>(&body) {
+                Ok(routes) => Some(routes),
+                Err(e) => {
+                    append(&mut detail, format!("/-/routes is not a JSON object of strings: {e}"));
+                    None
+                }
+            },
+            Ok((status, _)) => {
+                append(&mut detail, format!("/-/routes answered {status} (route table not populated)"));
+                None
+            }
+            Err(e) => {
+                append(&mut detail, format!("/-/routes failed: {e}"));
+                None
+            }
+        };
+        let report = ProbeReport {
+            cluster: Arc::clone(cluster),
+            healthy,
+            routes,
+            detail,
+        };
+        let result = if report.ready() { "ready" } else { "not_ready" };
+        metrics::counter!(telemetry::PROBES_TOTAL, "cluster" => cluster.to_string(), "result" => result)
+            .increment(1);
+        report
+    }
+
+    async fn get(&self, scheme: &Scheme, authority: &Authority, path: &'static str) -> Result<(StatusCode, Bytes), String> {
+        let uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let req = Request::get(uri)
+            .header(http::header::USER_AGENT, "rayshift-probe")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let fut = async {
+            let resp = self.client.request(req).await.map_err(|e| describe_client_error(&e))?;
+            let status = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((status, body))
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+        }
+    }
+
+    /// Probes the cluster every interval, sending a report whenever the result changes (and the first
+    /// one always). Ends when the receiver is gone; abort the handle to stop it earlier.
+    pub fn spawn(
+        &self,
+        cluster: Arc<str>,
+        scheme: Scheme,
+        authority: Authority,
+        reports: mpsc::UnboundedSender<ProbeReport>,
+    ) -> JoinHandle<()> {
+        let prober = self.clone();
+        tokio::spawn(async move {
+            let mut last: Option<ProbeReport> = None;
+            let mut tick = tokio::time::interval(prober.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let report = prober.probe(&cluster, &scheme, &authority).await;
+                if last.as_ref() != Some(&report) {
+                    if report.ready() {
+                        tracing::info!(cluster = %cluster, "cluster ready");
+                    } else {
+                        tracing::warn!(cluster = %cluster, detail = %report.detail, "cluster not ready");
+                    }
+                    if reports.send(report.clone()).is_err() {
+                        return;
+                    }
+                    last = Some(report);
+                }
+            }
+        })
+    }
+}
+
+fn append(detail: &mut String, more: String) {
+    if !detail.is_empty() {
+        detail.push_str("; ");
+    }
+    detail.push_str(&more);
+}
+
+/// The innermost cause of a client error: hyper-util's own message ("client error (Connect)") hides it.
+pub(crate) fn describe_client_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    msg
+}

@@ -1,0 +1,63 @@
+//! The client-facing reverse proxy: listener, per-request forwarding, header hygiene, upstream pool.
+//!
+//! The request path reads one routing snapshot per request from an `ArcSwap` and never takes a lock
+//! or waits on the control plane.
+
+pub mod body;
+pub mod forward;
+pub mod headers;
+pub mod server;
+pub mod split_key;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{SplitKey, UpstreamConfig};
+use crate::snapshot::Snapshot;
+
+/// Pooled HTTP/1.1 client to the Serve clusters (one pool per `host:port`).
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// Everything a request needs, shared by all connections of one listener.
+#[derive(Debug)]
+pub struct ProxyContext {
+    /// The routing snapshot, swapped by the control plane.
+    pub table: Arc<ArcSwap<Snapshot>>,
+    /// Keep-alive connection pool to the clusters.
+    pub client: UpstreamClient,
+    /// How requests are keyed for a sticky split.
+    pub split_key: SplitKey,
+    /// Value of `x-forwarded-proto` (`http` or `https`).
+    pub proto: &'static str,
+}
+
+impl ProxyContext {
+    /// A context routing by `table` with an upstream pool configured by `upstream`.
+    pub fn new(table: Arc<ArcSwap<Snapshot>>, upstream: &UpstreamConfig, split_key: SplitKey) -> Self {
+        Self {
+            table,
+            client: upstream_client(upstream),
+            split_key,
+            proto: "http",
+        }
+    }
+}
+
+/// The upstream pool: HTTP/1.1 only (Serve speaks nothing else), idle connections closed before
+/// Serve's own keep-alive timeout so a request never races a connection the server is closing.
+pub fn upstream_client(cfg: &UpstreamConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.connect_timeout));
+    connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.idle_timeout)
+        .pool_max_idle_per_host(cfg.max_idle_per_cluster)
+        .build(connector)
+}

@@ -1,0 +1,52 @@
+//! The immutable snapshot the request path reads: the pure routing table plus the clusters it points at.
+
+use std::sync::Arc;
+
+use crate::cluster::Cluster;
+use crate::routing::{ClusterId, RoutingTable};
+
+/// One published version of everything the request path needs. Loaded once per request from an
+/// `ArcSwap`; never mutated after publication (only the atomics inside [`Cluster`]s change).
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases by one with every publication.
+    pub version: u64,
+    /// Prefix match, shard placement and splits.
+    pub table: RoutingTable,
+    /// Clusters by [`ClusterId`] of `table`.
+    pub clusters: Vec<Arc<Cluster>>,
+    /// What the control plane knew about each cluster, by [`ClusterId`] (for `/v1/state`).
+    pub views: Vec<ClusterView>,
+}
+
+/// The control plane's view of one cluster at publication time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Configured weight (0-100) in its shard.
+    pub weight: u32,
+    /// Healthy with a populated route table: may receive traffic for the apps it lists.
+    pub ready: bool,
+    /// Takes no new requests (its shard moved away from it).
+    pub draining: bool,
+    /// Why it is not ready (empty when ready).
+    pub detail: String,
+    /// Applications its `/-/routes` listed last.
+    pub apps: Vec<String>,
+}
+
+impl Snapshot {
+    /// A snapshot that routes nothing (before the first publication).
+    pub fn empty() -> Self {
+        Self {
+            version: 0,
+            table: RoutingTable::empty(),
+            clusters: Vec::new(),
+            views: Vec::new(),
+        }
+    }
+
+    /// The cluster with this id.
+    pub fn cluster(&self, id: ClusterId) -> &Arc<Cluster> {
+        &self.clusters[id as usize]
+    }
+}

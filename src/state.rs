@@ -1,0 +1,214 @@
+//! The durable state file: weights (and shifts) are written here before they take effect.
+//!
+//! Writes are atomic: the new content goes to a temporary file in the same directory, is fsynced, and
+//! renamed over the old file, and the directory is fsynced; a crash leaves either the old or the new
+//! state, never a torn one. A file that cannot be read or has an unknown version stops the gateway
+//! at start: it never silently resets an operator's weights.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The state file format version this build reads and writes.
+pub const STATE_VERSION: u32 = 1;
+
+/// Errors reading or writing the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file exists but could not be read.
+    #[error("reading state file {path}: {source}")]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON of the expected shape.
+    #[error("state file {path} is corrupt: {source}; fix or remove it (rayshift never resets state silently)")]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// The file was written by a different, incompatible version of rayshift.
+    #[error("state file {path} has version {found}, this rayshift reads version {expected}")]
+    Version {
+        /// The state file.
+        path: PathBuf,
+        /// Version found in the file.
+        found: u32,
+        /// Version this build understands.
+        expected: u32,
+    },
+    /// The new state could not be written durably; the old state is still in place.
+    #[error("writing state file {path}: {source}")]
+    Write {
+        /// The state file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Everything rayshift persists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Format version, [`STATE_VERSION`].
+    pub version: u32,
+    /// Per-shard state, by shard name.
+    #[serde(default)]
+    pub shards: BTreeMap<String, ShardState>,
+}
+
+/// Persisted state of one shard.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardState {
+    /// Operator- or shift-set weights by cluster name (0-100, summing to 100).
+    #[serde(default)]
+    pub weights: BTreeMap<String, u32>,
+}
+
+impl State {
+    /// An empty state of the current version.
+    pub fn new() -> Self {
+        Self {
+            version: STATE_VERSION,
+            shards: BTreeMap::new(),
+        }
+    }
+}
+
+/// The state file on disk.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// A store at `path` (nothing is read or written yet).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// Path of the state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the state; a missing file is a fresh start (`Ok(None)`), anything unreadable is an error.
+    pub fn load(&self) -> Result<Option<State>, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        // Check the version before the shape, so a future format gets the clearer error.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let versioned: Versioned =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
+        if versioned.version != STATE_VERSION {
+            return Err(StateError::Version {
+                path: self.path.clone(),
+                found: versioned.version,
+                expected: STATE_VERSION,
+            });
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Writes `state` atomically and durably (temp file, fsync, rename, fsync of the directory).
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let err = |source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let mut body = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
+        body.push(b'\n');
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "rayshift-state.json".into());
+        let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            // The rename is durable only once the directory entry is.
+            fs::File::open(&dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_a_fresh_start_and_saves_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        assert_eq!(store.load().unwrap(), None);
+        let mut state = State::new();
+        state.shards.entry("shard-0".into()).or_default().weights =
+            BTreeMap::from([("blue".into(), 70), ("green".into(), 30)]);
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state));
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn corrupt_and_unknown_version_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = StateStore::new(&path);
+        fs::write(&path, b"{\"version\": 1, \"shards\": ").unwrap();
+        let e = store.load().unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        fs::write(&path, b"{\"version\": 7, \"shards\": {}}").unwrap();
+        let e = store.load().unwrap_err();
+        assert!(matches!(e, StateError::Version { found: 7, .. }), "{e}");
+    }
+
+    #[test]
+    fn unwritable_directory_reports_and_keeps_old_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("missing-dir").join("state.json"));
+        let e = store.save(&State::new()).unwrap_err();
+        assert!(matches!(e, StateError::Write { .. }), "{e}");
+    }
+}

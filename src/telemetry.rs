@@ -1,0 +1,107 @@
+//! Every metric name rayshift exports, their help texts, the Prometheus recorder and log setup.
+//!
+//! Dashboards and alert rules depend on these names: they are a public contract. Add new metrics here,
+//! never rename one.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by application, shard, cluster and status code (`cluster` is `none` when the
+/// gateway answered itself, e.g. 503 without a ready cluster).
+pub const REQUESTS_TOTAL: &str = "rayshift_requests_total";
+/// Time from receiving a request to the upstream's response headers, by shard and cluster.
+pub const REQUEST_DURATION_SECONDS: &str = "rayshift_request_duration_seconds";
+/// Failed upstream attempts by cluster and kind (`connect`, `request`, `body`, ...).
+pub const UPSTREAM_ERRORS_TOTAL: &str = "rayshift_upstream_errors_total";
+/// Configured traffic weight (0-100) of each cluster in its shard.
+pub const CLUSTER_WEIGHT: &str = "rayshift_cluster_weight";
+/// 1 when the cluster passes its readiness probes, else 0.
+pub const CLUSTER_READY: &str = "rayshift_cluster_ready";
+/// Requests currently in flight on each cluster.
+pub const CLUSTER_IN_FLIGHT: &str = "rayshift_cluster_in_flight";
+/// Routing-table snapshots published.
+pub const ROUTING_TABLE_UPDATES_TOTAL: &str = "rayshift_routing_table_updates_total";
+/// Readiness probes sent to clusters, by cluster and result.
+pub const PROBES_TOTAL: &str = "rayshift_probes_total";
+/// Applications in the routing table, by shard.
+pub const APPS: &str = "rayshift_apps";
+
+/// Histogram buckets for request durations, in seconds (Serve inference ranges from ms to minutes).
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Errors setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The Prometheus recorder could not be built.
+    #[error("building the Prometheus recorder: {0}")]
+    Build(#[from] metrics_exporter_prometheus::BuildError),
+    /// Another metrics recorder was installed first, by someone other than rayshift.
+    #[error("a different metrics recorder is already installed in this process")]
+    AlreadyInstalled,
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns a handle to render `/metrics`.
+///
+/// Several gateways in one process (tests, the demo) share the recorder.
+pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(REQUEST_DURATION_SECONDS.to_string()),
+            DURATION_BUCKETS,
+        )?
+        .build_recorder();
+    let handle = recorder.handle();
+    if HANDLE.set(handle.clone()).is_err() {
+        // Lost a race with another thread that installed it: use theirs.
+        return HANDLE.get().cloned().ok_or(TelemetryError::AlreadyInstalled);
+    }
+    metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
+    describe();
+    let upkeep = handle.clone();
+    // The recorder's histograms need periodic upkeep to drain their buffers.
+    std::thread::Builder::new()
+        .name("rayshift-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+        .ok();
+    Ok(handle)
+}
+
+/// Registers help texts and units for every metric.
+fn describe() {
+    describe_counter!(REQUESTS_TOTAL, "Requests answered, by application, shard, cluster and status code.");
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from receiving a request to the upstream's response headers."
+    );
+    describe_counter!(UPSTREAM_ERRORS_TOTAL, "Failed upstream attempts, by cluster and kind.");
+    describe_gauge!(CLUSTER_WEIGHT, "Configured traffic weight (0-100) of each cluster in its shard.");
+    describe_gauge!(CLUSTER_READY, "1 when the cluster passes its readiness probes, else 0.");
+    describe_gauge!(CLUSTER_IN_FLIGHT, "Requests currently in flight on each cluster.");
+    describe_counter!(ROUTING_TABLE_UPDATES_TOTAL, "Routing-table snapshots published.");
+    describe_counter!(PROBES_TOTAL, "Readiness probes sent to clusters, by cluster and result.");
+    describe_gauge!(APPS, "Applications in the routing table, by shard.");
+}
+
+/// Sets up logging to stderr; `RUST_LOG` overrides the default level (`info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
