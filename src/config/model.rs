@@ -1,0 +1,217 @@
+//! The validated configuration: what the rest of rayshift reads.
+//!
+//! Every value here has passed validation (see [`super::validate`]); relative paths have been resolved
+//! against the directory of the config file and every default has been applied.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::{ConfigError, ConfigErrors};
+use super::{raw, validate};
+
+/// Default address for client traffic (`listen`).
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// Default address of the admin API (`admin.listen`).
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
+/// Default `state_file`, resolved against the directory of the config file.
+pub const DEFAULT_STATE_FILE: &str = "rayshift-state.json";
+/// Weight of a shard declared by name only.
+pub const DEFAULT_SHARD_WEIGHT: f64 = 1.0;
+/// Default `probe.interval`.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `probe.timeout`.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default `upstream.idle_timeout`: below the 5 s keep-alive of uvicorn in older Ray, so the pool
+/// closes an idle connection before Serve does.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default `upstream.connect_timeout`.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `upstream.max_idle_per_cluster`.
+pub const DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER: usize = 256;
+/// Longest shard or cluster name accepted (the DNS label limit).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// The whole gateway configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address the gateway accepts client traffic on (`listen`).
+    pub listen: SocketAddr,
+    /// The admin API: its address and optional bearer token (`admin`).
+    pub admin: AdminConfig,
+    /// Where weights (and later shifts) are persisted before they take effect (`state_file`),
+    /// already resolved against the config file's directory.
+    pub state_file: PathBuf,
+    /// The declared shard set, in file order; never empty, names unique (`shards`).
+    pub shards: Vec<ShardConfig>,
+    /// How requests are split between the clusters of a shard (`split_key`).
+    pub split_key: SplitKey,
+    /// Statically discovered clusters, in file order; names unique (`clusters`).
+    pub clusters: Vec<ClusterConfig>,
+    /// Statically declared applications, in file order; names and route prefixes unique (`apps`).
+    pub apps: Vec<AppConfig>,
+    /// Readiness probing of each cluster (`probe`).
+    pub probe: ProbeConfig,
+    /// Pooled HTTP/1.1 connections to Serve (`upstream`).
+    pub upstream: UpstreamConfig,
+}
+
+/// The admin API (`admin`): admin calls, `/metrics`, `/live` and `/ready`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address the admin API listens on (`admin.listen`).
+    pub listen: SocketAddr,
+    /// File holding the bearer token that mutating admin calls must present
+    /// (`Authorization: Bearer <token>`), resolved against the config file's directory; `None`
+    /// leaves the admin API open. Only the path is checked here; the file is read at startup.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_ADMIN_LISTEN,
+            token_file: None,
+        }
+    }
+}
+
+/// One declared shard (`shards[i]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardConfig {
+    /// Shard name: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 63 characters.
+    pub name: String,
+    /// Relative capacity of the shard when apps are placed by consistent hashing; finite and > 0,
+    /// [`DEFAULT_SHARD_WEIGHT`] when the shard is declared by name only.
+    pub weight: f64,
+}
+
+/// What keeps a client on the same cluster while traffic is split (`split_key`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum SplitKey {
+    /// `none`: every request is placed independently (no stickiness).
+    #[default]
+    None,
+    /// `header:<name>`: requests carrying the same value of this header go to the same cluster.
+    /// The name is stored lowercased.
+    Header(http::HeaderName),
+    /// `cookie:<name>`: requests carrying the same value of this cookie go to the same cluster.
+    Cookie(String),
+    /// `client_ip`: requests from the same client address go to the same cluster.
+    ClientIp,
+}
+
+impl fmt::Display for SplitKey {
+    /// Writes the key back in the file syntax: `none`, `header:<name>`, `cookie:<name>`, `client_ip`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SplitKey::None => f.write_str("none"),
+            SplitKey::Header(name) => write!(f, "header:{}", name.as_str()),
+            SplitKey::Cookie(name) => write!(f, "cookie:{name}"),
+            SplitKey::ClientIp => f.write_str("client_ip"),
+        }
+    }
+}
+
+/// One statically discovered Ray cluster (`clusters[i]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Cluster name: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 63 characters, unique.
+    pub name: String,
+    /// Name of the declared shard this cluster serves.
+    pub shard: String,
+    /// Revision (version label) of what the cluster runs, e.g. `v1`; non-empty.
+    pub revision: String,
+    /// Base URL of the cluster's Serve HTTP proxy: http or https, with a host, no path, query or fragment.
+    pub serve_url: url::Url,
+    /// Base URL of the cluster's Ray dashboard, same rules as `serve_url`, if set.
+    pub dashboard_url: Option<url::Url>,
+    /// Initial traffic weight within its shard, 0..=100; weights stored in the state file win.
+    /// Either no cluster of a shard sets a weight, or all do and they sum to 100.
+    pub weight: Option<u32>,
+}
+
+/// One statically declared Serve application (`apps[i]`); apps are also discovered from each
+/// cluster's `GET /-/routes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    /// Application name as Serve knows it; non-empty, no whitespace or control characters, unique.
+    pub name: String,
+    /// The app's route prefix; starts with `/`, unique across apps.
+    pub route_prefix: String,
+    /// Shard the app is pinned to, overriding consistent-hash placement; a declared shard.
+    pub shard: Option<String>,
+}
+
+/// Readiness probing of each cluster (`probe`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Time between two probes of a cluster; > 0.
+    pub interval: Duration,
+    /// Time a probe may take before it counts as failed; > 0.
+    pub timeout: Duration,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            interval: DEFAULT_PROBE_INTERVAL,
+            timeout: DEFAULT_PROBE_TIMEOUT,
+        }
+    }
+}
+
+/// Pooled HTTP/1.1 connections to Serve (`upstream`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// How long an idle pooled connection is kept; > 0. Must stay below Serve's keep-alive timeout
+    /// (5 s in older Ray) or requests race connections the server is closing.
+    pub idle_timeout: Duration,
+    /// Time allowed to establish a connection to a cluster; > 0.
+    pub connect_timeout: Duration,
+    /// Most idle connections kept per cluster (0 disables pooling).
+    pub max_idle_per_cluster: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            max_idle_per_cluster: DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a YAML config. Relative `state_file` and `admin.token_file` paths are
+    /// resolved against `base_dir` (normally the directory of the config file).
+    ///
+    /// Returns every problem found, each with its field path. A YAML syntax error or a key of the
+    /// wrong shape (e.g. a mapping where a list belongs, an unknown key) stops parsing and is
+    /// reported alone.
+    pub fn from_yaml(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let raw = raw::parse(text)?;
+        validate::validate(raw, base_dir)
+    }
+
+    /// Reads the file at `path` and parses it with [`Config::from_yaml`], resolving relative paths
+    /// against the file's directory. A read failure is reported with the field `<file>`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "<file>",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        let base_dir = path.parent().unwrap_or_else(|| Path::new(""));
+        Config::from_yaml(&text, base_dir)
+    }
+
+    /// Position of the shard called `name` in [`Config::shards`], if declared.
+    pub fn shard_index(&self, name: &str) -> Option<usize> {
+        self.shards.iter().position(|shard| shard.name == name)
+    }
+}

@@ -1,0 +1,631 @@
+//! Stage two: raw file model -> validated [`Config`], collecting every problem with its field path.
+//!
+//! The helpers [`parse_duration`], [`parse_positive_duration`], [`validate_name`] and
+//! [`validate_url`] are `pub(crate)` so later config sections (shift policies) report problems the
+//! same way.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::{ConfigError, ConfigErrors};
+use super::model::{
+    AdminConfig, AppConfig, ClusterConfig, Config, ProbeConfig, ShardConfig, SplitKey,
+    UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE, MAX_NAME_LEN,
+};
+use super::raw::{RawAdmin, RawApp, RawCluster, RawConfig, RawProbe, RawShard, RawUpstream, Text};
+
+/// Message for a required key that is absent (or empty, `key: ~`).
+pub(crate) const MISSING: &str = "required key is missing";
+
+/// Parses a humantime duration (`1s`, `500ms`, `1m 30s`, `1.5s`); zero is accepted.
+pub(crate) fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        ConfigError::new(
+            field,
+            format!("invalid duration {s:?}: {e} (examples: 1s, 500ms, 2m)"),
+        )
+    })
+}
+
+/// Like [`parse_duration`], and the duration must be greater than zero.
+pub(crate) fn parse_positive_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
+    let duration = parse_duration(field, s)?;
+    if duration.is_zero() {
+        return Err(ConfigError::new(
+            field,
+            format!("must be greater than 0, got {s:?}"),
+        ));
+    }
+    Ok(duration)
+}
+
+/// Checks a shard or cluster name: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most [`MAX_NAME_LEN`]
+/// characters. `what` names the kind of thing in messages ("shard", "cluster").
+pub(crate) fn validate_name(field: &str, what: &str, name: &str) -> Result<(), ConfigError> {
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return Err(ConfigError::new(
+            field,
+            format!("{what} name must not be empty"),
+        ));
+    };
+    let valid = first.is_ascii_alphanumeric()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "invalid {what} name {name:?}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+            ),
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{what} name {name:?} is {} characters long, at most {MAX_NAME_LEN} are allowed",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a base URL of a cluster endpoint: absolute, scheme http or https, with a host, no
+/// query or fragment, path empty or `/`. A parse failure is reported with the url crate's message
+/// (e.g. `relative URL without a base`).
+pub(crate) fn validate_url(field: &str, s: &str) -> Result<url::Url, ConfigError> {
+    let url = url::Url::parse(s).map_err(|e| ConfigError::new(field, e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "expected an http:// or https:// URL, got {s:?} (scheme {:?})",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.host().is_none() {
+        return Err(ConfigError::new(field, format!("URL {s:?} has no host")));
+    }
+    if url.query().is_some() {
+        return Err(ConfigError::new(
+            field,
+            format!("URL {s:?} must not have a query string"),
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(ConfigError::new(
+            field,
+            format!("URL {s:?} must not have a fragment"),
+        ));
+    }
+    if !matches!(url.path(), "" | "/") {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "URL {s:?} must not have a path (got {:?}): requests keep their own path",
+                url.path()
+            ),
+        ));
+    }
+    Ok(url)
+}
+
+/// Parses the `split_key` syntax; `Err` is the message.
+pub(crate) fn parse_split_key(s: &str) -> Result<SplitKey, String> {
+    let expected =
+        || format!("expected none, header:<name>, cookie:<name> or client_ip, got {s:?}");
+    match s {
+        "none" => Ok(SplitKey::None),
+        "client_ip" => Ok(SplitKey::ClientIp),
+        _ => {
+            if let Some(name) = s.strip_prefix("header:") {
+                if name.is_empty() {
+                    return Err(expected());
+                }
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .map(SplitKey::Header)
+                    .map_err(|_| format!("invalid HTTP header name {name:?} in {s:?}"))
+            } else if let Some(name) = s.strip_prefix("cookie:") {
+                if name.is_empty() {
+                    return Err(expected());
+                }
+                if name.bytes().all(is_token_byte) {
+                    Ok(SplitKey::Cookie(name.to_owned()))
+                } else {
+                    Err(format!(
+                        "invalid cookie name {name:?} in {s:?}: use letters, digits and !#$%&'*+-.^_`|~"
+                    ))
+                }
+            } else {
+                Err(expected())
+            }
+        }
+    }
+}
+
+/// An HTTP token character (RFC 9110 `tchar`), which is what a cookie name is made of.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Collected problems; values that fail are replaced by placeholders so checking can go on, and
+/// the placeholders never escape because any problem makes [`validate`] return `Err`.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(field, message));
+    }
+
+    fn check<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.0.push(error);
+                None
+            }
+        }
+    }
+
+    /// A required key's text, or a "missing" problem.
+    fn required<'a>(&mut self, field: &str, value: Option<&'a Text>) -> Option<&'a str> {
+        match value {
+            Some(text) => Some(text.as_str()),
+            None => {
+                self.push(field, MISSING);
+                None
+            }
+        }
+    }
+}
+
+fn socket_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.trim().parse().map_err(|_| {
+        ConfigError::new(
+            field,
+            format!(
+                "invalid socket address {s:?}: expected an IP address and port such as 127.0.0.1:8080 or [::1]:8080"
+            ),
+        )
+    })
+}
+
+/// A path key: non-empty, resolved against `base_dir` when relative.
+fn path(field: &str, s: &str, base_dir: &Path) -> Result<PathBuf, ConfigError> {
+    if s.is_empty() {
+        return Err(ConfigError::new(field, "path must not be empty"));
+    }
+    Ok(base_dir.join(s))
+}
+
+/// Validates the raw file model; relative paths resolve against `base_dir`.
+pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    let mut p = Problems::default();
+
+    let listen = raw
+        .listen
+        .as_ref()
+        .and_then(|text| p.check(socket_addr("listen", text.as_str())))
+        .unwrap_or(DEFAULT_LISTEN);
+
+    let admin = admin(&mut p, raw.admin.as_ref(), base_dir);
+
+    let state_file = match &raw.state_file {
+        Some(text) => p
+            .check(path("state_file", text.as_str(), base_dir))
+            .unwrap_or_default(),
+        None => base_dir.join(DEFAULT_STATE_FILE),
+    };
+
+    let (shards, declared) = shards(&mut p, raw.shards.as_deref());
+
+    let split_key = match &raw.split_key {
+        Some(text) => match parse_split_key(text.as_str()) {
+            Ok(key) => key,
+            Err(message) => {
+                p.push("split_key", message);
+                SplitKey::None
+            }
+        },
+        None => SplitKey::None,
+    };
+
+    let clusters = clusters(&mut p, raw.clusters.as_deref().unwrap_or(&[]), &declared);
+    let apps = apps(&mut p, raw.apps.as_deref().unwrap_or(&[]), &declared);
+    let probe = probe(&mut p, raw.probe.as_ref());
+    let upstream = upstream(&mut p, raw.upstream.as_ref());
+
+    if !p.0.is_empty() {
+        return Err(ConfigErrors(p.0));
+    }
+    Ok(Config {
+        listen,
+        admin,
+        state_file,
+        shards,
+        split_key,
+        clusters,
+        apps,
+        probe,
+        upstream,
+    })
+}
+
+fn admin(p: &mut Problems, raw: Option<&RawAdmin>, base_dir: &Path) -> AdminConfig {
+    let mut admin = AdminConfig::default();
+    let Some(raw) = raw else { return admin };
+    if let Some(text) = &raw.listen {
+        if let Some(addr) = p.check(socket_addr("admin.listen", text.as_str())) {
+            admin.listen = addr;
+        }
+    }
+    if let Some(text) = &raw.token_file {
+        admin.token_file = p.check(path("admin.token_file", text.as_str(), base_dir));
+    }
+    admin
+}
+
+/// The declared shards, and the names clusters and apps may refer to. The latter holds every
+/// non-empty name as written, even invalid ones, so one bad shard name is reported once rather
+/// than again at every reference.
+fn shards(p: &mut Problems, raw: Option<&[RawShard]>) -> (Vec<ShardConfig>, Vec<String>) {
+    let raw = raw.unwrap_or(&[]);
+    if raw.is_empty() {
+        p.push(
+            "shards",
+            "at least one shard must be declared, e.g. shards: [shard-0]",
+        );
+        return (Vec::new(), Vec::new());
+    }
+    let mut shards = Vec::with_capacity(raw.len());
+    let mut declared: Vec<String> = Vec::new();
+    let mut first_at: HashMap<String, usize> = HashMap::new();
+    for (i, entry) in raw.iter().enumerate() {
+        let (name_field, name, weight) = match entry {
+            RawShard::Name(name) => (format!("shards[{i}]"), Some(name.as_str()), None),
+            RawShard::Entry(entry) => {
+                let field = format!("shards[{i}].name");
+                let name = p.required(&field, entry.name.as_ref());
+                (field, name, entry.weight.as_ref())
+            }
+        };
+        let weight = match weight {
+            None => Some(DEFAULT_SHARD_WEIGHT),
+            Some(text) => shard_weight(p, &format!("shards[{i}].weight"), text.as_str()),
+        };
+        let Some(name) = name else { continue };
+        let name_ok = p.check(validate_name(&name_field, "shard", name)).is_some();
+        if let Some(first) = first_at.get(name) {
+            p.push(
+                &name_field,
+                format!("duplicate shard name {name:?} (first at shards[{first}])"),
+            );
+            continue;
+        }
+        if !name.is_empty() {
+            first_at.insert(name.to_owned(), i);
+            declared.push(name.to_owned());
+        }
+        if let (true, Some(weight)) = (name_ok, weight) {
+            shards.push(ShardConfig {
+                name: name.to_owned(),
+                weight,
+            });
+        }
+    }
+    (shards, declared)
+}
+
+fn shard_weight(p: &mut Problems, field: &str, s: &str) -> Option<f64> {
+    match s.trim().parse::<f64>() {
+        Ok(w) if w.is_finite() && w > 0.0 => Some(w),
+        Ok(_) => {
+            p.push(
+                field,
+                format!("must be a finite number greater than 0, got {s:?}"),
+            );
+            None
+        }
+        Err(_) => {
+            p.push(
+                field,
+                format!("expected a number greater than 0, got {s:?}"),
+            );
+            None
+        }
+    }
+}
+
+/// Checks a reference to a shard against the declared names (skipped when none is declared: that
+/// is already reported at `shards`).
+fn shard_ref(p: &mut Problems, field: &str, name: &str, declared: &[String]) -> bool {
+    if declared.is_empty() || declared.iter().any(|d| d == name) {
+        return true;
+    }
+    p.push(
+        field,
+        format!("unknown shard {name:?}; declared: {}", declared.join(", ")),
+    );
+    false
+}
+
+/// A cluster weight as written: absent, valid, or invalid (already reported).
+#[derive(Clone, Copy)]
+enum Weight {
+    Absent,
+    Valid(u32),
+    Invalid,
+}
+
+fn clusters(p: &mut Problems, raw: &[RawCluster], declared: &[String]) -> Vec<ClusterConfig> {
+    let mut clusters = Vec::with_capacity(raw.len());
+    let mut first_at: HashMap<&str, usize> = HashMap::new();
+    // Per shard, in order of first mention: (shard, [(cluster index, weight)]).
+    let mut by_shard: Vec<(&str, Vec<(usize, Weight)>)> = Vec::new();
+
+    for (i, c) in raw.iter().enumerate() {
+        let field = |key: &str| format!("clusters[{i}].{key}");
+
+        let name = p
+            .required(&field("name"), c.name.as_ref())
+            .and_then(|name| {
+                p.check(validate_name(&field("name"), "cluster", name))?;
+                if let Some(first) = first_at.get(name) {
+                    p.push(
+                        field("name"),
+                        format!("duplicate cluster name {name:?} (first at clusters[{first}])"),
+                    );
+                    return None;
+                }
+                first_at.insert(name, i);
+                Some(name)
+            });
+
+        let shard_text = p.required(&field("shard"), c.shard.as_ref());
+        let shard = shard_text.filter(|s| shard_ref(p, &field("shard"), s, declared));
+
+        let revision = p
+            .required(&field("revision"), c.revision.as_ref())
+            .and_then(|r| {
+                if r.trim().is_empty() {
+                    p.push(field("revision"), "must not be empty");
+                    None
+                } else {
+                    Some(r)
+                }
+            });
+
+        let serve_url = p
+            .required(&field("serve_url"), c.serve_url.as_ref())
+            .and_then(|s| p.check(validate_url(&field("serve_url"), s)));
+
+        let dashboard_url = match &c.dashboard_url {
+            None => Some(None),
+            Some(text) => p
+                .check(validate_url(&field("dashboard_url"), text.as_str()))
+                .map(Some),
+        };
+
+        let weight = match &c.weight {
+            None => Weight::Absent,
+            Some(text) => match text.as_str().trim().parse::<u32>() {
+                Ok(w) if w <= 100 => Weight::Valid(w),
+                Ok(w) => {
+                    p.push(
+                        field("weight"),
+                        format!("must be between 0 and 100, got {w}"),
+                    );
+                    Weight::Invalid
+                }
+                Err(_) => {
+                    p.push(
+                        field("weight"),
+                        format!("expected an integer from 0 to 100, got {:?}", text.as_str()),
+                    );
+                    Weight::Invalid
+                }
+            },
+        };
+
+        if let Some(shard) = shard_text {
+            match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, members)) => members.push((i, weight)),
+                None => by_shard.push((shard, vec![(i, weight)])),
+            }
+        }
+
+        if let (Some(name), Some(shard), Some(revision), Some(serve_url), Some(dashboard_url)) =
+            (name, shard, revision, serve_url, dashboard_url)
+        {
+            clusters.push(ClusterConfig {
+                name: name.to_owned(),
+                shard: shard.to_owned(),
+                revision: revision.to_owned(),
+                serve_url,
+                dashboard_url,
+                weight: match weight {
+                    Weight::Valid(w) => Some(w),
+                    Weight::Absent | Weight::Invalid => None,
+                },
+            });
+        }
+    }
+
+    for (shard, members) in &by_shard {
+        shard_weights(p, shard, members);
+    }
+    clusters
+}
+
+/// Either no cluster of `shard` sets a weight, or all do and the weights sum to 100.
+fn shard_weights(p: &mut Problems, shard: &str, members: &[(usize, Weight)]) {
+    if members.iter().any(|(_, w)| matches!(w, Weight::Invalid)) {
+        return; // already reported; a sum would only add noise
+    }
+    let set: Vec<(usize, u32)> = members
+        .iter()
+        .filter_map(|&(i, w)| match w {
+            Weight::Valid(w) => Some((i, w)),
+            Weight::Absent | Weight::Invalid => None,
+        })
+        .collect();
+    let Some(&(first_set, _)) = set.first() else {
+        return; // no cluster of this shard sets a weight
+    };
+    if let Some(&(unset, _)) = members.iter().find(|(_, w)| matches!(w, Weight::Absent)) {
+        p.push(
+            format!("clusters[{unset}].weight"),
+            format!(
+                "required: another cluster of shard {shard:?} sets a weight (clusters[{first_set}]); \
+                 set weight on every cluster of the shard or on none"
+            ),
+        );
+        return;
+    }
+    let sum: u32 = set.iter().map(|&(_, w)| w).sum();
+    if sum != 100 {
+        let parts: Vec<String> = set
+            .iter()
+            .map(|(i, w)| format!("clusters[{i}]: {w}"))
+            .collect();
+        p.push(
+            format!("clusters[{first_set}].weight"),
+            format!(
+                "weights of shard {shard:?} sum to {sum}, expected 100 ({})",
+                parts.join(", ")
+            ),
+        );
+    }
+}
+
+fn apps(p: &mut Problems, raw: &[RawApp], declared: &[String]) -> Vec<AppConfig> {
+    let mut apps = Vec::with_capacity(raw.len());
+    let mut name_at: HashMap<&str, usize> = HashMap::new();
+    let mut prefix_at: HashMap<&str, usize> = HashMap::new();
+    for (i, a) in raw.iter().enumerate() {
+        let field = |key: &str| format!("apps[{i}].{key}");
+
+        let name = p.required(&field("name"), a.name.as_ref()).and_then(|name| {
+            if name.is_empty() {
+                p.push(field("name"), "app name must not be empty");
+                return None;
+            }
+            if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                p.push(
+                    field("name"),
+                    format!("invalid app name {name:?}: must not contain whitespace or control characters"),
+                );
+                return None;
+            }
+            if let Some(first) = name_at.get(name) {
+                p.push(
+                    field("name"),
+                    format!("duplicate app name {name:?} (first at apps[{first}])"),
+                );
+                return None;
+            }
+            name_at.insert(name, i);
+            Some(name)
+        });
+
+        let route_prefix = p
+            .required(&field("route_prefix"), a.route_prefix.as_ref())
+            .and_then(|prefix| {
+                if !prefix.starts_with('/') {
+                    p.push(
+                        field("route_prefix"),
+                        format!("must start with '/', got {prefix:?}"),
+                    );
+                    return None;
+                }
+                if prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+                {
+                    p.push(
+                        field("route_prefix"),
+                        format!("invalid route_prefix {prefix:?}: must be a URL path, without whitespace, '?' or '#'"),
+                    );
+                    return None;
+                }
+                if let Some(first) = prefix_at.get(prefix) {
+                    p.push(
+                        field("route_prefix"),
+                        format!("duplicate route_prefix {prefix:?} (first at apps[{first}])"),
+                    );
+                    return None;
+                }
+                prefix_at.insert(prefix, i);
+                Some(prefix)
+            });
+
+        let shard = match &a.shard {
+            None => Some(None),
+            Some(text) => {
+                let s = text.as_str();
+                shard_ref(p, &field("shard"), s, declared).then(|| Some(s.to_owned()))
+            }
+        };
+
+        if let (Some(name), Some(route_prefix), Some(shard)) = (name, route_prefix, shard) {
+            apps.push(AppConfig {
+                name: name.to_owned(),
+                route_prefix: route_prefix.to_owned(),
+                shard,
+            });
+        }
+    }
+    apps
+}
+
+fn probe(p: &mut Problems, raw: Option<&RawProbe>) -> ProbeConfig {
+    let mut probe = ProbeConfig::default();
+    let Some(raw) = raw else { return probe };
+    if let Some(text) = &raw.interval {
+        if let Some(d) = p.check(parse_positive_duration("probe.interval", text.as_str())) {
+            probe.interval = d;
+        }
+    }
+    if let Some(text) = &raw.timeout {
+        if let Some(d) = p.check(parse_positive_duration("probe.timeout", text.as_str())) {
+            probe.timeout = d;
+        }
+    }
+    probe
+}
+
+fn upstream(p: &mut Problems, raw: Option<&RawUpstream>) -> UpstreamConfig {
+    let mut upstream = UpstreamConfig::default();
+    let Some(raw) = raw else { return upstream };
+    if let Some(text) = &raw.idle_timeout {
+        if let Some(d) = p.check(parse_positive_duration(
+            "upstream.idle_timeout",
+            text.as_str(),
+        )) {
+            upstream.idle_timeout = d;
+        }
+    }
+    if let Some(text) = &raw.connect_timeout {
+        if let Some(d) = p.check(parse_positive_duration(
+            "upstream.connect_timeout",
+            text.as_str(),
+        )) {
+            upstream.connect_timeout = d;
+        }
+    }
+    if let Some(text) = &raw.max_idle_per_cluster {
+        match text.as_str().trim().parse::<usize>() {
+            Ok(n) => upstream.max_idle_per_cluster = n,
+            Err(_) => p.push(
+                "upstream.max_idle_per_cluster",
+                format!("expected a non-negative integer, got {:?}", text.as_str()),
+            ),
+        }
+    }
+    upstream
+}

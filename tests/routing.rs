@@ -1,0 +1,94 @@
+//! Requests reach the right application and shard through a real gateway and real stub clusters.
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+
+/// Serve's prefix rule through the gateway: longest prefix first, `/route` is not `/routesuffix`,
+/// `/` catches the rest; the path reaches the cluster unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_rule_selects_the_application() {
+    let apps = [("root", "/"), ("route", "/route"), ("routesuffix", "/routesuffix"), ("deep", "/route/deep/")];
+    let blue = stub("blue", "v1", &apps).await;
+    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], "")).await;
+
+    let cases = [
+        ("/route", "route"),
+        ("/route/x/y", "route"),
+        ("/routesuffix", "routesuffix"),
+        ("/routesuffix/a", "routesuffix"),
+        ("/routes", "root"),
+        ("/route/deep/", "deep"),
+        ("/route/deep/more", "deep"),
+        ("/route/deep", "route"),
+        ("/", "root"),
+        ("/anything/else", "root"),
+    ];
+    for (path, app) in cases {
+        let r = get(&gw.url(path)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.body);
+        assert_eq!(r.headers["x-stub-app"], app, "{path}");
+    }
+    // The path and query arrive unchanged (Serve does not strip the prefix).
+    let r = get(&gw.url("/route/x/headers?q=1&b=%20")).await;
+    let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["_uri"], "/route/x/headers?q=1&b=%20");
+}
+
+/// No matching prefix: 404 naming the path; an app whose shard has no ready cluster: 503 naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_path_is_404_and_no_ready_cluster_is_503() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let extra = "apps:\n  - name: lonely\n    route_prefix: /lonely\n    shard: shard-1\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0", "shard-1"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
+    let r = get(&gw.url("/nowhere/at/all")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.body.contains("/nowhere/at/all"), "{}", r.body);
+
+    let r = get(&gw.url("/lonely/x")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("'lonely'") && r.body.contains("'shard-1'"), "{}", r.body);
+}
+
+/// Apps are placed on shards by the consistent hash (or their pin), traffic goes to that shard's
+/// clusters only, and `/v1/placement` agrees with where traffic went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_go_to_their_shard_and_placement_api_agrees() {
+    let names: Vec<String> = (0..24).map(|i| format!("app-{i}")).collect();
+    let apps: Vec<(&str, String)> = names.iter().map(|n| (n.as_str(), format!("/{n}"))).collect();
+    let app_refs: Vec<(&str, &str)> = apps.iter().map(|(n, p)| (*n, p.as_str())).collect();
+    let a = stub("cluster-a", "v1", &app_refs).await;
+    let b = stub("cluster-b", "v1", &app_refs).await;
+    let extra = "apps:\n  - name: pinned\n    route_prefix: /pinned\n    shard: shard-b\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-a", "shard-b"],
+        &[cluster(&a, "shard-a", "v1", None), cluster(&b, "shard-b", "v1", None)],
+        extra,
+    ))
+    .await;
+    let mut per_shard = std::collections::BTreeMap::new();
+    for name in &names {
+        let p = get(&gw.admin(&format!("/v1/placement?app={name}"))).await;
+        assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+        let placement: serde_json::Value = serde_json::from_str(&p.body).unwrap();
+        let shard = placement["shard"].as_str().unwrap().to_string();
+        let r = get(&gw.url(&format!("/{name}/x"))).await;
+        assert_eq!(r.status, StatusCode::OK, "{name}: {}", r.body);
+        let expected_cluster = if shard == "shard-a" { "cluster-a" } else { "cluster-b" };
+        assert_eq!(r.cluster(), Some(expected_cluster), "{name} placed on {shard}");
+        *per_shard.entry(shard).or_insert(0) += 1;
+    }
+    // Both shards get a share of 24 apps (rendezvous hashing spreads them).
+    assert_eq!(per_shard.len(), 2, "{per_shard:?}");
+    let p: serde_json::Value = serde_json::from_str(&get(&gw.admin("/v1/placement?app=pinned")).await.body).unwrap();
+    assert_eq!(p["shard"], "shard-b");
+    assert_eq!(p["known"], true);
+    let r = get(&gw.admin("/v1/placement")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
