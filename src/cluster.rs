@@ -32,7 +32,13 @@ pub struct Cluster {
 
 impl Cluster {
     /// Creates the cluster entry and resolves its metric handles.
-    pub fn new(name: &str, shard: &str, revision: &str, scheme: Scheme, authority: Authority) -> Self {
+    pub fn new(
+        name: &str,
+        shard: &str,
+        revision: &str,
+        scheme: Scheme,
+        authority: Authority,
+    ) -> Self {
         let duration = metrics::histogram!(
             telemetry::REQUEST_DURATION_SECONDS,
             "shard" => shard.to_string(),

@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use crate::cluster::Cluster;
 use crate::config::{ClusterConfig, Config};
 use crate::discovery::probe::{ProbeReport, Prober};
-use crate::routing::{AppSpec, ClusterSpec, RoutingTable, ShardSpec, TableSpec};
-use crate::snapshot::{ClusterView, Snapshot};
+use crate::routing::{AppSpec, ClusterSpec, Placement, RoutingTable, ShardSpec, TableSpec};
+use crate::snapshot::{AppPlacement, ClusterView, Snapshot};
 use crate::state::{State, StateError, StateStore};
 use crate::telemetry;
 
@@ -164,6 +164,8 @@ struct Desired {
     version: u64,
     /// Route conflicts already logged, so a rebuild does not repeat them.
     warned: HashSet<String>,
+    /// App name -> shard by the consistent hash over the declared shards.
+    placement: Placement,
 }
 
 /// Errors starting the control plane.
@@ -190,12 +192,24 @@ pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
     let prober = Prober::new(config.probe.interval, config.probe.timeout);
     let mut clusters = Vec::with_capacity(config.clusters.len());
     for c in &config.clusters {
-        let (scheme, authority) = upstream_address(&c.serve_url).ok_or_else(|| StartError::BadUrl {
-            cluster: c.name.clone(),
-            url: c.serve_url.to_string(),
-        })?;
-        let cluster = Arc::new(Cluster::new(&c.name, &c.shard, &c.revision, scheme.clone(), authority.clone()));
-        let handle = prober.spawn(Arc::clone(&cluster.name), scheme, authority, probe_tx.clone());
+        let (scheme, authority) =
+            upstream_address(&c.serve_url).ok_or_else(|| StartError::BadUrl {
+                cluster: c.name.clone(),
+                url: c.serve_url.to_string(),
+            })?;
+        let cluster = Arc::new(Cluster::new(
+            &c.name,
+            &c.shard,
+            &c.revision,
+            scheme.clone(),
+            authority.clone(),
+        ));
+        let handle = prober.spawn(
+            Arc::clone(&cluster.name),
+            scheme,
+            authority,
+            probe_tx.clone(),
+        );
         clusters.push(ClusterEntry {
             config: c.clone(),
             cluster,
@@ -214,6 +228,7 @@ pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
     let table = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
     let (commands, command_rx) = mpsc::channel(64);
     let (ready_tx, ready) = watch::channel(false);
+    let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
     let desired = Desired {
         config,
         clusters,
@@ -222,6 +237,7 @@ pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
         table: Arc::clone(&table),
         version: 0,
         warned: HashSet::new(),
+        placement,
     };
     tokio::spawn(run(desired, command_rx, probe_rx, ready_tx));
     Ok(ControlHandle {
@@ -303,7 +319,11 @@ impl Desired {
     }
 
     fn apply_probe(&mut self, report: ProbeReport) {
-        if let Some(entry) = self.clusters.iter_mut().find(|c| c.cluster.name == report.cluster) {
+        if let Some(entry) = self
+            .clusters
+            .iter_mut()
+            .find(|c| c.cluster.name == report.cluster)
+        {
             if let Some(routes) = &report.routes {
                 entry.last_routes.clone_from(routes);
             }
@@ -387,8 +407,11 @@ impl Desired {
 
     /// Effective weights of a shard's clusters: stored weights, else the config's, else an equal split.
     fn shard_weights(&self, shard: &str) -> BTreeMap<&str, u32> {
-        let members: Vec<&ClusterEntry> =
-            self.clusters.iter().filter(|c| c.config.shard == shard).collect();
+        let members: Vec<&ClusterEntry> = self
+            .clusters
+            .iter()
+            .filter(|c| c.config.shard == shard)
+            .collect();
         if let Some(stored) = self.state.shards.get(shard) {
             let known: BTreeMap<&str, u32> = members
                 .iter()
@@ -420,7 +443,7 @@ impl Desired {
 
     /// Builds a snapshot from the desired state and swaps it in.
     fn publish(&mut self) {
-        let spec = self.table_spec();
+        let (spec, placements) = self.table_spec();
         let table = match RoutingTable::build(&spec) {
             Ok(table) => table,
             Err(e) => {
@@ -451,23 +474,36 @@ impl Desired {
                 ("cluster", entry.config.name.clone()),
             ];
             metrics::gauge!(telemetry::CLUSTER_WEIGHT, &labels).set(f64::from(view.weight));
-            metrics::gauge!(telemetry::CLUSTER_READY, &labels).set(if view.ready { 1.0 } else { 0.0 });
+            metrics::gauge!(telemetry::CLUSTER_READY, &labels).set(if view.ready {
+                1.0
+            } else {
+                0.0
+            });
         }
         for (i, shard) in self.config.shards.iter().enumerate() {
-            let n = table.apps().iter().filter(|a| a.shard as usize == i).count();
+            let n = table
+                .apps()
+                .iter()
+                .filter(|a| a.shard as usize == i)
+                .count();
             metrics::gauge!(telemetry::APPS, "shard" => shard.name.clone()).set(n as f64);
         }
         metrics::counter!(telemetry::ROUTING_TABLE_UPDATES_TOTAL).increment(1);
         self.table.store(Arc::new(Snapshot {
             version: self.version,
             table,
-            clusters: self.clusters.iter().map(|c| Arc::clone(&c.cluster)).collect(),
+            clusters: self
+                .clusters
+                .iter()
+                .map(|c| Arc::clone(&c.cluster))
+                .collect(),
             views,
+            placements,
         }));
     }
 
     /// The routing spec: declared shards, clusters in split order, config apps then discovered ones.
-    fn table_spec(&mut self) -> TableSpec {
+    fn table_spec(&mut self) -> (TableSpec, Vec<AppPlacement>) {
         let shards = self
             .config
             .shards
@@ -480,7 +516,10 @@ impl Desired {
         let mut clusters = Vec::with_capacity(self.clusters.len());
         for entry in &self.clusters {
             let weights = self.shard_weights(&entry.config.shard);
-            let weight = weights.get(entry.config.name.as_str()).copied().unwrap_or(0);
+            let weight = weights
+                .get(entry.config.name.as_str())
+                .copied()
+                .unwrap_or(0);
             let ready = entry.probe.as_ref().is_some_and(ProbeReport::ready);
             clusters.push(ClusterSpec {
                 name: entry.config.name.clone(),
@@ -505,40 +544,102 @@ impl Desired {
                     .map(|i| i as u32),
             })
             .collect();
+        let mut sources: Vec<AppPlacement> = apps
+            .iter()
+            .map(|a| {
+                if a.pinned_shard.is_some() {
+                    AppPlacement::Pinned
+                } else {
+                    AppPlacement::Hash
+                }
+            })
+            .collect();
         let mut names: HashSet<String> = apps.iter().map(|a| a.name.clone()).collect();
         let mut prefixes: BTreeMap<String, String> = apps
             .iter()
             .map(|a| (a.route_prefix.clone(), a.name.clone()))
             .collect();
-        for entry in &self.clusters {
-            for (prefix, app) in &entry.last_routes {
-                if names.contains(app) {
-                    continue;
-                }
-                if let Some(owner) = prefixes.get(prefix) {
-                    let key = format!("{prefix}\0{app}\0{owner}");
-                    if self.warned.insert(key) {
-                        tracing::warn!(
-                            cluster = %entry.config.name, %prefix, %app, %owner,
-                            "route prefix already belongs to another application; ignoring this one"
-                        );
-                    }
-                    continue;
-                }
-                names.insert(app.clone());
-                prefixes.insert(prefix.clone(), app.clone());
-                apps.push(AppSpec {
-                    name: app.clone(),
-                    route_prefix: prefix.clone(),
-                    pinned_shard: None,
-                });
+        let discovered: Vec<(String, String, String)> = self
+            .clusters
+            .iter()
+            .flat_map(|e| {
+                e.last_routes
+                    .iter()
+                    .map(|(prefix, app)| (e.config.name.clone(), prefix.clone(), app.clone()))
+            })
+            .collect();
+        for (cluster, prefix, app) in &discovered {
+            if names.contains(app) {
+                continue;
             }
+            if let Some(owner) = prefixes.get(prefix) {
+                let key = format!("{prefix}\0{app}\0{owner}");
+                if self.warned.insert(key) {
+                    tracing::warn!(
+                        %cluster, %prefix, %app, %owner,
+                        "route prefix already belongs to another application; ignoring this one"
+                    );
+                }
+                continue;
+            }
+            names.insert(app.clone());
+            prefixes.insert(prefix.clone(), app.clone());
+            let (pinned_shard, source) = self.discovered_placement(app, &clusters);
+            apps.push(AppSpec {
+                name: app.clone(),
+                route_prefix: prefix.clone(),
+                pinned_shard,
+            });
+            sources.push(source);
         }
-        TableSpec {
-            shards,
-            clusters,
-            apps,
+        (
+            TableSpec {
+                shards,
+                clusters,
+                apps,
+            },
+            sources,
+        )
+    }
+
+    /// Where a discovered (not configured) app goes: its hash shard, unless no cluster of that shard
+    /// serves it while a cluster of another shard does. Then traffic follows the deployment (the app
+    /// is reachable) and the mismatch is reported once, so the operator can move the app.
+    fn discovered_placement(
+        &mut self,
+        app: &str,
+        clusters: &[ClusterSpec],
+    ) -> (Option<u32>, AppPlacement) {
+        let Some(hashed) = self.placement.place(app) else {
+            return (None, AppPlacement::Hash);
+        };
+        let serves = |shard: u32| {
+            clusters
+                .iter()
+                .any(|c| c.shard == shard && c.apps.iter().any(|a| a == app))
+        };
+        if serves(hashed) {
+            return (None, AppPlacement::Hash);
         }
+        let Some(found) = clusters
+            .iter()
+            .find(|c| c.apps.iter().any(|a| a == app))
+            .map(|c| c.shard)
+        else {
+            return (None, AppPlacement::Hash);
+        };
+        let hashed_name = self.placement.name(hashed).to_string();
+        let found_name = self.placement.name(found).to_string();
+        if self
+            .warned
+            .insert(format!("placement\0{app}\0{found_name}"))
+        {
+            tracing::warn!(
+                %app, deployed_on = %found_name, hashes_to = %hashed_name,
+                "application is deployed on another shard than its placement; routing to where it is deployed"
+            );
+        }
+        (Some(found), AppPlacement::Deployed)
     }
 }
 
@@ -573,7 +674,10 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
 }
 
 fn trim_zeros(digits: &[u8]) -> &[u8] {
-    let start = digits.iter().position(|&d| d != b'0').unwrap_or(digits.len());
+    let start = digits
+        .iter()
+        .position(|&d| d != b'0')
+        .unwrap_or(digits.len());
     &digits[start..]
 }
 
@@ -583,9 +687,28 @@ mod tests {
 
     #[test]
     fn revisions_order_naturally() {
-        let mut revs = vec!["v10", "v2", "v1", "v2-rc1", "2026-01-03", "2026-01-10", "v02"];
+        let mut revs = vec![
+            "v10",
+            "v2",
+            "v1",
+            "v2-rc1",
+            "2026-01-03",
+            "2026-01-10",
+            "v02",
+        ];
         revs.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(revs, ["2026-01-03", "2026-01-10", "v1", "v2", "v02", "v2-rc1", "v10"]);
+        assert_eq!(
+            revs,
+            [
+                "2026-01-03",
+                "2026-01-10",
+                "v1",
+                "v2",
+                "v02",
+                "v2-rc1",
+                "v10"
+            ]
+        );
     }
 
     #[test]

@@ -63,14 +63,21 @@ const APPS: [(&str, &str); 2] = [("echo", "/echo"), ("summarize", "/summarize")]
 
 /// Starts both demo clusters and the gateway (blue 80, green 20 in one shard).
 pub async fn start(opts: &DemoOptions) -> Result<Demo, DemoError> {
-    let apps: Vec<(String, String)> = APPS.iter().map(|(a, p)| (a.to_string(), p.to_string())).collect();
+    let apps: Vec<(String, String)> = APPS
+        .iter()
+        .map(|(a, p)| (a.to_string(), p.to_string()))
+        .collect();
     let stub = |name: &'static str, revision: &str| {
         let cfg = StubConfig {
             name: name.into(),
             revision: revision.into(),
             apps: apps.clone(),
         };
-        async move { ServeStub::start(cfg).await.map_err(|source| DemoError::Cluster { name, source }) }
+        async move {
+            ServeStub::start(cfg)
+                .await
+                .map_err(|source| DemoError::Cluster { name, source })
+        }
     };
     let blue = stub("blue", "v1").await?;
     let green = stub("green", "v2").await?;

@@ -86,7 +86,12 @@ impl Gateway {
             shutting_down: shutdown_rx.clone(),
         });
         let tasks = vec![
-            tokio::spawn(proxy::server::serve(proxy_listener, proxy_ctx, shutdown_rx.clone(), DRAIN)),
+            tokio::spawn(proxy::server::serve(
+                proxy_listener,
+                proxy_ctx,
+                shutdown_rx.clone(),
+                DRAIN,
+            )),
             tokio::spawn(admin::serve(admin_listener, admin_ctx, shutdown_rx)),
         ];
         tracing::info!(%proxy_addr, %admin_addr, clusters = config.clusters.len(), "rayshift started");
@@ -128,7 +133,11 @@ impl Gateway {
     }
 }
 
-fn local_addr(listener: &TcpListener, what: &'static str, addr: SocketAddr) -> Result<SocketAddr, GatewayError> {
+fn local_addr(
+    listener: &TcpListener,
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<SocketAddr, GatewayError> {
     listener
         .local_addr()
         .map_err(|source| GatewayError::Bind { what, addr, source })

@@ -80,8 +80,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let gateway = Gateway::start(cfg).await?;
     // Machine-readable lines: tests and scripts read the bound addresses from here (port 0 works).
-    println!("rayshift: proxy listening on http://{}", gateway.proxy_addr());
-    println!("rayshift: admin listening on http://{}", gateway.admin_addr());
+    println!(
+        "rayshift: proxy listening on http://{}",
+        gateway.proxy_addr()
+    );
+    println!(
+        "rayshift: admin listening on http://{}",
+        gateway.admin_addr()
+    );
     std::io::stdout().flush().ok();
     shutdown_signal().await?;
     tracing::info!("shutting down");

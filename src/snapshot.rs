@@ -17,6 +17,30 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<Cluster>>,
     /// What the control plane knew about each cluster, by [`ClusterId`] (for `/v1/state`).
     pub views: Vec<ClusterView>,
+    /// How each app of `table` got its shard, by app id.
+    pub placements: Vec<AppPlacement>,
+}
+
+/// How an application's shard was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppPlacement {
+    /// Pinned by `apps[].shard` in the config.
+    Pinned,
+    /// The consistent hash of its name.
+    Hash,
+    /// Discovered on a cluster of another shard than its hash: routed where it is deployed.
+    Deployed,
+}
+
+impl AppPlacement {
+    /// Lowercase name for the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppPlacement::Pinned => "pinned",
+            AppPlacement::Hash => "hash",
+            AppPlacement::Deployed => "deployed",
+        }
+    }
 }
 
 /// The control plane's view of one cluster at publication time.
@@ -42,6 +66,7 @@ impl Snapshot {
             table: RoutingTable::empty(),
             clusters: Vec::new(),
             views: Vec::new(),
+            placements: Vec::new(),
         }
     }
 

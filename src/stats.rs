@@ -165,16 +165,24 @@ mod tests {
 
     #[test]
     fn buckets_bound_their_values() {
-        for us in [0u64, 1, 7, 8, 9, 15, 16, 100, 999, 1_000, 123_456, 5_000_000, 60_000_000] {
+        for us in [
+            0u64, 1, 7, 8, 9, 15, 16, 100, 999, 1_000, 123_456, 5_000_000, 60_000_000,
+        ] {
             let idx = bucket_of(Duration::from_micros(us));
             let upper = bucket_upper_micros(idx);
             assert!(us < upper, "{us} us -> bucket {idx} with upper {upper}");
             if idx > 0 {
-                assert!(us >= bucket_upper_micros(idx - 1), "{us} us below bucket {idx}");
+                assert!(
+                    us >= bucket_upper_micros(idx - 1),
+                    "{us} us below bucket {idx}"
+                );
             }
             // Relative error of the upper bound stays within one sub-bucket (12.5%) past the exact range.
             if us >= 8 {
-                assert!((upper - us) as f64 / us as f64 <= 0.125 + 1e-9, "{us} -> {upper}");
+                assert!(
+                    (upper - us) as f64 / us as f64 <= 0.125 + 1e-9,
+                    "{us} -> {upper}"
+                );
             }
         }
     }
@@ -196,9 +204,15 @@ mod tests {
         assert_eq!(window.errors, 2);
         assert!((window.error_rate() - 0.02).abs() < 1e-12);
         let p99 = window.quantile(0.99).unwrap();
-        assert!(p99 >= Duration::from_millis(10) && p99 < Duration::from_millis(12), "{p99:?}");
+        assert!(
+            p99 >= Duration::from_millis(10) && p99 < Duration::from_millis(12),
+            "{p99:?}"
+        );
         let max = window.quantile(1.0).unwrap();
-        assert!(max >= Duration::from_millis(400) && max <= Duration::from_millis(450), "{max:?}");
+        assert!(
+            max >= Duration::from_millis(400) && max <= Duration::from_millis(450),
+            "{max:?}"
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub const APPS: &str = "rayshift_apps";
 
 /// Histogram buckets for request durations, in seconds (Serve inference ranges from ms to minutes).
 const DURATION_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// Errors setting up telemetry.
@@ -62,7 +63,10 @@ pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
     let handle = recorder.handle();
     if HANDLE.set(handle.clone()).is_err() {
         // Lost a race with another thread that installed it: use theirs.
-        return HANDLE.get().cloned().ok_or(TelemetryError::AlreadyInstalled);
+        return HANDLE
+            .get()
+            .cloned()
+            .ok_or(TelemetryError::AlreadyInstalled);
     }
     metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
     describe();
@@ -80,18 +84,39 @@ pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
 
 /// Registers help texts and units for every metric.
 fn describe() {
-    describe_counter!(REQUESTS_TOTAL, "Requests answered, by application, shard, cluster and status code.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by application, shard, cluster and status code."
+    );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
         "Time from receiving a request to the upstream's response headers."
     );
-    describe_counter!(UPSTREAM_ERRORS_TOTAL, "Failed upstream attempts, by cluster and kind.");
-    describe_gauge!(CLUSTER_WEIGHT, "Configured traffic weight (0-100) of each cluster in its shard.");
-    describe_gauge!(CLUSTER_READY, "1 when the cluster passes its readiness probes, else 0.");
-    describe_gauge!(CLUSTER_IN_FLIGHT, "Requests currently in flight on each cluster.");
-    describe_counter!(ROUTING_TABLE_UPDATES_TOTAL, "Routing-table snapshots published.");
-    describe_counter!(PROBES_TOTAL, "Readiness probes sent to clusters, by cluster and result.");
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Failed upstream attempts, by cluster and kind."
+    );
+    describe_gauge!(
+        CLUSTER_WEIGHT,
+        "Configured traffic weight (0-100) of each cluster in its shard."
+    );
+    describe_gauge!(
+        CLUSTER_READY,
+        "1 when the cluster passes its readiness probes, else 0."
+    );
+    describe_gauge!(
+        CLUSTER_IN_FLIGHT,
+        "Requests currently in flight on each cluster."
+    );
+    describe_counter!(
+        ROUTING_TABLE_UPDATES_TOTAL,
+        "Routing-table snapshots published."
+    );
+    describe_counter!(
+        PROBES_TOTAL,
+        "Readiness probes sent to clusters, by cluster and result."
+    );
     describe_gauge!(APPS, "Applications in the routing table, by shard.");
 }
 

@@ -9,9 +9,19 @@ use http::StatusCode;
 /// `/` catches the rest; the path reaches the cluster unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_rule_selects_the_application() {
-    let apps = [("root", "/"), ("route", "/route"), ("routesuffix", "/routesuffix"), ("deep", "/route/deep/")];
+    let apps = [
+        ("root", "/"),
+        ("route", "/route"),
+        ("routesuffix", "/routesuffix"),
+        ("deep", "/route/deep/"),
+    ];
     let blue = stub("blue", "v1", &apps).await;
-    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], "")).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        "",
+    ))
+    .await;
 
     let cases = [
         ("/route", "route"),
@@ -53,7 +63,11 @@ async fn unmatched_path_is_404_and_no_ready_cluster_is_503() {
 
     let r = get(&gw.url("/lonely/x")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.body.contains("'lonely'") && r.body.contains("'shard-1'"), "{}", r.body);
+    assert!(
+        r.body.contains("'lonely'") && r.body.contains("'shard-1'"),
+        "{}",
+        r.body
+    );
 }
 
 /// Apps are placed on shards by the consistent hash (or their pin), traffic goes to that shard's
@@ -61,14 +75,20 @@ async fn unmatched_path_is_404_and_no_ready_cluster_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_go_to_their_shard_and_placement_api_agrees() {
     let names: Vec<String> = (0..24).map(|i| format!("app-{i}")).collect();
-    let apps: Vec<(&str, String)> = names.iter().map(|n| (n.as_str(), format!("/{n}"))).collect();
+    let apps: Vec<(&str, String)> = names
+        .iter()
+        .map(|n| (n.as_str(), format!("/{n}")))
+        .collect();
     let app_refs: Vec<(&str, &str)> = apps.iter().map(|(n, p)| (*n, p.as_str())).collect();
     let a = stub("cluster-a", "v1", &app_refs).await;
     let b = stub("cluster-b", "v1", &app_refs).await;
     let extra = "apps:\n  - name: pinned\n    route_prefix: /pinned\n    shard: shard-b\n";
     let gw = TestGateway::start(&config_yaml(
         &["shard-a", "shard-b"],
-        &[cluster(&a, "shard-a", "v1", None), cluster(&b, "shard-b", "v1", None)],
+        &[
+            cluster(&a, "shard-a", "v1", None),
+            cluster(&b, "shard-b", "v1", None),
+        ],
         extra,
     ))
     .await;
@@ -80,15 +100,74 @@ async fn apps_go_to_their_shard_and_placement_api_agrees() {
         let shard = placement["shard"].as_str().unwrap().to_string();
         let r = get(&gw.url(&format!("/{name}/x"))).await;
         assert_eq!(r.status, StatusCode::OK, "{name}: {}", r.body);
-        let expected_cluster = if shard == "shard-a" { "cluster-a" } else { "cluster-b" };
-        assert_eq!(r.cluster(), Some(expected_cluster), "{name} placed on {shard}");
+        let expected_cluster = if shard == "shard-a" {
+            "cluster-a"
+        } else {
+            "cluster-b"
+        };
+        assert_eq!(
+            r.cluster(),
+            Some(expected_cluster),
+            "{name} placed on {shard}"
+        );
         *per_shard.entry(shard).or_insert(0) += 1;
     }
     // Both shards get a share of 24 apps (rendezvous hashing spreads them).
     assert_eq!(per_shard.len(), 2, "{per_shard:?}");
-    let p: serde_json::Value = serde_json::from_str(&get(&gw.admin("/v1/placement?app=pinned")).await.body).unwrap();
+    let p: serde_json::Value =
+        serde_json::from_str(&get(&gw.admin("/v1/placement?app=pinned")).await.body).unwrap();
     assert_eq!(p["shard"], "shard-b");
     assert_eq!(p["known"], true);
     let r = get(&gw.admin("/v1/placement")).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+/// An app found only on another shard's clusters than its hash is routed where it is deployed,
+/// and `/v1/state` says so (`placement: deployed`), so an operator can move it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misplaced_app_is_served_where_deployed() {
+    let probe_a = stub("cluster-a", "v1", &[]).await;
+    let b = stub("cluster-b", "v1", &[]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-a", "shard-b"],
+        &[
+            cluster(&probe_a, "shard-a", "v1", None),
+            cluster(&b, "shard-b", "v1", None),
+        ],
+        "",
+    ))
+    .await;
+    // Find an app name that hashes to shard-a, then deploy it on shard-b's cluster only.
+    let mut name = String::new();
+    for i in 0.. {
+        name = format!("model-{i}");
+        let p: serde_json::Value = serde_json::from_str(
+            &get(&gw.admin(&format!("/v1/placement?app={name}")))
+                .await
+                .body,
+        )
+        .unwrap();
+        if p["shard"] == "shard-a" {
+            break;
+        }
+    }
+    b.set_apps(vec![(name.clone(), format!("/{name}"))]);
+    eventually("misplaced app routed", || async {
+        get(&gw.url(&format!("/{name}"))).await.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        get(&gw.url(&format!("/{name}"))).await.cluster(),
+        Some("cluster-b")
+    );
+    let state = gw.state().await;
+    let app = state["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(app["shard"], "shard-b");
+    assert_eq!(app["placement"], "deployed");
 }

@@ -38,7 +38,10 @@ async fn split_accuracy_within_two_points() {
     let blue_share = report.by_cluster["blue"] as f64 / total * 100.0;
     println!("{} requests: blue {blue_share:.2}% (want 70)", report.ok);
     assert!(report.ok >= 10_000);
-    assert!((blue_share - 70.0).abs() <= 2.0, "blue got {blue_share:.2}%");
+    assert!(
+        (blue_share - 70.0).abs() <= 2.0,
+        "blue got {blue_share:.2}%"
+    );
     assert_eq!(blue.requests() + green.requests(), report.ok);
 }
 
@@ -50,21 +53,36 @@ async fn sticky_split_moves_keys_once_and_never_back() {
     let users: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
     let mut on_green: Vec<bool> = vec![false; users.len()];
     for green_weight in [0u32, 10, 25, 50, 75, 90, 100] {
-        let r = gw.set_weights("shard-0", &[("blue", 100 - green_weight), ("green", green_weight)]).await;
+        let r = gw
+            .set_weights(
+                "shard-0",
+                &[("blue", 100 - green_weight), ("green", green_weight)],
+            )
+            .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         let mut count = 0;
         for (i, user) in users.iter().enumerate() {
             // Two requests per key: the pick is stable for a key.
             let a = send(Method::GET, &gw.url("/echo"), &[("x-user", user)], "").await;
             let b = send(Method::GET, &gw.url("/echo"), &[("x-user", user)], "").await;
-            assert_eq!(a.cluster(), b.cluster(), "{user} bounced at green={green_weight}");
+            assert_eq!(
+                a.cluster(),
+                b.cluster(),
+                "{user} bounced at green={green_weight}"
+            );
             let green_now = a.cluster() == Some("green");
-            assert!(!on_green[i] || green_now, "{user} moved back to blue at green={green_weight}");
+            assert!(
+                !on_green[i] || green_now,
+                "{user} moved back to blue at green={green_weight}"
+            );
             on_green[i] = green_now;
             count += usize::from(green_now);
         }
         let share = count as f64 / users.len() as f64 * 100.0;
-        assert!((share - green_weight as f64).abs() <= 12.0, "green={green_weight}: {share}% of keys");
+        assert!(
+            (share - green_weight as f64).abs() <= 12.0,
+            "green={green_weight}: {share}% of keys"
+        );
     }
     assert!(on_green.iter().all(|g| *g));
 }
@@ -80,7 +98,9 @@ async fn weight_changes_under_load_lose_nothing() {
     for changes in 0..changes {
         tick.tick().await;
         let w = (changes * 7) % 101;
-        let r = gw.set_weights("shard-0", &[("blue", w), ("green", 100 - w)]).await;
+        let r = gw
+            .set_weights("shard-0", &[("blue", w), ("green", 100 - w)])
+            .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     }
     let elapsed = start.elapsed();

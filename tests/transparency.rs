@@ -17,7 +17,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 async fn one_cluster() -> (ServeStub, TestGateway) {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], "")).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        "",
+    ))
+    .await;
     (blue, gw)
 }
 
@@ -25,7 +30,9 @@ async fn one_cluster() -> (ServeStub, TestGateway) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_response_arrives_incrementally() {
     let (_blue, gw) = one_cluster().await;
-    let req = Request::get(gw.url("/echo/stream?n=5&interval_ms=200")).body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get(gw.url("/echo/stream?n=5&interval_ms=200"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = client().request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
@@ -45,7 +52,10 @@ async fn streamed_response_arrives_incrementally() {
     // The first event came long before the last: the stream was not buffered whole.
     assert!(arrivals.len() >= 4, "{arrivals:?}");
     let spread = *arrivals.last().unwrap() - arrivals[0];
-    assert!(spread >= Duration::from_millis(500), "events arrived together: {arrivals:?}");
+    assert!(
+        spread >= Duration::from_millis(500),
+        "events arrived together: {arrivals:?}"
+    );
 }
 
 /// A 64 MiB upload streams through a gateway process whose peak memory stays far below the upload.
@@ -54,7 +64,11 @@ async fn large_upload_streams_with_bounded_memory() {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rayshift.yaml");
-    std::fs::write(&path, config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], "")).unwrap();
+    std::fs::write(
+        &path,
+        config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], ""),
+    )
+    .unwrap();
     let gw = GatewayProcess::spawn(&path).unwrap();
     gw.wait_ready().await;
     let before = gw.peak_rss();
@@ -62,49 +76,80 @@ async fn large_upload_streams_with_bounded_memory() {
     const CHUNK: usize = 256 * 1024;
     const CHUNKS: usize = 256; // 64 MiB
     let chunk = Bytes::from(vec![b'x'; CHUNK]);
-    let stream = futures_util::stream::iter((0..CHUNKS).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))));
+    let stream = futures_util::stream::iter(
+        (0..CHUNKS).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
+    );
     let client = Client::builder(TokioExecutor::new()).build_http::<StreamBody<_>>();
-    let req = Request::post(gw.url("/echo/upload")).body(StreamBody::new(stream)).unwrap();
-    let resp = tokio::time::timeout(WAIT * 3, client.request(req)).await.unwrap().unwrap();
+    let req = Request::post(gw.url("/echo/upload"))
+        .body(StreamBody::new(stream))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT * 3, client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen["bytes"], (CHUNK * CHUNKS) as u64);
 
     let after = gw.peak_rss();
-    println!("gateway peak RSS {} MiB before, {} MiB after a 64 MiB upload", before >> 20, after >> 20);
+    println!(
+        "gateway peak RSS {} MiB before, {} MiB after a 64 MiB upload",
+        before >> 20,
+        after >> 20
+    );
     assert!(after > 0, "could not read the gateway's memory");
-    assert!(after - before < 24 << 20, "peak RSS grew by {} MiB", (after - before) >> 20);
+    assert!(
+        after - before < 24 << 20,
+        "peak RSS grew by {} MiB",
+        (after - before) >> 20
+    );
 }
 
 /// WebSocket upgrade passes through; messages echo both ways; the cluster counts it in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_gateway() {
     let (_blue, gw) = one_cluster().await;
-    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
     let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
     let (mut ws, resp) = tokio_tungstenite::client_async(url, stream).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..3 {
         ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let msg = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
-        assert_eq!(msg.into_text().unwrap().as_str(), format!("blue: hello {i}"));
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            msg.into_text().unwrap().as_str(),
+            format!("blue: hello {i}")
+        );
     }
     assert_eq!(gw.cluster_state("blue").await["in_flight"], 1);
     ws.close(None).await.unwrap();
     // Read the cluster's close reply, then the client hangs up, as a browser does.
     while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
     drop(ws);
-    eventually("websocket no longer in flight", || async { gw.cluster_state("blue").await["in_flight"] == 0 }).await;
+    eventually("websocket no longer in flight", || async {
+        gw.cluster_state("blue").await["in_flight"] == 0
+    })
+    .await;
 }
 
 /// An HTTP/2 (prior knowledge, h2c) client is served; Serve still sees HTTP/1.1 with a Host header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_client_is_proxied_to_http1() {
     let (_blue, gw) = one_cluster().await;
-    let client = Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
     for _ in 0..3 {
-        let req = Request::get(gw.url("/echo/headers")).body(Full::new(Bytes::new())).unwrap();
+        let req = Request::get(gw.url("/echo/headers"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         let resp = client.request(req).await.unwrap();
         assert_eq!(resp.version(), http::Version::HTTP_2);
         assert_eq!(resp.status(), StatusCode::OK);
@@ -139,7 +184,10 @@ async fn header_hygiene() {
     assert_eq!(r.status, StatusCode::OK);
     let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     for gone in ["x-hop", "keep-alive", "proxy-connection", "te"] {
-        assert!(seen.get(gone).is_none(), "{gone} reached the cluster: {seen}");
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the cluster: {seen}"
+        );
     }
     assert_eq!(seen["x-custom"], "kept");
     assert_eq!(seen["x-forwarded-for"], "192.0.2.1, 127.0.0.1");
@@ -153,7 +201,10 @@ async fn header_hygiene() {
     let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     let id = seen["x-request-id"].as_str().unwrap();
     assert_eq!(id.len(), 32);
-    assert_eq!(r.headers["x-request-id"], id, "the generated id is returned to the client");
+    assert_eq!(
+        r.headers["x-request-id"], id,
+        "the generated id is returned to the client"
+    );
 }
 
 /// Request and response bodies of every size and method pass through byte-exact.

@@ -19,7 +19,10 @@ const MAX_BODY: usize = 1 << 20;
 type AdminResponse = Response<Full<Bytes>>;
 
 /// Routes one admin request. Errors are JSON `{"error": "..."}` with a 4xx/5xx status.
-pub async fn handle(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Result<AdminResponse, Infallible> {
+pub async fn handle(
+    ctx: Arc<AdminContext>,
+    req: Request<Incoming>,
+) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -36,7 +39,10 @@ pub async fn handle(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Result<Ad
         }
         (["v1", "state"], &Method::GET) => {
             let snap = ctx.control.snapshot();
-            json(StatusCode::OK, &StateView::of(&snap, ctx.control.is_ready(), ctx.split_key.to_string()))
+            json(
+                StatusCode::OK,
+                &StateView::of(&snap, ctx.control.is_ready(), ctx.split_key.to_string()),
+            )
         }
         (["v1", "placement"], &Method::GET) => placement(&ctx, req.uri().query()),
         (["v1", "shards", shard, "weights"], &Method::PUT) => {
@@ -52,7 +58,10 @@ pub async fn handle(ctx: Arc<AdminContext>, req: Request<Incoming>) -> Result<Ad
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method {method} not allowed on {path}"),
         ),
-        _ => error(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no admin endpoint at {path}"),
+        ),
     };
     Ok(resp)
 }
@@ -63,7 +72,10 @@ fn ready(ctx: &AdminContext) -> AdminResponse {
     } else if ctx.control.is_ready() {
         text(StatusCode::OK, "ready\n")
     } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, "routing table not published yet\n")
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "routing table not published yet\n",
+        )
     }
 }
 
@@ -80,7 +92,10 @@ fn placement(ctx: &AdminContext, query: Option<&str>) -> AdminResponse {
         .find(|(k, _)| k == "app")
         .map(|(_, v)| v.into_owned());
     let Some(app) = app.filter(|a| !a.is_empty()) else {
-        return error(StatusCode::BAD_REQUEST, "query parameter app=NAME is required".into());
+        return error(
+            StatusCode::BAD_REQUEST,
+            "query parameter app=NAME is required".into(),
+        );
     };
     let snap = ctx.control.snapshot();
     let table = &snap.table;
@@ -98,7 +113,10 @@ fn placement(ctx: &AdminContext, query: Option<&str>) -> AdminResponse {
                 known: known.is_some(),
             },
         ),
-        None => error(StatusCode::SERVICE_UNAVAILABLE, "no shards are declared".into()),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no shards are declared".into(),
+        ),
     }
 }
 
@@ -113,15 +131,16 @@ async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) ->
         Ok(body) => body,
         Err(resp) => return resp,
     };
-    let parsed: WeightsBody = match serde_json::from_slice(&body) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            return error(
+    let parsed: WeightsBody =
+        match serde_json::from_slice(&body) {
+            Ok(parsed) => parsed,
+            Err(e) => return error(
                 StatusCode::BAD_REQUEST,
-                format!("body must be {{\"weights\": {{\"<cluster>\": <integer 0-100>, ...}}}}: {e}"),
-            )
-        }
-    };
+                format!(
+                    "body must be {{\"weights\": {{\"<cluster>\": <integer 0-100>, ...}}}}: {e}"
+                ),
+            ),
+        };
     match ctx.control.set_weights(shard, parsed.weights.clone()).await {
         Ok(()) => {
             tracing::info!(%shard, weights = ?parsed.weights, "weights set through the admin API");
@@ -153,7 +172,10 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, AdminResponse> {
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body over {MAX_BODY} bytes"),
         )),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("reading request body: {e}"))),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("reading request body: {e}"),
+        )),
     }
 }
 
@@ -183,11 +205,16 @@ fn json(status: StatusCode, value: &impl Serialize) -> AdminResponse {
             body.push(b'\n');
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             *resp.status_mut() = status;
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             resp
         }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("serializing: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("serializing: {e}\n"),
+        ),
     }
 }
 

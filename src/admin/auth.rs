@@ -9,7 +9,11 @@ pub struct AdminToken(Option<Vec<u8>>);
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.write_str(if self.0.is_some() { "AdminToken(set)" } else { "AdminToken(none)" })
+        f.write_str(if self.0.is_some() {
+            "AdminToken(set)"
+        } else {
+            "AdminToken(none)"
+        })
     }
 }
 

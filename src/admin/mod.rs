@@ -45,7 +45,11 @@ pub struct AdminContext {
 }
 
 /// Serves the admin API until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<AdminContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {

@@ -59,6 +59,9 @@ pub struct AppView {
     pub route_prefix: String,
     /// Shard it is placed on.
     pub shard: String,
+    /// Why it is on that shard: `pinned` (config), `hash` (consistent hash of its name) or
+    /// `deployed` (found only on another shard's clusters than its hash; move it to fix).
+    pub placement: &'static str,
     /// Clusters it is currently split across, with effective weights.
     pub split: Vec<SplitView>,
 }
@@ -106,6 +109,7 @@ impl StateView {
                 name: app.name.to_string(),
                 route_prefix: app.route_prefix.to_string(),
                 shard: table.shard_name(app.shard).to_string(),
+                placement: snap.placements.get(i).map_or("hash", |p| p.as_str()),
                 split: table
                     .split_of(i as u32)
                     .entries()

@@ -70,26 +70,42 @@ impl Prober {
     }
 
     /// Probes the cluster once.
-    pub async fn probe(&self, cluster: &Arc<str>, scheme: &Scheme, authority: &Authority) -> ProbeReport {
+    pub async fn probe(
+        &self,
+        cluster: &Arc<str>,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> ProbeReport {
         let healthz = self.get(scheme, authority, "/-/healthz").await;
         let (healthy, mut detail) = match &healthz {
             Ok((StatusCode::OK, _)) => (true, String::new()),
             Ok((status, body)) => (
                 false,
-                format!("/-/healthz answered {status}: {}", String::from_utf8_lossy(body).trim()),
+                format!(
+                    "/-/healthz answered {status}: {}",
+                    String::from_utf8_lossy(body).trim()
+                ),
             ),
             Err(e) => (false, format!("/-/healthz failed: {e}")),
         };
         let routes = match self.get(scheme, authority, "/-/routes").await {
-            Ok((StatusCode::OK, body)) => match serde_json::from_slice::<BTreeMap<String, String>>(&body) {
-                Ok(routes) => Some(routes),
-                Err(e) => {
-                    append(&mut detail, format!("/-/routes is not a JSON object of strings: {e}"));
-                    None
+            Ok((StatusCode::OK, body)) => {
+                match serde_json::from_slice::<BTreeMap<String, String>>(&body) {
+                    Ok(routes) => Some(routes),
+                    Err(e) => {
+                        append(
+                            &mut detail,
+                            format!("/-/routes is not a JSON object of strings: {e}"),
+                        );
+                        None
+                    }
                 }
-            },
+            }
             Ok((status, _)) => {
-                append(&mut detail, format!("/-/routes answered {status} (route table not populated)"));
+                append(
+                    &mut detail,
+                    format!("/-/routes answered {status} (route table not populated)"),
+                );
                 None
             }
             Err(e) => {
@@ -109,7 +125,12 @@ impl Prober {
         report
     }
 
-    async fn get(&self, scheme: &Scheme, authority: &Authority, path: &'static str) -> Result<(StatusCode, Bytes), String> {
+    async fn get(
+        &self,
+        scheme: &Scheme,
+        authority: &Authority,
+        path: &'static str,
+    ) -> Result<(StatusCode, Bytes), String> {
         let uri = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
@@ -121,7 +142,11 @@ impl Prober {
             .body(Empty::new())
             .map_err(|e| e.to_string())?;
         let fut = async {
-            let resp = self.client.request(req).await.map_err(|e| describe_client_error(&e))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| describe_client_error(&e))?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY)
                 .collect()

@@ -78,7 +78,8 @@ pub async fn handle(
             count(&app, &cluster.shard, &cluster.name, StatusCode::BAD_GATEWAY);
             let msg = format!("upstream cluster '{}' failed: {cause}\n", cluster.name);
             let mut resp = local_response(StatusCode::BAD_GATEWAY, msg);
-            resp.headers_mut().insert(&headers::X_REQUEST_ID, request_id);
+            resp.headers_mut()
+                .insert(&headers::X_REQUEST_ID, request_id);
             return Ok(resp);
         }
     };

@@ -57,7 +57,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    let upgrade = if keep_upgrade { headers.remove(header::UPGRADE) } else { None };
+    let upgrade = if keep_upgrade {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -68,7 +72,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Sets `x-forwarded-for` (appending the peer), `x-forwarded-proto` and `x-forwarded-host`.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str, host: Option<HeaderValue>) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
     let peer = peer.to_string();
     let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
@@ -118,7 +127,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -142,7 +154,11 @@ mod tests {
 
     #[test]
     fn upgrade_keeps_upgrade_and_connection() {
-        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("keep-alive", "1")]);
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "1"),
+        ]);
         assert!(is_upgrade_request(&h));
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
@@ -153,8 +169,16 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append_and_set() {
-        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("x-forwarded-proto", "https")]);
-        set_forwarded(&mut h, "127.0.0.9".parse().unwrap(), "http", Some(HeaderValue::from_static("api.example")));
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(
+            &mut h,
+            "127.0.0.9".parse().unwrap(),
+            "http",
+            Some(HeaderValue::from_static("api.example")),
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");

@@ -38,7 +38,11 @@ pub struct ProxyContext {
 
 impl ProxyContext {
     /// A context routing by `table` with an upstream pool configured by `upstream`.
-    pub fn new(table: Arc<ArcSwap<Snapshot>>, upstream: &UpstreamConfig, split_key: SplitKey) -> Self {
+    pub fn new(
+        table: Arc<ArcSwap<Snapshot>>,
+        upstream: &UpstreamConfig,
+        split_key: SplitKey,
+    ) -> Self {
         Self {
             table,
             client: upstream_client(upstream),

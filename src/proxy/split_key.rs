@@ -48,7 +48,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -59,7 +62,10 @@ mod tests {
         assert_eq!(cookie_value(&h, "session"), Some(&b"abc"[..]));
         assert_eq!(cookie_value(&h, "late"), Some(&b"x"[..]));
         assert_eq!(cookie_value(&h, "sess"), None);
-        assert_eq!(cookie_value(&headers(&[("cookie", "novalue; =x")]), "novalue"), None);
+        assert_eq!(
+            cookie_value(&headers(&[("cookie", "novalue; =x")]), "novalue"),
+            None
+        );
     }
 
     #[test]
@@ -68,7 +74,10 @@ mod tests {
         let h = headers(&[("x-user", "alice"), ("cookie", "sid=alice")]);
         let by_header = SplitKey::Header(HeaderName::from_static("x-user"));
         assert_eq!(split_hash(&by_header, &h, peer), Some(key_hash(b"alice")));
-        assert_eq!(split_hash(&SplitKey::Cookie("sid".into()), &h, peer), Some(key_hash(b"alice")));
+        assert_eq!(
+            split_hash(&SplitKey::Cookie("sid".into()), &h, peer),
+            Some(key_hash(b"alice"))
+        );
         assert_eq!(split_hash(&by_header, &HeaderMap::new(), peer), None);
         assert_eq!(split_hash(&SplitKey::None, &h, peer), None);
         let mapped: IpAddr = "::ffff:127.0.0.7".parse().unwrap();

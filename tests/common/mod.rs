@@ -41,13 +41,25 @@ pub struct ClusterDecl<'a> {
 }
 
 /// Convenience constructor for [`ClusterDecl`].
-pub fn cluster<'a>(stub: &'a ServeStub, shard: &'a str, revision: &'a str, weight: Option<u32>) -> ClusterDecl<'a> {
-    ClusterDecl { stub, shard, revision, weight }
+pub fn cluster<'a>(
+    stub: &'a ServeStub,
+    shard: &'a str,
+    revision: &'a str,
+    weight: Option<u32>,
+) -> ClusterDecl<'a> {
+    ClusterDecl {
+        stub,
+        shard,
+        revision,
+        weight,
+    }
 }
 
 /// A YAML config on port 0 with fast probes; `extra` is appended verbatim (top-level keys).
 pub fn config_yaml(shards: &[&str], clusters: &[ClusterDecl<'_>], extra: &str) -> String {
-    let mut y = String::from("listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\n");
+    let mut y = String::from(
+        "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\n",
+    );
     y.push_str(&format!("shards: [{}]\n", shards.join(", ")));
     y.push_str("probe:\n  interval: 100ms\n  timeout: 500ms\n");
     y.push_str("clusters:\n");
@@ -82,9 +94,12 @@ impl TestGateway {
 
     /// Like [`start`](Self::start) in a given directory.
     pub async fn start_in(yaml: &str, dir: tempfile::TempDir) -> TestGateway {
-        let config = Config::from_yaml(yaml, dir.path()).unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+        let config = Config::from_yaml(yaml, dir.path())
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
         let gateway = Gateway::start(config).await.expect("start gateway");
-        tokio::time::timeout(WAIT, gateway.wait_ready()).await.expect("gateway ready");
+        tokio::time::timeout(WAIT, gateway.wait_ready())
+            .await
+            .expect("gateway ready");
         TestGateway { gateway, dir }
     }
 
@@ -127,7 +142,10 @@ impl TestGateway {
             if self.cluster_state(name).await["ready"] == ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "cluster {name} never became ready={ready}");
+            assert!(
+                Instant::now() < deadline,
+                "cluster {name} never became ready={ready}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -136,7 +154,12 @@ impl TestGateway {
     pub async fn set_weights(&self, shard: &str, weights: &[(&str, u32)]) -> Resp {
         let map: BTreeMap<&str, u32> = weights.iter().copied().collect();
         let body = serde_json::json!({ "weights": map }).to_string();
-        put(&self.admin(&format!("/v1/shards/{shard}/weights")), &body, None).await
+        put(
+            &self.admin(&format!("/v1/shards/{shard}/weights")),
+            &body,
+            None,
+        )
+        .await
     }
 }
 
@@ -151,7 +174,9 @@ pub struct Resp {
 impl Resp {
     /// The `x-stub-cluster` header: which stub cluster answered.
     pub fn cluster(&self) -> Option<&str> {
-        self.headers.get("x-stub-cluster").and_then(|v| v.to_str().ok())
+        self.headers
+            .get("x-stub-cluster")
+            .and_then(|v| v.to_str().ok())
     }
 }
 
@@ -168,7 +193,9 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body.to_string()))).expect("request");
+    let req = req
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
     let fut = async {
         let resp = client().request(req).await.expect("send request");
         let (parts, body) = resp.into_parts();
@@ -179,7 +206,9 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &st
             body: String::from_utf8_lossy(&body).into_owned(),
         }
     };
-    tokio::time::timeout(WAIT, fut).await.expect("request timed out")
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .expect("request timed out")
 }
 
 pub async fn get(url: &str) -> Resp {
@@ -244,7 +273,11 @@ impl Load {
                         let req = Request::builder()
                             .method(if post { Method::POST } else { Method::GET })
                             .uri(&url)
-                            .body(Full::new(if post { Bytes::from_static(b"payload") } else { Bytes::new() }))
+                            .body(Full::new(if post {
+                                Bytes::from_static(b"payload")
+                            } else {
+                                Bytes::new()
+                            }))
                             .expect("request");
                         let result = tokio::time::timeout(Duration::from_secs(10), async {
                             let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
@@ -255,7 +288,11 @@ impl Load {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("?")
                                 .to_string();
-                            let body = resp.into_body().collect().await.map_err(|e| format!("body: {e:?}"))?;
+                            let body = resp
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_err(|e| format!("body: {e:?}"))?;
                             let _ = body.to_bytes();
                             Ok::<_, String>((status, cluster))
                         })
@@ -362,7 +399,9 @@ impl GatewayProcess {
             }
         });
         let parse = |line: &str, what: &str| -> Option<SocketAddr> {
-            line.strip_prefix(&format!("rayshift: {what} listening on http://"))?.parse().ok()
+            line.strip_prefix(&format!("rayshift: {what} listening on http://"))?
+                .parse()
+                .ok()
         };
         let (mut proxy, mut admin) = (None, None);
         let deadline = Instant::now() + WAIT;
@@ -384,7 +423,12 @@ impl GatewayProcess {
                 }
             }
         }
-        Ok(GatewayProcess { child, proxy: proxy.unwrap(), admin: admin.unwrap(), stderr })
+        Ok(GatewayProcess {
+            child,
+            proxy: proxy.unwrap(),
+            admin: admin.unwrap(),
+            stderr,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -407,7 +451,8 @@ impl GatewayProcess {
 
     /// Peak resident memory of the process (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))

@@ -1,0 +1,243 @@
+//! The admin API: bad requests get a 4xx with a message and change nothing; tokens; metrics.
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+
+async fn gateway(extra: &str) -> (ServeStub, ServeStub, ServeStub, TestGateway) {
+    gateway_probing_every("100ms", extra).await
+}
+
+async fn gateway_probing_every(
+    interval: &str,
+    extra: &str,
+) -> (ServeStub, ServeStub, ServeStub, TestGateway) {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let red = stub("red", "v1", &[("other", "/other")]).await;
+    let gw = TestGateway::start(
+        &config_yaml(
+            &["shard-0", "shard-1"],
+            &[
+                cluster(&blue, "shard-0", "v1", Some(100)),
+                cluster(&green, "shard-0", "v2", Some(0)),
+                cluster(&red, "shard-1", "v1", None),
+            ],
+            extra,
+        )
+        .replace("interval: 100ms", &format!("interval: {interval}")),
+    )
+    .await;
+    (blue, green, red, gw)
+}
+
+/// Every malformed weight change is refused with a message naming the problem; state is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_weight_requests_change_nothing() {
+    let (_b, _g, _r, gw) = gateway("").await;
+    let url = gw.admin("/v1/shards/shard-0/weights");
+    let before = gw.state().await["shards"].clone();
+    let state_file_before = std::fs::read(gw.state_file()).ok();
+    let cases: &[(&str, &str, StatusCode, &str)] = &[
+        (
+            "sum",
+            r#"{"weights": {"blue": 60, "green": 30}}"#,
+            StatusCode::BAD_REQUEST,
+            "sum to 90",
+        ),
+        (
+            "range",
+            r#"{"weights": {"blue": 150, "green": 0}}"#,
+            StatusCode::BAD_REQUEST,
+            "expected an integer 0-100",
+        ),
+        (
+            "negative",
+            r#"{"weights": {"blue": -10, "green": 110}}"#,
+            StatusCode::BAD_REQUEST,
+            "weights",
+        ),
+        (
+            "fraction",
+            r#"{"weights": {"blue": 50.5, "green": 49.5}}"#,
+            StatusCode::BAD_REQUEST,
+            "weights",
+        ),
+        (
+            "unknown cluster",
+            r#"{"weights": {"blue": 50, "purple": 50}}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown cluster \"purple\"",
+        ),
+        (
+            "other shard",
+            r#"{"weights": {"blue": 50, "red": 50}}"#,
+            StatusCode::BAD_REQUEST,
+            "belongs to shard \"shard-1\"",
+        ),
+        (
+            "empty",
+            r#"{"weights": {}}"#,
+            StatusCode::BAD_REQUEST,
+            "no weights",
+        ),
+        (
+            "not json",
+            "weights: blue=100",
+            StatusCode::BAD_REQUEST,
+            "body must be",
+        ),
+        (
+            "unknown field",
+            r#"{"weights": {"blue": 100}, "force": true}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+    ];
+    for (what, body, status, needle) in cases {
+        let r = put(&url, body, None).await;
+        assert_eq!(r.status, *status, "{what}: {}", r.body);
+        let err: serde_json::Value =
+            serde_json::from_str(&r.body).unwrap_or_else(|_| panic!("{what}: {}", r.body));
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains(needle), "{what}: {msg:?} lacks {needle:?}");
+    }
+    let r = put(
+        &gw.admin("/v1/shards/shard-9/weights"),
+        r#"{"weights": {"blue": 100}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(
+        r.body.contains("unknown shard \\\"shard-9\\\""),
+        "{}",
+        r.body
+    );
+    let r = send(Method::POST, &url, &[], r#"{"weights": {"blue": 100}}"#).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        get(&gw.admin("/v1/nothing")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    assert_eq!(
+        gw.state().await["shards"],
+        before,
+        "a refused request changed the state"
+    );
+    assert_eq!(std::fs::read(gw.state_file()).ok(), state_file_before);
+    // And traffic still follows the original weights.
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("blue"));
+    }
+}
+
+/// A valid change is in the state file before the 200, and routes traffic right away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_change_is_persisted_before_it_is_acknowledged() {
+    let (_b, _g, _r, gw) = gateway("").await;
+    let r = gw
+        .set_weights("shard-0", &[("blue", 0), ("green", 100)])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gw.state_file()).unwrap()).unwrap();
+    assert_eq!(file["version"], 1);
+    assert_eq!(file["shards"]["shard-0"]["weights"]["green"], 100);
+    assert_eq!(file["shards"]["shard-0"]["weights"]["blue"], 0);
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+    }
+    assert_eq!(gw.cluster_state("green").await["weight"], 100);
+}
+
+/// With a token file, mutating calls need the bearer token; reads do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_protects_mutating_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    )
+    .replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        "admin:\n  listen: 127.0.0.1:0\n  token_file: token\n",
+    );
+    let gw = TestGateway::start_in(&yaml, dir).await;
+    let url = gw.admin("/v1/shards/shard-0/weights");
+    let body = r#"{"weights": {"blue": 0, "green": 100}}"#;
+    for token in [None, Some("wrong"), Some("s3cret-token-but-longer")] {
+        let r = put(&url, body, token).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert!(r.body.contains("bearer token"), "{}", r.body);
+    }
+    assert_eq!(gw.cluster_state("green").await["weight"], 0);
+    assert_eq!(get(&gw.admin("/v1/state")).await.status, StatusCode::OK);
+    let r = put(&url, body, Some("s3cret-token")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(gw.cluster_state("green").await["weight"], 100);
+    // The secret is never shown.
+    assert!(!get(&gw.admin("/v1/state")).await.body.contains("s3cret"));
+}
+
+/// /live, /ready and /metrics with every metric family of the gateway core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_and_metrics() {
+    // Slow probes, so the killed cluster below is still in the table when the request comes.
+    let (_b, green, _r, gw) = gateway_probing_every("1h", "").await;
+    assert_eq!(get(&gw.admin("/live")).await.status, StatusCode::OK);
+    assert_eq!(get(&gw.admin("/ready")).await.status, StatusCode::OK);
+    for _ in 0..5 {
+        assert_eq!(get(&gw.url("/echo")).await.status, StatusCode::OK);
+    }
+    get(&gw.url("/missing")).await;
+    gw.set_weights("shard-0", &[("blue", 0), ("green", 100)])
+        .await;
+    green.kill();
+    // Until a probe notices, requests to the dead cluster fail with a 502 naming it.
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        r.body.contains("upstream cluster 'green' failed"),
+        "{}",
+        r.body
+    );
+    let r = get(&gw.admin("/metrics")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    for family in [
+        "rayshift_requests_total{",
+        "rayshift_request_duration_seconds_bucket{",
+        "rayshift_cluster_weight{",
+        "rayshift_cluster_ready{",
+        "rayshift_cluster_in_flight{",
+        "rayshift_routing_table_updates_total",
+        "rayshift_probes_total{",
+    ] {
+        assert!(r.body.contains(family), "/metrics lacks {family}");
+    }
+    assert!(r.body.contains(r#"code="404""#));
+    assert!(
+        r.body
+            .contains(r#"rayshift_cluster_weight{shard="shard-0",cluster="green"} 100"#),
+        "weight gauge"
+    );
+    assert!(
+        r.body
+            .contains(r#"rayshift_upstream_errors_total{cluster="green",kind="connect"}"#),
+        "upstream errors"
+    );
+    assert!(r.body.contains(r#"code="502""#));
+}

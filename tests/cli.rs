@@ -1,0 +1,172 @@
+//! The `rayshift` binary: `check`, and `run` refusing bad input before serving; state across restarts.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use http::StatusCode;
+
+fn rayshift(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rayshift"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run rayshift")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Every example config in `config/` passes `rayshift check`.
+#[test]
+fn example_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = rayshift(&["check", "--config", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} example configs");
+}
+
+/// `check` prints every problem with its field path and exits 1; `run` refuses the same file.
+#[test]
+fn check_reports_every_problem_and_run_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "listen: 127.0.0.1:0\nadmin:\n  listen: nowhere\nshards: [shard-0]\nsplit_key: sticky\nclusters:\n  - name: blue\n    shard: shard-0\n    revision: v1\n    serve_url: http://127.0.0.1:1\n  - name: green\n    shard: shard-9\n    revision: v2\n    serve_url: foo\n",
+    );
+    let out = rayshift(&["check", "--config", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "admin.listen:",
+        "split_key: expected none, header:<name>, cookie:<name> or client_ip",
+        "clusters[1].shard: unknown shard \"shard-9\"",
+        "clusters[1].serve_url: relative URL without a base",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    let out = rayshift(&["run", "--config", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config, not starting"));
+
+    let out = rayshift(&["check", "--config", "/nonexistent/rayshift.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/rayshift.yaml"));
+}
+
+fn gateway_config(dir: &Path, blue: &ServeStub, green: &ServeStub) -> std::path::PathBuf {
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(blue, "shard-0", "v1", Some(100)),
+            cluster(green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    );
+    let path = dir.join("rayshift.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Weights set through the admin API survive `kill -9` and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_survive_kill_and_restart() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &blue, &green);
+
+    let mut gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("blue"));
+    let r = put(
+        &gw.admin("/v1/shards/shard-0/weights"),
+        r#"{"weights": {"blue": 0, "green": 100}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    gw.kill(); // SIGKILL: no chance to flush anything
+
+    let gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&get(&gw.admin("/v1/state")).await.body).unwrap();
+    assert_eq!(state["shards"][0]["clusters"][1]["name"], "green");
+    assert_eq!(state["shards"][0]["clusters"][1]["weight"], 100);
+}
+
+/// A corrupt state file or one of an unknown version stops the start with a clear error; the file
+/// is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_state_file_refuses_to_start() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &blue, &green);
+    let state = dir.path().join("state.json");
+    for (content, needle) in [
+        ("{\"version\": 1, \"shards\": {", "is corrupt"),
+        ("{\"version\": 99, \"shards\": {}}", "has version 99"),
+        ("", "is corrupt"),
+    ] {
+        std::fs::write(&state, content).unwrap();
+        let out = rayshift(&["run", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "started with state {content:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+        assert_eq!(
+            std::fs::read_to_string(&state).unwrap(),
+            content,
+            "state file was touched"
+        );
+    }
+}
+
+/// A listener address already in use is a clear start error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_port_is_a_start_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &blue, &green);
+    let yaml = std::fs::read_to_string(&config).unwrap().replacen(
+        "listen: 127.0.0.1:0",
+        &format!("listen: 127.0.0.1:{port}"),
+        1,
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let out = rayshift(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("binding proxy listener on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,133 @@
+//! Readiness: a cluster that fails its probes, or does not list an app, gets no traffic for it;
+//! its share goes to the shard's ready clusters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+/// A cluster going unready mid-load gets no new requests, no client request fails, and it is back in
+/// the split once healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unready_cluster_mid_load_gets_no_new_requests() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v2", Some(50)),
+        ],
+        "",
+    ))
+    .await;
+    let load = Load::start(gw.url("/echo"), 8, true);
+    load.wait_for_more(500).await;
+    assert!(green.requests() > 0);
+
+    // Serve reports draining: /-/healthz 503. Still serving requests already sent, as Serve does.
+    green.set_healthy(false);
+    gw.wait_cluster_ready("green", false).await;
+    // Requests routed before the table swap may still be arriving; after that, none.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = green.requests();
+    load.wait_for_more(1_000).await;
+    assert_eq!(
+        green.requests(),
+        before,
+        "an unready cluster received new requests"
+    );
+    let state = gw.cluster_state("green").await;
+    assert!(
+        state["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/-/healthz answered 503"),
+        "{state}"
+    );
+
+    green.set_healthy(true);
+    gw.wait_cluster_ready("green", true).await;
+    load.wait_for_more(500).await;
+    let report = load.stop().await;
+    assert!(green.requests() > before, "green never came back");
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    println!("{} requests, 0 failed", report.ok);
+}
+
+/// Healthy but with no routes yet (Serve starting up), or routes without the app: no traffic for it.
+/// When the only weighted cluster is unready, its share goes to the ready one even at weight 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_gate_traffic_per_application() {
+    let blue = stub("blue", "v1", &[("echo", "/echo"), ("other", "/other")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(0)),
+            cluster(&green, "shard-0", "v2", Some(100)),
+        ],
+        "",
+    ))
+    .await;
+    // `other` is only on blue: it goes there although blue's weight is 0.
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/other")).await.cluster(), Some("blue"));
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+    }
+    // Green's route table empties (as while Serve starts): echo fails over to blue.
+    green.set_routes_populated(false);
+    gw.wait_cluster_ready("green", false).await;
+    for _ in 0..20 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.cluster(), Some("blue"));
+    }
+    // Nothing ready for `other` any more: 503 naming the app and shard.
+    blue.set_healthy(false);
+    gw.wait_cluster_ready("blue", false).await;
+    let r = get(&gw.url("/other")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        r.body.contains("'other'") && r.body.contains("'shard-0'"),
+        "{}",
+        r.body
+    );
+}
+
+/// Apps found in a cluster's /-/routes join the table while traffic flows; removed ones leave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_apps_follow_the_clusters_routes() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        "",
+    ))
+    .await;
+    assert_eq!(get(&gw.url("/late")).await.status, StatusCode::NOT_FOUND);
+    blue.set_apps(vec![
+        ("echo".into(), "/echo".into()),
+        ("late".into(), "/late".into()),
+    ]);
+    eventually("late app routed", || async {
+        get(&gw.url("/late/x")).await.status == StatusCode::OK
+    })
+    .await;
+    let state = gw.state().await;
+    let apps: Vec<&str> = state["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert!(apps.contains(&"late") && apps.contains(&"echo"), "{apps:?}");
+    blue.set_apps(vec![("echo".into(), "/echo".into())]);
+    eventually("late app gone", || async {
+        get(&gw.url("/late/x")).await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert_eq!(get(&gw.url("/echo")).await.status, StatusCode::OK);
+}
