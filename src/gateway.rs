@@ -83,6 +83,7 @@ impl Gateway {
             prometheus,
             token,
             split_key: config.split_key.clone(),
+            shift_defaults: config.shift_defaults.clone(),
             shutting_down: shutdown_rx.clone(),
         });
         let tasks = vec![

@@ -30,6 +30,7 @@ pub mod discovery;
 pub mod gateway;
 pub mod proxy;
 pub mod routing;
+pub mod shift;
 pub mod snapshot;
 pub mod state;
 pub mod stats;

@@ -1,9 +1,11 @@
 //! The immutable snapshot the request path reads: the pure routing table plus the clusters it points at.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::cluster::Cluster;
 use crate::routing::{ClusterId, RoutingTable};
+use crate::shift::{Rollout, Shift};
 
 /// One published version of everything the request path needs. Loaded once per request from an
 /// `ArcSwap`; never mutated after publication (only the atomics inside [`Cluster`]s change).
@@ -19,6 +21,29 @@ pub struct Snapshot {
     pub views: Vec<ClusterView>,
     /// How each app of `table` got its shard, by app id.
     pub placements: Vec<AppPlacement>,
+    /// Each shard's current or last shift, by shard name.
+    pub shifts: BTreeMap<String, Shift>,
+    /// The current or last fleet rollout.
+    pub rollout: Option<Rollout>,
+}
+
+/// Where a cluster is in being retired after a promoted shift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// No new requests; the ones in flight are finishing.
+    Draining,
+    /// Nothing in flight (or the drain timed out): safe to delete.
+    Drained,
+}
+
+impl Drain {
+    /// Lowercase name for the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drain::Draining => "draining",
+            Drain::Drained => "drained",
+        }
+    }
 }
 
 /// How an application's shard was decided.
@@ -52,6 +77,8 @@ pub struct ClusterView {
     pub ready: bool,
     /// Takes no new requests (its shard moved away from it).
     pub draining: bool,
+    /// Draining or drained after a promoted shift.
+    pub drain: Option<Drain>,
     /// Why it is not ready (empty when ready).
     pub detail: String,
     /// Applications its `/-/routes` listed last.
@@ -67,6 +94,8 @@ impl Snapshot {
             clusters: Vec::new(),
             views: Vec::new(),
             placements: Vec::new(),
+            shifts: BTreeMap::new(),
+            rollout: None,
         }
     }
 

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::shift::{Rollout, Shift};
+
 /// The state file format version this build reads and writes.
 pub const STATE_VERSION: u32 = 1;
 
@@ -55,7 +57,7 @@ pub enum StateError {
 }
 
 /// Everything rayshift persists.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
     /// Format version, [`STATE_VERSION`].
@@ -63,15 +65,28 @@ pub struct State {
     /// Per-shard state, by shard name.
     #[serde(default)]
     pub shards: BTreeMap<String, ShardState>,
+    /// The current (or last) fleet rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+    /// Id of the next rollout.
+    #[serde(default)]
+    pub next_rollout_id: u64,
 }
 
 /// Persisted state of one shard.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardState {
     /// Operator- or shift-set weights by cluster name (0-100, summing to 100).
     #[serde(default)]
     pub weights: BTreeMap<String, u32>,
+    /// The shard's current (or last) shift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<Shift>,
+    /// The newest revision an automatic shift was started for, so a rolled-back revision is not
+    /// retried in a loop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_shift_revision: Option<String>,
 }
 
 impl State {
@@ -80,6 +95,8 @@ impl State {
         Self {
             version: STATE_VERSION,
             shards: BTreeMap::new(),
+            rollout: None,
+            next_rollout_id: 1,
         }
     }
 }
@@ -179,12 +196,17 @@ mod tests {
     fn missing_file_is_a_fresh_start_and_saves_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
-        assert_eq!(store.load().unwrap(), None);
+        assert!(store.load().unwrap().is_none());
         let mut state = State::new();
         state.shards.entry("shard-0".into()).or_default().weights =
             BTreeMap::from([("blue".into(), 70), ("green".into(), 30)]);
         store.save(&state).unwrap();
-        assert_eq!(store.load().unwrap(), Some(state));
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(
+            loaded.shards["shard-0"].weights,
+            state.shards["shard-0"].weights
+        );
+        assert_eq!(loaded.next_rollout_id, 1);
         // No temporary file is left behind.
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()

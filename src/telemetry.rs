@@ -28,6 +28,24 @@ pub const PROBES_TOTAL: &str = "rayshift_probes_total";
 /// Applications in the routing table, by shard.
 pub const APPS: &str = "rayshift_apps";
 
+/// 1 for the shard's current shift state (`idle`, `progressing`, `paused`, `draining`,
+/// `completed`, `rolled_back`, `aborted`), 0 for the others.
+pub const SHIFT_STATE: &str = "rayshift_shift_state";
+/// Weight (0-100) the shard's shift has moved to its target.
+pub const SHIFT_TARGET_WEIGHT: &str = "rayshift_shift_target_weight";
+/// Steps taken by shifts, by shard.
+pub const SHIFT_STEPS_TOTAL: &str = "rayshift_shift_steps_total";
+/// Automatic rollbacks, by shard and reason (`error_rate`, `latency`, `not_ready`).
+pub const SHIFT_ROLLBACKS_TOTAL: &str = "rayshift_shift_rollbacks_total";
+/// Failed analysis checks, by shard and check (`error_rate`, `latency`).
+pub const SHIFT_CHECK_FAILURES_TOTAL: &str = "rayshift_shift_check_failures_total";
+/// 1 while a cluster drains after a promoted shift.
+pub const CLUSTER_DRAINING: &str = "rayshift_cluster_draining";
+/// 1 once a cluster is drained (safe to delete).
+pub const CLUSTER_DRAINED: &str = "rayshift_cluster_drained";
+/// Shards of the current rollout by state (`waiting`, `shifting`, `done`, `failed`).
+pub const ROLLOUT_SHARDS: &str = "rayshift_rollout_shards";
+
 /// Histogram buckets for request durations, in seconds (Serve inference ranges from ms to minutes).
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -118,6 +136,32 @@ fn describe() {
         "Readiness probes sent to clusters, by cluster and result."
     );
     describe_gauge!(APPS, "Applications in the routing table, by shard.");
+    describe_gauge!(
+        SHIFT_STATE,
+        "1 for the shard's current shift state, 0 for the others."
+    );
+    describe_gauge!(
+        SHIFT_TARGET_WEIGHT,
+        "Weight (0-100) the shard's shift has moved to its target."
+    );
+    describe_counter!(SHIFT_STEPS_TOTAL, "Steps taken by shifts, by shard.");
+    describe_counter!(
+        SHIFT_ROLLBACKS_TOTAL,
+        "Automatic shift rollbacks, by shard and reason."
+    );
+    describe_counter!(
+        SHIFT_CHECK_FAILURES_TOTAL,
+        "Failed shift analysis checks, by shard and check."
+    );
+    describe_gauge!(
+        CLUSTER_DRAINING,
+        "1 while a cluster drains after a promoted shift."
+    );
+    describe_gauge!(
+        CLUSTER_DRAINED,
+        "1 once a cluster is drained and safe to delete."
+    );
+    describe_gauge!(ROLLOUT_SHARDS, "Shards of the current rollout, by state.");
 }
 
 /// Sets up logging to stderr; `RUST_LOG` overrides the default level (`info`).

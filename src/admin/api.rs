@@ -10,8 +10,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use crate::admin::views::StateView;
+use crate::admin::views::{ShiftView, StateView};
 use crate::admin::AdminContext;
+use crate::control::{Action, ControlError, ShiftRequest};
+use crate::shift::Target;
 
 /// Largest admin request body accepted.
 const MAX_BODY: usize = 1 << 20;
@@ -53,8 +55,93 @@ pub async fn handle(
                 put_weights(&ctx, &shard, req).await
             }
         }
-        (["live" | "ready" | "metrics"] | ["v1", "state" | "placement"], _)
-        | (["v1", "shards", _, "weights"], _) => error(
+        (["v1", "shards", shard, "shift"], &Method::POST) => {
+            let shard = shard.to_string();
+            if !ctx.token.allows(req.headers()) {
+                unauthorized()
+            } else {
+                start_shift(&ctx, &shard, req).await
+            }
+        }
+        (["v1", "shards", shard, "shift"], &Method::GET) => {
+            let snap = ctx.control.snapshot();
+            match snap.shifts.get(*shard) {
+                Some(shift) => json(StatusCode::OK, &ShiftView::of(shift)),
+                None if (0..snap.table.placement().len())
+                    .any(|i| snap.table.shard_name(i as u32) == *shard) =>
+                {
+                    error(
+                        StatusCode::NOT_FOUND,
+                        format!("shard \"{shard}\" has no shift"),
+                    )
+                }
+                None => error(StatusCode::NOT_FOUND, format!("unknown shard \"{shard}\"")),
+            }
+        }
+        (["v1", "shards", shard, "shift", action], &Method::POST) => {
+            let (shard, action) = (shard.to_string(), action.to_string());
+            if !ctx.token.allows(req.headers()) {
+                unauthorized()
+            } else {
+                match Action::parse(&action) {
+                    Some(action) => match ctx.control.control_shift(&shard, action).await {
+                        Ok(shift) => json(StatusCode::OK, &ShiftView::of(&shift)),
+                        Err(e) => control_error(e),
+                    },
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        format!("unknown shift control \"{action}\"; expected pause, resume, promote or abort"),
+                    ),
+                }
+            }
+        }
+        (["v1", "rollouts"], &Method::GET) => {
+            let snap = ctx.control.snapshot();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "rollout": snap.rollout }),
+            )
+        }
+        (["v1", "rollouts"], &Method::POST) => {
+            if !ctx.token.allows(req.headers()) {
+                unauthorized()
+            } else {
+                start_rollout(&ctx, req).await
+            }
+        }
+        (["v1", "rollouts", action], &Method::POST)
+        | (["v1", "rollouts", _, action], &Method::POST) => {
+            let id = match segments.as_slice() {
+                [_, _, id, _] => match id.parse::<u64>() {
+                    Ok(id) => Some(id),
+                    Err(_) => {
+                        return Ok(error(StatusCode::NOT_FOUND, format!("no rollout \"{id}\"")));
+                    }
+                },
+                _ => None,
+            };
+            let action = action.to_string();
+            if !ctx.token.allows(req.headers()) {
+                unauthorized()
+            } else {
+                match Action::parse(&action).filter(|a| *a != Action::Promote) {
+                    Some(action) => match ctx.control.control_rollout(id, action).await {
+                        Ok(rollout) => json(StatusCode::OK, &rollout),
+                        Err(e) => control_error(e),
+                    },
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "unknown rollout control \"{action}\"; expected pause, resume or abort"
+                        ),
+                    ),
+                }
+            }
+        }
+        (["live" | "ready" | "metrics"] | ["v1", "state" | "placement" | "rollouts"], _)
+        | (["v1", "shards", _, "weights" | "shift"], _)
+        | (["v1", "shards", _, "shift", _], _)
+        | (["v1", "rollouts", _] | ["v1", "rollouts", _, _], _) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method {method} not allowed on {path}"),
         ),
@@ -131,16 +218,17 @@ async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) ->
         Ok(body) => body,
         Err(resp) => return resp,
     };
-    let parsed: WeightsBody =
-        match serde_json::from_slice(&body) {
-            Ok(parsed) => parsed,
-            Err(e) => return error(
+    let parsed: WeightsBody = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return error(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "body must be {{\"weights\": {{\"<cluster>\": <integer 0-100>, ...}}}}: {e}"
                 ),
-            ),
-        };
+            )
+        }
+    };
     match ctx.control.set_weights(shard, parsed.weights.clone()).await {
         Ok(()) => {
             tracing::info!(%shard, weights = ?parsed.weights, "weights set through the admin API");
@@ -149,18 +237,133 @@ async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) ->
                 &serde_json::json!({"shard": shard, "weights": parsed.weights}),
             )
         }
-        Err(e) if e.is_client_error() => {
-            let status = if matches!(e, crate::control::ControlError::UnknownShard(_)) {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            error(status, e.to_string())
+        Err(e) => control_error(e),
+    }
+}
+
+/// A control-plane refusal as a response: 4xx for the request's fault, 5xx for the gateway's.
+fn control_error(e: ControlError) -> AdminResponse {
+    if !e.is_client_error() {
+        tracing::error!(error = %e, "admin request failed");
+    }
+    error(e.status(), e.to_string())
+}
+
+/// Parses a JSON object body, or returns the 400 to send.
+async fn json_object(
+    req: Request<Incoming>,
+    what: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, AdminResponse> {
+    let body = read_body(req).await?;
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("body must be a JSON object: {what}"),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("body is not JSON ({e}); expected {what}"),
+        )),
+    }
+}
+
+/// A string field of a JSON body, or the message saying what is wrong with it.
+fn string_field(
+    body: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Result<Option<String>, String> {
+    match body.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(other) => Err(format!("{key}: expected a non-empty string, got {other}")),
+    }
+}
+
+async fn start_shift(ctx: &AdminContext, shard: &str, req: Request<Incoming>) -> AdminResponse {
+    const SHAPE: &str =
+        r#"{"to": "<cluster>"} or {"to_revision": "<revision>"} plus optional policy keys"#;
+    let body = match json_object(req, SHAPE).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let target = match (
+        string_field(&body, "to"),
+        string_field(&body, "to_revision"),
+    ) {
+        (Err(msg), _) | (_, Err(msg)) => return error(StatusCode::BAD_REQUEST, msg),
+        (Ok(Some(cluster)), Ok(None)) => Target::Cluster(cluster),
+        (Ok(None), Ok(Some(revision))) => Target::Revision(revision),
+        (Ok(Some(_)), Ok(Some(_))) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give either to or to_revision, not both".into(),
+            )
         }
-        Err(e) => {
-            tracing::error!(%shard, error = %e, "weight change failed");
-            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        (Ok(None), Ok(None)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("to or to_revision is required: {SHAPE}"),
+            )
         }
+    };
+    let policy = match ctx.shift_defaults.with_json(&body, &["to", "to_revision"]) {
+        Ok(policy) => policy,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match ctx
+        .control
+        .start_shift(shard, ShiftRequest { target, policy })
+        .await
+    {
+        Ok(shift) => json(StatusCode::ACCEPTED, &ShiftView::of(&shift)),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn start_rollout(ctx: &AdminContext, req: Request<Incoming>) -> AdminResponse {
+    const SHAPE: &str =
+        r#"{"revision": "<revision>", "max_concurrent": 1} plus optional policy keys"#;
+    let body = match json_object(req, SHAPE).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let revision = match string_field(&body, "revision") {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("revision is required: {SHAPE}"),
+            )
+        }
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    let max_concurrent = match body.get("max_concurrent") {
+        None => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => n as usize,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("max_concurrent: expected an integer >= 1, got {v}"),
+                )
+            }
+        },
+    };
+    let policy = match ctx
+        .shift_defaults
+        .with_json(&body, &["revision", "max_concurrent"])
+    {
+        Ok(policy) => policy,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match ctx
+        .control
+        .start_rollout(revision, max_concurrent, policy)
+        .await
+    {
+        Ok(rollout) => json(StatusCode::ACCEPTED, &rollout),
+        Err(e) => control_error(e),
     }
 }
 

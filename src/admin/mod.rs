@@ -8,6 +8,12 @@
 //! | GET | `/v1/state` | shards, clusters (weight, ready, in-flight), apps |
 //! | GET | `/v1/placement?app=NAME` | the shard an application name maps to |
 //! | PUT | `/v1/shards/{shard}/weights` | `{"weights": {"blue": 70, "green": 30}}` |
+//! | POST | `/v1/shards/{shard}/shift` | start a shift: `{"to": "green", "step_percent": 10, ...}` |
+//! | GET | `/v1/shards/{shard}/shift` | the shard's current or last shift |
+//! | POST | `/v1/shards/{shard}/shift/{pause,resume,promote,abort}` | control a shift |
+//! | POST | `/v1/rollouts` | start a fleet rollout: `{"revision": "v2", "max_concurrent": 1, ...}` |
+//! | GET | `/v1/rollouts` | the current or last rollout |
+//! | POST | `/v1/rollouts[/{id}]/{pause,resume,abort}` | control a rollout |
 //!
 //! Mutating calls need `Authorization: Bearer <token>` when `admin.token_file` is set.
 
@@ -40,6 +46,8 @@ pub struct AdminContext {
     pub token: AdminToken,
     /// Shown in `/v1/state`.
     pub split_key: SplitKey,
+    /// Policy keys a shift or rollout request leaves out.
+    pub shift_defaults: crate::shift::ShiftPolicy,
     /// True once the gateway is shutting down (`/ready` answers 503).
     pub shutting_down: watch::Receiver<bool>,
 }

@@ -2,11 +2,12 @@
 
 use serde::Serialize;
 
+use crate::shift::{Rollout, Shift};
 use crate::snapshot::Snapshot;
 
 /// `GET /v1/state`.
 #[derive(Debug, Serialize)]
-pub struct StateView {
+pub struct StateView<'a> {
     /// Snapshot version (increases with every routing-table update).
     pub version: u64,
     /// The first table is published.
@@ -14,18 +15,45 @@ pub struct StateView {
     /// The configured split key (`none`, `header:x`, `cookie:x`, `client_ip`).
     pub split_key: String,
     /// Declared shards with their clusters.
-    pub shards: Vec<ShardView>,
+    pub shards: Vec<ShardView<'a>>,
     /// Known applications.
     pub apps: Vec<AppView>,
+    /// The current or last fleet rollout.
+    pub rollout: Option<&'a Rollout>,
+}
+
+/// A shift as the API shows it: the persisted shift plus its state name and current weights.
+#[derive(Debug, Serialize)]
+pub struct ShiftView<'a> {
+    /// `progressing`, `paused`, `draining`, `completed`, `rolled_back` or `aborted`.
+    pub state: &'static str,
+    /// Current weights of the shard's clusters under this shift.
+    pub weights: std::collections::BTreeMap<String, u32>,
+    /// Everything else about the shift.
+    #[serde(flatten)]
+    pub shift: &'a Shift,
+}
+
+impl<'a> ShiftView<'a> {
+    /// The view of a shift.
+    pub fn of(shift: &'a Shift) -> Self {
+        Self {
+            state: shift.phase.as_str(),
+            weights: shift.weights(),
+            shift,
+        }
+    }
 }
 
 /// One shard.
 #[derive(Debug, Serialize)]
-pub struct ShardView {
+pub struct ShardView<'a> {
     /// Shard name.
     pub name: String,
     /// The shard's clusters, in split order.
     pub clusters: Vec<ClusterStateView>,
+    /// The shard's current or last shift.
+    pub shift: Option<ShiftView<'a>>,
 }
 
 /// One cluster.
@@ -41,6 +69,9 @@ pub struct ClusterStateView {
     pub ready: bool,
     /// Takes no new requests.
     pub draining: bool,
+    /// `draining` or `drained` after a promoted shift (drained: safe to delete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<&'static str>,
     /// Requests in flight now.
     pub in_flight: u64,
     /// Applications its `/-/routes` lists.
@@ -75,15 +106,19 @@ pub struct SplitView {
     pub weight: u32,
 }
 
-impl StateView {
+impl<'a> StateView<'a> {
     /// The view of a snapshot (in-flight counts read live).
-    pub fn of(snap: &Snapshot, ready: bool, split_key: String) -> Self {
+    pub fn of(snap: &'a Snapshot, ready: bool, split_key: String) -> Self {
         let table = &snap.table;
         let shard_count = table.placement().len();
         let mut shards: Vec<ShardView> = (0..shard_count)
-            .map(|i| ShardView {
-                name: table.shard_name(i as u32).to_string(),
-                clusters: Vec::new(),
+            .map(|i| {
+                let name = table.shard_name(i as u32).to_string();
+                ShardView {
+                    shift: snap.shifts.get(&name).map(ShiftView::of),
+                    name,
+                    clusters: Vec::new(),
+                }
             })
             .collect();
         for (cluster, view) in snap.clusters.iter().zip(&snap.views) {
@@ -96,6 +131,7 @@ impl StateView {
                 weight: view.weight,
                 ready: view.ready,
                 draining: view.draining,
+                drain: view.drain.map(|d| d.as_str()),
                 in_flight: cluster.stats.in_flight(),
                 apps: view.apps.clone(),
                 detail: view.detail.clone(),
@@ -126,6 +162,7 @@ impl StateView {
             split_key,
             shards,
             apps,
+            rollout: snap.rollout.as_ref(),
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors};
 use super::{raw, validate};
+use crate::shift::ShiftPolicy;
 
 /// Default address for client traffic (`listen`).
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
@@ -56,6 +57,10 @@ pub struct Config {
     pub probe: ProbeConfig,
     /// Pooled HTTP/1.1 connections to Serve (`upstream`).
     pub upstream: UpstreamConfig,
+    /// Policy of shifts when a request or `auto_shift` leaves a key out (`shift_defaults`).
+    pub shift_defaults: ShiftPolicy,
+    /// Most shards that automatic shifts move at once (`max_concurrent_shifts`, default 1).
+    pub max_concurrent_shifts: usize,
 }
 
 /// The admin API (`admin`): admin calls, `/metrics`, `/live` and `/ready`.
@@ -86,6 +91,9 @@ pub struct ShardConfig {
     /// Relative capacity of the shard when apps are placed by consistent hashing; finite and > 0,
     /// [`DEFAULT_SHARD_WEIGHT`] when the shard is declared by name only.
     pub weight: f64,
+    /// When set (`auto_shift:`), a cluster of a newer revision that joins the shard and becomes
+    /// ready starts a shift to it by itself, with this policy (`shift_defaults` plus overrides).
+    pub auto_shift: Option<ShiftPolicy>,
 }
 
 /// What keeps a client on the same cluster while traffic is split (`split_key`).

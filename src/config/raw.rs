@@ -59,7 +59,7 @@ impl<'de> Deserialize<'de> for Text {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream)"
+    expecting = "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts)"
 )]
 pub(crate) struct RawConfig {
     pub listen: Option<Text>,
@@ -71,7 +71,13 @@ pub(crate) struct RawConfig {
     pub apps: Option<Vec<RawApp>>,
     pub probe: Option<RawProbe>,
     pub upstream: Option<RawUpstream>,
+    pub shift_defaults: Option<RawPolicy>,
+    pub max_concurrent_shifts: Option<Text>,
 }
+
+/// A shift policy (`shift_defaults`, `shards[i].auto_shift`): policy keys to values, checked by
+/// [`crate::shift::ShiftPolicy::set`] so the config and the admin API share one syntax.
+pub(crate) type RawPolicy = std::collections::BTreeMap<String, Text>;
 
 /// `admin`.
 #[derive(Debug, Default, Deserialize)]
@@ -93,10 +99,14 @@ pub(crate) enum RawShard {
 
 /// `shards[i]` written as a mapping.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with keys name and weight")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with keys name, weight and auto_shift"
+)]
 pub(crate) struct RawShardEntry {
     pub name: Option<Text>,
     pub weight: Option<Text>,
+    pub auto_shift: Option<RawPolicy>,
 }
 
 impl<'de> Deserialize<'de> for RawShard {

@@ -107,10 +107,12 @@ fn full_config_round_trip() {
             ShardConfig {
                 name: "shard-0".into(),
                 weight: 1.0,
+                auto_shift: None,
             },
             ShardConfig {
                 name: "shard-1".into(),
                 weight: 2.5,
+                auto_shift: None,
             },
         ],
         split_key: SplitKey::Header(http::HeaderName::from_static("x-user-id")),
@@ -161,6 +163,8 @@ fn full_config_round_trip() {
             connect_timeout: Duration::from_millis(1500),
             max_idle_per_cluster: 64,
         },
+        shift_defaults: crate::shift::ShiftPolicy::default(),
+        max_concurrent_shifts: 1,
     };
     assert_eq!(config, expected);
     assert_eq!(config.shard_index("shard-1"), Some(1));
@@ -188,7 +192,8 @@ fn defaults_apply_when_keys_are_omitted() {
         config.shards,
         vec![ShardConfig {
             name: "shard-0".into(),
-            weight: 1.0
+            weight: 1.0,
+            auto_shift: None,
         }]
     );
     assert_eq!(config.split_key, SplitKey::None);
@@ -917,4 +922,33 @@ fn config_errors_display_one_per_line() {
     let errors = ConfigErrors(vec![err("a", "first"), err("b.c", "second")]);
     assert_eq!(errors.to_string(), "a: first\nb.c: second");
     assert_eq!(err("a", "x").to_string(), "a: x");
+}
+
+#[test]
+fn shift_defaults_and_auto_shift_policies() {
+    let yaml = "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 50}\n  - shard-1\nshift_defaults:\n  step_interval: 5s\n  max_error_rate: 0.02\nmax_concurrent_shifts: 2\n";
+    let config = Config::from_yaml(yaml, Path::new("/etc/rayshift")).unwrap();
+    assert_eq!(config.shift_defaults.step_interval, Duration::from_secs(5));
+    assert_eq!(config.max_concurrent_shifts, 2);
+    let auto = config.shards[0].auto_shift.as_ref().unwrap();
+    assert_eq!(
+        (auto.step_percent, auto.step_interval),
+        (50, Duration::from_secs(5))
+    );
+    assert!((auto.max_error_rate - 0.02).abs() < 1e-12);
+    assert_eq!(config.shards[1].auto_shift, None);
+
+    let bad = "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 0}\nshift_defaults:\n  step_interval: soon\n  stepsize: 3\nmax_concurrent_shifts: 0\n";
+    let errors = Config::from_yaml(bad, Path::new("/")).unwrap_err().0;
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert!(
+        fields.contains(&"shift_defaults.step_interval"),
+        "{errors:?}"
+    );
+    assert!(fields.contains(&"shift_defaults.stepsize"), "{errors:?}");
+    assert!(
+        fields.contains(&"shards[0].auto_shift.step_percent"),
+        "{errors:?}"
+    );
+    assert!(fields.contains(&"max_concurrent_shifts"), "{errors:?}");
 }

@@ -14,7 +14,10 @@ use super::model::{
     AdminConfig, AppConfig, ClusterConfig, Config, ProbeConfig, ShardConfig, SplitKey,
     UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE, MAX_NAME_LEN,
 };
-use super::raw::{RawAdmin, RawApp, RawCluster, RawConfig, RawProbe, RawShard, RawUpstream, Text};
+use super::raw::{
+    RawAdmin, RawApp, RawCluster, RawConfig, RawPolicy, RawProbe, RawShard, RawUpstream, Text,
+};
+use crate::shift::ShiftPolicy;
 
 /// Message for a required key that is absent (or empty, `key: ~`).
 pub(crate) const MISSING: &str = "required key is missing";
@@ -239,6 +242,33 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let apps = apps(&mut p, raw.apps.as_deref().unwrap_or(&[]), &declared);
     let probe = probe(&mut p, raw.probe.as_ref());
     let upstream = upstream(&mut p, raw.upstream.as_ref());
+    let shift_defaults = match &raw.shift_defaults {
+        Some(keys) => policy(&mut p, "shift_defaults", &ShiftPolicy::default(), keys),
+        None => ShiftPolicy::default(),
+    };
+    let shards = shards
+        .into_iter()
+        .map(|(mut shard, i, auto)| {
+            if let Some(keys) = auto {
+                let field = format!("shards[{i}].auto_shift");
+                shard.auto_shift = Some(policy(&mut p, &field, &shift_defaults, keys));
+            }
+            shard
+        })
+        .collect();
+    let max_concurrent_shifts = match &raw.max_concurrent_shifts {
+        Some(text) => match text.as_str().trim().parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                p.push(
+                    "max_concurrent_shifts",
+                    format!("expected an integer >= 1, got {:?}", text.as_str()),
+                );
+                1
+            }
+        },
+        None => 1,
+    };
 
     if !p.0.is_empty() {
         return Err(ConfigErrors(p.0));
@@ -253,7 +283,20 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
         apps,
         probe,
         upstream,
+        shift_defaults,
+        max_concurrent_shifts,
     })
+}
+
+/// A policy: `base` with every key of `keys` applied; each bad key is reported as `field.key`.
+fn policy(p: &mut Problems, field: &str, base: &ShiftPolicy, keys: &RawPolicy) -> ShiftPolicy {
+    let mut policy = base.clone();
+    for (key, value) in keys {
+        if let Err(e) = policy.set(key, value.as_str()) {
+            p.push(format!("{field}.{key}"), e.message);
+        }
+    }
+    policy
 }
 
 fn admin(p: &mut Problems, raw: Option<&RawAdmin>, base_dir: &Path) -> AdminConfig {
@@ -273,7 +316,14 @@ fn admin(p: &mut Problems, raw: Option<&RawAdmin>, base_dir: &Path) -> AdminConf
 /// The declared shards, and the names clusters and apps may refer to. The latter holds every
 /// non-empty name as written, even invalid ones, so one bad shard name is reported once rather
 /// than again at every reference.
-fn shards(p: &mut Problems, raw: Option<&[RawShard]>) -> (Vec<ShardConfig>, Vec<String>) {
+#[allow(clippy::type_complexity)]
+fn shards<'a>(
+    p: &mut Problems,
+    raw: Option<&'a [RawShard]>,
+) -> (
+    Vec<(ShardConfig, usize, Option<&'a RawPolicy>)>,
+    Vec<String>,
+) {
     let raw = raw.unwrap_or(&[]);
     if raw.is_empty() {
         p.push(
@@ -286,12 +336,17 @@ fn shards(p: &mut Problems, raw: Option<&[RawShard]>) -> (Vec<ShardConfig>, Vec<
     let mut declared: Vec<String> = Vec::new();
     let mut first_at: HashMap<String, usize> = HashMap::new();
     for (i, entry) in raw.iter().enumerate() {
-        let (name_field, name, weight) = match entry {
-            RawShard::Name(name) => (format!("shards[{i}]"), Some(name.as_str()), None),
+        let (name_field, name, weight, auto) = match entry {
+            RawShard::Name(name) => (format!("shards[{i}]"), Some(name.as_str()), None, None),
             RawShard::Entry(entry) => {
                 let field = format!("shards[{i}].name");
                 let name = p.required(&field, entry.name.as_ref());
-                (field, name, entry.weight.as_ref())
+                (
+                    field,
+                    name,
+                    entry.weight.as_ref(),
+                    entry.auto_shift.as_ref(),
+                )
             }
         };
         let weight = match weight {
@@ -312,10 +367,12 @@ fn shards(p: &mut Problems, raw: Option<&[RawShard]>) -> (Vec<ShardConfig>, Vec<
             declared.push(name.to_owned());
         }
         if let (true, Some(weight)) = (name_ok, weight) {
-            shards.push(ShardConfig {
+            let shard = ShardConfig {
                 name: name.to_owned(),
                 weight,
-            });
+                auto_shift: None,
+            };
+            shards.push((shard, i, auto));
         }
     }
     (shards, declared)

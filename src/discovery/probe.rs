@@ -32,8 +32,35 @@ pub struct ProbeReport {
     pub healthy: bool,
     /// `/-/routes` as `route_prefix -> app name`; `None` when not populated or unreachable.
     pub routes: Option<BTreeMap<String, String>>,
+    /// Application statuses from the Ray dashboard (`RUNNING`, `DEPLOYING`, ...), when the cluster
+    /// has a `dashboard_url` and it answered.
+    pub app_status: Option<BTreeMap<String, String>>,
     /// Why the cluster is not ready (empty when it is).
     pub detail: String,
+}
+
+/// Where a cluster's endpoints are.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    /// Scheme of the Serve HTTP proxy.
+    pub scheme: Scheme,
+    /// `host:port` of the Serve HTTP proxy.
+    pub authority: Authority,
+    /// Scheme and `host:port` of the Ray dashboard, if configured.
+    pub dashboard: Option<(Scheme, Authority)>,
+}
+
+/// `GET /api/serve/applications/` of the Ray dashboard (the part rayshift reads).
+#[derive(serde::Deserialize)]
+struct DashboardApps {
+    #[serde(default)]
+    applications: BTreeMap<String, DashboardApp>,
+}
+
+#[derive(serde::Deserialize)]
+struct DashboardApp {
+    #[serde(default)]
+    status: String,
 }
 
 impl ProbeReport {
@@ -70,12 +97,8 @@ impl Prober {
     }
 
     /// Probes the cluster once.
-    pub async fn probe(
-        &self,
-        cluster: &Arc<str>,
-        scheme: &Scheme,
-        authority: &Authority,
-    ) -> ProbeReport {
+    pub async fn probe(&self, cluster: &Arc<str>, target: &ProbeTarget) -> ProbeReport {
+        let (scheme, authority) = (&target.scheme, &target.authority);
         let healthz = self.get(scheme, authority, "/-/healthz").await;
         let (healthy, mut detail) = match &healthz {
             Ok((StatusCode::OK, _)) => (true, String::new()),
@@ -113,10 +136,44 @@ impl Prober {
                 None
             }
         };
+        let app_status = match &target.dashboard {
+            None => None,
+            Some((scheme, authority)) => match self
+                .get(scheme, authority, "/api/serve/applications/")
+                .await
+            {
+                Ok((StatusCode::OK, body)) => {
+                    match serde_json::from_slice::<DashboardApps>(&body) {
+                        Ok(apps) => Some(
+                            apps.applications
+                                .into_iter()
+                                .map(|(name, app)| (name, app.status))
+                                .collect(),
+                        ),
+                        Err(e) => {
+                            append(
+                                &mut detail,
+                                format!("dashboard applications unreadable: {e}"),
+                            );
+                            None
+                        }
+                    }
+                }
+                Ok((status, _)) => {
+                    append(&mut detail, format!("dashboard answered {status}"));
+                    None
+                }
+                Err(e) => {
+                    append(&mut detail, format!("dashboard failed: {e}"));
+                    None
+                }
+            },
+        };
         let report = ProbeReport {
             cluster: Arc::clone(cluster),
             healthy,
             routes,
+            app_status,
             detail,
         };
         let result = if report.ready() { "ready" } else { "not_ready" };
@@ -166,8 +223,7 @@ impl Prober {
     pub fn spawn(
         &self,
         cluster: Arc<str>,
-        scheme: Scheme,
-        authority: Authority,
+        target: ProbeTarget,
         reports: mpsc::UnboundedSender<ProbeReport>,
     ) -> JoinHandle<()> {
         let prober = self.clone();
@@ -177,7 +233,7 @@ impl Prober {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let report = prober.probe(&cluster, &scheme, &authority).await;
+                let report = prober.probe(&cluster, &target).await;
                 if last.as_ref() != Some(&report) {
                     if report.ready() {
                         tracing::info!(cluster = %cluster, "cluster ready");

@@ -1,0 +1,431 @@
+//! The desired state: weights, probe results and publication of routing snapshots.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use super::{ClusterEntry, Command, ControlError, Desired};
+use crate::discovery::probe::ProbeReport;
+use crate::routing::{AppSpec, ClusterSpec, RoutingTable, ShardSpec, TableSpec};
+use crate::shift::{Phase, ShardProgress};
+use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
+use crate::state::{State, StateError};
+use crate::telemetry;
+
+impl Desired {
+    pub(super) async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::SetWeights {
+                shard,
+                weights,
+                reply,
+            } => {
+                let result = self.set_weights(&shard, weights).await;
+                let _ = reply.send(result);
+            }
+            Command::StartShift {
+                shard,
+                request,
+                reply,
+            } => {
+                let result = self.start_shift(&shard, request).await;
+                let _ = reply.send(result);
+            }
+            Command::ControlShift {
+                shard,
+                action,
+                reply,
+            } => {
+                let result = self.control_shift(&shard, action).await;
+                let _ = reply.send(result);
+            }
+            Command::StartRollout {
+                revision,
+                max_concurrent,
+                policy,
+                reply,
+            } => {
+                let result = self.start_rollout(revision, max_concurrent, policy).await;
+                let _ = reply.send(result);
+            }
+            Command::ControlRollout { id, action, reply } => {
+                let result = self.control_rollout(id, action).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    pub(super) fn apply_probe(&mut self, report: ProbeReport) {
+        if let Some(entry) = self
+            .clusters
+            .iter_mut()
+            .find(|c| c.cluster.name == report.cluster)
+        {
+            if let Some(routes) = &report.routes {
+                entry.last_routes.clone_from(routes);
+            }
+            entry.probe = Some(report);
+        }
+    }
+
+    /// Validates, persists, then publishes new weights for `shard`.
+    async fn set_weights(
+        &mut self,
+        shard: &str,
+        weights: BTreeMap<String, u64>,
+    ) -> Result<(), ControlError> {
+        if self.config.shard_index(shard).is_none() {
+            return Err(ControlError::UnknownShard(shard.to_string()));
+        }
+        self.ensure_no_shift(shard)?;
+        if weights.is_empty() {
+            return Err(ControlError::NoWeights);
+        }
+        let known = || {
+            self.clusters
+                .iter()
+                .filter(|c| c.config.shard == shard)
+                .map(|c| c.config.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut sum = 0u64;
+        for (name, &weight) in &weights {
+            match self.clusters.iter().find(|c| &c.config.name == name) {
+                None => {
+                    return Err(ControlError::UnknownCluster {
+                        cluster: name.clone(),
+                        shard: shard.to_string(),
+                        known: known(),
+                    })
+                }
+                Some(c) if c.config.shard != shard => {
+                    return Err(ControlError::WrongShard {
+                        cluster: name.clone(),
+                        shard: shard.to_string(),
+                        actual: c.config.shard.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+            if weight > 100 {
+                return Err(ControlError::WeightRange {
+                    cluster: name.clone(),
+                    weight,
+                });
+            }
+            sum += weight;
+        }
+        if sum != 100 {
+            return Err(ControlError::WeightSum(sum));
+        }
+        let mut next = self.state.clone();
+        next.shards.entry(shard.to_string()).or_default().weights = weights
+            .into_iter()
+            .map(|(name, w)| (name, w as u32))
+            .collect();
+        self.persist(&next).await?;
+        self.state = next;
+        self.publish();
+        Ok(())
+    }
+
+    /// Writes `next` to the state file off the async runtime.
+    pub(super) async fn persist(&self, next: &State) -> Result<(), StateError> {
+        let store = self.store.clone();
+        let next = next.clone();
+        match tokio::task::spawn_blocking(move || store.save(&next)).await {
+            Ok(result) => result,
+            Err(e) => Err(StateError::Write {
+                path: self.store.path().to_path_buf(),
+                source: std::io::Error::other(e),
+            }),
+        }
+    }
+
+    /// Effective weights of a shard's clusters: stored weights, else the config's, else an equal split.
+    pub(super) fn shard_weights(&self, shard: &str) -> BTreeMap<&str, u32> {
+        let members: Vec<&ClusterEntry> = self
+            .clusters
+            .iter()
+            .filter(|c| c.config.shard == shard)
+            .collect();
+        if let Some(stored) = self.state.shards.get(shard) {
+            let known: BTreeMap<&str, u32> = members
+                .iter()
+                .map(|c| {
+                    let name = c.config.name.as_str();
+                    (name, stored.weights.get(name).copied().unwrap_or(0))
+                })
+                .collect();
+            if known.values().any(|w| *w > 0) {
+                return known;
+            }
+        }
+        if !members.is_empty() && members.iter().all(|c| c.config.weight.is_some()) {
+            return members
+                .iter()
+                .map(|c| (c.config.name.as_str(), c.config.weight.unwrap_or(0)))
+                .collect();
+        }
+        let n = members.len() as u32;
+        members
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let share = 100 / n + u32::from((i as u32) < 100 % n);
+                (c.config.name.as_str(), share)
+            })
+            .collect()
+    }
+
+    /// Builds a snapshot from the desired state and swaps it in.
+    pub(super) fn publish(&mut self) {
+        let (spec, placements) = self.table_spec();
+        let table = match RoutingTable::build(&spec) {
+            Ok(table) => table,
+            Err(e) => {
+                // The spec is deduplicated above, so this is a bug; keep serving the last table.
+                tracing::error!(error = %e, "routing table rejected; keeping the previous one");
+                return;
+            }
+        };
+        self.version += 1;
+        let views: Vec<ClusterView> = self
+            .clusters
+            .iter()
+            .zip(&spec.clusters)
+            .map(|(entry, spec)| ClusterView {
+                weight: spec.weight,
+                ready: spec.ready,
+                draining: spec.draining,
+                drain: self.drain_of(&entry.config.shard, &entry.config.name, spec.weight),
+                detail: match &entry.probe {
+                    None => "not probed yet".to_string(),
+                    Some(p) => p.detail.clone(),
+                },
+                apps: spec.apps.clone(),
+            })
+            .collect();
+        for (entry, view) in self.clusters.iter().zip(&views) {
+            let labels = [
+                ("shard", entry.config.shard.clone()),
+                ("cluster", entry.config.name.clone()),
+            ];
+            metrics::gauge!(telemetry::CLUSTER_WEIGHT, &labels).set(f64::from(view.weight));
+            metrics::gauge!(telemetry::CLUSTER_READY, &labels).set(if view.ready {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        for (i, shard) in self.config.shards.iter().enumerate() {
+            let n = table
+                .apps()
+                .iter()
+                .filter(|a| a.shard as usize == i)
+                .count();
+            metrics::gauge!(telemetry::APPS, "shard" => shard.name.clone()).set(n as f64);
+        }
+        self.shift_metrics();
+        metrics::counter!(telemetry::ROUTING_TABLE_UPDATES_TOTAL).increment(1);
+        self.table.store(Arc::new(Snapshot {
+            version: self.version,
+            table,
+            clusters: self
+                .clusters
+                .iter()
+                .map(|c| Arc::clone(&c.cluster))
+                .collect(),
+            views,
+            placements,
+            shifts: self
+                .state
+                .shards
+                .iter()
+                .filter_map(|(name, s)| Some((name.clone(), s.shift.clone()?)))
+                .collect(),
+            rollout: self.state.rollout.clone(),
+        }));
+    }
+
+    /// The routing spec: declared shards, clusters in split order, config apps then discovered ones.
+    fn table_spec(&mut self) -> (TableSpec, Vec<AppPlacement>) {
+        let shards = self
+            .config
+            .shards
+            .iter()
+            .map(|s| ShardSpec {
+                name: s.name.clone(),
+                weight: s.weight,
+            })
+            .collect();
+        let mut clusters = Vec::with_capacity(self.clusters.len());
+        for entry in &self.clusters {
+            let weights = self.shard_weights(&entry.config.shard);
+            let weight = weights
+                .get(entry.config.name.as_str())
+                .copied()
+                .unwrap_or(0);
+            let ready = entry.probe.as_ref().is_some_and(ProbeReport::ready);
+            let draining = self
+                .drain_of(&entry.config.shard, &entry.config.name, weight)
+                .is_some();
+            clusters.push(ClusterSpec {
+                name: entry.config.name.clone(),
+                shard: self.config.shard_index(&entry.config.shard).unwrap_or(0) as u32,
+                weight,
+                ready,
+                draining,
+                apps: entry.last_routes.values().cloned().collect(),
+            });
+        }
+        let mut apps: Vec<AppSpec> = self
+            .config
+            .apps
+            .iter()
+            .map(|a| AppSpec {
+                name: a.name.clone(),
+                route_prefix: a.route_prefix.clone(),
+                pinned_shard: a
+                    .shard
+                    .as_deref()
+                    .and_then(|s| self.config.shard_index(s))
+                    .map(|i| i as u32),
+            })
+            .collect();
+        let mut sources: Vec<AppPlacement> = apps
+            .iter()
+            .map(|a| {
+                if a.pinned_shard.is_some() {
+                    AppPlacement::Pinned
+                } else {
+                    AppPlacement::Hash
+                }
+            })
+            .collect();
+        let mut names: HashSet<String> = apps.iter().map(|a| a.name.clone()).collect();
+        let mut prefixes: BTreeMap<String, String> = apps
+            .iter()
+            .map(|a| (a.route_prefix.clone(), a.name.clone()))
+            .collect();
+        let discovered: Vec<(String, String, String)> = self
+            .clusters
+            .iter()
+            .flat_map(|e| {
+                e.last_routes
+                    .iter()
+                    .map(|(prefix, app)| (e.config.name.clone(), prefix.clone(), app.clone()))
+            })
+            .collect();
+        for (cluster, prefix, app) in &discovered {
+            if names.contains(app) {
+                continue;
+            }
+            if let Some(owner) = prefixes.get(prefix) {
+                let key = format!("{prefix}\0{app}\0{owner}");
+                if self.warned.insert(key) {
+                    tracing::warn!(
+                        %cluster, %prefix, %app, %owner,
+                        "route prefix already belongs to another application; ignoring this one"
+                    );
+                }
+                continue;
+            }
+            names.insert(app.clone());
+            prefixes.insert(prefix.clone(), app.clone());
+            let (pinned_shard, source) = self.discovered_placement(app, &clusters);
+            apps.push(AppSpec {
+                name: app.clone(),
+                route_prefix: prefix.clone(),
+                pinned_shard,
+            });
+            sources.push(source);
+        }
+        (
+            TableSpec {
+                shards,
+                clusters,
+                apps,
+            },
+            sources,
+        )
+    }
+
+    /// Where a discovered (not configured) app goes: its hash shard, unless no cluster of that shard
+    /// serves it while a cluster of another shard does. Then traffic follows the deployment (the app
+    /// is reachable) and the mismatch is reported once, so the operator can move the app.
+    fn discovered_placement(
+        &mut self,
+        app: &str,
+        clusters: &[ClusterSpec],
+    ) -> (Option<u32>, AppPlacement) {
+        let Some(hashed) = self.placement.place(app) else {
+            return (None, AppPlacement::Hash);
+        };
+        let serves = |shard: u32| {
+            clusters
+                .iter()
+                .any(|c| c.shard == shard && c.apps.iter().any(|a| a == app))
+        };
+        if serves(hashed) {
+            return (None, AppPlacement::Hash);
+        }
+        let Some(found) = clusters
+            .iter()
+            .find(|c| c.apps.iter().any(|a| a == app))
+            .map(|c| c.shard)
+        else {
+            return (None, AppPlacement::Hash);
+        };
+        let hashed_name = self.placement.name(hashed).to_string();
+        let found_name = self.placement.name(found).to_string();
+        if self
+            .warned
+            .insert(format!("placement\0{app}\0{found_name}"))
+        {
+            tracing::warn!(
+                %app, deployed_on = %found_name, hashes_to = %hashed_name,
+                "application is deployed on another shard than its placement; routing to where it is deployed"
+            );
+        }
+        (Some(found), AppPlacement::Deployed)
+    }
+}
+
+impl Desired {
+    /// Whether a cluster is draining or drained: it was an old cluster of its shard's promoted
+    /// shift and nobody gave it weight since.
+    pub(super) fn drain_of(&self, shard: &str, cluster: &str, weight: u32) -> Option<Drain> {
+        let shift = self.state.shards.get(shard)?.shift.as_ref()?;
+        if weight > 0 || !shift.draining_clusters().iter().any(|c| c == cluster) {
+            return None;
+        }
+        Some(match shift.phase {
+            Phase::Draining => Drain::Draining,
+            _ => Drain::Drained,
+        })
+    }
+
+    /// Shift, rollout and their gauges.
+    fn shift_metrics(&self) {
+        for shard in &self.config.shards {
+            let shift = self
+                .state
+                .shards
+                .get(&shard.name)
+                .and_then(|s| s.shift.as_ref());
+            let current = shift.map_or("idle", |s| s.phase.as_str());
+            for state in std::iter::once("idle").chain(Phase::ALL.iter().map(|p| p.as_str())) {
+                metrics::gauge!(telemetry::SHIFT_STATE, "shard" => shard.name.clone(), "state" => state)
+                    .set(f64::from(u8::from(state == current)));
+            }
+            let target = shift.map_or(0, |s| s.target_weight);
+            metrics::gauge!(telemetry::SHIFT_TARGET_WEIGHT, "shard" => shard.name.clone())
+                .set(f64::from(target));
+        }
+        for state in ShardProgress::ALL {
+            let n = self.state.rollout.as_ref().map_or(0, |r| r.count(state));
+            metrics::gauge!(telemetry::ROLLOUT_SHARDS, "state" => state.as_str()).set(n as f64);
+        }
+    }
+}

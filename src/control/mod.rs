@@ -1,0 +1,509 @@
+//! The control plane's single owner task: it holds the desired state and publishes routing snapshots.
+//!
+//! Only this task writes the [`Snapshot`] behind the `ArcSwap`. Everything else talks to it through a
+//! [`ControlHandle`]: the admin API sends commands (and waits for the reply), probes send reports.
+//! Every change that must survive a restart is written to the state file *before* it is published.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, Scheme};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::config::{ClusterConfig, Config};
+use crate::discovery::probe::{ProbeReport, ProbeTarget, Prober};
+use crate::routing::Placement;
+use crate::shift::machine::InvalidTransition;
+use crate::shift::policy::PolicyError;
+use crate::shift::{Rollout, Shift, ShiftPolicy, Target};
+use crate::snapshot::Snapshot;
+use crate::state::{State, StateError, StateStore};
+
+/// Why the control plane refused or failed a change. Client mistakes map to 4xx, the rest to 5xx.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The shard is not declared in the config.
+    #[error("unknown shard \"{0}\"")]
+    UnknownShard(String),
+    /// The cluster is not known to the gateway.
+    #[error("unknown cluster \"{cluster}\" (clusters of shard \"{shard}\": {known})")]
+    UnknownCluster {
+        /// The cluster named in the request.
+        cluster: String,
+        /// The shard the request was for.
+        shard: String,
+        /// The shard's clusters, comma separated.
+        known: String,
+    },
+    /// The cluster exists but serves another shard.
+    #[error("cluster \"{cluster}\" belongs to shard \"{actual}\", not \"{shard}\"")]
+    WrongShard {
+        /// The cluster named in the request.
+        cluster: String,
+        /// The shard the request was for.
+        shard: String,
+        /// The shard the cluster belongs to.
+        actual: String,
+    },
+    /// A weight outside 0-100.
+    #[error("weight of cluster \"{cluster}\" is {weight}, expected an integer 0-100")]
+    WeightRange {
+        /// The cluster.
+        cluster: String,
+        /// The offending weight.
+        weight: u64,
+    },
+    /// Weights that do not add up to 100.
+    #[error("weights sum to {0}, expected 100")]
+    WeightSum(u64),
+    /// No weights given.
+    #[error("no weights given")]
+    NoWeights,
+    /// The shard has a shift in progress (its weights belong to the shift).
+    #[error("shard \"{0}\" has a shift in progress; pause, promote or abort it first")]
+    ShiftRunning(String),
+    /// The shard is waiting in an active rollout.
+    #[error("shard \"{shard}\" is part of rollout {rollout}; pause or abort the rollout first")]
+    InRollout {
+        /// The shard.
+        shard: String,
+        /// The rollout id.
+        rollout: u64,
+    },
+    /// The shard has no shift to control.
+    #[error("shard \"{0}\" has no shift")]
+    NoShift(String),
+    /// The control does not apply in the shift's (or rollout's) current phase.
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+    /// A shift or rollout request that makes no sense (no target, nothing to move, ...).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A policy key with a bad value.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A rollout is already running.
+    #[error("rollout {0} is still active; pause, abort or let it finish first")]
+    RolloutRunning(u64),
+    /// There is no rollout to control.
+    #[error("no rollout {0}")]
+    NoRollout(String),
+    /// The change could not be written to the state file, so it was not applied.
+    #[error("state not changed: {0}")]
+    Persist(#[from] StateError),
+    /// The control task is gone (the gateway is shutting down).
+    #[error("the gateway is shutting down")]
+    Stopped,
+}
+
+impl ControlError {
+    /// True when the request was at fault (answer 4xx), false for the gateway's own failures (5xx).
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, ControlError::Persist(_) | ControlError::Stopped)
+    }
+
+    /// The HTTP status the admin API answers with.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            ControlError::UnknownShard(_)
+            | ControlError::NoShift(_)
+            | ControlError::NoRollout(_) => StatusCode::NOT_FOUND,
+            ControlError::ShiftRunning(_)
+            | ControlError::InRollout { .. }
+            | ControlError::Transition(_)
+            | ControlError::RolloutRunning(_) => StatusCode::CONFLICT,
+            ControlError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// What a shift request asks for.
+#[derive(Debug, Clone)]
+pub struct ShiftRequest {
+    /// The target: one cluster or a revision.
+    pub target: Target,
+    /// The policy (defaults already applied).
+    pub policy: ShiftPolicy,
+}
+
+/// An operator control of a shift or rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Hold at the current weights.
+    Pause,
+    /// Go on.
+    Resume,
+    /// Go to 100% now (shifts only).
+    Promote,
+    /// Put the weights back.
+    Abort,
+}
+
+impl Action {
+    /// Parses `pause`, `resume`, `promote`, `abort`.
+    pub fn parse(s: &str) -> Option<Action> {
+        Some(match s {
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            "promote" => Action::Promote,
+            "abort" => Action::Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// Requests to the control task.
+#[derive(Debug)]
+enum Command {
+    /// Replace a shard's weights.
+    SetWeights {
+        shard: String,
+        weights: BTreeMap<String, u64>,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    /// Start a shift of a shard.
+    StartShift {
+        shard: String,
+        request: ShiftRequest,
+        reply: oneshot::Sender<Result<Shift, ControlError>>,
+    },
+    /// Pause, resume, promote or abort a shard's shift.
+    ControlShift {
+        shard: String,
+        action: Action,
+        reply: oneshot::Sender<Result<Shift, ControlError>>,
+    },
+    /// Start a fleet rollout.
+    StartRollout {
+        revision: String,
+        max_concurrent: usize,
+        policy: ShiftPolicy,
+        reply: oneshot::Sender<Result<Rollout, ControlError>>,
+    },
+    /// Pause, resume or abort the active rollout (`id` None: the current one).
+    ControlRollout {
+        id: Option<u64>,
+        action: Action,
+        reply: oneshot::Sender<Result<Rollout, ControlError>>,
+    },
+}
+
+/// A cheap, cloneable handle to the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlHandle {
+    commands: mpsc::Sender<Command>,
+    table: Arc<ArcSwap<Snapshot>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl ControlHandle {
+    /// The shared snapshot cell the request path loads from.
+    pub fn table(&self) -> &Arc<ArcSwap<Snapshot>> {
+        &self.table
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.table.load_full()
+    }
+
+    /// True once the first snapshot with probe results has been published.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until [`is_ready`](Self::is_ready).
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// Sends a command and waits for its reply.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, ControlError>>) -> Command,
+    ) -> Result<T, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// Sets a shard's weights; on success they are in the state file and published.
+    pub async fn set_weights(
+        &self,
+        shard: &str,
+        weights: BTreeMap<String, u64>,
+    ) -> Result<(), ControlError> {
+        let shard = shard.to_string();
+        self.ask(|reply| Command::SetWeights {
+            shard,
+            weights,
+            reply,
+        })
+        .await
+    }
+
+    /// Starts a shift; on success it is in the state file and returned.
+    pub async fn start_shift(
+        &self,
+        shard: &str,
+        request: ShiftRequest,
+    ) -> Result<Shift, ControlError> {
+        let shard = shard.to_string();
+        self.ask(|reply| Command::StartShift {
+            shard,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    /// Pauses, resumes, promotes or aborts a shard's shift.
+    pub async fn control_shift(&self, shard: &str, action: Action) -> Result<Shift, ControlError> {
+        let shard = shard.to_string();
+        self.ask(|reply| Command::ControlShift {
+            shard,
+            action,
+            reply,
+        })
+        .await
+    }
+
+    /// Starts a fleet rollout of `revision`.
+    pub async fn start_rollout(
+        &self,
+        revision: String,
+        max_concurrent: usize,
+        policy: ShiftPolicy,
+    ) -> Result<Rollout, ControlError> {
+        self.ask(|reply| Command::StartRollout {
+            revision,
+            max_concurrent,
+            policy,
+            reply,
+        })
+        .await
+    }
+
+    /// Pauses, resumes or aborts a rollout.
+    pub async fn control_rollout(
+        &self,
+        id: Option<u64>,
+        action: Action,
+    ) -> Result<Rollout, ControlError> {
+        self.ask(|reply| Command::ControlRollout { id, action, reply })
+            .await
+    }
+}
+
+/// How often shifts are advanced (gates, analysis windows, drains are checked).
+const SHIFT_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A cluster the control plane manages.
+struct ClusterEntry {
+    config: ClusterConfig,
+    cluster: Arc<Cluster>,
+    /// Latest probe result (None before the first).
+    probe: Option<ProbeReport>,
+    /// Routes of the last probe that had them, kept while the cluster is down so its apps stay known.
+    last_routes: BTreeMap<String, String>,
+    prober: JoinHandle<()>,
+}
+
+impl Drop for ClusterEntry {
+    fn drop(&mut self) {
+        self.prober.abort();
+    }
+}
+
+/// The desired state, owned by the control task.
+struct Desired {
+    config: Arc<Config>,
+    /// Sorted by (shard, revision, name): the split order, oldest revision first.
+    clusters: Vec<ClusterEntry>,
+    state: State,
+    store: StateStore,
+    table: Arc<ArcSwap<Snapshot>>,
+    version: u64,
+    /// Route conflicts already logged, so a rebuild does not repeat them.
+    warned: HashSet<String>,
+    /// App name -> shard by the consistent hash over the declared shards.
+    placement: Placement,
+}
+
+/// Errors starting the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state file could not be loaded.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A cluster's `serve_url` could not be turned into an upstream address.
+    #[error("cluster \"{cluster}\": serve_url {url} has no usable host:port")]
+    BadUrl {
+        /// The cluster.
+        cluster: String,
+        /// Its URL.
+        url: String,
+    },
+}
+
+/// Loads the state file, starts probes of every configured cluster and the owner task.
+pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
+    let store = StateStore::new(&config.state_file);
+    let state = store.load()?.unwrap_or_else(State::new);
+    let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+    let prober = Prober::new(config.probe.interval, config.probe.timeout);
+    let mut clusters = Vec::with_capacity(config.clusters.len());
+    for c in &config.clusters {
+        let (scheme, authority) =
+            upstream_address(&c.serve_url).ok_or_else(|| StartError::BadUrl {
+                cluster: c.name.clone(),
+                url: c.serve_url.to_string(),
+            })?;
+        let cluster = Arc::new(Cluster::new(
+            &c.name,
+            &c.shard,
+            &c.revision,
+            scheme.clone(),
+            authority.clone(),
+        ));
+        let dashboard = match &c.dashboard_url {
+            Some(url) => Some(upstream_address(url).ok_or_else(|| StartError::BadUrl {
+                cluster: c.name.clone(),
+                url: url.to_string(),
+            })?),
+            None => None,
+        };
+        let target = ProbeTarget {
+            scheme,
+            authority,
+            dashboard,
+        };
+        let handle = prober.spawn(Arc::clone(&cluster.name), target, probe_tx.clone());
+        clusters.push(ClusterEntry {
+            config: c.clone(),
+            cluster,
+            probe: None,
+            last_routes: BTreeMap::new(),
+            prober: handle,
+        });
+    }
+    let shard_pos = |s: &str| config.shard_index(s).unwrap_or(usize::MAX);
+    clusters.sort_by(|a, b| {
+        shard_pos(&a.config.shard)
+            .cmp(&shard_pos(&b.config.shard))
+            .then_with(|| natural_cmp(&a.config.revision, &b.config.revision))
+            .then_with(|| a.config.name.cmp(&b.config.name))
+    });
+    let table = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
+    let (commands, command_rx) = mpsc::channel(64);
+    let (ready_tx, ready) = watch::channel(false);
+    let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
+    let desired = Desired {
+        config,
+        clusters,
+        state,
+        store,
+        table: Arc::clone(&table),
+        version: 0,
+        warned: HashSet::new(),
+        placement,
+    };
+    tokio::spawn(run(desired, command_rx, probe_rx, ready_tx));
+    Ok(ControlHandle {
+        commands,
+        table,
+        ready,
+    })
+}
+
+/// Scheme and `host:port` of a Serve URL.
+pub(crate) fn upstream_address(url: &url::Url) -> Option<(Scheme, Authority)> {
+    let scheme = match url.scheme() {
+        "http" => Scheme::HTTP,
+        "https" => Scheme::HTTPS,
+        _ => return None,
+    };
+    let host = url.host_str()?;
+    let port = url.port_or_known_default()?;
+    let authority = Authority::try_from(format!("{host}:{port}")).ok()?;
+    Some((scheme, authority))
+}
+
+/// The owner loop: apply commands and probe reports, publish after each change.
+async fn run(
+    mut desired: Desired,
+    mut commands: mpsc::Receiver<Command>,
+    mut probes: mpsc::UnboundedReceiver<ProbeReport>,
+    ready: watch::Sender<bool>,
+) {
+    desired.publish();
+    // Ready once every cluster has been probed once, or after a bounded wait for slow ones.
+    let first_round = desired.config.probe.timeout * 2 + std::time::Duration::from_millis(200);
+    let deadline = tokio::time::sleep(first_round);
+    tokio::pin!(deadline);
+    let mut announced = desired.clusters.is_empty();
+    if announced {
+        let _ = ready.send(true);
+    }
+    // Shifts, rollouts and automatic shifts advance on this clock.
+    let mut tick = tokio::time::interval(SHIFT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => desired.tick().await,
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => desired.handle(cmd).await,
+                None => return,
+            },
+            report = probes.recv() => {
+                let Some(report) = report else { return };
+                desired.apply_probe(report);
+                // Coalesce a burst of reports into one publication.
+                while let Ok(report) = probes.try_recv() {
+                    desired.apply_probe(report);
+                }
+                desired.publish();
+                if !announced && desired.clusters.iter().all(|c| c.probe.is_some()) {
+                    announced = true;
+                    let _ = ready.send(true);
+                }
+            }
+            () = &mut deadline, if !announced => {
+                announced = true;
+                tracing::warn!("not every cluster answered its first probe in time; serving with what is known");
+                let _ = ready.send(true);
+            }
+        }
+    }
+}
+
+mod desired;
+mod revision;
+mod shifts;
+
+pub use revision::natural_cmp;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_address_of_urls() {
+        let (s, a) = upstream_address(&"http://127.0.0.1:8101".parse().unwrap()).unwrap();
+        assert_eq!((s.as_str(), a.as_str()), ("http", "127.0.0.1:8101"));
+        let (_, a) = upstream_address(&"http://[::1]:8000/".parse().unwrap()).unwrap();
+        assert_eq!(a.as_str(), "[::1]:8000");
+        let (s, a) = upstream_address(&"https://serve.example".parse().unwrap()).unwrap();
+        assert_eq!((s.as_str(), a.as_str()), ("https", "serve.example:443"));
+    }
+}

@@ -1,0 +1,599 @@
+//! Shifts, rollouts and automatic shifts, as the control task drives them.
+//!
+//! Every change goes the same way: compute the next [`State`], write it to the state file, and only
+//! then make it current and publish the routing snapshot it implies.
+
+use std::collections::BTreeMap;
+
+use tokio::time::Instant;
+
+use super::{natural_cmp, Action, ControlError, Desired, ShiftRequest};
+use crate::discovery::probe::ProbeReport;
+use crate::shift::machine::{Event, Observation};
+use crate::shift::{Phase, Rollout, RolloutPhase, ShardProgress, Shift, ShiftPolicy, Target};
+use crate::state::State;
+use crate::stats::StatsSnapshot;
+use crate::telemetry;
+
+impl Desired {
+    /// Refuses a change to a shard whose weights a shift or rollout owns.
+    pub(super) fn ensure_no_shift(&self, shard: &str) -> Result<(), ControlError> {
+        let shift = self.state.shards.get(shard).and_then(|s| s.shift.as_ref());
+        if shift.is_some_and(|s| s.phase.is_active()) {
+            return Err(ControlError::ShiftRunning(shard.to_string()));
+        }
+        if let Some(rollout) = self.state.rollout.as_ref().filter(|r| r.phase.is_active()) {
+            if rollout.shards.iter().any(|s| {
+                s.shard == shard
+                    && matches!(s.state, ShardProgress::Waiting | ShardProgress::Shifting)
+            }) {
+                return Err(ControlError::InRollout {
+                    shard: shard.to_string(),
+                    rollout: rollout.id,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `next`, then makes it current and publishes it.
+    async fn commit(&mut self, next: State) -> Result<(), ControlError> {
+        self.persist(&next).await?;
+        self.state = next;
+        self.publish();
+        Ok(())
+    }
+
+    /// Builds a shift of `shard` towards `target` (validated against the current clusters).
+    fn new_shift(
+        &self,
+        shard: &str,
+        target: Target,
+        policy: ShiftPolicy,
+    ) -> Result<Shift, ControlError> {
+        if self.config.shard_index(shard).is_none() {
+            return Err(ControlError::UnknownShard(shard.to_string()));
+        }
+        let members: Vec<_> = self
+            .clusters
+            .iter()
+            .filter(|c| c.config.shard == shard)
+            .collect();
+        let target_clusters: Vec<String> = match &target {
+            Target::Cluster(name) => match self.clusters.iter().find(|c| &c.config.name == name) {
+                None => {
+                    return Err(ControlError::UnknownCluster {
+                        cluster: name.clone(),
+                        shard: shard.to_string(),
+                        known: members
+                            .iter()
+                            .map(|c| c.config.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                }
+                Some(c) if c.config.shard != shard => {
+                    return Err(ControlError::WrongShard {
+                        cluster: name.clone(),
+                        shard: shard.to_string(),
+                        actual: c.config.shard.clone(),
+                    })
+                }
+                Some(_) => vec![name.clone()],
+            },
+            Target::Revision(revision) => {
+                let of_revision: Vec<_> = members
+                    .iter()
+                    .filter(|c| &c.config.revision == revision)
+                    .collect();
+                if of_revision.is_empty() {
+                    return Err(ControlError::BadRequest(format!(
+                        "no cluster of revision \"{revision}\" in shard \"{shard}\""
+                    )));
+                }
+                // The ready ones share the weight; if none is ready yet, all of them (the shift
+                // then waits for them up to ready_timeout).
+                let ready: Vec<String> = of_revision
+                    .iter()
+                    .filter(|c| c.probe.as_ref().is_some_and(ProbeReport::ready))
+                    .map(|c| c.config.name.clone())
+                    .collect();
+                if ready.is_empty() {
+                    of_revision.iter().map(|c| c.config.name.clone()).collect()
+                } else {
+                    ready
+                }
+            }
+        };
+        let start_weights: BTreeMap<String, u32> = self
+            .shard_weights(shard)
+            .into_iter()
+            .map(|(name, w)| (name.to_string(), w))
+            .collect();
+        let shift = Shift::new(target, target_clusters, policy, start_weights);
+        if shift.old_clusters.is_empty() || shift.target_weight >= 100 {
+            return Err(ControlError::BadRequest(format!(
+                "nothing to shift: {} already has all of shard \"{shard}\"'s traffic",
+                shift.target_clusters.join(", ")
+            )));
+        }
+        Ok(shift)
+    }
+
+    /// `POST /v1/shards/{shard}/shift`.
+    pub(super) async fn start_shift(
+        &mut self,
+        shard: &str,
+        request: ShiftRequest,
+    ) -> Result<Shift, ControlError> {
+        if self.config.shard_index(shard).is_none() {
+            return Err(ControlError::UnknownShard(shard.to_string()));
+        }
+        self.ensure_no_shift(shard)?;
+        let shift = self.new_shift(shard, request.target, request.policy)?;
+        let mut next = self.state.clone();
+        let entry = next.shards.entry(shard.to_string()).or_default();
+        entry.weights = shift.weights();
+        entry.shift = Some(shift.clone());
+        self.commit(next).await?;
+        tracing::info!(
+            %shard, target = ?shift.target, clusters = ?shift.target_clusters,
+            step_percent = shift.policy.step_percent, "shift started"
+        );
+        Ok(shift)
+    }
+
+    /// Pause, resume, promote or abort a shard's shift.
+    pub(super) async fn control_shift(
+        &mut self,
+        shard: &str,
+        action: Action,
+    ) -> Result<Shift, ControlError> {
+        if self.config.shard_index(shard).is_none() {
+            return Err(ControlError::UnknownShard(shard.to_string()));
+        }
+        let mut next = self.state.clone();
+        let entry = next.shards.entry(shard.to_string()).or_default();
+        let shift = entry
+            .shift
+            .as_mut()
+            .ok_or_else(|| ControlError::NoShift(shard.to_string()))?;
+        match action {
+            Action::Pause => shift.pause()?,
+            Action::Resume => shift.resume()?,
+            Action::Promote => {
+                shift.promote(Instant::now())?;
+            }
+            Action::Abort => shift.abort("aborted by an operator".into())?,
+        }
+        entry.weights = shift.weights();
+        let shift = shift.clone();
+        self.commit(next).await?;
+        tracing::info!(%shard, ?action, phase = shift.phase.as_str(), "shift control applied");
+        Ok(shift)
+    }
+
+    /// `POST /v1/rollouts`: every shard with a ready cluster of `revision` that does not yet have
+    /// all its traffic there, in declared order.
+    pub(super) async fn start_rollout(
+        &mut self,
+        revision: String,
+        max_concurrent: usize,
+        policy: ShiftPolicy,
+    ) -> Result<Rollout, ControlError> {
+        if let Some(r) = self.state.rollout.as_ref().filter(|r| r.phase.is_active()) {
+            return Err(ControlError::RolloutRunning(r.id));
+        }
+        if max_concurrent == 0 {
+            return Err(ControlError::BadRequest(
+                "max_concurrent must be at least 1".into(),
+            ));
+        }
+        let mut shards = Vec::new();
+        for shard in &self.config.shards {
+            let has_ready = self.clusters.iter().any(|c| {
+                c.config.shard == shard.name
+                    && c.config.revision == revision
+                    && c.probe.as_ref().is_some_and(ProbeReport::ready)
+            });
+            if !has_ready {
+                continue;
+            }
+            // Already fully on the revision: nothing to do there.
+            if self
+                .new_shift(
+                    &shard.name,
+                    Target::Revision(revision.clone()),
+                    policy.clone(),
+                )
+                .is_err()
+            {
+                continue;
+            }
+            self.ensure_no_shift(&shard.name)?;
+            shards.push(shard.name.clone());
+        }
+        if shards.is_empty() {
+            return Err(ControlError::BadRequest(format!(
+                "no shard has a ready cluster of revision \"{revision}\" that is not already serving all its traffic"
+            )));
+        }
+        let mut next = self.state.clone();
+        let id = next.next_rollout_id.max(1);
+        next.next_rollout_id = id + 1;
+        let rollout = Rollout::new(id, revision, max_concurrent, policy, shards);
+        next.rollout = Some(rollout.clone());
+        self.commit(next).await?;
+        tracing::info!(id, revision = %rollout.revision, shards = rollout.shards.len(), "rollout started");
+        // Start its first shards right away rather than at the next tick.
+        self.tick().await;
+        Ok(self.state.rollout.clone().unwrap_or(rollout))
+    }
+
+    /// Pause, resume or abort the active rollout (and its running shard shifts).
+    pub(super) async fn control_rollout(
+        &mut self,
+        id: Option<u64>,
+        action: Action,
+    ) -> Result<Rollout, ControlError> {
+        let mut next = self.state.clone();
+        let Some(rollout) = next
+            .rollout
+            .as_mut()
+            .filter(|r| id.is_none_or(|id| id == r.id))
+        else {
+            return Err(ControlError::NoRollout(
+                id.map_or("is running".into(), |id| id.to_string()),
+            ));
+        };
+        let invalid = |phase: RolloutPhase, action: &'static str| {
+            ControlError::Transition(crate::shift::machine::InvalidTransition {
+                action,
+                phase: phase.as_str(),
+            })
+        };
+        let shifting: Vec<String> = rollout.shifting().map(str::to_string).collect();
+        match action {
+            Action::Pause if rollout.phase == RolloutPhase::Running => {
+                rollout.phase = RolloutPhase::Paused
+            }
+            Action::Resume if rollout.phase == RolloutPhase::Paused => {
+                rollout.phase = RolloutPhase::Running
+            }
+            Action::Abort if rollout.phase.is_active() => {
+                rollout.phase = RolloutPhase::Aborted;
+                rollout.reason = Some("aborted by an operator".into());
+            }
+            Action::Pause => return Err(invalid(rollout.phase, "pause")),
+            Action::Resume => return Err(invalid(rollout.phase, "resume")),
+            Action::Abort => return Err(invalid(rollout.phase, "abort")),
+            Action::Promote => {
+                return Err(ControlError::BadRequest(
+                    "a rollout cannot be promoted; promote its shards' shifts".into(),
+                ))
+            }
+        }
+        // Carry the control to the rollout's running shard shifts (where it applies).
+        for shard in shifting {
+            let Some(entry) = next.shards.get_mut(&shard) else {
+                continue;
+            };
+            let Some(shift) = entry.shift.as_mut() else {
+                continue;
+            };
+            let applied = match action {
+                Action::Pause => shift.pause().is_ok(),
+                Action::Resume => shift.resume().is_ok(),
+                Action::Abort => shift.abort("rollout aborted by an operator".into()).is_ok(),
+                Action::Promote => false,
+            };
+            if applied {
+                entry.weights = shift.weights();
+            }
+        }
+        let rollout = next.rollout.clone();
+        self.commit(next).await?;
+        rollout.ok_or_else(|| ControlError::NoRollout("is running".into()))
+    }
+
+    /// One clock tick: advance every active shift, the rollout and automatic shifts; persist and
+    /// publish if anything changed.
+    pub(super) async fn tick(&mut self) {
+        let now = Instant::now();
+        let mut next = self.state.clone();
+        let mut changed = false;
+        let mut events: Vec<(String, Event)> = Vec::new();
+
+        let shards: Vec<String> = next.shards.keys().cloned().collect();
+        for shard in &shards {
+            let Some(entry) = next.shards.get_mut(shard) else {
+                continue;
+            };
+            let Some(shift) = entry.shift.as_mut() else {
+                continue;
+            };
+            if !matches!(shift.phase, Phase::Progressing | Phase::Draining) {
+                continue;
+            }
+            let obs = self.observe(shard, shift);
+            let happened = shift.tick(now, &obs);
+            if !happened.is_empty() {
+                entry.weights = shift.weights();
+                changed = true;
+                events.extend(happened.into_iter().map(|e| (shard.clone(), e)));
+            }
+        }
+        // Keep the timers and windows the machines advanced, even when nothing is persisted.
+        for shard in &shards {
+            if let (Some(cur), Some(new)) = (
+                self.state
+                    .shards
+                    .get_mut(shard)
+                    .and_then(|s| s.shift.as_mut()),
+                next.shards.get(shard).and_then(|s| s.shift.as_ref()),
+            ) {
+                *cur = new.clone();
+            }
+        }
+
+        changed |= self.advance_rollout(&mut next, now);
+        changed |= self.auto_shifts(&mut next);
+        if !changed {
+            return;
+        }
+        match self.commit(next).await {
+            Ok(()) => {
+                for (shard, event) in events {
+                    record(&shard, &event);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not persist a shift transition; will retry")
+            }
+        }
+    }
+
+    /// The rollout's step: mark shards done or failed, start the next ones.
+    fn advance_rollout(&self, next: &mut State, _now: Instant) -> bool {
+        let Some(mut rollout) = next.rollout.clone() else {
+            return false;
+        };
+        let actions = rollout.advance(|shard| {
+            let shift = next.shards.get(shard)?.shift.as_ref()?;
+            Some((shift.phase, shift.reason.clone()))
+        });
+        for shard in &actions.start {
+            match self.new_shift(
+                shard,
+                Target::Revision(rollout.revision.clone()),
+                rollout.policy.clone(),
+            ) {
+                Ok(shift) => {
+                    tracing::info!(rollout = rollout.id, %shard, "rollout starts shifting shard");
+                    let entry = next.shards.entry(shard.clone()).or_default();
+                    entry.weights = shift.weights();
+                    entry.shift = Some(shift);
+                }
+                Err(e) => {
+                    tracing::warn!(rollout = rollout.id, %shard, error = %e, "rollout could not start shard");
+                    rollout.start_failed(shard, e.to_string());
+                }
+            }
+        }
+        let changed = actions.changed || next.rollout.as_ref() != Some(&rollout);
+        if changed && rollout.phase == RolloutPhase::Halted {
+            tracing::warn!(rollout = rollout.id, reason = ?rollout.reason, "rollout halted");
+        }
+        next.rollout = Some(rollout);
+        changed
+    }
+
+    /// Starts shifts for shards with `auto_shift` whose newest ready revision holds no weight yet.
+    fn auto_shifts(&self, next: &mut State) -> bool {
+        let mut changed = false;
+        let mut active = next
+            .shards
+            .values()
+            .filter(|s| s.shift.as_ref().is_some_and(|s| s.phase.is_active()))
+            .count();
+        for shard in &self.config.shards {
+            let Some(policy) = &shard.auto_shift else {
+                continue;
+            };
+            if active >= self.config.max_concurrent_shifts {
+                break;
+            }
+            if self.ensure_no_shift_in(next, &shard.name).is_err() {
+                continue;
+            }
+            let weights = self.shard_weights(&shard.name);
+            let newest_ready = self
+                .clusters
+                .iter()
+                .filter(|c| {
+                    c.config.shard == shard.name && c.probe.as_ref().is_some_and(ProbeReport::ready)
+                })
+                .map(|c| c.config.revision.as_str())
+                .max_by(|a, b| natural_cmp(a, b));
+            let serving = self
+                .clusters
+                .iter()
+                .filter(|c| {
+                    c.config.shard == shard.name
+                        && weights.get(c.config.name.as_str()).is_some_and(|w| *w > 0)
+                })
+                .map(|c| c.config.revision.as_str())
+                .max_by(|a, b| natural_cmp(a, b));
+            let (Some(newest), Some(serving)) = (newest_ready, serving) else {
+                continue;
+            };
+            if natural_cmp(newest, serving).is_le() {
+                continue;
+            }
+            let entry = next.shards.entry(shard.name.clone()).or_default();
+            if entry.auto_shift_revision.as_deref() == Some(newest) {
+                continue;
+            }
+            entry.auto_shift_revision = Some(newest.to_string());
+            changed = true;
+            match self.new_shift(
+                &shard.name,
+                Target::Revision(newest.to_string()),
+                policy.clone(),
+            ) {
+                Ok(shift) => {
+                    tracing::info!(shard = %shard.name, revision = %newest, "automatic shift started");
+                    entry.weights = shift.weights();
+                    entry.shift = Some(shift);
+                    active += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %shard.name, error = %e, "automatic shift not started")
+                }
+            }
+        }
+        changed
+    }
+
+    /// [`Self::ensure_no_shift`] against a state being built.
+    fn ensure_no_shift_in(&self, state: &State, shard: &str) -> Result<(), ()> {
+        let active_shift = state
+            .shards
+            .get(shard)
+            .and_then(|s| s.shift.as_ref())
+            .is_some_and(|s| s.phase.is_active());
+        let in_rollout = state.rollout.as_ref().is_some_and(|r| {
+            r.phase.is_active()
+                && r.shards
+                    .iter()
+                    .any(|s| s.shard == shard && s.state != ShardProgress::Done)
+        });
+        if active_shift || in_rollout {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// What the shift of `shard` needs to know now: gates of its targets, their counters, and the
+    /// requests still on its draining clusters.
+    fn observe(&self, shard: &str, shift: &Shift) -> Observation {
+        let snapshot = self.table.load();
+        let shard_id = self.config.shard_index(shard).map(|i| i as u32);
+        let apps: Vec<&str> = snapshot
+            .table
+            .apps()
+            .iter()
+            .filter(|a| Some(a.shard) == shard_id)
+            .map(|a| &*a.name)
+            .collect();
+        let mut obs = Observation {
+            target_ready: true,
+            ..Observation::default()
+        };
+        let mut stats = StatsSnapshot::default();
+        for name in &shift.target_clusters {
+            let Some(entry) = self.clusters.iter().find(|c| &c.config.name == name) else {
+                obs.target_ready = false;
+                obs.gate_detail = format!("cluster {name} is gone");
+                continue;
+            };
+            let snap = entry.cluster.stats.snapshot();
+            stats = if stats.latency.is_empty() {
+                snap
+            } else {
+                add(&stats, &snap)
+            };
+            if obs.target_ready {
+                if let Err(detail) = gate(
+                    entry.probe.as_ref(),
+                    &apps,
+                    entry.config.dashboard_url.is_some(),
+                ) {
+                    obs.target_ready = false;
+                    obs.gate_detail = format!("{name}: {detail}");
+                }
+            }
+        }
+        obs.target_stats = stats;
+        obs.draining_in_flight = shift
+            .draining_clusters()
+            .iter()
+            .filter_map(|name| self.clusters.iter().find(|c| &c.config.name == name))
+            .map(|c| c.cluster.stats.in_flight())
+            .sum();
+        obs
+    }
+}
+
+/// The readiness gates of one target cluster: healthz, routes listing every app of the shard, and
+/// (with a dashboard) those apps RUNNING.
+fn gate(probe: Option<&ProbeReport>, apps: &[&str], has_dashboard: bool) -> Result<(), String> {
+    let probe = probe.ok_or("not probed yet")?;
+    if !probe.healthy {
+        return Err(probe.detail.clone());
+    }
+    let routes = probe.routes.as_ref().ok_or_else(|| probe.detail.clone())?;
+    let missing: Vec<&str> = apps
+        .iter()
+        .filter(|app| !routes.values().any(|a| a == *app))
+        .copied()
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("/-/routes does not list {}", missing.join(", ")));
+    }
+    if has_dashboard {
+        let statuses = probe
+            .app_status
+            .as_ref()
+            .ok_or_else(|| format!("dashboard unavailable: {}", probe.detail))?;
+        for app in apps {
+            match statuses.get(*app).map(String::as_str) {
+                Some("RUNNING") => {}
+                Some(status) => return Err(format!("dashboard shows {app} {status}")),
+                None => return Err(format!("dashboard does not list {app}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Element-wise sum of two counter snapshots.
+fn add(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
+    StatsSnapshot {
+        requests: a.requests + b.requests,
+        errors: a.errors + b.errors,
+        latency: a
+            .latency
+            .iter()
+            .zip(&b.latency)
+            .map(|(x, y)| x + y)
+            .collect(),
+    }
+}
+
+/// Logs and counts a shift event.
+fn record(shard: &str, event: &Event) {
+    match event {
+        Event::Stepped { weight } => {
+            metrics::counter!(telemetry::SHIFT_STEPS_TOTAL, "shard" => shard.to_string())
+                .increment(1);
+            tracing::info!(%shard, weight, "shift stepped");
+        }
+        Event::CheckFailed { check, detail } => {
+            metrics::counter!(telemetry::SHIFT_CHECK_FAILURES_TOTAL, "shard" => shard.to_string(), "check" => *check)
+                .increment(1);
+            tracing::warn!(%shard, check, %detail, "shift check failed");
+        }
+        Event::RolledBack { reason, detail } => {
+            metrics::counter!(telemetry::SHIFT_ROLLBACKS_TOTAL, "shard" => shard.to_string(), "reason" => *reason)
+                .increment(1);
+            tracing::warn!(%shard, reason, %detail, "shift rolled back");
+        }
+        Event::Waiting => {
+            tracing::info!(%shard, "shift waiting for enough requests to judge the target")
+        }
+        Event::Promoted => tracing::info!(%shard, "shift promoted; old clusters draining"),
+        Event::Drained { timed_out } => tracing::info!(%shard, timed_out, "old clusters drained"),
+    }
+}

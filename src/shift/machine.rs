@@ -1,0 +1,527 @@
+//! The shift state machine of one shard: pure logic, driven by a clock and observations.
+//!
+//! ```text
+//!             gates + analysis pass, interval passed: step
+//!            +-------------------+
+//!            v                   |
+//! start -> Progressing ----------+--- reaches 100% / promote ---> Draining --> Completed
+//!            |   ^                                                 (old clusters drained)
+//!      pause |   | resume
+//!            v   |
+//!           Paused
+//! Progressing | Paused --abort--> Aborted          (weights back to where the shift started)
+//! Progressing --failed checks / not ready too long--> RolledBack   (weights back, reason kept)
+//! ```
+//! The machine never does I/O: the control plane feeds it [`Observation`]s and the time, persists it
+//! after every change, and applies [`Shift::weights`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::shift::policy::ShiftPolicy;
+use crate::stats::StatsSnapshot;
+
+/// Where a shift moves traffic to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// One cluster.
+    Cluster(String),
+    /// Every (ready) cluster of a revision in the shard, sharing the weight equally.
+    Revision(String),
+}
+
+/// The phase of a shift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Stepping towards 100%.
+    Progressing,
+    /// Held by an operator; weights unchanged.
+    Paused,
+    /// At 100%; old clusters take no new requests and finish what they have.
+    Draining,
+    /// Old clusters drained: safe to delete.
+    Completed,
+    /// Rolled back automatically; weights are back where the shift started.
+    RolledBack,
+    /// Aborted by an operator; weights are back where the shift started.
+    Aborted,
+}
+
+impl Phase {
+    /// Every phase, for metrics.
+    pub const ALL: [Phase; 6] = [
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Draining,
+        Phase::Completed,
+        Phase::RolledBack,
+        Phase::Aborted,
+    ];
+
+    /// Lowercase name used in the API, state file and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Draining => "draining",
+            Phase::Completed => "completed",
+            Phase::RolledBack => "rolled_back",
+            Phase::Aborted => "aborted",
+        }
+    }
+
+    /// Still moving traffic (weights are the shift's, not the operator's).
+    pub fn is_active(self) -> bool {
+        matches!(self, Phase::Progressing | Phase::Paused | Phase::Draining)
+    }
+}
+
+/// The outcome of one analysis check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    /// Step (0-based count of steps taken) the check ran at.
+    pub step: u32,
+    /// Target requests in the window.
+    pub requests: u64,
+    /// Target error rate in the window.
+    pub error_rate: f64,
+    /// Target p99 time to response headers in the window, in milliseconds.
+    pub p99_ms: Option<f64>,
+    /// `passed`, `failed` or `waiting` (fewer than `min_requests`).
+    pub result: CheckResult,
+    /// What failed, or what is awaited.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Result of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckResult {
+    /// Within thresholds.
+    Passed,
+    /// Over a threshold.
+    Failed,
+    /// Not enough requests yet.
+    Waiting,
+}
+
+/// What the control plane observed for this tick.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// Every target cluster passes its gates (healthz, routes list the shard's apps, dashboard).
+    pub target_ready: bool,
+    /// Why not, when not.
+    pub gate_detail: String,
+    /// Cumulative outcome counters of the target clusters, summed.
+    pub target_stats: StatsSnapshot,
+    /// Requests still in flight on the draining clusters.
+    pub draining_in_flight: u64,
+}
+
+/// Something that happened, for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The target weight went up.
+    Stepped {
+        /// New target weight.
+        weight: u32,
+    },
+    /// A check failed (`check` is `error_rate` or `latency`).
+    CheckFailed {
+        /// Which threshold.
+        check: &'static str,
+        /// Details.
+        detail: String,
+    },
+    /// Rolled back (`reason` is `error_rate`, `latency` or `not_ready`).
+    RolledBack {
+        /// Short reason label.
+        reason: &'static str,
+        /// Full explanation.
+        detail: String,
+    },
+    /// Reached 100%: old clusters draining.
+    Promoted,
+    /// The window has too few requests to judge; the shift holds until it has enough.
+    Waiting,
+    /// Old clusters drained (or the drain timed out).
+    Drained {
+        /// True when the drain timeout cut it short.
+        timed_out: bool,
+    },
+}
+
+/// A refused control (pause, resume, promote, abort) in the current phase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a shift that is {phase}")]
+pub struct InvalidTransition {
+    /// The control asked for.
+    pub action: &'static str,
+    /// The phase it was in.
+    pub phase: &'static str,
+}
+
+/// Timers and the analysis window: in memory only. After a restart they start afresh (the next
+/// step waits one more interval), which errs on the side of caution.
+#[derive(Debug, Clone, Default)]
+struct Runtime {
+    step_due: Option<Instant>,
+    window_base: Option<StatsSnapshot>,
+    not_ready_since: Option<Instant>,
+    drain_deadline: Option<Instant>,
+}
+
+/// One shard's shift. Everything but the timers is persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Shift {
+    /// What was asked for.
+    pub target: Target,
+    /// The clusters that receive the target weight.
+    pub target_clusters: Vec<String>,
+    /// The policy in force.
+    pub policy: ShiftPolicy,
+    /// The shard's weights when the shift started (restored by rollback and abort).
+    pub start_weights: BTreeMap<String, u32>,
+    /// Current total weight of the target clusters (0-100).
+    pub target_weight: u32,
+    /// Steps taken.
+    pub step: u32,
+    /// Current phase.
+    pub phase: Phase,
+    /// Failed checks in a row.
+    pub consecutive_failures: u32,
+    /// The latest analysis check.
+    pub last_check: Option<Check>,
+    /// Why it was rolled back or aborted.
+    pub reason: Option<String>,
+    /// Clusters that had weight before and are drained at promotion.
+    pub old_clusters: Vec<String>,
+    #[serde(skip)]
+    runtime: Runtime,
+}
+
+impl Shift {
+    /// A new shift in `Progressing` at 0%; its first step comes as soon as the gates pass.
+    pub fn new(
+        target: Target,
+        target_clusters: Vec<String>,
+        policy: ShiftPolicy,
+        start_weights: BTreeMap<String, u32>,
+    ) -> Shift {
+        let old_clusters = start_weights
+            .iter()
+            .filter(|(name, w)| **w > 0 && !target_clusters.contains(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let target_weight = target_clusters
+            .iter()
+            .map(|c| start_weights.get(c).copied().unwrap_or(0))
+            .sum::<u32>()
+            .min(100);
+        Shift {
+            target,
+            target_clusters,
+            policy,
+            start_weights,
+            target_weight,
+            step: 0,
+            phase: Phase::Progressing,
+            consecutive_failures: 0,
+            last_check: None,
+            reason: None,
+            old_clusters,
+            runtime: Runtime::default(),
+        }
+    }
+
+    /// Weights of the shard's clusters for the current phase: the target weight split equally over
+    /// the target clusters, the rest over the other clusters in proportion to their start weights.
+    pub fn weights(&self) -> BTreeMap<String, u32> {
+        if matches!(self.phase, Phase::RolledBack | Phase::Aborted) {
+            return self.start_weights.clone();
+        }
+        let mut out: BTreeMap<String, u32> =
+            self.start_weights.keys().map(|k| (k.clone(), 0)).collect();
+        let targets: Vec<(&str, u64)> = self
+            .target_clusters
+            .iter()
+            .map(|c| (c.as_str(), 1))
+            .collect();
+        for (name, w) in apportion(self.target_weight, &targets) {
+            out.insert(name.to_string(), w);
+        }
+        let others: Vec<(&str, u64)> = self
+            .start_weights
+            .iter()
+            .filter(|(name, _)| !self.target_clusters.contains(name))
+            .map(|(name, w)| (name.as_str(), u64::from(*w)))
+            .collect();
+        for (name, w) in apportion(100 - self.target_weight, &others) {
+            out.insert(name.to_string(), w);
+        }
+        out
+    }
+
+    /// Clusters that take no new requests: the old ones, once promoted.
+    pub fn draining_clusters(&self) -> &[String] {
+        match self.phase {
+            Phase::Draining | Phase::Completed => &self.old_clusters,
+            _ => &[],
+        }
+    }
+
+    /// Advances the machine. Returns what happened; an empty list means nothing changed that
+    /// needs persisting (timers and windows are not persisted).
+    pub fn tick(&mut self, now: Instant, obs: &Observation) -> Vec<Event> {
+        match self.phase {
+            Phase::Progressing => self.tick_progressing(now, obs),
+            Phase::Draining => {
+                let deadline = *self
+                    .runtime
+                    .drain_deadline
+                    .get_or_insert(now + self.policy.drain_timeout);
+                if obs.draining_in_flight == 0 || now >= deadline {
+                    self.phase = Phase::Completed;
+                    vec![Event::Drained {
+                        timed_out: obs.draining_in_flight > 0,
+                    }]
+                } else {
+                    Vec::new()
+                }
+            }
+            Phase::Paused | Phase::Completed | Phase::RolledBack | Phase::Aborted => Vec::new(),
+        }
+    }
+
+    fn tick_progressing(&mut self, now: Instant, obs: &Observation) -> Vec<Event> {
+        // Gates first: a target that is not ready holds the shift, and too long rolls it back.
+        if !obs.target_ready {
+            let since = *self.runtime.not_ready_since.get_or_insert(now);
+            if now.duration_since(since) >= self.policy.ready_timeout {
+                let detail = format!(
+                    "target not ready for {}: {}",
+                    humantime::format_duration(self.policy.ready_timeout),
+                    obs.gate_detail
+                );
+                return self.roll_back("not_ready", detail);
+            }
+            return Vec::new();
+        }
+        self.runtime.not_ready_since = None;
+
+        let interval = self.policy.step_interval;
+        let base = match &self.runtime.window_base {
+            Some(base) => base.clone(),
+            None => {
+                // A fresh window (new shift, resume, restart). At 0% there is nothing to analyse:
+                // step at once; otherwise give the target a full window first.
+                self.runtime.window_base = Some(obs.target_stats.clone());
+                let due = if self.target_weight == 0 {
+                    now
+                } else {
+                    now + interval
+                };
+                self.runtime.step_due = Some(due);
+                obs.target_stats.clone()
+            }
+        };
+        if now < self.runtime.step_due.unwrap_or(now) {
+            return Vec::new();
+        }
+
+        let mut events = Vec::new();
+        if self.target_weight > 0 {
+            let window = obs.target_stats.since(&base);
+            let p99 = window.quantile(0.99);
+            let mut check = Check {
+                step: self.step,
+                requests: window.requests,
+                error_rate: window.error_rate(),
+                p99_ms: p99.map(|d| d.as_secs_f64() * 1000.0),
+                result: CheckResult::Passed,
+                detail: String::new(),
+            };
+            if window.requests < self.policy.min_requests {
+                // Keep the window open until there is enough traffic to judge.
+                check.result = CheckResult::Waiting;
+                check.detail = format!(
+                    "{} of {} requests needed",
+                    window.requests, self.policy.min_requests
+                );
+                // Published once when the wait starts, not at every tick of the wait.
+                let started_waiting = self
+                    .last_check
+                    .as_ref()
+                    .is_none_or(|c| c.result != CheckResult::Waiting || c.step != self.step);
+                self.last_check = Some(check);
+                return if started_waiting {
+                    vec![Event::Waiting]
+                } else {
+                    Vec::new()
+                };
+            }
+            let failure = if check.error_rate > self.policy.max_error_rate {
+                Some((
+                    "error_rate",
+                    format!(
+                        "error rate {:.2}% over {} requests > max {:.2}%",
+                        check.error_rate * 100.0,
+                        window.requests,
+                        self.policy.max_error_rate * 100.0
+                    ),
+                ))
+            } else if p99.is_some_and(|p| p > self.policy.max_p99_latency) {
+                Some((
+                    "latency",
+                    format!(
+                        "p99 latency {} > max {}",
+                        humantime::format_duration(round_ms(p99.unwrap_or_default())),
+                        humantime::format_duration(self.policy.max_p99_latency)
+                    ),
+                ))
+            } else {
+                None
+            };
+            self.runtime.window_base = Some(obs.target_stats.clone());
+            self.runtime.step_due = Some(now + interval);
+            if let Some((what, detail)) = failure {
+                check.result = CheckResult::Failed;
+                check.detail = detail.clone();
+                self.last_check = Some(check);
+                self.consecutive_failures += 1;
+                events.push(Event::CheckFailed {
+                    check: what,
+                    detail: detail.clone(),
+                });
+                if self.consecutive_failures >= self.policy.failure_threshold {
+                    let detail = format!(
+                        "{} failed checks in a row, last: {detail}",
+                        self.consecutive_failures
+                    );
+                    events.extend(self.roll_back(what, detail));
+                }
+                return events;
+            }
+            self.consecutive_failures = 0;
+            self.last_check = Some(check);
+        }
+
+        self.target_weight = (self.target_weight + self.policy.step_percent).min(100);
+        self.step += 1;
+        self.runtime.window_base = Some(obs.target_stats.clone());
+        self.runtime.step_due = Some(now + interval);
+        events.push(Event::Stepped {
+            weight: self.target_weight,
+        });
+        if self.target_weight == 100 {
+            events.push(self.promote_now(now));
+        }
+        events
+    }
+
+    fn roll_back(&mut self, reason: &'static str, detail: String) -> Vec<Event> {
+        self.phase = Phase::RolledBack;
+        self.reason = Some(detail.clone());
+        self.runtime = Runtime::default();
+        vec![Event::RolledBack { reason, detail }]
+    }
+
+    fn promote_now(&mut self, now: Instant) -> Event {
+        self.target_weight = 100;
+        self.phase = Phase::Draining;
+        self.runtime = Runtime {
+            drain_deadline: Some(now + self.policy.drain_timeout),
+            ..Runtime::default()
+        };
+        Event::Promoted
+    }
+
+    fn invalid(&self, action: &'static str) -> InvalidTransition {
+        InvalidTransition {
+            action,
+            phase: self.phase.as_str(),
+        }
+    }
+
+    /// Holds the shift at its current weights.
+    pub fn pause(&mut self) -> Result<(), InvalidTransition> {
+        if self.phase != Phase::Progressing {
+            return Err(self.invalid("pause"));
+        }
+        self.phase = Phase::Paused;
+        Ok(())
+    }
+
+    /// Continues a paused shift; the next step waits a full interval (a fresh analysis window).
+    pub fn resume(&mut self) -> Result<(), InvalidTransition> {
+        if self.phase != Phase::Paused {
+            return Err(self.invalid("resume"));
+        }
+        self.phase = Phase::Progressing;
+        self.runtime = Runtime::default();
+        Ok(())
+    }
+
+    /// Goes to 100% now and starts draining the old clusters.
+    pub fn promote(&mut self, now: Instant) -> Result<Event, InvalidTransition> {
+        if !matches!(self.phase, Phase::Progressing | Phase::Paused) {
+            return Err(self.invalid("promote"));
+        }
+        self.step += 1;
+        Ok(self.promote_now(now))
+    }
+
+    /// Puts the weights back where the shift started.
+    pub fn abort(&mut self, reason: String) -> Result<(), InvalidTransition> {
+        if !matches!(self.phase, Phase::Progressing | Phase::Paused) {
+            return Err(self.invalid("abort"));
+        }
+        self.phase = Phase::Aborted;
+        self.reason = Some(reason);
+        self.runtime = Runtime::default();
+        Ok(())
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// Splits `total` over `shares` in proportion (largest remainder), so the parts sum to `total`
+/// exactly; all-zero shares split equally.
+fn apportion<'a>(total: u32, shares: &[(&'a str, u64)]) -> Vec<(&'a str, u32)> {
+    if shares.is_empty() {
+        return Vec::new();
+    }
+    let sum: u64 = shares.iter().map(|(_, s)| s).sum();
+    let shares: Vec<(&str, u64)> = if sum == 0 {
+        shares.iter().map(|(n, _)| (*n, 1)).collect()
+    } else {
+        shares.to_vec()
+    };
+    let sum: u64 = shares.iter().map(|(_, s)| s).sum();
+    let mut parts: Vec<(&str, u32, u64)> = shares
+        .iter()
+        .map(|(n, s)| {
+            let exact = u64::from(total) * s;
+            (*n, (exact / sum) as u32, exact % sum)
+        })
+        .collect();
+    let mut left = total - parts.iter().map(|(_, w, _)| w).sum::<u32>();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|a, b| parts[*b].2.cmp(&parts[*a].2).then(a.cmp(b)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        parts[i].1 += 1;
+        left -= 1;
+    }
+    parts.into_iter().map(|(n, w, _)| (n, w)).collect()
+}

@@ -1,0 +1,372 @@
+//! State-machine tests with paused tokio time: every transition, every control in every phase.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::{advance, Instant};
+
+use super::machine::{CheckResult, Event, Observation, Phase, Shift, Target};
+use super::policy::ShiftPolicy;
+use crate::stats::ClusterStats;
+
+fn policy() -> ShiftPolicy {
+    ShiftPolicy {
+        step_percent: 25,
+        step_interval: Duration::from_secs(10),
+        max_error_rate: 0.05,
+        max_p99_latency: Duration::from_millis(500),
+        min_requests: 20,
+        failure_threshold: 2,
+        ready_timeout: Duration::from_secs(60),
+        drain_timeout: Duration::from_secs(30),
+    }
+}
+
+fn shift() -> Shift {
+    Shift::new(
+        Target::Cluster("green".into()),
+        vec!["green".into()],
+        policy(),
+        BTreeMap::from([("blue".into(), 100), ("green".into(), 0)]),
+    )
+}
+
+/// The target's live counters, fed to the machine as a cumulative snapshot.
+struct TargetStats {
+    stats: ClusterStats,
+}
+
+impl TargetStats {
+    fn new() -> Self {
+        Self {
+            stats: ClusterStats::default(),
+        }
+    }
+    fn serve(&self, ok: u64, errors: u64, latency: Duration) {
+        for _ in 0..ok {
+            self.stats.record_response(200, latency);
+        }
+        for _ in 0..errors {
+            self.stats.record_response(500, latency);
+        }
+    }
+    fn obs(&self, ready: bool) -> Observation {
+        Observation {
+            target_ready: ready,
+            gate_detail: if ready {
+                String::new()
+            } else {
+                "/-/healthz answered 503".into()
+            },
+            target_stats: self.stats.snapshot(),
+            draining_in_flight: 0,
+        }
+    }
+}
+
+fn weights(s: &Shift) -> (u32, u32) {
+    let w = s.weights();
+    (w["blue"], w["green"])
+}
+
+#[tokio::test(start_paused = true)]
+async fn steps_to_100_then_drains_and_completes() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    // First step at once: nothing to analyse at 0%.
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    assert_eq!(weights(&s), (75, 25));
+    for expected in [50, 75] {
+        t.serve(30, 0, Duration::from_millis(20));
+        advance(Duration::from_secs(5)).await;
+        assert!(
+            s.tick(Instant::now(), &t.obs(true)).is_empty(),
+            "stepped before the interval"
+        );
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            s.tick(Instant::now(), &t.obs(true)),
+            vec![Event::Stepped { weight: expected }]
+        );
+        assert_eq!(s.last_check.as_ref().unwrap().result, CheckResult::Passed);
+    }
+    t.serve(30, 0, Duration::from_millis(20));
+    advance(Duration::from_secs(10)).await;
+    let events = s.tick(Instant::now(), &t.obs(true));
+    assert_eq!(
+        events,
+        vec![Event::Stepped { weight: 100 }, Event::Promoted]
+    );
+    assert_eq!(s.phase, Phase::Draining);
+    assert_eq!(weights(&s), (0, 100));
+    assert_eq!(s.draining_clusters(), ["blue".to_string()]);
+    // Old cluster still busy: stays draining; idle: completed.
+    let mut busy = t.obs(true);
+    busy.draining_in_flight = 2;
+    assert!(s.tick(Instant::now(), &busy).is_empty());
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Drained { timed_out: false }]
+    );
+    assert_eq!(s.phase, Phase::Completed);
+    assert_eq!(s.step, 4);
+    assert!(s.tick(Instant::now(), &t.obs(true)).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_timeout_completes_with_requests_still_running() {
+    let mut s = shift();
+    s.promote(Instant::now()).unwrap();
+    let mut busy = TargetStats::new().obs(true);
+    busy.draining_in_flight = 1;
+    assert!(s.tick(Instant::now(), &busy).is_empty());
+    advance(Duration::from_secs(29)).await;
+    assert!(s.tick(Instant::now(), &busy).is_empty());
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        s.tick(Instant::now(), &busy),
+        vec![Event::Drained { timed_out: true }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_ready_target_holds_then_rolls_back_at_ready_timeout() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    assert!(s.tick(Instant::now(), &t.obs(false)).is_empty());
+    assert_eq!(weights(&s), (100, 0));
+    advance(Duration::from_secs(30)).await;
+    assert!(s.tick(Instant::now(), &t.obs(false)).is_empty());
+    // Ready for a moment resets the clock.
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    advance(Duration::from_secs(10)).await;
+    assert!(s.tick(Instant::now(), &t.obs(false)).is_empty());
+    advance(Duration::from_secs(59)).await;
+    assert!(s.tick(Instant::now(), &t.obs(false)).is_empty());
+    advance(Duration::from_secs(1)).await;
+    let events = s.tick(Instant::now(), &t.obs(false));
+    assert!(
+        matches!(
+            &events[..],
+            [Event::RolledBack {
+                reason: "not_ready",
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(weights(&s), (100, 0));
+    assert!(s
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("/-/healthz answered 503"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_checks_in_a_row_roll_back_and_a_pass_resets_the_count() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    s.tick(Instant::now(), &t.obs(true));
+    // Window 1: 10% errors -> failed check 1, weight held.
+    t.serve(27, 3, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    let events = s.tick(Instant::now(), &t.obs(true));
+    assert!(
+        matches!(
+            &events[..],
+            [Event::CheckFailed {
+                check: "error_rate",
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(weights(&s), (75, 25));
+    assert_eq!(s.consecutive_failures, 1);
+    // Window 2: clean -> passes, steps, count reset.
+    t.serve(30, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 50 }]
+    );
+    assert_eq!(s.consecutive_failures, 0);
+    // Windows 3 and 4: slow -> two latency failures -> rollback.
+    for round in 0..2 {
+        t.serve(30, 0, Duration::from_secs(2));
+        advance(Duration::from_secs(10)).await;
+        let events = s.tick(Instant::now(), &t.obs(true));
+        assert!(
+            matches!(
+                events[0],
+                Event::CheckFailed {
+                    check: "latency",
+                    ..
+                }
+            ),
+            "{events:?}"
+        );
+        if round == 1 {
+            assert!(
+                matches!(
+                    events[1],
+                    Event::RolledBack {
+                        reason: "latency",
+                        ..
+                    }
+                ),
+                "{events:?}"
+            );
+        }
+    }
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(weights(&s), (100, 0));
+    assert!(
+        s.reason
+            .as_deref()
+            .unwrap()
+            .contains("2 failed checks in a row"),
+        "{:?}",
+        s.reason
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_few_requests_hold_the_step_until_there_are_enough() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    s.tick(Instant::now(), &t.obs(true));
+    t.serve(5, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(s.tick(Instant::now(), &t.obs(true)), vec![Event::Waiting]);
+    assert_eq!(s.last_check.as_ref().unwrap().result, CheckResult::Waiting);
+    advance(Duration::from_secs(10)).await;
+    assert!(
+        s.tick(Instant::now(), &t.obs(true)).is_empty(),
+        "still waiting, nothing new to publish"
+    );
+    assert_eq!(weights(&s), (75, 25));
+    // The window stays open: 15 more make 20 in total.
+    t.serve(15, 0, Duration::from_millis(5));
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 50 }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn controls_in_every_phase() {
+    let now = Instant::now();
+    // Progressing: pause ok, resume refused, promote and abort ok.
+    let mut s = shift();
+    assert!(s.resume().is_err());
+    s.pause().unwrap();
+    assert_eq!(s.phase, Phase::Paused);
+    // Paused: pause refused, ticks do nothing, resume ok.
+    assert_eq!(
+        s.pause().unwrap_err().to_string(),
+        "cannot pause a shift that is paused"
+    );
+    assert!(s.tick(now, &TargetStats::new().obs(true)).is_empty());
+    assert_eq!(weights(&s), (100, 0));
+    s.resume().unwrap();
+    assert_eq!(
+        s.tick(now, &TargetStats::new().obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    // Paused -> abort: weights back.
+    s.pause().unwrap();
+    s.abort("operator".into()).unwrap();
+    assert_eq!((s.phase, weights(&s)), (Phase::Aborted, (100, 0)));
+    // Terminal phases refuse every control.
+    for action in ["pause", "resume", "promote", "abort"] {
+        let r = match action {
+            "pause" => s.pause(),
+            "resume" => s.resume(),
+            "promote" => s.promote(now).map(|_| ()),
+            _ => s.abort("again".into()),
+        };
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            format!("cannot {action} a shift that is aborted")
+        );
+    }
+    // Paused -> promote: straight to 100 and draining; draining refuses pause, abort, promote.
+    let mut s = shift();
+    s.pause().unwrap();
+    assert_eq!(s.promote(now).unwrap(), Event::Promoted);
+    assert_eq!((s.phase, weights(&s)), (Phase::Draining, (0, 100)));
+    assert!(
+        s.pause().is_err()
+            && s.abort("x".into()).is_err()
+            && s.promote(now).is_err()
+            && s.resume().is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_resumes_at_the_same_step_and_waits_a_window() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    s.tick(Instant::now(), &t.obs(true));
+    t.serve(30, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    s.tick(Instant::now(), &t.obs(true));
+    assert_eq!(weights(&s), (50, 50));
+    // Persist and load: as after kill -9.
+    let text = serde_json::to_string(&s).unwrap();
+    let mut back: Shift = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (back.step, back.target_weight, back.phase),
+        (2, 50, Phase::Progressing)
+    );
+    assert!(
+        back.tick(Instant::now(), &t.obs(true)).is_empty(),
+        "no step right after a restart"
+    );
+    t.serve(30, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        back.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 75 }]
+    );
+}
+
+#[test]
+fn weights_of_revision_targets_and_several_old_clusters_sum_to_100() {
+    let mut s = Shift::new(
+        Target::Revision("v2".into()),
+        vec!["v2-a".into(), "v2-b".into(), "v2-c".into()],
+        policy(),
+        BTreeMap::from([
+            ("v1-a".into(), 70),
+            ("v1-b".into(), 30),
+            ("v2-a".into(), 0),
+            ("v2-b".into(), 0),
+            ("v2-c".into(), 0),
+        ]),
+    );
+    for tw in [0, 10, 25, 50, 99, 100] {
+        s.target_weight = tw;
+        let w = s.weights();
+        assert_eq!(w.values().sum::<u32>(), 100, "{tw}: {w:?}");
+        assert_eq!(w["v2-a"] + w["v2-b"] + w["v2-c"], tw);
+        let (a, b) = (w["v2-a"], w["v2-c"]);
+        assert!(a.abs_diff(b) <= 1, "{w:?}");
+        // Old clusters keep their 70:30 proportion.
+        let old = 100 - tw;
+        assert!(
+            (w["v1-a"] as i64 - (old as i64 * 7 / 10)).abs() <= 1,
+            "{w:?}"
+        );
+    }
+    assert_eq!(s.old_clusters, ["v1-a", "v1-b"]);
+}
