@@ -16,12 +16,14 @@
 //! - [`control`]: the single owner task that holds the desired state and publishes snapshots.
 //! - [`state`]: the durable state file (written before a change takes effect).
 //! - [`admin`]: the admin HTTP API, `/metrics`, `/live`, `/ready`.
+//! - [`client`]: a client of the admin API and the shift progress display (the CLI's verbs).
 //! - [`stats`]: per-cluster outcome counters for shift analysis.
 //! - [`telemetry`]: every metric name in one place, the Prometheus recorder, logging.
 //! - [`gateway`]: starting and stopping all of the above.
 //! - [`demo`]: the self-contained demo (two Serve look-alike clusters plus a gateway).
 
 pub mod admin;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -212,11 +212,12 @@ impl Desired {
                 ("cluster", entry.config.name.clone()),
             ];
             metrics::gauge!(telemetry::CLUSTER_WEIGHT, &labels).set(f64::from(view.weight));
-            metrics::gauge!(telemetry::CLUSTER_READY, &labels).set(if view.ready {
-                1.0
-            } else {
-                0.0
-            });
+            metrics::gauge!(telemetry::CLUSTER_READY, &labels).set(f64::from(u8::from(view.ready)));
+            let draining = view.drain == Some(Drain::Draining);
+            let drained = view.drain == Some(Drain::Drained);
+            metrics::gauge!(telemetry::CLUSTER_DRAINING, &labels)
+                .set(f64::from(u8::from(draining)));
+            metrics::gauge!(telemetry::CLUSTER_DRAINED, &labels).set(f64::from(u8::from(drained)));
         }
         for (i, shard) in self.config.shards.iter().enumerate() {
             let n = table

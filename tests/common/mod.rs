@@ -258,21 +258,33 @@ pub struct Load {
 impl Load {
     /// GETs to `url` (and, when `with_posts`, every other request a small POST).
     pub fn start(url: String, concurrency: usize, with_posts: bool) -> Load {
+        let mut requests = vec![(Method::GET, url.clone())];
+        if with_posts {
+            requests.push((Method::POST, url));
+        }
+        Self::rotating(requests, concurrency)
+    }
+
+    /// Requests cycling through `requests` (method, URL); POSTs carry a small body.
+    pub fn rotating(requests: Vec<(Method, String)>, concurrency: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let tasks = (0..concurrency)
             .map(|worker| {
-                let (stop, sent, url) = (Arc::clone(&stop), Arc::clone(&sent), url.clone());
+                let (stop, sent, requests) =
+                    (Arc::clone(&stop), Arc::clone(&sent), requests.clone());
                 tokio::spawn(async move {
                     let client = client();
                     let mut report = LoadReport::default();
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         i += 1;
-                        let post = with_posts && (i + worker as u64) % 2 == 0;
+                        let (method, url) =
+                            &requests[((i + worker as u64) % requests.len() as u64) as usize];
+                        let post = method == Method::POST;
                         let req = Request::builder()
-                            .method(if post { Method::POST } else { Method::GET })
-                            .uri(&url)
+                            .method(method.clone())
+                            .uri(url)
                             .body(Full::new(if post {
                                 Bytes::from_static(b"payload")
                             } else {

@@ -145,7 +145,9 @@ def read_proc(pid):
 
 
 def references(pid, paths):
-    """True when one of the process's open files or its cwd lies under one of `paths`."""
+    """True when one of the process's open files lies under one of `paths` (every Ray process keeps
+    its log files open; workers rename their command line to `ray::...`, so only this finds them once
+    their raylet is gone)."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
@@ -155,8 +157,6 @@ def references(pid, paths):
     for name in names:
         with contextlib.suppress(OSError):
             links.append(os.readlink(os.path.join(fd_dir, name)))
-    with contextlib.suppress(OSError):
-        links.append(os.readlink(f"/proc/{pid}/cwd"))
     return any(link == p or link.startswith(p + "/") for link in links for p in paths)
 
 
@@ -357,13 +357,13 @@ def http_get(url, timeout=2.0):
 
 
 def wait_for(what, check, deadline, interval=0.25):
-    last = None
-    while time.monotonic() < deadline:
+    while True:  # checks at least once, even past the deadline
         ok, last = check()
         if ok:
             return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"timed out waiting for {what}; last: {last}")
         time.sleep(interval)
-    raise RuntimeError(f"timed out waiting for {what}; last: {last}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +706,7 @@ def main():
     s.add_argument("--dashboard", action="store_true", help="run the Ray dashboard (for /api/serve/applications/)")
     s.add_argument("--fail-ratio", type=float, default=0.0, help="share of requests that raise (HTTP 500)")
     s.add_argument("--num-cpus", type=int, default=1, help="logical CPUs of the node (replicas use 0)")
-    s.add_argument("--object-store-mb", type=int, default=100, help="object store size in MB (Ray's minimum is 75)")
+    s.add_argument("--object-store-mb", type=int, default=100, help="object store size in MB (Ray's minimum is 78.6, i.e. 75 MiB)")
     s.add_argument("--timeout", type=float, default=120.0, help="bound on the whole start, in seconds")
     s.set_defaults(func=cmd_start)
     t = sub.add_parser("stop", help="stop a cluster: kill all its processes, remove its temp dir")

@@ -1,0 +1,749 @@
+//! Shifts end to end: a real gateway, real stub clusters, a load client running throughout.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Blue (v1, 100) and green (v2, 0) serving `echo` in one shard.
+async fn blue_green(extra: &str) -> (ServeStub, ServeStub, TestGateway) {
+    named_blue_green("shard-0", "blue", "green", extra).await
+}
+
+/// Like [`blue_green`] with names of the test's own, for tests that read metrics: the tests of one
+/// binary share the process-wide metrics recorder.
+async fn named_blue_green(
+    shard: &str,
+    old: &str,
+    new: &str,
+    extra: &str,
+) -> (ServeStub, ServeStub, TestGateway) {
+    let blue = stub(old, "v1", &[("echo", "/echo")]).await;
+    let green = stub(new, "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &[shard],
+        &[
+            cluster(&blue, shard, "v1", Some(100)),
+            cluster(&green, shard, "v2", Some(0)),
+        ],
+        extra,
+    ))
+    .await;
+    (blue, green, gw)
+}
+
+/// GET, POST and a streamed response, in rotation.
+fn mixed_load(gw: &TestGateway, concurrency: usize) -> Load {
+    Load::rotating(
+        vec![
+            (Method::GET, gw.url("/echo")),
+            (Method::POST, gw.url("/echo/x")),
+            (Method::GET, gw.url("/echo/stream?n=3&interval_ms=10")),
+        ],
+        concurrency,
+    )
+}
+
+async fn post(url: &str, body: &str) -> Resp {
+    send(
+        Method::POST,
+        url,
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
+}
+
+/// The shard's shift, or `Null` while it has none.
+async fn shift_of(gw: &TestGateway, shard: &str) -> Value {
+    let r = get(&gw.admin(&format!("/v1/shards/{shard}/shift"))).await;
+    if r.status == StatusCode::NOT_FOUND && r.body.contains("has no shift") {
+        return Value::Null;
+    }
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap()
+}
+
+async fn wait_shift_state(gw: &TestGateway, shard: &str, states: &[&str]) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..1500 {
+        last = shift_of(gw, shard).await;
+        if states.iter().any(|s| last["state"] == *s) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("shift of {shard} never reached {states:?}; last: {last}");
+}
+
+/// A full shift in steps under mixed load, then the old cluster drained and stopped: zero failed
+/// requests out of all sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_shift_under_load_loses_no_request() {
+    let (blue, green, gw) = named_blue_green("fs", "fs-blue", "fs-green", "").await;
+    let load = mixed_load(&gw, 8);
+    load.wait_for_more(200).await;
+    let r = post(
+        &gw.admin("/v1/shards/fs/shift"),
+        r#"{"to": "fs-green", "step_percent": 25, "step_interval": "300ms", "min_requests": 20, "max_p99_latency": "2s"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let started: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(started["state"], "progressing");
+
+    // Watch the target weight only grow, in steps of 25.
+    let mut seen = vec![];
+    loop {
+        let shift = shift_of(&gw, "fs").await;
+        let w = shift["target_weight"].as_u64().unwrap();
+        if seen.last() != Some(&w) {
+            assert!(
+                seen.last().is_none_or(|last| w > *last),
+                "weight went back: {seen:?} then {w}"
+            );
+            assert_eq!(w % 25, 0, "{w}");
+            seen.push(w);
+        }
+        if shift["state"] == "completed" {
+            break;
+        }
+        assert_ne!(shift["state"], "rolled_back", "{shift}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen.len() >= 3, "steps seen: {seen:?}");
+    let blue_state = gw.cluster_state("fs-blue").await;
+    assert_eq!(blue_state["drain"], "drained");
+    assert_eq!(blue_state["weight"], 0);
+    assert_eq!(gw.cluster_state("fs-green").await["weight"], 100);
+
+    // The old cluster can now go away without a single failed request.
+    let blue_before_stop = blue.requests();
+    blue.shutdown().await;
+    load.wait_for_more(300).await;
+    let report = load.stop().await;
+    println!(
+        "full shift: {} requests checked, {} failed (blue {}, green {})",
+        report.ok + report.failed,
+        report.failed,
+        blue_before_stop,
+        green.requests()
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(green.requests() > 0);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(metrics.contains(r#"rayshift_shift_state{shard="fs",state="completed"} 1"#));
+    assert!(metrics.contains(r#"rayshift_shift_target_weight{shard="fs"} 100"#));
+    assert!(
+        metrics.contains(r#"rayshift_cluster_drained{shard="fs",cluster="fs-blue"} 1"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("drain"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(metrics.contains("rayshift_shift_steps_total{shard=\"fs\"}"));
+}
+
+/// The target starts failing 20% of requests from step 2: the shift rolls back by itself within
+/// `failure_threshold` windows, weights return to the start and the reason is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_target_rolls_back_automatically() {
+    let (_blue, green, gw) = named_blue_green("rb", "rb-blue", "rb-green", "").await;
+    let load = Load::start(gw.url("/echo"), 8, true);
+    let r = post(
+        &gw.admin("/v1/shards/rb/shift"),
+        r#"{"to": "rb-green", "step_percent": 20, "step_interval": "400ms", "min_requests": 20, "max_error_rate": 0.05, "failure_threshold": 2}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("step 2", || async {
+        shift_of(&gw, "rb").await["step"].as_u64().unwrap() >= 2
+    })
+    .await;
+    green.set_error_rate(0.2);
+    let shift = wait_shift_state(&gw, "rb", &["rolled_back", "completed"]).await;
+    let report = load.stop().await;
+    assert_eq!(shift["state"], "rolled_back", "{shift}");
+    let reason = shift["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("error rate") && reason.contains("2 failed checks in a row"),
+        "{reason}"
+    );
+    assert_eq!(shift["last_check"]["result"], "failed");
+    assert!(shift["target_weight"].as_u64().unwrap() < 100);
+    assert_eq!(gw.cluster_state("rb-blue").await["weight"], 100);
+    assert_eq!(gw.cluster_state("rb-green").await["weight"], 0);
+    // Traffic is all back on blue.
+    green.reset_requests();
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("rb-blue"));
+    }
+    assert_eq!(green.requests(), 0);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics.contains(r#"rayshift_shift_rollbacks_total{shard="rb",reason="error_rate"} 1"#),
+        "rollback metric"
+    );
+    assert!(
+        metrics.contains(r#"rayshift_shift_check_failures_total{shard="rb",check="error_rate"}"#)
+    );
+    println!(
+        "rollback: {} requests, {} answered 5xx by the failing target before rollback",
+        report.ok + report.failed,
+        report.failed
+    );
+}
+
+/// A target that is not ready holds the shift (weights unchanged), then rolls back at ready_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unready_target_holds_then_rolls_back() {
+    let (_blue, green, gw) = blue_green("").await;
+    green.set_healthy(false);
+    gw.wait_cluster_ready("green", false).await;
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "green", "step_percent": 50, "step_interval": "100ms", "ready_timeout": "1500ms"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let held = shift_of(&gw, "shard-0").await;
+    assert_eq!(held["state"], "progressing");
+    assert_eq!(
+        held["target_weight"], 0,
+        "stepped although the target is not ready"
+    );
+    let shift = wait_shift_state(&gw, "shard-0", &["rolled_back"]).await;
+    assert!(
+        shift["reason"]
+            .as_str()
+            .unwrap()
+            .contains("target not ready for 1s 500ms"),
+        "{shift}"
+    );
+    assert_eq!(gw.cluster_state("blue").await["weight"], 100);
+}
+
+/// The routes and dashboard gates: a target whose dashboard shows the app DEPLOYING holds the
+/// shift; once RUNNING, it proceeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_status_gates_the_shift() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    green.set_app_status("echo", "DEPLOYING");
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    )
+    .replace(
+        &format!("serve_url: {}\n", green.url()),
+        &format!(
+            "serve_url: {}\n    dashboard_url: {}\n",
+            green.url(),
+            green.url()
+        ),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "green", "step_percent": 100, "step_interval": "100ms"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let held = shift_of(&gw, "shard-0").await;
+    assert_eq!(held["target_weight"], 0, "{held}");
+    green.set_app_status("echo", "RUNNING");
+    let done = wait_shift_state(&gw, "shard-0", &["completed", "draining"]).await;
+    assert_eq!(done["target_weight"], 100);
+}
+
+/// A long streamed response and a WebSocket open on the old cluster at promotion finish intact;
+/// the old cluster is draining while they run and drained after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_and_websockets_finish_after_promotion() {
+    let (blue, _green, gw) = blue_green("").await;
+    // A 2 s stream and a WebSocket, both on blue (it has all the weight).
+    let stream_req = http::Request::get(gw.url("/echo/stream?n=20&interval_ms=100"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(stream_req).await.unwrap();
+    assert_eq!(resp.headers()["x-stub-cluster"], "blue");
+    let stream =
+        tokio::spawn(async move { resp.into_body().collect().await.map(|b| b.to_bytes()) });
+    let tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/echo/ws", gw.gateway.proxy_addr()), tcp)
+            .await
+            .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(
+        ws.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "blue: before"
+    );
+
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "green", "step_interval": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let shift: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(shift["state"], "draining");
+    // New requests go to green only; blue still has the open stream and WebSocket.
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let blue_state = gw.cluster_state("blue").await;
+    assert_eq!(blue_state["drain"], "draining", "{blue_state}");
+    assert_eq!(blue_state["in_flight"], 2);
+    assert!(blue.in_flight() >= 2);
+
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(
+        ws.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "blue: after"
+    );
+    ws.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    drop(ws);
+    let body = tokio::time::timeout(WAIT, stream)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&body);
+    for i in 0..20 {
+        assert!(
+            text.contains(&format!("data: blue {i}\n\n")),
+            "stream cut short: {text}"
+        );
+    }
+    let shift = wait_shift_state(&gw, "shard-0", &["completed"]).await;
+    assert_eq!(shift["state"], "completed");
+    assert_eq!(gw.cluster_state("blue").await["drain"], "drained");
+}
+
+/// Bad shift requests get 4xx with a message and change nothing; controls outside their phase 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_shift_requests_change_nothing() {
+    let red = stub("red", "v1", &[("other", "/other")]).await;
+    let (_blue, _green, gw) = {
+        let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+        let green = stub("green", "v2", &[("echo", "/echo")]).await;
+        let gw = TestGateway::start(&config_yaml(
+            &["shard-0", "shard-1"],
+            &[
+                cluster(&blue, "shard-0", "v1", Some(100)),
+                cluster(&green, "shard-0", "v2", Some(0)),
+                cluster(&red, "shard-1", "v1", None),
+            ],
+            "",
+        ))
+        .await;
+        (blue, green, gw)
+    };
+    let url = gw.admin("/v1/shards/shard-0/shift");
+    let cases: &[(&str, StatusCode, &str)] = &[
+        (
+            r#"{}"#,
+            StatusCode::BAD_REQUEST,
+            "to or to_revision is required",
+        ),
+        (
+            r#"{"to": "purple"}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown cluster \"purple\"",
+        ),
+        (
+            r#"{"to": "red"}"#,
+            StatusCode::BAD_REQUEST,
+            "belongs to shard \"shard-1\"",
+        ),
+        (
+            r#"{"to": "blue"}"#,
+            StatusCode::BAD_REQUEST,
+            "nothing to shift",
+        ),
+        (
+            r#"{"to_revision": "v9"}"#,
+            StatusCode::BAD_REQUEST,
+            "no cluster of revision \"v9\"",
+        ),
+        (
+            r#"{"to": "green", "to_revision": "v2"}"#,
+            StatusCode::BAD_REQUEST,
+            "not both",
+        ),
+        (
+            r#"{"to": "green", "step_percent": 0}"#,
+            StatusCode::BAD_REQUEST,
+            "step_percent: expected an integer 1-100",
+        ),
+        (
+            r#"{"to": "green", "step_percent": 101}"#,
+            StatusCode::BAD_REQUEST,
+            "1-100",
+        ),
+        (
+            r#"{"to": "green", "step_interval": "soon"}"#,
+            StatusCode::BAD_REQUEST,
+            "step_interval: expected a duration",
+        ),
+        (
+            r#"{"to": "green", "drain_timeout": 5}"#,
+            StatusCode::BAD_REQUEST,
+            "drain_timeout",
+        ),
+        (
+            r#"{"to": "green", "speed": 5}"#,
+            StatusCode::BAD_REQUEST,
+            "speed: unknown field",
+        ),
+        (r#"["green"]"#, StatusCode::BAD_REQUEST, "JSON object"),
+        ("to=green", StatusCode::BAD_REQUEST, "not JSON"),
+    ];
+    for (body, status, needle) in cases {
+        let r = post(&url, body).await;
+        assert_eq!(r.status, *status, "{body}: {}", r.body);
+        let msg = serde_json::from_str::<Value>(&r.body).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+    }
+    assert_eq!(
+        get(&gw.admin("/v1/shards/shard-0/shift")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        post(&gw.admin("/v1/shards/shard-9/shift"), r#"{"to": "green"}"#)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        post(&gw.admin("/v1/shards/shard-0/shift/pause"), "")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        post(&gw.admin("/v1/shards/shard-0/shift/jump"), "")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(gw.cluster_state("blue").await["weight"], 100);
+
+    // A running shift: a second one, manual weights and resume are refused with 409.
+    let r = post(&url, r#"{"to": "green", "step_interval": "1h"}"#).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let again = post(&url, r#"{"to": "green"}"#).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert!(
+        again.body.contains("has a shift in progress"),
+        "{}",
+        again.body
+    );
+    let w = gw
+        .set_weights("shard-0", &[("blue", 50), ("green", 50)])
+        .await;
+    assert_eq!(w.status, StatusCode::CONFLICT, "{}", w.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/resume"), "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(
+        r.body.contains("cannot resume a shift that is progressing"),
+        "{}",
+        r.body
+    );
+    // Pause -> resume -> abort round trip; abort puts the weights back.
+    for (action, state) in [
+        ("pause", "paused"),
+        ("resume", "progressing"),
+        ("abort", "aborted"),
+    ] {
+        let r = post(&gw.admin(&format!("/v1/shards/shard-0/shift/{action}")), "").await;
+        assert_eq!(r.status, StatusCode::OK, "{action}: {}", r.body);
+        assert_eq!(
+            serde_json::from_str::<Value>(&r.body).unwrap()["state"],
+            state
+        );
+    }
+    assert_eq!(gw.cluster_state("blue").await["weight"], 100);
+    assert_eq!(
+        post(&gw.admin("/v1/shards/shard-0/shift/promote"), "")
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+}
+
+/// kill -9 mid-shift: the gateway comes back at the same step with the same weights and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shift_survives_kill_and_restart() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rayshift.yaml");
+    std::fs::write(
+        &config,
+        config_yaml(
+            &["shard-0"],
+            &[
+                cluster(&blue, "shard-0", "v1", Some(100)),
+                cluster(&green, "shard-0", "v2", Some(0)),
+            ],
+            "",
+        ),
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    let load = Load::start(gw.url("/echo"), 4, false);
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "green", "step_percent": 20, "step_interval": "700ms", "min_requests": 10}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let shift_url = gw.admin("/v1/shards/shard-0/shift");
+    let before: Value = loop {
+        let s: Value = serde_json::from_str(&get(&shift_url).await.body).unwrap();
+        if s["step"].as_u64().unwrap() >= 2 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    gw.kill();
+    let _ = load.stop().await; // requests in flight at the kill fail, as with any process crash
+
+    let gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    let after: Value =
+        serde_json::from_str(&get(&gw.admin("/v1/shards/shard-0/shift")).await.body).unwrap();
+    assert_eq!(after["state"], "progressing", "{after}");
+    assert_eq!(after["step"], before["step"], "resumed at another step");
+    assert_eq!(after["weights"], before["weights"]);
+    assert_eq!(after["start_weights"], before["start_weights"]);
+    let load = Load::start(gw.url("/echo"), 4, false);
+    let url = gw.admin("/v1/shards/shard-0/shift");
+    eventually("shift completes after restart", || {
+        let url = url.clone();
+        async move {
+            let s: Value = serde_json::from_str(&get(&url).await.body).unwrap();
+            s["state"] == "completed"
+        }
+    })
+    .await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let state: Value = serde_json::from_str(&get(&gw.admin("/v1/state")).await.body).unwrap();
+    assert_eq!(state["shards"][0]["clusters"][1]["weight"], 100);
+}
+
+/// N shards, each with a v1 and a v2 cluster serving the shard's app (pinned).
+async fn fleet(n: usize, extra: &str) -> (Vec<(ServeStub, ServeStub)>, TestGateway) {
+    let mut stubs = Vec::new();
+    for i in 0..n {
+        let app = format!("app-{i}");
+        let prefix = format!("/app-{i}");
+        let old = stub(&format!("s{i}-v1"), "v1", &[(&app, &prefix)]).await;
+        let new = stub(&format!("s{i}-v2"), "v2", &[(&app, &prefix)]).await;
+        stubs.push((old, new));
+    }
+    let shards: Vec<String> = (0..n).map(|i| format!("shard-{i}")).collect();
+    let shard_refs: Vec<&str> = shards.iter().map(String::as_str).collect();
+    let clusters: Vec<ClusterDecl<'_>> = stubs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (old, new))| {
+            [
+                cluster(old, shard_refs[i], "v1", Some(100)),
+                cluster(new, shard_refs[i], "v2", Some(0)),
+            ]
+        })
+        .collect();
+    let mut apps = String::from("apps:\n");
+    for i in 0..n {
+        apps.push_str(&format!(
+            "  - name: app-{i}\n    route_prefix: /app-{i}\n    shard: shard-{i}\n"
+        ));
+    }
+    apps.push_str(extra);
+    let gw = TestGateway::start(&config_yaml(&shard_refs, &clusters, &apps)).await;
+    (stubs, gw)
+}
+
+/// The N+1 upgrade of 4 shards, one at a time, under load: never two shards shifting at once,
+/// all four finish, zero failed requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rollout_one_shard_at_a_time() {
+    let (stubs, gw) = fleet(4, "").await;
+    let load = Load::rotating(
+        (0..4)
+            .map(|i| (Method::GET, gw.url(&format!("/app-{i}/x"))))
+            .collect(),
+        8,
+    );
+    let r = post(
+        &gw.admin("/v1/rollouts"),
+        r#"{"revision": "v2", "max_concurrent": 1, "step_percent": 50, "step_interval": "250ms", "min_requests": 5}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let again = post(&gw.admin("/v1/rollouts"), r#"{"revision": "v2"}"#).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.body);
+    let mut max_shifting = 0;
+    let mut polls = 0;
+    loop {
+        let state = gw.state().await;
+        let shifting = state["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| matches!(s["shift"]["state"].as_str(), Some("progressing" | "paused")))
+            .count();
+        max_shifting = max_shifting.max(shifting);
+        let rollout = &state["rollout"];
+        assert_ne!(rollout["phase"], "halted", "{rollout}");
+        if rollout["phase"] == "completed" {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 3000, "rollout did not finish: {rollout}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = load.stop().await;
+    println!(
+        "rollout of 4 shards: {} requests, {} failed, at most {max_shifting} shifting at once",
+        report.ok, report.failed
+    );
+    assert_eq!(max_shifting, 1);
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let rollouts: Value = serde_json::from_str(&get(&gw.admin("/v1/rollouts")).await.body).unwrap();
+    let shards = rollouts["rollout"]["shards"].as_array().unwrap();
+    assert!(shards.iter().all(|s| s["state"] == "done"), "{rollouts}");
+    for (i, (_old, new)) in stubs.iter().enumerate() {
+        assert_eq!(
+            get(&gw.url(&format!("/app-{i}"))).await.cluster(),
+            Some(new.name())
+        );
+    }
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics.contains(r#"rayshift_rollout_shards{state="done"} 4"#),
+        "rollout metric"
+    );
+}
+
+/// A rollout halts at the first shard whose target fails: later shards never start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rollout_halts_when_a_shard_rolls_back() {
+    let (stubs, gw) = fleet(3, "").await;
+    stubs[1].1.set_error_rate(1.0);
+    let load = Load::rotating(
+        (0..3)
+            .map(|i| (Method::GET, gw.url(&format!("/app-{i}/x"))))
+            .collect(),
+        6,
+    );
+    let r = post(
+        &gw.admin("/v1/rollouts"),
+        r#"{"revision": "v2", "step_percent": 50, "step_interval": "250ms", "min_requests": 5, "failure_threshold": 1}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("rollout halts", || async {
+        gw.state().await["rollout"]["phase"] == "halted"
+    })
+    .await;
+    let _ = load.stop().await;
+    let rollouts: Value = serde_json::from_str(&get(&gw.admin("/v1/rollouts")).await.body).unwrap();
+    let states: Vec<&str> = rollouts["rollout"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["done", "failed", "waiting"], "{rollouts}");
+    assert!(rollouts["rollout"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("shard-1"));
+    assert_eq!(
+        gw.cluster_state("s1-v1").await["weight"],
+        100,
+        "failed shard rolled back"
+    );
+    assert_eq!(
+        gw.cluster_state("s2-v2").await["weight"],
+        0,
+        "a shard started after the halt"
+    );
+    assert_eq!(
+        post(&gw.admin("/v1/rollouts/resume"), "").await.status,
+        StatusCode::CONFLICT
+    );
+}
+
+/// `auto_shift`: a newer revision that is (or becomes) ready starts a shift by itself; a rolled-back
+/// revision is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_shift_starts_when_a_newer_revision_is_ready() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    green.set_healthy(false);
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", Some(100)), cluster(&green, "shard-0", "v2", Some(0))],
+        "",
+    )
+    .replace(
+        "shards: [shard-0]\n",
+        "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 50, step_interval: 200ms, min_requests: 5}\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let load = Load::start(gw.url("/echo"), 4, false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(&gw.admin("/v1/shards/shard-0/shift")).await.status,
+        StatusCode::NOT_FOUND,
+        "shifted to an unready cluster"
+    );
+    green.set_healthy(true);
+    let shift = wait_shift_state(&gw, "shard-0", &["completed"]).await;
+    assert_eq!(shift["target"]["revision"], "v2");
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(gw.cluster_state("green").await["weight"], 100);
+}
