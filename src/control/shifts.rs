@@ -323,13 +323,14 @@ impl Desired {
                 events.extend(happened.into_iter().map(|e| (shard.clone(), e)));
             }
         }
-        // Keep the timers and windows the machines advanced, even when nothing is persisted.
+        // Keep the timers and windows the machines advanced where nothing is to be persisted; the
+        // shards with events get their new shift only once it is written.
         for shard in &shards {
+            if events.iter().any(|(s, _)| s == shard) {
+                continue;
+            }
             if let (Some(cur), Some(new)) = (
-                self.state
-                    .shards
-                    .get_mut(shard)
-                    .and_then(|s| s.shift.as_mut()),
+                self.state.shards.get_mut(shard).and_then(|s| s.shift.as_mut()),
                 next.shards.get(shard).and_then(|s| s.shift.as_ref()),
             ) {
                 *cur = new.clone();
