@@ -113,12 +113,21 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// A client of the admin API at `base_url` (`http://host:port`, optionally with a path prefix).
-    /// With `token`, every request carries `Authorization: Bearer <token>`.
+    /// A client of the admin API at `base_url` (`http://host:port`, optionally with a path prefix;
+    /// a bare `host:port` means `http://host:port`). With `token`, every request carries
+    /// `Authorization: Bearer <token>`.
     pub fn new(base_url: &str, token: Option<String>) -> Result<AdminClient, ClientError> {
         let bad = |reason: &str| ClientError::BadUrl {
             url: base_url.to_string(),
             reason: reason.to_string(),
+        };
+        let base_url = base_url.trim();
+        let with_scheme;
+        let base_url = if base_url.contains("://") {
+            base_url
+        } else {
+            with_scheme = format!("http://{base_url}");
+            &with_scheme
         };
         let parsed = url::Url::parse(base_url).map_err(|e| bad(&e.to_string()))?;
         match parsed.scheme() {
@@ -541,13 +550,14 @@ impl Default for WatchOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     /// The admin API could not be reached for longer than the limit.
-    #[error("gave up after the admin API at {url} was unreachable for {} s: {last}", .limit.as_secs())]
+    #[error("gave up: the admin API at {url} was unreachable for {} s", .limit.as_secs())]
     Unreachable {
         /// The admin API's base URL.
         url: String,
         /// The limit that passed.
         limit: Duration,
         /// The last failure.
+        #[source]
         last: ClientError,
     },
     /// The API refused (no such shard, no shift, ...) or answered something unexpected.
@@ -605,6 +615,162 @@ pub async fn watch_shift(
     }
 }
 
+/// `GET /v1/state` as a readable table: per shard its shift and clusters, then the rollout.
+pub fn format_state(state: &Value) -> String {
+    let mut out = String::new();
+    let shards = state["shards"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if shards.is_empty() {
+        out.push_str("no shards\n");
+    }
+    for shard in shards {
+        let name = shard["name"].as_str().unwrap_or("?");
+        match ShiftProgress::from_json(&shard["shift"]) {
+            Ok(shift) => {
+                let _ = writeln!(
+                    out,
+                    "{name}  shift {} -> {}  target {}%  step {}",
+                    shift.state,
+                    shift.target_label(),
+                    shift.target_weight,
+                    shift.step
+                );
+                if let Some(reason) = shift.reason.as_deref().filter(|r| !r.is_empty()) {
+                    let _ = writeln!(out, "  reason: {reason}");
+                }
+            }
+            Err(_) => {
+                let _ = writeln!(out, "{name}  idle");
+            }
+        }
+        let clusters = shard["clusters"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        if clusters.is_empty() {
+            out.push_str("  (no clusters)\n");
+            continue;
+        }
+        let mut rows = vec![[
+            "CLUSTER",
+            "REVISION",
+            "WEIGHT",
+            "READY",
+            "DRAIN",
+            "IN-FLIGHT",
+            "",
+        ]
+        .map(String::from)];
+        for c in clusters {
+            let text = |key: &str| c[key].as_str().unwrap_or("").to_string();
+            let number = |key: &str| c[key].as_u64().map_or("?".into(), |n| n.to_string());
+            let drain = match c["drain"].as_str() {
+                Some(d) => d.to_string(),
+                None if c["draining"] == true => "draining".into(),
+                None => "-".into(),
+            };
+            rows.push([
+                text("name"),
+                text("revision"),
+                number("weight"),
+                if c["ready"] == true { "yes" } else { "no" }.into(),
+                drain,
+                number("in_flight"),
+                text("detail"),
+            ]);
+        }
+        out.push_str(&table(
+            &rows,
+            &[false, false, true, false, false, true, false],
+        ));
+    }
+    if state["rollout"].is_object() {
+        out.push_str(&rollout_line(&state["rollout"]));
+        out.push('\n');
+    }
+    out
+}
+
+/// `GET /v1/rollouts` (the `rollout` object, or null) as readable text.
+pub fn format_rollout(rollout: &Value) -> String {
+    if !rollout.is_object() {
+        return "no rollout\n".into();
+    }
+    let mut out = rollout_line(rollout);
+    if let Some(max) = rollout["max_concurrent"].as_u64() {
+        let _ = write!(out, "; at most {max} shard(s) at a time");
+    }
+    out.push('\n');
+    let shards = rollout["shards"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let rows: Vec<[String; 3]> = shards
+        .iter()
+        .map(|s| {
+            [
+                s["shard"].as_str().unwrap_or("?").to_string(),
+                s["state"].as_str().unwrap_or("?").to_string(),
+                s["reason"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&rows, &[false, false, false]));
+    out
+}
+
+/// `rollout 3: revision v2 running (waiting 1, shifting 1, done 2, failed 0)`, plus the reason.
+fn rollout_line(rollout: &Value) -> String {
+    let shards = rollout["shards"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let count = |state: &str| shards.iter().filter(|s| s["state"] == state).count();
+    let mut line = format!(
+        "rollout {}: revision {} {} (waiting {}, shifting {}, done {}, failed {})",
+        rollout["id"].as_u64().map_or("?".into(), |n| n.to_string()),
+        rollout["revision"].as_str().unwrap_or("?"),
+        rollout["phase"].as_str().unwrap_or("?"),
+        count("waiting"),
+        count("shifting"),
+        count("done"),
+        count("failed"),
+    );
+    if let Some(reason) = rollout["reason"].as_str() {
+        let _ = write!(line, "; reason: {reason}");
+    }
+    line
+}
+
+/// Rows as aligned columns (two spaces apart, indented by two); `right[i]` right-aligns column i.
+/// Trailing empty cells are left out.
+fn table<const N: usize>(rows: &[[String; N]], right: &[bool; N]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::from(" ");
+        for (i, cell) in row.iter().enumerate() {
+            let pad = widths[i] - cell.chars().count();
+            line.push(' ');
+            if right[i] {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            }
+            line.push(' ');
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// `4,213`.
 pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
@@ -625,17 +791,20 @@ mod tests {
     #[test]
     fn bad_urls_are_refused() {
         for (url, needle) in [
-            ("127.0.0.1:9901", "scheme"),
             ("https://example.com", "https is not supported"),
             ("ftp://example.com", "scheme"),
-            ("not a url", "relative URL"),
+            ("http://", "empty host"),
+            ("not a url", "invalid"),
             ("http://host/?q=1", "query"),
         ] {
             let e = AdminClient::new(url, None).unwrap_err();
             assert!(matches!(e, ClientError::BadUrl { .. }), "{url}: {e}");
             assert!(e.to_string().contains(needle), "{url}: {e}");
         }
-        assert!(AdminClient::new("http://127.0.0.1:9901/", None).is_ok());
+        let c = AdminClient::new("http://127.0.0.1:9901/", None).unwrap();
+        assert_eq!(c.base_url(), "http://127.0.0.1:9901");
+        let c = AdminClient::new("localhost:9901", None).unwrap();
+        assert_eq!(c.base_url(), "http://localhost:9901");
         assert!(AdminClient::new("http://h:1", Some(String::new())).is_err());
         assert!(AdminClient::new("http://h:1", Some("a\nb".into())).is_err());
     }
@@ -707,6 +876,45 @@ mod tests {
         assert_eq!(Outcome::Completed.exit_code(), 0);
         assert_eq!(Outcome::RolledBack.exit_code(), 2);
         assert_eq!(Outcome::Aborted.exit_code(), 3);
+    }
+
+    #[test]
+    fn state_and_rollout_read_as_tables() {
+        let state = serde_json::json!({
+            "shards": [
+                {"name": "shard-0", "clusters": [
+                    {"name": "blue", "revision": "v1", "weight": 60, "ready": true,
+                     "draining": false, "in_flight": 3},
+                    {"name": "green-long", "revision": "v2", "weight": 40, "ready": false,
+                     "draining": false, "in_flight": 12, "detail": "healthz answered 503"},
+                 ],
+                 "shift": {"state": "progressing", "target": {"cluster": "green-long"},
+                           "target_weight": 40, "step": 4}},
+                {"name": "shard-1", "clusters": [
+                    {"name": "red", "revision": "v1", "weight": 0, "ready": true,
+                     "draining": true, "drain": "drained", "in_flight": 0}],
+                 "shift": null},
+            ],
+            "rollout": {"id": 3, "revision": "v2", "phase": "running", "max_concurrent": 1,
+                        "shards": [{"shard": "shard-0", "state": "shifting"},
+                                   {"shard": "shard-1", "state": "failed", "reason": "boom"}]},
+        });
+        let text = format_state(&state);
+        let expected = "\
+shard-0  shift progressing -> green-long  target 40%  step 4
+  CLUSTER     REVISION  WEIGHT  READY  DRAIN  IN-FLIGHT
+  blue        v1            60  yes    -              3
+  green-long  v2            40  no     -             12  healthz answered 503
+shard-1  idle
+  CLUSTER  REVISION  WEIGHT  READY  DRAIN    IN-FLIGHT
+  red      v1             0  yes    drained          0
+rollout 3: revision v2 running (waiting 0, shifting 1, done 0, failed 1)
+";
+        assert_eq!(text, expected, "\n{text}");
+        let text = format_rollout(&state["rollout"]);
+        assert!(text.starts_with("rollout 3: revision v2 running (waiting 0, shifting 1, done 0, failed 1); at most 1 shard(s) at a time\n"), "{text}");
+        assert!(text.contains("  shard-1  failed    boom\n"), "{text}");
+        assert_eq!(format_rollout(&Value::Null), "no rollout\n");
     }
 
     #[test]

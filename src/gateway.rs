@@ -2,20 +2,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminContext, AdminToken};
-use crate::config::Config;
+use crate::config::{Config, ShutdownConfig};
 use crate::control::{self, ControlHandle};
 use crate::proxy::{self, ProxyContext};
 use crate::telemetry;
-
-/// How long open client connections may finish after shutdown starts.
-const DRAIN: Duration = Duration::from_secs(30);
 
 /// Why the gateway could not start. Nothing is served when this is returned.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +35,9 @@ pub enum GatewayError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    /// The admin API would be reachable from other machines without a token.
+    #[error("admin.listen {0} is not a loopback address: set admin.token_file so the admin API is not open to the network")]
+    AdminExposed(SocketAddr),
 }
 
 /// A running gateway.
@@ -47,13 +46,21 @@ pub struct Gateway {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     control: ControlHandle,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// True once shutdown starts: `/ready` answers 503, then the proxy stops accepting.
+    draining: watch::Sender<bool>,
+    /// True once the proxy has drained: the admin API stops.
+    stop: watch::Sender<bool>,
+    proxy_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    shutdown: ShutdownConfig,
 }
 
 impl Gateway {
     /// Loads state, binds both listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        if !config.admin.listen.ip().is_loopback() && config.admin.token_file.is_none() {
+            return Err(GatewayError::AdminExposed(config.admin.listen));
+        }
         let prometheus = telemetry::prometheus()?;
         let token = match &config.admin.token_file {
             Some(path) => AdminToken::from_file(path)?,
@@ -71,37 +78,46 @@ impl Gateway {
 
         let config = Arc::new(config);
         let control = control::start(Arc::clone(&config))?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (draining, draining_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
 
-        let proxy_ctx = Arc::new(ProxyContext::new(
-            Arc::clone(control.table()),
-            &config.upstream,
-            config.split_key.clone(),
-        ));
+        let proxy_ctx = Arc::new(ProxyContext::new(Arc::clone(control.table()), &config));
         let admin_ctx = Arc::new(AdminContext {
             control: control.clone(),
             prometheus,
             token,
             split_key: config.split_key.clone(),
             shift_defaults: config.shift_defaults.clone(),
-            shutting_down: shutdown_rx.clone(),
+            shutting_down: draining_rx.clone(),
         });
-        let tasks = vec![
-            tokio::spawn(proxy::server::serve(
-                proxy_listener,
-                proxy_ctx,
-                shutdown_rx.clone(),
-                DRAIN,
-            )),
-            tokio::spawn(admin::serve(admin_listener, admin_ctx, shutdown_rx)),
-        ];
+        // The proxy stops accepting `ready_delay` after /ready turned 503, so load balancers that
+        // watch /ready stop sending first.
+        let (proxy_stop_tx, proxy_stop) = watch::channel(false);
+        let ready_delay = config.shutdown.ready_delay;
+        tokio::spawn(async move {
+            let mut draining = draining_rx;
+            stopped(&mut draining).await;
+            tokio::time::sleep(ready_delay).await;
+            let _ = proxy_stop_tx.send(true);
+        });
+        let proxy_task = tokio::spawn(proxy::server::serve(
+            proxy_listener,
+            proxy_ctx,
+            proxy_stop,
+            config.limits.clone(),
+            config.shutdown.drain_timeout,
+        ));
+        let admin_task = tokio::spawn(admin::serve(admin_listener, admin_ctx, stop_rx));
         tracing::info!(%proxy_addr, %admin_addr, clusters = config.clusters.len(), "rayshift started");
         Ok(Gateway {
             proxy_addr,
             admin_addr,
             control,
-            shutdown,
-            tasks,
+            draining,
+            stop,
+            proxy_task,
+            admin_task,
+            shutdown: config.shutdown.clone(),
         })
     }
 
@@ -125,12 +141,20 @@ impl Gateway {
         self.control.wait_ready().await;
     }
 
-    /// Stops accepting, lets open connections finish (bounded), and returns when both listeners are done.
+    /// Shuts down gracefully: `/ready` answers 503, after `shutdown.ready_delay` the proxy stops
+    /// accepting, open requests, streams and WebSockets get up to `shutdown.drain_timeout` to
+    /// finish (HTTP/2 clients get GOAWAY), then the admin API stops.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = task.await;
-        }
+        let _ = self.draining.send(true);
+        tracing::info!(
+            ready_delay = ?self.shutdown.ready_delay,
+            drain_timeout = ?self.shutdown.drain_timeout,
+            "shutting down: draining client connections"
+        );
+        let _ = self.proxy_task.await;
+        let _ = self.stop.send(true);
+        let _ = self.admin_task.await;
+        tracing::info!("shut down");
     }
 }
 

@@ -1,16 +1,28 @@
-//! The `rayshift` binary: parse the command line, load config, run.
+//! The `rayshift` binary: parse the command line, load config, run; or talk to a running
+//! gateway's admin API (`status`, `shift`, `weights`, `rollout`).
 
 mod cli;
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Parser;
+use rayshift::client::{
+    format_rollout, format_state, watch_shift, weights_label, AdminClient, Outcome,
+    ProgressPrinter, ShiftProgress, WatchOptions,
+};
 use rayshift::demo::{self, DemoOptions};
 use rayshift::{Config, Gateway};
+use serde_json::{json, Value};
 
-use cli::{Cli, Command};
+use cli::{
+    AdminArgs, Cli, Command, RolloutCommand, RolloutControlArgs, ShardArgs, ShiftCommand,
+    WeightsCommand,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,12 +63,33 @@ fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
+            shift,
         } => report(runtime().and_then(|rt| {
-            rt.block_on(run_demo(DemoOptions {
-                listen,
-                admin_listen,
-            }))
+            rt.block_on(run_demo(
+                DemoOptions {
+                    listen,
+                    admin_listen,
+                },
+                shift,
+            ))
         })),
+        command @ (Command::Status { .. }
+        | Command::Shift(_)
+        | Command::Weights(_)
+        | Command::Rollout(_)) => {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")
+                .and_then(|rt| rt.block_on(client_command(command)));
+            match result {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("rayshift: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -95,13 +128,238 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_demo(opts: DemoOptions) -> anyhow::Result<()> {
+async fn run_demo(opts: DemoOptions, shift: bool) -> anyhow::Result<()> {
     let demo = demo::start(&opts).await?;
     println!("{}", demo.banner());
     std::io::stdout().flush().ok();
-    shutdown_signal().await?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    if shift {
+        let mut printer = ProgressPrinter::stdout();
+        let shifted = tokio::select! {
+            shifted = demo.run_shift(&mut printer) => Some(shifted),
+            signal = &mut shutdown => {
+                printer.finish();
+                signal?;
+                None
+            }
+        };
+        let Some(shifted) = shifted else {
+            demo.stop().await;
+            return Ok(());
+        };
+        match shifted {
+            Ok(report) => printer.println(&report.summary()),
+            Err(e) => {
+                printer.finish();
+                eprintln!("rayshift: {e}");
+            }
+        }
+        printer.println("Still serving; Ctrl-C stops everything.");
+    }
+    shutdown.await?;
     demo.stop().await;
     Ok(())
+}
+
+/// Writes to stdout, ignoring a closed pipe (`rayshift status --json | head` must not panic).
+macro_rules! emit {
+    ($($arg:tt)*) => {{
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// [`emit!`] with a newline.
+macro_rules! emitln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Runs one admin-client verb; the result is the exit code.
+async fn client_command(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Status { json, admin } => {
+            let state = connect(&admin)?.get_json("/v1/state").await?;
+            if json {
+                emitln!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                emit!("{}", format_state(&state));
+            }
+            Ok(0)
+        }
+        Command::Shift(ShiftCommand::Start(args)) => {
+            let client = connect(&args.admin)?;
+            let mut body = args.policy.to_json();
+            if let Some(to) = args.to {
+                body.insert("to".into(), Value::from(to));
+            }
+            if let Some(revision) = args.to_revision {
+                body.insert("to_revision".into(), Value::from(revision));
+            }
+            let accepted = client
+                .post_json(&shift_path(&args.shard, None), &Value::Object(body))
+                .await?;
+            emitln!("{}: {}", args.shard, shift_of(&accepted)?.summary());
+            if args.watch {
+                watch(&client, &args.shard, args.interval).await
+            } else {
+                Ok(0)
+            }
+        }
+        Command::Shift(ShiftCommand::Watch(args)) => {
+            watch(&connect(&args.admin)?, &args.shard, args.interval).await
+        }
+        Command::Shift(ShiftCommand::Pause(args)) => control_shift(args, "pause").await,
+        Command::Shift(ShiftCommand::Resume(args)) => control_shift(args, "resume").await,
+        Command::Shift(ShiftCommand::Promote(args)) => control_shift(args, "promote").await,
+        Command::Shift(ShiftCommand::Abort(args)) => control_shift(args, "abort").await,
+        Command::Weights(WeightsCommand::Set {
+            shard,
+            weights,
+            admin,
+        }) => {
+            let weights = parse_weights(&weights)?;
+            let client = connect(&admin)?;
+            let path = format!("/v1/shards/{}/weights", segment(&shard));
+            let answer = client
+                .put_json(&path, &json!({ "weights": weights }))
+                .await?;
+            let set: BTreeMap<String, u32> = serde_json::from_value(answer["weights"].clone())
+                .context("reading the weights the gateway answered with")?;
+            emitln!("{shard}: weights {}", weights_label(&set));
+            Ok(0)
+        }
+        Command::Rollout(RolloutCommand::Start(args)) => {
+            let client = connect(&args.admin)?;
+            let mut body = args.policy.to_json();
+            body.insert("revision".into(), Value::from(args.revision));
+            if let Some(n) = args.max_concurrent {
+                body.insert("max_concurrent".into(), Value::from(n));
+            }
+            let rollout = client
+                .post_json("/v1/rollouts", &Value::Object(body))
+                .await?;
+            emit!("{}", format_rollout(&rollout));
+            Ok(0)
+        }
+        Command::Rollout(RolloutCommand::Pause(args)) => control_rollout(args, "pause").await,
+        Command::Rollout(RolloutCommand::Resume(args)) => control_rollout(args, "resume").await,
+        Command::Rollout(RolloutCommand::Abort(args)) => control_rollout(args, "abort").await,
+        Command::Rollout(RolloutCommand::Status { json, admin }) => {
+            let answer = connect(&admin)?.get_json("/v1/rollouts").await?;
+            if json {
+                emitln!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                emit!("{}", format_rollout(&answer["rollout"]));
+            }
+            Ok(0)
+        }
+        Command::Run { .. } | Command::Check { .. } | Command::Demo { .. } => {
+            bail!("not an admin client command")
+        }
+    }
+}
+
+/// A client for the admin API the arguments name, with the token file's token.
+fn connect(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let token = match &args.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    Ok(AdminClient::new(&args.url, token)?)
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(token.to_string())
+}
+
+/// `/v1/shards/{shard}/shift[/{action}]`.
+fn shift_path(shard: &str, action: Option<&str>) -> String {
+    match action {
+        Some(action) => format!("/v1/shards/{}/shift/{action}", segment(shard)),
+        None => format!("/v1/shards/{}/shift", segment(shard)),
+    }
+}
+
+/// Percent-encodes a path segment (names are normally plain, so usually unchanged).
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn shift_of(value: &Value) -> anyhow::Result<ShiftProgress> {
+    ShiftProgress::from_json(value)
+        .map_err(|e| anyhow::anyhow!("unexpected shift in the gateway's answer: {e}"))
+}
+
+async fn control_shift(args: ShardArgs, action: &str) -> anyhow::Result<u8> {
+    let shift = connect(&args.admin)?
+        .post_json(&shift_path(&args.shard, Some(action)), &json!({}))
+        .await?;
+    emitln!("{}: {}", args.shard, shift_of(&shift)?.summary());
+    Ok(0)
+}
+
+async fn control_rollout(args: RolloutControlArgs, action: &str) -> anyhow::Result<u8> {
+    let path = match args.id {
+        Some(id) => format!("/v1/rollouts/{id}/{action}"),
+        None => format!("/v1/rollouts/{action}"),
+    };
+    let rollout = connect(&args.admin)?.post_json(&path, &json!({})).await?;
+    emit!("{}", format_rollout(&rollout));
+    Ok(0)
+}
+
+/// Follows a shift with a live progress line; the exit code says how it ended.
+async fn watch(client: &AdminClient, shard: &str, interval: Duration) -> anyhow::Result<u8> {
+    let mut printer = ProgressPrinter::stdout();
+    let opts = WatchOptions {
+        interval,
+        ..WatchOptions::default()
+    };
+    let result = watch_shift(client, shard, opts, |p| printer.update(&p.progress_line())).await;
+    printer.finish();
+    let (outcome, last) = result?;
+    emitln!("{shard}: {}", last.summary());
+    let reason = last.reason.as_deref().unwrap_or("no reason given");
+    match outcome {
+        Outcome::Completed => {}
+        Outcome::RolledBack => eprintln!("rayshift: the shift of {shard} rolled back: {reason}"),
+        Outcome::Aborted => eprintln!("rayshift: the shift of {shard} was aborted: {reason}"),
+    }
+    Ok(outcome.exit_code())
+}
+
+/// `blue=70 green=30` as a map, refusing anything but names with integer weights 0-100.
+fn parse_weights(args: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
+    let mut weights = BTreeMap::new();
+    for arg in args {
+        let parsed = arg.split_once('=').and_then(|(name, weight)| {
+            let weight = weight.trim().parse::<u32>().ok().filter(|w| *w <= 100)?;
+            Some((name.trim(), weight)).filter(|(name, _)| !name.is_empty())
+        });
+        let Some((name, weight)) = parsed else {
+            bail!("weights: {arg:?} is not CLUSTER=WEIGHT with an integer weight 0-100 (e.g. blue=70 green=30)");
+        };
+        if weights.insert(name.to_string(), weight).is_some() {
+            bail!("weights: cluster {name:?} is given twice");
+        }
+    }
+    Ok(weights)
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -79,6 +79,8 @@ pub struct ClusterView {
     pub draining: bool,
     /// Draining or drained after a promoted shift.
     pub drain: Option<Drain>,
+    /// Ejected by passive health (too many failures in a row) until a probe succeeds.
+    pub ejected: bool,
     /// Why it is not ready (empty when ready).
     pub detail: String,
     /// Applications its `/-/routes` listed last.

@@ -24,6 +24,8 @@ pub struct ClusterStats {
     latency: [AtomicU64; BUCKETS],
     /// Requests currently on this cluster (until the response body ends).
     in_flight: AtomicU64,
+    /// Failures (5xx or failed attempts) since the last success, for passive health.
+    consecutive_failures: AtomicU64,
 }
 
 impl Default for ClusterStats {
@@ -33,6 +35,7 @@ impl Default for ClusterStats {
             errors: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             in_flight: AtomicU64::new(0),
+            consecutive_failures: AtomicU64::new(0),
         }
     }
 }
@@ -43,6 +46,9 @@ impl ClusterStats {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if status >= 500 {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        } else if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
         }
         self.latency[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
@@ -51,6 +57,7 @@ impl ClusterStats {
     pub fn record_failure(&self, latency: Duration) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         self.latency[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -62,6 +69,16 @@ impl ClusterStats {
     /// Marks one request finished; returns the new count.
     pub fn leave(&self) -> u64 {
         self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1
+    }
+
+    /// Failures in a row since the last success.
+    pub fn consecutive_failures(&self) -> u64 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Starts counting failures in a row afresh (after an ejection).
+    pub fn reset_consecutive_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
     /// Requests currently in flight on this cluster.

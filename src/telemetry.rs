@@ -46,6 +46,15 @@ pub const CLUSTER_DRAINED: &str = "rayshift_cluster_drained";
 /// Shards of the current rollout by state (`waiting`, `shifting`, `done`, `failed`).
 pub const ROLLOUT_SHARDS: &str = "rayshift_rollout_shards";
 
+/// Retries sent to another cluster, by the cluster that failed and reason (`connect`, `reset`).
+pub const RETRIES_TOTAL: &str = "rayshift_retries_total";
+/// Retries not sent because the retry budget was exhausted.
+pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "rayshift_retry_budget_exhausted_total";
+/// Passive-health ejections, by cluster.
+pub const CLUSTER_EJECTIONS_TOTAL: &str = "rayshift_cluster_ejections_total";
+/// 1 while a cluster is ejected by passive health.
+pub const CLUSTER_EJECTED: &str = "rayshift_cluster_ejected";
+
 /// Histogram buckets for request durations, in seconds (Serve inference ranges from ms to minutes).
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -160,6 +169,22 @@ fn describe() {
     describe_gauge!(
         CLUSTER_DRAINED,
         "1 once a cluster is drained and safe to delete."
+    );
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Retries sent to another cluster, by failed cluster and reason."
+    );
+    describe_counter!(
+        RETRY_BUDGET_EXHAUSTED_TOTAL,
+        "Retries not sent because the retry budget was exhausted."
+    );
+    describe_counter!(
+        CLUSTER_EJECTIONS_TOTAL,
+        "Passive-health ejections, by cluster."
+    );
+    describe_gauge!(
+        CLUSTER_EJECTED,
+        "1 while a cluster is ejected by passive health."
     );
     describe_gauge!(ROLLOUT_SHARDS, "Shards of the current rollout, by state.");
 }

@@ -69,6 +69,8 @@ pub struct ClusterStateView {
     pub ready: bool,
     /// Takes no new requests.
     pub draining: bool,
+    /// Ejected by passive health after failures in a row.
+    pub ejected: bool,
     /// `draining` or `drained` after a promoted shift (drained: safe to delete).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain: Option<&'static str>,
@@ -132,6 +134,7 @@ impl<'a> StateView<'a> {
                 ready: view.ready,
                 draining: view.draining,
                 drain: view.drain.map(|d| d.as_str()),
+                ejected: view.ejected,
                 in_flight: cluster.stats.in_flight(),
                 apps: view.apps.clone(),
                 detail: view.detail.clone(),

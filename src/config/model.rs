@@ -61,6 +61,12 @@ pub struct Config {
     pub shift_defaults: ShiftPolicy,
     /// Most shards that automatic shifts move at once (`max_concurrent_shifts`, default 1).
     pub max_concurrent_shifts: usize,
+    /// Protection against misbehaving clients (`limits`).
+    pub limits: LimitsConfig,
+    /// Ejection of failing clusters between probes (`passive_health`).
+    pub passive_health: PassiveHealthConfig,
+    /// Graceful shutdown (`shutdown`).
+    pub shutdown: ShutdownConfig,
 }
 
 /// The admin API (`admin`): admin calls, `/metrics`, `/live` and `/ready`.
@@ -172,7 +178,7 @@ impl Default for ProbeConfig {
 }
 
 /// Pooled HTTP/1.1 connections to Serve (`upstream`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept; > 0. Must stay below Serve's keep-alive timeout
     /// (5 s in older Ray) or requests race connections the server is closing.
@@ -181,6 +187,77 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Most idle connections kept per cluster (0 disables pooling).
     pub max_idle_per_cluster: usize,
+    /// Longest wait for a cluster's response headers before the gateway answers 504; > 0.
+    pub response_timeout: Duration,
+    /// Retry requests that are safe to retry (see the README's reliability section).
+    pub retries: bool,
+    /// Retries allowed as a share of recent requests (0-1): a failing cluster is not hammered.
+    pub retry_budget: f64,
+    /// Retries always allowed per second, whatever the traffic (so a quiet gateway can retry too).
+    pub retry_min_per_second: u32,
+}
+
+/// Protection against misbehaving clients (`limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Largest request head (request line plus headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Largest request body accepted; larger gets 413. `None` (the default): unlimited, uploads stream.
+    pub max_body_bytes: Option<u64>,
+    /// Time a client has to send a complete request head (slowloris protection); > 0.
+    pub header_read_timeout: Duration,
+    /// Most client connections open at once; further connections wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: None,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Ejection of failing clusters from the split between probes (`passive_health`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveHealthConfig {
+    /// Connect failures or 5xx in a row that eject a cluster; 0 turns passive health off.
+    pub consecutive_failures: u32,
+    /// First ejection time; it doubles with every ejection in a row, up to `max_ejection`.
+    pub base_ejection: Duration,
+    /// Longest ejection time.
+    pub max_ejection: Duration,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        PassiveHealthConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Graceful shutdown on SIGTERM/SIGINT (`shutdown`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    /// How long `/ready` answers 503 before the listeners close (lets load balancers notice).
+    pub ready_delay: Duration,
+    /// How long in-flight requests, streams and WebSockets may run after the listeners close.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            ready_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -189,6 +266,10 @@ impl Default for UpstreamConfig {
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             max_idle_per_cluster: DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER,
+            response_timeout: Duration::from_secs(300),
+            retries: true,
+            retry_budget: 0.2,
+            retry_min_per_second: 10,
         }
     }
 }

@@ -59,7 +59,7 @@ impl<'de> Deserialize<'de> for Text {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts)"
+    expecting = "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts, limits, passive_health, shutdown)"
 )]
 pub(crate) struct RawConfig {
     pub listen: Option<Text>,
@@ -73,7 +73,14 @@ pub(crate) struct RawConfig {
     pub upstream: Option<RawUpstream>,
     pub shift_defaults: Option<RawPolicy>,
     pub max_concurrent_shifts: Option<Text>,
+    pub limits: Option<RawSection>,
+    pub passive_health: Option<RawSection>,
+    pub shutdown: Option<RawSection>,
 }
+
+/// A section whose keys are checked by validation (so an unknown key gets a field path and the list
+/// of known keys).
+pub(crate) type RawSection = std::collections::BTreeMap<String, Text>;
 
 /// A shift policy (`shift_defaults`, `shards[i].auto_shift`): policy keys to values, checked by
 /// [`crate::shift::ShiftPolicy::set`] so the config and the admin API share one syntax.
@@ -191,10 +198,14 @@ pub(crate) struct RawProbe {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys idle_timeout, connect_timeout and max_idle_per_cluster"
+    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, retries, retry_budget and retry_min_per_second"
 )]
 pub(crate) struct RawUpstream {
     pub idle_timeout: Option<Text>,
     pub connect_timeout: Option<Text>,
+    pub response_timeout: Option<Text>,
     pub max_idle_per_cluster: Option<Text>,
+    pub retries: Option<Text>,
+    pub retry_budget: Option<Text>,
+    pub retry_min_per_second: Option<Text>,
 }

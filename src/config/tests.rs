@@ -162,9 +162,13 @@ fn full_config_round_trip() {
             idle_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_millis(1500),
             max_idle_per_cluster: 64,
+            ..UpstreamConfig::default()
         },
         shift_defaults: crate::shift::ShiftPolicy::default(),
         max_concurrent_shifts: 1,
+        limits: crate::config::LimitsConfig::default(),
+        passive_health: crate::config::PassiveHealthConfig::default(),
+        shutdown: crate::config::ShutdownConfig::default(),
     };
     assert_eq!(config, expected);
     assert_eq!(config.shard_index("shard-1"), Some(1));
@@ -211,9 +215,40 @@ fn defaults_apply_when_keys_are_omitted() {
         UpstreamConfig {
             idle_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(2),
-            max_idle_per_cluster: 256
+            max_idle_per_cluster: 256,
+            response_timeout: Duration::from_secs(300),
+            retries: true,
+            retry_budget: 0.2,
+            retry_min_per_second: 10,
         }
     );
+}
+
+#[test]
+fn reliability_sections_parse_and_report_bad_keys() {
+    let yaml = "shards: [s]\nlimits:\n  max_header_bytes: 16384\n  max_body_bytes: 1048576\n  header_read_timeout: 2s\n  max_connections: 100\npassive_health:\n  consecutive_failures: 3\n  base_ejection: 1s\n  max_ejection: 10s\nshutdown:\n  ready_delay: 1s\n  drain_timeout: 5s\nupstream:\n  response_timeout: 30s\n  retries: false\n  retry_budget: 0.1\n";
+    let c = Config::from_yaml(yaml, Path::new("/")).unwrap();
+    assert_eq!(c.limits.max_header_bytes, 16384);
+    assert_eq!(c.limits.max_body_bytes, Some(1_048_576));
+    assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(c.limits.max_connections, 100);
+    assert_eq!(c.passive_health.consecutive_failures, 3);
+    assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(5));
+    assert_eq!(c.upstream.response_timeout, Duration::from_secs(30));
+    assert!(!c.upstream.retries);
+    let bad = "shards: [s]\nlimits:\n  max_header_bytes: 100\n  max_bodybytes: 5\npassive_health:\n  base_ejection: 10s\n  max_ejection: 1s\nupstream:\n  retries: maybe\n  retry_budget: 2\n";
+    let errors = Config::from_yaml(bad, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "limits.max_header_bytes: expected an integer >= 8192",
+        "limits.max_bodybytes: unknown key; expected one of",
+        "passive_health.max_ejection: must not be shorter than base_ejection",
+        "upstream.retries: expected true or false",
+        "upstream.retry_budget: expected a ratio 0-1",
+    ] {
+        assert!(errors.contains(needle), "{needle} not in:\n{errors}");
+    }
 }
 
 #[test]

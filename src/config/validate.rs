@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors};
 use super::model::{
-    AdminConfig, AppConfig, ClusterConfig, Config, ProbeConfig, ShardConfig, SplitKey,
-    UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE, MAX_NAME_LEN,
+    AdminConfig, AppConfig, ClusterConfig, Config, LimitsConfig, PassiveHealthConfig, ProbeConfig,
+    ShardConfig, ShutdownConfig, SplitKey, UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT,
+    DEFAULT_STATE_FILE, MAX_NAME_LEN,
 };
 use super::raw::{
-    RawAdmin, RawApp, RawCluster, RawConfig, RawPolicy, RawProbe, RawShard, RawUpstream, Text,
+    RawAdmin, RawApp, RawCluster, RawConfig, RawPolicy, RawProbe, RawSection, RawShard,
+    RawUpstream, Text,
 };
 use crate::shift::ShiftPolicy;
 
@@ -256,6 +258,9 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
             shard
         })
         .collect();
+    let limits = limits(&mut p, raw.limits.as_ref());
+    let passive_health = passive_health(&mut p, raw.passive_health.as_ref());
+    let shutdown = shutdown(&mut p, raw.shutdown.as_ref());
     let max_concurrent_shifts = match &raw.max_concurrent_shifts {
         Some(text) => match text.as_str().trim().parse::<usize>() {
             Ok(n) if n >= 1 => n,
@@ -285,7 +290,140 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
         upstream,
         shift_defaults,
         max_concurrent_shifts,
+        limits,
+        passive_health,
+        shutdown,
     })
+}
+
+/// One key of a keyed section: its name and how its text is applied.
+type KeySetter<T> = (&'static str, fn(&mut T, &str) -> Result<(), String>);
+
+/// Applies each key of a section; bad values and unknown keys are reported as `field.key`.
+fn keyed<T>(
+    p: &mut Problems,
+    field: &str,
+    raw: Option<&RawSection>,
+    target: &mut T,
+    keys: &[KeySetter<T>],
+) {
+    let Some(raw) = raw else { return };
+    for (key, value) in raw {
+        match keys.iter().find(|(k, _)| k == key) {
+            Some((_, set)) => {
+                if let Err(message) = set(target, value.as_str().trim()) {
+                    p.push(format!("{field}.{key}"), message);
+                }
+            }
+            None => {
+                let known: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+                p.push(
+                    format!("{field}.{key}"),
+                    format!("unknown key; expected one of {}", known.join(", ")),
+                );
+            }
+        }
+    }
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    parse_positive_duration("", s).map_err(|e| e.message)
+}
+
+fn any_duration(s: &str) -> Result<Duration, String> {
+    parse_duration("", s).map_err(|e| e.message)
+}
+
+fn count<T: std::str::FromStr>(s: &str, min: u64) -> Result<T, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= min => s.parse::<T>().map_err(|_| format!("{s:?} is too large")),
+        _ => Err(format!("expected an integer >= {min}, got {s:?}")),
+    }
+}
+
+fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
+    let mut limits = LimitsConfig::default();
+    keyed(
+        p,
+        "limits",
+        raw,
+        &mut limits,
+        &[
+            ("max_header_bytes", |l, s| {
+                l.max_header_bytes = count(s, 8192)?;
+                Ok(())
+            }),
+            ("max_body_bytes", |l, s| {
+                l.max_body_bytes = if s == "0" || s == "none" {
+                    None
+                } else {
+                    Some(count(s, 1)?)
+                };
+                Ok(())
+            }),
+            ("header_read_timeout", |l, s| {
+                l.header_read_timeout = positive_duration(s)?;
+                Ok(())
+            }),
+            ("max_connections", |l, s| {
+                l.max_connections = count(s, 1)?;
+                Ok(())
+            }),
+        ],
+    );
+    limits
+}
+
+fn passive_health(p: &mut Problems, raw: Option<&RawSection>) -> PassiveHealthConfig {
+    let mut health = PassiveHealthConfig::default();
+    keyed(
+        p,
+        "passive_health",
+        raw,
+        &mut health,
+        &[
+            ("consecutive_failures", |h, s| {
+                h.consecutive_failures = count(s, 0)?;
+                Ok(())
+            }),
+            ("base_ejection", |h, s| {
+                h.base_ejection = positive_duration(s)?;
+                Ok(())
+            }),
+            ("max_ejection", |h, s| {
+                h.max_ejection = positive_duration(s)?;
+                Ok(())
+            }),
+        ],
+    );
+    if health.max_ejection < health.base_ejection {
+        p.push(
+            "passive_health.max_ejection",
+            "must not be shorter than base_ejection",
+        );
+    }
+    health
+}
+
+fn shutdown(p: &mut Problems, raw: Option<&RawSection>) -> ShutdownConfig {
+    let mut shutdown = ShutdownConfig::default();
+    keyed(
+        p,
+        "shutdown",
+        raw,
+        &mut shutdown,
+        &[
+            ("ready_delay", |c, s| {
+                c.ready_delay = any_duration(s)?;
+                Ok(())
+            }),
+            ("drain_timeout", |c, s| {
+                c.drain_timeout = any_duration(s)?;
+                Ok(())
+            }),
+        ],
+    );
+    shutdown
 }
 
 /// A policy: `base` with every key of `keys` applied; each bad key is reported as `field.key`.
@@ -673,6 +811,42 @@ fn upstream(p: &mut Problems, raw: Option<&RawUpstream>) -> UpstreamConfig {
             text.as_str(),
         )) {
             upstream.connect_timeout = d;
+        }
+    }
+    if let Some(text) = &raw.response_timeout {
+        if let Some(d) = p.check(parse_positive_duration(
+            "upstream.response_timeout",
+            text.as_str(),
+        )) {
+            upstream.response_timeout = d;
+        }
+    }
+    if let Some(text) = &raw.retries {
+        match text.as_str().trim() {
+            "true" | "on" | "yes" => upstream.retries = true,
+            "false" | "off" | "no" => upstream.retries = false,
+            other => p.push(
+                "upstream.retries",
+                format!("expected true or false, got {other:?}"),
+            ),
+        }
+    }
+    if let Some(text) = &raw.retry_budget {
+        match text.as_str().trim().parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => upstream.retry_budget = r,
+            _ => p.push(
+                "upstream.retry_budget",
+                format!(
+                    "expected a ratio 0-1 (0.2 = retries up to 20% of requests), got {:?}",
+                    text.as_str()
+                ),
+            ),
+        }
+    }
+    if let Some(text) = &raw.retry_min_per_second {
+        match count::<u32>(text.as_str().trim(), 0) {
+            Ok(n) => upstream.retry_min_per_second = n,
+            Err(m) => p.push("upstream.retry_min_per_second", m),
         }
     }
     if let Some(text) = &raw.max_idle_per_cluster {

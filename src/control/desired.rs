@@ -199,10 +199,15 @@ impl Desired {
                 ready: spec.ready,
                 draining: spec.draining,
                 drain: self.drain_of(&entry.config.shard, &entry.config.name, spec.weight),
-                detail: match &entry.probe {
-                    None => "not probed yet".to_string(),
-                    Some(p) => p.detail.clone(),
+                detail: match (&entry.probe, entry.ejected_until) {
+                    (_, Some(_)) => format!(
+                        "ejected by passive health (ejection {} in a row) after consecutive failures",
+                        entry.ejections
+                    ),
+                    (None, None) => "not probed yet".to_string(),
+                    (Some(p), None) => p.detail.clone(),
                 },
+                ejected: entry.ejected_until.is_some(),
                 apps: spec.apps.clone(),
             })
             .collect();
@@ -218,6 +223,8 @@ impl Desired {
             metrics::gauge!(telemetry::CLUSTER_DRAINING, &labels)
                 .set(f64::from(u8::from(draining)));
             metrics::gauge!(telemetry::CLUSTER_DRAINED, &labels).set(f64::from(u8::from(drained)));
+            metrics::gauge!(telemetry::CLUSTER_EJECTED, &labels)
+                .set(f64::from(u8::from(view.ejected)));
         }
         for (i, shard) in self.config.shards.iter().enumerate() {
             let n = table
@@ -267,7 +274,8 @@ impl Desired {
                 .get(entry.config.name.as_str())
                 .copied()
                 .unwrap_or(0);
-            let ready = entry.probe.as_ref().is_some_and(ProbeReport::ready);
+            let ready = entry.probe.as_ref().is_some_and(ProbeReport::ready)
+                && entry.ejected_until.is_none();
             let draining = self
                 .drain_of(&entry.config.shard, &entry.config.name, weight)
                 .is_some();

@@ -317,6 +317,12 @@ struct ClusterEntry {
     /// Routes of the last probe that had them, kept while the cluster is down so its apps stay known.
     last_routes: BTreeMap<String, String>,
     prober: JoinHandle<()>,
+    /// Passive health: ejected from the split until this time (and a successful probe after it).
+    ejected_until: Option<tokio::time::Instant>,
+    /// Ejections in a row (the ejection time doubles with each).
+    ejections: u32,
+    /// When the last ejection ended.
+    returned_at: Option<tokio::time::Instant>,
 }
 
 impl Drop for ClusterEntry {
@@ -395,6 +401,9 @@ pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
             probe: None,
             last_routes: BTreeMap::new(),
             prober: handle,
+            ejected_until: None,
+            ejections: 0,
+            returned_at: None,
         });
     }
     let shard_pos = |s: &str| config.shard_index(s).unwrap_or(usize::MAX);
@@ -488,6 +497,7 @@ async fn run(
 }
 
 mod desired;
+mod health;
 mod revision;
 mod shifts;
 

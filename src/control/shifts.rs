@@ -300,6 +300,9 @@ impl Desired {
     /// publish if anything changed.
     pub(super) async fn tick(&mut self) {
         let now = Instant::now();
+        if self.passive_health(now) {
+            self.publish();
+        }
         let mut next = self.state.clone();
         let mut changed = false;
         let mut events: Vec<(String, Event)> = Vec::new();
@@ -330,7 +333,10 @@ impl Desired {
                 continue;
             }
             if let (Some(cur), Some(new)) = (
-                self.state.shards.get_mut(shard).and_then(|s| s.shift.as_mut()),
+                self.state
+                    .shards
+                    .get_mut(shard)
+                    .and_then(|s| s.shift.as_mut()),
                 next.shards.get(shard).and_then(|s| s.shift.as_ref()),
             ) {
                 *cur = new.clone();

@@ -1,22 +1,43 @@
-//! One request through the gateway: route, pick a cluster, forward, stream the response back.
+//! One request through the gateway: route, pick a cluster, forward (retrying where safe), stream the
+//! response back.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::uri::{PathAndQuery, Uri};
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::cluster::{Cluster, InFlight};
 use crate::discovery::probe::describe_client_error;
 use crate::proxy::body::{local_response, ProxyBody};
+use crate::proxy::request_body::{BodyTooLarge, RequestBody};
 use crate::proxy::{headers, split_key, ProxyContext};
 use crate::telemetry;
 
 /// Label used for `cluster`/`app` when the gateway answered without a cluster.
 const NONE: &str = "none";
+
+/// Where a request goes.
+struct Route {
+    cluster: Arc<Cluster>,
+    app: Arc<str>,
+    /// The split value used for the pick (reused, shifted, for a retry).
+    x: u64,
+}
+
+/// How one attempt ended without a response.
+enum Failure {
+    /// The cluster did not answer within `upstream.response_timeout`.
+    Timeout,
+    /// The client's body went over `limits.max_body_bytes`.
+    TooLarge(u64),
+    /// The attempt failed (connect error, reset, ...).
+    Error { connect: bool, cause: String },
+}
 
 /// Handles one downstream request. Never fails: every problem becomes a response with a status.
 pub async fn handle(
@@ -25,59 +46,82 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let start = Instant::now();
+    ctx.retry.deposit();
 
-    // Route with one snapshot load; keep only Arcs of what the rest of the request needs, so the
-    // snapshot is not pinned while the request waits on the network.
-    let (cluster, app) = {
-        let snap = ctx.table.load();
-        let path = req.uri().path();
-        let Some(hit) = snap.table.lookup(path) else {
-            count(NONE, NONE, NONE, StatusCode::NOT_FOUND);
-            let msg = format!(
-                "Path '{path}' not found: no application's route prefix matches it (GET /v1/state on the admin port lists them).\n"
-            );
-            return Ok(local_response(StatusCode::NOT_FOUND, msg));
-        };
-        let x = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip())
-            .unwrap_or_else(|| fastrand::u64(..));
-        match hit.split.pick(x) {
-            Some(id) => (Arc::clone(snap.cluster(id)), Arc::clone(&hit.app.name)),
-            None => {
-                let shard = snap.table.shard_name(hit.shard);
-                count(&hit.app.name, shard, NONE, StatusCode::SERVICE_UNAVAILABLE);
-                let msg = format!(
-                    "no ready cluster for application '{}' in shard '{shard}'\n",
-                    hit.app.name
-                );
-                return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, msg));
-            }
+    if let (Some(limit), Some(len)) = (ctx.max_body_bytes, content_length(req.headers())) {
+        if len > limit {
+            count(NONE, NONE, NONE, StatusCode::PAYLOAD_TOO_LARGE);
+            let msg = format!("request body of {len} bytes is over the limit of {limit} bytes\n");
+            return Ok(local_response(StatusCode::PAYLOAD_TOO_LARGE, msg));
         }
+    }
+    let route = match route(&ctx, &req, peer) {
+        Ok(route) => route,
+        Err(resp) => return Ok(resp),
     };
 
     let upgrade = headers::is_upgrade_request(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let request_id = prepare(&mut parts, &cluster, peer, upgrade, ctx.proto);
+    let request_id = prepare(&mut parts, peer, upgrade, ctx.proto);
+    // A bodiless request can be sent again; keep what a retry needs (only then: it costs a copy).
+    let retry_head = (ctx.retries && !upgrade && body.is_end_stream()).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.path_and_query().cloned(),
+            parts.headers.clone(),
+        )
+    });
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
 
-    let in_flight = cluster.enter();
-    let result = ctx.client.request(Request::from_parts(parts, body)).await;
+    let mut cluster = route.cluster;
+    set_upstream(&mut parts, &cluster);
+    let mut in_flight = cluster.enter();
+    let mut outcome = send(
+        &ctx,
+        &cluster,
+        Request::from_parts(parts, RequestBody::new(body, ctx.max_body_bytes)),
+    )
+    .await;
+
+    if let (Err(Failure::Error { connect, .. }), Some((method, path, headers))) =
+        (&outcome, &retry_head)
+    {
+        // Safe: the request never reached the cluster (connect failure), or it is idempotent and
+        // had no body; and no response has been sent downstream yet.
+        if *connect || idempotent {
+            if let Some(other) = retry_target(&ctx, &route.app, &cluster, path.as_ref(), route.x) {
+                if ctx.retry.try_withdraw() {
+                    let reason = if *connect { "connect" } else { "reset" };
+                    metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
+                        .increment(1);
+                    tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
+                    count_failure(&cluster, &route.app, &outcome, start.elapsed());
+                    drop(in_flight);
+                    cluster = other;
+                    in_flight = cluster.enter();
+                    let mut retry = Request::new(RequestBody::Empty);
+                    *retry.method_mut() = method.clone();
+                    *retry.headers_mut() = headers.clone();
+                    *retry.uri_mut() = upstream_uri(&cluster, path.as_ref());
+                    *retry.version_mut() = Version::HTTP_11;
+                    outcome = send(&ctx, &cluster, retry).await;
+                } else {
+                    metrics::counter!(telemetry::RETRY_BUDGET_EXHAUSTED_TOTAL).increment(1);
+                }
+            }
+        }
+    }
+
     let elapsed = start.elapsed();
-    let mut resp = match result {
+    let mut resp = match outcome {
         Ok(resp) => resp,
-        Err(e) => {
-            cluster.stats.record_failure(elapsed);
-            let kind = if e.is_connect() { "connect" } else { "request" };
-            metrics::counter!(
-                telemetry::UPSTREAM_ERRORS_TOTAL,
-                "cluster" => cluster.name.to_string(),
-                "kind" => kind
-            )
-            .increment(1);
-            let cause = describe_client_error(&e);
-            tracing::debug!(cluster = %cluster.name, %cause, "upstream request failed");
-            count(&app, &cluster.shard, &cluster.name, StatusCode::BAD_GATEWAY);
-            let msg = format!("upstream cluster '{}' failed: {cause}\n", cluster.name);
-            let mut resp = local_response(StatusCode::BAD_GATEWAY, msg);
+        Err(failure) => {
+            let (status, msg) = count_failure(&cluster, &route.app, &Err(failure), elapsed);
+            let mut resp = local_response(status, msg);
             resp.headers_mut()
                 .insert(&headers::X_REQUEST_ID, request_id);
             return Ok(resp);
@@ -87,7 +131,7 @@ pub async fn handle(
     let status = resp.status();
     cluster.stats.record_response(status.as_u16(), elapsed);
     cluster.duration.record(elapsed.as_secs_f64());
-    count(&app, &cluster.shard, &cluster.name, status);
+    count(&route.app, &cluster.shard, &cluster.name, status);
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
@@ -113,10 +157,152 @@ pub async fn handle(
     ))
 }
 
-/// Rewrites the request head for the upstream hop; returns the request id.
+/// Finds the app and picks a cluster with one snapshot load; answers 404/503 itself.
+#[allow(clippy::result_large_err)]
+fn route(
+    ctx: &ProxyContext,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Route, Response<ProxyBody>> {
+    // Keep only Arcs of what the rest of the request needs, so the snapshot is not pinned while the
+    // request waits on the network.
+    let snap = ctx.table.load();
+    let path = req.uri().path();
+    let Some(hit) = snap.table.lookup(path) else {
+        count(NONE, NONE, NONE, StatusCode::NOT_FOUND);
+        let msg = format!(
+            "Path '{path}' not found: no application's route prefix matches it (GET /v1/state on the admin port lists them).\n"
+        );
+        return Err(local_response(StatusCode::NOT_FOUND, msg));
+    };
+    let x = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip())
+        .unwrap_or_else(|| fastrand::u64(..));
+    match hit.split.pick(x) {
+        Some(id) => Ok(Route {
+            cluster: Arc::clone(snap.cluster(id)),
+            app: Arc::clone(&hit.app.name),
+            x,
+        }),
+        None => {
+            let shard = snap.table.shard_name(hit.shard);
+            count(&hit.app.name, shard, NONE, StatusCode::SERVICE_UNAVAILABLE);
+            let msg = format!(
+                "no ready cluster for application '{}' in shard '{shard}'\n",
+                hit.app.name
+            );
+            Err(local_response(StatusCode::SERVICE_UNAVAILABLE, msg))
+        }
+    }
+}
+
+/// Another cluster of the app's split than `failed`, from the current snapshot.
+fn retry_target(
+    ctx: &ProxyContext,
+    app: &str,
+    failed: &Arc<Cluster>,
+    path: Option<&PathAndQuery>,
+    x: u64,
+) -> Option<Arc<Cluster>> {
+    let snap = ctx.table.load();
+    let hit = snap.table.lookup(path.map_or("/", |p| p.path()))?;
+    if *hit.app.name != *app {
+        return None;
+    }
+    let failed_id = snap.clusters.iter().position(|c| Arc::ptr_eq(c, failed))? as u32;
+    let id = hit.split.pick_excluding(x.rotate_left(32), failed_id)?;
+    Some(Arc::clone(snap.cluster(id)))
+}
+
+/// One attempt: send and wait for the response headers (bounded by `upstream.response_timeout`).
+async fn send(
+    ctx: &ProxyContext,
+    cluster: &Cluster,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, Failure> {
+    match tokio::time::timeout(ctx.response_timeout, ctx.client.request(req)).await {
+        Err(_) => Err(Failure::Timeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            if let Some(too_large) = find_source::<BodyTooLarge>(&e) {
+                return Err(Failure::TooLarge(too_large.limit));
+            }
+            let cause = describe_client_error(&e);
+            tracing::debug!(cluster = %cluster.name, %cause, "upstream request failed");
+            Err(Failure::Error {
+                connect: e.is_connect(),
+                cause,
+            })
+        }
+    }
+}
+
+/// Records a failed attempt (stats, metrics) and returns the status and body to answer with.
+fn count_failure(
+    cluster: &Cluster,
+    app: &str,
+    outcome: &Result<Response<Incoming>, Failure>,
+    elapsed: Duration,
+) -> (StatusCode, String) {
+    let Err(failure) = outcome else {
+        return (StatusCode::OK, String::new());
+    };
+    let (status, kind, msg) = match failure {
+        Failure::TooLarge(limit) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+            format!("request body is over the limit of {limit} bytes\n"),
+        ),
+        Failure::Timeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            Some("timeout"),
+            format!(
+                "upstream cluster '{}' did not answer in time\n",
+                cluster.name
+            ),
+        ),
+        Failure::Error { connect, cause } => (
+            StatusCode::BAD_GATEWAY,
+            Some(if *connect { "connect" } else { "request" }),
+            format!("upstream cluster '{}' failed: {cause}\n", cluster.name),
+        ),
+    };
+    if let Some(kind) = kind {
+        // The client's oversized body is not the cluster's fault; everything else counts against it.
+        cluster.stats.record_failure(elapsed);
+        metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "cluster" => cluster.name.to_string(), "kind" => kind)
+            .increment(1);
+    }
+    count(app, &cluster.shard, &cluster.name, status);
+    (status, msg)
+}
+
+/// The first error of type `E` in `e`'s source chain.
+fn find_source<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The `Content-Length` of a request, if it has a valid one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Rewrites the request head for the upstream hop (cluster-independent parts); returns the request id.
 fn prepare(
     parts: &mut http::request::Parts,
-    cluster: &Cluster,
     peer: SocketAddr,
     upgrade: bool,
     proto: &'static str,
@@ -133,22 +319,26 @@ fn prepare(
     if let Some(host) = host {
         parts.headers.insert(header::HOST, host);
     }
-    let request_id = headers::ensure_request_id(&mut parts.headers);
-    let path = parts
-        .uri
-        .path_and_query()
+    headers::ensure_request_id(&mut parts.headers)
+}
+
+/// Points the request at `cluster` (absolute URI for the pool, HTTP/1.1).
+fn set_upstream(parts: &mut http::request::Parts, cluster: &Cluster) {
+    parts.uri = upstream_uri(cluster, parts.uri.path_and_query());
+    parts.version = Version::HTTP_11;
+}
+
+/// `scheme://authority/path?query` of the request on `cluster`.
+fn upstream_uri(cluster: &Cluster, path: Option<&PathAndQuery>) -> Uri {
+    let path = path
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if let Ok(uri) = Uri::builder()
+    Uri::builder()
         .scheme(cluster.scheme.clone())
         .authority(cluster.authority.clone())
         .path_and_query(path)
         .build()
-    {
-        parts.uri = uri;
-    }
-    parts.version = Version::HTTP_11;
-    request_id
+        .unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// Copies bytes both ways between an upgraded client connection and an upgraded upstream one.

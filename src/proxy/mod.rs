@@ -6,22 +6,25 @@
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod request_body;
+pub mod retry;
 pub mod server;
 pub mod split_key;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{SplitKey, UpstreamConfig};
+use crate::config::{Config, SplitKey, UpstreamConfig};
+use crate::proxy::request_body::RequestBody;
+use crate::proxy::retry::RetryBudget;
 use crate::snapshot::Snapshot;
 
 /// Pooled HTTP/1.1 client to the Serve clusters (one pool per `host:port`).
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// Everything a request needs, shared by all connections of one listener.
 #[derive(Debug)]
@@ -34,20 +37,31 @@ pub struct ProxyContext {
     pub split_key: SplitKey,
     /// Value of `x-forwarded-proto` (`http` or `https`).
     pub proto: &'static str,
+    /// Longest wait for response headers (`upstream.response_timeout`).
+    pub response_timeout: std::time::Duration,
+    /// Largest request body accepted (`limits.max_body_bytes`).
+    pub max_body_bytes: Option<u64>,
+    /// Whether safe retries are on (`upstream.retries`).
+    pub retries: bool,
+    /// The retry budget shared by all requests.
+    pub retry: RetryBudget,
 }
 
 impl ProxyContext {
-    /// A context routing by `table` with an upstream pool configured by `upstream`.
-    pub fn new(
-        table: Arc<ArcSwap<Snapshot>>,
-        upstream: &UpstreamConfig,
-        split_key: SplitKey,
-    ) -> Self {
+    /// A context routing by `table`, configured by `config`.
+    pub fn new(table: Arc<ArcSwap<Snapshot>>, config: &Config) -> Self {
         Self {
             table,
-            client: upstream_client(upstream),
-            split_key,
+            client: upstream_client(&config.upstream),
+            split_key: config.split_key.clone(),
             proto: "http",
+            response_timeout: config.upstream.response_timeout,
+            max_body_bytes: config.limits.max_body_bytes,
+            retries: config.upstream.retries,
+            retry: RetryBudget::new(
+                config.upstream.retry_budget,
+                config.upstream.retry_min_per_second,
+            ),
         }
     }
 }

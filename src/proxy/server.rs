@@ -1,4 +1,5 @@
-//! Accepting client connections: HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on one port, with upgrades.
+//! Accepting client connections: HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on one port, with
+//! upgrades, connection limits and a graceful drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,27 +9,43 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
+use crate::config::LimitsConfig;
 use crate::proxy::{forward, ProxyContext};
 
-/// Serves client connections from `listener` until `shutdown` turns true, then lets open
-/// connections finish for up to `drain` before returning.
+/// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
+/// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
+/// requests, streamed bodies and upgraded connections (WebSockets) to finish.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
     mut shutdown: watch::Receiver<bool>,
+    limits: LimitsConfig,
     drain: Duration,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        // At the connection limit, stop accepting: new clients wait in the listen backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = crate::gateway::stopped(&mut shutdown) => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -49,13 +66,15 @@ pub async fn serve(
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             () = crate::gateway::stopped(&mut shutdown) => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + drain;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
@@ -63,5 +82,25 @@ pub async fn serve(
             ?drain,
             "drain timeout: closing remaining client connections"
         );
+        return;
     }
+    // Upgraded connections (WebSockets) left hyper's connection tracking when they switched
+    // protocols; they are counted in flight on their cluster until they close.
+    while tokio::time::Instant::now() < deadline {
+        let open: u64 = ctx
+            .table
+            .load()
+            .clusters
+            .iter()
+            .map(|c| c.stats.in_flight())
+            .sum();
+        if open == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!(
+        ?drain,
+        "drain timeout: closing remaining upgraded connections"
+    );
 }

@@ -58,6 +58,36 @@ impl Split {
             .map(|&(_, cluster)| cluster)
     }
 
+    /// Like [`pick`](Self::pick) over the split without `exclude` (a cluster that just failed), for
+    /// a retry: `None` when no other cluster is in the split.
+    pub fn pick_excluding(&self, x: u64, exclude: ClusterId) -> Option<ClusterId> {
+        let mut start = 0;
+        let mut others = 0u32;
+        for &(end, cluster) in &self.entries {
+            if cluster != exclude {
+                others += end - start;
+            }
+            start = end;
+        }
+        if others == 0 {
+            return None;
+        }
+        let point = ((x as u128 * others as u128) >> 64) as u32;
+        let (mut start, mut seen) = (0, 0u32);
+        for &(end, cluster) in &self.entries {
+            let weight = end - start;
+            start = end;
+            if cluster == exclude {
+                continue;
+            }
+            seen += weight;
+            if seen > point {
+                return Some(cluster);
+            }
+        }
+        None
+    }
+
     /// Whether no cluster can take the app's requests.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -88,6 +118,28 @@ impl Split {
 mod tests {
     use super::super::key_hash;
     use super::*;
+
+    #[test]
+    fn pick_excluding_skips_the_failed_cluster_by_weight() {
+        let split = Split::from_weights([(0, 50), (1, 30), (2, 20)]);
+        let mut counts = [0u32; 3];
+        for i in 0..10_000u64 {
+            let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let c = split.pick_excluding(x, 0).unwrap();
+            counts[c as usize] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        // 30:20 of the rest.
+        assert!(
+            (counts[1] as f64 / 10_000.0 - 0.6).abs() < 0.02,
+            "{counts:?}"
+        );
+        assert_eq!(Split::from_weights([(4, 100)]).pick_excluding(7, 4), None);
+        assert_eq!(
+            Split::from_weights([(4, 100)]).pick_excluding(7, 5),
+            Some(4)
+        );
+    }
     use proptest::prelude::*;
 
     fn counts(split: &Split, xs: impl Iterator<Item = u64>) -> Vec<usize> {

@@ -30,7 +30,6 @@ that venv's python when `import ray` fails here. `stop` and `status` use only th
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import random
@@ -430,6 +429,7 @@ def cmd_start(args):
     with contextlib.suppress(FileNotFoundError):
         os.unlink(link)
     os.symlink(temp_dir, link)
+    shutil.rmtree(os.path.join(d, "logs"), ignore_errors=True)  # logs kept by an earlier failed start
 
     state = {
         "state": "starting",
@@ -438,6 +438,8 @@ def cmd_start(args):
         "dir": d,
         "temp_dir": temp_dir,
         "pgids": [],
+        "apps": apps,
+        "fail_ratio": args.fail_ratio,
     }
     write_state(d, state)
 
@@ -449,6 +451,12 @@ def cmd_start(args):
     watchdog = threading.Timer(args.timeout + 5, on_timeout)
     watchdog.daemon = True
     watchdog.start()
+
+    def on_sigterm(signum, frame):  # e.g. a test harness's timeout: clean up like any failure
+        raise SystemExit(f"killed by signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGHUP, on_sigterm)
 
     try:
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -490,11 +498,9 @@ def cmd_start(args):
             else:
                 cmd += ["--include-dashboard=false"]
             log(f"starting Ray head {args.name} (attempt {attempt}): gcs 127.0.0.1:{ports['gcs']}, temp {temp_dir}")
-            with open(os.path.join(d, START_LOG), "a") as out:
+            with open(os.path.join(d, START_LOG), "w" if attempt == 1 else "a") as out:
                 out.write(f"$ {' '.join(cmd)}\n")
                 out.flush()
-                # Own session and process group: the Ray daemons it forks inherit the group, so the whole
-                # cluster can be killed at once.
                 # No flag for these two Prometheus endpoints: their defaults (44217, 44227) are fixed ports that
                 # a second cluster on the machine fails to bind.
                 env = ray_env()
@@ -503,6 +509,8 @@ def cmd_start(args):
                 # Temp files of Ray's processes (e.g. the dashboard's multiprocessing pymp-* dirs) go
                 # into the temp dir, which `stop` removes.
                 env["TMPDIR"] = temp_dir
+                # Own session (and process group): the Ray daemons it forks stay in the session, so the
+                # whole cluster can be found and killed; the caller's terminal signals do not reach it.
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True, cwd=d)
             state["pgids"].append(proc.pid)
@@ -556,7 +564,10 @@ def cmd_start(args):
                 s, body = http_get(dashboard_url + "/api/serve/applications/", timeout=5.0)
                 if s != 200:
                     return False, f"{s} {body[:200]}"
-                got = json.loads(body).get("applications", {})
+                try:
+                    got = json.loads(body).get("applications") or {}
+                except ValueError:
+                    return False, f"not JSON: {body[:200]}"
                 statuses = {a["name"]: got.get(a["name"], {}).get("status") for a in apps}
                 return all(v == "RUNNING" for v in statuses.values()), statuses
 
@@ -566,8 +577,6 @@ def cmd_start(args):
         procs = cluster_procs(temp_dir, set(state["pgids"]))
         state.update({
             "state": "running",
-            "apps": apps,
-            "fail_ratio": args.fail_ratio,
             "pgid": state["pgids"][-1],
             "pids": sorted(procs),
             "session_dir": os.path.realpath(os.path.join(temp_dir, "session_latest")),
