@@ -1,0 +1,303 @@
+//! Faults and misbehaving clients: dead and silent backends, passive health, retries, limits,
+//! slow clients, a read-only state directory, graceful shutdown.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A backend killed mid-load (connections reset, port closed): with retries, GETs see no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_with_retries_loses_no_get() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", Some(50)), cluster(&green, "shard-0", "v2", Some(50))],
+        "",
+    ))
+    .await;
+    let load = Load::start(gw.url("/echo"), 8, false);
+    load.wait_for_more(500).await;
+    green.kill();
+    load.wait_for_more(2_000).await;
+    let report = load.stop().await;
+    println!("killed backend: {} GETs, {} failed", report.ok + report.failed, report.failed);
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(report.by_cluster["blue"] > 1_000);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(metrics.contains(r#"rayshift_retries_total{cluster="green""#), "no retry was counted");
+}
+
+/// A cluster answering 500 to everything is ejected by passive health; its share goes to the
+/// other cluster; it comes back once it is well and its ejection time is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_cluster_is_ejected_and_comes_back() {
+    let blue = stub("ph-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("ph-green", "v2", &[("echo", "/echo")]).await;
+    let extra = "passive_health:\n  consecutive_failures: 3\n  base_ejection: 1s\n  max_ejection: 4s\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", Some(50)), cluster(&green, "shard-0", "v2", Some(50))],
+        extra,
+    ))
+    .await;
+    green.set_error_rate(1.0);
+    let load = Load::start(gw.url("/echo"), 4, false);
+    eventually("green ejected", || async { gw.cluster_state("ph-green").await["ejected"] == true }).await;
+    let state = gw.cluster_state("ph-green").await;
+    assert!(state["detail"].as_str().unwrap().contains("passive health"), "{state}");
+    let during = green.requests();
+    load.wait_for_more(300).await;
+    assert_eq!(green.requests(), during, "an ejected cluster got requests");
+    green.set_error_rate(0.0);
+    eventually("green back", || async { gw.cluster_state("ph-green").await["ejected"] == false }).await;
+    load.wait_for_more(300).await;
+    let report = load.stop().await;
+    assert!(green.requests() > during, "green never came back");
+    // Only the requests green answered before its ejection failed; none after it came back.
+    assert!(report.failed <= during, "{} failed, green answered {during} before its ejection", report.failed);
+    assert!(report.failures.iter().all(|f| f.contains("ph-green")), "{:?}", report.failures);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(metrics.contains(r#"rayshift_cluster_ejections_total{cluster="ph-green"}"#));
+}
+
+/// A backend that accepts and never answers: 504 within the response timeout, naming the cluster;
+/// another shard's cluster is unaffected meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_backend_times_out_with_504() {
+    let good = stub("good", "v1", &[("good", "/good")]).await;
+    let slow = stub("slow", "v1", &[("slow", "/slow")]).await;
+    let extra = "apps:\n  - {name: good, route_prefix: /good, shard: a}\n  - {name: slow, route_prefix: /slow, shard: b}\nupstream:\n  response_timeout: 500ms\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["a", "b"],
+        &[cluster(&good, "a", "v1", None), cluster(&slow, "b", "v1", None)],
+        extra,
+    ))
+    .await;
+    slow.set_latency(Duration::from_secs(30));
+    let started = Instant::now();
+    let slow_req = tokio::spawn({
+        let url = gw.url("/slow/x");
+        async move { get(&url).await }
+    });
+    // Meanwhile the other cluster answers at once.
+    for _ in 0..20 {
+        let r = get(&gw.url("/good/x")).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let r = slow_req.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(r.body.contains("upstream cluster 'slow' did not answer in time"), "{}", r.body);
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "{took:?}");
+}
+
+/// 1,000 clients that send headers byte by byte do not stop normal clients from being served, and
+/// they are cut off at the header read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_header_clients_do_not_starve_others() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let extra = "limits:\n  header_read_timeout: 2s\n";
+    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], extra)).await;
+    let addr = gw.gateway.proxy_addr();
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    for _ in 0..50 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "normal clients starved: {:?}", started.elapsed());
+    // After the header read timeout the slow ones are closed by the gateway.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut closed = 0;
+    for s in slow.iter_mut().take(50) {
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            Ok(Ok(_)) | Ok(Err(_)) => closed += 1,
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 50, "slow clients were not cut off");
+}
+
+/// Oversized headers get 431, an oversized body 413, garbage 400; the gateway stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_get_the_right_4xx() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let extra = "limits:\n  max_header_bytes: 16384\n  max_body_bytes: 1000\n";
+    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], extra)).await;
+    let addr = gw.gateway.proxy_addr();
+    let raw = |bytes: Vec<u8>| async move {
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(&bytes);
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .await
+        .unwrap()
+    };
+    let big = format!("GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
+    let resp = raw(big.into_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp:.200}");
+    let resp = raw(b"\x16\x03\x01\x02\x00garbage\r\n\r\n".to_vec()).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
+    let resp = raw(b"GET /echo HTTP/9.9\r\n\r\n".to_vec()).await;
+    assert!(resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 505"), "{resp:.200}");
+
+    // Declared too large: refused before anything is sent upstream.
+    let before = blue.requests();
+    let r = send(Method::POST, &gw.url("/echo"), &[], &"x".repeat(5000)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    assert_eq!(blue.requests(), before);
+    // Chunked and too large: cut off while streaming.
+    let chunked = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        3000,
+        "y".repeat(3000)
+    );
+    let resp = raw(chunked.into_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp:.300}");
+    // Within limits: fine, and the gateway is still up.
+    let r = send(Method::POST, &gw.url("/echo"), &[], &"x".repeat(500)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, "blue v1 echo 500\n");
+}
+
+/// The state file's directory made read-only: a weight change is refused with a 5xx naming the
+/// problem, and the weights in memory stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_state_directory_refuses_weight_changes() {
+    use std::os::unix::fs::PermissionsExt;
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", Some(100)), cluster(&green, "shard-0", "v2", Some(0))],
+        "",
+    )
+    .replace("state_file: state.json", "state_file: state/state.json");
+    let gw = TestGateway::start_in(&yaml, dir).await;
+    // Root ignores permission bits; a file where the directory should be fails for everyone.
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    std::fs::write(&state_dir, b"not a directory").unwrap();
+    let r = gw.set_weights("shard-0", &[("blue", 0), ("green", 100)]).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert!(r.body.contains("state not changed") && r.body.contains("writing state file"), "{}", r.body);
+    assert_eq!(gw.cluster_state("blue").await["weight"], 100);
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("blue"));
+    }
+    // A shift cannot start either.
+    let r = send(Method::POST, &gw.admin("/v1/shards/shard-0/shift"), &[], r#"{"to": "green"}"#).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert_eq!(get(&gw.admin("/v1/shards/shard-0/shift")).await.status, StatusCode::NOT_FOUND);
+}
+
+/// SIGTERM during load with a long streamed response and a WebSocket open: `/ready` turns 503,
+/// new connections are refused, the stream and the WebSocket complete, the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_and_websockets_then_exits_0() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rayshift.yaml");
+    let extra = "shutdown:\n  ready_delay: 300ms\n  drain_timeout: 10s\n";
+    std::fs::write(&config, config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], extra)).unwrap();
+    let mut gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+
+    let stream_req = http::Request::get(gw.url("/echo/stream?n=15&interval_ms=100"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(stream_req).await.unwrap();
+    let stream = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await.map(|b| b.to_bytes())
+    });
+    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/echo/ws", gw.proxy), tcp).await.unwrap();
+    let load = Load::start(gw.url("/echo"), 4, false);
+    load.wait_for_more(100).await;
+
+    let pid = gw.child.id() as i32;
+    assert_eq!(unsafe_kill(pid), 0);
+    // /ready reports the shutdown before the listener closes.
+    let r = get(&gw.admin("/ready")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let report = load.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(tokio::net::TcpStream::connect(gw.proxy).await.is_err(), "new connections still accepted");
+
+    // The WebSocket still works, and closes cleanly.
+    ws.send(Message::text("during drain")).await.unwrap();
+    let msg = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(msg.into_text().unwrap().as_str(), "blue: during drain");
+    ws.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+    drop(ws);
+    let body = tokio::time::timeout(WAIT, stream).await.unwrap().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("data: blue 14\n\n"), "stream truncated: {text}");
+
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = gw.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    let status = status.expect("gateway did not exit within the drain timeout");
+    assert!(status.success(), "exit status {status:?}");
+    // Requests that were refused after the listener closed are connection errors, not 5xx answers.
+    assert!(report.ok > 0);
+}
+
+/// `admin.listen` on a non-loopback address without a token: refuses to start.
+#[test]
+fn exposed_admin_without_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rayshift.yaml");
+    std::fs::write(&config, "listen: 127.0.0.1:0\nadmin:\n  listen: 0.0.0.0:0\nshards: [s]\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a loopback address: set admin.token_file"), "{stderr}");
+}
+
+fn unsafe_kill(pid: i32) -> i32 {
+    // SIGTERM through the kill(1) command: no libc binding needed in the tests.
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map(|s| if s.success() { 0 } else { 1 })
+        .unwrap_or(1)
+}
