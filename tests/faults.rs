@@ -19,7 +19,10 @@ async fn killed_backend_with_retries_loses_no_get() {
     let green = stub("green", "v2", &[("echo", "/echo")]).await;
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", Some(50)), cluster(&green, "shard-0", "v2", Some(50))],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v2", Some(50)),
+        ],
         "",
     ))
     .await;
@@ -28,11 +31,18 @@ async fn killed_backend_with_retries_loses_no_get() {
     green.kill();
     load.wait_for_more(2_000).await;
     let report = load.stop().await;
-    println!("killed backend: {} GETs, {} failed", report.ok + report.failed, report.failed);
+    println!(
+        "killed backend: {} GETs, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert!(report.by_cluster["blue"] > 1_000);
     let metrics = get(&gw.admin("/metrics")).await.body;
-    assert!(metrics.contains(r#"rayshift_retries_total{cluster="green""#), "no retry was counted");
+    assert!(
+        metrics.contains(r#"rayshift_retries_total{cluster="green""#),
+        "no retry was counted"
+    );
 }
 
 /// A cluster answering 500 to everything is ejected by passive health; its share goes to the
@@ -41,29 +51,50 @@ async fn killed_backend_with_retries_loses_no_get() {
 async fn failing_cluster_is_ejected_and_comes_back() {
     let blue = stub("ph-blue", "v1", &[("echo", "/echo")]).await;
     let green = stub("ph-green", "v2", &[("echo", "/echo")]).await;
-    let extra = "passive_health:\n  consecutive_failures: 3\n  base_ejection: 1s\n  max_ejection: 4s\n";
+    let extra =
+        "passive_health:\n  consecutive_failures: 3\n  base_ejection: 1s\n  max_ejection: 4s\n";
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", Some(50)), cluster(&green, "shard-0", "v2", Some(50))],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v2", Some(50)),
+        ],
         extra,
     ))
     .await;
     green.set_error_rate(1.0);
     let load = Load::start(gw.url("/echo"), 4, false);
-    eventually("green ejected", || async { gw.cluster_state("ph-green").await["ejected"] == true }).await;
+    eventually("green ejected", || async {
+        gw.cluster_state("ph-green").await["ejected"] == true
+    })
+    .await;
     let state = gw.cluster_state("ph-green").await;
-    assert!(state["detail"].as_str().unwrap().contains("passive health"), "{state}");
+    assert!(
+        state["detail"].as_str().unwrap().contains("passive health"),
+        "{state}"
+    );
     let during = green.requests();
     load.wait_for_more(300).await;
     assert_eq!(green.requests(), during, "an ejected cluster got requests");
     green.set_error_rate(0.0);
-    eventually("green back", || async { gw.cluster_state("ph-green").await["ejected"] == false }).await;
+    eventually("green back", || async {
+        gw.cluster_state("ph-green").await["ejected"] == false
+    })
+    .await;
     load.wait_for_more(300).await;
     let report = load.stop().await;
     assert!(green.requests() > during, "green never came back");
     // Only the requests green answered before its ejection failed; none after it came back.
-    assert!(report.failed <= during, "{} failed, green answered {during} before its ejection", report.failed);
-    assert!(report.failures.iter().all(|f| f.contains("ph-green")), "{:?}", report.failures);
+    assert!(
+        report.failed <= during,
+        "{} failed, green answered {during} before its ejection",
+        report.failed
+    );
+    assert!(
+        report.failures.iter().all(|f| f.contains("ph-green")),
+        "{:?}",
+        report.failures
+    );
     let metrics = get(&gw.admin("/metrics")).await.body;
     assert!(metrics.contains(r#"rayshift_cluster_ejections_total{cluster="ph-green"}"#));
 }
@@ -77,7 +108,10 @@ async fn silent_backend_times_out_with_504() {
     let extra = "apps:\n  - {name: good, route_prefix: /good, shard: a}\n  - {name: slow, route_prefix: /slow, shard: b}\nupstream:\n  response_timeout: 500ms\n";
     let gw = TestGateway::start(&config_yaml(
         &["a", "b"],
-        &[cluster(&good, "a", "v1", None), cluster(&slow, "b", "v1", None)],
+        &[
+            cluster(&good, "a", "v1", None),
+            cluster(&slow, "b", "v1", None),
+        ],
         extra,
     ))
     .await;
@@ -95,8 +129,16 @@ async fn silent_backend_times_out_with_504() {
     let r = slow_req.await.unwrap();
     let took = started.elapsed();
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(r.body.contains("upstream cluster 'slow' did not answer in time"), "{}", r.body);
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        r.body
+            .contains("upstream cluster 'slow' did not answer in time"),
+        "{}",
+        r.body
+    );
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
 }
 
 /// 1,000 clients that send headers byte by byte do not stop normal clients from being served, and
@@ -105,12 +147,19 @@ async fn silent_backend_times_out_with_504() {
 async fn slow_header_clients_do_not_starve_others() {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  header_read_timeout: 2s\n";
-    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], extra)).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
     let addr = gw.gateway.proxy_addr();
     let mut slow = Vec::new();
     for _ in 0..1000 {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
         slow.push(s);
     }
     let started = Instant::now();
@@ -118,7 +167,11 @@ async fn slow_header_clients_do_not_starve_others() {
         let r = get(&gw.url("/echo")).await;
         assert_eq!(r.status, StatusCode::OK);
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "normal clients starved: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "normal clients starved: {:?}",
+        started.elapsed()
+    );
     // After the header read timeout the slow ones are closed by the gateway.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let mut closed = 0;
@@ -137,7 +190,12 @@ async fn slow_header_clients_do_not_starve_others() {
 async fn bad_clients_get_the_right_4xx() {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  max_header_bytes: 16384\n  max_body_bytes: 1000\n";
-    let gw = TestGateway::start(&config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], extra)).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
     let addr = gw.gateway.proxy_addr();
     let raw = |bytes: Vec<u8>| async move {
         tokio::task::spawn_blocking(move || {
@@ -151,13 +209,19 @@ async fn bad_clients_get_the_right_4xx() {
         .await
         .unwrap()
     };
-    let big = format!("GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
+    let big = format!(
+        "GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
     let resp = raw(big.into_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp:.200}");
     let resp = raw(b"\x16\x03\x01\x02\x00garbage\r\n\r\n".to_vec()).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
     let resp = raw(b"GET /echo HTTP/9.9\r\n\r\n".to_vec()).await;
-    assert!(resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 505"), "{resp:.200}");
+    assert!(
+        resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 505"),
+        "{resp:.200}"
+    );
 
     // Declared too large: refused before anything is sent upstream.
     let before = blue.requests();
@@ -190,7 +254,10 @@ async fn unwritable_state_directory_refuses_weight_changes() {
     std::fs::create_dir(&state_dir).unwrap();
     let yaml = config_yaml(
         &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", Some(100)), cluster(&green, "shard-0", "v2", Some(0))],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
         "",
     )
     .replace("state_file: state.json", "state_file: state/state.json");
@@ -199,17 +266,32 @@ async fn unwritable_state_directory_refuses_weight_changes() {
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o500)).unwrap();
     std::fs::remove_dir_all(&state_dir).unwrap();
     std::fs::write(&state_dir, b"not a directory").unwrap();
-    let r = gw.set_weights("shard-0", &[("blue", 0), ("green", 100)]).await;
+    let r = gw
+        .set_weights("shard-0", &[("blue", 0), ("green", 100)])
+        .await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
-    assert!(r.body.contains("state not changed") && r.body.contains("writing state file"), "{}", r.body);
+    assert!(
+        r.body.contains("state not changed") && r.body.contains("writing state file"),
+        "{}",
+        r.body
+    );
     assert_eq!(gw.cluster_state("blue").await["weight"], 100);
     for _ in 0..10 {
         assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("blue"));
     }
     // A shift cannot start either.
-    let r = send(Method::POST, &gw.admin("/v1/shards/shard-0/shift"), &[], r#"{"to": "green"}"#).await;
+    let r = send(
+        Method::POST,
+        &gw.admin("/v1/shards/shard-0/shift"),
+        &[],
+        r#"{"to": "green"}"#,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
-    assert_eq!(get(&gw.admin("/v1/shards/shard-0/shift")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&gw.admin("/v1/shards/shard-0/shift")).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 /// SIGTERM during load with a long streamed response and a WebSocket open: `/ready` turns 503,
@@ -220,7 +302,15 @@ async fn sigterm_drains_streams_and_websockets_then_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rayshift.yaml");
     let extra = "shutdown:\n  ready_delay: 300ms\n  drain_timeout: 10s\n";
-    std::fs::write(&config, config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], extra)).unwrap();
+    std::fs::write(
+        &config,
+        config_yaml(
+            &["shard-0"],
+            &[cluster(&blue, "shard-0", "v1", None)],
+            extra,
+        ),
+    )
+    .unwrap();
     let mut gw = GatewayProcess::spawn(&config).unwrap();
     gw.wait_ready().await;
 
@@ -233,7 +323,9 @@ async fn sigterm_drains_streams_and_websockets_then_exits_0() {
         resp.into_body().collect().await.map(|b| b.to_bytes())
     });
     let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/echo/ws", gw.proxy), tcp).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/echo/ws", gw.proxy), tcp)
+        .await
+        .unwrap();
     let load = Load::start(gw.url("/echo"), 4, false);
     load.wait_for_more(100).await;
 
@@ -244,18 +336,32 @@ async fn sigterm_drains_streams_and_websockets_then_exits_0() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let report = load.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(tokio::net::TcpStream::connect(gw.proxy).await.is_err(), "new connections still accepted");
+    assert!(
+        tokio::net::TcpStream::connect(gw.proxy).await.is_err(),
+        "new connections still accepted"
+    );
 
     // The WebSocket still works, and closes cleanly.
     ws.send(Message::text("during drain")).await.unwrap();
-    let msg = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    let msg = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(msg.into_text().unwrap().as_str(), "blue: during drain");
     ws.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
     drop(ws);
-    let body = tokio::time::timeout(WAIT, stream).await.unwrap().unwrap().unwrap();
+    let body = tokio::time::timeout(WAIT, stream)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&body);
-    assert!(text.contains("data: blue 14\n\n"), "stream truncated: {text}");
+    assert!(
+        text.contains("data: blue 14\n\n"),
+        "stream truncated: {text}"
+    );
 
     let status = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -282,7 +388,11 @@ async fn sigterm_drains_streams_and_websockets_then_exits_0() {
 fn exposed_admin_without_token_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("rayshift.yaml");
-    std::fs::write(&config, "listen: 127.0.0.1:0\nadmin:\n  listen: 0.0.0.0:0\nshards: [s]\n").unwrap();
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:0\nadmin:\n  listen: 0.0.0.0:0\nshards: [s]\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
         .args(["run", "--config"])
         .arg(&config)
@@ -290,7 +400,10 @@ fn exposed_admin_without_token_refuses_to_start() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("is not a loopback address: set admin.token_file"), "{stderr}");
+    assert!(
+        stderr.contains("is not a loopback address: set admin.token_file"),
+        "{stderr}"
+    );
 }
 
 fn unsafe_kill(pid: i32) -> i32 {

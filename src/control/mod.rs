@@ -85,6 +85,14 @@ pub enum ControlError {
     /// A policy key with a bad value.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The rollout control does not apply in the rollout's phase.
+    #[error("cannot {action} a rollout that is {phase}")]
+    RolloutState {
+        /// The control asked for.
+        action: &'static str,
+        /// The rollout's phase.
+        phase: &'static str,
+    },
     /// A rollout is already running.
     #[error("rollout {0} is still active; pause, abort or let it finish first")]
     RolloutRunning(u64),
@@ -115,6 +123,7 @@ impl ControlError {
             ControlError::ShiftRunning(_)
             | ControlError::InRollout { .. }
             | ControlError::Transition(_)
+            | ControlError::RolloutState { .. }
             | ControlError::RolloutRunning(_) => StatusCode::CONFLICT,
             ControlError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,

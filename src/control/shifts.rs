@@ -246,11 +246,9 @@ impl Desired {
                 id.map_or("is running".into(), |id| id.to_string()),
             ));
         };
-        let invalid = |phase: RolloutPhase, action: &'static str| {
-            ControlError::Transition(crate::shift::machine::InvalidTransition {
-                action,
-                phase: phase.as_str(),
-            })
+        let invalid = |phase: RolloutPhase, action: &'static str| ControlError::RolloutState {
+            action,
+            phase: phase.as_str(),
         };
         let shifting: Vec<String> = rollout.shifting().map(str::to_string).collect();
         match action {
