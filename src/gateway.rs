@@ -10,8 +10,10 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminContext, AdminToken};
 use crate::config::{Config, ShutdownConfig};
 use crate::control::{self, ControlHandle};
+use crate::discovery::probe;
 use crate::proxy::{self, ProxyContext};
 use crate::telemetry;
+use crate::tls::{self, ServerTls, TlsError};
 
 /// Why the gateway could not start. Nothing is served when this is returned.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,13 @@ pub enum GatewayError {
     /// The admin API would be reachable from other machines without a token.
     #[error("admin.listen {0} is not a loopback address: set admin.token_file so the admin API is not open to the network")]
     AdminExposed(SocketAddr),
+    /// A certificate, key or CA file (`tls.*`, `upstream.ca_file`) could not be read or used; the
+    /// message names the file.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The Kubernetes client could not be set up (`discovery.kubernetes`).
+    #[error(transparent)]
+    Kube(#[from] crate::discovery::kube::KubeError),
 }
 
 /// A running gateway.
@@ -53,6 +62,10 @@ pub struct Gateway {
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
     shutdown: ShutdownConfig,
+    /// The listener's certificate, when it serves TLS.
+    tls: Option<Arc<ServerTls>>,
+    /// RayCluster watchers and the drain annotator (Kubernetes discovery).
+    discovery_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -66,6 +79,12 @@ impl Gateway {
             Some(path) => AdminToken::from_file(path)?,
             None => AdminToken::none(),
         };
+        tls::install_default_provider();
+        let server_tls = match &config.tls {
+            Some(cfg) => Some(Arc::new(ServerTls::new(cfg)?)),
+            None => None,
+        };
+        let upstream_tls = tls::client_config(config.upstream.ca_file.as_deref())?;
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -77,11 +96,24 @@ impl Gateway {
         let admin_addr = local_addr(&admin_listener, "admin", config.admin.listen)?;
 
         let config = Arc::new(config);
-        let control = control::start(Arc::clone(&config))?;
+        // Probes of https:// clusters trust what requests trust.
+        let control =
+            probe::with_upstream_tls(upstream_tls.clone(), || control::start(Arc::clone(&config)))?;
+        let discovery_tasks = match &config.kubernetes {
+            Some(kube_cfg) => {
+                let client = crate::discovery::kube::client(kube_cfg).await?;
+                crate::discovery::kube::spawn(client, kube_cfg.clone(), control.clone())
+            }
+            None => Vec::new(),
+        };
         let (draining, draining_rx) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
 
-        let proxy_ctx = Arc::new(ProxyContext::new(Arc::clone(control.table()), &config));
+        let proxy_ctx = Arc::new(ProxyContext::new(
+            Arc::clone(control.table()),
+            &config,
+            upstream_tls,
+        ));
         let admin_ctx = Arc::new(AdminContext {
             control: control.clone(),
             prometheus,
@@ -106,9 +138,13 @@ impl Gateway {
             proxy_stop,
             config.limits.clone(),
             config.shutdown.drain_timeout,
+            server_tls.as_ref().map(|t| t.server_config()),
         ));
+        if let Some(tls) = &server_tls {
+            tls.spawn_watcher(stop_rx.clone());
+        }
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_ctx, stop_rx));
-        tracing::info!(%proxy_addr, %admin_addr, clusters = config.clusters.len(), "rayshift started");
+        tracing::info!(%proxy_addr, %admin_addr, tls = server_tls.is_some(), clusters = config.clusters.len(), "rayshift started");
         Ok(Gateway {
             proxy_addr,
             admin_addr,
@@ -118,7 +154,33 @@ impl Gateway {
             proxy_task,
             admin_task,
             shutdown: config.shutdown.clone(),
+            tls: server_tls,
+            discovery_tasks,
         })
+    }
+
+    /// `https` when the proxy listener serves TLS (`tls:`), else `http`.
+    pub fn proxy_scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Re-reads the TLS certificate and key files (what SIGHUP does). New connections get the new
+    /// certificate; open ones keep theirs. On error the current certificate stays; the error names
+    /// the file. Counted in `rayshift_tls_reloads_total`. [`TlsError::NotConfigured`] without `tls:`.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Err(TlsError::NotConfigured),
+        }
+    }
+
+    /// The listener's TLS (certificate resolver, files), when configured.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
     }
 
     /// Address of the client-traffic listener (useful with port 0).
@@ -153,6 +215,9 @@ impl Gateway {
         );
         let _ = self.proxy_task.await;
         let _ = self.stop.send(true);
+        for task in &self.discovery_tasks {
+            task.abort();
+        }
         let _ = self.admin_task.await;
         tracing::info!("shut down");
     }

@@ -19,6 +19,7 @@
 //! - [`client`]: a client of the admin API and the shift progress display (the CLI's verbs).
 //! - [`stats`]: per-cluster outcome counters for shift analysis.
 //! - [`telemetry`]: every metric name in one place, the Prometheus recorder, logging.
+//! - [`tls`]: rustls (ring) for the listener, with certificate reload, and for `https://` clusters.
 //! - [`gateway`]: starting and stopping all of the above.
 //! - [`demo`]: the self-contained demo (two Serve look-alike clusters plus a gateway).
 
@@ -37,6 +38,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::Config;
 pub use gateway::{Gateway, GatewayError};

@@ -16,6 +16,7 @@ use rayshift::client::{
     ProgressPrinter, ShiftProgress, WatchOptions,
 };
 use rayshift::demo::{self, DemoOptions};
+use rayshift::tls::TlsError;
 use rayshift::{Config, Gateway};
 use serde_json::{json, Value};
 
@@ -114,7 +115,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let gateway = Gateway::start(cfg).await?;
     // Machine-readable lines: tests and scripts read the bound addresses from here (port 0 works).
     println!(
-        "rayshift: proxy listening on http://{}",
+        "rayshift: proxy listening on {}://{}",
+        gateway.proxy_scheme(),
         gateway.proxy_addr()
     );
     println!(
@@ -122,7 +124,27 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         gateway.admin_addr()
     );
     std::io::stdout().flush().ok();
-    shutdown_signal().await?;
+    // SIGHUP reloads the TLS certificate and key; a failure is logged and the old ones stay.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            signal = &mut shutdown => {
+                signal?;
+                break;
+            }
+            _ = hangup.recv() => match gateway.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(TlsError::NotConfigured) => {
+                    tracing::info!("SIGHUP: TLS is not configured, nothing to reload");
+                }
+                // Logged with the file's name by the reload itself.
+                Err(_) => {}
+            },
+        }
+    }
     tracing::info!("shutting down");
     gateway.shutdown().await;
     Ok(())

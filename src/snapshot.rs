@@ -81,6 +81,8 @@ pub struct ClusterView {
     pub drain: Option<Drain>,
     /// Ejected by passive health (too many failures in a row) until a probe succeeds.
     pub ejected: bool,
+    /// Where the cluster came from (config file or a RayCluster).
+    pub source: crate::control::ClusterSource,
     /// Why it is not ready (empty when ready).
     pub detail: String,
     /// Applications its `/-/routes` listed last.

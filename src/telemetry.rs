@@ -55,6 +55,15 @@ pub const CLUSTER_EJECTIONS_TOTAL: &str = "rayshift_cluster_ejections_total";
 /// 1 while a cluster is ejected by passive health.
 pub const CLUSTER_EJECTED: &str = "rayshift_cluster_ejected";
 
+/// Reloads of the listener's TLS certificate and key (SIGHUP or file change), by result
+/// (`ok`, `error`: the old certificate stays).
+pub const TLS_RELOADS_TOTAL: &str = "rayshift_tls_reloads_total";
+
+/// RayCluster watch events, by namespace and event (`init`, `init_apply`, `init_done`, `apply`, `delete`).
+pub const KUBE_WATCH_EVENTS_TOTAL: &str = "rayshift_kube_watch_events_total";
+/// RayCluster watch errors (the watch backs off and resumes), by namespace.
+pub const KUBE_WATCH_ERRORS_TOTAL: &str = "rayshift_kube_watch_errors_total";
+
 /// Histogram buckets for request durations, in seconds (Serve inference ranges from ms to minutes).
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -186,7 +195,19 @@ fn describe() {
         CLUSTER_EJECTED,
         "1 while a cluster is ejected by passive health."
     );
+    describe_counter!(
+        KUBE_WATCH_EVENTS_TOTAL,
+        "RayCluster watch events, by namespace and event."
+    );
+    describe_counter!(
+        KUBE_WATCH_ERRORS_TOTAL,
+        "RayCluster watch errors (retried with backoff), by namespace."
+    );
     describe_gauge!(ROLLOUT_SHARDS, "Shards of the current rollout, by state.");
+    describe_counter!(
+        TLS_RELOADS_TOTAL,
+        "Reloads of the TLS certificate and key, by result (ok, error: the old certificate stays)."
+    );
 }
 
 /// Sets up logging to stderr; `RUST_LOG` overrides the default level (`info`).

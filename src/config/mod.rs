@@ -19,7 +19,7 @@
 //!    of the wrong shape (a mapping where a list belongs) stops loading and is reported alone, with
 //!    the field path found for its line and column.
 //! 2. `validate`: every value is checked and converted, defaults are applied and relative paths
-//!    (`state_file`, `admin.token_file`) are resolved against the directory of the config file.
+//!    (`state_file`, `admin.token_file`, `tls.cert_file`, `tls.key_file`, `upstream.ca_file`) are resolved against the directory of the config file.
 //!    Every problem is collected, each with its field path (`clusters[1].serve_url: relative URL
 //!    without a base`), in the order of the file's sections.
 //!
@@ -46,9 +46,10 @@ mod tests;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    AdminConfig, AppConfig, ClusterConfig, Config, LimitsConfig, PassiveHealthConfig, ProbeConfig,
-    ShardConfig, ShutdownConfig, SplitKey, UpstreamConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN,
-    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE,
+    AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubernetesConfig, LimitsConfig,
+    PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey, TlsConfig,
+    UpstreamConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_PROBE_INTERVAL,
+    DEFAULT_PROBE_TIMEOUT, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE, DEFAULT_TLS_RELOAD_INTERVAL,
     DEFAULT_UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
     DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER, MAX_NAME_LEN,
 };

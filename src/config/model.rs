@@ -32,6 +32,8 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default `upstream.max_idle_per_cluster`.
 pub const DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER: usize = 256;
+/// Default `tls.reload_interval`: how often the certificate and key files are checked for changes.
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest shard or cluster name accepted (the DNS label limit).
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -67,6 +69,51 @@ pub struct Config {
     pub passive_health: PassiveHealthConfig,
     /// Graceful shutdown (`shutdown`).
     pub shutdown: ShutdownConfig,
+    /// TLS for client connections (`tls`); `None` serves plain HTTP (and h2c).
+    pub tls: Option<TlsConfig>,
+    /// Dynamic discovery of clusters (`discovery.kubernetes`); `None`: static clusters only.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// How a RayCluster's Serve endpoint is reached (`discovery.kubernetes.endpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KubeEndpoint {
+    /// `<name>-serve-svc.<namespace>.svc` (KubeRay's Serve service).
+    #[default]
+    ServeService,
+    /// The head service's cluster IP from `.status.head.serviceIP`.
+    HeadServiceIp,
+}
+
+/// RayClusters as the source of clusters (`discovery.kubernetes`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesConfig {
+    /// Namespaces to watch; empty: all namespaces.
+    pub namespaces: Vec<String>,
+    /// Only RayClusters matching this label selector (default `rayshift.io/shard`).
+    pub label_selector: String,
+    /// How the Serve endpoint is addressed.
+    pub endpoint: KubeEndpoint,
+    /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config` or in-cluster credentials.
+    pub kubeconfig: Option<PathBuf>,
+    /// Delete a RayCluster once it is drained (after annotating it).
+    pub delete_drained: bool,
+    /// When set, every shard without its own `auto_shift` shifts automatically to a newer revision.
+    pub auto_shift: Option<ShiftPolicy>,
+}
+
+/// TLS on the client-facing listener (`tls`). Only the paths are checked when the config is
+/// loaded; the files are read (and must parse) when the gateway starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (`tls.cert_file`), resolved against the config file's
+    /// directory.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) (`tls.key_file`).
+    pub key_file: PathBuf,
+    /// How often the two files are checked for changes of their contents; a change reloads them.
+    /// Zero: only on SIGHUP.
+    pub reload_interval: Duration,
 }
 
 /// The admin API (`admin`): admin calls, `/metrics`, `/live` and `/ready`.
@@ -195,6 +242,10 @@ pub struct UpstreamConfig {
     pub retry_budget: f64,
     /// Retries always allowed per second, whatever the traffic (so a quiet gateway can retry too).
     pub retry_min_per_second: u32,
+    /// PEM file of the CA certificates trusted for `https://` clusters (`upstream.ca_file`),
+    /// resolved against the config file's directory; `None` trusts the Mozilla root certificates
+    /// compiled into rayshift (webpki-roots). Read at startup.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Protection against misbehaving clients (`limits`).
@@ -270,6 +321,7 @@ impl Default for UpstreamConfig {
             retries: true,
             retry_budget: 0.2,
             retry_min_per_second: 10,
+            ca_file: None,
         }
     }
 }

@@ -59,7 +59,7 @@ impl<'de> Deserialize<'de> for Text {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts, limits, passive_health, shutdown)"
+    expecting = "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts, limits, passive_health, shutdown, tls, discovery)"
 )]
 pub(crate) struct RawConfig {
     pub listen: Option<Text>,
@@ -76,6 +76,30 @@ pub(crate) struct RawConfig {
     pub limits: Option<RawSection>,
     pub passive_health: Option<RawSection>,
     pub shutdown: Option<RawSection>,
+    pub tls: Option<RawSection>,
+    pub discovery: Option<RawDiscovery>,
+}
+
+/// `discovery`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with the key kubernetes")]
+pub(crate) struct RawDiscovery {
+    pub kubernetes: Option<RawKubernetes>,
+}
+
+/// `discovery.kubernetes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with keys namespaces, label_selector, endpoint, kubeconfig, delete_drained, auto_shift"
+)]
+pub(crate) struct RawKubernetes {
+    pub namespaces: Option<Vec<Text>>,
+    pub label_selector: Option<Text>,
+    pub endpoint: Option<Text>,
+    pub kubeconfig: Option<Text>,
+    pub delete_drained: Option<Text>,
+    pub auto_shift: Option<RawPolicy>,
 }
 
 /// A section whose keys are checked by validation (so an unknown key gets a field path and the list
@@ -198,7 +222,7 @@ pub(crate) struct RawProbe {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, retries, retry_budget and retry_min_per_second"
+    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, retries, retry_budget, retry_min_per_second and ca_file"
 )]
 pub(crate) struct RawUpstream {
     pub idle_timeout: Option<Text>,
@@ -208,4 +232,5 @@ pub(crate) struct RawUpstream {
     pub retries: Option<Text>,
     pub retry_budget: Option<Text>,
     pub retry_min_per_second: Option<Text>,
+    pub ca_file: Option<Text>,
 }

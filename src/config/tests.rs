@@ -169,6 +169,8 @@ fn full_config_round_trip() {
         limits: crate::config::LimitsConfig::default(),
         passive_health: crate::config::PassiveHealthConfig::default(),
         shutdown: crate::config::ShutdownConfig::default(),
+        tls: None,
+        kubernetes: None,
     };
     assert_eq!(config, expected);
     assert_eq!(config.shard_index("shard-1"), Some(1));
@@ -220,8 +222,10 @@ fn defaults_apply_when_keys_are_omitted() {
             retries: true,
             retry_budget: 0.2,
             retry_min_per_second: 10,
+            ca_file: None,
         }
     );
+    assert_eq!(config.tls, None);
 }
 
 #[test]
@@ -986,4 +990,68 @@ fn shift_defaults_and_auto_shift_policies() {
         "{errors:?}"
     );
     assert!(fields.contains(&"max_concurrent_shifts"), "{errors:?}");
+}
+
+#[test]
+fn tls_section_and_upstream_ca_file() {
+    let config = parse(
+        "shards: [s]\ntls:\n  cert_file: certs/gw.pem\n  key_file: /keys/gw.key\n  reload_interval: 1s\nupstream:\n  ca_file: ca.pem\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.tls,
+        Some(TlsConfig {
+            cert_file: PathBuf::from("/etc/rayshift/certs/gw.pem"),
+            key_file: PathBuf::from("/keys/gw.key"),
+            reload_interval: Duration::from_secs(1),
+        })
+    );
+    assert_eq!(
+        config.upstream.ca_file,
+        Some(PathBuf::from("/etc/rayshift/ca.pem"))
+    );
+    let config = parse("shards: [s]\ntls: {cert_file: c.pem, key_file: k.pem}\n").unwrap();
+    assert_eq!(
+        config.tls.unwrap().reload_interval,
+        DEFAULT_TLS_RELOAD_INTERVAL
+    );
+    // Zero turns polling off (SIGHUP only).
+    let config =
+        parse("shards: [s]\ntls: {cert_file: c.pem, key_file: k.pem, reload_interval: 0s}\n")
+            .unwrap();
+    assert!(config.tls.unwrap().reload_interval.is_zero());
+    assert_eq!(parse("shards: [s]\ntls:\n").unwrap().tls, None);
+}
+
+#[test]
+fn tls_needs_both_files() {
+    assert_eq!(
+        lines("shards: [s]\ntls:\n  cert_file: c.pem\n"),
+        vec!["tls.key_file: required when tls.cert_file is set: TLS needs both files"]
+    );
+    assert_eq!(
+        lines("shards: [s]\ntls:\n  key_file: k.pem\n"),
+        vec!["tls.cert_file: required when tls.key_file is set: TLS needs both files"]
+    );
+    assert_eq!(
+        lines("shards: [s]\ntls:\n  reload_interval: 1s\n"),
+        vec![
+            "tls.cert_file: required key is missing: TLS needs tls.cert_file and tls.key_file",
+            "tls.key_file: required key is missing: TLS needs tls.cert_file and tls.key_file",
+        ]
+    );
+    let errors = lines(
+        "shards: [s]\ntls:\n  cert_file: ''\n  key_file: k.pem\n  reload_interval: soon\n  ca_file: x\nupstream:\n  ca_file: ''\n",
+    );
+    for needle in [
+        "tls.cert_file: path must not be empty",
+        "tls.reload_interval: invalid duration \"soon\"",
+        "tls.ca_file: unknown key; expected one of cert_file, key_file, reload_interval",
+        "upstream.ca_file: path must not be empty",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(needle)),
+            "{needle} not in {errors:#?}"
+        );
+    }
 }

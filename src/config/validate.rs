@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors};
 use super::model::{
-    AdminConfig, AppConfig, ClusterConfig, Config, LimitsConfig, PassiveHealthConfig, ProbeConfig,
-    ShardConfig, ShutdownConfig, SplitKey, UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT,
-    DEFAULT_STATE_FILE, MAX_NAME_LEN,
+    AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubernetesConfig, LimitsConfig,
+    PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey, TlsConfig,
+    UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE,
+    DEFAULT_TLS_RELOAD_INTERVAL, MAX_NAME_LEN,
 };
 use super::raw::{
-    RawAdmin, RawApp, RawCluster, RawConfig, RawPolicy, RawProbe, RawSection, RawShard,
-    RawUpstream, Text,
+    RawAdmin, RawApp, RawCluster, RawConfig, RawKubernetes, RawPolicy, RawProbe, RawSection,
+    RawShard, RawUpstream, Text,
 };
 use crate::shift::ShiftPolicy;
 
@@ -243,7 +244,7 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let clusters = clusters(&mut p, raw.clusters.as_deref().unwrap_or(&[]), &declared);
     let apps = apps(&mut p, raw.apps.as_deref().unwrap_or(&[]), &declared);
     let probe = probe(&mut p, raw.probe.as_ref());
-    let upstream = upstream(&mut p, raw.upstream.as_ref());
+    let upstream = upstream(&mut p, raw.upstream.as_ref(), base_dir);
     let shift_defaults = match &raw.shift_defaults {
         Some(keys) => policy(&mut p, "shift_defaults", &ShiftPolicy::default(), keys),
         None => ShiftPolicy::default(),
@@ -261,6 +262,12 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let limits = limits(&mut p, raw.limits.as_ref());
     let passive_health = passive_health(&mut p, raw.passive_health.as_ref());
     let shutdown = shutdown(&mut p, raw.shutdown.as_ref());
+    let tls = tls(&mut p, raw.tls.as_ref(), base_dir);
+    let kubernetes = raw
+        .discovery
+        .as_ref()
+        .and_then(|d| d.kubernetes.as_ref())
+        .map(|k| kubernetes(&mut p, k, &shift_defaults, base_dir));
     let max_concurrent_shifts = match &raw.max_concurrent_shifts {
         Some(text) => match text.as_str().trim().parse::<usize>() {
             Ok(n) if n >= 1 => n,
@@ -293,7 +300,77 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
         limits,
         passive_health,
         shutdown,
+        tls,
+        kubernetes,
     })
+}
+
+fn kubernetes(
+    p: &mut Problems,
+    raw: &RawKubernetes,
+    defaults: &ShiftPolicy,
+    base_dir: &Path,
+) -> KubernetesConfig {
+    let field = "discovery.kubernetes";
+    let mut namespaces = Vec::new();
+    for (i, ns) in raw.namespaces.iter().flatten().enumerate() {
+        let ns = ns.as_str().trim();
+        let valid = !ns.is_empty()
+            && ns.len() <= 63
+            && ns
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if valid {
+            namespaces.push(ns.to_string());
+        } else {
+            p.push(
+                format!("{field}.namespaces[{i}]"),
+                format!("{ns:?} is not a Kubernetes namespace name"),
+            );
+        }
+    }
+    let label_selector = raw.label_selector.as_ref().map_or_else(
+        || "rayshift.io/shard".to_string(),
+        |t| t.as_str().trim().to_string(),
+    );
+    let endpoint = match raw.endpoint.as_ref().map(|t| t.as_str().trim()) {
+        None | Some("serve_service") => KubeEndpoint::ServeService,
+        Some("head_service_ip") => KubeEndpoint::HeadServiceIp,
+        Some(other) => {
+            p.push(
+                format!("{field}.endpoint"),
+                format!("expected serve_service or head_service_ip, got {other:?}"),
+            );
+            KubeEndpoint::ServeService
+        }
+    };
+    let kubeconfig = raw
+        .kubeconfig
+        .as_ref()
+        .and_then(|t| p.check(path(&format!("{field}.kubeconfig"), t.as_str(), base_dir)));
+    let delete_drained = match raw.delete_drained.as_ref().map(|t| t.as_str().trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            p.push(
+                format!("{field}.delete_drained"),
+                format!("expected true or false, got {other:?}"),
+            );
+            false
+        }
+    };
+    let auto_shift = raw
+        .auto_shift
+        .as_ref()
+        .map(|keys| policy(p, &format!("{field}.auto_shift"), defaults, keys));
+    KubernetesConfig {
+        namespaces,
+        label_selector,
+        endpoint,
+        kubeconfig,
+        delete_drained,
+        auto_shift,
+    }
 }
 
 /// One key of a keyed section: its name and how its text is applied.
@@ -424,6 +501,60 @@ fn shutdown(p: &mut Problems, raw: Option<&RawSection>) -> ShutdownConfig {
         ],
     );
     shutdown
+}
+
+/// `tls`: absent (or empty) is plain HTTP; otherwise both files are required.
+fn tls(p: &mut Problems, raw: Option<&RawSection>, base_dir: &Path) -> Option<TlsConfig> {
+    let raw = raw.filter(|section| !section.is_empty())?;
+    // Empty paths stand for "not set"; they never escape (a missing file key is a problem).
+    let mut tls = TlsConfig {
+        cert_file: PathBuf::new(),
+        key_file: PathBuf::new(),
+        reload_interval: DEFAULT_TLS_RELOAD_INTERVAL,
+    };
+    keyed(
+        p,
+        "tls",
+        Some(raw),
+        &mut tls,
+        &[
+            ("cert_file", |t, s| {
+                t.cert_file = non_empty_path(s)?;
+                Ok(())
+            }),
+            ("key_file", |t, s| {
+                t.key_file = non_empty_path(s)?;
+                Ok(())
+            }),
+            ("reload_interval", |t, s| {
+                t.reload_interval = any_duration(s)?;
+                Ok(())
+            }),
+        ],
+    );
+    for (key, other) in [("cert_file", "key_file"), ("key_file", "cert_file")] {
+        if !raw.contains_key(key) {
+            let message = if raw.contains_key(other) {
+                format!("required when tls.{other} is set: TLS needs both files")
+            } else {
+                format!("{MISSING}: TLS needs tls.cert_file and tls.key_file")
+            };
+            p.push(format!("tls.{key}"), message);
+        }
+    }
+    if tls.cert_file.as_os_str().is_empty() || tls.key_file.as_os_str().is_empty() {
+        return None; // reported above
+    }
+    tls.cert_file = base_dir.join(&tls.cert_file);
+    tls.key_file = base_dir.join(&tls.key_file);
+    Some(tls)
+}
+
+fn non_empty_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("path must not be empty".into());
+    }
+    Ok(PathBuf::from(s))
 }
 
 /// A policy: `base` with every key of `keys` applied; each bad key is reported as `field.key`.
@@ -794,9 +925,12 @@ fn probe(p: &mut Problems, raw: Option<&RawProbe>) -> ProbeConfig {
     probe
 }
 
-fn upstream(p: &mut Problems, raw: Option<&RawUpstream>) -> UpstreamConfig {
+fn upstream(p: &mut Problems, raw: Option<&RawUpstream>, base_dir: &Path) -> UpstreamConfig {
     let mut upstream = UpstreamConfig::default();
     let Some(raw) = raw else { return upstream };
+    if let Some(text) = &raw.ca_file {
+        upstream.ca_file = p.check(path("upstream.ca_file", text.as_str(), base_dir));
+    }
     if let Some(text) = &raw.idle_timeout {
         if let Some(d) = p.check(parse_positive_duration(
             "upstream.idle_timeout",

@@ -47,6 +47,7 @@ impl Desired {
                 let result = self.start_rollout(revision, max_concurrent, policy).await;
                 let _ = reply.send(result);
             }
+            Command::Discovery(event) => self.apply_discovery(event),
             Command::ControlRollout { id, action, reply } => {
                 let result = self.control_rollout(id, action).await;
                 let _ = reply.send(result);
@@ -167,12 +168,25 @@ impl Desired {
                 .map(|c| (c.config.name.as_str(), c.config.weight.unwrap_or(0)))
                 .collect();
         }
-        let n = members.len() as u32;
+        // No weights anywhere: the oldest revision's clusters share the traffic evenly; newer
+        // revisions start at 0 and get traffic through a shift (the N+1 upgrade).
+        let Some(oldest) = members.first().map(|c| c.config.revision.as_str()) else {
+            return BTreeMap::new();
+        };
+        let n = members
+            .iter()
+            .filter(|c| c.config.revision == oldest)
+            .count() as u32;
+        let mut i = 0;
         members
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let share = 100 / n + u32::from((i as u32) < 100 % n);
+            .map(|c| {
+                let share = if c.config.revision == oldest {
+                    i += 1;
+                    100 / n + u32::from(i - 1 < 100 % n)
+                } else {
+                    0
+                };
                 (c.config.name.as_str(), share)
             })
             .collect()
@@ -208,6 +222,7 @@ impl Desired {
                     (Some(p), None) => p.detail.clone(),
                 },
                 ejected: entry.ejected_until.is_some(),
+                source: entry.source.clone(),
                 apps: spec.apps.clone(),
             })
             .collect();
@@ -274,8 +289,7 @@ impl Desired {
                 .get(entry.config.name.as_str())
                 .copied()
                 .unwrap_or(0);
-            let ready = entry.probe.as_ref().is_some_and(ProbeReport::ready)
-                && entry.ejected_until.is_none();
+            let ready = entry.serving_ready();
             let draining = self
                 .drain_of(&entry.config.shard, &entry.config.name, weight)
                 .is_some();

@@ -53,6 +53,7 @@ impl Desired {
                         j != i
                             && c.config.shard == entry.config.shard
                             && c.ejected_until.is_none()
+                            && c.external_ready
                             && c.probe.as_ref().is_some_and(ProbeReport::ready)
                     });
                     if !others_eligible {

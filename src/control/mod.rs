@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::Cluster;
 use crate::config::{ClusterConfig, Config};
-use crate::discovery::probe::{ProbeReport, ProbeTarget, Prober};
+use crate::discovery::probe::{ProbeReport, Prober};
 use crate::routing::Placement;
 use crate::shift::machine::InvalidTransition;
 use crate::shift::policy::PolicyError;
@@ -195,6 +195,8 @@ enum Command {
         policy: ShiftPolicy,
         reply: oneshot::Sender<Result<Rollout, ControlError>>,
     },
+    /// Clusters appeared, changed or disappeared.
+    Discovery(DiscoveryEvent),
     /// Pause, resume or abort the active rollout (`id` None: the current one).
     ControlRollout {
         id: Option<u64>,
@@ -303,6 +305,14 @@ impl ControlHandle {
         .await
     }
 
+    /// Hands a discovery event (clusters appeared, changed, disappeared) to the control task.
+    pub async fn discovery(&self, event: DiscoveryEvent) -> Result<(), ControlError> {
+        self.commands
+            .send(Command::Discovery(event))
+            .await
+            .map_err(|_| ControlError::Stopped)
+    }
+
     /// Pauses, resumes or aborts a rollout.
     pub async fn control_rollout(
         &self,
@@ -326,12 +336,26 @@ struct ClusterEntry {
     /// Routes of the last probe that had them, kept while the cluster is down so its apps stay known.
     last_routes: BTreeMap<String, String>,
     prober: JoinHandle<()>,
+    /// Where the cluster came from.
+    source: ClusterSource,
+    /// The discovery source's own readiness (Kubernetes: state ready and head pod ready).
+    external_ready: bool,
     /// Passive health: ejected from the split until this time (and a successful probe after it).
     ejected_until: Option<tokio::time::Instant>,
     /// Ejections in a row (the ejection time doubles with each).
     ejections: u32,
     /// When the last ejection ended.
     returned_at: Option<tokio::time::Instant>,
+}
+
+impl ClusterEntry {
+    /// Ready to serve by every account: its discovery source says so, its probes pass, and passive
+    /// health has not ejected it.
+    fn serving_ready(&self) -> bool {
+        self.external_ready
+            && self.probe.as_ref().is_some_and(ProbeReport::ready)
+            && self.ejected_until.is_none()
+    }
 }
 
 impl Drop for ClusterEntry {
@@ -353,6 +377,13 @@ struct Desired {
     warned: HashSet<String>,
     /// App name -> shard by the consistent hash over the declared shards.
     placement: Placement,
+    /// Probes new clusters.
+    prober: Prober,
+    /// Where probes report.
+    probe_tx: mpsc::UnboundedSender<ProbeReport>,
+    /// Discovery scopes (Kubernetes namespaces; `None`: all) whose first list has not arrived:
+    /// the gateway is not ready before they have.
+    discovery_pending: std::collections::BTreeSet<Option<String>>,
 }
 
 /// Errors starting the control plane.
@@ -376,66 +407,34 @@ pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
     let store = StateStore::new(&config.state_file);
     let state = store.load()?.unwrap_or_else(State::new);
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
-    let prober = Prober::new(config.probe.interval, config.probe.timeout);
-    let mut clusters = Vec::with_capacity(config.clusters.len());
-    for c in &config.clusters {
-        let (scheme, authority) =
-            upstream_address(&c.serve_url).ok_or_else(|| StartError::BadUrl {
-                cluster: c.name.clone(),
-                url: c.serve_url.to_string(),
-            })?;
-        let cluster = Arc::new(Cluster::new(
-            &c.name,
-            &c.shard,
-            &c.revision,
-            scheme.clone(),
-            authority.clone(),
-        ));
-        let dashboard = match &c.dashboard_url {
-            Some(url) => Some(upstream_address(url).ok_or_else(|| StartError::BadUrl {
-                cluster: c.name.clone(),
-                url: url.to_string(),
-            })?),
-            None => None,
-        };
-        let target = ProbeTarget {
-            scheme,
-            authority,
-            dashboard,
-        };
-        let handle = prober.spawn(Arc::clone(&cluster.name), target, probe_tx.clone());
-        clusters.push(ClusterEntry {
-            config: c.clone(),
-            cluster,
-            probe: None,
-            last_routes: BTreeMap::new(),
-            prober: handle,
-            ejected_until: None,
-            ejections: 0,
-            returned_at: None,
-        });
-    }
-    let shard_pos = |s: &str| config.shard_index(s).unwrap_or(usize::MAX);
-    clusters.sort_by(|a, b| {
-        shard_pos(&a.config.shard)
-            .cmp(&shard_pos(&b.config.shard))
-            .then_with(|| natural_cmp(&a.config.revision, &b.config.revision))
-            .then_with(|| a.config.name.cmp(&b.config.name))
-    });
     let table = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
     let (commands, command_rx) = mpsc::channel(64);
     let (ready_tx, ready) = watch::channel(false);
     let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
-    let desired = Desired {
-        config,
-        clusters,
+    let mut desired = Desired {
+        prober: Prober::new(config.probe.interval, config.probe.timeout),
+        probe_tx,
+        clusters: Vec::with_capacity(config.clusters.len()),
+        config: Arc::clone(&config),
         state,
         store,
         table: Arc::clone(&table),
         version: 0,
         warned: HashSet::new(),
         placement,
+        discovery_pending: match &config.kubernetes {
+            None => Default::default(),
+            Some(k) if k.namespaces.is_empty() => [None].into(),
+            Some(k) => k.namespaces.iter().cloned().map(Some).collect(),
+        },
     };
+    for c in &config.clusters {
+        desired.add_cluster(DiscoveredCluster {
+            config: c.clone(),
+            ready: true,
+            source: ClusterSource::Static,
+        })?;
+    }
     tokio::spawn(run(desired, command_rx, probe_rx, ready_tx));
     Ok(ControlHandle {
         commands,
@@ -465,18 +464,24 @@ async fn run(
     ready: watch::Sender<bool>,
 ) {
     desired.publish();
-    // Ready once every cluster has been probed once, or after a bounded wait for slow ones.
+    // Ready once discovery has listed its clusters and every cluster has been probed once, or
+    // after a bounded wait for slow probes.
     let first_round = desired.config.probe.timeout * 2 + std::time::Duration::from_millis(200);
     let deadline = tokio::time::sleep(first_round);
     tokio::pin!(deadline);
-    let mut announced = desired.clusters.is_empty();
-    if announced {
-        let _ = ready.send(true);
-    }
+    let mut waited = false;
+    let mut announced = false;
     // Shifts, rollouts and automatic shifts advance on this clock.
     let mut tick = tokio::time::interval(SHIFT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if !announced
+            && desired.discovery_pending.is_empty()
+            && (waited || desired.clusters.iter().all(|c| c.probe.is_some()))
+        {
+            announced = true;
+            let _ = ready.send(true);
+        }
         tokio::select! {
             _ = tick.tick() => desired.tick().await,
             cmd = commands.recv() => match cmd {
@@ -491,15 +496,12 @@ async fn run(
                     desired.apply_probe(report);
                 }
                 desired.publish();
-                if !announced && desired.clusters.iter().all(|c| c.probe.is_some()) {
-                    announced = true;
-                    let _ = ready.send(true);
-                }
             }
-            () = &mut deadline, if !announced => {
-                announced = true;
-                tracing::warn!("not every cluster answered its first probe in time; serving with what is known");
-                let _ = ready.send(true);
+            () = &mut deadline, if !waited => {
+                waited = true;
+                if desired.clusters.iter().any(|c| c.probe.is_none()) {
+                    tracing::warn!("not every cluster answered its first probe in time; serving with what is known");
+                }
             }
         }
     }
@@ -507,6 +509,9 @@ async fn run(
 
 mod desired;
 mod health;
+mod membership;
+
+pub use membership::{ClusterSource, DiscoveredCluster, DiscoveryEvent};
 mod revision;
 mod shifts;
 

@@ -95,7 +95,7 @@ impl Desired {
                 // then waits for them up to ready_timeout).
                 let ready: Vec<String> = of_revision
                     .iter()
-                    .filter(|c| c.probe.as_ref().is_some_and(ProbeReport::ready))
+                    .filter(|c| c.serving_ready())
                     .map(|c| c.config.name.clone())
                     .collect();
                 if ready.is_empty() {
@@ -192,9 +192,7 @@ impl Desired {
         let mut shards = Vec::new();
         for shard in &self.config.shards {
             let has_ready = self.clusters.iter().any(|c| {
-                c.config.shard == shard.name
-                    && c.config.revision == revision
-                    && c.probe.as_ref().is_some_and(ProbeReport::ready)
+                c.config.shard == shard.name && c.config.revision == revision && c.serving_ready()
             });
             if !has_ready {
                 continue;
@@ -402,7 +400,12 @@ impl Desired {
             .filter(|s| s.shift.as_ref().is_some_and(|s| s.phase.is_active()))
             .count();
         for shard in &self.config.shards {
-            let Some(policy) = &shard.auto_shift else {
+            let kube_policy = self
+                .config
+                .kubernetes
+                .as_ref()
+                .and_then(|k| k.auto_shift.as_ref());
+            let Some(policy) = shard.auto_shift.as_ref().or(kube_policy) else {
                 continue;
             };
             if active >= self.config.max_concurrent_shifts {
@@ -415,9 +418,7 @@ impl Desired {
             let newest_ready = self
                 .clusters
                 .iter()
-                .filter(|c| {
-                    c.config.shard == shard.name && c.probe.as_ref().is_some_and(ProbeReport::ready)
-                })
+                .filter(|c| c.config.shard == shard.name && c.serving_ready())
                 .map(|c| c.config.revision.as_str())
                 .max_by(|a, b| natural_cmp(a, b));
             let serving = self
@@ -510,11 +511,16 @@ impl Desired {
                 add(&stats, &snap)
             };
             if obs.target_ready {
-                if let Err(detail) = gate(
-                    entry.probe.as_ref(),
-                    &apps,
-                    entry.config.dashboard_url.is_some(),
-                ) {
+                let gated = if entry.external_ready {
+                    gate(
+                        entry.probe.as_ref(),
+                        &apps,
+                        entry.config.dashboard_url.is_some(),
+                    )
+                } else {
+                    Err("not ready according to its RayCluster status".to_string())
+                };
+                if let Err(detail) = gated {
                     obs.target_ready = false;
                     obs.gate_detail = format!("{name}: {detail}");
                 }

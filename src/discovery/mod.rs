@@ -3,4 +3,6 @@
 //! Static discovery is the config's `clusters:` list. Each cluster is then probed ([`probe`]) for
 //! health and for the applications its Serve proxy routes.
 
+pub mod kube;
 pub mod probe;
+pub mod raycluster;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -71,19 +72,36 @@ impl ProbeReport {
 }
 
 /// HTTP client shared by all probes (separate from the data-path pool, with short timeouts).
+/// `https://` clusters and dashboards are probed over TLS, trusting what the data path trusts.
 #[derive(Clone, Debug)]
 pub struct Prober {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     interval: Duration,
     timeout: Duration,
 }
 
 impl Prober {
-    /// A prober that probes every `interval`, giving each request `timeout`.
+    /// A prober that probes every `interval`, giving each request `timeout`. `https://` targets
+    /// are checked with the TLS client configuration set by [`with_upstream_tls`] around this
+    /// call (the gateway sets `upstream.ca_file`'s), else with the Mozilla root certificates.
     pub fn new(interval: Duration, timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
+        let tls = UPSTREAM_TLS
+            .with(|tls| tls.borrow().clone())
+            .unwrap_or_else(crate::tls::default_client_config);
+        Self::with_tls(interval, timeout, tls)
+    }
+
+    /// Like [`new`](Self::new), with `tls` for `https://` targets.
+    pub fn with_tls(interval: Duration, timeout: Duration, tls: rustls::ClientConfig) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(3))
@@ -248,6 +266,27 @@ impl Prober {
             }
         })
     }
+}
+
+thread_local! {
+    /// The TLS client configuration [`Prober::new`] uses while [`with_upstream_tls`] runs.
+    static UPSTREAM_TLS: std::cell::RefCell<Option<rustls::ClientConfig>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (which creates the control plane's [`Prober`]) with `tls` as the configuration of
+/// every [`Prober::new`] called in it on this thread, so probes trust what requests trust
+/// (`upstream.ca_file`) without the control plane passing it through.
+pub fn with_upstream_tls<R>(tls: rustls::ClientConfig, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<rustls::ClientConfig>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            UPSTREAM_TLS.with(|tls| *tls.borrow_mut() = previous);
+        }
+    }
+    let _reset = Reset(UPSTREAM_TLS.with(|cell| cell.borrow_mut().replace(tls)));
+    f()
 }
 
 fn append(detail: &mut String, more: String) {

@@ -14,6 +14,7 @@ pub mod split_key;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -23,8 +24,9 @@ use crate::proxy::request_body::RequestBody;
 use crate::proxy::retry::RetryBudget;
 use crate::snapshot::Snapshot;
 
-/// Pooled HTTP/1.1 client to the Serve clusters (one pool per `host:port`).
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+/// Pooled HTTP/1.1 client to the Serve clusters (one pool per scheme and `host:port`): plain TCP
+/// for `http://` clusters, rustls for `https://` ones.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// Everything a request needs, shared by all connections of one listener.
 #[derive(Debug)]
@@ -48,13 +50,22 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
-    /// A context routing by `table`, configured by `config`.
-    pub fn new(table: Arc<ArcSwap<Snapshot>>, config: &Config) -> Self {
+    /// A context routing by `table`, configured by `config`; `upstream_tls` is the client
+    /// configuration for `https://` clusters (see [`crate::tls::client_config`]).
+    pub fn new(
+        table: Arc<ArcSwap<Snapshot>>,
+        config: &Config,
+        upstream_tls: rustls::ClientConfig,
+    ) -> Self {
         Self {
             table,
-            client: upstream_client(&config.upstream),
+            client: upstream_client(&config.upstream, upstream_tls),
             split_key: config.split_key.clone(),
-            proto: "http",
+            proto: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             response_timeout: config.upstream.response_timeout,
             max_body_bytes: config.limits.max_body_bytes,
             retries: config.upstream.retries,
@@ -68,11 +79,20 @@ impl ProxyContext {
 
 /// The upstream pool: HTTP/1.1 only (Serve speaks nothing else), idle connections closed before
 /// Serve's own keep-alive timeout so a request never races a connection the server is closing.
-pub fn upstream_client(cfg: &UpstreamConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+/// `http://` clusters get plain TCP connections (the TLS layer only passes them through);
+/// `https://` clusters get TLS with `tls` (certificate checked against the cluster's host name).
+pub fn upstream_client(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    // The HTTPS connector checks the scheme itself.
+    http.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(cfg.idle_timeout)

@@ -1,5 +1,5 @@
-//! Accepting client connections: HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on one port, with
-//! upgrades, connection limits and a graceful drain.
+//! Accepting client connections: HTTP/1.1 and HTTP/2 (prior knowledge, h2c; or over TLS with
+//! ALPN `h2`/`http/1.1`) on one port, with upgrades, connection limits and a graceful drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
 use crate::proxy::{forward, ProxyContext};
@@ -17,13 +18,20 @@ use crate::proxy::{forward, ProxyContext};
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
 /// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
 /// requests, streamed bodies and upgraded connections (WebSockets) to finish.
+///
+/// With `tls`, every connection starts with a TLS handshake (bounded by
+/// `limits.header_read_timeout`, done on the connection's own task); the protocol is then what
+/// the client chose by ALPN (`h2` or `http/1.1`; the connection preface tells them apart). The
+/// certificate comes from the configuration's resolver, so a reload affects new handshakes only.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ProxyContext>,
     mut shutdown: watch::Receiver<bool>,
     limits: LimitsConfig,
     drain: Duration,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
+    let tls = tls.map(TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -35,6 +43,7 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -60,11 +69,31 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let ctx = Arc::clone(&ctx);
                 let service = service_fn(move |req| forward::handle(Arc::clone(&ctx), peer, req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                let Some(acceptor) = &tls else {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                        }
+                        drop(permit);
+                    });
+                    continue;
+                };
+                // Watched from now on, so a drain waits for connections still in their handshake.
+                let watcher = graceful.watcher();
+                let (acceptor, builder) = (acceptor.clone(), Arc::clone(&builder));
+                let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
                     }
                     drop(permit);
                 });

@@ -1,0 +1,214 @@
+//! The Kubernetes watcher: RayCluster objects become clusters while traffic flows.
+//!
+//! One `kube::runtime::watcher` per watched namespace (or one over all namespaces) lists and then
+//! watches `ray.io/v1` RayClusters matching the label selector. The initial list is applied at once
+//! (on `InitDone`), later changes one by one. Watch errors back off and resume; while the API
+//! server is unreachable the last routing table keeps serving. A second task annotates drained
+//! RayClusters `rayshift.io/drained: "true"` (and deletes them with `delete_drained: true`).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams,
+};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+
+use crate::config::KubernetesConfig;
+use crate::control::{ClusterSource, ControlHandle, DiscoveryEvent};
+use crate::discovery::raycluster::{cluster_name, to_cluster, DRAINED_ANNOTATION};
+use crate::snapshot::Drain;
+use crate::telemetry;
+
+/// Errors setting up the Kubernetes client.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The kubeconfig file could not be read.
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: kube::config::KubeconfigError,
+    },
+    /// No usable credentials (KUBECONFIG, ~/.kube/config, in-cluster).
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    /// The kubeconfig could not be turned into a client configuration.
+    #[error("Kubernetes client configuration: {0}")]
+    Config(#[from] kube::config::KubeconfigError),
+}
+
+/// The `ray.io/v1` RayCluster resource.
+pub fn raycluster_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("ray.io", "v1", "RayCluster"))
+}
+
+/// A client from the configured kubeconfig, else the usual places (KUBECONFIG, in-cluster).
+pub async fn client(cfg: &KubernetesConfig) -> Result<Client, KubeError> {
+    match &cfg.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            let config = kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?;
+            Ok(Client::try_from(config)?)
+        }
+        None => Ok(Client::try_default().await?),
+    }
+}
+
+/// Starts one watcher per namespace (all namespaces when none is listed) and the drain annotator.
+pub fn spawn(
+    client: Client,
+    cfg: KubernetesConfig,
+    control: ControlHandle,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let scopes: Vec<Option<String>> = if cfg.namespaces.is_empty() {
+        vec![None]
+    } else {
+        cfg.namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut tasks: Vec<_> = scopes
+        .into_iter()
+        .map(|ns| tokio::spawn(watch(client.clone(), cfg.clone(), ns, control.clone())))
+        .collect();
+    tasks.push(tokio::spawn(annotate_drained(client, cfg, control)));
+    tasks
+}
+
+/// Watches one namespace (or all) and feeds the control plane.
+async fn watch(
+    client: Client,
+    cfg: KubernetesConfig,
+    namespace: Option<String>,
+    control: ControlHandle,
+) {
+    let ar = raycluster_resource();
+    let api: Api<DynamicObject> = match &namespace {
+        Some(ns) => Api::namespaced_with(client, ns, &ar),
+        None => Api::all_with(client, &ar),
+    };
+    let single = cfg.namespaces.len() == 1;
+    let map =
+        |o: &DynamicObject| to_cluster(&o.metadata, o.data.get("status"), cfg.endpoint, single);
+    let name_of = |o: &DynamicObject| {
+        cluster_name(
+            o.metadata.namespace.as_deref().unwrap_or(""),
+            o.metadata.name.as_deref().unwrap_or(""),
+            single,
+        )
+    };
+    let watch_cfg = watcher::Config::default().labels(&cfg.label_selector);
+    let mut stream = watcher::watcher(api, watch_cfg).default_backoff().boxed();
+    let mut initial = Vec::new();
+    let scope = namespace.as_deref().unwrap_or("*").to_string();
+    tracing::info!(namespace = %scope, selector = %cfg.label_selector, "watching RayClusters");
+    while let Some(event) = stream.next().await {
+        let (kind, discovery) = match event {
+            Err(e) => {
+                metrics::counter!(telemetry::KUBE_WATCH_ERRORS_TOTAL, "namespace" => scope.clone())
+                    .increment(1);
+                tracing::warn!(namespace = %scope, error = %e, "RayCluster watch error; retrying with backoff");
+                continue;
+            }
+            Ok(Event::Init) => {
+                initial.clear();
+                ("init", None)
+            }
+            Ok(Event::InitApply(o)) => {
+                match map(&o) {
+                    Ok(c) => initial.push(c),
+                    Err(e) => {
+                        tracing::warn!(raycluster = %name_of(&o), reason = %e, "RayCluster not routable")
+                    }
+                }
+                ("init_apply", None)
+            }
+            Ok(Event::InitDone) => (
+                "init_done",
+                Some(DiscoveryEvent::Replace {
+                    namespace: namespace.clone(),
+                    clusters: std::mem::take(&mut initial),
+                }),
+            ),
+            Ok(Event::Apply(o)) => match map(&o) {
+                Ok(c) => ("apply", Some(DiscoveryEvent::Upsert(Box::new(c)))),
+                Err(e) => {
+                    tracing::warn!(raycluster = %name_of(&o), reason = %e, "RayCluster not routable");
+                    ("apply", Some(DiscoveryEvent::Remove(name_of(&o))))
+                }
+            },
+            Ok(Event::Delete(o)) => ("delete", Some(DiscoveryEvent::Remove(name_of(&o)))),
+        };
+        metrics::counter!(telemetry::KUBE_WATCH_EVENTS_TOTAL, "namespace" => scope.clone(), "event" => kind)
+            .increment(1);
+        if let Some(discovery) = discovery {
+            if control.discovery(discovery).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Marks drained RayClusters with the `rayshift.io/drained` annotation (and deletes them when
+/// configured), so an operator or pipeline knows they are safe to remove.
+async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: ControlHandle) {
+    let ar = raycluster_resource();
+    let mut done: HashSet<(String, String)> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let snapshot = control.snapshot();
+        for view in &snapshot.views {
+            let (Some(Drain::Drained), ClusterSource::Kubernetes { namespace, name }) =
+                (view.drain, &view.source)
+            else {
+                continue;
+            };
+            let key = (namespace.clone(), name.clone());
+            if done.contains(&key) {
+                continue;
+            }
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {DRAINED_ANNOTATION: "true"}}});
+            match api
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%namespace, raycluster = %name, "annotated drained RayCluster");
+                    if cfg.delete_drained {
+                        match api.delete(name, &DeleteParams::default()).await {
+                            Ok(_) => {
+                                tracing::info!(%namespace, raycluster = %name, "deleted drained RayCluster")
+                            }
+                            Err(e) => {
+                                tracing::warn!(%namespace, raycluster = %name, error = %e, "deleting drained RayCluster failed");
+                                continue;
+                            }
+                        }
+                    }
+                    done.insert(key);
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    done.insert(key);
+                }
+                Err(e) => {
+                    tracing::warn!(%namespace, raycluster = %name, error = %e, "annotating drained RayCluster failed")
+                }
+            }
+        }
+    }
+}

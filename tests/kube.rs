@@ -1,0 +1,173 @@
+//! Kubernetes discovery against a real kube-apiserver + etcd: RayClusters become clusters while
+//! traffic flows; an auto shift on a new revision; the API server restarted mid-load.
+//!
+//! The API server is heavy (about 6 s to start, 350 MB): one per test binary, so the scenarios run
+//! in order inside one test, each in its own namespace.
+
+mod common;
+#[path = "common/kube.rs"]
+mod kube_env;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube_env::{create_raycluster, set_status, KubeEnv};
+
+fn gateway_yaml(env: &KubeEnv, ns: &str, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\nshards: [shard-0, shard-1]\n\
+         probe:\n  interval: 100ms\n  timeout: 500ms\n\
+         discovery:\n  kubernetes:\n    namespaces: [{ns}]\n    endpoint: head_service_ip\n    kubeconfig: {}\n{extra}",
+        env.kubeconfig().display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_discovery_end_to_end() {
+    let env = KubeEnv::start().await;
+    traffic_follows_rayclusters(&env).await;
+    auto_shift_on_a_new_revision(&env).await;
+    api_server_restart_mid_load(&env).await;
+}
+
+/// Creation, readiness changes, label changes and deletion of RayClusters steer traffic.
+async fn traffic_follows_rayclusters(env: &KubeEnv) {
+    env.namespace("follow").await;
+    let api = env.rayclusters("follow");
+    let a = stub("a", "v1", &[("echo", "/echo")]).await;
+    let b = stub("b", "v1", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "a", "shard-0", "v1", a.addr().port(), true).await;
+    let gw = TestGateway::start(&gateway_yaml(
+        env,
+        "follow",
+        "apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n",
+    ))
+    .await;
+    // The initial list is in the table when the gateway is ready.
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("a"));
+
+    // Creation: b joins shard-0 at weight 0 (a newer cluster gets traffic through a shift), and
+    // takes all traffic once a is not ready.
+    create_raycluster(&api, "b", "shard-0", "v1", b.addr().port(), true).await;
+    eventually("b discovered", || async {
+        gw.state().await.to_string().contains("\"name\":\"b\"")
+    })
+    .await;
+    gw.wait_cluster_ready("b", true).await;
+    set_status(&api, "a", a.addr().port(), false).await;
+    gw.wait_cluster_ready("a", false).await;
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("b"));
+    }
+    set_status(&api, "a", a.addr().port(), true).await;
+    gw.wait_cluster_ready("a", true).await;
+
+    // Label change: b moves to shard-1, where echo is not placed; a serves shard-0 alone.
+    let patch = serde_json::json!({"metadata": {"labels": {"rayshift.io/shard": "shard-1"}}});
+    api.patch("b", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("b moved to shard-1", || async {
+        let state = gw.state().await;
+        state["shards"][1]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "b")
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("a"));
+    }
+    // Deletion: a goes away, nothing serves echo any more (503 naming the app).
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    eventually("a removed", || async {
+        get(&gw.url("/echo")).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics.contains("rayshift_kube_watch_events_total{namespace=\"follow\",event=\"delete\"}")
+    );
+    gw.gateway.shutdown().await;
+}
+
+/// A new-revision RayCluster becoming ready starts an automatic shift that completes under load
+/// with zero failed requests; the old RayCluster ends annotated drained.
+async fn auto_shift_on_a_new_revision(env: &KubeEnv) {
+    env.namespace("upgrade").await;
+    let api = env.rayclusters("upgrade");
+    let v1 = stub("v1", "v1", &[("echo", "/echo")]).await;
+    let v2 = stub("v2", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "serve-v1", "shard-0", "v1", v1.addr().port(), true).await;
+    let extra = "    auto_shift: {step_percent: 25, step_interval: 300ms, min_requests: 10}\napps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "upgrade", extra)).await;
+    let load = Load::start(gw.url("/echo"), 6, true);
+    load.wait_for_more(200).await;
+    // The new revision appears not ready (pods starting), then becomes ready.
+    create_raycluster(&api, "serve-v2", "shard-0", "v2", v2.addr().port(), false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.cluster_state("serve-v2").await["weight"], 0);
+    set_status(&api, "serve-v2", v2.addr().port(), true).await;
+    eventually("auto shift completed", || async {
+        let r = get(&gw.admin("/v1/shards/shard-0/shift")).await;
+        r.status == StatusCode::OK && r.body.contains("\"state\": \"completed\"")
+    })
+    .await;
+    let report = load.stop().await;
+    println!(
+        "kubernetes auto shift: {} requests, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(gw.cluster_state("serve-v2").await["weight"], 100);
+    eventually("old RayCluster annotated drained", || async {
+        let obj = api.get("serve-v1").await.unwrap();
+        obj.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("rayshift.io/drained")
+            .map(String::as_str)
+            == Some("true")
+    })
+    .await;
+    gw.gateway.shutdown().await;
+}
+
+/// The API server restarted mid-load: no client request fails (the last table keeps serving),
+/// and the watcher catches up with a change made after the restart.
+async fn api_server_restart_mid_load(env: &KubeEnv) {
+    env.namespace("restart").await;
+    let api = env.rayclusters("restart");
+    let one = stub("one", "v1", &[("echo", "/echo")]).await;
+    let two = stub("two", "v1", &[("late", "/late")]).await;
+    create_raycluster(&api, "one", "shard-0", "v1", one.addr().port(), true).await;
+    let apps = "apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n  - {name: late, route_prefix: /late, shard: shard-1}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "restart", apps)).await;
+    let load = Load::start(gw.url("/echo"), 4, false);
+    load.wait_for_more(200).await;
+    env.restart("apiserver", true);
+    load.wait_for_more(500).await;
+    // A change after the restart reaches the gateway through the resumed watch.
+    let api = kube::Api::namespaced_with(
+        env.connect().await,
+        "restart",
+        &rayshift::discovery::kube::raycluster_resource(),
+    );
+    create_raycluster(&api, "two", "shard-1", "v1", two.addr().port(), true).await;
+    eventually("watch resumed after the restart", || async {
+        get(&gw.url("/late")).await.status == StatusCode::OK
+    })
+    .await;
+    let report = load.stop().await;
+    println!(
+        "api server restart: {} requests, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    gw.gateway.shutdown().await;
+}
