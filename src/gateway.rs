@@ -10,7 +10,6 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminContext, AdminToken};
 use crate::config::{Config, ShutdownConfig};
 use crate::control::{self, ControlHandle};
-use crate::discovery::probe;
 use crate::proxy::{self, ProxyContext};
 use crate::telemetry;
 use crate::tls::{self, ServerTls, TlsError};
@@ -97,8 +96,7 @@ impl Gateway {
 
         let config = Arc::new(config);
         // Probes of https:// clusters trust what requests trust.
-        let control =
-            probe::with_upstream_tls(upstream_tls.clone(), || control::start(Arc::clone(&config)))?;
+        let control = control::start(Arc::clone(&config), upstream_tls.clone())?;
         let discovery_tasks = match &config.kubernetes {
             Some(kube_cfg) => {
                 let client = crate::discovery::kube::client(kube_cfg).await?;

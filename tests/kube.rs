@@ -27,9 +27,99 @@ fn gateway_yaml(env: &KubeEnv, ns: &str, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_discovery_end_to_end() {
     let env = KubeEnv::start().await;
+    deploy_manifests_pass_server_dry_run(&env).await;
     traffic_follows_rayclusters(&env).await;
     auto_shift_on_a_new_revision(&env).await;
     api_server_restart_mid_load(&env).await;
+}
+
+/// `deploy/kubernetes` passes `kubectl apply --dry-run=server`, and its embedded config passes
+/// `rayshift check`. (The PodDisruptionBudget is policy/v1, which this 1.20 API server predates:
+/// it is checked against the policy/v1 schema offline.)
+async fn deploy_manifests_pass_server_dry_run(env: &KubeEnv) {
+    let kubeconfig = env.kubeconfig();
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl (installed by scripts/kube/install.sh)");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rendered = kubectl(
+        &[
+            "kustomize",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes"),
+        ],
+        None,
+    );
+    let docs: Vec<&str> = rendered.split("\n---\n").collect();
+    assert!(docs.len() >= 9, "{} documents rendered", docs.len());
+    let (pdb, rest): (Vec<&str>, Vec<&str>) = docs
+        .into_iter()
+        .partition(|d| d.contains("kind: PodDisruptionBudget"));
+    // Namespaced objects need their namespace to exist for a server-side dry run.
+    env.namespace("rayshift").await;
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&rest.join("\n---\n")),
+    );
+    for kind in [
+        "serviceaccount/rayshift",
+        "clusterrole.rbac.authorization.k8s.io/rayshift-rayclusters",
+        "deployment.apps/rayshift",
+        "service/rayshift",
+        "configmap/rayshift-config",
+        "role.rbac.authorization.k8s.io/rayshift-state",
+    ] {
+        assert!(out.contains(kind), "{kind} not applied: {out}");
+    }
+    // Checked against the policy/v1 schema offline (no server of this age knows it).
+    let pdb: k8s_openapi::api::policy::v1::PodDisruptionBudget =
+        serde_saphyr::from_str(pdb[0]).expect("policy/v1 PDB");
+    let selector = pdb.spec.unwrap().selector.unwrap().match_labels.unwrap();
+    assert_eq!(selector["app.kubernetes.io/name"], "rayshift");
+    // The config the Deployment runs with is valid.
+    let config_doc = rest
+        .iter()
+        .find(|d| d.contains("name: rayshift-config"))
+        .unwrap();
+    let embedded: serde_json::Value = serde_saphyr::from_str(config_doc).unwrap();
+    let yaml = embedded["data"]["rayshift.yaml"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rayshift.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Creation, readiness changes, label changes and deletion of RayClusters steer traffic.

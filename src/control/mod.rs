@@ -403,7 +403,12 @@ pub enum StartError {
 }
 
 /// Loads the state file, starts probes of every configured cluster and the owner task.
-pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
+/// `probe_tls` is the TLS client configuration probes of `https://` clusters use (the one requests
+/// use, so both trust the same certificates).
+pub fn start(
+    config: Arc<Config>,
+    probe_tls: rustls::ClientConfig,
+) -> Result<ControlHandle, StartError> {
     let store = StateStore::new(&config.state_file);
     let state = store.load()?.unwrap_or_else(State::new);
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -412,7 +417,7 @@ pub fn start(config: Arc<Config>) -> Result<ControlHandle, StartError> {
     let (ready_tx, ready) = watch::channel(false);
     let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
     let mut desired = Desired {
-        prober: Prober::new(config.probe.interval, config.probe.timeout),
+        prober: Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls),
         probe_tx,
         clusters: Vec::with_capacity(config.clusters.len()),
         config: Arc::clone(&config),

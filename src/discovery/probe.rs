@@ -81,14 +81,9 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// A prober that probes every `interval`, giving each request `timeout`. `https://` targets
-    /// are checked with the TLS client configuration set by [`with_upstream_tls`] around this
-    /// call (the gateway sets `upstream.ca_file`'s), else with the Mozilla root certificates.
+    /// A prober with the Mozilla root certificates for `https://` targets.
     pub fn new(interval: Duration, timeout: Duration) -> Self {
-        let tls = UPSTREAM_TLS
-            .with(|tls| tls.borrow().clone())
-            .unwrap_or_else(crate::tls::default_client_config);
-        Self::with_tls(interval, timeout, tls)
+        Self::with_tls(interval, timeout, crate::tls::default_client_config())
     }
 
     /// Like [`new`](Self::new), with `tls` for `https://` targets.
@@ -266,27 +261,6 @@ impl Prober {
             }
         })
     }
-}
-
-thread_local! {
-    /// The TLS client configuration [`Prober::new`] uses while [`with_upstream_tls`] runs.
-    static UPSTREAM_TLS: std::cell::RefCell<Option<rustls::ClientConfig>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `f` (which creates the control plane's [`Prober`]) with `tls` as the configuration of
-/// every [`Prober::new`] called in it on this thread, so probes trust what requests trust
-/// (`upstream.ca_file`) without the control plane passing it through.
-pub fn with_upstream_tls<R>(tls: rustls::ClientConfig, f: impl FnOnce() -> R) -> R {
-    struct Reset(Option<rustls::ClientConfig>);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            let previous = self.0.take();
-            UPSTREAM_TLS.with(|tls| *tls.borrow_mut() = previous);
-        }
-    }
-    let _reset = Reset(UPSTREAM_TLS.with(|cell| cell.borrow_mut().replace(tls)));
-    f()
 }
 
 fn append(detail: &mut String, more: String) {
