@@ -96,13 +96,21 @@ impl Gateway {
 
         let config = Arc::new(config);
         // Probes of https:// clusters trust what requests trust.
-        let control = control::start(Arc::clone(&config), upstream_tls.clone())?;
-        let discovery_tasks = match &config.kubernetes {
-            Some(kube_cfg) => {
-                let client = crate::discovery::kube::client(kube_cfg).await?;
+        let kube_client = match &config.kubernetes {
+            Some(kube_cfg) => Some(crate::discovery::kube::client(kube_cfg).await?),
+            None => None,
+        };
+        let control = control::start(
+            Arc::clone(&config),
+            upstream_tls.clone(),
+            kube_client.clone(),
+        )
+        .await?;
+        let discovery_tasks = match (&config.kubernetes, kube_client) {
+            (Some(kube_cfg), Some(client)) => {
                 crate::discovery::kube::spawn(client, kube_cfg.clone(), control.clone())
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let (draining, draining_rx) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);

@@ -31,6 +31,7 @@ pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod gateway;
+pub mod kube_state;
 pub mod proxy;
 pub mod routing;
 pub mod shift;

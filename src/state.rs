@@ -46,6 +46,17 @@ pub enum StateError {
         /// Version this build understands.
         expected: u32,
     },
+    /// Another replica changed the state first (Kubernetes mode); the change was not applied.
+    #[error("state in {0} changed concurrently; the change was not applied, retry")]
+    Conflict(PathBuf),
+    /// The Kubernetes API refused or failed a read or write of the state object.
+    #[error("state object {path}: {message}")]
+    Kube {
+        /// The object.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The new state could not be written durably; the old state is still in place.
     #[error("writing state file {path}: {source}")]
     Write {
@@ -101,6 +112,31 @@ impl State {
     }
 }
 
+/// Parses a state document; `origin` names where it came from in errors.
+pub fn parse(bytes: &[u8], origin: &Path) -> Result<State, StateError> {
+    // Check the version before the shape, so a future format gets the clearer error.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let versioned: Versioned =
+        serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+    if versioned.version != STATE_VERSION {
+        return Err(StateError::Version {
+            path: origin.to_path_buf(),
+            found: versioned.version,
+            expected: STATE_VERSION,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+        path: origin.to_path_buf(),
+        source,
+    })
+}
+
 /// The state file on disk.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -130,29 +166,7 @@ impl StateStore {
                 })
             }
         };
-        // Check the version before the shape, so a future format gets the clearer error.
-        #[derive(Deserialize)]
-        struct Versioned {
-            version: u32,
-        }
-        let versioned: Versioned =
-            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })?;
-        if versioned.version != STATE_VERSION {
-            return Err(StateError::Version {
-                path: self.path.clone(),
-                found: versioned.version,
-                expected: STATE_VERSION,
-            });
-        }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StateError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })
+        parse(&bytes, &self.path).map(Some)
     }
 
     /// Writes `state` atomically and durably (temp file, fsync, rename, fsync of the directory).

@@ -31,6 +31,7 @@ async fn kubernetes_discovery_end_to_end() {
     traffic_follows_rayclusters(&env).await;
     auto_shift_on_a_new_revision(&env).await;
     api_server_restart_mid_load(&env).await;
+    two_replicas_share_state_and_fail_over(&env).await;
 }
 
 /// `deploy/kubernetes` passes `kubectl apply --dry-run=server`, and its embedded config passes
@@ -260,4 +261,117 @@ async fn api_server_restart_mid_load(env: &KubeEnv) {
     );
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     gw.gateway.shutdown().await;
+}
+
+/// Two gateway processes share their state through a ConfigMap: both route by the same weights;
+/// the Lease holder is killed mid-shift and the other replica takes over and finishes the shift.
+async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
+    env.namespace("ha").await;
+    let api = env.rayclusters("ha");
+    let v1 = stub("ha-v1", "v1", &[("echo", "/echo")]).await;
+    let v2 = stub("ha-v2", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "ha-v1", "shard-0", "v1", v1.addr().port(), true).await;
+    create_raycluster(&api, "ha-v2", "shard-0", "v2", v2.addr().port(), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    for name in ["replica-a", "replica-b"] {
+        let extra = format!(
+            "    state: {{namespace: ha, configmap: rayshift-state, lease: rayshift-leader, lease_duration: 3s, identity: {name}}}\n\
+             apps:\n  - {{name: echo, route_prefix: /echo, shard: shard-0}}\n"
+        );
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, gateway_yaml(env, "ha", &extra)).unwrap();
+        let gw = GatewayProcess::spawn(&path).unwrap();
+        gw.wait_ready().await;
+        replicas.push(gw);
+    }
+    let state_of = |gw: &GatewayProcess| {
+        let url = gw.admin("/v1/state");
+        async move { serde_json::from_str::<serde_json::Value>(&get(&url).await.body).unwrap() }
+    };
+    // Exactly one leader.
+    eventually("one leader", || async {
+        let a = state_of(&replicas[0]).await["leader"] == true;
+        let b = state_of(&replicas[1]).await["leader"] == true;
+        a != b
+    })
+    .await;
+    // A weight change through one replica reaches the other.
+    let r = put(
+        &replicas[1].admin("/v1/shards/shard-0/weights"),
+        r#"{"weights": {"ha-v1": 80, "ha-v2": 20}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for gw in &replicas {
+        let url = gw.admin("/v1/state");
+        eventually("weights replicated", || {
+            let url = url.clone();
+            async move { get(&url).await.body.contains("\"weight\": 20") }
+        })
+        .await;
+    }
+    // Start a shift through the follower: it lands in the ConfigMap; the leader advances it.
+    let leader = if state_of(&replicas[0]).await["leader"] == true {
+        0
+    } else {
+        1
+    };
+    let follower = 1 - leader;
+    let r = send(
+        http::Method::POST,
+        &replicas[follower].admin("/v1/shards/shard-0/shift"),
+        &[],
+        r#"{"to": "ha-v2", "step_percent": 10, "step_interval": "700ms", "min_requests": 5}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    // Traffic reaches both replicas, as through a Service; the leader judges the shift on its share.
+    let load = Load::start(replicas[follower].url("/echo"), 4, false);
+    let leader_load = Load::start(replicas[leader].url("/echo"), 4, false);
+    let shift_url = replicas[follower].admin("/v1/shards/shard-0/shift");
+    let mut under_way = false;
+    for _ in 0..600 {
+        let s: serde_json::Value =
+            serde_json::from_str(&get(&shift_url).await.body).unwrap_or_default();
+        if s["target_weight"].as_u64().unwrap_or(0) >= 40 {
+            under_way = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !under_way {
+        let shift = get(&shift_url).await.body;
+        panic!(
+            "shift not under way; leader stderr:\n{}\nfollower stderr:\n{}\nshift: {shift}",
+            replicas[leader].stderr.lock().unwrap(),
+            replicas[follower].stderr.lock().unwrap(),
+        );
+    }
+    let before_kill = leader_load.stop().await;
+    assert_eq!(before_kill.failed, 0, "{:?}", before_kill.failures);
+    replicas[leader].kill();
+    // The survivor takes the Lease and completes the shift from the stored step.
+    eventually("survivor leads", || async {
+        state_of(&replicas[follower]).await["leader"] == true
+    })
+    .await;
+    eventually("shift completed by the survivor", || {
+        let url = shift_url.clone();
+        async move { get(&url).await.body.contains("\"state\": \"completed\"") }
+    })
+    .await;
+    let report = load.stop().await;
+    println!(
+        "failover: {} requests through the survivor, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    let cm: k8s_openapi::api::core::v1::ConfigMap = kube::Api::namespaced(env.client.clone(), "ha")
+        .get("rayshift-state")
+        .await
+        .unwrap();
+    assert!(cm.data.unwrap()["state.json"].contains("\"phase\": \"completed\""));
 }

@@ -5,8 +5,9 @@
 //!   `/metrics` after traffic, a completed shift, a rollback, an ejection and retries), and only
 //!   labels those metrics carry. A small PromQL tokenizer finds the metric selectors, their label
 //!   matchers and the labels of `by`/`without`/`on`/`ignoring`/`group_*` clauses.
-//! - Every metric of `src/telemetry.rs` is on the dashboard and in `docs/metrics.md`, and every
-//!   `rayshift_` metric the gateway exports is declared in `src/telemetry.rs`.
+//! - Every metric of `src/telemetry.rs` is in `docs/metrics.md` and on the dashboard (or listed in
+//!   `NOT_ON_DASHBOARD` with the reason), and every `rayshift_` metric the gateway exports is
+//!   declared in `src/telemetry.rs`.
 //! - The dashboard is well-formed Grafana JSON; every rule has a severity, summary and description.
 //! - With `promtool` installed: `promtool check rules` on the rules, on the dashboard's queries (as
 //!   recording rules, so Prometheus' own parser reads them), and `promtool test rules` with synthetic

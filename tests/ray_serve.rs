@@ -2,9 +2,14 @@
 //! gateway, a shift v1 -> v2 under steady load with readiness gates against the real `/-/healthz`,
 //! `/-/routes` and dashboard `/api/serve/applications/`, then a broken v3 rolled back by itself.
 //!
+//! v1 and v2 come from the config file; once v1 is drained it is stopped and removed, and v3 is
+//! added, through the gateway's membership events (`ControlHandle::discovery`, what the Kubernetes
+//! watcher uses), as static config has no reload.
+//!
 //! Needs `scripts/ray/install.sh` (ray[serve] in a cached virtualenv; the test calls it and fails
 //! when it fails). Every Ray process the test starts is stopped when the test ends, also when it
-//! panics ([`RayClusters`]'s `Drop`). About 1.5-2.5 minutes and ~2.5 GB of RAM at peak.
+//! panics ([`RayClusters`]'s `Drop`); clusters of a run that was killed outright are stopped by the
+//! next run. About 2 minutes and ~2 GB of RAM (PSS) at peak.
 
 mod common;
 
@@ -89,14 +94,17 @@ struct RayClusters {
 
 impl RayClusters {
     fn new(python: String) -> RayClusters {
+        let script = repo().join("tests/ray/cluster.py");
+        reap_stale_runs(&python, &script);
         let root = tempfile::Builder::new()
-            .prefix("rayshift-ray-serve-")
+            .prefix(ROOT_PREFIX)
             .tempdir()
             .expect("tempdir")
             .keep();
+        std::fs::write(root.join(OWNER_FILE), std::process::id().to_string()).expect("owner file");
         RayClusters {
             python,
-            script: repo().join("tests/ray/cluster.py"),
+            script,
             root,
             entries: Mutex::new(Vec::new()),
         }
@@ -262,6 +270,7 @@ impl RayClusters {
             }
         }
         if panicking {
+            let _ = std::fs::remove_file(self.root.join(OWNER_FILE));
             eprintln!(
                 "ray_serve: cluster dirs (start logs, Ray logs) kept in {}",
                 self.root.display()
@@ -275,6 +284,52 @@ impl RayClusters {
 impl Drop for RayClusters {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// Prefix of the test's directory (under the system temp dir) holding one dir per cluster.
+const ROOT_PREFIX: &str = "rayshift-ray-serve-";
+/// File in that directory with the pid of the test process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Stops the clusters of earlier runs whose test process is gone without cleaning up (killed with
+/// SIGKILL or Ctrl-C: no `Drop` runs then), and removes their directories. Runs of a live test
+/// process (another engineer's, in parallel) are left alone.
+fn reap_stale_runs(python: &str, script: &Path) {
+    let Ok(dirs) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for root in dirs.flatten().map(|d| d.path()) {
+        let is_ours = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(ROOT_PREFIX));
+        let Some(owner) = is_ours
+            .then(|| std::fs::read_to_string(root.join(OWNER_FILE)).ok())
+            .flatten()
+        else {
+            continue; // not ours, or kept after a failure (its clusters were stopped then)
+        };
+        let alive = std::fs::read(format!("/proc/{}/cmdline", owner.trim()))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("ray_serve"));
+        if alive {
+            continue;
+        }
+        for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if dir.path().join("cluster.json").is_file() {
+                eprintln!(
+                    "ray_serve: stopping a cluster left by a killed run: {}",
+                    dir.path().display()
+                );
+                let _ = Command::new(python)
+                    .arg(script)
+                    .args(["stop", "--dir"])
+                    .arg(dir.path())
+                    .stdin(Stdio::null())
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
 

@@ -43,7 +43,12 @@ pub async fn handle(
             let snap = ctx.control.snapshot();
             json(
                 StatusCode::OK,
-                &StateView::of(&snap, ctx.control.is_ready(), ctx.split_key.to_string()),
+                &StateView::of(
+                    &snap,
+                    ctx.control.is_ready(),
+                    ctx.control.is_leader(),
+                    ctx.split_key.to_string(),
+                ),
             )
         }
         (["v1", "placement"], &Method::GET) => placement(&ctx, req.uri().query()),

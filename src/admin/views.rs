@@ -12,6 +12,8 @@ pub struct StateView<'a> {
     pub version: u64,
     /// The first table is published.
     pub ready: bool,
+    /// This replica advances shifts (it holds the Lease, or runs alone).
+    pub leader: bool,
     /// The configured split key (`none`, `header:x`, `cookie:x`, `client_ip`).
     pub split_key: String,
     /// Declared shards with their clusters.
@@ -110,7 +112,7 @@ pub struct SplitView {
 
 impl<'a> StateView<'a> {
     /// The view of a snapshot (in-flight counts read live).
-    pub fn of(snap: &'a Snapshot, ready: bool, split_key: String) -> Self {
+    pub fn of(snap: &'a Snapshot, ready: bool, leader: bool, split_key: String) -> Self {
         let table = &snap.table;
         let shard_count = table.placement().len();
         let mut shards: Vec<ShardView> = (0..shard_count)
@@ -162,6 +164,7 @@ impl<'a> StateView<'a> {
         Self {
             version: snap.version,
             ready,
+            leader,
             split_key,
             shards,
             apps,

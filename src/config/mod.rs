@@ -46,9 +46,9 @@ mod tests;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubernetesConfig, LimitsConfig,
-    PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey, TlsConfig,
-    UpstreamConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_PROBE_INTERVAL,
+    AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubeStateConfig, KubernetesConfig,
+    LimitsConfig, PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey,
+    TlsConfig, UpstreamConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_PROBE_INTERVAL,
     DEFAULT_PROBE_TIMEOUT, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE, DEFAULT_TLS_RELOAD_INTERVAL,
     DEFAULT_UPSTREAM_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
     DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER, MAX_NAME_LEN,

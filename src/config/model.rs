@@ -100,6 +100,24 @@ pub struct KubernetesConfig {
     pub delete_drained: bool,
     /// When set, every shard without its own `auto_shift` shifts automatically to a newer revision.
     pub auto_shift: Option<ShiftPolicy>,
+    /// Shared state for several replicas (`discovery.kubernetes.state`); `None`: the local
+    /// `state_file`, one replica.
+    pub state: Option<KubeStateConfig>,
+}
+
+/// Where replicas keep their shared state and elect a leader (`discovery.kubernetes.state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeStateConfig {
+    /// Namespace of the ConfigMap and the Lease.
+    pub namespace: String,
+    /// ConfigMap holding the state document (default `rayshift-state`).
+    pub configmap: String,
+    /// Lease electing the replica that advances shifts (default `rayshift-leader`).
+    pub lease: String,
+    /// How long a Lease holder stays leader without renewing (default 15s).
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease (default: `POD_NAME`, else host name and process id).
+    pub identity: Option<String>,
 }
 
 /// TLS on the client-facing listener (`tls`). Only the paths are checked when the config is

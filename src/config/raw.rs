@@ -91,7 +91,7 @@ pub(crate) struct RawDiscovery {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys namespaces, label_selector, endpoint, kubeconfig, delete_drained, auto_shift"
+    expecting = "a mapping with keys namespaces, label_selector, endpoint, kubeconfig, delete_drained, auto_shift, state"
 )]
 pub(crate) struct RawKubernetes {
     pub namespaces: Option<Vec<Text>>,
@@ -100,6 +100,7 @@ pub(crate) struct RawKubernetes {
     pub kubeconfig: Option<Text>,
     pub delete_drained: Option<Text>,
     pub auto_shift: Option<RawPolicy>,
+    pub state: Option<RawSection>,
 }
 
 /// A section whose keys are checked by validation (so an unknown key gets a field path and the list

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors};
 use super::model::{
-    AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubernetesConfig, LimitsConfig,
-    PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey, TlsConfig,
-    UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE,
+    AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubeStateConfig, KubernetesConfig,
+    LimitsConfig, PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey,
+    TlsConfig, UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE,
     DEFAULT_TLS_RELOAD_INTERVAL, MAX_NAME_LEN,
 };
 use super::raw::{
@@ -363,6 +363,47 @@ fn kubernetes(
         .auto_shift
         .as_ref()
         .map(|keys| policy(p, &format!("{field}.auto_shift"), defaults, keys));
+    let state = raw.state.as_ref().map(|raw| {
+        let mut state = KubeStateConfig {
+            namespace: String::new(),
+            configmap: "rayshift-state".into(),
+            lease: "rayshift-leader".into(),
+            lease_duration: Duration::from_secs(15),
+            identity: None,
+        };
+        keyed(
+            p,
+            &format!("{field}.state"),
+            Some(raw),
+            &mut state,
+            &[
+                ("namespace", |s, v| {
+                    s.namespace = v.to_string();
+                    Ok(())
+                }),
+                ("configmap", |s, v| {
+                    s.configmap = v.to_string();
+                    Ok(())
+                }),
+                ("lease", |s, v| {
+                    s.lease = v.to_string();
+                    Ok(())
+                }),
+                ("lease_duration", |s, v| {
+                    s.lease_duration = positive_duration(v)?;
+                    Ok(())
+                }),
+                ("identity", |s, v| {
+                    s.identity = Some(v.to_string());
+                    Ok(())
+                }),
+            ],
+        );
+        if state.namespace.is_empty() {
+            p.push(format!("{field}.state.namespace"), MISSING);
+        }
+        state
+    });
     KubernetesConfig {
         namespaces,
         label_selector,
@@ -370,6 +411,7 @@ fn kubernetes(
         kubeconfig,
         delete_drained,
         auto_shift,
+        state,
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use super::{ClusterEntry, Command, ControlError, Desired};
+use super::{ClusterEntry, Command, ControlError, Desired, Store};
 use crate::discovery::probe::ProbeReport;
 use crate::routing::{AppSpec, ClusterSpec, RoutingTable, ShardSpec, TableSpec};
 use crate::shift::{Phase, ShardProgress};
@@ -131,16 +131,57 @@ impl Desired {
     }
 
     /// Writes `next` to the state file off the async runtime.
-    pub(super) async fn persist(&self, next: &State) -> Result<(), StateError> {
-        let store = self.store.clone();
-        let next = next.clone();
-        match tokio::task::spawn_blocking(move || store.save(&next)).await {
-            Ok(result) => result,
-            Err(e) => Err(StateError::Write {
-                path: self.store.path().to_path_buf(),
-                source: std::io::Error::other(e),
-            }),
+    pub(super) async fn persist(&mut self, next: &State) -> Result<(), StateError> {
+        match &self.store {
+            Store::File(store) => {
+                let (store, path) = (store.clone(), store.path().to_path_buf());
+                let next = next.clone();
+                match tokio::task::spawn_blocking(move || store.save(&next)).await {
+                    Ok(result) => result,
+                    Err(e) => Err(StateError::Write {
+                        path,
+                        source: std::io::Error::other(e),
+                    }),
+                }
+            }
+            Store::ConfigMap(store) => {
+                let store = Arc::clone(store);
+                let result = store.save(next).await;
+                if matches!(result, Err(StateError::Conflict(_))) {
+                    // Another replica wrote first: take its state, so the next attempt starts from it.
+                    match store.load().await {
+                        Ok(Some(state)) => self.adopt_state(state),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "reloading the shared state failed"),
+                    }
+                }
+                result
+            }
         }
+    }
+
+    /// A state another replica wrote (seen through the ConfigMap watch).
+    pub(super) fn adopt_shared_state(&mut self, state: State, version: Option<String>) {
+        if let Store::ConfigMap(store) = &self.store {
+            if version.is_some() && version == store.seen_version() {
+                return;
+            }
+        }
+        tracing::debug!("state changed by another replica");
+        self.adopt_state(state);
+    }
+
+    /// Replaces the state (keeping this replica's shift timers where the shift is the same) and
+    /// republishes.
+    fn adopt_state(&mut self, mut state: State) {
+        for (shard, entry) in &mut state.shards {
+            let ours = self.state.shards.get(shard).and_then(|s| s.shift.as_ref());
+            if let (Some(theirs), Some(ours)) = (entry.shift.as_mut(), ours) {
+                theirs.keep_timers_of(ours);
+            }
+        }
+        self.state = state;
+        self.publish();
     }
 
     /// Effective weights of a shard's clusters: stored weights, else the config's, else an equal split.

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::cluster::Cluster;
 use crate::config::{ClusterConfig, Config};
 use crate::discovery::probe::{ProbeReport, Prober};
+use crate::kube_state::ConfigMapStore;
 use crate::routing::Placement;
 use crate::shift::machine::InvalidTransition;
 use crate::shift::policy::PolicyError;
@@ -125,6 +126,7 @@ impl ControlError {
             | ControlError::Transition(_)
             | ControlError::RolloutState { .. }
             | ControlError::RolloutRunning(_) => StatusCode::CONFLICT,
+            ControlError::Persist(StateError::Conflict(_)) => StatusCode::CONFLICT,
             ControlError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
@@ -211,6 +213,7 @@ pub struct ControlHandle {
     commands: mpsc::Sender<Command>,
     table: Arc<ArcSwap<Snapshot>>,
     ready: watch::Receiver<bool>,
+    leader: Option<watch::Receiver<bool>>,
 }
 
 impl ControlHandle {
@@ -222,6 +225,12 @@ impl ControlHandle {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.table.load_full()
+    }
+
+    /// True when this replica advances shifts: always with a local state file, else while it
+    /// holds the Lease.
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
     }
 
     /// True once the first snapshot with probe results has been published.
@@ -370,7 +379,9 @@ struct Desired {
     /// Sorted by (shard, revision, name): the split order, oldest revision first.
     clusters: Vec<ClusterEntry>,
     state: State,
-    store: StateStore,
+    store: Store,
+    /// True while this replica holds the Lease (`None`: a single replica, always leading).
+    leader: Option<watch::Receiver<bool>>,
     table: Arc<ArcSwap<Snapshot>>,
     version: u64,
     /// Route conflicts already logged, so a rebuild does not repeat them.
@@ -403,14 +414,54 @@ pub enum StartError {
 }
 
 /// Loads the state file, starts probes of every configured cluster and the owner task.
+/// Where the state lives: a local file (one replica) or a ConfigMap shared by replicas.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// `state_file`.
+    File(StateStore),
+    /// `discovery.kubernetes.state`.
+    ConfigMap(Arc<ConfigMapStore>),
+}
+
+/// Loads the state, starts probes of every configured cluster and the owner task.
+///
 /// `probe_tls` is the TLS client configuration probes of `https://` clusters use (the one requests
-/// use, so both trust the same certificates).
-pub fn start(
+/// use, so both trust the same certificates). `kube` is the Kubernetes client when
+/// `discovery.kubernetes` is configured; with `discovery.kubernetes.state` the state lives in a
+/// ConfigMap and a Lease elects the replica that advances shifts.
+pub async fn start(
     config: Arc<Config>,
     probe_tls: rustls::ClientConfig,
+    kube: Option<kube::Client>,
 ) -> Result<ControlHandle, StartError> {
-    let store = StateStore::new(&config.state_file);
-    let state = store.load()?.unwrap_or_else(State::new);
+    let (state_tx, state_rx) = mpsc::channel(16);
+    let shared = kube.zip(config.kubernetes.as_ref().and_then(|k| k.state.clone()));
+    let (store, state, leader) = match shared {
+        Some((client, st)) => {
+            let store = Arc::new(ConfigMapStore::new(
+                client.clone(),
+                &st.namespace,
+                &st.configmap,
+            ));
+            let state = store.load().await?.unwrap_or_else(State::new);
+            Arc::clone(&store).watch(state_tx);
+            let identity = st.identity.clone().unwrap_or_else(default_identity);
+            tracing::info!(configmap = %store.origin().display(), lease = %st.lease, %identity, "state shared through Kubernetes");
+            let leader = crate::kube_state::elect(
+                client,
+                &st.namespace,
+                &st.lease,
+                identity,
+                st.lease_duration,
+            );
+            (Store::ConfigMap(store), state, Some(leader))
+        }
+        None => {
+            let store = StateStore::new(&config.state_file);
+            let state = store.load()?.unwrap_or_else(State::new);
+            (Store::File(store), state, None)
+        }
+    };
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
     let table = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
     let (commands, command_rx) = mpsc::channel(64);
@@ -423,6 +474,7 @@ pub fn start(
         config: Arc::clone(&config),
         state,
         store,
+        leader: leader.clone(),
         table: Arc::clone(&table),
         version: 0,
         warned: HashSet::new(),
@@ -440,11 +492,20 @@ pub fn start(
             source: ClusterSource::Static,
         })?;
     }
-    tokio::spawn(run(desired, command_rx, probe_rx, ready_tx));
+    tokio::spawn(run(desired, command_rx, probe_rx, state_rx, ready_tx));
     Ok(ControlHandle {
         commands,
         table,
         ready,
+        leader,
+    })
+}
+
+/// This replica's Lease identity: `POD_NAME` (set it from the downward API), else host and pid.
+fn default_identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
     })
 }
 
@@ -466,6 +527,7 @@ async fn run(
     mut desired: Desired,
     mut commands: mpsc::Receiver<Command>,
     mut probes: mpsc::UnboundedReceiver<ProbeReport>,
+    mut shared_state: mpsc::Receiver<(State, Option<String>)>,
     ready: watch::Sender<bool>,
 ) {
     desired.publish();
@@ -502,6 +564,7 @@ async fn run(
                 }
                 desired.publish();
             }
+            Some((state, version)) = shared_state.recv() => desired.adopt_shared_state(state, version),
             () = &mut deadline, if !waited => {
                 waited = true;
                 if desired.clusters.iter().any(|c| c.probe.is_none()) {

@@ -299,6 +299,10 @@ impl Desired {
         if self.passive_health(now) {
             self.publish();
         }
+        // With several replicas, only the Lease holder advances shifts and rollouts.
+        if self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
+            return;
+        }
         let mut next = self.state.clone();
         let mut changed = false;
         let mut events: Vec<(String, Event)> = Vec::new();

@@ -169,6 +169,9 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        if !control.is_leader() {
+            continue;
+        }
         let snapshot = control.snapshot();
         for view in &snapshot.views {
             let (Some(Drain::Drained), ClusterSource::Kubernetes { namespace, name }) =

@@ -268,6 +268,14 @@ impl Shift {
         out
     }
 
+    /// Keeps `other`'s in-memory timers and analysis window when it is the same shift at the same
+    /// step and phase (a state reloaded from shared storage), so reloading does not restart a window.
+    pub fn keep_timers_of(&mut self, other: &Shift) {
+        if self.target == other.target && self.step == other.step && self.phase == other.phase {
+            self.runtime = other.runtime.clone();
+        }
+    }
+
     /// Clusters that take no new requests: the old ones, once promoted.
     pub fn draining_clusters(&self) -> &[String] {
         match self.phase {

@@ -1,0 +1,266 @@
+//! Shared state for several gateway replicas in Kubernetes: a ConfigMap holds the state document
+//! (weights, shifts, rollout) and a `coordination.k8s.io/v1` Lease elects the one replica that
+//! advances shifts.
+//!
+//! Every replica watches the ConfigMap and routes by it. Every write is a compare-and-swap on the
+//! ConfigMap's `resourceVersion`: a replica that lost a race gets a conflict, reloads and retries,
+//! so no update is lost. Only the Lease holder ticks shifts, rollouts and automatic shifts; when it
+//! dies, another replica takes the Lease once it expires and continues from the stored step.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher;
+use kube::Client;
+use tokio::sync::{mpsc, watch};
+
+use crate::state::{self, State, StateError};
+
+/// Key of the state document in the ConfigMap.
+pub const STATE_KEY: &str = "state.json";
+
+/// The state document in a ConfigMap, written with optimistic concurrency.
+#[derive(Debug)]
+pub struct ConfigMapStore {
+    api: Api<ConfigMap>,
+    name: String,
+    origin: PathBuf,
+    /// `resourceVersion` of the last version this replica read or wrote.
+    version: Mutex<Option<String>>,
+}
+
+impl ConfigMapStore {
+    /// The store `namespace/name`.
+    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            origin: PathBuf::from(format!("configmap {namespace}/{name}")),
+            version: Mutex::new(None),
+        }
+    }
+
+    /// Where the state lives, for messages.
+    pub fn origin(&self) -> &std::path::Path {
+        &self.origin
+    }
+
+    fn kube_error(&self, e: impl std::fmt::Display) -> StateError {
+        StateError::Kube {
+            path: self.origin.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn remember(&self, version: Option<String>) {
+        if let Ok(mut v) = self.version.lock() {
+            *v = version;
+        }
+    }
+
+    /// The last `resourceVersion` seen.
+    pub fn seen_version(&self) -> Option<String> {
+        self.version.lock().ok().and_then(|v| v.clone())
+    }
+
+    /// Reads the state (`None`: no ConfigMap or no state in it yet).
+    pub async fn load(&self) -> Result<Option<State>, StateError> {
+        let cm = match self.api.get_opt(&self.name).await {
+            Ok(cm) => cm,
+            Err(e) => return Err(self.kube_error(e)),
+        };
+        let Some(cm) = cm else {
+            self.remember(None);
+            return Ok(None);
+        };
+        self.remember(cm.metadata.resource_version.clone());
+        self.parse(&cm).map(|s| s.map(|(state, _)| state))
+    }
+
+    /// The state in a ConfigMap and its `resourceVersion`.
+    pub fn parse(&self, cm: &ConfigMap) -> Result<Option<(State, Option<String>)>, StateError> {
+        let Some(text) = cm.data.as_ref().and_then(|d| d.get(STATE_KEY)) else {
+            return Ok(None);
+        };
+        let state = state::parse(text.as_bytes(), &self.origin)?;
+        Ok(Some((state, cm.metadata.resource_version.clone())))
+    }
+
+    /// Writes `state` if nobody wrote since this replica's last read or write; otherwise
+    /// [`StateError::Conflict`] and nothing changes.
+    pub async fn save(&self, next: &State) -> Result<(), StateError> {
+        let text = serde_json::to_string_pretty(next).map_err(|e| self.kube_error(e))?;
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                resource_version: self.seen_version(),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/name".into(),
+                    "rayshift".into(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(STATE_KEY.to_string(), text)])),
+            ..ConfigMap::default()
+        };
+        let result = if cm.metadata.resource_version.is_some() {
+            self.api
+                .replace(&self.name, &PostParams::default(), &cm)
+                .await
+        } else {
+            self.api.create(&PostParams::default(), &cm).await
+        };
+        match result {
+            Ok(written) => {
+                self.remember(written.metadata.resource_version);
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                Err(StateError::Conflict(self.origin.clone()))
+            }
+            Err(e) => Err(self.kube_error(e)),
+        }
+    }
+
+    /// Watches the ConfigMap and sends every state another replica wrote.
+    pub fn watch(
+        self: std::sync::Arc<Self>,
+        updates: mpsc::Sender<(State, Option<String>)>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+            let mut stream = kube::runtime::WatchStreamExt::default_backoff(watcher::watcher(
+                self.api.clone(),
+                cfg,
+            ))
+            .boxed();
+            while let Some(event) = stream.next().await {
+                let cm = match event {
+                    Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => cm,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "state ConfigMap watch error; retrying");
+                        continue;
+                    }
+                };
+                if cm.metadata.resource_version.is_some()
+                    && cm.metadata.resource_version == self.seen_version()
+                {
+                    continue; // our own write
+                }
+                match self.parse(&cm) {
+                    Ok(Some(update)) => {
+                        if updates.send(update).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "state ConfigMap unreadable; keeping the current state")
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Runs leader election on a Lease; the receiver is true while this replica holds it.
+pub fn elect(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    identity: String,
+    duration: Duration,
+) -> watch::Receiver<bool> {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let name = name.to_string();
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut last_renewal: Option<tokio::time::Instant> = None;
+        loop {
+            let leader = match try_acquire(&api, &name, &identity, duration).await {
+                Ok(held) => {
+                    if held {
+                        last_renewal = Some(tokio::time::Instant::now());
+                    }
+                    held
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %name, error = %e, "lease renewal failed");
+                    // Keep leading only while the last renewal is still valid.
+                    last_renewal.is_some_and(|t| t.elapsed() < duration * 2 / 3)
+                }
+            };
+            if *tx.borrow() != leader {
+                tracing::info!(lease = %name, %identity, leader, "leadership changed");
+            }
+            if tx.send(leader).is_err() {
+                return;
+            }
+            tokio::time::sleep(duration / 3).await;
+        }
+    });
+    rx
+}
+
+/// Acquires or renews the Lease; true when this replica holds it afterwards.
+async fn try_acquire(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+) -> Result<bool, kube::Error> {
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let seconds = i32::try_from(duration.as_secs()).unwrap_or(i32::MAX).max(1);
+    let Some(mut lease) = api.get_opt(name).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(identity.to_string()),
+                lease_duration_seconds: Some(seconds),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    let ours = spec.holder_identity.as_deref() == Some(identity);
+    let expired = spec.renew_time.as_ref().is_none_or(|t| {
+        let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+        age.as_secs_f64() > f64::from(spec.lease_duration_seconds.unwrap_or(seconds))
+    });
+    if !ours && !expired {
+        return Ok(false);
+    }
+    if !ours {
+        spec.holder_identity = Some(identity.to_string());
+        spec.acquire_time = Some(now.clone());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.renew_time = Some(now);
+    spec.lease_duration_seconds = Some(seconds);
+    // The resourceVersion in `lease` makes this a compare-and-swap: two replicas racing for an
+    // expired Lease cannot both win.
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
