@@ -125,21 +125,15 @@ impl TestGateway {
     /// Weight, readiness of a cluster from `/v1/state`.
     pub async fn cluster_state(&self, name: &str) -> serde_json::Value {
         let state = self.state().await;
-        for shard in state["shards"].as_array().unwrap() {
-            for c in shard["clusters"].as_array().unwrap() {
-                if c["name"] == name {
-                    return c.clone();
-                }
-            }
-        }
-        panic!("cluster {name} not in state: {state}");
+        find_cluster(&state, name).unwrap_or_else(|| panic!("cluster {name} not in state: {state}"))
     }
 
     /// Waits until the cluster's readiness in `/v1/state` is `ready`.
     pub async fn wait_cluster_ready(&self, name: &str, ready: bool) {
         let deadline = Instant::now() + WAIT;
         loop {
-            if self.cluster_state(name).await["ready"] == ready {
+            // A cluster just handed to discovery may not be in the table yet.
+            if find_cluster(&self.state().await, name).is_some_and(|c| c["ready"] == ready) {
                 return;
             }
             assert!(
@@ -161,6 +155,16 @@ impl TestGateway {
         )
         .await
     }
+}
+
+/// A cluster's entry in a `/v1/state` document.
+pub fn find_cluster(state: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    state["shards"]
+        .as_array()?
+        .iter()
+        .flat_map(|shard| shard["clusters"].as_array().into_iter().flatten())
+        .find(|c| c["name"] == name)
+        .cloned()
 }
 
 /// A response, fully read.
