@@ -1,9 +1,11 @@
 //! A backend Ray cluster as the request path sees it: where to send requests, and its live counters.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
-use metrics::{Gauge, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 
 use crate::stats::ClusterStats;
 use crate::telemetry;
@@ -28,6 +30,8 @@ pub struct Cluster {
     pub duration: Histogram,
     /// `rayshift_cluster_in_flight{cluster}`, resolved once.
     pub in_flight_gauge: Gauge,
+    /// `rayshift_requests_total` handles by app and status code.
+    pub requests: RequestCounters,
 }
 
 impl Cluster {
@@ -55,6 +59,7 @@ impl Cluster {
             stats: ClusterStats::default(),
             duration,
             in_flight_gauge,
+            requests: RequestCounters::default(),
         }
     }
 
@@ -85,5 +90,42 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.cluster.stats.leave();
         self.cluster.in_flight_gauge.set(now as f64);
+    }
+}
+
+/// `rayshift_requests_total{app,shard,cluster,code}` handles of one cluster, resolved once per
+/// (app, code) and then found without allocating or locking: the request path only loads an
+/// `ArcSwap` and compares a few entries. A new (app, code) pair copies the small map once.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    by_app: ArcSwap<HashMap<Box<str>, Vec<(u16, Counter)>, foldhash::fast::RandomState>>,
+}
+
+impl RequestCounters {
+    /// Counts one response of `app` with `status` on the cluster `cluster` of `shard`.
+    pub fn increment(&self, app: &str, shard: &str, cluster: &str, status: http::StatusCode) {
+        let code = status.as_u16();
+        if let Some(codes) = self.by_app.load().get(app) {
+            if let Some((_, counter)) = codes.iter().find(|(c, _)| *c == code) {
+                counter.increment(1);
+                return;
+            }
+        }
+        let counter = metrics::counter!(
+            telemetry::REQUESTS_TOTAL,
+            "app" => app.to_string(),
+            "shard" => shard.to_string(),
+            "cluster" => cluster.to_string(),
+            "code" => telemetry::status_label(status)
+        );
+        counter.increment(1);
+        self.by_app.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            let codes = map.entry(app.into()).or_default();
+            if !codes.iter().any(|(c, _)| *c == code) {
+                codes.push((code, counter.clone()));
+            }
+            map
+        });
     }
 }

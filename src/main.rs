@@ -94,8 +94,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// The tokio runtime: `RAYSHIFT_WORKER_THREADS=1` runs everything on one thread (the cheapest per
+/// request when rayshift gets one core), `N` uses N worker threads, unset: one per core.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    let threads = match std::env::var("RAYSHIFT_WORKER_THREADS") {
+        Ok(v) => Some(
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .with_context(|| {
+                    format!("RAYSHIFT_WORKER_THREADS={v:?}: expected an integer >= 1")
+                })?,
+        ),
+        Err(_) => None,
+    };
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder
         .enable_all()
         .build()
         .context("starting the tokio runtime")

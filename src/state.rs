@@ -100,6 +100,31 @@ pub struct ShardState {
     pub auto_shift_revision: Option<String>,
 }
 
+impl StateError {
+    /// An error of the same kind and message, for answering every change of a failed group write.
+    pub fn same_kind(&self, message: &str) -> StateError {
+        match self {
+            StateError::Conflict(path) => StateError::Conflict(path.clone()),
+            StateError::Kube { path, .. } => StateError::Kube {
+                path: path.clone(),
+                message: message.to_string(),
+            },
+            StateError::Read { path, source } | StateError::Write { path, source } => {
+                StateError::Write {
+                    path: path.clone(),
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                }
+            }
+            StateError::Corrupt { path, .. } | StateError::Version { path, .. } => {
+                StateError::Write {
+                    path: path.clone(),
+                    source: std::io::Error::other(message.to_string()),
+                }
+            }
+        }
+    }
+}
+
 impl State {
     /// An empty state of the current version.
     pub fn new() -> Self {

@@ -64,6 +64,20 @@ pub const KUBE_WATCH_EVENTS_TOTAL: &str = "rayshift_kube_watch_events_total";
 /// RayCluster watch errors (the watch backs off and resumes), by namespace.
 pub const KUBE_WATCH_ERRORS_TOTAL: &str = "rayshift_kube_watch_errors_total";
 
+/// A `'static` label for a status code, without allocating per request.
+pub fn status_label(status: http::StatusCode) -> &'static str {
+    static LABELS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let labels = LABELS.get_or_init(|| {
+        (0..1000u16)
+            .map(|c| &*Box::leak(c.to_string().into_boxed_str()))
+            .collect()
+    });
+    labels
+        .get(usize::from(status.as_u16()))
+        .copied()
+        .unwrap_or("other")
+}
+
 /// Histogram buckets for request durations, in seconds (Serve inference ranges from ms to minutes).
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -236,7 +236,7 @@ async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) ->
     };
     match ctx.control.set_weights(shard, parsed.weights.clone()).await {
         Ok(()) => {
-            tracing::info!(%shard, weights = ?parsed.weights, "weights set through the admin API");
+            tracing::debug!(%shard, weights = ?parsed.weights, "weights set through the admin API");
             json(
                 StatusCode::OK,
                 &serde_json::json!({"shard": shard, "weights": parsed.weights}),

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use super::{ClusterEntry, Command, ControlError, Desired, Store};
+use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
 use crate::routing::{AppSpec, ClusterSpec, RoutingTable, ShardSpec, TableSpec};
 use crate::shift::{Phase, ShardProgress};
@@ -12,6 +12,33 @@ use crate::state::{State, StateError};
 use crate::telemetry;
 
 impl Desired {
+    /// Handles queued commands in order; consecutive weight changes are committed together.
+    pub(super) async fn handle_batch(&mut self, batch: Vec<Command>) {
+        let mut group = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Command::SetWeights {
+                    shard,
+                    weights,
+                    reply,
+                } => group.push(WeightChange {
+                    shard,
+                    weights,
+                    reply,
+                }),
+                other => {
+                    if !group.is_empty() {
+                        self.set_weights_group(std::mem::take(&mut group)).await;
+                    }
+                    self.handle(other).await;
+                }
+            }
+        }
+        if !group.is_empty() {
+            self.set_weights_group(group).await;
+        }
+    }
+
     pub(super) async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::SetWeights {
@@ -19,8 +46,12 @@ impl Desired {
                 weights,
                 reply,
             } => {
-                let result = self.set_weights(&shard, weights).await;
-                let _ = reply.send(result);
+                self.set_weights_group(vec![WeightChange {
+                    shard,
+                    weights,
+                    reply,
+                }])
+                .await
             }
             Command::StartShift {
                 shard,
@@ -68,11 +99,11 @@ impl Desired {
         }
     }
 
-    /// Validates, persists, then publishes new weights for `shard`.
-    async fn set_weights(
-        &mut self,
+    /// Checks a weight change for `shard` against the current clusters and shifts.
+    fn check_weights(
+        &self,
         shard: &str,
-        weights: BTreeMap<String, u64>,
+        weights: &BTreeMap<String, u64>,
     ) -> Result<(), ControlError> {
         if self.config.shard_index(shard).is_none() {
             return Err(ControlError::UnknownShard(shard.to_string()));
@@ -90,7 +121,7 @@ impl Desired {
                 .join(", ")
         };
         let mut sum = 0u64;
-        for (name, &weight) in &weights {
+        for (name, &weight) in weights {
             match self.clusters.iter().find(|c| &c.config.name == name) {
                 None => {
                     return Err(ControlError::UnknownCluster {
@@ -119,15 +150,49 @@ impl Desired {
         if sum != 100 {
             return Err(ControlError::WeightSum(sum));
         }
-        let mut next = self.state.clone();
-        next.shards.entry(shard.to_string()).or_default().weights = weights
-            .into_iter()
-            .map(|(name, w)| (name, w as u32))
-            .collect();
-        self.persist(&next).await?;
-        self.state = next;
-        self.publish();
         Ok(())
+    }
+
+    /// Validates, persists, then publishes weight changes. Changes that arrived together are
+    /// written with one state-file write (group commit): under a burst of changes the gateway
+    /// pays one fsync per burst, not one per change. Each change is answered on its own.
+    pub(super) async fn set_weights_group(&mut self, group: Vec<WeightChange>) {
+        let mut next = self.state.clone();
+        let mut accepted = Vec::new();
+        for change in group {
+            match self.check_weights(&change.shard, &change.weights) {
+                Ok(()) => {
+                    tracing::debug!(shard = %change.shard, weights = ?change.weights, "weights set");
+                    next.shards.entry(change.shard.clone()).or_default().weights = change
+                        .weights
+                        .iter()
+                        .map(|(name, w)| (name.clone(), *w as u32))
+                        .collect();
+                    accepted.push(change.reply);
+                }
+                Err(e) => {
+                    let _ = change.reply.send(Err(e));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        match self.persist(&next).await {
+            Ok(()) => {
+                self.state = next;
+                self.publish();
+                for reply in accepted {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for reply in accepted {
+                    let _ = reply.send(Err(ControlError::Persist(e.same_kind(&message))));
+                }
+            }
+        }
     }
 
     /// Writes `next` to the state file off the async runtime.

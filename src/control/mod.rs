@@ -207,6 +207,14 @@ enum Command {
     },
 }
 
+/// One weight change waiting for its answer.
+#[derive(Debug)]
+pub(crate) struct WeightChange {
+    shard: String,
+    weights: BTreeMap<String, u64>,
+    reply: oneshot::Sender<Result<(), ControlError>>,
+}
+
 /// A cheap, cloneable handle to the control plane.
 #[derive(Clone, Debug)]
 pub struct ControlHandle {
@@ -552,7 +560,18 @@ async fn run(
         tokio::select! {
             _ = tick.tick() => desired.tick().await,
             cmd = commands.recv() => match cmd {
-                Some(cmd) => desired.handle(cmd).await,
+                Some(cmd) => {
+                    // Take what else is queued, so weight changes that arrived together share one
+                    // state-file write.
+                    let mut batch = vec![cmd];
+                    while batch.len() < 256 {
+                        match commands.try_recv() {
+                            Ok(cmd) => batch.push(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                    desired.handle_batch(batch).await;
+                }
                 None => return,
             },
             report = probes.recv() => {

@@ -2,7 +2,7 @@
 //! response back.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::uri::{PathAndQuery, Uri};
@@ -27,6 +27,8 @@ struct Route {
     app: Arc<str>,
     /// The split value used for the pick (reused, shifted, for a retry).
     x: u64,
+    /// The split has another cluster a retry could go to.
+    alternatives: bool,
 }
 
 /// How one attempt ended without a response.
@@ -65,13 +67,14 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     let request_id = prepare(&mut parts, peer, upgrade, ctx.proto);
     // A bodiless request can be sent again; keep what a retry needs (only then: it costs a copy).
-    let retry_head = (ctx.retries && !upgrade && body.is_end_stream()).then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.path_and_query().cloned(),
-            parts.headers.clone(),
-        )
-    });
+    let retry_head =
+        (ctx.retries && route.alternatives && !upgrade && body.is_end_stream()).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.path_and_query().cloned(),
+                parts.headers.clone(),
+            )
+        });
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -131,7 +134,9 @@ pub async fn handle(
     let status = resp.status();
     cluster.stats.record_response(status.as_u16(), elapsed);
     cluster.duration.record(elapsed.as_secs_f64());
-    count(&route.app, &cluster.shard, &cluster.name, status);
+    cluster
+        .requests
+        .increment(&route.app, &cluster.shard, &cluster.name, status);
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
@@ -182,6 +187,7 @@ fn route(
             cluster: Arc::clone(snap.cluster(id)),
             app: Arc::clone(&hit.app.name),
             x,
+            alternatives: hit.split.len() > 1,
         }),
         None => {
             let shard = snap.table.shard_name(hit.shard);
@@ -272,7 +278,9 @@ fn count_failure(
         metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "cluster" => cluster.name.to_string(), "kind" => kind)
             .increment(1);
     }
-    count(app, &cluster.shard, &cluster.name, status);
+    cluster
+        .requests
+        .increment(app, &cluster.shard, &cluster.name, status);
     (status, msg)
 }
 
@@ -368,21 +376,7 @@ fn count(app: &str, shard: &str, cluster: &str, status: StatusCode) {
         "app" => app.to_string(),
         "shard" => shard.to_string(),
         "cluster" => cluster.to_string(),
-        "code" => status_label(status)
+        "code" => telemetry::status_label(status)
     )
     .increment(1);
-}
-
-/// A `'static` label for a status code, without allocating per request.
-fn status_label(status: StatusCode) -> &'static str {
-    static LABELS: OnceLock<Vec<&'static str>> = OnceLock::new();
-    let labels = LABELS.get_or_init(|| {
-        (0..1000u16)
-            .map(|c| &*Box::leak(format!("{c}").into_boxed_str()))
-            .collect()
-    });
-    labels
-        .get(status.as_u16() as usize)
-        .copied()
-        .unwrap_or("other")
 }

@@ -1,0 +1,1329 @@
+#!/usr/bin/env python3
+"""Load benchmark: direct vs rayshift vs nginx vs HAProxy in front of a 1-worker nginx backend.
+
+Run it through benches/load/run.sh (which installs the tools and builds rayshift). Method, in short:
+
+* backend: nginx, 1 worker, no access log, answering `/` (3-byte body), `/16k` (16 KiB static file),
+  `/-/healthz` and `/-/routes` (so rayshift's Serve probes pass), on two ports (the churn run needs
+  two clusters);
+* targets: `direct` (wrk -> backend), `rayshift`, `nginx` (1 worker, upstream keepalive) and
+  `haproxy` (1 thread, http-reuse always), all with no access log and pooled keep-alive upstreams;
+* cores: wrk (and the small python helpers) on --load-cpu, the backend and the proxy under test
+  on --proxy-cpu;
+* rounds: each round runs every scenario through every target, the target order rotating from round
+  to round so machine drift hits all alike; the report gives the median over rounds of each figure;
+* CPU/request: utime+stime of the proxy's processes from /proc/PID/stat, before and after the wrk
+  run, divided by the requests wrk completed;
+* churn: a second rayshift with two clusters (the backend's two ports) in one shard, with weights
+  swapped 100/0 <-> 0/100 through `PUT /v1/shards/shard-0/weights` --churn-rate times a second
+  while wrk runs, against the same instance without churn;
+* RSS: VmRSS of each proxy (all its processes) with 1,000 idle keep-alive client connections, each
+  of which has completed one request.
+
+Helper modes (used by the benchmark itself): `bench.py churn ...` and `bench.py idle ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import queue
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+LUA = HERE / "report.lua"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TARGETS = ["direct", "rayshift", "rayshift-alt", "nginx", "haproxy"]
+PROXIES = ["rayshift", "rayshift-alt", "nginx", "haproxy"]
+# name -> (path, connections)
+SCENARIOS = {
+    "small-c64": ("/", 64),
+    "small-c1": ("/", 1),
+    "16k-c64": ("/16k", 64),
+    "16k-c1": ("/16k", 1),
+}
+SYSCALLS = ["read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "sendfile64",
+            "epoll_wait", "epoll_pwait", "epoll_ctl", "futex", "sched_yield"]
+DEFAULT_SCENARIOS = ["small-c64", "small-c1", "16k-c64"]
+SMALL_BODY = b"ok\n"
+BIG_SIZE = 16 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# /proc readers
+
+
+def proc_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    # rest[0] is field 3 (state); utime is field 14, stime field 15.
+    return int(rest[11]) + int(rest[12])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(proc_ticks(p) for p in pids) / CLK_TCK
+
+
+def user_system_seconds(pids: list[int]) -> tuple[float, float]:
+    u = s = 0
+    for p in pids:
+        with open(f"/proc/{p}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        u += int(rest[11])
+        s += int(rest[12])
+    return u / CLK_TCK, s / CLK_TCK
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def rss_kib(pids: list[int]) -> tuple[int, int]:
+    """(VmRSS, VmHWM) summed over pids, KiB."""
+    rss = hwm = 0
+    for p in pids:
+        st = proc_status(p)
+        rss += int(st.get("VmRSS", "0 kB").split()[0])
+        hwm += int(st.get("VmHWM", "0 kB").split()[0])
+    return rss, hwm
+
+
+def ctx_switches(pids: list[int]) -> int:
+    """Voluntary plus involuntary context switches of every thread of pids."""
+    total = 0
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
+def pss_kib(pids: list[int]) -> int:
+    """Proportional set size summed over pids (pages shared between an nginx master and its worker
+    counted once), KiB; 0 where smaps_rollup is unavailable."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            return 0
+    return total
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core: (busy ticks, total ticks) from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if not m:
+                continue
+            v = [int(x) for x in m.group(2).split()]
+            user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+            busy = user + nice + system + irq + softirq + steal
+            out[int(m.group(1))] = (busy, busy + idle + iowait)
+    return out
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            if int(rest[1]) == pid:
+                kids.append(int(d))
+        except OSError:
+            pass
+    return sorted(kids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def wait_for(what: str, check, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as e:  # noqa: BLE001 - anything means "not yet"
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s (last error: {last})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes
+
+
+class Procs:
+    """Starts processes pinned to cores, records their pids for run.sh's trap, stops them."""
+
+    def __init__(self, work: Path, nice: int = 0):
+        self.work = work
+        self.nice = ["nice", "-n", str(nice)] if nice else []
+        self.piddir = work / "pids"
+        self.piddir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.extra: dict[str, list[int]] = {}
+
+    def start(self, name: str, argv: list[str], cpu: str, env=None, stdout=None) -> subprocess.Popen:
+        log_path = self.work / f"{name}.log"
+        out = open(stdout or log_path, "ab")
+        err = open(log_path, "ab") if stdout else None
+        try:
+            p = subprocess.Popen(
+                ["taskset", "-c", cpu, *self.nice, *argv],
+                stdout=out,
+                stderr=err or subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            out.close()
+            if err:
+                err.close()
+        self.procs[name] = p
+        (self.piddir / f"{name}.pid").write_text(str(p.pid))
+        return p
+
+    def record_extra(self, name: str, pids: list[int]) -> None:
+        """Processes forked by one we started (nginx workers): killed by the trap too."""
+        self.extra[name] = pids
+        for i, pid in enumerate(pids):
+            (self.piddir / f"{name}-child{i}.pid").write_text(str(pid))
+
+    def stop(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for pid in self.extra.pop(name, []):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for f in self.piddir.glob(f"{name}*.pid"):
+            f.unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs)[::-1]:
+            try:
+                self.stop(name)
+            except Exception as e:  # noqa: BLE001
+                log(f"stopping {name}: {e}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+
+NGINX_TEMP = """
+  client_body_temp_path {d}/{n}-tmp/body;
+  proxy_temp_path {d}/{n}-tmp/proxy;
+  fastcgi_temp_path {d}/{n}-tmp/fastcgi;
+  uwsgi_temp_path {d}/{n}-tmp/uwsgi;
+  scgi_temp_path {d}/{n}-tmp/scgi;
+"""
+
+
+def nginx_head(d: Path, name: str) -> str:
+    # Workers of a root master run as "nobody", which cannot read the 0700 work dir.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (d / f"{name}-tmp").mkdir(exist_ok=True)
+    return (
+        f"{user}worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/{name}.pid;\n"
+        f"error_log {d}/{name}.error.log warn;\nworker_rlimit_nofile 16384;\n"
+        "events { worker_connections 8192; }\n"
+    )
+
+
+def backend_conf(d: Path, p1: int, p2: int) -> str:
+    www = d / "www"
+    www.mkdir(exist_ok=True)
+    (www / "16k").write_bytes(bytes((i * 7 + 13) % 256 for i in range(BIG_SIZE)))
+    return nginx_head(d, "backend") + f"""
+http {{
+  access_log off;
+  {NGINX_TEMP.format(d=d, n="backend")}
+  sendfile on;
+  tcp_nopush on;
+  keepalive_timeout 75s;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{p1} backlog=4096;
+    listen 127.0.0.1:{p2} backlog=4096;
+    location = / {{ default_type text/plain; return 200 "ok\\n"; }}
+    location = /16k {{ root {www}; }}
+    location = /-/healthz {{ default_type text/plain; return 200 "success"; }}
+    location = /-/routes {{ default_type application/json; return 200 '{{"/": "bench"}}'; }}
+  }}
+}}
+"""
+
+
+def nginx_proxy_conf(d: Path, port: int, backend: int) -> str:
+    return nginx_head(d, "nginx") + f"""
+http {{
+  access_log off;
+  {NGINX_TEMP.format(d=d, n="nginx")}
+  keepalive_timeout 75s;
+  keepalive_requests 1000000;
+  upstream backend {{
+    server 127.0.0.1:{backend};
+    keepalive 256;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+    }}
+  }}
+}}
+"""
+
+
+def haproxy_conf(port: int, backend: int) -> str:
+    return f"""global
+  nbthread 1
+  maxconn 8000
+
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+  option http-keep-alive
+  http-reuse always
+
+frontend fe
+  bind 127.0.0.1:{port}
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  default_backend be
+
+backend be
+  server s1 127.0.0.1:{backend}
+"""
+
+
+def rayshift_conf(d: Path, name: str, port: int, admin: int, backends: list[tuple[str, int, int]]) -> str:
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        "admin:",
+        f"  listen: 127.0.0.1:{admin}",
+        f"state_file: {d}/{name}-state.json",
+        "shards: [shard-0]",
+        "clusters:",
+    ]
+    for cname, bport, weight in backends:
+        lines += [
+            f"  - name: {cname}",
+            "    shard: shard-0",
+            "    revision: v1",
+            f"    serve_url: http://127.0.0.1:{bport}",
+            f"    weight: {weight}",
+        ]
+    lines += ["probe:", "  interval: 1s", "  timeout: 1s"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work)
+        self.procs = Procs(self.work, args.nice)
+        self.ports: dict[str, int] = {}
+        self.pids: dict[str, list[int]] = {}  # processes whose CPU counts as the target's
+        self.runs: list[dict] = []
+        self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.results = Path(args.results)
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.results / f"{self.stamp}.jsonl"
+        self.info: dict = {}
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def start_nginx(self, name: str, conf: str) -> None:
+        path = self.work / f"{name}.conf"
+        path.write_text(conf)
+        nginx = "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "nginx"
+        test = subprocess.run([nginx, "-t", "-q", "-p", str(self.work), "-e", str(self.work / f"{name}.error.log"),
+                               "-c", str(path)], capture_output=True, text=True)
+        if test.returncode != 0:
+            raise RuntimeError(f"{name}: nginx -t failed:\n{test.stderr}")
+        p = self.procs.start(name, [nginx, "-p", str(self.work), "-e", str(self.work / f"{name}.error.log"),
+                                    "-c", str(path)], self.args.proxy_cpu)
+        wait_for(f"{name} workers", lambda: len(children_of(p.pid)) >= 1)
+        workers = children_of(p.pid)
+        self.procs.record_extra(name, workers)
+        self.pids[name] = [p.pid, *workers]
+
+    def start_backend(self) -> None:
+        p1, p2 = free_port(), free_port()
+        self.ports["backend"], self.ports["backend2"] = p1, p2
+        self.start_nginx("backend", backend_conf(self.work, p1, p2))
+        self.ports["direct"] = p1
+        # Only the worker serves requests; its CPU is reported as backend CPU/request.
+        self.pids["backend"] = self.pids["backend"][1:]
+        wait_for("backend", lambda: http_get(p1, "/") == (200, SMALL_BODY))
+
+    def start_rayshift(self, name: str, backends: list[tuple[str, int, int]], binary: str | None = None) -> None:
+        port, admin = free_port(), free_port()
+        conf = self.work / f"{name}.yaml"
+        conf.write_text(rayshift_conf(self.work, name, port, admin, backends))
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        if self.args.rayshift_threads:
+            # Not read by every rayshift version; taskset alone already gives tokio one worker.
+            env["RAYSHIFT_WORKER_THREADS"] = str(self.args.rayshift_threads)
+        out = self.work / f"{name}.stdout"
+        p = self.procs.start(name, [binary or self.args.rayshift, "run", "--config", str(conf)], self.args.proxy_cpu,
+                             env=env, stdout=out)
+
+        def listening():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited: {(self.work / f'{name}.log').read_text()[-2000:]}")
+            return "proxy listening on" in out.read_text()
+
+        wait_for(f"{name} listener", listening)
+        wait_for(f"{name} /ready", lambda: http_get(admin, "/ready")[0] == 200)
+        wait_for(f"{name} route to backend", lambda: http_get(port, "/") == (200, SMALL_BODY))
+        self.ports[name], self.ports[name + "-admin"] = port, admin
+        self.pids[name] = [p.pid]
+
+    def start_haproxy(self) -> None:
+        port = free_port()
+        path = self.work / "haproxy.cfg"
+        path.write_text(haproxy_conf(port, self.ports["backend"]))
+        haproxy = "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else "haproxy"
+        test = subprocess.run([haproxy, "-c", "-q", "-f", str(path)], capture_output=True, text=True)
+        if test.returncode != 0:
+            raise RuntimeError(f"haproxy -c failed:\n{test.stdout}{test.stderr}")
+        p = self.procs.start("haproxy", [haproxy, "-db", "-f", str(path)], self.args.proxy_cpu)
+        wait_for("haproxy", lambda: http_get(port, "/") == (200, SMALL_BODY))
+        self.ports["haproxy"] = port
+        self.pids["haproxy"] = [p.pid]
+
+    def setup(self) -> None:
+        log(f"work dir {self.work}; load on cpu {self.args.load_cpu}, backend and proxy on cpu {self.args.proxy_cpu}")
+        self.start_backend()
+        for t in self.args.targets:
+            if t == "rayshift":
+                self.start_rayshift("rayshift", [("bench", self.ports["backend"], 100)])
+            elif t == "rayshift-alt":
+                self.start_rayshift("rayshift-alt", [("bench", self.ports["backend"], 100)], self.args.compare)
+            elif t == "nginx":
+                port = free_port()
+                self.start_nginx("nginx", nginx_proxy_conf(self.work, port, self.ports["backend"]))
+                self.ports["nginx"] = port
+                wait_for("nginx proxy", lambda: http_get(port, "/") == (200, SMALL_BODY))
+            elif t == "haproxy":
+                self.start_haproxy()
+        for t in self.args.targets:
+            status, body = http_get(self.ports[t], "/16k")
+            if status != 200 or len(body) != BIG_SIZE:
+                raise RuntimeError(f"{t}: GET /16k gave {status} with {len(body)} bytes")
+        self.collect_info()
+
+    def collect_info(self) -> None:
+        def cmd(argv):
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                return (r.stdout + r.stderr).strip().splitlines()[0]
+            except Exception as e:  # noqa: BLE001
+                return f"? ({e})"
+
+        cpu = "?"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        rev = cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "Cargo.toml",
+                                "Cargo.lock"], capture_output=True, text=True).stdout.strip()
+        self.info = {
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "host": f"{platform.node()}, {os.cpu_count()} cores, {cpu}, Linux {platform.release()}",
+            "rayshift": f"{self.args.rayshift}, built "
+                        f"{dt.datetime.fromtimestamp(os.path.getmtime(self.args.rayshift)).isoformat(timespec='seconds')}"
+                        f" (repo at {rev}{' with uncommitted changes to src' if dirty else ''})",
+            "nginx": cmd(["/usr/sbin/nginx", "-v"]),
+            "haproxy": cmd(["/usr/sbin/haproxy", "-v"]),
+            "wrk": cmd(["wrk", "--version"]),
+            "cores": f"wrk on cpu {self.args.load_cpu}; backend and proxy on cpu {self.args.proxy_cpu}",
+            "runs": f"{self.args.duration}s per run, {self.args.rounds} round(s), scenarios {', '.join(self.args.scenarios)}",
+        }
+        if "rayshift" in self.pids:
+            st = proc_status(self.pids["rayshift"][0])
+            self.info["rayshift threads"] = st.get("Threads", "?")
+        if self.args.compare:
+            self.info["rayshift-alt"] = (f"{self.args.compare}, built "
+                                         f"{dt.datetime.fromtimestamp(os.path.getmtime(self.args.compare)).isoformat(timespec='seconds')}"
+                                         f", {proc_status(self.pids['rayshift-alt'][0]).get('Threads', '?')} threads")
+
+    # --- one wrk run -----------------------------------------------------------------------------
+
+    def wrk(self, port: int, path: str, conns: int, duration: float) -> tuple[dict, float]:
+        argv = ["taskset", "-c", self.args.load_cpu, *self.procs.nice, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s",
+                "--timeout", "5s", "--latency", "-s", str(LUA), f"http://127.0.0.1:{port}{path}"]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        (self.procs.piddir / "wrk.pid").write_text(str(p.pid))
+        out = p.stdout.read().decode(errors="replace")
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        (self.procs.piddir / "wrk.pid").unlink(missing_ok=True)
+        m = re.search(r"^WRKJSON (.*)$", out, re.M)
+        if p.returncode != 0 or not m:
+            raise RuntimeError(f"wrk failed ({p.returncode}):\n{out}")
+        return json.loads(m.group(1)), ru.ru_utime + ru.ru_stime
+
+    def measure(self, target: str, scenario: str, round_no: int, duration: float, label: str | None = None,
+                record: bool = True, port: int | None = None) -> dict:
+        """One wrk run; with --retry-foreign, re-run (up to twice) while other processes took more
+        than that share of the proxy core, keeping the least disturbed run."""
+        best = None
+        for attempt in range(3 if self.args.retry_foreign else 1):
+            r = self.measure_once(target, scenario, round_no, duration, label, port)
+            r["attempt"] = attempt + 1
+            if best is None or r["proxy_core_foreign_pct"] < best["proxy_core_foreign_pct"]:
+                best = r
+            if not self.args.retry_foreign or r["proxy_core_foreign_pct"] <= self.args.retry_foreign:
+                break
+            log(f"  other processes took {r['proxy_core_foreign_pct']:.0f}% of the proxy core: running again")
+        if record:
+            self.runs.append(best)
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(best) + "\n")
+        return best
+
+    def measure_once(self, target: str, scenario: str, round_no: int, duration: float, label: str | None,
+                     port: int | None) -> dict:
+        path, conns = SCENARIOS[scenario]
+        pids = self.pids.get(target.split("+")[0], []) if target != "direct" else []
+        bpids = self.pids["backend"]
+        lc, pc = int(self.args.load_cpu), int(self.args.proxy_cpu)
+        x0, us0 = ctx_switches(pids), user_system_seconds(pids)
+        k0, c0, b0, t0 = core_times(), cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
+        w, wrk_cpu = self.wrk(port or self.ports[target], path, conns, duration)
+        k1, c1, b1, t1 = core_times(), cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
+        x1, us1 = ctx_switches(pids), user_system_seconds(pids)
+        reqs = max(w["requests"], 1)
+        secs = w["duration_us"] / 1e6
+        proxy_cpu, backend_cpu = c1 - c0, b1 - b0
+        busy_p = (k1[pc][0] - k0[pc][0]) / CLK_TCK
+        total_p = max((k1[pc][1] - k0[pc][1]) / CLK_TCK, 1e-9)
+        busy_l = (k1[lc][0] - k0[lc][0]) / CLK_TCK
+        total_l = max((k1[lc][1] - k0[lc][1]) / CLK_TCK, 1e-9)
+        r = {
+            "round": round_no,
+            "scenario": scenario,
+            "target": label or target,
+            "conns": conns,
+            "path": path,
+            "rps": w["requests"] / secs,
+            "requests": w["requests"],
+            "p50_us": w["lat_p50_us"],
+            "p99_us": w["lat_p99_us"],
+            "max_us": w["lat_max_us"],
+            "errors": w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"],
+            "non2xx": w["err_status"],
+            "cpu_us": proxy_cpu * 1e6 / reqs if pids else None,
+            "backend_cpu_us": backend_cpu * 1e6 / reqs,
+            "ctxsw_per_req": (x1 - x0) / reqs if pids else None,
+            "cpu_user_us": (us1[0] - us0[0]) * 1e6 / reqs if pids else None,
+            "cpu_sys_us": (us1[1] - us0[1]) * 1e6 / reqs if pids else None,
+            "wrk_cpu_pct": 100 * wrk_cpu / (t1 - t0),
+            "load_core_busy_pct": 100 * busy_l / total_l,
+            "proxy_core_busy_pct": 100 * busy_p / total_p,
+            # CPU time on the proxy core not used by the proxy or the backend: other machine load.
+            "proxy_core_foreign_pct": max(0.0, 100 * (busy_p - proxy_cpu - backend_cpu) / total_p),
+        }
+        log(f"round {round_no} {scenario:9} {r['target']:14} {fmt_rps(r['rps']):>7} req/s  "
+            f"p50/p99 {r['p50_us']}/{r['p99_us']} us  cpu/req {fmt_us(r['cpu_us'])}  "
+            f"backend {fmt_us(r['backend_cpu_us'])}  err {r['errors']}+{r['non2xx']}  "
+            f"foreign {r['proxy_core_foreign_pct']:.0f}%")
+        return r
+
+    # --- phases ----------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        for t in self.args.targets:
+            for sc in ("small-c64", "16k-c64"):
+                self.measure_once(t, sc, 0, self.args.warmup, None, None)
+
+    def rounds(self) -> None:
+        targets = self.args.targets
+        for rnd in range(1, self.args.rounds + 1):
+            k = (rnd - 1) % len(targets)
+            order = targets[k:] + targets[:k]
+            log(f"round {rnd}/{self.args.rounds}: order {', '.join(order)}")
+            for sc in self.args.scenarios:
+                for t in order:
+                    self.measure(t, sc, rnd, self.args.duration)
+
+    def start_churn_gateway(self) -> None:
+        """A rayshift with two clusters in shard-0 (the backend's two ports), all weight on `a`."""
+        self.start_rayshift("rayshift-churn", [("a", self.ports["backend"], 100), ("b", self.ports["backend2"], 0)])
+
+    def churn_run(self, rnd: int, duration: float, label: str = "rayshift churn") -> dict:
+        """One 64-connection run through rayshift-churn while the churner swaps weights."""
+        admin = self.ports["rayshift-churn-admin"]
+        m0 = scrape_requests(admin)
+        out = self.work / "churner.out"
+        argv = [sys.executable, str(Path(__file__)), "churn", "--admin", str(admin),
+                "--rate", str(self.args.churn_rate), "--clusters", "a,b"]
+        ch = self.procs.start("churner", argv, self.args.load_cpu, stdout=out)
+        try:
+            wait_for("churner", lambda: "CHURN started" in out.read_text())
+            time.sleep(0.2)
+            # No --retry-foreign here: the swap counts cover exactly this one run.
+            r = self.measure_once("rayshift-churn", "small-c64", rnd, duration, label, None)
+            ch.send_signal(signal.SIGTERM)
+            ch.wait(timeout=15)
+        finally:
+            self.procs.stop("churner")
+        text = out.read_text()
+        out.unlink()
+        stats = json.loads(re.findall(r"^CHURNJSON (.*)$", text, re.M)[-1])
+        m1 = scrape_requests(admin)
+        d = {k: m1.get(k, 0) - m0.get(k, 0) for k in set(m0) | set(m1)}
+        tot = sum(d.values()) or 1
+        r.update({
+            "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
+            "swaps_total": stats["ok"] + stats["failed"],
+            "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"], "put_max_ms": stats["max_ms"],
+            "put_errors": stats["errors"],
+            # About 50% proves that the swaps took effect on the request path.
+            "share_b_pct": 100 * d.get("b", 0) / tot,
+            "non2xx_by_cluster": {k: v for k, v in d.items() if k not in ("a", "b")},
+        })
+        log(f"  churn: {stats['ok']} swaps ok, {stats['failed']} failed, {stats['rate']:.1f}/s, "
+            f"PUT p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms; share to b {r['share_b_pct']:.0f}%"
+            + (f"; errors {stats['errors']}" if stats["errors"] else ""))
+        return r
+
+    def churn(self) -> None:
+        self.start_churn_gateway()
+        self.measure_once("rayshift-churn", "small-c64", 0, self.args.warmup or 1, None, None)
+        for rnd in range(1, self.args.rounds + 1):
+            order = ["steady", "churn"] if rnd % 2 else ["churn", "steady"]
+            for kind in order:
+                if kind == "steady":
+                    self.measure("rayshift-churn", "small-c64", rnd, self.args.duration, label="rayshift steady")
+                    continue
+                r = self.churn_run(rnd, self.args.duration)
+                self.runs.append(r)
+                with open(self.jsonl, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        self.procs.stop("rayshift-churn")
+        del self.pids["rayshift-churn"]
+
+    def rss(self) -> None:
+        for t in [t for t in self.args.targets if t in PROXIES]:
+            pids = self.pids[t]
+            before, _ = rss_kib(pids)
+            out = self.work / "idle.out"
+            argv = [sys.executable, str(Path(__file__)), "idle", "--port", str(self.ports[t]),
+                    "-n", str(self.args.idle_conns)]
+            h = self.procs.start("idle", argv, self.args.load_cpu, stdout=out)
+            wait_for("idle connections", lambda: "IDLEJSON" in out.read_text() or h.poll() is not None, timeout=60)
+            opened = json.loads(re.findall(r"^IDLEJSON (.*)$", out.read_text(), re.M)[0])
+            time.sleep(1.0)
+            after, hwm = rss_kib(pids)
+            pss = pss_kib(pids)
+            threads = sum(int(proc_status(p).get("Threads", "0")) for p in pids)
+            h.send_signal(signal.SIGTERM)
+            h.wait(timeout=15)
+            self.procs.stop("idle")
+            res = re.findall(r"^IDLEJSON (.*)$", out.read_text(), re.M)
+            still = json.loads(res[-1]).get("still_open") if len(res) > 1 else None
+            out.unlink()
+            r = {"round": 0, "scenario": "rss", "target": t, "rss_before_kib": before, "rss_idle_conns_kib": after,
+                 "hwm_kib": hwm, "pss_kib": pss, "conns_ok": opened["ok"], "conns_still_open": still, "processes": len(pids),
+                 "threads": threads}
+            self.runs.append(r)
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            log(f"rss {t}: {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB with {opened['ok']} idle conns "
+                f"({still} still open at the end), peak {hwm / 1024:.1f} MiB, {threads} threads")
+
+    def syscalls(self) -> None:
+        """Counts the proxies' system calls and context switches per request (perf stat on syscall
+        tracepoints: a diagnostic run, not a measured one, since tracing slows every syscall)."""
+        events = ["raw_syscalls:sys_enter", "context-switches"] + [f"syscalls:sys_enter_{n}" for n in SYSCALLS]
+        for t in [t for t in self.args.targets if t in PROXIES]:
+            for sc in ("small-c64", "16k-c64"):
+                out = self.work / "perfstat.csv"
+                st = subprocess.Popen(["taskset", "-c", self.args.load_cpu, "perf", "stat", "-x", ",", "-e",
+                                       ",".join(events), "-p", ",".join(map(str, self.pids[t])), "-o", str(out)],
+                                      stdout=subprocess.DEVNULL, stderr=open(self.work / "perf.log", "ab"))
+                (self.procs.piddir / "perfstat.pid").write_text(str(st.pid))
+                time.sleep(0.5)
+                try:
+                    r = self.measure_once(t, sc, 0, self.args.duration, f"{t} (syscalls)", None)
+                finally:
+                    st.send_signal(signal.SIGINT)
+                    st.wait(timeout=30)
+                    (self.procs.piddir / "perfstat.pid").unlink(missing_ok=True)
+                counts = {}
+                for line in out.read_text().splitlines():
+                    f = line.split(",")
+                    if len(f) > 2 and f[0].replace(".", "").isdigit():
+                        counts[f[2].replace("syscalls:sys_enter_", "")] = float(f[0])
+                out.unlink()
+                per = {k: v / max(r["requests"], 1) for k, v in counts.items()}
+                row = {"round": 0, "scenario": "syscalls", "target": t, "body": sc, "per_request": per,
+                       "requests": r["requests"], "cpu_us": r["cpu_us"]}
+                self.runs.append(row)
+                with open(self.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(f"syscalls {t} {sc}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items() if v >= 0.01))
+
+    def perf(self) -> None:
+        """Profiles rayshift with perf (software cpu-clock) during one run (or one churn run)."""
+        churn = self.args.perf_scenario == "churn"
+        out = self.results / f"{self.stamp}-perf{'-churn' if churn else ''}"
+        data = Path(f"{out}.data")  # kept (results/ is not committed) for further perf report queries
+        if churn:
+            self.start_churn_gateway()
+        pid = self.pids["rayshift-churn" if churn else "rayshift"][0]
+        rec = subprocess.Popen(["taskset", "-c", self.args.load_cpu, "perf", "record", "-e", "cpu-clock",
+                                "-F", "1999", "--call-graph", self.args.perf_callgraph, "-p", str(pid), "-o", str(data)],
+                               stdout=subprocess.DEVNULL, stderr=open(self.work / "perf.log", "ab"))
+        (self.procs.piddir / "perf.pid").write_text(str(rec.pid))
+        time.sleep(0.5)
+        try:
+            if churn:
+                self.churn_run(0, self.args.perf, "rayshift churn (perf)")
+            else:
+                self.measure_once("rayshift", self.args.perf_scenario, 0, self.args.perf, "rayshift (perf)", None)
+        finally:
+            rec.send_signal(signal.SIGINT)
+            rec.wait(timeout=120)
+            (self.procs.piddir / "perf.pid").unlink(missing_ok=True)
+            if churn:
+                self.procs.stop("rayshift-churn")
+        report = ["perf", "report", "-i", str(data), "--stdio"]
+        sections = [
+            ("time by binary (dso)", ["--no-children", "--sort", "dso", "-g", "none"]),
+            ("self time by symbol", ["--no-children", "--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.25"]),
+            ("inclusive time by symbol (children)", ["--children", "--sort", "symbol", "-g", "none",
+                                                     "--percent-limit", "0.2"]),
+        ]
+        flat = subprocess.run(report + ["--no-children", "--sort", "dso,symbol", "-g", "none", "--percent-limit", "0"],
+                              capture_output=True, text=True).stdout
+        with open(f"{out}.txt", "w") as f:
+            f.write(classify_profile(flat))
+            f.write(f"perf record -e cpu-clock -F 1999 --call-graph {self.args.perf_callgraph} on rayshift, "
+                    f"{self.args.perf_scenario}, {self.args.perf} s\n")
+            for title, opts in sections:
+                f.write(f"\n===== {title} =====\n")
+                f.flush()
+                subprocess.run(report + opts, stdout=f, stderr=subprocess.DEVNULL)
+        log(f"perf report: {out}.txt (data: {data})")
+
+    # --- report ----------------------------------------------------------------------------------
+
+    def report(self) -> str:
+        return render(self.runs, self.info, self.args)
+
+
+PROFILE_GROUPS = [
+    ("kernel (TCP/IP, syscalls, scheduler)", r"\[kernel|\[k\]"),
+    ("malloc / free", r"malloc|_int_free|cfree|unlink_chunk|realloc|calloc|tcache|sysmalloc|__libc_free"),
+    ("memcpy / memmove", r"memmove|memcpy|memset"),
+    ("metrics crates", r"metrics(_exporter_prometheus|_util)?::|quanta::"),
+    ("hashing (SipHash, foldhash, xxh3)", r"sip::|hash_one|foldhash|xxh3|BuildHasher"),
+    ("http headers (HeaderMap)", r"http::header::"),
+    ("hyper-util client pool", r"hyper_util::client::legacy::pool"),
+    ("hyper-util client", r"hyper_util::client"),
+    ("hyper client dispatch channel", r"hyper::client::dispatch|want::"),
+    ("hyper-util server (auto)", r"hyper_util::server"),
+    ("hyper h1 (parse, encode, dispatch, io)", r"hyper::proto|httparse|hyper::"),
+    ("tokio mpsc / sync", r"tokio::sync"),
+    ("tokio runtime (scheduler, io driver, timers)", r"tokio::"),
+    ("rayshift code", r"rayshift::"),
+    ("futures / bytes / std", r"futures_|bytes::|core::|alloc::|std::"),
+]
+
+
+def classify_profile(flat: str) -> str:
+    """Self time of a `perf report --sort dso,symbol` grouped into components."""
+    totals: dict[str, float] = {}
+    for line in flat.splitlines():
+        mm = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)", line)
+        if not mm:
+            continue
+        pct, dso, kind, sym = float(mm.group(1)), mm.group(2), mm.group(3), mm.group(4)
+        text = f"[{kind}] {dso} {sym}"
+        group = "other user space"
+        for name, rx in PROFILE_GROUPS:
+            if re.search(rx, text):
+                group = name
+                break
+        totals[group] = totals.get(group, 0.0) + pct
+    user = sum(v for k, v in totals.items() if not k.startswith("kernel"))
+    lines = ["===== self time by component (share of all samples; share of user-space samples) ====="]
+    for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        share = "" if k.startswith("kernel") or not user else f"   {100 * v / user:5.1f}% of user space"
+        lines.append(f"{v:6.2f}%  {k}{share}")
+    return "\n".join(lines) + "\n\n"
+
+
+def scrape_requests(admin: int) -> dict[str, float]:
+    """rayshift_requests_total summed by cluster (2xx as the cluster's name, others as name:code)."""
+    _, body = http_get(admin, "/metrics", timeout=5)
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if not line.startswith("rayshift_requests_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        key = labels.get("cluster", "?")
+        if not labels.get("code", "").startswith("2"):
+            key += ":" + labels.get("code", "?")
+        out[key] = out.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def fmt_rps(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+
+
+def fmt_us(v) -> str:
+    return "-" if v is None else f"{v:.1f} us"
+
+
+def fmt_cpu(r: dict) -> str:
+    if r.get("cpu_us") is None:
+        return "-"
+    if r.get("cpu_user_us") is None:
+        return fmt_us(r["cpu_us"])
+    return f"{r['cpu_us']:.1f} us ({r['cpu_user_us']:.1f} user)"
+
+
+def med(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def render(runs: list[dict], info: dict, args) -> str:
+    def sel(target, scenario):
+        return [r for r in runs if r["target"] == target and r["scenario"] == scenario]
+
+    def m(target, scenario, key):
+        return med(sel(target, scenario), key)
+
+    targets = [t for t in TARGETS if any(r["target"] == t for r in runs)]
+    L = []
+    L.append(f"# rayshift load benchmark, {info.get('date', '')}")
+    L.append("")
+    if args.rounds < 3 or args.duration < 10:
+        L.append(f"**Preliminary: {args.duration}s per run, {args.rounds} round(s)** "
+                 "(the issue's figures are medians of 3 rounds of 10 s or more).")
+        L.append("")
+    for k, v in info.items():
+        L.append(f"- {k}: {v}")
+    L.append("")
+    L.append("Medians over rounds. Small body: 3 bytes (`/`); 16 KiB body: `/16k`. "
+             "x = ratio to direct. CPU/request = utime+stime of the proxy's processes / requests.")
+    L.append("")
+    L.append("| target | req/s, 64 conns | proxy CPU/request | p50 / p99, 64 conns | p50 / p99, 1 conn "
+             "| added p50 / p99, 1 conn | 16 KiB body: req/s, CPU/request | backend CPU/request, small / 16 KiB "
+             "| failed requests |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    d64, d1p50, d1p99, d16 = (m("direct", "small-c64", "rps"), m("direct", "small-c1", "p50_us"),
+                              m("direct", "small-c1", "p99_us"), m("direct", "16k-c64", "rps"))
+
+    def ratio(v, base):
+        return f" (x{v / base:.2f})" if v is not None and base else ""
+
+    def lat(t, sc):
+        p50, p99 = m(t, sc, "p50_us"), m(t, sc, "p99_us")
+        return "-" if p50 is None else f"{p50:,.0f} / {p99:,.0f} us"
+
+    for t in targets:
+        rps = m(t, "small-c64", "rps")
+        added = "-"
+        if t != "direct" and m(t, "small-c1", "p50_us") is not None and d1p50 is not None:
+            added = f"{m(t, 'small-c1', 'p50_us') - d1p50:+,.0f} / {m(t, 'small-c1', 'p99_us') - d1p99:+,.0f} us"
+        big = m(t, "16k-c64", "rps")
+        big_s = "-" if big is None else f"{fmt_rps(big)}{ratio(big, d16) if t != 'direct' else ''}, " \
+                                        f"{fmt_us(m(t, '16k-c64', 'cpu_us')) if t != 'direct' else '-'}"
+        fails = sum(r["errors"] + r["non2xx"] for r in runs if r["target"] == t and "errors" in r)
+        L.append(f"| {t} | {fmt_rps(rps)}{ratio(rps, d64) if t != 'direct' else ''} "
+                 f"| {fmt_us(m(t, 'small-c64', 'cpu_us'))} | {lat(t, 'small-c64')} | {lat(t, 'small-c1')} "
+                 f"| {added} | {big_s} "
+                 f"| {fmt_us(m(t, 'small-c64', 'backend_cpu_us'))} / {fmt_us(m(t, '16k-c64', 'backend_cpu_us'))} "
+                 f"| {fails} |")
+    L.append("")
+
+    cpu_rows = [t for t in targets if m(t, "small-c64", "cpu_user_us") is not None]
+    if cpu_rows:
+        L.append("Proxy CPU/request split, user + system (medians): " + "; ".join(
+            f"{t} {m(t, 'small-c64', 'cpu_user_us'):.1f} + {m(t, 'small-c64', 'cpu_sys_us'):.1f} us (3 B)"
+            + (f", {m(t, '16k-c64', 'cpu_user_us'):.1f} + {m(t, '16k-c64', 'cpu_sys_us'):.1f} us (16 KiB)"
+               if m(t, '16k-c64', 'cpu_user_us') is not None else "")
+            for t in cpu_rows) + ".")
+        L.append("")
+
+    if any(r["scenario"] == "16k-c1" for r in runs):
+        L.append("16 KiB body, 1 connection: " + "; ".join(
+            f"{t} {lat(t, '16k-c1')}" for t in targets if sel(t, "16k-c1")))
+        L.append("")
+
+    # Machine load during the runs: how much to trust the figures.
+    L.append("Machine load during the runs (medians): "
+             + "; ".join(f"{sc}: proxy core {med([r for r in runs if r['scenario'] == sc], 'proxy_core_busy_pct'):.0f}% busy, "
+                         f"{med([r for r in runs if r['scenario'] == sc], 'proxy_core_foreign_pct'):.0f}% of it by other processes, "
+                         f"wrk {med([r for r in runs if r['scenario'] == sc], 'wrk_cpu_pct'):.0f}% of its core"
+                         for sc in args.scenarios if any(r["scenario"] == sc for r in runs)))
+    L.append("")
+
+    churn = [r for r in runs if r["target"] == "rayshift churn"]
+    steady = [r for r in runs if r["target"] == "rayshift steady"]
+    if churn:
+        s, c = med(steady, "rps"), med(churn, "rps")
+        fails = sum(r["errors"] + r["non2xx"] for r in churn)
+        L.append(f"## Churn: weights swapped {args.churn_rate}/s through the admin API (64 conns, small body)")
+        L.append("")
+        # CPU a swap costs the proxy: extra CPU/request over the steady run, times requests, per swap.
+        sc = med(steady, "cpu_us")
+        per_swap = [((r["cpu_us"] - sc) * r["requests"] / max(r["swaps_total"], 1)) for r in churn] if sc else []
+        per_swap_s = f"{statistics.median(per_swap):,.0f} us" if per_swap else "-"
+        L.append("| run | req/s | failed requests | swaps/s done | swap PUT p50 / p99 / max | share to cluster b "
+                 "| CPU/request | CPU/swap (approx.) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        L.append(f"| steady | {fmt_rps(s)} | {sum(r['errors'] + r['non2xx'] for r in steady)} | - | - | - "
+                 f"| {fmt_us(med(steady, 'cpu_us'))} | - |")
+        L.append(f"| churn | {fmt_rps(c)} ({100 * (c / s - 1):+.1f}%) | {fails} "
+                 f"| {med(churn, 'swaps_per_s'):.1f} ({sum(r['swaps_failed'] for r in churn)} failed) "
+                 f"| {med(churn, 'put_p50_ms'):.1f} / {med(churn, 'put_p99_ms'):.1f} / {max(r['put_max_ms'] for r in churn):.1f} ms "
+                 f"| {med(churn, 'share_b_pct'):.0f}% | {fmt_us(med(churn, 'cpu_us'))} | {per_swap_s} |")
+        L.append("")
+
+    rss = [r for r in runs if r["scenario"] == "rss"]
+    if rss:
+        L.append(f"## Memory with {args.idle_conns:,} idle keep-alive client connections")
+        L.append("")
+        L.append("| target | RSS before | RSS with idle conns | PSS with idle conns | peak RSS (VmHWM) "
+                 "| conns answered / still open | processes, threads |")
+        L.append("|---|---|---|---|---|---|---|")
+        for r in rss:
+            L.append(f"| {r['target']} | {r['rss_before_kib'] / 1024:.1f} MiB | {r['rss_idle_conns_kib'] / 1024:.1f} MiB "
+                     f"| {r['pss_kib'] / 1024:.1f} MiB | {r['hwm_kib'] / 1024:.1f} MiB | {r['conns_ok']} / {r['conns_still_open']} "
+                     f"| {r['processes']}, {r['threads']} |")
+        L.append("")
+
+    # Issue 5's targets.
+    peers = [t for t in ("nginx", "haproxy") if t in targets]
+    for cand in [t for t in ("rayshift", "rayshift-alt") if t in targets]:
+        if not peers:
+            break
+        L.append(f"## Issue 5 targets: {cand}")
+        L.append("")
+        L.append(f"| goal | {cand} | better peer | verdict |")
+        L.append("|---|---|---|---|")
+
+        def row(goal, mine, best, ok, fmt):
+            if mine is None or best is None:
+                return
+            L.append(f"| {goal} | {fmt(mine)} | {fmt(best)} | {'met' if ok(mine, best) else 'NOT met'} |")
+
+        best_rps = max((m(p, "small-c64", "rps") or 0) for p in peers)
+        row("req/s, 64 conns >= 1.10x better peer", m(cand, "small-c64", "rps"), best_rps,
+            lambda a, b: a >= 1.10 * b, fmt_rps)
+        for sc, name in (("small-c64", "small body"), ("16k-c64", "16 KiB body")):
+            vals = [m(p, sc, "cpu_us") for p in peers if m(p, sc, "cpu_us") is not None]
+            row(f"CPU/request, {name} <= 0.9x better peer", m(cand, sc, "cpu_us"), min(vals) if vals else None,
+                lambda a, b: a <= 0.9 * b, fmt_us)
+        if d1p99 is not None:
+            added = [m(p, "small-c1", "p99_us") - d1p99 for p in peers if m(p, "small-c1", "p99_us") is not None]
+            mine = m(cand, "small-c1", "p99_us")
+            row("added p99, 1 conn <= better peer", None if mine is None else mine - d1p99,
+                min(added) if added else None, lambda a, b: a <= b, lambda v: f"{v:+,.0f} us")
+        if churn and cand == "rayshift":
+            s, c = med(steady, "rps"), med(churn, "rps")
+            fails = sum(r["errors"] + r["non2xx"] for r in churn)
+            L.append(f"| churn: 0 failed requests, < 3% throughput loss | {fails} failed, {100 * (c / s - 1):+.1f}% | - "
+                     f"| {'met' if fails == 0 and c >= 0.97 * s else 'NOT met'} |")
+        mine = [r for r in rss if r["target"] == cand]
+        if mine:
+            v = mine[0]["rss_idle_conns_kib"] / 1024
+            L.append(f"| RSS <= 40 MB with 1,000 idle conns | {v:.1f} MiB | - | {'met' if v * 1.048576 <= 40 else 'NOT met'} |")
+        L.append("")
+
+    sys_rows = [r for r in runs if r["scenario"] == "syscalls"]
+    if sys_rows:
+        L.append("## System calls and context switches per request (diagnostic runs, 64 conns)")
+        L.append("")
+        cols = ["read+recv", "write+send", "epoll_wait", "epoll_ctl", "futex"]
+        L.append("| target | body | syscalls | context switches | " + " | ".join(cols) + " | other |")
+        L.append("|---|---|---|---|" + "---|" * (len(cols) + 1))
+        for r in sys_rows:
+            p = r["per_request"]
+            g = {
+                "read+recv": sum(p.get(k, 0) for k in ("read", "readv", "recvfrom", "recvmsg")),
+                "write+send": sum(p.get(k, 0) for k in ("write", "writev", "sendto", "sendmsg", "sendfile64")),
+                "epoll_wait": p.get("epoll_wait", 0) + p.get("epoll_pwait", 0),
+                "epoll_ctl": p.get("epoll_ctl", 0),
+                "futex": p.get("futex", 0) + p.get("sched_yield", 0),
+            }
+            total = p.get("raw_syscalls:sys_enter", 0)
+            L.append(f"| {r['target']} | {'16 KiB' if r['body'].startswith('16k') else '3 B'} | {total:.2f} "
+                     f"| {p.get('context-switches', 0):.2f} | " + " | ".join(f"{g[c]:.2f}" for c in cols)
+                     + f" | {total - sum(g.values()):.2f} |")
+        L.append("")
+
+    L.append("## Every run")
+    L.append("")
+    L.append("| round | scenario | target | req/s | p50 / p99 / max | CPU/req (of it user) | backend CPU/req | proxy context switches/req "
+             "| errors + non-2xx | proxy core busy (foreign) | wrk CPU |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if r["scenario"] in ("rss", "syscalls"):
+            continue
+        L.append(f"| {r['round']} | {r['scenario']} | {r['target']} | {fmt_rps(r['rps'])} "
+                 f"| {r['p50_us']:,} / {r['p99_us']:,} / {r['max_us']:,} us | {fmt_cpu(r)} "
+                 f"| {fmt_us(r['backend_cpu_us'])} "
+                 f"| {'-' if r.get('ctxsw_per_req') is None else format(r['ctxsw_per_req'], '.2f')} "
+                 f"| {r['errors']} + {r['non2xx']} "
+                 f"| {r['proxy_core_busy_pct']:.0f}% ({r['proxy_core_foreign_pct']:.0f}%) | {r['wrk_cpu_pct']:.0f}% |")
+    L.append("")
+    return "\n".join(L)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helper modes
+
+
+def churn_main(argv: list[str]) -> None:
+    """PUTs alternating weights at a fixed rate until SIGTERM; prints CHURNJSON stats."""
+    ap = argparse.ArgumentParser(prog="bench.py churn")
+    ap.add_argument("--admin", type=int, required=True)
+    ap.add_argument("--rate", type=float, default=100)
+    ap.add_argument("--clusters", default="a,b")
+    ap.add_argument("--shard", default="shard-0")
+    ap.add_argument("--workers", type=int, default=4, help="concurrent admin connections (keeps the rate when a PUT is slow)")
+    a = ap.parse_args(argv)
+    c1, c2 = a.clusters.split(",")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    tickets: queue.Queue = queue.Queue()
+    lock = threading.Lock()
+    stats = {"ok": 0, "failed": 0, "errors": {}}
+    lat: list[float] = []
+
+    def worker():
+        conn = None
+        while True:
+            i = tickets.get()
+            if i is None:
+                return
+            body = json.dumps({"weights": {c1: 100, c2: 0} if i % 2 == 0 else {c1: 0, c2: 100}})
+            t = time.monotonic()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", a.admin, timeout=10)
+                conn.request("PUT", f"/v1/shards/{a.shard}/weights", body, {"content-type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                ok = 200 <= r.status < 300
+                err = None if ok else f"{r.status} {data[:100]!r}"
+            except Exception as e:  # noqa: BLE001
+                ok, err = False, type(e).__name__
+                conn = None
+            with lock:
+                lat.append(time.monotonic() - t)
+                stats["ok" if ok else "failed"] += 1
+                if err:
+                    stats["errors"][err] = stats["errors"].get(err, 0) + 1
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(a.workers)]
+    for t in threads:
+        t.start()
+    print("CHURN started", flush=True)
+    start = nxt = time.monotonic()
+    i = 0
+    while not stop.is_set():
+        tickets.put(i)
+        i += 1
+        nxt += 1 / a.rate
+        stop.wait(max(0.0, nxt - time.monotonic()))
+    elapsed = time.monotonic() - start
+    for _ in threads:
+        tickets.put(None)
+    for t in threads:
+        t.join(timeout=10)
+    lat.sort()
+
+    def pct(p):
+        return 1000 * lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else 0.0
+
+    print("CHURNJSON " + json.dumps({
+        "sent": i, "ok": stats["ok"], "failed": stats["failed"], "rate": stats["ok"] / elapsed,
+        "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": 1000 * lat[-1] if lat else 0.0, "errors": stats["errors"],
+    }), flush=True)
+
+
+def read_response(s: socket.socket) -> int:
+    """Reads one HTTP/1.1 response (content-length or chunked); returns the status."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(65536)
+        if not d:
+            raise ConnectionError("closed before the response head")
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    if "content-length" in hdrs:
+        need = int(hdrs["content-length"])
+        while len(rest) < need:
+            d = s.recv(65536)
+            if not d:
+                raise ConnectionError("closed in the body")
+            rest += d
+    elif "chunked" in hdrs.get("transfer-encoding", ""):
+        while not rest.endswith(b"0\r\n\r\n"):
+            d = s.recv(65536)
+            if not d:
+                raise ConnectionError("closed in the body")
+            rest += d
+    return status
+
+
+def idle_main(argv: list[str]) -> None:
+    """Opens N keep-alive connections, one request each, holds them until SIGTERM."""
+    ap = argparse.ArgumentParser(prog="bench.py idle")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("-n", type=int, default=1000)
+    a = ap.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    socks, ok = [], 0
+    for _ in range(a.n):
+        try:
+            s = socket.create_connection(("127.0.0.1", a.port), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: keep-alive\r\n\r\n")
+            if read_response(s) == 200:
+                ok += 1
+            socks.append(s)
+        except OSError as e:
+            print(f"connection failed: {e}", file=sys.stderr)
+    print("IDLEJSON " + json.dumps({"ok": ok, "open": len(socks)}), flush=True)
+    stop.wait(600)
+    still = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            if s.recv(1):
+                still += 1  # unexpected data, but open
+        except BlockingIOError:
+            still += 1
+        except OSError:
+            pass
+    print("IDLEJSON " + json.dumps({"still_open": still}), flush=True)
+    for s in socks:
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(
+        prog="benches/load/run.sh",
+        description="Load benchmark of rayshift against direct, nginx and HAProxy (issue 5). "
+                    "Prints a markdown table and writes it to the results directory.",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 s per run, 1 round, 1 s warm-up")
+    ap.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 10; 3 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; 1 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="seconds of warm-up per target and body (default 2; 1 with --quick; 0: none)")
+    ap.add_argument("--targets", default="direct,rayshift,nginx,haproxy",
+                    help="comma-separated subset of direct,rayshift,nginx,haproxy (rayshift-alt comes with --compare)")
+    ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                    help="comma-separated subset of " + ",".join(SCENARIOS))
+    ap.add_argument("--compare", metavar="RAYSHIFT_BINARY",
+                    help="also benchmark this second rayshift build as target rayshift-alt, in the same rounds "
+                         "(A/B of a change against the baseline under the same machine drift)")
+    ap.add_argument("--no-churn", dest="churn", action="store_false", help="skip the churn run")
+    ap.add_argument("--churn-rate", type=float, default=100, help="weight swaps per second (default 100)")
+    ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the idle-connections RSS run")
+    ap.add_argument("--idle-conns", type=int, default=1000)
+    ap.add_argument("--perf", type=int, default=0, metavar="SECONDS",
+                    help="also profile rayshift with perf record for one run of this length")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="also count each proxy's system calls and context switches per request (perf stat)")
+    ap.add_argument("--perf-scenario", default="small-c64", choices=[*SCENARIOS, "churn"],
+                    help="what runs while perf records (churn: the churn run, on the two-cluster gateway)")
+    ap.add_argument("--perf-callgraph", default="dwarf,16384", help="perf --call-graph mode (fp, dwarf,SIZE, lbr)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run wrk, the backend and the proxies under this nice value (e.g. -10 on a shared machine)")
+    ap.add_argument("--retry-foreign", type=float, default=0, metavar="PCT",
+                    help="re-run a measurement (at most twice) when other processes took more than PCT%% of the "
+                         "proxy core; the least disturbed run is kept (default 0: off)")
+    ap.add_argument("--load-cpu", default="0", help="core for wrk and the helpers (default 0)")
+    ap.add_argument("--proxy-cpu", default="1", help="core for the backend and the proxy under test (default 1)")
+    ap.add_argument("--rayshift-threads", type=int, default=1,
+                    help="RAYSHIFT_WORKER_THREADS passed to rayshift (0: not set)")
+    ap.add_argument("--work", required=True, help=argparse.SUPPRESS)
+    ap.add_argument("--rayshift", required=True, help=argparse.SUPPRESS)
+    ap.add_argument("--results", required=True, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.duration = a.duration or (3 if a.quick else 10)
+    a.rounds = a.rounds or (1 if a.quick else 3)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    a.targets = [t for t in a.targets.split(",") if t and t != "rayshift-alt"]
+    if a.compare:
+        if not os.access(a.compare, os.X_OK):
+            ap.error(f"--compare {a.compare}: not an executable")
+        a.compare = os.path.abspath(a.compare)
+        a.targets.insert(a.targets.index("rayshift") + 1 if "rayshift" in a.targets else len(a.targets), "rayshift-alt")
+    a.scenarios = [s for s in a.scenarios.split(",") if s]
+    for t in a.targets:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t}")
+    for s in a.scenarios:
+        if s not in SCENARIOS:
+            ap.error(f"unknown scenario {s}")
+    if "direct" not in a.targets:
+        a.targets.insert(0, "direct")
+    if (a.churn or a.perf) and not os.access(a.rayshift, os.X_OK):
+        ap.error("rayshift binary needed")
+    if a.perf and "rayshift" not in a.targets:
+        ap.error("--perf needs the rayshift target")
+    return a
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "churn":
+        churn_main(sys.argv[2:])
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "idle":
+        idle_main(sys.argv[2:])
+        return 0
+    args = parse_args(sys.argv[1:])
+    bench = Bench(args)
+    # SIGTERM (run.sh's trap, CI) unwinds like Ctrl-C so everything started is stopped.
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        bench.setup()
+        if args.warmup > 0:
+            bench.warmup()
+        bench.rounds()
+        if args.churn and "rayshift" in args.targets:
+            bench.churn()
+        if args.rss:
+            bench.rss()
+        if args.syscalls:
+            bench.syscalls()
+        if args.perf:
+            bench.perf()
+        text = bench.report()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception:
+        for f in sorted(Path(args.work).glob("*.log")):
+            tail = f.read_text(errors="replace")[-1500:]
+            if tail.strip():
+                log(f"--- {f.name} (end) ---\n{tail}")
+        raise
+    finally:
+        bench.procs.stop_all()
+    out = bench.results / f"{bench.stamp}.md"
+    out.write_text(text + "\n")
+    print(text)
+    log(f"written {out} (every run: {bench.jsonl})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
