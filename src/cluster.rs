@@ -93,12 +93,15 @@ impl Drop for InFlight {
     }
 }
 
+/// Request counters by app name, then by status code (a few codes per app).
+type CountersByApp = HashMap<Box<str>, Vec<(u16, Counter)>, foldhash::fast::RandomState>;
+
 /// `rayshift_requests_total{app,shard,cluster,code}` handles of one cluster, resolved once per
 /// (app, code) and then found without allocating or locking: the request path only loads an
 /// `ArcSwap` and compares a few entries. A new (app, code) pair copies the small map once.
 #[derive(Debug, Default)]
 pub struct RequestCounters {
-    by_app: ArcSwap<HashMap<Box<str>, Vec<(u16, Counter)>, foldhash::fast::RandomState>>,
+    by_app: ArcSwap<CountersByApp>,
 }
 
 impl RequestCounters {
