@@ -418,3 +418,61 @@ fn unsafe_kill(pid: i32) -> i32 {
         .map(|s| if s.success() { 0 } else { 1 })
         .unwrap_or(1)
 }
+
+/// On shutdown an HTTP/2 client gets GOAWAY: the request in flight on its connection completes,
+/// then the gateway closes the connection and no new stream is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_clients_get_goaway_on_shutdown() {
+    use http_body_util::BodyExt;
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        "",
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let addr = gw.gateway.proxy_addr();
+    let req = move |path: &str| {
+        http::Request::get(format!("http://{addr}{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    // A slow request in flight on the connection when shutdown starts.
+    let in_flight = sender.send_request(req("/echo/sleep/600"));
+    let in_flight = tokio::spawn(async move {
+        let resp = in_flight.await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, body))
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let TestGateway { gateway, dir: _dir } = gw;
+    let shutdown = tokio::spawn(gateway.shutdown());
+    let (status, body) = tokio::time::timeout(WAIT, in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "blue v1 echo 0\n");
+    // The gateway sent GOAWAY and closed the connection once the stream finished.
+    let closed = tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("connection not closed after GOAWAY");
+    assert!(closed.is_ok(), "{closed:?}");
+    assert!(
+        sender.send_request(req("/echo")).await.is_err(),
+        "a new stream was accepted after GOAWAY"
+    );
+    tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
+}
