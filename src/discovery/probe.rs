@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -88,15 +88,7 @@ impl Prober {
 
     /// Like [`new`](Self::new), with `tls` for `https://` targets.
     pub fn with_tls(interval: Duration, timeout: Duration, tls: rustls::ClientConfig) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = crate::proxy::cluster_connector(timeout, tls);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(3))

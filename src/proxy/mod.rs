@@ -77,22 +77,31 @@ impl ProxyContext {
     }
 }
 
+/// Connections to clusters: plain TCP for `http://`, TLS (HTTP/1.1 only, like Serve) for
+/// `https://`, with TCP_NODELAY and keep-alive probes. Shared by the request pool and the probes.
+pub fn cluster_connector(
+    connect_timeout: std::time::Duration,
+    tls: rustls::ClientConfig,
+) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    // The HTTPS connector checks the scheme itself.
+    http.enforce_http(false);
+    HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
 /// The upstream pool: HTTP/1.1 only (Serve speaks nothing else), idle connections closed before
 /// Serve's own keep-alive timeout so a request never races a connection the server is closing.
 /// `http://` clusters get plain TCP connections (the TLS layer only passes them through);
 /// `https://` clusters get TLS with `tls` (certificate checked against the cluster's host name).
 pub fn upstream_client(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.connect_timeout));
-    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    // The HTTPS connector checks the scheme itself.
-    http.enforce_http(false);
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let connector = cluster_connector(cfg.connect_timeout, tls);
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(cfg.idle_timeout)
