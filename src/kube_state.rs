@@ -59,7 +59,8 @@ impl ConfigMapStore {
         }
     }
 
-    fn remember(&self, version: Option<String>) {
+    /// Records the `resourceVersion` of the state this replica now holds.
+    pub(crate) fn remember(&self, version: Option<String>) {
         if let Ok(mut v) = self.version.lock() {
             *v = version;
         }

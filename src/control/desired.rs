@@ -90,7 +90,7 @@ impl Desired {
         if let Some(entry) = self
             .clusters
             .iter_mut()
-            .find(|c| c.cluster.name == report.cluster)
+            .find(|c| Arc::ptr_eq(&c.cluster.name, &report.cluster))
         {
             if let Some(routes) = &report.routes {
                 entry.last_routes.clone_from(routes);
@@ -231,6 +231,8 @@ impl Desired {
             if version.is_some() && version == store.seen_version() {
                 return;
             }
+            // Our next write builds on this version.
+            store.remember(version);
         }
         tracing::debug!("state changed by another replica");
         self.adopt_state(state);

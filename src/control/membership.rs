@@ -149,7 +149,14 @@ impl Desired {
                     "cluster names a shard that is not declared in the config; ignoring it"
                 );
             }
-            self.remove_cluster(&d.config.name);
+            // Only a cluster from the same source goes (never a static one of the same name).
+            if self
+                .clusters
+                .iter()
+                .any(|e| e.config.name == d.config.name && e.source == d.source)
+            {
+                self.remove_cluster(&d.config.name);
+            }
             return;
         }
         if let Some(entry) = self

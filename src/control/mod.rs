@@ -111,7 +111,7 @@ pub enum ControlError {
 impl ControlError {
     /// True when the request was at fault (answer 4xx), false for the gateway's own failures (5xx).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, ControlError::Persist(_) | ControlError::Stopped)
+        self.status().is_client_error()
     }
 
     /// The HTTP status the admin API answers with.
@@ -421,7 +421,6 @@ pub enum StartError {
     },
 }
 
-/// Loads the state file, starts probes of every configured cluster and the owner task.
 /// Where the state lives: a local file (one replica) or a ConfigMap shared by replicas.
 #[derive(Debug, Clone)]
 pub enum Store {

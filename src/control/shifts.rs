@@ -18,22 +18,7 @@ use crate::telemetry;
 impl Desired {
     /// Refuses a change to a shard whose weights a shift or rollout owns.
     pub(super) fn ensure_no_shift(&self, shard: &str) -> Result<(), ControlError> {
-        let shift = self.state.shards.get(shard).and_then(|s| s.shift.as_ref());
-        if shift.is_some_and(|s| s.phase.is_active()) {
-            return Err(ControlError::ShiftRunning(shard.to_string()));
-        }
-        if let Some(rollout) = self.state.rollout.as_ref().filter(|r| r.phase.is_active()) {
-            if rollout.shards.iter().any(|s| {
-                s.shard == shard
-                    && matches!(s.state, ShardProgress::Waiting | ShardProgress::Shifting)
-            }) {
-                return Err(ControlError::InRollout {
-                    shard: shard.to_string(),
-                    rollout: rollout.id,
-                });
-            }
-        }
-        Ok(())
+        shard_lock(&self.state, shard).map_or(Ok(()), Err)
     }
 
     /// Writes `next`, then makes it current and publishes it.
@@ -415,7 +400,7 @@ impl Desired {
             if active >= self.config.max_concurrent_shifts {
                 break;
             }
-            if self.ensure_no_shift_in(next, &shard.name).is_err() {
+            if shard_lock(next, &shard.name).is_some() {
                 continue;
             }
             let weights = self.shard_weights(&shard.name);
@@ -463,26 +448,6 @@ impl Desired {
             }
         }
         changed
-    }
-
-    /// [`Self::ensure_no_shift`] against a state being built.
-    fn ensure_no_shift_in(&self, state: &State, shard: &str) -> Result<(), ()> {
-        let active_shift = state
-            .shards
-            .get(shard)
-            .and_then(|s| s.shift.as_ref())
-            .is_some_and(|s| s.phase.is_active());
-        let in_rollout = state.rollout.as_ref().is_some_and(|r| {
-            r.phase.is_active()
-                && r.shards
-                    .iter()
-                    .any(|s| s.shard == shard && s.state != ShardProgress::Done)
-        });
-        if active_shift || in_rollout {
-            Err(())
-        } else {
-            Ok(())
-        }
     }
 
     /// What the shift of `shard` needs to know now: gates of its targets, their counters, and the
@@ -539,6 +504,26 @@ impl Desired {
             .sum();
         obs
     }
+}
+
+/// Why `shard`'s weights cannot be changed by hand or by a new shift now: an active shift owns them,
+/// or an active rollout has yet to finish with the shard (waiting or shifting).
+fn shard_lock(state: &State, shard: &str) -> Option<ControlError> {
+    let shift = state.shards.get(shard).and_then(|s| s.shift.as_ref());
+    if shift.is_some_and(|s| s.phase.is_active()) {
+        return Some(ControlError::ShiftRunning(shard.to_string()));
+    }
+    let rollout = state.rollout.as_ref().filter(|r| r.phase.is_active())?;
+    rollout
+        .shards
+        .iter()
+        .any(|s| {
+            s.shard == shard && matches!(s.state, ShardProgress::Waiting | ShardProgress::Shifting)
+        })
+        .then(|| ControlError::InRollout {
+            shard: shard.to_string(),
+            rollout: rollout.id,
+        })
 }
 
 /// The readiness gates of one target cluster: healthz, routes listing every app of the shard, and

@@ -253,7 +253,7 @@ impl Shift {
             .iter()
             .map(|c| (c.as_str(), 1))
             .collect();
-        for (name, w) in apportion(self.target_weight, &targets) {
+        for (name, w) in apportion(self.target_weight.min(100), &targets) {
             out.insert(name.to_string(), w);
         }
         let others: Vec<(&str, u64)> = self
@@ -262,7 +262,8 @@ impl Shift {
             .filter(|(name, _)| !self.target_clusters.contains(name))
             .map(|(name, w)| (name.as_str(), u64::from(*w)))
             .collect();
-        for (name, w) in apportion(100 - self.target_weight, &others) {
+        // A hand-edited state file may hold nonsense: never underflow.
+        for (name, w) in apportion(100u32.saturating_sub(self.target_weight), &others) {
             out.insert(name.to_string(), w);
         }
         out
