@@ -192,22 +192,36 @@ async fn token_protects_mutating_calls() {
 /// /live, /ready and /metrics with every metric family of the gateway core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_and_metrics() {
+    // Names of this test's own: the tests of a binary share the process-wide metrics recorder.
     // Slow probes, so the killed cluster below is still in the table when the request comes.
-    let (_b, green, _r, gw) = gateway_probing_every("1h", "").await;
+    let blue = stub("m-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("m-green", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(
+        &config_yaml(
+            &["m-shard"],
+            &[
+                cluster(&blue, "m-shard", "v1", Some(100)),
+                cluster(&green, "m-shard", "v2", Some(0)),
+            ],
+            "",
+        )
+        .replace("interval: 100ms", "interval: 1h"),
+    )
+    .await;
     assert_eq!(get(&gw.admin("/live")).await.status, StatusCode::OK);
     assert_eq!(get(&gw.admin("/ready")).await.status, StatusCode::OK);
     for _ in 0..5 {
         assert_eq!(get(&gw.url("/echo")).await.status, StatusCode::OK);
     }
     get(&gw.url("/missing")).await;
-    gw.set_weights("shard-0", &[("blue", 0), ("green", 100)])
+    gw.set_weights("m-shard", &[("m-blue", 0), ("m-green", 100)])
         .await;
     green.kill();
     // Until a probe notices, requests to the dead cluster fail with a 502 naming it.
     let r = get(&gw.url("/echo")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert!(
-        r.body.contains("upstream cluster 'green' failed"),
+        r.body.contains("upstream cluster 'm-green' failed"),
         "{}",
         r.body
     );
@@ -231,12 +245,12 @@ async fn health_endpoints_and_metrics() {
     assert!(r.body.contains(r#"code="404""#));
     assert!(
         r.body
-            .contains(r#"rayshift_cluster_weight{shard="shard-0",cluster="green"} 100"#),
+            .contains(r#"rayshift_cluster_weight{shard="m-shard",cluster="m-green"} 100"#),
         "weight gauge"
     );
     assert!(
         r.body
-            .contains(r#"rayshift_upstream_errors_total{cluster="green",kind="connect"}"#),
+            .contains(r#"rayshift_upstream_errors_total{cluster="m-green",kind="connect"}"#),
         "upstream errors"
     );
     assert!(r.body.contains(r#"code="502""#));
