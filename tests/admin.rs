@@ -94,6 +94,12 @@ async fn bad_weight_requests_change_nothing() {
             StatusCode::BAD_REQUEST,
             "unknown field",
         ),
+        (
+            "named twice",
+            r#"{"weights": {"blue": 100, "blue": 0, "green": 100}}"#,
+            StatusCode::BAD_REQUEST,
+            "named twice",
+        ),
     ];
     for (what, body, status, needle) in cases {
         let r = put(&url, body, None).await;

@@ -215,7 +215,36 @@ fn placement(ctx: &AdminContext, query: Option<&str>) -> AdminResponse {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WeightsBody {
+    #[serde(deserialize_with = "unique_weights")]
     weights: BTreeMap<String, u64>,
+}
+
+/// The weights map, refusing a cluster named twice (JSON would otherwise keep the last one).
+fn unique_weights<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, u64>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = BTreeMap<String, u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of cluster names to integer weights")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((name, weight)) = map.next_entry::<String, u64>()? {
+                if out.insert(name.clone(), weight).is_some() {
+                    return Err(serde::de::Error::custom(format!(
+                        "cluster \"{name}\" is named twice"
+                    )));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
 }
 
 async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) -> AdminResponse {

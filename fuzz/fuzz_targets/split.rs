@@ -1,0 +1,142 @@
+//! `Split::from_weights`, `pick` and `pick_excluding` on generated weights.
+//!
+//! Asserts: the entries are the given ones without zero weights (all 1 when every weight is 0),
+//! cut at `u32::MAX`; `pick(x)` is the entry whose cumulative interval holds `x * total / 2^64`, so
+//! it is an entry of the split with weight above 0 and is monotone in `x`; `pick_excluding` never
+//! returns the excluded cluster, is `None` exactly when nothing else is left, and picks like the
+//! split without that cluster; and a sticky key on the last cluster stays there when the last
+//! cluster's weight grows at the expense of the others (the total unchanged).
+
+#![no_main]
+
+use libfuzzer_sys::arbitrary::{Result, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use rayshift::routing::{ClusterId, Split};
+
+fuzz_target!(|data: &[u8]| {
+    let mut u = Unstructured::new(data);
+    let _ = run(&mut u);
+});
+
+fn run(u: &mut Unstructured) -> Result<()> {
+    let given: Vec<(ClusterId, u32)> = (0..u.int_in_range(0..=8)?)
+        .map(|_| {
+            let cluster = u.int_in_range(0..=9)?;
+            let weight = match u.int_in_range(0..=9u8)? {
+                0 => 0,
+                1 => u32::MAX,
+                2 => u.arbitrary()?,
+                _ => u.int_in_range(0..=100)?,
+            };
+            Ok((cluster, weight))
+        })
+        .collect::<Result<_>>()?;
+    let mut xs: Vec<u64> = vec![0, 1, u64::MAX, u64::MAX / 2];
+    for _ in 0..u.int_in_range(0..=8)? {
+        xs.push(u.arbitrary()?);
+    }
+    xs.sort_unstable();
+    let exclude: ClusterId = u.int_in_range(0..=10)?;
+
+    let split = Split::from_weights(given.iter().copied());
+    let entries: Vec<(ClusterId, u32)> = split.entries().collect();
+    assert_eq!(entries, normalized(&given), "given {given:?}");
+    assert_eq!(split.len(), entries.len());
+    assert_eq!(split.is_empty(), entries.is_empty());
+    let total: u64 = entries.iter().map(|&(_, w)| u64::from(w)).sum();
+    assert_eq!(u64::from(split.total()), total);
+    assert!(entries.iter().all(|&(_, w)| w > 0));
+
+    let mut last_index = 0;
+    for &x in &xs {
+        let want = interval_of(&entries, x);
+        assert_eq!(
+            split.pick(x),
+            want.map(|i| entries[i].0),
+            "x {x:#x}, {given:?}"
+        );
+        if let Some(i) = want {
+            assert!(i >= last_index, "pick went back as x grew: {given:?}");
+            last_index = i;
+        }
+
+        let picked = split.pick_excluding(x, exclude);
+        let others: Vec<(ClusterId, u32)> = entries
+            .iter()
+            .copied()
+            .filter(|&(c, _)| c != exclude)
+            .collect();
+        assert_ne!(picked, Some(exclude), "x {x:#x}, {given:?}");
+        assert_eq!(picked.is_none(), others.is_empty(), "x {x:#x}, {given:?}");
+        assert_eq!(
+            picked,
+            Split::from_weights(others).pick(x),
+            "x {x:#x}, {given:?}"
+        );
+    }
+
+    // A shift step: the last cluster gains some weight, taken from the others starting at a fuzzed
+    // one (as a shift does, the total unchanged).
+    let Some(&(last, last_weight)) = entries.last() else {
+        return Ok(());
+    };
+    if entries.iter().filter(|&&(c, _)| c == last).count() > 1 {
+        return Ok(());
+    }
+    let mut weights: Vec<u32> = entries.iter().map(|&(_, w)| w).collect();
+    let n = weights.len();
+    let others = total - u64::from(last_weight);
+    let mut deficit = u.int_in_range(0..=others)? as u32;
+    weights[n - 1] += deficit;
+    let rotate = u.int_in_range(0..=n)?;
+    for k in 0..n - 1 {
+        let i = (rotate + k) % (n - 1);
+        let take = deficit.min(weights[i]);
+        weights[i] -= take;
+        deficit -= take;
+    }
+    assert_eq!(deficit, 0);
+    let grown = Split::from_weights(entries.iter().zip(&weights).map(|(&(c, _), &w)| (c, w)));
+    assert_eq!(grown.total(), split.total());
+    for &x in &xs {
+        if split.pick(x) == Some(last) {
+            assert_eq!(
+                grown.pick(x),
+                Some(last),
+                "x {x:#x} left {last}: {entries:?} -> {weights:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `from_weights` documents: zero weights dropped unless all are zero (then 1 each), the running
+/// total cut at `u32::MAX`.
+fn normalized(given: &[(ClusterId, u32)]) -> Vec<(ClusterId, u32)> {
+    let all_zero = given.iter().all(|&(_, w)| w == 0);
+    let mut room = u64::from(u32::MAX);
+    let mut out = Vec::new();
+    for &(c, w) in given {
+        let w = if all_zero { 1 } else { u64::from(w) }.min(room);
+        if w > 0 {
+            out.push((c, w as u32));
+            room -= w;
+        }
+    }
+    out
+}
+
+/// Index of the entry whose interval `[start, end)` holds the point `x * total / 2^64`.
+fn interval_of(entries: &[(ClusterId, u32)], x: u64) -> Option<usize> {
+    let total: u128 = entries.iter().map(|&(_, w)| u128::from(w)).sum();
+    let point = (u128::from(x) * total) >> 64;
+    let mut start = 0u128;
+    for (i, &(_, w)) in entries.iter().enumerate() {
+        let end = start + u128::from(w);
+        if start <= point && point < end {
+            return Some(i);
+        }
+        start = end;
+    }
+    None
+}
