@@ -141,7 +141,8 @@ pub async fn handle(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(downstream, upstream, in_flight));
+            let open = OpenTunnel::new(&ctx.open_tunnels);
+            tokio::spawn(tunnel(downstream, upstream, in_flight, open));
             let (mut parts, _) = resp.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers, true);
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
@@ -354,6 +355,7 @@ async fn tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     in_flight: InFlight,
+    open: OpenTunnel,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
@@ -367,6 +369,23 @@ async fn tunnel(
         tracing::debug!(cluster = %in_flight.cluster().name, error = %e, "upgraded connection ended");
     }
     drop(in_flight);
+    drop(open);
+}
+
+/// One upgraded connection counted in [`ProxyContext::open_tunnels`] until it closes.
+struct OpenTunnel(Arc<std::sync::atomic::AtomicU64>);
+
+impl OpenTunnel {
+    fn new(counter: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Counts a response in `rayshift_requests_total`.

@@ -47,6 +47,9 @@ pub struct ProxyContext {
     pub retries: bool,
     /// The retry budget shared by all requests.
     pub retry: RetryBudget,
+    /// Upgraded connections (WebSockets) open now: they leave hyper's connection tracking when
+    /// they switch protocols, so the shutdown drain waits on this count.
+    pub open_tunnels: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ProxyContext {
@@ -69,6 +72,7 @@ impl ProxyContext {
             response_timeout: config.upstream.response_timeout,
             max_body_bytes: config.limits.max_body_bytes,
             retries: config.upstream.retries,
+            open_tunnels: Arc::default(),
             retry: RetryBudget::new(
                 config.upstream.retry_budget,
                 config.upstream.retry_min_per_second,

@@ -114,15 +114,9 @@ pub async fn serve(
         return;
     }
     // Upgraded connections (WebSockets) left hyper's connection tracking when they switched
-    // protocols; they are counted in flight on their cluster until they close.
+    // protocols; the proxy counts them until they close (whatever happened to their cluster).
     while tokio::time::Instant::now() < deadline {
-        let open: u64 = ctx
-            .table
-            .load()
-            .clusters
-            .iter()
-            .map(|c| c.stats.in_flight())
-            .sum();
+        let open = ctx.open_tunnels.load(std::sync::atomic::Ordering::Relaxed);
         if open == 0 {
             return;
         }
