@@ -12,9 +12,12 @@
 //! - [`snapshot`] and [`cluster`]: the immutable snapshot the request path reads, and the per-cluster
 //!   entries (upstream address, live counters) shared across snapshots.
 //! - [`proxy`]: the client-facing server, forwarding, header hygiene, the upstream pool.
-//! - [`discovery`]: where clusters and apps come from (static config, Serve probes).
+//! - [`discovery`]: where clusters and apps come from (static config, Kubernetes RayClusters,
+//!   Serve probes).
+//! - [`shift`]: N+1 upgrades: shift policy, the shift state machine, fleet rollouts.
 //! - [`control`]: the single owner task that holds the desired state and publishes snapshots.
 //! - [`state`]: the durable state file (written before a change takes effect).
+//! - [`kube_state`]: state shared by replicas through a ConfigMap, and the leader Lease.
 //! - [`admin`]: the admin HTTP API, `/metrics`, `/live`, `/ready`.
 //! - [`client`]: a client of the admin API and the shift progress display (the CLI's verbs).
 //! - [`stats`]: per-cluster outcome counters for shift analysis.
