@@ -32,6 +32,7 @@ async fn kubernetes_discovery_end_to_end() {
     auto_shift_on_a_new_revision(&env).await;
     api_server_restart_mid_load(&env).await;
     two_replicas_share_state_and_fail_over(&env).await;
+    drained_raycluster_is_deleted_when_configured(&env).await;
 }
 
 /// `deploy/kubernetes` passes `kubectl apply --dry-run=server`, and its embedded config passes
@@ -374,4 +375,45 @@ async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
         .await
         .unwrap();
     assert!(cm.data.unwrap()["state.json"].contains("\"phase\": \"completed\""));
+}
+
+/// With `delete_drained: true`, a drained RayCluster is annotated and then deleted.
+async fn drained_raycluster_is_deleted_when_configured(env: &KubeEnv) {
+    env.namespace("retire").await;
+    let api = env.rayclusters("retire");
+    let old = stub("old", "v1", &[("echo", "/echo")]).await;
+    let new = stub("new", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "old", "shard-0", "v1", old.addr().port(), true).await;
+    create_raycluster(&api, "new", "shard-0", "v2", new.addr().port(), true).await;
+    let extra =
+        "    delete_drained: true\napps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "retire", extra)).await;
+    let r = send(
+        http::Method::POST,
+        &gw.admin("/v1/shards/shard-0/shift"),
+        &[],
+        r#"{"to": "new", "step_interval": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = send(
+        http::Method::POST,
+        &gw.admin("/v1/shards/shard-0/shift/promote"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    eventually("drained RayCluster deleted", || async {
+        api.get_opt("old").await.unwrap().is_none()
+    })
+    .await;
+    // The gateway follows the deletion; traffic is on the new cluster.
+    eventually("old cluster gone from the table", || async {
+        find_cluster(&gw.state().await, "old").is_none()
+    })
+    .await;
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("new"));
+    assert!(api.get_opt("new").await.unwrap().is_some());
+    gw.gateway.shutdown().await;
 }
