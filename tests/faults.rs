@@ -15,17 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// A backend killed mid-load (connections reset, port closed): with retries, GETs see no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_backend_with_retries_loses_no_get() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(50)),
-            cluster(&green, "shard-0", "v2", Some(50)),
-        ],
-        "",
-    ))
-    .await;
+    let (_blue, green, gw) = old_and_new("shard-0", ("blue", 50), ("green", 50), "").await;
     let load = Load::start(gw.url("/echo"), 8, false);
     load.wait_for_more(500).await;
     green.kill();
@@ -49,19 +39,9 @@ async fn killed_backend_with_retries_loses_no_get() {
 /// other cluster; it comes back once it is well and its ejection time is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_cluster_is_ejected_and_comes_back() {
-    let blue = stub("ph-blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("ph-green", "v2", &[("echo", "/echo")]).await;
     let extra =
         "passive_health:\n  consecutive_failures: 3\n  base_ejection: 1s\n  max_ejection: 4s\n";
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(50)),
-            cluster(&green, "shard-0", "v2", Some(50)),
-        ],
-        extra,
-    ))
-    .await;
+    let (_blue, green, gw) = old_and_new("shard-0", ("ph-blue", 50), ("ph-green", 50), extra).await;
     green.set_error_rate(1.0);
     let load = Load::start(gw.url("/echo"), 4, false);
     eventually("green ejected", || async {

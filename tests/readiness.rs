@@ -12,17 +12,7 @@ use http::StatusCode;
 /// the split once healthy again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unready_cluster_mid_load_gets_no_new_requests() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(50)),
-            cluster(&green, "shard-0", "v2", Some(50)),
-        ],
-        "",
-    ))
-    .await;
+    let (_blue, green, gw) = old_and_new("shard-0", ("blue", 50), ("green", 50), "").await;
     let load = Load::start(gw.url("/echo"), 8, true);
     load.wait_for_more(500).await;
     assert!(green.requests() > 0);

@@ -24,18 +24,7 @@ async fn named_blue_green(
     new: &str,
     extra: &str,
 ) -> (ServeStub, ServeStub, TestGateway) {
-    let blue = stub(old, "v1", &[("echo", "/echo")]).await;
-    let green = stub(new, "v2", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &[shard],
-        &[
-            cluster(&blue, shard, "v1", Some(100)),
-            cluster(&green, shard, "v2", Some(0)),
-        ],
-        extra,
-    ))
-    .await;
-    (blue, green, gw)
+    old_and_new(shard, (old, 100), (new, 0), extra).await
 }
 
 /// GET, POST and a streamed response, in rotation.

@@ -8,18 +8,13 @@ use common::*;
 use http::{Method, StatusCode};
 
 async fn two_clusters(blue_weight: u32, extra: &str) -> (ServeStub, ServeStub, TestGateway) {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(blue_weight)),
-            cluster(&green, "shard-0", "v2", Some(100 - blue_weight)),
-        ],
+    old_and_new(
+        "shard-0",
+        ("blue", blue_weight),
+        ("green", 100 - blue_weight),
         extra,
-    ))
-    .await;
-    (blue, green, gw)
+    )
+    .await
 }
 
 /// 10,000 requests at 70/30 land within 2 points of the weights.

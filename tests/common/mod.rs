@@ -79,6 +79,28 @@ pub fn config_yaml(shards: &[&str], clusters: &[ClusterDecl<'_>], extra: &str) -
     y
 }
 
+/// Two stub clusters serving `echo` at `/echo` in one shard: `old` (revision v1) and `new`
+/// (revision v2) with the given weights, behind an in-process gateway.
+pub async fn old_and_new(
+    shard: &str,
+    (old, old_weight): (&str, u32),
+    (new, new_weight): (&str, u32),
+    extra: &str,
+) -> (ServeStub, ServeStub, TestGateway) {
+    let old = stub(old, "v1", &[("echo", "/echo")]).await;
+    let new = stub(new, "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &[shard],
+        &[
+            cluster(&old, shard, "v1", Some(old_weight)),
+            cluster(&new, shard, "v2", Some(new_weight)),
+        ],
+        extra,
+    ))
+    .await;
+    (old, new, gw)
+}
+
 /// An in-process gateway with its own temporary directory (state file lives there).
 pub struct TestGateway {
     pub gateway: Gateway,
