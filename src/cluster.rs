@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
 use metrics::{Counter, Gauge, Histogram};
 
+use crate::proxy::pool::ClusterPool;
 use crate::stats::ClusterStats;
 use crate::telemetry;
 
@@ -32,16 +33,19 @@ pub struct Cluster {
     pub in_flight_gauge: Gauge,
     /// `rayshift_requests_total` handles by app and status code.
     pub requests: RequestCounters,
+    /// Idle keep-alive connections to the cluster.
+    pub pool: ClusterPool,
 }
 
 impl Cluster {
-    /// Creates the cluster entry and resolves its metric handles.
+    /// Creates the cluster entry (with an empty connection pool) and resolves its metric handles.
     pub fn new(
         name: &str,
         shard: &str,
         revision: &str,
         scheme: Scheme,
         authority: Authority,
+        pool: ClusterPool,
     ) -> Self {
         let duration = metrics::histogram!(
             telemetry::REQUEST_DURATION_SECONDS,
@@ -60,6 +64,7 @@ impl Cluster {
             duration,
             in_flight_gauge,
             requests: RequestCounters::default(),
+            pool,
         }
     }
 

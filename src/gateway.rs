@@ -120,6 +120,10 @@ impl Gateway {
             &config,
             upstream_tls,
         ));
+        tokio::spawn(proxy::prune_idle_connections(
+            Arc::downgrade(control.table()),
+            (config.upstream.idle_timeout / 2).max(std::time::Duration::from_millis(100)),
+        ));
         let admin_ctx = Arc::new(AdminContext {
             control: control.clone(),
             prometheus,

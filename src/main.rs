@@ -3,6 +3,11 @@
 
 mod cli;
 
+/// The allocator: mimalloc unless built without the `mimalloc` feature.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;

@@ -7,6 +7,7 @@ use super::{natural_cmp, upstream_address, ClusterEntry, Desired, StartError};
 use crate::cluster::Cluster;
 use crate::config::ClusterConfig;
 use crate::discovery::probe::ProbeTarget;
+use crate::proxy::pool::ClusterPool;
 
 /// Where a cluster came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,10 @@ impl Desired {
             &c.revision,
             scheme.clone(),
             authority.clone(),
+            ClusterPool::new(
+                self.config.upstream.max_idle_per_cluster,
+                self.config.upstream.idle_timeout,
+            ),
         ));
         let target = ProbeTarget {
             scheme,

@@ -208,7 +208,7 @@ impl Prober {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| describe_client_error(&e))?;
+                .map_err(|e| crate::proxy::pool::describe(&e))?;
             let status = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY)
                 .collect()
@@ -260,15 +260,4 @@ fn append(detail: &mut String, more: String) {
         detail.push_str("; ");
     }
     detail.push_str(&more);
-}
-
-/// The innermost cause of a client error: hyper-util's own message ("client error (Connect)") hides it.
-pub(crate) fn describe_client_error(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg = format!("{msg}: {s}");
-        source = s.source();
-    }
-    msg
 }

@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::cluster::{Cluster, InFlight};
-use crate::discovery::probe::describe_client_error;
 use crate::proxy::body::{local_response, ProxyBody};
+use crate::proxy::pool::{self, Sender};
 use crate::proxy::request_body::{BodyTooLarge, RequestBody};
 use crate::proxy::{headers, split_key, ProxyContext};
 use crate::telemetry;
@@ -42,9 +42,13 @@ enum Failure {
 }
 
 /// Handles one downstream request. Never fails: every problem becomes a response with a status.
+///
+/// `peer_value` is the client's address as a header value ([`headers::peer_value`], made once per
+/// connection).
 pub async fn handle(
     ctx: Arc<ProxyContext>,
     peer: SocketAddr,
+    peer_value: HeaderValue,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let start = Instant::now();
@@ -65,7 +69,7 @@ pub async fn handle(
     let upgrade = headers::is_upgrade_request(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let request_id = prepare(&mut parts, peer, upgrade, ctx.proto);
+    let request_id = prepare(&mut parts, &peer_value, upgrade, ctx.proto);
     // A bodiless request can be sent again; keep what a retry needs (only then: it costs a copy).
     let retry_head =
         (ctx.retries && route.alternatives && !upgrade && body.is_end_stream()).then(|| {
@@ -102,15 +106,18 @@ pub async fn handle(
                     metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
                         .increment(1);
                     tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
-                    count_failure(&cluster, &route.app, &outcome, start.elapsed());
+                    if let Err(failure) = &outcome {
+                        count_failure(&cluster, &route.app, failure, start.elapsed());
+                    }
                     drop(in_flight);
                     cluster = other;
                     in_flight = cluster.enter();
                     let mut retry = Request::new(RequestBody::Empty);
                     *retry.method_mut() = method.clone();
                     *retry.headers_mut() = headers.clone();
-                    *retry.uri_mut() = upstream_uri(&cluster, path.as_ref());
+                    *retry.uri_mut() = origin_form(path.as_ref());
                     *retry.version_mut() = Version::HTTP_11;
+                    ensure_host(retry.headers_mut(), &cluster);
                     outcome = send(&ctx, &cluster, retry).await;
                 } else {
                     metrics::counter!(telemetry::RETRY_BUDGET_EXHAUSTED_TOTAL).increment(1);
@@ -120,10 +127,10 @@ pub async fn handle(
     }
 
     let elapsed = start.elapsed();
-    let mut resp = match outcome {
-        Ok(resp) => resp,
+    let (mut resp, conn) = match outcome {
+        Ok(sent) => sent,
         Err(failure) => {
-            let (status, msg) = count_failure(&cluster, &route.app, &Err(failure), elapsed);
+            let (status, msg) = count_failure(&cluster, &route.app, &failure, elapsed);
             let mut resp = local_response(status, msg);
             resp.headers_mut()
                 .insert(&headers::X_REQUEST_ID, request_id);
@@ -140,6 +147,8 @@ pub async fn handle(
 
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
+            // The connection becomes the tunnel.
+            drop(conn);
             let upstream = hyper::upgrade::on(&mut resp);
             let open = OpenTunnel::new(&ctx.open_tunnels);
             tokio::spawn(tunnel(downstream, upstream, in_flight, open));
@@ -154,13 +163,22 @@ pub async fn handle(
     if !parts.headers.contains_key(&headers::X_REQUEST_ID) {
         parts.headers.insert(&headers::X_REQUEST_ID, request_id);
     }
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::Upstream {
-            body,
-            in_flight: Some(in_flight),
-        },
-    ))
+    // After a 101 the connection no longer speaks HTTP: it is never reused.
+    let conn = (status != StatusCode::SWITCHING_PROTOCOLS).then_some(conn);
+    let conn = match conn {
+        // No body to wait for (204, 304, HEAD, `content-length: 0`): the connection is free now.
+        Some(conn) if body.is_end_stream() => {
+            cluster.pool.put(conn);
+            None
+        }
+        conn => conn,
+    };
+    let body = ProxyBody::Upstream {
+        body,
+        in_flight: Some(in_flight),
+        conn,
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Finds the app and picks a cluster with one snapshot load; answers 404/503 itself.
@@ -220,20 +238,22 @@ fn retry_target(
     Some(Arc::clone(snap.cluster(id)))
 }
 
-/// One attempt: send and wait for the response headers (bounded by `upstream.response_timeout`).
+/// One attempt: send on a pooled connection and wait for the response headers (bounded by
+/// `upstream.response_timeout`). Returns the response and its connection.
 async fn send(
     ctx: &ProxyContext,
     cluster: &Cluster,
     req: Request<RequestBody>,
-) -> Result<Response<Incoming>, Failure> {
-    match tokio::time::timeout(ctx.response_timeout, ctx.client.request(req)).await {
+) -> Result<(Response<Incoming>, Sender), Failure> {
+    let sent = cluster.pool.send(&ctx.connector, cluster, req);
+    match tokio::time::timeout(ctx.response_timeout, sent).await {
         Err(_) => Err(Failure::Timeout),
-        Ok(Ok(resp)) => Ok(resp),
+        Ok(Ok(sent)) => Ok(sent),
         Ok(Err(e)) => {
             if let Some(too_large) = find_source::<BodyTooLarge>(&e) {
                 return Err(Failure::TooLarge(too_large.limit));
             }
-            let cause = describe_client_error(&e);
+            let cause = pool::describe(&e);
             tracing::debug!(cluster = %cluster.name, %cause, "upstream request failed");
             Err(Failure::Error {
                 connect: e.is_connect(),
@@ -247,12 +267,9 @@ async fn send(
 fn count_failure(
     cluster: &Cluster,
     app: &str,
-    outcome: &Result<Response<Incoming>, Failure>,
+    failure: &Failure,
     elapsed: Duration,
 ) -> (StatusCode, String) {
-    let Err(failure) = outcome else {
-        return (StatusCode::OK, String::new());
-    };
     let (status, kind, msg) = match failure {
         Failure::TooLarge(limit) => (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -312,42 +329,53 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// Rewrites the request head for the upstream hop (cluster-independent parts); returns the request id.
 fn prepare(
     parts: &mut http::request::Parts,
-    peer: SocketAddr,
+    peer: &HeaderValue,
     upgrade: bool,
     proto: &'static str,
 ) -> HeaderValue {
     // HTTP/2 clients send :authority instead of Host; Serve (HTTP/1.1) wants a Host header.
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+    let sent_host = parts.headers.get(header::HOST).cloned();
+    let had_host = sent_host.is_some();
+    let host = sent_host.or_else(|| {
         parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-    headers::set_forwarded(&mut parts.headers, peer.ip(), proto, host.clone());
-    if let Some(host) = host {
+    headers::set_forwarded(&mut parts.headers, peer, proto, host.clone());
+    if let (false, Some(host)) = (had_host, host) {
         parts.headers.insert(header::HOST, host);
     }
     headers::ensure_request_id(&mut parts.headers)
 }
 
-/// Points the request at `cluster` (absolute URI for the pool, HTTP/1.1).
+/// Makes the request one for `cluster`'s connection: origin-form URI (`/path?query`, as an
+/// HTTP/1.1 server expects; HTTP/2 and absolute-form requests carry scheme and authority), HTTP/1.1,
+/// and a `Host` header.
 fn set_upstream(parts: &mut http::request::Parts, cluster: &Cluster) {
-    parts.uri = upstream_uri(cluster, parts.uri.path_and_query());
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = origin_form(parts.uri.path_and_query());
+    }
     parts.version = Version::HTTP_11;
+    ensure_host(&mut parts.headers, cluster);
 }
 
-/// `scheme://authority/path?query` of the request on `cluster`.
-fn upstream_uri(cluster: &Cluster, path: Option<&PathAndQuery>) -> Uri {
-    let path = path
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::builder()
-        .scheme(cluster.scheme.clone())
-        .authority(cluster.authority.clone())
-        .path_and_query(path)
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"))
+/// `/path?query` as a URI (`/` when there is no path).
+fn origin_form(path: Option<&PathAndQuery>) -> Uri {
+    Uri::from(
+        path.cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    )
+}
+
+/// HTTP/1.1 requires `Host`: a client that sent none (HTTP/1.0) gets the cluster's `host:port`.
+fn ensure_host(headers: &mut HeaderMap, cluster: &Cluster) {
+    if !headers.contains_key(header::HOST) {
+        if let Ok(host) = HeaderValue::from_str(cluster.authority.as_str()) {
+            headers.insert(header::HOST, host);
+        }
+    }
 }
 
 /// Copies bytes both ways between an upgraded client connection and an upgraded upstream one.

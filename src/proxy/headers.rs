@@ -41,14 +41,28 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names. For an upgrade the
 /// `Upgrade` header and `Connection: upgrade` are kept, since the next hop must see them.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the few names finds which hop-by-hop headers are there (bit i: HOP_BY_HOP[i]);
+    // most requests have none, and then nothing is hashed or removed.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too; collect before removing Connection itself.
-    if headers.contains_key(header::CONNECTION) {
+    // The common options `keep-alive` and `close` name no other header.
+    if present & 1 != 0 {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in listed {
             if keep_upgrade && name == header::UPGRADE {
@@ -62,8 +76,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         None
     };
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if let Some(upgrade) = upgrade {
         headers.insert(header::UPGRADE, upgrade);
@@ -71,20 +87,33 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sets `x-forwarded-for` (appending the peer), `x-forwarded-proto` and `x-forwarded-host`.
+/// The client's address as a header value: made once per connection, shared by its requests.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(peer.to_string()))
+        .expect("an IP address is a valid header value")
+}
+
+/// Sets `x-forwarded-for` (appending the peer, see [`peer_value`]), `x-forwarded-proto` and
+/// `x-forwarded-host`.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    let peer = peer.to_string();
-    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
-        _ => peer,
+    let prev = headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|prev| !prev.trim().is_empty());
+    let chain = match prev {
+        Some(prev) => {
+            let peer = peer.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{prev}, {peer}")).ok()
+        }
+        None => Some(peer.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&chain) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+    if let Some(chain) = chain {
+        headers.insert(X_FORWARDED_FOR.clone(), chain);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     match host {
@@ -168,6 +197,18 @@ mod tests {
     }
 
     #[test]
+    fn clean_headers_are_left_alone_and_close_names_nothing() {
+        let mut h = map(&[("host", "a"), ("x-one", "1"), ("content-length", "3")]);
+        let before = h.clone();
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        let mut h = map(&[("connection", "close"), ("x-one", "1")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-one"], "1");
+    }
+
+    #[test]
     fn forwarded_headers_append_and_set() {
         let mut h = map(&[
             ("x-forwarded-for", "10.0.0.1"),
@@ -175,7 +216,7 @@ mod tests {
         ]);
         set_forwarded(
             &mut h,
-            "127.0.0.9".parse().unwrap(),
+            &peer_value("127.0.0.9".parse().unwrap()),
             "http",
             Some(HeaderValue::from_static("api.example")),
         );
@@ -183,7 +224,7 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http", None);
+        set_forwarded(&mut h, &peer_value("::1".parse().unwrap()), "http", None);
         assert_eq!(h["x-forwarded-for"], "::1");
     }
 

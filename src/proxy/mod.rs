@@ -6,6 +6,7 @@
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod pool;
 pub mod request_body;
 pub mod retry;
 pub mod server;
@@ -16,25 +17,19 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Config, SplitKey, UpstreamConfig};
-use crate::proxy::request_body::RequestBody;
+use crate::config::{Config, SplitKey};
+use crate::proxy::pool::Connector;
 use crate::proxy::retry::RetryBudget;
 use crate::snapshot::Snapshot;
-
-/// Pooled HTTP/1.1 client to the Serve clusters (one pool per scheme and `host:port`): plain TCP
-/// for `http://` clusters, rustls for `https://` ones.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// Everything a request needs, shared by all connections of one listener.
 #[derive(Debug)]
 pub struct ProxyContext {
     /// The routing snapshot, swapped by the control plane.
     pub table: Arc<ArcSwap<Snapshot>>,
-    /// Keep-alive connection pool to the clusters.
-    pub client: UpstreamClient,
+    /// Opens connections to the clusters (each cluster pools its own, see [`pool`]).
+    pub connector: Connector,
     /// How requests are keyed for a sticky split.
     pub split_key: SplitKey,
     /// Value of `x-forwarded-proto` (`http` or `https`).
@@ -62,7 +57,7 @@ impl ProxyContext {
     ) -> Self {
         Self {
             table,
-            client: upstream_client(&config.upstream, upstream_tls),
+            connector: cluster_connector(config.upstream.connect_timeout, upstream_tls),
             split_key: config.split_key.clone(),
             proto: if config.tls.is_some() {
                 "https"
@@ -100,15 +95,20 @@ pub fn cluster_connector(
         .wrap_connector(http)
 }
 
-/// The upstream pool: HTTP/1.1 only (Serve speaks nothing else), idle connections closed before
-/// Serve's own keep-alive timeout so a request never races a connection the server is closing.
-/// `http://` clusters get plain TCP connections (the TLS layer only passes them through);
-/// `https://` clusters get TLS with `tls` (certificate checked against the cluster's host name).
-pub fn upstream_client(cfg: &UpstreamConfig, tls: rustls::ClientConfig) -> UpstreamClient {
-    let connector = cluster_connector(cfg.connect_timeout, tls);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(cfg.idle_timeout)
-        .pool_max_idle_per_host(cfg.max_idle_per_cluster)
-        .build(connector)
+/// Closes expired idle upstream connections of the clusters in `table` every `every` (the pools
+/// also drop them when a request or a returned connection finds them): an idle gateway does not
+/// keep sockets open past `upstream.idle_timeout`. Ends when the table is gone.
+pub async fn prune_idle_connections(
+    table: std::sync::Weak<ArcSwap<Snapshot>>,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(table) = table.upgrade() else { return };
+        for cluster in table.load().clusters.iter() {
+            cluster.pool.prune();
+        }
+    }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
-use crate::proxy::{forward, ProxyContext};
+use crate::proxy::{forward, headers, ProxyContext};
 
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
 /// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
@@ -68,7 +68,10 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let ctx = Arc::clone(&ctx);
-                let service = service_fn(move |req| forward::handle(Arc::clone(&ctx), peer, req));
+                let peer_value = headers::peer_value(peer.ip());
+                let service = service_fn(move |req| {
+                    forward::handle(Arc::clone(&ctx), peer, peer_value.clone(), req)
+                });
                 let Some(acceptor) = &tls else {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn.into_owned());

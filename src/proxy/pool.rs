@@ -1,0 +1,210 @@
+//! Keep-alive HTTP/1.1 connections to one cluster.
+//!
+//! Each [`Cluster`] owns one [`ClusterPool`]. A request checks out the most recently used idle
+//! connection (or opens one), sends on it, and the connection goes back to the pool when the
+//! response body has been read to its end (see [`crate::proxy::body::ProxyBody`]). A connection
+//! whose response was not read to the end (client gone, error, upgrade) is never reused: HTTP/1.1
+//! cannot tell where the unread rest would end.
+//!
+//! This replaces hyper-util's general-purpose client on the request path: no pool key to hash, no
+//! global map behind a lock shared by all clusters, no task spawned per request to wait for the
+//! connection to become idle, no absolute-form URI to build and strip again. The pool's lock is
+//! per cluster and held for a push or a pop.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
+
+use crate::cluster::Cluster;
+use crate::proxy::request_body::RequestBody;
+
+/// Opens connections to clusters: plain TCP for `http://`, TLS for `https://` (see
+/// [`crate::proxy::cluster_connector`]).
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// The sending half of one upstream connection; its connection task runs on its own.
+pub type Sender = http1::SendRequest<RequestBody>;
+
+/// How sending a request to a cluster failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened, or a new connection closed before taking the request: the
+    /// request never reached the cluster.
+    #[error("{0}")]
+    Connect(String),
+    /// The request failed on an open connection (reset, closed mid-response, body error).
+    #[error(transparent)]
+    Request(hyper::Error),
+}
+
+impl SendError {
+    /// True when the request certainly did not reach the cluster.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// Idle keep-alive connections to one cluster, newest last.
+#[derive(Debug)]
+pub struct ClusterPool {
+    idle: Mutex<VecDeque<Idle>>,
+    /// Most idle connections kept (`upstream.max_idle_per_cluster`).
+    max_idle: usize,
+    /// Idle connections older than this are closed (`upstream.idle_timeout`).
+    idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+impl ClusterPool {
+    /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`.
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::new(VecDeque::new()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// Idle connections now (including ones the cluster may have closed since).
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // A panic while holding the lock leaves a valid deque: recover it.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection still open and young enough. Older ones behind an
+    /// expired one are expired too, so they go at once.
+    fn checkout(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some(c) = idle.pop_back() {
+            if now.duration_since(c.since) >= self.idle_timeout {
+                idle.clear();
+                return None;
+            }
+            if !c.sender.is_closed() {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    /// Takes a connection back after its response ended. Expired connections and those over
+    /// `max_idle` (oldest first) are closed.
+    pub fn put(&self, sender: Sender) {
+        if sender.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some(oldest) = idle.front() {
+            if idle.len() >= self.max_idle || now.duration_since(oldest.since) >= self.idle_timeout
+            {
+                idle.pop_front();
+            } else {
+                break;
+            }
+        }
+        idle.push_back(Idle { sender, since: now });
+    }
+
+    /// Closes idle connections that expired or that the cluster closed.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        self.lock()
+            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. Returns the
+    /// response head and the connection, which goes back to [`ClusterPool::put`] once the response
+    /// body has been read to its end.
+    ///
+    /// An idle connection the cluster closed just before the request could be written (the
+    /// keep-alive race) is skipped and the request sent on the next one: hyper hands a request
+    /// back when none of it was written.
+    pub async fn send(
+        &self,
+        connector: &Connector,
+        cluster: &Cluster,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Sender), SendError> {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (connect(connector, cluster).await?, false),
+            };
+            // A returned connection may still be finishing its previous response.
+            if let Err(e) = sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(SendError::Connect(describe(&e)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    Some(_) => return Err(SendError::Connect(describe(e.error()))),
+                    None => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// Opens a connection to `cluster` and starts its connection task (with upgrade support, for
+/// WebSockets).
+async fn connect(connector: &Connector, cluster: &Cluster) -> Result<Sender, SendError> {
+    let uri = Uri::builder()
+        .scheme(cluster.scheme.clone())
+        .authority(cluster.authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    let mut connector = connector.clone();
+    std::future::poll_fn(|cx| connector.poll_ready(cx))
+        .await
+        .map_err(|e| SendError::Connect(describe(&*e)))?;
+    let io = connector
+        .call(uri)
+        .await
+        .map_err(|e| SendError::Connect(describe(&*e)))?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| SendError::Connect(describe(&e)))?;
+    let name = std::sync::Arc::clone(&cluster.name);
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(cluster = %name, error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// An error with its chain of causes, on one line.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

@@ -1,0 +1,308 @@
+//! The upstream connection pool against a real HTTP/1.1 server on 127.0.0.1 that labels every
+//! response with the number of the connection it came on (`x-conn`), so the tests see exactly which
+//! connection each request used: reuse after every kind of body, no reuse after an abandoned body,
+//! connections the server closed are skipped, idle connections are closed after `idle_timeout`.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, get, send, TestGateway};
+use http::Method;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Size of `/big`: far more than socket buffers hold, so a client that stops reading leaves most of
+/// it unsent.
+const BIG: usize = 4 << 20;
+
+/// A minimal Serve look-alike speaking HTTP/1.1 by hand. Answers Serve's probes and:
+/// `/app/small` (content-length), `/app/chunked`, `/app/empty` (204), `/app/big` (4 MiB),
+/// `/app/close` (answers, then closes the connection without saying so).
+struct Backend {
+    port: u16,
+    /// Connections that carried at least one request outside `/-/`.
+    app_conns: Arc<AtomicUsize>,
+    /// Of those, connections the client (the gateway) closed.
+    closed_by_client: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    async fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app_conns = Arc::new(AtomicUsize::new(0));
+        let closed_by_client = Arc::new(AtomicUsize::new(0));
+        let next_id = Arc::new(AtomicUsize::new(0));
+        let (a, c) = (Arc::clone(&app_conns), Arc::clone(&closed_by_client));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let id = next_id.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(serve_conn(stream, id, Arc::clone(&a), Arc::clone(&c)));
+            }
+        });
+        Backend {
+            port,
+            app_conns,
+            closed_by_client,
+            task,
+        }
+    }
+
+    fn app_conns(&self) -> usize {
+        self.app_conns.load(Ordering::SeqCst)
+    }
+
+    fn closed_by_client(&self) -> usize {
+        self.closed_by_client.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    id: usize,
+    app_conns: Arc<AtomicUsize>,
+    closed_by_client: Arc<AtomicUsize>,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut counted = false;
+    loop {
+        let mut request_line = String::new();
+        match read.read_line(&mut request_line).await {
+            Ok(0) | Err(_) => {
+                if counted {
+                    closed_by_client.fetch_add(1, Ordering::SeqCst);
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if read.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let mut parts = request_line.split(' ');
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if !path.starts_with("/-/") && !counted {
+            counted = true;
+            app_conns.fetch_add(1, Ordering::SeqCst);
+        }
+        let head = |status: &str, extra: &str| {
+            format!("HTTP/1.1 {status}\r\nx-conn: {id}\r\n{extra}\r\n").into_bytes()
+        };
+        let (mut out, close) = match path {
+            "/-/healthz" => (
+                [head("200 OK", "content-length: 7\r\n"), b"success".to_vec()].concat(),
+                false,
+            ),
+            "/-/routes" => {
+                let routes = br#"{"/app":"app"}"#;
+                let h = head(
+                    "200 OK",
+                    &format!(
+                        "content-length: {}\r\ncontent-type: application/json\r\n",
+                        routes.len()
+                    ),
+                );
+                ([h, routes.to_vec()].concat(), false)
+            }
+            "/app/small" => (
+                [head("200 OK", "content-length: 5\r\n"), b"hello".to_vec()].concat(),
+                false,
+            ),
+            "/app/chunked" => (
+                [
+                    head("200 OK", "transfer-encoding: chunked\r\n"),
+                    b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                false,
+            ),
+            "/app/empty" => (head("204 No Content", ""), false),
+            "/app/close" => (
+                [head("200 OK", "content-length: 2\r\n"), b"ok".to_vec()].concat(),
+                true,
+            ),
+            "/app/big" => {
+                let h = head("200 OK", &format!("content-length: {BIG}\r\n"));
+                ([h, vec![b'x'; BIG]].concat(), false)
+            }
+            _ => (head("404 Not Found", "content-length: 0\r\n"), false),
+        };
+        if method == "HEAD" {
+            let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            out.truncate(end);
+        }
+        if write.write_all(&out).await.is_err() {
+            return;
+        }
+        if close {
+            // Closes like a server whose keep-alive timer fired: no `connection: close` first.
+            return;
+        }
+    }
+}
+
+async fn gateway(backend: &Backend, upstream: &str) -> TestGateway {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\nshards: [s]\n\
+         probe:\n  interval: 100ms\n  timeout: 500ms\n\
+         clusters:\n  - name: only\n    shard: s\n    revision: v1\n    serve_url: http://127.0.0.1:{}\n\
+         {upstream}",
+        backend.port
+    );
+    TestGateway::start(&yaml).await
+}
+
+fn conn_of(resp: &common::Resp) -> String {
+    resp.headers
+        .get("x-conn")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn one_connection_carries_requests_with_every_kind_of_body() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "").await;
+    let mut conns = Vec::new();
+    for round in 0..10 {
+        let small = get(&gw.url("/app/small")).await;
+        assert_eq!(
+            (small.status.as_u16(), small.body.as_str()),
+            (200, "hello"),
+            "round {round}"
+        );
+        let chunked = get(&gw.url("/app/chunked")).await;
+        assert_eq!(
+            (chunked.status.as_u16(), chunked.body.as_str()),
+            (200, "abcdef")
+        );
+        let empty = get(&gw.url("/app/empty")).await;
+        assert_eq!((empty.status.as_u16(), empty.body.as_str()), (204, ""));
+        let head = send(Method::HEAD, &gw.url("/app/small"), &[], "").await;
+        assert_eq!((head.status.as_u16(), head.body.as_str()), (200, ""));
+        assert_eq!(head.headers["content-length"], "5");
+        conns.extend([&small, &chunked, &empty, &head].map(conn_of));
+    }
+    // Requests one after another: every one went on the same upstream connection.
+    conns.dedup();
+    assert_eq!(conns.len(), 1, "connections used in order: {conns:?}");
+    assert_eq!(backend.app_conns(), 1);
+}
+
+#[tokio::test]
+async fn an_abandoned_body_is_not_reused() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "").await;
+    let first = get(&gw.url("/app/small")).await;
+    assert_eq!(first.status.as_u16(), 200);
+
+    // Read the head of the 4 MiB body and a little of it, then go away.
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = client.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n.min(80)])
+    );
+    drop(client);
+
+    // The rest of that body is still on its upstream connection: the next requests must not see it.
+    for _ in 0..5 {
+        let again = get(&gw.url("/app/small")).await;
+        assert_eq!((again.status.as_u16(), again.body.as_str()), (200, "hello"));
+    }
+    assert_eq!(
+        backend.app_conns(),
+        2,
+        "the abandoned connection was replaced once"
+    );
+    eventually("the gateway closes the abandoned connection", || async {
+        backend.closed_by_client() >= 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_the_server_closed_are_skipped() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "").await;
+    for i in 0..20 {
+        // The server closes after each answer without a `connection: close`; the next request must
+        // not be sent into the closed connection.
+        let resp = get(&gw.url("/app/close")).await;
+        assert_eq!(
+            (resp.status.as_u16(), resp.body.as_str()),
+            (200, "ok"),
+            "request {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(backend.app_conns(), 20);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_idle_timeout() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "upstream:\n  idle_timeout: 300ms\n").await;
+    let resp = get(&gw.url("/app/small")).await;
+    assert_eq!(resp.status.as_u16(), 200);
+    assert_eq!(backend.closed_by_client(), 0);
+    eventually("the idle connection is closed by the gateway", || async {
+        backend.closed_by_client() == 1
+    })
+    .await;
+    // And a request after that opens a fresh one.
+    let resp = get(&gw.url("/app/small")).await;
+    assert_eq!((resp.status.as_u16(), backend.app_conns()), (200, 2));
+}
+
+#[tokio::test]
+async fn pooling_off_opens_a_connection_per_request() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "upstream:\n  max_idle_per_cluster: 0\n").await;
+    for _ in 0..5 {
+        let resp = get(&gw.url("/app/small")).await;
+        assert_eq!((resp.status.as_u16(), resp.body.as_str()), (200, "hello"));
+    }
+    assert_eq!(backend.app_conns(), 5);
+    eventually("every connection is closed", || async {
+        backend.closed_by_client() == 5
+    })
+    .await;
+}
