@@ -54,7 +54,8 @@ pub async fn handle(
     let start = Instant::now();
     ctx.retry.deposit();
 
-    if let (Some(limit), Some(len)) = (ctx.max_body_bytes, content_length(req.headers())) {
+    // hyper parsed `content-length` already: the body's exact size hint is it.
+    if let (Some(limit), Some(len)) = (ctx.max_body_bytes, req.body().size_hint().exact()) {
         if len > limit {
             count(NONE, NONE, NONE, StatusCode::PAYLOAD_TOO_LARGE);
             let msg = format!("request body of {len} bytes is over the limit of {limit} bytes\n");
@@ -314,16 +315,6 @@ fn find_source<'a, E: std::error::Error + 'static>(
         cur = err.source();
     }
     None
-}
-
-/// The `Content-Length` of a request, if it has a valid one.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Rewrites the request head for the upstream hop (cluster-independent parts); returns the request id.

@@ -146,7 +146,9 @@ impl ClusterPool {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (connect(connector, cluster).await?, false),
+                // Boxed: connecting is rare, and its large state would otherwise be part of (and
+                // moved with) every request's future.
+                None => (Box::pin(connect(connector, cluster)).await?, false),
             };
             // A returned connection may still be finishing its previous response.
             if let Err(e) = sender.ready().await {
