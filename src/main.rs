@@ -3,11 +3,6 @@
 
 mod cli;
 
-/// The allocator: mimalloc unless built without the `mimalloc` feature.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -99,8 +94,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The tokio runtime: `RAYSHIFT_WORKER_THREADS=1` runs everything on one thread (the cheapest per
-/// request when rayshift gets one core), `N` uses N worker threads, unset: one per core.
+/// The tokio runtime: `RAYSHIFT_WORKER_THREADS=N` uses N worker threads; unset, one per core the
+/// process may use (CPU affinity, cgroup quota). One thread means tokio's single-threaded runtime,
+/// which is the cheapest per request when rayshift gets one core (BENCHMARKS.md).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let threads = match std::env::var("RAYSHIFT_WORKER_THREADS") {
         Ok(v) => Some(
@@ -114,14 +110,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         ),
         Err(_) => None,
     };
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
     };
     builder
         .enable_all()

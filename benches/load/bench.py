@@ -325,11 +325,11 @@ http {{
 """
 
 
-def nginx_proxy_conf(d: Path, port: int, backend: int) -> str:
-    return nginx_head(d, "nginx") + f"""
+def nginx_proxy_conf(d: Path, port: int, backend: int, name: str = "nginx") -> str:
+    return nginx_head(d, name) + f"""
 http {{
   access_log off;
-  {NGINX_TEMP.format(d=d, n="nginx")}
+  {NGINX_TEMP.format(d=d, n=name)}
   keepalive_timeout 75s;
   keepalive_requests 1000000;
   upstream backend {{
@@ -798,6 +798,58 @@ class Bench:
                 subprocess.run(report + opts, stdout=f, stderr=subprocess.DEVNULL)
         log(f"perf report: {out}.txt (data: {data})")
 
+    def callgrind(self) -> None:
+        """Instructions per request (user space) of each proxy under valgrind's callgrind: exact and
+        repeatable where timings are not. A second instance of each proxy runs under valgrind, in
+        front of the same backend; counters are zeroed after a warm-up, so start-up is not counted."""
+        backend = self.ports["backend"]
+        for t in [t for t in self.args.targets if t in PROXIES]:
+            name, port = f"callgrind-{t}", free_port()
+            out = self.results / f"{self.stamp}-{name}.out"
+            env = None
+            if t.startswith("rayshift"):
+                admin = free_port()
+                conf = self.work / f"{name}.yaml"
+                conf.write_text(rayshift_conf(self.work, name, port, admin, [("bench", backend, 100)]))
+                binary = self.args.compare if t == "rayshift-alt" else self.args.rayshift
+                argv = [binary, "run", "--config", str(conf)]
+                env = dict(os.environ, RUST_LOG="warn")
+                if self.args.rayshift_threads:
+                    env["RAYSHIFT_WORKER_THREADS"] = str(self.args.rayshift_threads)
+            elif t == "nginx":
+                conf = self.work / f"{name}.conf"
+                # One process: the worker's instructions are the ones counted.
+                conf.write_text(nginx_proxy_conf(self.work, port, backend, name)
+                                .replace("master_process on;", "master_process off;"))
+                nginx = "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "nginx"
+                argv = [nginx, "-p", str(self.work), "-e", str(self.work / f"{name}.error.log"), "-c", str(conf)]
+            else:
+                conf = self.work / f"{name}.cfg"
+                conf.write_text(haproxy_conf(port, backend))
+                haproxy = "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else "haproxy"
+                argv = [haproxy, "-db", "-f", str(conf)]
+            p = self.procs.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
+                                 self.args.proxy_cpu, env=env)
+            try:
+                wait_for(f"{name}", lambda: http_get(port, "/")[0] == 200, timeout=120)
+                self.wrk(port, "/", 64, 2)
+                subprocess.run(["callgrind_control", "-z", str(p.pid)], capture_output=True, check=True)
+                w, _ = self.wrk(port, "/", 64, self.args.callgrind)
+                subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True)
+                dump = Path(f"{out}.1")
+                wait_for(f"{name} dump", lambda: dump.exists() and "totals:" in dump.read_text(errors="replace"))
+            finally:
+                self.procs.stop(name)
+            total = next(int(line.split()[1]) for line in dump.read_text(errors="replace").splitlines()
+                         if line.startswith("totals:"))
+            row = {"round": 0, "scenario": "callgrind", "target": t, "requests": w["requests"],
+                   "instructions": total, "ir_per_request": total / max(w["requests"], 1), "dump": str(dump)}
+            self.runs.append(row)
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"callgrind {t}: {row['ir_per_request']:,.0f} instructions per request "
+                f"({w['requests']} requests; callgrind_annotate {dump})")
+
     # --- report ----------------------------------------------------------------------------------
 
     def report(self) -> str:
@@ -1056,13 +1108,23 @@ def render(runs: list[dict], info: dict, args) -> str:
                      + f" | {total - sum(g.values()):.2f} |")
         L.append("")
 
+    cg_rows = [r for r in runs if r["scenario"] == "callgrind"]
+    if cg_rows:
+        L.append("## Instructions per request (callgrind, user space, 64 conns, small body)")
+        L.append("")
+        L.append("| target | instructions/request | requests counted | dump (callgrind_annotate) |")
+        L.append("|---|---|---|---|")
+        for r in cg_rows:
+            L.append(f"| {r['target']} | {r['ir_per_request']:,.0f} | {r['requests']:,} | `{r['dump']}` |")
+        L.append("")
+
     L.append("## Every run")
     L.append("")
     L.append("| round | scenario | target | req/s | p50 / p99 / max | CPU/req (of it user) | backend CPU/req | proxy context switches/req "
              "| errors + non-2xx | proxy core busy (foreign) | wrk CPU |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if r["scenario"] in ("rss", "syscalls"):
+        if r["scenario"] in ("rss", "syscalls", "callgrind"):
             continue
         L.append(f"| {r['round']} | {r['scenario']} | {r['target']} | {fmt_rps(r['rps'])} "
                  f"| {r['p50_us']:,} / {r['p99_us']:,} / {r['max_us']:,} us | {fmt_cpu(r)} "
@@ -1238,6 +1300,9 @@ def parse_args(argv: list[str]):
                     help="also profile rayshift with perf record for one run of this length")
     ap.add_argument("--syscalls", action="store_true",
                     help="also count each proxy's system calls and context switches per request (perf stat)")
+    ap.add_argument("--callgrind", type=int, default=0, metavar="SECONDS",
+                    help="also count each proxy's instructions per request under valgrind's callgrind, "
+                         "over a load of this length (64 connections, small body)")
     ap.add_argument("--perf-scenario", default="small-c64", choices=[*SCENARIOS, "churn"],
                     help="what runs while perf records (churn: the churn run, on the two-cluster gateway)")
     ap.add_argument("--perf-callgraph", default="dwarf,16384", help="perf --call-graph mode (fp, dwarf,SIZE, lbr)")
@@ -1306,6 +1371,8 @@ def main() -> int:
             bench.syscalls()
         if args.perf:
             bench.perf()
+        if args.callgrind:
+            bench.callgrind()
         text = bench.report()
     except KeyboardInterrupt:
         log("interrupted")

@@ -35,6 +35,7 @@ command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+case " $* " in *" --callgrind"*) command -v valgrind >/dev/null 2>&1 || missing+=(valgrind) ;; esac
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ -n "${BENCH_NO_INSTALL:-}" ]; then
     echo "run.sh: missing: ${missing[*]} (BENCH_NO_INSTALL is set)" >&2

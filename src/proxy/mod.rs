@@ -1,7 +1,7 @@
 //! The client-facing reverse proxy: listener, per-request forwarding, header hygiene, upstream pool.
 //!
-//! The request path reads one routing snapshot per request from an `ArcSwap` and never takes a lock
-//! or waits on the control plane.
+//! The request path reads one routing snapshot per request from an `ArcSwap` and never waits on the
+//! control plane; the only lock it takes is its cluster's connection pool, for one push or pop.
 
 pub mod body;
 pub mod forward;
