@@ -31,6 +31,8 @@ pub struct Cluster {
     pub duration: Histogram,
     /// `rayshift_cluster_in_flight{cluster}`, resolved once.
     pub in_flight_gauge: Gauge,
+    /// `rayshift_upstream_connections_opened_total{cluster}`, resolved once.
+    pub connections_opened: Counter,
     /// `rayshift_requests_total` handles by app and status code.
     pub requests: RequestCounters,
     /// Idle keep-alive connections to the cluster.
@@ -54,6 +56,10 @@ impl Cluster {
         );
         let in_flight_gauge =
             metrics::gauge!(telemetry::CLUSTER_IN_FLIGHT, "cluster" => name.to_string());
+        let connections_opened = metrics::counter!(
+            telemetry::UPSTREAM_CONNECTIONS_OPENED_TOTAL,
+            "cluster" => name.to_string()
+        );
         Self {
             name: name.into(),
             shard: shard.into(),
@@ -63,6 +69,7 @@ impl Cluster {
             stats: ClusterStats::default(),
             duration,
             in_flight_gauge,
+            connections_opened,
             requests: RequestCounters::default(),
             pool,
         }

@@ -15,6 +15,8 @@ pub const REQUESTS_TOTAL: &str = "rayshift_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "rayshift_request_duration_seconds";
 /// Failed upstream attempts by cluster and kind (`connect`, `request`, `body`, ...).
 pub const UPSTREAM_ERRORS_TOTAL: &str = "rayshift_upstream_errors_total";
+/// Connections opened to each cluster (a pooled connection carries many requests).
+pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "rayshift_upstream_connections_opened_total";
 /// Configured traffic weight (0-100) of each cluster in its shard.
 pub const CLUSTER_WEIGHT: &str = "rayshift_cluster_weight";
 /// 1 when the cluster passes its readiness probes, else 0.
@@ -146,6 +148,10 @@ fn describe() {
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,
         "Failed upstream attempts, by cluster and kind."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECTIONS_OPENED_TOTAL,
+        "Connections opened to each cluster (pooled connections carry many requests)."
     );
     describe_gauge!(
         CLUSTER_WEIGHT,

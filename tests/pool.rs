@@ -171,15 +171,30 @@ async fn serve_conn(
     }
 }
 
-async fn gateway(backend: &Backend, upstream: &str) -> TestGateway {
+/// A gateway with one cluster, `name` (unique per test: the metrics recorder is shared by the
+/// tests of this binary), in front of `backend`.
+async fn gateway(backend: &Backend, name: &str, upstream: &str) -> TestGateway {
     let yaml = format!(
         "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\nshards: [s]\n\
          probe:\n  interval: 100ms\n  timeout: 500ms\n\
-         clusters:\n  - name: only\n    shard: s\n    revision: v1\n    serve_url: http://127.0.0.1:{}\n\
+         clusters:\n  - name: {name}\n    shard: s\n    revision: v1\n    serve_url: http://127.0.0.1:{}\n\
          {upstream}",
         backend.port
     );
     TestGateway::start(&yaml).await
+}
+
+/// `rayshift_upstream_connections_opened_total` of `cluster`, from the admin API's `/metrics`.
+async fn connections_opened(gw: &TestGateway, cluster: &str) -> u64 {
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    let series = format!("rayshift_upstream_connections_opened_total{{cluster=\"{cluster}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn conn_of(resp: &common::Resp) -> String {
@@ -193,7 +208,7 @@ fn conn_of(resp: &common::Resp) -> String {
 #[tokio::test]
 async fn one_connection_carries_requests_with_every_kind_of_body() {
     let backend = Backend::start().await;
-    let gw = gateway(&backend, "").await;
+    let gw = gateway(&backend, "reuse", "").await;
     let mut conns = Vec::new();
     for round in 0..10 {
         let small = get(&gw.url("/app/small")).await;
@@ -218,12 +233,13 @@ async fn one_connection_carries_requests_with_every_kind_of_body() {
     conns.dedup();
     assert_eq!(conns.len(), 1, "connections used in order: {conns:?}");
     assert_eq!(backend.app_conns(), 1);
+    assert_eq!(connections_opened(&gw, "reuse").await, 1);
 }
 
 #[tokio::test]
 async fn an_abandoned_body_is_not_reused() {
     let backend = Backend::start().await;
-    let gw = gateway(&backend, "").await;
+    let gw = gateway(&backend, "abandon", "").await;
     let first = get(&gw.url("/app/small")).await;
     assert_eq!(first.status.as_u16(), 200);
 
@@ -261,7 +277,7 @@ async fn an_abandoned_body_is_not_reused() {
 #[tokio::test]
 async fn connections_the_server_closed_are_skipped() {
     let backend = Backend::start().await;
-    let gw = gateway(&backend, "").await;
+    let gw = gateway(&backend, "closed", "").await;
     for i in 0..20 {
         // The server closes after each answer without a `connection: close`; the next request must
         // not be sent into the closed connection.
@@ -279,7 +295,7 @@ async fn connections_the_server_closed_are_skipped() {
 #[tokio::test]
 async fn idle_connections_are_closed_after_idle_timeout() {
     let backend = Backend::start().await;
-    let gw = gateway(&backend, "upstream:\n  idle_timeout: 300ms\n").await;
+    let gw = gateway(&backend, "idle", "upstream:\n  idle_timeout: 300ms\n").await;
     let resp = get(&gw.url("/app/small")).await;
     assert_eq!(resp.status.as_u16(), 200);
     assert_eq!(backend.closed_by_client(), 0);
@@ -295,12 +311,18 @@ async fn idle_connections_are_closed_after_idle_timeout() {
 #[tokio::test]
 async fn pooling_off_opens_a_connection_per_request() {
     let backend = Backend::start().await;
-    let gw = gateway(&backend, "upstream:\n  max_idle_per_cluster: 0\n").await;
+    let gw = gateway(
+        &backend,
+        "unpooled",
+        "upstream:\n  max_idle_per_cluster: 0\n",
+    )
+    .await;
     for _ in 0..5 {
         let resp = get(&gw.url("/app/small")).await;
         assert_eq!((resp.status.as_u16(), resp.body.as_str()), (200, "hello"));
     }
     assert_eq!(backend.app_conns(), 5);
+    assert_eq!(connections_opened(&gw, "unpooled").await, 5);
     eventually("every connection is closed", || async {
         backend.closed_by_client() == 5
     })

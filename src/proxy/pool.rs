@@ -190,6 +190,7 @@ async fn connect(connector: &Connector, cluster: &Cluster) -> Result<Sender, Sen
         .handshake(io)
         .await
         .map_err(|e| SendError::Connect(describe(&e)))?;
+    cluster.connections_opened.increment(1);
     let name = std::sync::Arc::clone(&cluster.name);
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
