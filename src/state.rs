@@ -227,6 +227,68 @@ impl StateStore {
     }
 }
 
+/// One write for [`StateWriter`]: the state, and where its outcome goes.
+type WriteJob = (State, tokio::sync::oneshot::Sender<Result<(), StateError>>);
+
+/// Writes the state file on a thread of its own, one write at a time, at a lower CPU priority than
+/// request handling (nice +10 on Linux). A durable write sleeps in fsync twice; woken at the
+/// proxy's own priority, the writer would preempt request handling on a busy core each time
+/// (BENCHMARKS.md, Churn). The thread ends when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct StateWriter {
+    path: PathBuf,
+    jobs: std::sync::mpsc::Sender<WriteJob>,
+}
+
+impl StateWriter {
+    /// Starts the writer thread for `store`.
+    pub fn spawn(store: StateStore) -> Result<Self, StateError> {
+        let path = store.path().to_path_buf();
+        let (jobs, pending) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("rayshift-state".into())
+            .spawn(move || {
+                lower_thread_priority();
+                while let Ok((state, reply)) = pending.recv() {
+                    let _ = reply.send(store.save(&state));
+                }
+            })
+            .map_err(|source| StateError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self { path, jobs })
+    }
+
+    /// Path of the state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `state` atomically and durably (see [`StateStore::save`]) and waits for it.
+    pub async fn save(&self, state: State) -> Result<(), StateError> {
+        let gone = || StateError::Write {
+            path: self.path.clone(),
+            source: std::io::Error::other("the state writer thread has stopped"),
+        };
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.jobs.send((state, reply)).map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+}
+
+/// Nice +10 for the calling thread (on Linux, nice values are per thread). Best effort: a failure
+/// leaves the thread at the process's priority.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; lowering one's own priority needs no
+    // privilege and affects only this thread.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +314,52 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn the_writer_thread_saves_in_order_below_request_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let writer = StateWriter::spawn(store.clone()).unwrap();
+        for weight in [10, 20, 30] {
+            let mut state = State::new();
+            state.shards.entry("s".into()).or_default().weights =
+                BTreeMap::from([("blue".into(), weight)]);
+            writer.save(state).await.unwrap();
+            let loaded = store.load().unwrap().unwrap();
+            assert_eq!(loaded.shards["s"].weights["blue"], weight);
+        }
+        // Linux: the writer thread runs at nice +10 (field 19 of its /proc stat line).
+        #[cfg(target_os = "linux")]
+        {
+            let nice: Vec<i64> = fs::read_dir("/proc/self/task")
+                .unwrap()
+                .map(|t| t.unwrap().path())
+                .filter(|t| {
+                    fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "rayshift-state")
+                })
+                .map(|t| {
+                    let stat = fs::read_to_string(t.join("stat")).unwrap();
+                    let fields: Vec<&str> = stat
+                        .rsplit_once(')')
+                        .unwrap()
+                        .1
+                        .split_whitespace()
+                        .collect();
+                    fields[16].parse().unwrap()
+                })
+                .collect();
+            assert!(
+                !nice.is_empty() && nice.iter().all(|n| *n == 10),
+                "{nice:?}"
+            );
+        }
+        // A failed write is reported, not lost.
+        let gone = StateWriter::spawn(StateStore::new(
+            dir.path().join("missing").join("state.json"),
+        ))
+        .unwrap();
+        assert!(gone.save(State::new()).await.is_err());
     }
 
     #[test]

@@ -198,17 +198,7 @@ impl Desired {
     /// Writes `next` to the state file off the async runtime.
     pub(super) async fn persist(&mut self, next: &State) -> Result<(), StateError> {
         match &self.store {
-            Store::File(store) => {
-                let (store, path) = (store.clone(), store.path().to_path_buf());
-                let next = next.clone();
-                match tokio::task::spawn_blocking(move || store.save(&next)).await {
-                    Ok(result) => result,
-                    Err(e) => Err(StateError::Write {
-                        path,
-                        source: std::io::Error::other(e),
-                    }),
-                }
-            }
+            Store::File(writer) => writer.save(next.clone()).await,
             Store::ConfigMap(store) => {
                 let store = Arc::clone(store);
                 let result = store.save(next).await;

@@ -21,7 +21,7 @@ use crate::shift::machine::InvalidTransition;
 use crate::shift::policy::PolicyError;
 use crate::shift::{Rollout, Shift, ShiftPolicy, Target};
 use crate::snapshot::Snapshot;
-use crate::state::{State, StateError, StateStore};
+use crate::state::{State, StateError, StateStore, StateWriter};
 
 /// Why the control plane refused or failed a change. Client mistakes map to 4xx, the rest to 5xx.
 #[derive(Debug, thiserror::Error)]
@@ -424,8 +424,8 @@ pub enum StartError {
 /// Where the state lives: a local file (one replica) or a ConfigMap shared by replicas.
 #[derive(Debug, Clone)]
 pub enum Store {
-    /// `state_file`.
-    File(StateStore),
+    /// `state_file`, written by its own thread.
+    File(StateWriter),
     /// `discovery.kubernetes.state`.
     ConfigMap(Arc<ConfigMapStore>),
 }
@@ -466,7 +466,7 @@ pub async fn start(
         None => {
             let store = StateStore::new(&config.state_file);
             let state = store.load()?.unwrap_or_else(State::new);
-            (Store::File(store), state, None)
+            (Store::File(StateWriter::spawn(store)?), state, None)
         }
     };
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
