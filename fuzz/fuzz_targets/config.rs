@@ -14,7 +14,7 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use rayshift::config::{Config, MAX_NAME_LEN};
-use rayshift::routing::{AppSpec, ClusterSpec, RoutingTable, ShardSpec, TableSpec};
+use rayshift::routing::{ClusterSpec, RoutingTable, TableSpec};
 
 /// An absolute base directory, so every resolved path must come out absolute.
 const BASE: &str = "/etc/rayshift";
@@ -184,14 +184,7 @@ fn check_accepted(config: &Config, text: &str) {
     // The routing table the control plane would build from this config (every cluster ready and
     // serving every configured app) is accepted, and every app is reached at its own prefix.
     let spec = TableSpec {
-        shards: config
-            .shards
-            .iter()
-            .map(|s| ShardSpec {
-                name: s.name.clone(),
-                weight: s.weight,
-            })
-            .collect(),
+        shards: config.shard_specs(),
         clusters: config
             .clusters
             .iter()
@@ -204,19 +197,7 @@ fn check_accepted(config: &Config, text: &str) {
                 apps: config.apps.iter().map(|a| a.name.clone()).collect(),
             })
             .collect(),
-        apps: config
-            .apps
-            .iter()
-            .map(|a| AppSpec {
-                name: a.name.clone(),
-                route_prefix: a.route_prefix.clone(),
-                pinned_shard: a
-                    .shard
-                    .as_deref()
-                    .and_then(|s| config.shard_index(s))
-                    .map(|i| i as u32),
-            })
-            .collect(),
+        apps: config.app_specs(),
     };
     let table = RoutingTable::build(&spec)
         .unwrap_or_else(|e| panic!("valid config, invalid table: {e}; {text:?}"));

@@ -373,4 +373,31 @@ impl Config {
     pub fn shard_index(&self, name: &str) -> Option<usize> {
         self.shards.iter().position(|shard| shard.name == name)
     }
+
+    /// The declared shards as routing-table input, in declaration order.
+    pub fn shard_specs(&self) -> Vec<crate::routing::ShardSpec> {
+        self.shards
+            .iter()
+            .map(|s| crate::routing::ShardSpec {
+                name: s.name.clone(),
+                weight: s.weight,
+            })
+            .collect()
+    }
+
+    /// The configured applications as routing-table input (a pinned shard as its index).
+    pub fn app_specs(&self) -> Vec<crate::routing::AppSpec> {
+        self.apps
+            .iter()
+            .map(|a| crate::routing::AppSpec {
+                name: a.name.clone(),
+                route_prefix: a.route_prefix.clone(),
+                pinned_shard: a
+                    .shard
+                    .as_deref()
+                    .and_then(|s| self.shard_index(s))
+                    .map(|i| i as u32),
+            })
+            .collect()
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
-use crate::routing::{AppSpec, ClusterSpec, RoutingTable, ShardSpec, TableSpec};
+use crate::routing::{AppSpec, ClusterSpec, RoutingTable, TableSpec};
 use crate::shift::{Phase, ShardProgress};
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
@@ -371,15 +371,7 @@ impl Desired {
 
     /// The routing spec: declared shards, clusters in split order, config apps then discovered ones.
     fn table_spec(&mut self) -> (TableSpec, Vec<AppPlacement>) {
-        let shards = self
-            .config
-            .shards
-            .iter()
-            .map(|s| ShardSpec {
-                name: s.name.clone(),
-                weight: s.weight,
-            })
-            .collect();
+        let shards = self.config.shard_specs();
         let mut clusters = Vec::with_capacity(self.clusters.len());
         for entry in &self.clusters {
             let weights = self.shard_weights(&entry.config.shard);
@@ -400,20 +392,7 @@ impl Desired {
                 apps: entry.last_routes.values().cloned().collect(),
             });
         }
-        let mut apps: Vec<AppSpec> = self
-            .config
-            .apps
-            .iter()
-            .map(|a| AppSpec {
-                name: a.name.clone(),
-                route_prefix: a.route_prefix.clone(),
-                pinned_shard: a
-                    .shard
-                    .as_deref()
-                    .and_then(|s| self.config.shard_index(s))
-                    .map(|i| i as u32),
-            })
-            .collect();
+        let mut apps: Vec<AppSpec> = self.config.app_specs();
         let mut sources: Vec<AppPlacement> = apps
             .iter()
             .map(|a| {

@@ -33,6 +33,21 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
+    /// A body streamed from a cluster on `conn` (`None`: the connection must not be reused). A
+    /// body that has already ended (204, 304, HEAD, `content-length: 0`) frees its connection at
+    /// once.
+    pub fn upstream(body: Incoming, in_flight: InFlight, mut conn: Option<Sender>) -> Self {
+        let in_flight = Some(in_flight);
+        if body.is_end_stream() {
+            give_back(&mut conn, &in_flight);
+        }
+        ProxyBody::Upstream {
+            body,
+            in_flight,
+            conn,
+        }
+    }
+
     /// An empty body.
     pub fn empty() -> Self {
         ProxyBody::Local(Full::new(Bytes::new()))
@@ -56,11 +71,13 @@ impl Body for ProxyBody {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => {
-                        release(conn, in_flight.take());
+                        give_back(conn, in_flight);
+                        in_flight.take();
                     }
                     // hyper stops polling a body that says it has ended: release with the last frame.
                     Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
-                        release(conn, in_flight.take());
+                        give_back(conn, in_flight);
+                        in_flight.take();
                     }
                     Poll::Ready(Some(Err(_))) => {
                         conn.take();
@@ -98,10 +115,9 @@ impl Body for ProxyBody {
     }
 }
 
-/// The response ended: the connection goes back to the cluster's pool, the request leaves the
-/// cluster's in-flight count.
-fn release(conn: &mut Option<Sender>, in_flight: Option<InFlight>) {
-    if let (Some(conn), Some(guard)) = (conn.take(), &in_flight) {
+/// The response was read to its end: its connection goes back to the cluster's pool.
+fn give_back(conn: &mut Option<Sender>, in_flight: &Option<InFlight>) {
+    if let (Some(conn), Some(guard)) = (conn.take(), in_flight) {
         guard.cluster().pool.put(conn);
     }
 }

@@ -166,20 +166,10 @@ pub async fn handle(
     }
     // After a 101 the connection no longer speaks HTTP: it is never reused.
     let conn = (status != StatusCode::SWITCHING_PROTOCOLS).then_some(conn);
-    let conn = match conn {
-        // No body to wait for (204, 304, HEAD, `content-length: 0`): the connection is free now.
-        Some(conn) if body.is_end_stream() => {
-            cluster.pool.put(conn);
-            None
-        }
-        conn => conn,
-    };
-    let body = ProxyBody::Upstream {
-        body,
-        in_flight: Some(in_flight),
-        conn,
-    };
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::upstream(body, in_flight, conn),
+    ))
 }
 
 /// Finds the app and picks a cluster with one snapshot load; answers 404/503 itself.
