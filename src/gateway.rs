@@ -215,7 +215,8 @@ impl Gateway {
 
     /// Shuts down gracefully: `/ready` answers 503, after `shutdown.ready_delay` the proxy stops
     /// accepting, open requests, streams and WebSockets get up to `shutdown.drain_timeout` to
-    /// finish (HTTP/2 clients get GOAWAY), then the admin API stops.
+    /// finish (HTTP/2 clients get GOAWAY), then the admin API stops and the state journal is folded
+    /// into the state file.
     pub async fn shutdown(self) {
         let _ = self.draining.send(true);
         tracing::info!(
@@ -229,6 +230,7 @@ impl Gateway {
             task.abort();
         }
         let _ = self.admin_task.await;
+        self.control.fold_state().await;
         tracing::info!("shut down");
     }
 }

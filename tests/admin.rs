@@ -38,7 +38,7 @@ async fn bad_weight_requests_change_nothing() {
     let (_b, _g, _r, gw) = gateway("").await;
     let url = gw.admin("/v1/shards/shard-0/weights");
     let before = gw.state().await["shards"].clone();
-    let state_file_before = std::fs::read(gw.state_file()).ok();
+    let stored_before = gw.stored_state();
     let cases: &[(&str, &str, StatusCode, &str)] = &[
         (
             "sum",
@@ -133,14 +133,14 @@ async fn bad_weight_requests_change_nothing() {
         before,
         "a refused request changed the state"
     );
-    assert_eq!(std::fs::read(gw.state_file()).ok(), state_file_before);
+    assert_eq!(gw.stored_state(), stored_before);
     // And traffic still follows the original weights.
     for _ in 0..10 {
         assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("blue"));
     }
 }
 
-/// A valid change is in the state file before the 200, and routes traffic right away.
+/// A valid change is durable (in the state journal) before the 200, and routes traffic right away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weight_change_is_persisted_before_it_is_acknowledged() {
     let (_b, _g, _r, gw) = gateway("").await;
@@ -148,8 +148,7 @@ async fn weight_change_is_persisted_before_it_is_acknowledged() {
         .set_weights("shard-0", &[("blue", 0), ("green", 100)])
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(gw.state_file()).unwrap()).unwrap();
+    let file = gw.stored_state().expect("state stored");
     assert_eq!(file["version"], 1);
     assert_eq!(file["shards"]["shard-0"]["weights"]["green"], 100);
     assert_eq!(file["shards"]["shard-0"]["weights"]["blue"], 0);

@@ -88,7 +88,8 @@ fn gateway_config(dir: &Path, blue: &ServeStub, green: &ServeStub) -> std::path:
     path
 }
 
-/// Weights set through the admin API survive `kill -9` and a restart.
+/// Weights set through the admin API survive `kill -9` and a restart; a graceful stop leaves them in
+/// the state file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_survive_kill_and_restart() {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
@@ -117,6 +118,22 @@ async fn weights_survive_kill_and_restart() {
         serde_json::from_str(&get(&gw.admin("/v1/state")).await.body).unwrap();
     assert_eq!(state["shards"][0]["clusters"][1]["name"], "green");
     assert_eq!(state["shards"][0]["clusters"][1]["weight"], 100);
+
+    // The change came back from the journal and was folded into the state file at start; a
+    // graceful stop folds again, so the state file alone is current while the gateway is down.
+    let mut gw = gw;
+    let r = put(
+        &gw.admin("/v1/shards/shard-0/weights"),
+        r#"{"weights": {"blue": 40, "green": 60}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(gw.terminate().success());
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(file["shards"]["shard-0"]["weights"]["green"], 60);
+    assert_eq!(file["shards"]["shard-0"]["weights"]["blue"], 40);
 }
 
 /// A corrupt state file or one of an unknown version stops the start with a clear error; the file

@@ -222,6 +222,8 @@ pub struct ControlHandle {
     table: Arc<ArcSwap<Snapshot>>,
     ready: watch::Receiver<bool>,
     leader: Option<watch::Receiver<bool>>,
+    /// The state file's writer (`None`: the state lives in a ConfigMap).
+    state_writer: Option<StateWriter>,
 }
 
 impl ControlHandle {
@@ -250,6 +252,22 @@ impl ControlHandle {
     pub async fn wait_ready(&self) {
         let mut ready = self.ready.clone();
         let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// Folds the state journal into the state file, so that the file alone is current once the
+    /// gateway has stopped (see [`crate::state`]). Does nothing when the state lives in a
+    /// ConfigMap; a failure is logged (the journal still holds every change).
+    pub async fn fold_state(&self) {
+        if let Some(writer) = &self.state_writer {
+            match writer.fold().await {
+                Ok(()) => {
+                    tracing::debug!(state_file = %writer.path().display(), "state journal folded")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "folding the state journal failed; it is folded at the next start")
+                }
+            }
+        }
     }
 
     /// Sends a command and waits for its reply.
@@ -464,9 +482,8 @@ pub async fn start(
             (Store::ConfigMap(store), state, Some(leader))
         }
         None => {
-            let store = StateStore::new(&config.state_file);
-            let state = store.load()?.unwrap_or_else(State::new);
-            (Store::File(StateWriter::spawn(store)?), state, None)
+            let (writer, state) = StateWriter::open(StateStore::new(&config.state_file))?;
+            (Store::File(writer), state.unwrap_or_else(State::new), None)
         }
     };
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -499,12 +516,17 @@ pub async fn start(
             source: ClusterSource::Static,
         })?;
     }
+    let state_writer = match &desired.store {
+        Store::File(writer) => Some(writer.clone()),
+        Store::ConfigMap(_) => None,
+    };
     tokio::spawn(run(desired, command_rx, probe_rx, state_rx, ready_tx));
     Ok(ControlHandle {
         commands,
         table,
         ready,
         leader,
+        state_writer,
     })
 }
 

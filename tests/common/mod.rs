@@ -137,6 +137,15 @@ impl TestGateway {
         self.dir.path().join("state.json")
     }
 
+    /// The durable state as rayshift reads it at start (state file and journal), as JSON.
+    #[allow(dead_code)]
+    pub fn stored_state(&self) -> Option<serde_json::Value> {
+        rayshift::state::StateStore::new(self.state_file())
+            .load()
+            .expect("state readable")
+            .map(|s| serde_json::to_value(s).unwrap())
+    }
+
     /// `GET /v1/state` as JSON.
     pub async fn state(&self) -> serde_json::Value {
         let r = get(&self.admin("/v1/state")).await;
@@ -497,6 +506,27 @@ impl GatewayProcess {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024)
             .unwrap_or(0)
+    }
+
+    /// SIGTERM (a graceful stop) and wait up to 30 s for the exit status.
+    #[allow(dead_code)]
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL and reap.

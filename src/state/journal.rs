@@ -1,0 +1,357 @@
+//! The state journal: between two snapshots of the state file, each change is one record written
+//! into `<state_file>.journal` and made durable with a single `fdatasync`.
+//!
+//! Rewriting the state file for every change costs a file creation, a rename and two fsyncs (file
+//! and directory): metadata the filesystem must commit to its own journal each time. The journal
+//! file's blocks are written (zero-filled) when it is created, so a record overwrites blocks that
+//! already exist, changes no metadata, and `fdatasync` flushes only the data (BENCHMARKS.md, Churn).
+//!
+//! Layout, in blocks of [`BLOCK`] bytes. Block 0 is the header: magic `RSJRNL01`, the epoch
+//! (`u64` LE) and an XXH3-64 of both. Records follow from block 1, each starting on a block
+//! boundary: magic `RSRC`, the epoch, the payload length (`u32` LE), an XXH3-64 of epoch, length
+//! and payload, then the payload, the whole state as compact JSON. The journal's state is the last
+//! record of the chain of valid records (right magic, the header's epoch, matching checksum)
+//! starting at block 1: a torn write, never acknowledged, ends the chain. Bumping the header's
+//! epoch retires every record at once; that is done after the state was written as a new snapshot.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// Journal block size: the header and every record start on a multiple of it.
+pub const BLOCK: u64 = 4096;
+/// Smallest journal (256 blocks: the header and up to 255 small records between snapshots).
+pub const MIN_CAPACITY: u64 = 1 << 20;
+const HEADER_MAGIC: &[u8; 8] = b"RSJRNL01";
+const RECORD_MAGIC: &[u8; 4] = b"RSRC";
+/// Magic, epoch, payload length, checksum.
+const RECORD_HEAD: usize = 4 + 8 + 4 + 8;
+
+/// The journal that goes with state file `state_file`: the same path with `.journal` appended.
+pub fn path_for(state_file: &Path) -> PathBuf {
+    let mut name = state_file.as_os_str().to_owned();
+    name.push(".journal");
+    PathBuf::from(name)
+}
+
+/// What a journal file holds.
+#[derive(Debug)]
+pub struct Contents {
+    /// The header's epoch.
+    pub epoch: u64,
+    /// Payload of the newest valid record of the epoch, if any.
+    pub newest: Option<Vec<u8>>,
+    /// Offset after the newest record (where the next one goes).
+    pub end: u64,
+}
+
+/// Reads the journal at `path`. `Ok(None)`: there is no journal file, or its header is not valid
+/// (a header write torn by a crash: it is only rewritten after a snapshot was made durable).
+pub fn read(path: &Path) -> io::Result<Option<Contents>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(epoch) = parse_header(&bytes) else {
+        return Ok(None);
+    };
+    let mut at = BLOCK as usize;
+    let mut newest = None;
+    while let Some((payload, next)) = parse_record(&bytes, at, epoch) {
+        newest = Some(payload);
+        at = next;
+    }
+    Ok(Some(Contents {
+        epoch,
+        newest: newest.map(<[u8]>::to_vec),
+        end: at as u64,
+    }))
+}
+
+fn header(epoch: u64) -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[..8].copy_from_slice(HEADER_MAGIC);
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&h[..16]);
+    h[16..].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+fn parse_header(bytes: &[u8]) -> Option<u64> {
+    let h = bytes.get(..24)?;
+    let epoch = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    (h == header(epoch)).then_some(epoch)
+}
+
+fn record_checksum(epoch: u64, payload: &[u8]) -> u64 {
+    let mut sum = Xxh3::new();
+    sum.update(&epoch.to_le_bytes());
+    sum.update(&(payload.len() as u32).to_le_bytes());
+    sum.update(payload);
+    sum.digest()
+}
+
+/// Bytes a record of a `len`-byte payload occupies (whole blocks).
+fn record_size(len: usize) -> u64 {
+    (RECORD_HEAD + len).div_ceil(BLOCK as usize) as u64 * BLOCK
+}
+
+/// The valid record at `at` of `epoch`: its payload and the offset after it.
+fn parse_record(bytes: &[u8], at: usize, epoch: u64) -> Option<(&[u8], usize)> {
+    let head = bytes.get(at..at.checked_add(RECORD_HEAD)?)?;
+    if &head[..4] != RECORD_MAGIC || u64::from_le_bytes(head[4..12].try_into().ok()?) != epoch {
+        return None;
+    }
+    let len = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
+    let sum = u64::from_le_bytes(head[16..24].try_into().ok()?);
+    let start = at + RECORD_HEAD;
+    let payload = bytes.get(start..start.checked_add(len)?)?;
+    (record_checksum(epoch, payload) == sum).then(|| (payload, at + record_size(len) as usize))
+}
+
+/// The capacity a journal needs so that a state of `len` bytes fits at least 16 times.
+pub fn capacity_for(len: usize) -> u64 {
+    (record_size(len) * 16 + BLOCK).max(MIN_CAPACITY)
+}
+
+/// An open journal, appended to by the state writer thread.
+#[derive(Debug)]
+pub struct Journal {
+    file: File,
+    epoch: u64,
+    next: u64,
+    capacity: u64,
+}
+
+impl Journal {
+    /// Creates an empty journal of `capacity` bytes at `path`, replacing any journal there: written
+    /// in full to a temporary file, synced, renamed into place, and the directory synced.
+    pub fn create(path: &Path, capacity: u64) -> io::Result<Journal> {
+        let capacity = capacity.max(MIN_CAPACITY).div_ceil(BLOCK) * BLOCK;
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(format!(".tmp.{}", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let result = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            // Real zeros, not a sparse file or fallocate's unwritten extents: a record must land
+            // in blocks that exist and are written, or its fdatasync would commit metadata.
+            let zeros = vec![0u8; 64 * BLOCK as usize];
+            let mut at = 0;
+            while at < capacity {
+                let n = (capacity - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            file.write_all_at(&header(1), 0)?;
+            file.sync_all()?;
+            fs::rename(&tmp, path)?;
+            sync_dir(path)?;
+            Ok(file)
+        })();
+        match result {
+            Ok(file) => Ok(Journal {
+                file,
+                epoch: 1,
+                next: BLOCK,
+                capacity,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the journal at `path` that [`read`] returned `contents` for, to append after its
+    /// newest record.
+    pub fn reopen(path: &Path, contents: &Contents) -> io::Result<Journal> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let capacity = file.metadata()?.len() / BLOCK * BLOCK;
+        Ok(Journal {
+            file,
+            epoch: contents.epoch,
+            next: contents.end,
+            capacity,
+        })
+    }
+
+    /// Bytes the journal file holds.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// True when no record was written since the last [`Journal::retire`] (or creation).
+    pub fn is_empty(&self) -> bool {
+        self.next == BLOCK
+    }
+
+    /// Writes `payload` as the newest record and waits until it is durable. `Ok(false)`: it does
+    /// not fit; nothing was written.
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<bool> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| io::Error::other("state too large for a journal record"))?;
+        if self.file.metadata()?.nlink() == 0 {
+            // The file was deleted (with its directory, say): appends would be lost.
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the journal file was removed",
+            ));
+        }
+        let size = record_size(payload.len());
+        if self.next + size > self.capacity {
+            return Ok(false);
+        }
+        let mut record = Vec::with_capacity(size as usize);
+        record.extend_from_slice(RECORD_MAGIC);
+        record.extend_from_slice(&self.epoch.to_le_bytes());
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&record_checksum(self.epoch, payload).to_le_bytes());
+        record.extend_from_slice(payload);
+        record.resize(size as usize, 0);
+        self.file.write_all_at(&record, self.next)?;
+        self.file.sync_data()?;
+        self.next += size;
+        Ok(true)
+    }
+
+    /// Retires every record by moving the header to the next epoch, and waits until that is
+    /// durable. Call only once the newest state is durable elsewhere (the snapshot).
+    pub fn retire(&mut self) -> io::Result<()> {
+        let epoch = self.epoch + 1;
+        self.file.write_all_at(&header(epoch), 0)?;
+        self.file.sync_data()?;
+        self.epoch = epoch;
+        self.next = BLOCK;
+        Ok(())
+    }
+}
+
+/// Makes a rename or removal in `file`'s directory durable.
+pub fn sync_dir(file: &Path) -> io::Result<()> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal_in(dir: &Path) -> (PathBuf, Journal) {
+        let path = dir.join("s.json.journal");
+        let journal = Journal::create(&path, MIN_CAPACITY).unwrap();
+        (path, journal)
+    }
+
+    #[test]
+    fn newest_valid_record_wins_and_appends_continue_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        let fresh = read(&path).unwrap().unwrap();
+        assert_eq!((fresh.epoch, fresh.newest, fresh.end), (1, None, BLOCK));
+        assert!(journal.is_empty());
+        for n in 0..5 {
+            assert!(journal.append(format!("state {n}").as_bytes()).unwrap());
+        }
+        // A 5,000-byte record spans two blocks.
+        let big = vec![b'x'; 5000];
+        assert!(journal.append(&big).unwrap());
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!(contents.newest.as_deref(), Some(&big[..]));
+        assert_eq!(contents.end, BLOCK * 8);
+        let mut reopened = Journal::reopen(&path, &contents).unwrap();
+        assert!(reopened.append(b"after reopen").unwrap());
+        assert_eq!(
+            read(&path).unwrap().unwrap().newest.as_deref(),
+            Some(&b"after reopen"[..])
+        );
+    }
+
+    #[test]
+    fn a_torn_record_ends_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        journal.append(b"acknowledged").unwrap();
+        journal.append(b"torn by a crash").unwrap();
+        // Damage one payload byte of the second record (block 2).
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"X", 2 * BLOCK + RECORD_HEAD as u64 + 3)
+            .unwrap();
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!(contents.newest.as_deref(), Some(&b"acknowledged"[..]));
+        assert_eq!(contents.end, 2 * BLOCK);
+    }
+
+    #[test]
+    fn retire_hides_every_record_and_reuses_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        for n in 0..3 {
+            journal.append(format!("old {n}").as_bytes()).unwrap();
+        }
+        journal.retire().unwrap();
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!((contents.epoch, contents.newest), (2, None));
+        // The new epoch's first record overwrites block 1; old records after it stay hidden.
+        journal.append(b"new").unwrap();
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!(contents.newest.as_deref(), Some(&b"new"[..]));
+        assert_eq!(contents.end, 2 * BLOCK);
+    }
+
+    #[test]
+    fn a_full_journal_refuses_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        let records = MIN_CAPACITY / BLOCK - 1;
+        for n in 0..records {
+            assert!(journal.append(format!("{n}").as_bytes()).unwrap(), "{n}");
+        }
+        assert!(!journal.append(b"one too many").unwrap());
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!(
+            contents.newest.as_deref(),
+            Some(format!("{}", records - 1).as_bytes())
+        );
+        assert_eq!(fs::metadata(&path).unwrap().len(), MIN_CAPACITY);
+    }
+
+    #[test]
+    fn a_bad_header_or_missing_file_reads_as_no_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        journal.append(b"state").unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"\xff", 9).unwrap();
+        assert!(read(&path).unwrap().is_none());
+        assert!(read(&dir.path().join("absent")).unwrap().is_none());
+    }
+
+    #[test]
+    fn appending_to_a_removed_journal_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        fs::remove_file(&path).unwrap();
+        let e = journal.append(b"lost").unwrap_err();
+        assert!(e.to_string().contains("removed"), "{e}");
+    }
+
+    #[test]
+    fn capacity_grows_with_the_state() {
+        assert_eq!(capacity_for(100), MIN_CAPACITY);
+        let big = 200_000;
+        assert!(capacity_for(big) >= 16 * big as u64);
+        assert_eq!(capacity_for(big) % BLOCK, 0);
+    }
+}

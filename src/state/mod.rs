@@ -1,0 +1,674 @@
+//! The durable state: weights (and shifts) are written here before they take effect.
+//!
+//! The state lives in two files: the **state file** (`state_file`, JSON), a snapshot, and next to
+//! it the **journal** (`<state_file>.journal`), which holds every change made since that snapshot,
+//! one record each, appended and made durable with one `fdatasync` (see [`journal`]). The gateway
+//! folds the journal into a new snapshot when it starts, when the journal is full, and when it
+//! stops gracefully. A snapshot write is atomic: the new content goes to a temporary file in the
+//! same directory, is fsynced, and renamed over the old file, and the directory is fsynced; a
+//! crash leaves either the old or the new state, never a torn one. A file that cannot be read or
+//! has an unknown version stops the gateway at start: it never silently resets an operator's
+//! weights.
+
+pub mod journal;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::shift::{Rollout, Shift};
+
+/// The state file format version this build reads and writes.
+pub const STATE_VERSION: u32 = 1;
+
+/// Errors reading or writing the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file exists but could not be read.
+    #[error("reading state file {path}: {source}")]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON of the expected shape.
+    #[error("state file {path} is corrupt: {source}; fix or remove it (rayshift never resets state silently)")]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// The file was written by a different, incompatible version of rayshift.
+    #[error("state file {path} has version {found}, this rayshift reads version {expected}")]
+    Version {
+        /// The state file.
+        path: PathBuf,
+        /// Version found in the file.
+        found: u32,
+        /// Version this build understands.
+        expected: u32,
+    },
+    /// Another replica changed the state first (Kubernetes mode); the change was not applied.
+    #[error("state in {0} changed concurrently; the change was not applied, retry")]
+    Conflict(PathBuf),
+    /// The Kubernetes API refused or failed a read or write of the state object.
+    #[error("state object {path}: {message}")]
+    Kube {
+        /// The object.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The new state could not be written durably; the old state is still in place.
+    #[error("writing state file {path}: {source}")]
+    Write {
+        /// The state file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Everything rayshift persists.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Format version, [`STATE_VERSION`].
+    pub version: u32,
+    /// Per-shard state, by shard name.
+    #[serde(default)]
+    pub shards: BTreeMap<String, ShardState>,
+    /// The current (or last) fleet rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+    /// Id of the next rollout.
+    #[serde(default)]
+    pub next_rollout_id: u64,
+}
+
+/// Persisted state of one shard.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardState {
+    /// Operator- or shift-set weights by cluster name (0-100, summing to 100).
+    #[serde(default)]
+    pub weights: BTreeMap<String, u32>,
+    /// The shard's current (or last) shift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<Shift>,
+    /// The newest revision an automatic shift was started for, so a rolled-back revision is not
+    /// retried in a loop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_shift_revision: Option<String>,
+}
+
+impl StateError {
+    /// An error of the same kind and message, for answering every change of a failed group write.
+    pub fn same_kind(&self, message: &str) -> StateError {
+        match self {
+            StateError::Conflict(path) => StateError::Conflict(path.clone()),
+            StateError::Kube { path, .. } => StateError::Kube {
+                path: path.clone(),
+                message: message.to_string(),
+            },
+            StateError::Read { path, source } | StateError::Write { path, source } => {
+                StateError::Write {
+                    path: path.clone(),
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                }
+            }
+            StateError::Corrupt { path, .. } | StateError::Version { path, .. } => {
+                StateError::Write {
+                    path: path.clone(),
+                    source: std::io::Error::other(message.to_string()),
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    /// An empty state of the current version.
+    pub fn new() -> Self {
+        Self {
+            version: STATE_VERSION,
+            shards: BTreeMap::new(),
+            rollout: None,
+            next_rollout_id: 1,
+        }
+    }
+}
+
+/// Parses a state document; `origin` names where it came from in errors.
+pub fn parse(bytes: &[u8], origin: &Path) -> Result<State, StateError> {
+    // Check the version before the shape, so a future format gets the clearer error.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let versioned: Versioned =
+        serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+    if versioned.version != STATE_VERSION {
+        return Err(StateError::Version {
+            path: origin.to_path_buf(),
+            found: versioned.version,
+            expected: STATE_VERSION,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+        path: origin.to_path_buf(),
+        source,
+    })
+}
+
+/// The state file and its journal on disk.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    path: PathBuf,
+    journal: PathBuf,
+}
+
+impl StateStore {
+    /// A store at `path`, with its journal at `path` + `.journal` (nothing is read or written yet).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let journal = journal::path_for(&path);
+        Self { path, journal }
+    }
+
+    /// Path of the state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Path of the journal.
+    pub fn journal_path(&self) -> &Path {
+        &self.journal
+    }
+
+    /// Reads the state: the newest journal record, else the state file. Missing files are a fresh
+    /// start (`Ok(None)`); anything unreadable is an error. Writes nothing.
+    pub fn load(&self) -> Result<Option<State>, StateError> {
+        self.load_with_journal().map(|(state, _)| state)
+    }
+
+    /// [`load`](Self::load), and what the journal held.
+    fn load_with_journal(&self) -> Result<(Option<State>, Option<journal::Contents>), StateError> {
+        // The snapshot is parsed even when the journal is newer: a corrupt state file is reported
+        // now, not when the journal is next folded over it.
+        let snapshot = self.load_snapshot()?;
+        let contents = journal::read(&self.journal).map_err(|source| StateError::Read {
+            path: self.journal.clone(),
+            source,
+        })?;
+        let state = match contents.as_ref().and_then(|c| c.newest.as_deref()) {
+            Some(record) => Some(parse(record, &self.journal)?),
+            None => snapshot,
+        };
+        Ok((state, contents))
+    }
+
+    fn load_snapshot(&self) -> Result<Option<State>, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        parse(&bytes, &self.path).map(Some)
+    }
+
+    /// Writes `state` as the state file, atomically and durably (temp file, fsync, rename, fsync
+    /// of the directory). The journal is not touched: callers retire its records afterwards.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let err = |source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let mut body = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
+        body.push(b'\n');
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "rayshift-state.json".into());
+        let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            // The rename is durable only once the directory entry is.
+            journal::sync_dir(&self.path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(err)
+    }
+}
+
+/// One request to [`StateWriter`]'s thread.
+enum Job {
+    /// Make this state durable.
+    Save(
+        Box<State>,
+        tokio::sync::oneshot::Sender<Result<(), StateError>>,
+    ),
+    /// Fold the journal into the state file.
+    Fold(tokio::sync::oneshot::Sender<Result<(), StateError>>),
+}
+
+/// Writes the state on a thread of its own, one write at a time, at a lower CPU priority than
+/// request handling (nice +10 on Linux). A durable write sleeps in `fdatasync`; woken at the
+/// proxy's own priority, the writer would preempt request handling on a busy core each time
+/// (BENCHMARKS.md, Churn). The thread ends when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct StateWriter {
+    path: PathBuf,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl StateWriter {
+    /// Loads the state of `store` (`None`: a fresh start), folds any journal records into a new
+    /// state file, and starts the writer thread.
+    ///
+    /// Only an unreadable state is an error. When the journal cannot be created (a read-only
+    /// directory, say), the gateway still starts, and a change that cannot be made durable is
+    /// refused when it is made.
+    pub fn open(store: StateStore) -> Result<(Self, Option<State>), StateError> {
+        let (state, contents) = store.load_with_journal()?;
+        let path = store.path().to_path_buf();
+        let mut files = StateFiles {
+            store,
+            journal: None,
+            last: state.clone(),
+        };
+        files.open_journal(contents);
+        let (jobs, pending) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("rayshift-state".into())
+            .spawn(move || {
+                lower_thread_priority();
+                while let Ok(job) = pending.recv() {
+                    match job {
+                        Job::Save(state, reply) => {
+                            let _ = reply.send(files.save(*state));
+                        }
+                        Job::Fold(reply) => {
+                            let _ = reply.send(files.fold_if_needed());
+                        }
+                    }
+                }
+            })
+            .map_err(|source| StateError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        Ok((Self { path, jobs }, state))
+    }
+
+    /// Path of the state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `state` durable (one journal record, or a new state file when the journal is full)
+    /// and waits for it.
+    pub async fn save(&self, state: State) -> Result<(), StateError> {
+        self.ask(|reply| Job::Save(Box::new(state), reply)).await
+    }
+
+    /// Folds the journal into the state file, so the state file alone is current (a graceful
+    /// stop does this). Nothing is written when the journal holds no records.
+    pub async fn fold(&self) -> Result<(), StateError> {
+        self.ask(Job::Fold).await
+    }
+
+    async fn ask(
+        &self,
+        job: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), StateError>>) -> Job,
+    ) -> Result<(), StateError> {
+        let gone = || StateError::Write {
+            path: self.path.clone(),
+            source: std::io::Error::other("the state writer thread has stopped"),
+        };
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.jobs.send(job(reply)).map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+}
+
+/// The state file and the open journal, owned by the writer thread.
+struct StateFiles {
+    store: StateStore,
+    /// `None` while the journal is unusable: every change then rewrites the state file.
+    journal: Option<journal::Journal>,
+    /// The newest durable state.
+    last: Option<State>,
+}
+
+impl StateFiles {
+    /// At start: fold the records of the journal `contents` describe into the state file and
+    /// reuse the journal file; else create a journal.
+    fn open_journal(&mut self, contents: Option<journal::Contents>) {
+        let path = self.store.journal_path().to_path_buf();
+        let had_records = contents.as_ref().is_some_and(|c| c.newest.is_some());
+        if let Some(contents) = contents {
+            match journal::Journal::reopen(&path, &contents) {
+                Ok(j) => self.journal = Some(j),
+                Err(e) => {
+                    tracing::warn!(journal = %path.display(), error = %e, "reopening the state journal failed")
+                }
+            }
+        }
+        let last = self.last.clone();
+        let len = last
+            .as_ref()
+            .and_then(|s| serde_json::to_vec(s).ok())
+            .map_or(0, |p| p.len());
+        let result = match last {
+            // The records' newest state becomes the state file before the journal is reused.
+            Some(state) if had_records => self.fold(&state, len),
+            _ if self.journal.is_none() => self.recreate_journal(len),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "state journal not ready; changes are written when they are made");
+        }
+    }
+
+    /// Makes `state` durable and remembers it as the newest.
+    fn save(&mut self, state: State) -> Result<(), StateError> {
+        let payload = serde_json::to_vec(&state).map_err(|e| StateError::Write {
+            path: self.store.path().to_path_buf(),
+            source: e.into(),
+        })?;
+        let appended = match self.journal.as_mut().map(|j| j.append(&payload)) {
+            Some(Ok(appended)) => appended,
+            Some(Err(e)) => {
+                tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "appending to the state journal failed; writing the state file instead");
+                self.journal = None;
+                false
+            }
+            None => false,
+        };
+        if !appended {
+            self.fold(&state, payload.len())?;
+        }
+        self.last = Some(state);
+        Ok(())
+    }
+
+    /// Folds when the journal holds records.
+    fn fold_if_needed(&mut self) -> Result<(), StateError> {
+        match (&self.journal, self.last.take()) {
+            (Some(j), Some(last)) if !j.is_empty() => {
+                let len = serde_json::to_vec(&last).map_or(0, |p| p.len());
+                let result = self.fold(&last, len);
+                self.last = Some(last);
+                result
+            }
+            (_, last) => {
+                self.last = last;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `state` (`len` bytes as a record) as the state file, then retires the journal's
+    /// records, or replaces the journal by an empty one large enough for the state.
+    fn fold(&mut self, state: &State, len: usize) -> Result<(), StateError> {
+        self.store.save(state)?;
+        let capacity = journal::capacity_for(len);
+        if let Some(j) = self.journal.as_mut().filter(|j| j.capacity() >= capacity) {
+            match j.retire() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "retiring the state journal's records failed")
+                }
+            }
+        }
+        self.recreate_journal(len)
+    }
+
+    /// Replaces the journal by an empty one for a state of `len` bytes. When that fails, the old
+    /// journal file is removed, so its records cannot override the state file at the next start.
+    fn recreate_journal(&mut self, len: usize) -> Result<(), StateError> {
+        self.journal = None;
+        let path = self.store.journal_path();
+        let err = |source| StateError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        match journal::Journal::create(path, journal::capacity_for(len)) {
+            Ok(j) => {
+                self.journal = Some(j);
+                Ok(())
+            }
+            Err(e) => {
+                match fs::remove_file(path) {
+                    Ok(()) => journal::sync_dir(path).map_err(err)?,
+                    Err(gone) if gone.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(other) => return Err(err(other)),
+                }
+                tracing::warn!(journal = %path.display(), error = %e, "state journal unavailable: every change rewrites the state file");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Nice +10 for the calling thread (on Linux, nice values are per thread), or leaves it where it
+/// is when the process already runs nicer than that. Best effort: a failure leaves the thread at
+/// the process's priority.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid, getpriority and setpriority take no pointers; lowering one's own priority
+    // needs no privilege and affects only this thread.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if current < 10 {
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_a_fresh_start_and_saves_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        assert!(store.load().unwrap().is_none());
+        let mut state = State::new();
+        state.shards.entry("shard-0".into()).or_default().weights =
+            BTreeMap::from([("blue".into(), 70), ("green".into(), 30)]);
+        store.save(&state).unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(
+            loaded.shards["shard-0"].weights,
+            state.shards["shard-0"].weights
+        );
+        assert_eq!(loaded.next_rollout_id, 1);
+        // No temporary file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    fn weights(blue: u32) -> State {
+        let mut state = State::new();
+        state.shards.entry("s".into()).or_default().weights =
+            BTreeMap::from([("blue".into(), blue)]);
+        state
+    }
+
+    fn blue(state: &State) -> u32 {
+        state.shards["s"].weights["blue"]
+    }
+
+    #[tokio::test]
+    async fn the_writer_thread_saves_in_order_below_request_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
+        assert!(loaded.is_none());
+        for weight in [10, 20, 30] {
+            writer.save(weights(weight)).await.unwrap();
+            assert_eq!(blue(&store.load().unwrap().unwrap()), weight);
+        }
+        // The changes are journal records: the state file was not rewritten for them.
+        assert!(!store.path().exists());
+        // A fold makes the state file current on its own.
+        writer.fold().await.unwrap();
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 30);
+        assert!(journal::read(store.journal_path())
+            .unwrap()
+            .unwrap()
+            .newest
+            .is_none());
+        // Linux: the writer thread runs at nice +10 or nicer (field 19 of its /proc stat line).
+        #[cfg(target_os = "linux")]
+        {
+            let nice: Vec<i64> = fs::read_dir("/proc/self/task")
+                .unwrap()
+                .map(|t| t.unwrap().path())
+                .filter(|t| {
+                    fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "rayshift-state")
+                })
+                .map(|t| {
+                    let stat = fs::read_to_string(t.join("stat")).unwrap();
+                    let fields: Vec<&str> = stat
+                        .rsplit_once(')')
+                        .unwrap()
+                        .1
+                        .split_whitespace()
+                        .collect();
+                    fields[16].parse().unwrap()
+                })
+                .collect();
+            assert!(
+                !nice.is_empty() && nice.iter().all(|n| *n >= 10),
+                "{nice:?}"
+            );
+        }
+        // A failed write is reported, not lost; the writer still starts without a journal.
+        let (gone, _) = StateWriter::open(StateStore::new(
+            dir.path().join("missing").join("state.json"),
+        ))
+        .unwrap();
+        let e = gone.save(State::new()).await.unwrap_err();
+        assert!(e.to_string().contains("writing state file"), "{e}");
+    }
+
+    /// A crash (no fold) leaves the newest change in the journal; the next start reads it and
+    /// folds it into the state file.
+    #[tokio::test]
+    async fn records_survive_a_crash_and_are_folded_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
+        assert_eq!(blue(&loaded.unwrap()), 1);
+        writer.save(weights(2)).await.unwrap();
+        writer.save(weights(3)).await.unwrap();
+        drop(writer);
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 1, "the state file is only a snapshot");
+        let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
+        assert_eq!(blue(&loaded.unwrap()), 3);
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 3, "folded at start");
+        writer.save(weights(4)).await.unwrap();
+        assert_eq!(blue(&store.load().unwrap().unwrap()), 4);
+    }
+
+    /// A full journal is folded into the state file and starts over; a state too large for it
+    /// gets a larger journal.
+    #[tokio::test]
+    async fn a_full_journal_is_folded_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        let per_journal = journal::MIN_CAPACITY / journal::BLOCK - 1;
+        for n in 0..per_journal as u32 + 10 {
+            writer.save(weights(n)).await.unwrap();
+        }
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), per_journal as u32, "folded when full");
+        let contents = journal::read(store.journal_path()).unwrap().unwrap();
+        assert_eq!(contents.epoch, 2);
+        assert_eq!(
+            blue(&store.load().unwrap().unwrap()),
+            per_journal as u32 + 9
+        );
+
+        let mut big = weights(7);
+        for n in 0..20_000 {
+            big.shards.entry(format!("shard-{n}")).or_default();
+        }
+        writer.save(big.clone()).await.unwrap();
+        writer.save(big).await.unwrap();
+        let len = fs::metadata(store.journal_path()).unwrap().len();
+        assert!(len > journal::MIN_CAPACITY, "{len}");
+        assert_eq!(store.load().unwrap().unwrap().shards.len(), 20_001);
+    }
+
+    /// A journal record that is valid but not a state document stops the start, like a corrupt
+    /// state file, naming the journal.
+    #[test]
+    fn a_corrupt_journal_record_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let mut j = journal::Journal::create(store.journal_path(), journal::MIN_CAPACITY).unwrap();
+        j.append(b"{\"version\": 1, \"shards\": 3}").unwrap();
+        let e = StateWriter::open(store.clone()).unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("state.json.journal"), "{e}");
+    }
+
+    #[test]
+    fn corrupt_and_unknown_version_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = StateStore::new(&path);
+        fs::write(&path, b"{\"version\": 1, \"shards\": ").unwrap();
+        let e = store.load().unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        fs::write(&path, b"{\"version\": 7, \"shards\": {}}").unwrap();
+        let e = store.load().unwrap_err();
+        assert!(matches!(e, StateError::Version { found: 7, .. }), "{e}");
+    }
+
+    #[test]
+    fn unwritable_directory_reports_and_keeps_old_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("missing-dir").join("state.json"));
+        let e = store.save(&State::new()).unwrap_err();
+        assert!(matches!(e, StateError::Write { .. }), "{e}");
+    }
+}
