@@ -15,8 +15,10 @@ Run it through benches/load/run.sh (which installs the tools and builds rayshift
 * CPU/request: utime+stime of the proxy's processes from /proc/PID/stat, before and after the wrk
   run, divided by the requests wrk completed;
 * churn: a second rayshift with two clusters (the backend's two ports) in one shard, with weights
-  swapped 100/0 <-> 0/100 through `PUT /v1/shards/shard-0/weights` --churn-rate times a second
-  while wrk runs, against the same instance without churn;
+  set through `PUT /v1/shards/shard-0/weights` --churn-rate times a second while wrk runs, against
+  the same instance without churn; two patterns: "flip" swaps 100/0 <-> 0/100 (all traffic moves
+  each time), "same split" sets 100/0 each time (the table is rebuilt, persisted and published, the
+  traffic stays);
 * RSS: VmRSS of each proxy (all its processes) with 1,000 idle keep-alive client connections, each
   of which has completed one request.
 
@@ -352,11 +354,16 @@ http {{
 """
 
 
-def haproxy_conf(port: int, backend: int) -> str:
+def haproxy_conf(port: int, backend: int, backend2: int | None = None, sock: Path | None = None) -> str:
+    """HAProxy, one thread. With `backend2` (the churn comparison): servers `a` (weight 100) and `b`
+    (weight 0) and an admin socket for `set weight`."""
+    servers = (f"  server a 127.0.0.1:{backend} weight 100\n  server b 127.0.0.1:{backend2} weight 0\n"
+               if backend2 else f"  server s1 127.0.0.1:{backend}\n")
+    stats = f"  stats socket {sock} level admin\n" if sock else ""
     return f"""global
   nbthread 1
   maxconn 8000
-
+{stats}
 defaults
   mode http
   timeout connect 2s
@@ -373,8 +380,7 @@ frontend fe
   default_backend be
 
 backend be
-  server s1 127.0.0.1:{backend}
-"""
+{servers}"""
 
 
 def rayshift_conf(d: Path, name: str, port: int, admin: int, backends: list[tuple[str, int, int]]) -> str:
@@ -466,18 +472,23 @@ class Bench:
         self.ports[name], self.ports[name + "-admin"] = port, admin
         self.pids[name] = [p.pid]
 
-    def start_haproxy(self) -> None:
+    def start_haproxy(self, name: str = "haproxy", churn: bool = False) -> None:
         port = free_port()
-        path = self.work / "haproxy.cfg"
-        path.write_text(haproxy_conf(port, self.ports["backend"]))
+        path = self.work / f"{name}.cfg"
+        if churn:
+            sock = self.work / f"{name}.sock"
+            path.write_text(haproxy_conf(port, self.ports["backend"], self.ports["backend2"], sock))
+            self.haproxy_sock = sock
+        else:
+            path.write_text(haproxy_conf(port, self.ports["backend"]))
         haproxy = "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else "haproxy"
         test = subprocess.run([haproxy, "-c", "-q", "-f", str(path)], capture_output=True, text=True)
         if test.returncode != 0:
             raise RuntimeError(f"haproxy -c failed:\n{test.stdout}{test.stderr}")
-        p = self.procs.start("haproxy", [haproxy, "-db", "-f", str(path)], self.args.proxy_cpu)
-        wait_for("haproxy", lambda: http_get(port, "/") == (200, SMALL_BODY))
-        self.ports["haproxy"] = port
-        self.pids["haproxy"] = [p.pid]
+        p = self.procs.start(name, [haproxy, "-db", "-f", str(path)], self.args.proxy_cpu)
+        wait_for(name, lambda: http_get(port, "/") == (200, SMALL_BODY))
+        self.ports[name] = port
+        self.pids[name] = [p.pid]
 
     def setup(self) -> None:
         log(f"work dir {self.work}; load on cpu {self.args.load_cpu}, backend and proxy on cpu {self.args.proxy_cpu}")
@@ -641,13 +652,18 @@ class Bench:
         """A rayshift with two clusters in shard-0 (the backend's two ports), all weight on `a`."""
         self.start_rayshift("rayshift-churn", [("a", self.ports["backend"], 100), ("b", self.ports["backend2"], 0)])
 
-    def churn_run(self, rnd: int, duration: float, label: str = "rayshift churn") -> dict:
-        """One 64-connection run through rayshift-churn while the churner swaps weights."""
+    def churn_run(self, rnd: int, duration: float, label: str = "rayshift churn", pattern: str = "flip") -> dict:
+        """One 64-connection run through rayshift-churn while the churner swaps weights.
+
+        pattern "flip": 100/0 and 0/100 alternate, so every swap moves all traffic to the other
+        cluster (and its set of upstream connections); "same": every PUT sets 100/0 again, so every
+        swap rebuilds, persists and publishes the table while the traffic stays where it is."""
         admin = self.ports["rayshift-churn-admin"]
         m0 = scrape_requests(admin)
+        t0 = scrape_counter(admin, "rayshift_routing_table_updates_total")
         out = self.work / "churner.out"
         argv = [sys.executable, str(Path(__file__)), "churn", "--admin", str(admin),
-                "--rate", str(self.args.churn_rate), "--clusters", "a,b"]
+                "--rate", str(self.args.churn_rate), "--clusters", "a,b", "--pattern", pattern]
         ch = self.procs.start("churner", argv, self.args.load_cpu, stdout=out)
         try:
             wait_for("churner", lambda: "CHURN started" in out.read_text())
@@ -662,37 +678,87 @@ class Bench:
         out.unlink()
         stats = json.loads(re.findall(r"^CHURNJSON (.*)$", text, re.M)[-1])
         m1 = scrape_requests(admin)
+        table_swaps = scrape_counter(admin, "rayshift_routing_table_updates_total") - t0
         d = {k: m1.get(k, 0) - m0.get(k, 0) for k in set(m0) | set(m1)}
         tot = sum(d.values()) or 1
         r.update({
             "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
             "swaps_total": stats["ok"] + stats["failed"],
             "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"], "put_max_ms": stats["max_ms"],
-            "put_errors": stats["errors"],
-            # About 50% proves that the swaps took effect on the request path.
+            "put_errors": stats["errors"], "pattern": pattern,
+            # Routing tables published during the run: proves every accepted PUT swapped the table.
+            "table_swaps": table_swaps,
+            # About 50% (pattern flip) proves that the swaps took effect on the request path.
             "share_b_pct": 100 * d.get("b", 0) / tot,
             "non2xx_by_cluster": {k: v for k, v in d.items() if k not in ("a", "b")},
         })
         log(f"  churn: {stats['ok']} swaps ok, {stats['failed']} failed, {stats['rate']:.1f}/s, "
-            f"PUT p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms; share to b {r['share_b_pct']:.0f}%"
+            f"PUT p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms; tables published {table_swaps:.0f}; "
+            f"share to b {r['share_b_pct']:.0f}%"
             + (f"; errors {stats['errors']}" if stats["errors"] else ""))
         return r
 
     def churn(self) -> None:
         self.start_churn_gateway()
         self.measure_once("rayshift-churn", "small-c64", 0, self.args.warmup or 1, None, None)
+        kinds = ["steady", "flip", "same"]
         for rnd in range(1, self.args.rounds + 1):
-            order = ["steady", "churn"] if rnd % 2 else ["churn", "steady"]
+            # Rotate the order, so drift hits every kind alike.
+            order = kinds[rnd % 3:] + kinds[:rnd % 3]
             for kind in order:
                 if kind == "steady":
                     self.measure("rayshift-churn", "small-c64", rnd, self.args.duration, label="rayshift steady")
                     continue
-                r = self.churn_run(rnd, self.args.duration)
+                label = "rayshift churn" if kind == "flip" else "rayshift churn same-split"
+                r = self.churn_run(rnd, self.args.duration, label, kind)
                 self.runs.append(r)
                 with open(self.jsonl, "a") as f:
                     f.write(json.dumps(r) + "\n")
         self.procs.stop("rayshift-churn")
         del self.pids["rayshift-churn"]
+        if "haproxy" in self.args.targets:
+            self.haproxy_churn()
+
+    def haproxy_churn(self) -> None:
+        """The flip pattern through HAProxy: `set weight` on its admin socket (not persisted)."""
+        self.start_haproxy("haproxy-churn", churn=True)
+        self.measure_once("haproxy-churn", "small-c64", 0, self.args.warmup or 1, None, None)
+        for rnd in range(1, self.args.rounds + 1):
+            for kind in (["steady", "flip"] if rnd % 2 else ["flip", "steady"]):
+                if kind == "steady":
+                    self.measure("haproxy-churn", "small-c64", rnd, self.args.duration, label="haproxy steady")
+                    continue
+                s0 = haproxy_server_totals(self.haproxy_sock)
+                out = self.work / "churner.out"
+                argv = [sys.executable, str(Path(__file__)), "churn", "--haproxy-socket", str(self.haproxy_sock),
+                        "--rate", str(self.args.churn_rate), "--clusters", "a,b", "--pattern", "flip"]
+                ch = self.procs.start("churner", argv, self.args.load_cpu, stdout=out)
+                try:
+                    wait_for("churner", lambda: "CHURN started" in out.read_text())
+                    time.sleep(0.2)
+                    r = self.measure_once("haproxy-churn", "small-c64", rnd, self.args.duration, "haproxy churn", None)
+                    ch.send_signal(signal.SIGTERM)
+                    ch.wait(timeout=15)
+                finally:
+                    self.procs.stop("churner")
+                stats = json.loads(re.findall(r"^CHURNJSON (.*)$", out.read_text(), re.M)[-1])
+                out.unlink()
+                s1 = haproxy_server_totals(self.haproxy_sock)
+                d = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}
+                r.update({
+                    "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
+                    "swaps_total": stats["ok"] + stats["failed"], "pattern": "flip", "table_swaps": stats["ok"],
+                    "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"], "put_max_ms": stats["max_ms"],
+                    "put_errors": stats["errors"],
+                    "share_b_pct": 100 * d.get("b", 0) / (sum(d.values()) or 1),
+                })
+                log(f"  haproxy churn: {stats['ok']} swaps ok, {stats['failed']} failed, {stats['rate']:.1f}/s; "
+                    f"share to b {r['share_b_pct']:.0f}%")
+                self.runs.append(r)
+                with open(self.jsonl, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        self.procs.stop("haproxy-churn")
+        del self.pids["haproxy-churn"]
 
     def rss(self) -> None:
         for t in [t for t in self.args.targets if t in PROXIES]:
@@ -898,6 +964,41 @@ def classify_profile(flat: str) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def haproxy_command(sock: Path, command: str, timeout: float = 5) -> str:
+    """One command on HAProxy's admin socket (non-interactive: it answers and closes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(timeout)
+        c.connect(str(sock))
+        c.sendall(command.encode() + b"\n")
+        chunks = []
+        while True:
+            b = c.recv(65536)
+            if not b:
+                return b"".join(chunks).decode()
+            chunks.append(b)
+
+
+def haproxy_server_totals(sock: Path) -> dict[str, float]:
+    """Sessions each server of backend `be` took so far (`show stat`, field stot)."""
+    out: dict[str, float] = {}
+    lines = haproxy_command(sock, "show stat").splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(",")))
+        if row.get("pxname") == "be" and row.get("svname") in ("a", "b"):
+            out[row["svname"]] = float(row["stot"] or 0)
+    return out
+
+
+def scrape_counter(admin: int, name: str) -> float:
+    """A label-less counter from rayshift's /metrics."""
+    _, body = http_get(admin, "/metrics", timeout=5)
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def scrape_requests(admin: int) -> dict[str, float]:
     """rayshift_requests_total summed by cluster (2xx as the cluster's name, others as name:code)."""
     _, body = http_get(admin, "/metrics", timeout=5)
@@ -1013,26 +1114,45 @@ def render(runs: list[dict], info: dict, args) -> str:
                          for sc in args.scenarios if any(r["scenario"] == sc for r in runs)))
     L.append("")
 
-    churn = [r for r in runs if r["target"] == "rayshift churn"]
-    steady = [r for r in runs if r["target"] == "rayshift steady"]
-    if churn:
-        s, c = med(steady, "rps"), med(churn, "rps")
-        fails = sum(r["errors"] + r["non2xx"] for r in churn)
+    # (row name, runs, the steady runs of the same instance)
+    churn_rows = []
+    for proxy, rows in [("rayshift", [("churn, flip (all traffic moves)", "rayshift churn"),
+                                      ("churn, same split", "rayshift churn same-split")]),
+                        ("haproxy", [("churn, flip (`set weight`, not persisted)", "haproxy churn")])]:
+        steady = [r for r in runs if r["target"] == f"{proxy} steady"]
+        for name, target in rows:
+            churn = [r for r in runs if r["target"] == target]
+            if churn and steady:
+                churn_rows.append((proxy, name, churn, steady))
+    if churn_rows:
         L.append(f"## Churn: weights swapped {args.churn_rate}/s through the admin API (64 conns, small body)")
         L.append("")
-        # CPU a swap costs the proxy: extra CPU/request over the steady run, times requests, per swap.
-        sc = med(steady, "cpu_us")
-        per_swap = [((r["cpu_us"] - sc) * r["requests"] / max(r["swaps_total"], 1)) for r in churn] if sc else []
-        per_swap_s = f"{statistics.median(per_swap):,.0f} us" if per_swap else "-"
-        L.append("| run | req/s | failed requests | swaps/s done | swap PUT p50 / p99 / max | share to cluster b "
-                 "| CPU/request | CPU/swap (approx.) |")
-        L.append("|---|---|---|---|---|---|---|---|")
-        L.append(f"| steady | {fmt_rps(s)} | {sum(r['errors'] + r['non2xx'] for r in steady)} | - | - | - "
-                 f"| {fmt_us(med(steady, 'cpu_us'))} | - |")
-        L.append(f"| churn | {fmt_rps(c)} ({100 * (c / s - 1):+.1f}%) | {fails} "
-                 f"| {med(churn, 'swaps_per_s'):.1f} ({sum(r['swaps_failed'] for r in churn)} failed) "
-                 f"| {med(churn, 'put_p50_ms'):.1f} / {med(churn, 'put_p99_ms'):.1f} / {max(r['put_max_ms'] for r in churn):.1f} ms "
-                 f"| {med(churn, 'share_b_pct'):.0f}% | {fmt_us(med(churn, 'cpu_us'))} | {per_swap_s} |")
+        L.append("flip: 100/0 and 0/100 alternate, every swap moves all traffic to the other cluster's "
+                 "connections; same split: every PUT sets 100/0 again, the table is rebuilt, persisted and "
+                 "published all the same (tables published counts them) while traffic stays put. HAProxy: "
+                 "the flip through `set weight` on its admin socket, which persists nothing.")
+        L.append("")
+        L.append("| proxy | run | req/s | failed requests | swaps/s done | tables published | swap p50 / p99 / max "
+                 "| share to cluster b | CPU/request | CPU/swap (approx.) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        shown = set()
+        for proxy, name, churn, steady in churn_rows:
+            s = med(steady, "rps")
+            if proxy not in shown:
+                shown.add(proxy)
+                L.append(f"| {proxy} | steady | {fmt_rps(s)} | {sum(r['errors'] + r['non2xx'] for r in steady)} "
+                         f"| - | - | - | - | {fmt_us(med(steady, 'cpu_us'))} | - |")
+            c = med(churn, "rps")
+            fails = sum(r["errors"] + r["non2xx"] for r in churn)
+            # CPU a swap costs the proxy: extra CPU/request over the steady run, times requests, per swap.
+            sc = med(steady, "cpu_us")
+            per_swap = [((r["cpu_us"] - sc) * r["requests"] / max(r["swaps_total"], 1)) for r in churn] if sc else []
+            per_swap_s = f"{statistics.median(per_swap):,.0f} us" if per_swap else "-"
+            L.append(f"| {proxy} | {name} | {fmt_rps(c)} ({100 * (c / s - 1):+.1f}%) | {fails} "
+                     f"| {med(churn, 'swaps_per_s'):.1f} ({sum(r['swaps_failed'] for r in churn)} failed) "
+                     f"| {med(churn, 'table_swaps') / max(med(churn, 'swaps_total'), 1):.0%} of swaps "
+                     f"| {med(churn, 'put_p50_ms'):.1f} / {med(churn, 'put_p99_ms'):.1f} / {max(r['put_max_ms'] for r in churn):.1f} ms "
+                     f"| {med(churn, 'share_b_pct'):.0f}% | {fmt_us(med(churn, 'cpu_us'))} | {per_swap_s} |")
         L.append("")
 
     rss = [r for r in runs if r["scenario"] == "rss"]
@@ -1075,10 +1195,15 @@ def render(runs: list[dict], info: dict, args) -> str:
             mine = m(cand, "small-c1", "p99_us")
             row("added p99, 1 conn <= better peer", None if mine is None else mine - d1p99,
                 min(added) if added else None, lambda a, b: a <= b, lambda v: f"{v:+,.0f} us")
-        if churn and cand == "rayshift":
+        for proxy, name, churn, steady in churn_rows if cand == "rayshift" else []:
+            if proxy != "rayshift":
+                continue
             s, c = med(steady, "rps"), med(churn, "rps")
             fails = sum(r["errors"] + r["non2xx"] for r in churn)
-            L.append(f"| churn: 0 failed requests, < 3% throughput loss | {fails} failed, {100 * (c / s - 1):+.1f}% | - "
+            peer = [med(pc, "rps") / med(ps, "rps") - 1 for p, n, pc, ps in churn_rows
+                    if p == "haproxy" and "flip" in name]
+            L.append(f"| {name}: 0 failed requests, < 3% throughput loss | {fails} failed, {100 * (c / s - 1):+.1f}% "
+                     f"| {f'HAProxy {100 * peer[0]:+.1f}%' if peer else '-'} "
                      f"| {'met' if fails == 0 and c >= 0.97 * s else 'NOT met'} |")
         mine = [r for r in rss if r["target"] == cand]
         if mine:
@@ -1143,11 +1268,14 @@ def render(runs: list[dict], info: dict, args) -> str:
 def churn_main(argv: list[str]) -> None:
     """PUTs alternating weights at a fixed rate until SIGTERM; prints CHURNJSON stats."""
     ap = argparse.ArgumentParser(prog="bench.py churn")
-    ap.add_argument("--admin", type=int, required=True)
+    ap.add_argument("--admin", type=int, help="rayshift's admin port")
+    ap.add_argument("--haproxy-socket", help="HAProxy's admin socket instead (set weight be/<cluster>)")
     ap.add_argument("--rate", type=float, default=100)
     ap.add_argument("--clusters", default="a,b")
     ap.add_argument("--shard", default="shard-0")
     ap.add_argument("--workers", type=int, default=4, help="concurrent admin connections (keeps the rate when a PUT is slow)")
+    ap.add_argument("--pattern", choices=["flip", "same"], default="flip",
+                    help="flip: alternate 100/0 and 0/100; same: always 100/0 (the table is swapped, the split kept)")
     a = ap.parse_args(argv)
     c1, c2 = a.clusters.split(",")
     stop = threading.Event()
@@ -1163,8 +1291,23 @@ def churn_main(argv: list[str]) -> None:
             i = tickets.get()
             if i is None:
                 return
-            body = json.dumps({"weights": {c1: 100, c2: 0} if i % 2 == 0 else {c1: 0, c2: 100}})
+            flip = a.pattern == "flip" and i % 2 == 1
+            body = json.dumps({"weights": {c1: 0, c2: 100} if flip else {c1: 100, c2: 0}})
             t = time.monotonic()
+            if a.haproxy_socket:
+                # The server taking the traffic first, so that no instant has both at weight 0.
+                up, down = (c2, c1) if flip else (c1, c2)
+                try:
+                    reply = haproxy_command(Path(a.haproxy_socket), f"set weight be/{up} 100; set weight be/{down} 0", 10)
+                    ok, err = not reply.strip(), (reply.strip()[:100] or None)
+                except Exception as e:  # noqa: BLE001
+                    ok, err = False, type(e).__name__
+                with lock:
+                    lat.append(time.monotonic() - t)
+                    stats["ok" if ok else "failed"] += 1
+                    if err:
+                        stats["errors"][err] = stats["errors"].get(err, 0) + 1
+                continue
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", a.admin, timeout=10)
