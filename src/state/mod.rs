@@ -379,15 +379,12 @@ impl StateFiles {
                 }
             }
         }
-        let last = self.last.clone();
-        let len = last
-            .as_ref()
-            .and_then(|s| serde_json::to_vec(s).ok())
-            .map_or(0, |p| p.len());
-        let result = match last {
+        let result = match self.last.clone() {
             // The records' newest state becomes the state file before the journal is reused.
-            Some(state) if had_records => self.fold(&state, len),
-            _ if self.journal.is_none() => self.recreate_journal(len),
+            Some(state) if had_records => self.fold(&state),
+            last if self.journal.is_none() => {
+                self.recreate_journal(last.as_ref().map_or(0, record_len))
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -411,7 +408,7 @@ impl StateFiles {
             None => false,
         };
         if !appended {
-            self.fold(&state, payload.len())?;
+            self.fold(&state)?;
         }
         self.last = Some(state);
         Ok(())
@@ -421,8 +418,7 @@ impl StateFiles {
     fn fold_if_needed(&mut self) -> Result<(), StateError> {
         match (&self.journal, self.last.take()) {
             (Some(j), Some(last)) if !j.is_empty() => {
-                let len = serde_json::to_vec(&last).map_or(0, |p| p.len());
-                let result = self.fold(&last, len);
+                let result = self.fold(&last);
                 self.last = Some(last);
                 result
             }
@@ -433,10 +429,11 @@ impl StateFiles {
         }
     }
 
-    /// Writes `state` (`len` bytes as a record) as the state file, then retires the journal's
-    /// records, or replaces the journal by an empty one large enough for the state.
-    fn fold(&mut self, state: &State, len: usize) -> Result<(), StateError> {
+    /// Writes `state` as the state file, then retires the journal's records, or replaces the
+    /// journal by an empty one large enough for the state.
+    fn fold(&mut self, state: &State) -> Result<(), StateError> {
         self.store.save(state)?;
+        let len = record_len(state);
         let capacity = journal::capacity_for(len);
         if let Some(j) = self.journal.as_mut().filter(|j| j.capacity() >= capacity) {
             match j.retire() {
@@ -474,6 +471,11 @@ impl StateFiles {
             }
         }
     }
+}
+
+/// Bytes `state` takes as the payload of a journal record.
+fn record_len(state: &State) -> usize {
+    serde_json::to_vec(state).map_or(0, |p| p.len())
 }
 
 /// Nice +10 for the calling thread (on Linux, nice values are per thread), or leaves it where it
