@@ -121,6 +121,10 @@ async fn weights_survive_kill_and_restart() {
 
     // The change came back from the journal and was folded into the state file at start; a
     // graceful stop folds again, so the state file alone is current while the gateway is down.
+    let snapshot = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap()
+    };
+    assert_eq!(snapshot()["shards"]["shard-0"]["weights"]["green"], 100);
     let mut gw = gw;
     let r = put(
         &gw.admin("/v1/shards/shard-0/weights"),
@@ -130,8 +134,7 @@ async fn weights_survive_kill_and_restart() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert!(gw.terminate().success());
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    let file = snapshot();
     assert_eq!(file["shards"]["shard-0"]["weights"]["green"], 60);
     assert_eq!(file["shards"]["shard-0"]["weights"]["blue"], 40);
 }
