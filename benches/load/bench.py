@@ -661,40 +661,46 @@ class Bench:
         admin = self.ports["rayshift-churn-admin"]
         m0 = scrape_requests(admin)
         t0 = scrape_counter(admin, "rayshift_routing_table_updates_total")
+        r = self.run_with_churner(["--admin", str(admin), "--pattern", pattern], "rayshift-churn", rnd, duration, label)
+        m1 = scrape_requests(admin)
+        d = {k: m1.get(k, 0) - m0.get(k, 0) for k in set(m0) | set(m1)}
+        r.update({
+            "pattern": pattern,
+            # Routing tables published during the run: proves every accepted PUT swapped the table.
+            "table_swaps": scrape_counter(admin, "rayshift_routing_table_updates_total") - t0,
+            # About 50% (pattern flip) proves that the swaps took effect on the request path.
+            "share_b_pct": 100 * d.get("b", 0) / (sum(d.values()) or 1),
+            "non2xx_by_cluster": {k: v for k, v in d.items() if k not in ("a", "b")},
+        })
+        log(f"  churn: tables published {r['table_swaps']:.0f}; share to b {r['share_b_pct']:.0f}%")
+        return r
+
+    def run_with_churner(self, churner_args: list[str], target: str, rnd: int, duration: float, label: str) -> dict:
+        """One 64-connection run through `target` while `bench.py churn churner_args...` swaps weights
+        --churn-rate times a second; the run's figures plus the churner's."""
         out = self.work / "churner.out"
-        argv = [sys.executable, str(Path(__file__)), "churn", "--admin", str(admin),
-                "--rate", str(self.args.churn_rate), "--clusters", "a,b", "--pattern", pattern]
+        argv = [sys.executable, str(Path(__file__)), "churn", "--rate", str(self.args.churn_rate),
+                "--clusters", "a,b", *churner_args]
         ch = self.procs.start("churner", argv, self.args.load_cpu, stdout=out)
         try:
             wait_for("churner", lambda: "CHURN started" in out.read_text())
             time.sleep(0.2)
             # No --retry-foreign here: the swap counts cover exactly this one run.
-            r = self.measure_once("rayshift-churn", "small-c64", rnd, duration, label, None)
+            r = self.measure_once(target, "small-c64", rnd, duration, label, None)
             ch.send_signal(signal.SIGTERM)
             ch.wait(timeout=15)
         finally:
             self.procs.stop("churner")
-        text = out.read_text()
+        stats = json.loads(re.findall(r"^CHURNJSON (.*)$", out.read_text(), re.M)[-1])
         out.unlink()
-        stats = json.loads(re.findall(r"^CHURNJSON (.*)$", text, re.M)[-1])
-        m1 = scrape_requests(admin)
-        table_swaps = scrape_counter(admin, "rayshift_routing_table_updates_total") - t0
-        d = {k: m1.get(k, 0) - m0.get(k, 0) for k in set(m0) | set(m1)}
-        tot = sum(d.values()) or 1
         r.update({
             "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
             "swaps_total": stats["ok"] + stats["failed"],
             "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"], "put_max_ms": stats["max_ms"],
-            "put_errors": stats["errors"], "pattern": pattern,
-            # Routing tables published during the run: proves every accepted PUT swapped the table.
-            "table_swaps": table_swaps,
-            # About 50% (pattern flip) proves that the swaps took effect on the request path.
-            "share_b_pct": 100 * d.get("b", 0) / tot,
-            "non2xx_by_cluster": {k: v for k, v in d.items() if k not in ("a", "b")},
+            "put_errors": stats["errors"],
         })
         log(f"  churn: {stats['ok']} swaps ok, {stats['failed']} failed, {stats['rate']:.1f}/s, "
-            f"PUT p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms; tables published {table_swaps:.0f}; "
-            f"share to b {r['share_b_pct']:.0f}%"
+            f"p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms"
             + (f"; errors {stats['errors']}" if stats["errors"] else ""))
         return r
 
@@ -729,31 +735,13 @@ class Bench:
                     self.measure("haproxy-churn", "small-c64", rnd, self.args.duration, label="haproxy steady")
                     continue
                 s0 = haproxy_server_totals(self.haproxy_sock)
-                out = self.work / "churner.out"
-                argv = [sys.executable, str(Path(__file__)), "churn", "--haproxy-socket", str(self.haproxy_sock),
-                        "--rate", str(self.args.churn_rate), "--clusters", "a,b", "--pattern", "flip"]
-                ch = self.procs.start("churner", argv, self.args.load_cpu, stdout=out)
-                try:
-                    wait_for("churner", lambda: "CHURN started" in out.read_text())
-                    time.sleep(0.2)
-                    r = self.measure_once("haproxy-churn", "small-c64", rnd, self.args.duration, "haproxy churn", None)
-                    ch.send_signal(signal.SIGTERM)
-                    ch.wait(timeout=15)
-                finally:
-                    self.procs.stop("churner")
-                stats = json.loads(re.findall(r"^CHURNJSON (.*)$", out.read_text(), re.M)[-1])
-                out.unlink()
+                r = self.run_with_churner(["--haproxy-socket", str(self.haproxy_sock), "--pattern", "flip"],
+                                          "haproxy-churn", rnd, self.args.duration, "haproxy churn")
                 s1 = haproxy_server_totals(self.haproxy_sock)
                 d = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}
-                r.update({
-                    "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
-                    "swaps_total": stats["ok"] + stats["failed"], "pattern": "flip", "table_swaps": stats["ok"],
-                    "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"], "put_max_ms": stats["max_ms"],
-                    "put_errors": stats["errors"],
-                    "share_b_pct": 100 * d.get("b", 0) / (sum(d.values()) or 1),
-                })
-                log(f"  haproxy churn: {stats['ok']} swaps ok, {stats['failed']} failed, {stats['rate']:.1f}/s; "
-                    f"share to b {r['share_b_pct']:.0f}%")
+                r.update({"pattern": "flip", "table_swaps": r["swaps_ok"],
+                          "share_b_pct": 100 * d.get("b", 0) / (sum(d.values()) or 1)})
+                log(f"  haproxy churn: share to b {r['share_b_pct']:.0f}%")
                 self.runs.append(r)
                 with open(self.jsonl, "a") as f:
                     f.write(json.dumps(r) + "\n")
