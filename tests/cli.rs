@@ -167,6 +167,52 @@ async fn unreadable_state_file_refuses_to_start() {
     }
 }
 
+/// A second gateway pointed at a state file another gateway uses refuses to start (exit 1, a clear
+/// message) and changes nothing; the first one keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_gateway_on_the_same_state_file_refuses_to_start() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &blue, &green);
+    let first = GatewayProcess::spawn(&config).unwrap();
+    first.wait_ready().await;
+    let r = put(
+        &first.admin("/v1/shards/shard-0/weights"),
+        r#"{"weights": {"blue": 30, "green": 70}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    let mut second = Command::new(env!("CARGO_BIN_EXE_rayshift"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second gateway started on a state file in use");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in use by another rayshift process"),
+        "{stderr}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&get(&first.admin("/v1/state")).await.body).unwrap();
+    assert_eq!(state["shards"][0]["clusters"][1]["weight"], 70);
+    assert_eq!(get(&first.url("/echo")).await.status, StatusCode::OK);
+}
+
 /// A listener address already in use is a clear start error, not a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_port_is_a_start_error() {

@@ -4,11 +4,12 @@
 //! it the **journal** (`<state_file>.journal`), which holds every change made since that snapshot,
 //! one record each, appended and made durable with one `fdatasync` (see [`journal`]). The gateway
 //! folds the journal into a new snapshot when it starts, when the journal is full, and when it
-//! stops gracefully. A snapshot write is atomic: the new content goes to a temporary file in the
-//! same directory, is fsynced, and renamed over the old file, and the directory is fsynced; a
-//! crash leaves either the old or the new state, never a torn one. A file that cannot be read or
-//! has an unknown version stops the gateway at start: it never silently resets an operator's
-//! weights.
+//! stops gracefully. A third file, `<state_file>.lock`, is held locked while a gateway runs, so a
+//! second gateway on the same state file refuses to start. A snapshot write is atomic: the new
+//! content goes to a temporary file in the same directory, is fsynced, and renamed over the old
+//! file, and the directory is fsynced; a crash leaves either the old or the new state, never a
+//! torn one. A file that cannot be read or has an unknown version stops the gateway at start: it
+//! never silently resets an operator's weights.
 
 pub mod journal;
 
@@ -56,6 +57,17 @@ pub enum StateError {
     /// Another replica changed the state first (Kubernetes mode); the change was not applied.
     #[error("state in {0} changed concurrently; the change was not applied, retry")]
     Conflict(PathBuf),
+    /// Another process holds the state file (its lock file is locked).
+    #[error(
+        "state file {path} is in use by another rayshift process (lock {lock} is held); give each \
+         gateway its own state_file, or share the state through discovery.kubernetes.state"
+    )]
+    InUse {
+        /// The state file.
+        path: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
     /// The Kubernetes API refused or failed a read or write of the state object.
     #[error("state object {path}: {message}")]
     Kube {
@@ -122,12 +134,12 @@ impl StateError {
                     source: std::io::Error::new(source.kind(), source.to_string()),
                 }
             }
-            StateError::Corrupt { path, .. } | StateError::Version { path, .. } => {
-                StateError::Write {
-                    path: path.clone(),
-                    source: std::io::Error::other(message.to_string()),
-                }
-            }
+            StateError::Corrupt { path, .. }
+            | StateError::Version { path, .. }
+            | StateError::InUse { path, .. } => StateError::Write {
+                path: path.clone(),
+                source: std::io::Error::other(message.to_string()),
+            },
         }
     }
 }
@@ -294,12 +306,14 @@ impl StateWriter {
     /// directory, say), the gateway still starts, and a change that cannot be made durable is
     /// refused when it is made.
     pub fn open(store: StateStore) -> Result<(Self, Option<State>), StateError> {
+        let lock = lock_state(&store)?;
         let (state, contents) = store.load_with_journal()?;
         let path = store.path().to_path_buf();
         let mut files = StateFiles {
             store,
             journal: None,
             last: state.clone(),
+            _lock: lock,
         };
         files.open_journal(contents);
         let (jobs, pending) = std::sync::mpsc::channel::<Job>();
@@ -363,6 +377,8 @@ struct StateFiles {
     journal: Option<journal::Journal>,
     /// The newest durable state.
     last: Option<State>,
+    /// The state file's lock, held while the writer runs.
+    _lock: Option<fs::File>,
 }
 
 impl StateFiles {
@@ -471,6 +487,47 @@ impl StateFiles {
             }
         }
     }
+}
+
+/// Takes the exclusive lock on `<state_file>.lock` (flock), so that a second gateway pointed at the
+/// same state file refuses to start instead of interleaving its journal records with this one's.
+/// The lock goes with the returned file (or the process). `Ok(None)`: the lock file cannot be
+/// created (a read-only directory: no change could be written either, and each is refused then).
+fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
+    let mut name = store.path().as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    let file = match fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+    {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(lock = %lock.display(), error = %e, "cannot create the state lock file");
+            return Ok(None);
+        }
+    };
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock takes a file descriptor we own and no pointers.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(StateError::InUse {
+                    path: store.path().to_path_buf(),
+                    lock,
+                });
+            }
+            return Err(StateError::Read {
+                path: lock,
+                source: e,
+            });
+        }
+    }
+    Ok(Some(file))
 }
 
 /// Bytes `state` takes as the payload of a journal record.
@@ -587,6 +644,40 @@ mod tests {
         assert!(e.to_string().contains("writing state file"), "{e}");
     }
 
+    /// Opens `store` once the previous writer's thread (its last handle dropped) has let go of the
+    /// lock.
+    async fn reopen(store: &StateStore) -> (StateWriter, Option<State>) {
+        for _ in 0..500 {
+            match StateWriter::open(store.clone()) {
+                Err(StateError::InUse { .. }) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the previous writer kept the state lock");
+    }
+
+    /// A second writer on the same state file is refused while the first one runs.
+    #[tokio::test]
+    async fn a_second_gateway_on_the_same_state_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(5)).await.unwrap();
+        let e = StateWriter::open(store.clone()).unwrap_err();
+        assert!(matches!(e, StateError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("in use by another rayshift"), "{e}");
+        // The refused start changed nothing.
+        assert_eq!(blue(&store.load().unwrap().unwrap()), 5);
+        writer.save(weights(6)).await.unwrap();
+        assert_eq!(blue(&store.load().unwrap().unwrap()), 6);
+        // Once the first writer is gone, the state file is free again.
+        drop(writer);
+        let (_, loaded) = reopen(&store).await;
+        assert_eq!(blue(&loaded.unwrap()), 6);
+    }
+
     /// A crash (no fold) leaves the newest change in the journal; the next start reads it and
     /// folds it into the state file.
     #[tokio::test]
@@ -601,7 +692,7 @@ mod tests {
         drop(writer);
         let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
         assert_eq!(blue(&snapshot), 1, "the state file is only a snapshot");
-        let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
+        let (writer, loaded) = reopen(&store).await;
         assert_eq!(blue(&loaded.unwrap()), 3);
         let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
         assert_eq!(blue(&snapshot), 3, "folded at start");
