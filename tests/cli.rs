@@ -88,6 +88,13 @@ fn gateway_config(dir: &Path, blue: &ServeStub, green: &ServeStub) -> std::path:
     path
 }
 
+/// PUTs blue/green weights to a gateway's weights URL and expects 200.
+async fn set_weights(url: &str, blue: u32, green: u32) {
+    let body = format!(r#"{{"weights": {{"blue": {blue}, "green": {green}}}}}"#);
+    let r = put(url, &body, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// Weights set through the admin API survive `kill -9` and a restart; a graceful stop leaves them in
 /// the state file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,13 +107,7 @@ async fn weights_survive_kill_and_restart() {
     let mut gw = GatewayProcess::spawn(&config).unwrap();
     gw.wait_ready().await;
     assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("blue"));
-    let r = put(
-        &gw.admin("/v1/shards/shard-0/weights"),
-        r#"{"weights": {"blue": 0, "green": 100}}"#,
-        None,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    set_weights(&gw.admin("/v1/shards/shard-0/weights"), 0, 100).await;
     gw.kill(); // SIGKILL: no chance to flush anything
 
     let gw = GatewayProcess::spawn(&config).unwrap();
@@ -126,13 +127,7 @@ async fn weights_survive_kill_and_restart() {
     };
     assert_eq!(snapshot()["shards"]["shard-0"]["weights"]["green"], 100);
     let mut gw = gw;
-    let r = put(
-        &gw.admin("/v1/shards/shard-0/weights"),
-        r#"{"weights": {"blue": 40, "green": 60}}"#,
-        None,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    set_weights(&gw.admin("/v1/shards/shard-0/weights"), 40, 60).await;
     assert!(gw.terminate().success());
     let file = snapshot();
     assert_eq!(file["shards"]["shard-0"]["weights"]["green"], 60);
@@ -177,13 +172,7 @@ async fn second_gateway_on_the_same_state_file_refuses_to_start() {
     let config = gateway_config(dir.path(), &blue, &green);
     let first = GatewayProcess::spawn(&config).unwrap();
     first.wait_ready().await;
-    let r = put(
-        &first.admin("/v1/shards/shard-0/weights"),
-        r#"{"weights": {"blue": 30, "green": 70}}"#,
-        None,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    set_weights(&first.admin("/v1/shards/shard-0/weights"), 30, 70).await;
 
     let mut second = Command::new(env!("CARGO_BIN_EXE_rayshift"))
         .args(["run", "--config", config.to_str().unwrap()])
