@@ -32,9 +32,22 @@ const RECORD_HEAD: usize = 4 + 8 + 4 + 8;
 
 /// The journal that goes with state file `state_file`: the same path with `.journal` appended.
 pub fn path_for(state_file: &Path) -> PathBuf {
-    let mut name = state_file.as_os_str().to_owned();
-    name.push(".journal");
+    with_suffix(state_file, ".journal")
+}
+
+/// `file` with `suffix` appended to its name (`state.json` -> `state.json.lock`).
+pub fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(suffix);
     PathBuf::from(name)
+}
+
+/// The directory `file` is in (`.` for a bare file name).
+pub fn dir_of(file: &Path) -> &Path {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// What a journal file holds.
@@ -132,9 +145,7 @@ impl Journal {
     /// in full to a temporary file, synced, renamed into place, and the directory synced.
     pub fn create(path: &Path, capacity: u64) -> io::Result<Journal> {
         let capacity = capacity.max(MIN_CAPACITY).div_ceil(BLOCK) * BLOCK;
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
-        let tmp = PathBuf::from(tmp_name);
+        let tmp = with_suffix(path, &format!(".tmp.{}", std::process::id()));
         let result = (|| {
             let file = OpenOptions::new()
                 .read(true)
@@ -237,11 +248,7 @@ impl Journal {
 
 /// Makes a rename or removal in `file`'s directory durable.
 pub fn sync_dir(file: &Path) -> io::Result<()> {
-    let dir = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    File::open(dir_of(file))?.sync_all()
 }
 
 #[cfg(test)]

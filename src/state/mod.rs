@@ -251,16 +251,13 @@ impl StateStore {
         };
         let mut body = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
         body.push(b'\n');
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         let file_name = self
             .path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "rayshift-state.json".into());
-        let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+        let tmp =
+            journal::dir_of(&self.path).join(format!(".{file_name}.tmp.{}", std::process::id()));
         let result = (|| {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(&body)?;
@@ -494,9 +491,7 @@ impl StateFiles {
 /// The lock goes with the returned file (or the process). `Ok(None)`: the lock file cannot be
 /// created (a read-only directory: no change could be written either, and each is refused then).
 fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
-    let mut name = store.path().as_os_str().to_owned();
-    name.push(".lock");
-    let lock = PathBuf::from(name);
+    let lock = journal::with_suffix(store.path(), ".lock");
     let file = match fs::OpenOptions::new()
         .create(true)
         .truncate(false)
