@@ -3,13 +3,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use super::gauges::ClusterReading;
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
 use crate::routing::{AppSpec, ClusterSpec, RoutingTable, TableSpec};
-use crate::shift::{Phase, ShardProgress};
+use crate::shift::Phase;
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
-use crate::telemetry;
 
 impl Desired {
     /// Handles queued commands in order; consecutive weight changes are committed together.
@@ -325,30 +325,22 @@ impl Desired {
             })
             .collect();
         for (entry, view) in self.clusters.iter().zip(&views) {
-            let labels = [
-                ("shard", entry.config.shard.clone()),
-                ("cluster", entry.config.name.clone()),
-            ];
-            metrics::gauge!(telemetry::CLUSTER_WEIGHT, &labels).set(f64::from(view.weight));
-            metrics::gauge!(telemetry::CLUSTER_READY, &labels).set(f64::from(u8::from(view.ready)));
-            let draining = view.drain == Some(Drain::Draining);
-            let drained = view.drain == Some(Drain::Drained);
-            metrics::gauge!(telemetry::CLUSTER_DRAINING, &labels)
-                .set(f64::from(u8::from(draining)));
-            metrics::gauge!(telemetry::CLUSTER_DRAINED, &labels).set(f64::from(u8::from(drained)));
-            metrics::gauge!(telemetry::CLUSTER_EJECTED, &labels)
-                .set(f64::from(u8::from(view.ejected)));
+            entry.gauges.set(&ClusterReading {
+                weight: view.weight,
+                ready: view.ready,
+                draining: view.drain == Some(Drain::Draining),
+                drained: view.drain == Some(Drain::Drained),
+                ejected: view.ejected,
+            });
         }
-        for (i, shard) in self.config.shards.iter().enumerate() {
-            let n = table
-                .apps()
-                .iter()
-                .filter(|a| a.shard as usize == i)
-                .count();
-            metrics::gauge!(telemetry::APPS, "shard" => shard.name.clone()).set(n as f64);
+        let mut apps_per_shard = vec![0usize; self.config.shards.len()];
+        for app in table.apps() {
+            if let Some(n) = apps_per_shard.get_mut(app.shard as usize) {
+                *n += 1;
+            }
         }
-        self.shift_metrics();
-        metrics::counter!(telemetry::ROUTING_TABLE_UPDATES_TOTAL).increment(1);
+        self.shift_metrics(&apps_per_shard);
+        self.table_updates.increment(1);
         self.table.store(Arc::new(Snapshot {
             version: self.version,
             table,
@@ -506,26 +498,28 @@ impl Desired {
         })
     }
 
-    /// Shift, rollout and their gauges.
-    fn shift_metrics(&self) {
-        for shard in &self.config.shards {
+    /// Sets the shard gauges (apps, shift state, target weight) and the rollout gauges.
+    fn shift_metrics(&self, apps_per_shard: &[usize]) {
+        for ((shard, gauges), apps) in self
+            .config
+            .shards
+            .iter()
+            .zip(&self.shard_gauges)
+            .zip(apps_per_shard)
+        {
             let shift = self
                 .state
                 .shards
                 .get(&shard.name)
                 .and_then(|s| s.shift.as_ref());
-            let current = shift.map_or("idle", |s| s.phase.as_str());
-            for state in std::iter::once("idle").chain(Phase::ALL.iter().map(|p| p.as_str())) {
-                metrics::gauge!(telemetry::SHIFT_STATE, "shard" => shard.name.clone(), "state" => state)
-                    .set(f64::from(u8::from(state == current)));
-            }
-            let target = shift.map_or(0, |s| s.target_weight);
-            metrics::gauge!(telemetry::SHIFT_TARGET_WEIGHT, "shard" => shard.name.clone())
-                .set(f64::from(target));
+            gauges.set(
+                *apps,
+                shift.map_or("idle", |s| s.phase.as_str()),
+                shift.map_or(0, |s| s.target_weight),
+            );
         }
-        for state in ShardProgress::ALL {
-            let n = self.state.rollout.as_ref().map_or(0, |r| r.count(state));
-            metrics::gauge!(telemetry::ROLLOUT_SHARDS, "state" => state.as_str()).set(n as f64);
-        }
+        let rollout = self.state.rollout.as_ref();
+        self.rollout_gauges
+            .set(|state| rollout.map_or(0, |r| r.count(state)));
     }
 }

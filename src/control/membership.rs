@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::gauges::ClusterGauges;
 use super::{natural_cmp, upstream_address, ClusterEntry, Desired, StartError};
 use crate::cluster::Cluster;
 use crate::config::ClusterConfig;
@@ -84,7 +85,9 @@ impl Desired {
         let prober = self
             .prober
             .spawn(Arc::clone(&cluster.name), target, self.probe_tx.clone());
+        let gauges = ClusterGauges::new(&c.shard, &c.name);
         self.clusters.push(ClusterEntry {
+            gauges,
             config: c,
             cluster,
             probe: None,

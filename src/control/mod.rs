@@ -381,6 +381,8 @@ struct ClusterEntry {
     ejections: u32,
     /// When the last ejection ended.
     returned_at: Option<tokio::time::Instant>,
+    /// The cluster's gauges (weight, ready, draining, drained, ejected).
+    gauges: gauges::ClusterGauges,
 }
 
 impl ClusterEntry {
@@ -421,6 +423,12 @@ struct Desired {
     /// Discovery scopes (Kubernetes namespaces; `None`: all) whose first list has not arrived:
     /// the gateway is not ready before they have.
     discovery_pending: std::collections::BTreeSet<Option<String>>,
+    /// Gauges of the declared shards, in declaration order.
+    shard_gauges: Vec<gauges::ShardGauges>,
+    /// Gauges of the current rollout.
+    rollout_gauges: gauges::RolloutGauges,
+    /// Routing tables published.
+    table_updates: metrics::Counter,
 }
 
 /// Errors starting the control plane.
@@ -503,6 +511,13 @@ pub async fn start(
         version: 0,
         warned: HashSet::new(),
         placement,
+        shard_gauges: config
+            .shards
+            .iter()
+            .map(|s| gauges::ShardGauges::new(&s.name))
+            .collect(),
+        rollout_gauges: gauges::RolloutGauges::new(),
+        table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
         discovery_pending: match &config.kubernetes {
             None => Default::default(),
             Some(k) if k.namespaces.is_empty() => [None].into(),
@@ -616,6 +631,7 @@ async fn run(
 }
 
 mod desired;
+mod gauges;
 mod health;
 mod membership;
 

@@ -1,0 +1,119 @@
+//! Gauge handles the control task sets on every publish, registered once.
+//!
+//! Resolving a gauge through `metrics::gauge!` formats its labels and looks the key up in the
+//! registry under a lock. A publish sets five gauges per cluster and ten per shard, and an operator
+//! (or a shift) may publish many times a second, so the handles are kept instead.
+
+use crate::shift::{Phase, ShardProgress};
+use crate::telemetry;
+
+/// The per-cluster gauges of one cluster.
+#[derive(Debug)]
+pub(super) struct ClusterGauges {
+    weight: metrics::Gauge,
+    ready: metrics::Gauge,
+    draining: metrics::Gauge,
+    drained: metrics::Gauge,
+    ejected: metrics::Gauge,
+}
+
+/// What a publish shows about one cluster.
+pub(super) struct ClusterReading {
+    pub weight: u32,
+    pub ready: bool,
+    pub draining: bool,
+    pub drained: bool,
+    pub ejected: bool,
+}
+
+impl ClusterGauges {
+    /// Registers the gauges of cluster `cluster` in shard `shard`.
+    pub(super) fn new(shard: &str, cluster: &str) -> Self {
+        let labels = [
+            ("shard", shard.to_string()),
+            ("cluster", cluster.to_string()),
+        ];
+        ClusterGauges {
+            weight: metrics::gauge!(telemetry::CLUSTER_WEIGHT, &labels),
+            ready: metrics::gauge!(telemetry::CLUSTER_READY, &labels),
+            draining: metrics::gauge!(telemetry::CLUSTER_DRAINING, &labels),
+            drained: metrics::gauge!(telemetry::CLUSTER_DRAINED, &labels),
+            ejected: metrics::gauge!(telemetry::CLUSTER_EJECTED, &labels),
+        }
+    }
+
+    pub(super) fn set(&self, r: &ClusterReading) {
+        self.weight.set(f64::from(r.weight));
+        self.ready.set(flag(r.ready));
+        self.draining.set(flag(r.draining));
+        self.drained.set(flag(r.drained));
+        self.ejected.set(flag(r.ejected));
+    }
+}
+
+/// The per-shard gauges of one declared shard.
+#[derive(Debug)]
+pub(super) struct ShardGauges {
+    apps: metrics::Gauge,
+    /// `idle`, then one per [`Phase::ALL`].
+    shift_state: Vec<(&'static str, metrics::Gauge)>,
+    shift_target_weight: metrics::Gauge,
+}
+
+impl ShardGauges {
+    /// Registers the gauges of shard `shard`.
+    pub(super) fn new(shard: &str) -> Self {
+        let shift_state = std::iter::once("idle")
+            .chain(Phase::ALL.iter().map(|p| p.as_str()))
+            .map(|state| {
+                let gauge = metrics::gauge!(telemetry::SHIFT_STATE, "shard" => shard.to_string(), "state" => state);
+                (state, gauge)
+            })
+            .collect();
+        ShardGauges {
+            apps: metrics::gauge!(telemetry::APPS, "shard" => shard.to_string()),
+            shift_state,
+            shift_target_weight: metrics::gauge!(telemetry::SHIFT_TARGET_WEIGHT, "shard" => shard.to_string()),
+        }
+    }
+
+    /// Sets the shard's app count, its shift state (`idle` without a shift) and target weight.
+    pub(super) fn set(&self, apps: usize, shift_state: &str, target_weight: u32) {
+        self.apps.set(apps as f64);
+        for (state, gauge) in &self.shift_state {
+            gauge.set(flag(*state == shift_state));
+        }
+        self.shift_target_weight.set(f64::from(target_weight));
+    }
+}
+
+/// The rollout gauges: shards of the current rollout by state.
+#[derive(Debug)]
+pub(super) struct RolloutGauges(Vec<(ShardProgress, metrics::Gauge)>);
+
+impl RolloutGauges {
+    pub(super) fn new() -> Self {
+        RolloutGauges(
+            ShardProgress::ALL
+                .iter()
+                .map(|&p| {
+                    (
+                        p,
+                        metrics::gauge!(telemetry::ROLLOUT_SHARDS, "state" => p.as_str()),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Sets each state's count (`count(state)`; all 0 without a rollout).
+    pub(super) fn set(&self, count: impl Fn(ShardProgress) -> usize) {
+        for (state, gauge) in &self.0 {
+            gauge.set(count(*state) as f64);
+        }
+    }
+}
+
+fn flag(on: bool) -> f64 {
+    f64::from(u8::from(on))
+}
