@@ -1368,6 +1368,38 @@ def read_response(s: socket.socket) -> int:
     return status
 
 
+def fsync_main(argv: list[str]) -> None:
+    """Writes a 4 KiB block and fdatasyncs it --rate times a second until SIGTERM: a durable write
+    per change without rayshift, to compare a churn run with (churn_floor.py); prints FSYNCJSON."""
+    ap = argparse.ArgumentParser(prog="bench.py fsync")
+    ap.add_argument("--path", required=True, help="file to write (created, 1 MiB, removed at the end)")
+    ap.add_argument("--rate", type=float, default=100)
+    ap.add_argument("--no-sync", action="store_true", help="write to the page cache only (no fdatasync)")
+    a = ap.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    fd = os.open(a.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        # Written and synced once, so later writes overwrite allocated blocks (as the journal's do).
+        os.pwrite(fd, b"\0" * (1 << 20), 0)
+        os.fsync(fd)
+        block = b"r" * 4096
+        print("FSYNC started", flush=True)
+        n, start = 0, time.monotonic()
+        nxt = start
+        while not stop.is_set():
+            os.pwrite(fd, block, 4096 * (1 + n % 255))
+            if not a.no_sync:
+                os.fdatasync(fd)
+            n += 1
+            nxt += 1 / a.rate
+            stop.wait(max(0.0, nxt - time.monotonic()))
+        print("FSYNCJSON " + json.dumps({"writes": n, "rate": n / (time.monotonic() - start)}), flush=True)
+    finally:
+        os.close(fd)
+        os.unlink(a.path)
+
+
 def idle_main(argv: list[str]) -> None:
     """Opens N keep-alive connections, one request each, holds them until SIGTERM."""
     ap = argparse.ArgumentParser(prog="bench.py idle")
@@ -1478,6 +1510,9 @@ def parse_args(argv: list[str]):
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "churn":
         churn_main(sys.argv[2:])
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "fsync":
+        fsync_main(sys.argv[2:])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "idle":
         idle_main(sys.argv[2:])
