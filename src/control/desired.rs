@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use super::gauges::ClusterReading;
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
 use crate::routing::{AppSpec, ClusterSpec, RoutingTable, TableSpec};
@@ -325,13 +324,7 @@ impl Desired {
             })
             .collect();
         for (entry, view) in self.clusters.iter().zip(&views) {
-            entry.gauges.set(&ClusterReading {
-                weight: view.weight,
-                ready: view.ready,
-                draining: view.drain == Some(Drain::Draining),
-                drained: view.drain == Some(Drain::Drained),
-                ejected: view.ejected,
-            });
+            entry.gauges.set(view);
         }
         let mut apps_per_shard = vec![0usize; self.config.shards.len()];
         for app in table.apps() {

@@ -1,10 +1,11 @@
 //! Gauge handles the control task sets on every publish, registered once.
 //!
 //! Resolving a gauge through `metrics::gauge!` formats its labels and looks the key up in the
-//! registry under a lock. A publish sets five gauges per cluster and ten per shard, and an operator
+//! registry under a lock. A publish sets five gauges per cluster and nine per shard, and an operator
 //! (or a shift) may publish many times a second, so the handles are kept instead.
 
 use crate::shift::{Phase, ShardProgress};
+use crate::snapshot::{ClusterView, Drain};
 use crate::telemetry;
 
 /// The per-cluster gauges of one cluster.
@@ -15,15 +16,6 @@ pub(super) struct ClusterGauges {
     draining: metrics::Gauge,
     drained: metrics::Gauge,
     ejected: metrics::Gauge,
-}
-
-/// What a publish shows about one cluster.
-pub(super) struct ClusterReading {
-    pub weight: u32,
-    pub ready: bool,
-    pub draining: bool,
-    pub drained: bool,
-    pub ejected: bool,
 }
 
 impl ClusterGauges {
@@ -42,12 +34,14 @@ impl ClusterGauges {
         }
     }
 
-    pub(super) fn set(&self, r: &ClusterReading) {
-        self.weight.set(f64::from(r.weight));
-        self.ready.set(flag(r.ready));
-        self.draining.set(flag(r.draining));
-        self.drained.set(flag(r.drained));
-        self.ejected.set(flag(r.ejected));
+    /// Sets them from the cluster's view in the published snapshot (`draining` and `drained`
+    /// are the drain after a promoted shift).
+    pub(super) fn set(&self, view: &ClusterView) {
+        self.weight.set(f64::from(view.weight));
+        self.ready.set(flag(view.ready));
+        self.draining.set(flag(view.drain == Some(Drain::Draining)));
+        self.drained.set(flag(view.drain == Some(Drain::Drained)));
+        self.ejected.set(flag(view.ejected));
     }
 }
 
