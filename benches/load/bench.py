@@ -675,24 +675,32 @@ class Bench:
         log(f"  churn: tables published {r['table_swaps']:.0f}; share to b {r['share_b_pct']:.0f}%")
         return r
 
+    def run_alongside(self, name: str, subcommand: list[str], cpu: str, target: str, rnd: int, duration: float,
+                      label: str) -> tuple[dict, dict]:
+        """One 64-connection run through `target` while `bench.py SUBCOMMAND...` runs on `cpu`: it
+        prints "<NAME> started" when it is going and "<NAME>JSON {...}" after SIGTERM. Returns the
+        run's figures and the helper's JSON."""
+        out = self.work / f"{name}.out"
+        tag = name.upper()
+        p = self.procs.start(name, [sys.executable, str(Path(__file__)), *subcommand], cpu, stdout=out)
+        try:
+            wait_for(name, lambda: f"{tag} started" in out.read_text())
+            time.sleep(0.2)
+            # No --retry-foreign here: the helper's counts cover exactly this one run.
+            r = self.measure_once(target, "small-c64", rnd, duration, label, None)
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=15)
+        finally:
+            self.procs.stop(name)
+        stats = json.loads(re.findall(rf"^{tag}JSON (.*)$", out.read_text(), re.M)[-1])
+        out.unlink()
+        return r, stats
+
     def run_with_churner(self, churner_args: list[str], target: str, rnd: int, duration: float, label: str) -> dict:
         """One 64-connection run through `target` while `bench.py churn churner_args...` swaps weights
         --churn-rate times a second; the run's figures plus the churner's."""
-        out = self.work / "churner.out"
-        argv = [sys.executable, str(Path(__file__)), "churn", "--rate", str(self.args.churn_rate),
-                "--clusters", "a,b", *churner_args]
-        ch = self.procs.start("churner", argv, self.args.load_cpu, stdout=out)
-        try:
-            wait_for("churner", lambda: "CHURN started" in out.read_text())
-            time.sleep(0.2)
-            # No --retry-foreign here: the swap counts cover exactly this one run.
-            r = self.measure_once(target, "small-c64", rnd, duration, label, None)
-            ch.send_signal(signal.SIGTERM)
-            ch.wait(timeout=15)
-        finally:
-            self.procs.stop("churner")
-        stats = json.loads(re.findall(r"^CHURNJSON (.*)$", out.read_text(), re.M)[-1])
-        out.unlink()
+        r, stats = self.run_alongside("churn", ["churn", "--rate", str(self.args.churn_rate), "--clusters", "a,b",
+                                                *churner_args], self.args.load_cpu, target, rnd, duration, label)
         r.update({
             "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
             "swaps_total": stats["ok"] + stats["failed"],

@@ -23,10 +23,7 @@ filesystem) as the gateway's state file. Run benches/load/run.sh once first: it 
 nginx and builds rayshift.
 """
 import argparse
-import json
-import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -86,23 +83,12 @@ def main() -> None:
 def writer_run(b: bench.Bench, a, rnd: int, kind: str) -> dict:
     """One steady run through the churn gateway while `bench.py fsync` writes on a core."""
     cpu = b.args.proxy_cpu if "proxy core" in kind else b.args.load_cpu
-    out = b.work / "fsync.out"
-    argv = [sys.executable, str(Path(bench.__file__)), "fsync", "--path", str(b.work / "fsync.bin"),
-            "--rate", str(a.rate), *(["--no-sync"] if kind.startswith("write") else [])]
-    p = b.procs.start("fsync", argv, cpu, stdout=out)
-    try:
-        bench.wait_for("fsync writer", lambda: "FSYNC started" in out.read_text())
-        r = b.measure_once("rayshift-churn", "small-c64", rnd, a.duration, kind, None)
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=15)
-    finally:
-        b.procs.stop("fsync")
-    stats = json.loads(re.findall(r"^FSYNCJSON (.*)$", out.read_text(), re.M)[-1])
-    out.unlink()
+    argv = ["fsync", "--path", str(b.work / "fsync.bin"), "--rate", str(a.rate),
+            *(["--no-sync"] if kind.startswith("write") else [])]
+    r, stats = b.run_alongside("fsync", argv, cpu, "rayshift-churn", rnd, a.duration, kind)
     bench.log(f"  {kind}: {stats['writes']} writes, {stats['rate']:.1f}/s")
     r["writes_per_s"] = stats["rate"]
     return r
-
 
 if __name__ == "__main__":
     main()
