@@ -215,8 +215,9 @@ impl Gateway {
 
     /// Shuts down gracefully: `/ready` answers 503, after `shutdown.ready_delay` the proxy stops
     /// accepting, open requests, streams and WebSockets get up to `shutdown.drain_timeout` to
-    /// finish (HTTP/2 clients get GOAWAY), then the admin API stops and the state journal is folded
-    /// into the state file.
+    /// finish (HTTP/2 clients get GOAWAY), then the admin API stops, and the control task folds the
+    /// state journal into the state file and stops (shifts stop advancing; nothing is written after
+    /// the fold).
     pub async fn shutdown(self) {
         let _ = self.draining.send(true);
         tracing::info!(
@@ -230,7 +231,7 @@ impl Gateway {
             task.abort();
         }
         let _ = self.admin_task.await;
-        self.control.fold_state().await;
+        self.control.stop().await;
         tracing::info!("shut down");
     }
 }

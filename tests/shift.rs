@@ -738,3 +738,53 @@ async fn auto_shift_starts_when_a_newer_revision_is_ready() {
     assert_eq!(report.failed, 0, "{:?}", report.failures);
     assert_eq!(gw.cluster_state("green").await["weight"], 100);
 }
+
+/// A graceful stop in the middle of a shift folds the state journal and then writes nothing more,
+/// although the shift would go on stepping: the state file alone holds its last step, and the
+/// control plane answers that it has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_mid_shift_writes_nothing_after_the_fold() {
+    let (_blue, _green, gw) = named_blue_green("gs", "gs-blue", "gs-green", "").await;
+    let load = mixed_load(&gw, 2);
+    let r = post(
+        &gw.admin("/v1/shards/gs/shift"),
+        r#"{"to": "gs-green", "step_percent": 5, "step_interval": "100ms", "min_requests": 5, "max_p99_latency": "2s"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("the shift took two steps", || async {
+        shift_of(&gw, "gs").await["target_weight"].as_u64() >= Some(10)
+    })
+    .await;
+
+    let control = gw.gateway.control().clone();
+    let journal_path = rayshift::state::StateStore::new(gw.state_file())
+        .journal_path()
+        .to_path_buf();
+    let TestGateway { gateway, dir } = gw;
+    gateway.shutdown().await;
+    let at_stop = std::fs::read(dir.path().join("state.json")).unwrap();
+    // Several step intervals later, with the load still running against the stopped proxy port:
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.stop().await;
+    assert_eq!(
+        std::fs::read(dir.path().join("state.json")).unwrap(),
+        at_stop,
+        "state file written after the stop"
+    );
+    let journal = rayshift::state::journal::read(&journal_path).unwrap();
+    assert!(
+        journal.as_ref().is_none_or(|j| j.newest.is_none()),
+        "journal records after the stop"
+    );
+    let stored: Value = serde_json::from_slice(&at_stop).unwrap();
+    let weight = stored["shards"]["gs"]["shift"]["target_weight"]
+        .as_u64()
+        .unwrap();
+    assert!((10..100).contains(&weight), "{stored}");
+    let e = control
+        .set_weights("gs", [("gs-blue".to_string(), 100u64)].into())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, rayshift::control::ControlError::Stopped), "{e}");
+}

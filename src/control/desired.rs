@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
 use crate::routing::{AppSpec, ClusterSpec, RoutingTable, TableSpec};
@@ -11,11 +13,23 @@ use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
 
 impl Desired {
-    /// Handles queued commands in order; consecutive weight changes are committed together.
-    pub(super) async fn handle_batch(&mut self, batch: Vec<Command>) {
+    /// Handles queued commands in order; consecutive weight changes are committed together. At a
+    /// [`Command::Stop`] the state journal is folded and its reply returned: the control task
+    /// stops, and commands queued after it are dropped (their callers see it stopped).
+    pub(super) async fn handle_batch(
+        &mut self,
+        batch: Vec<Command>,
+    ) -> Option<oneshot::Sender<()>> {
         let mut group = Vec::new();
         for cmd in batch {
             match cmd {
+                Command::Stop(reply) => {
+                    if !group.is_empty() {
+                        self.set_weights_group(std::mem::take(&mut group)).await;
+                    }
+                    self.fold_state().await;
+                    return Some(reply);
+                }
                 Command::SetWeights {
                     shard,
                     weights,
@@ -36,6 +50,7 @@ impl Desired {
         if !group.is_empty() {
             self.set_weights_group(group).await;
         }
+        None
     }
 
     pub(super) async fn handle(&mut self, cmd: Command) {
@@ -78,6 +93,11 @@ impl Desired {
                 let _ = reply.send(result);
             }
             Command::Discovery(event) => self.apply_discovery(event),
+            Command::Stop(reply) => {
+                // The control loop stops at a Stop it gets through `handle_batch`; here it only folds.
+                self.fold_state().await;
+                let _ = reply.send(());
+            }
             Command::ControlRollout { id, action, reply } => {
                 let result = self.control_rollout(id, action).await;
                 let _ = reply.send(result);
@@ -210,6 +230,21 @@ impl Desired {
                     }
                 }
                 result
+            }
+        }
+    }
+
+    /// Folds the state journal into the state file (nothing to do for a ConfigMap).
+    pub(super) async fn fold_state(&self) {
+        let Store::File(writer) = &self.store else {
+            return;
+        };
+        match writer.fold().await {
+            Ok(()) => {
+                tracing::debug!(state_file = %writer.path().display(), "state journal folded")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "folding the state journal failed; it is folded at the next start")
             }
         }
     }

@@ -205,6 +205,8 @@ enum Command {
         action: Action,
         reply: oneshot::Sender<Result<Rollout, ControlError>>,
     },
+    /// Fold the state journal into the state file and stop: nothing is written after it.
+    Stop(oneshot::Sender<()>),
 }
 
 /// One weight change waiting for its answer.
@@ -222,8 +224,6 @@ pub struct ControlHandle {
     table: Arc<ArcSwap<Snapshot>>,
     ready: watch::Receiver<bool>,
     leader: Option<watch::Receiver<bool>>,
-    /// The state file's writer (`None`: the state lives in a ConfigMap).
-    state_writer: Option<StateWriter>,
 }
 
 impl ControlHandle {
@@ -254,19 +254,15 @@ impl ControlHandle {
         let _ = ready.wait_for(|r| *r).await;
     }
 
-    /// Folds the state journal into the state file, so that the file alone is current once the
-    /// gateway has stopped (see [`crate::state`]). Does nothing when the state lives in a
-    /// ConfigMap; a failure is logged (the journal still holds every change).
-    pub async fn fold_state(&self) {
-        if let Some(writer) = &self.state_writer {
-            match writer.fold().await {
-                Ok(()) => {
-                    tracing::debug!(state_file = %writer.path().display(), "state journal folded")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "folding the state journal failed; it is folded at the next start")
-                }
-            }
+    /// Stops the control task after the commands queued before this one: the state journal is
+    /// folded into the state file and nothing is written after that, so once the gateway has
+    /// stopped the state file alone is current (see [`crate::state`]). Shifts stop advancing,
+    /// and later commands answer [`ControlError::Stopped`]. A failed fold is logged (the journal
+    /// still holds every change and is folded at the next start).
+    pub async fn stop(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Stop(reply)).await.is_ok() {
+            let _ = done.await;
         }
     }
 
@@ -531,17 +527,12 @@ pub async fn start(
             source: ClusterSource::Static,
         })?;
     }
-    let state_writer = match &desired.store {
-        Store::File(writer) => Some(writer.clone()),
-        Store::ConfigMap(_) => None,
-    };
     tokio::spawn(run(desired, command_rx, probe_rx, state_rx, ready_tx));
     Ok(ControlHandle {
         commands,
         table,
         ready,
         leader,
-        state_writer,
     })
 }
 
@@ -606,7 +597,10 @@ async fn run(
                             Err(_) => break,
                         }
                     }
-                    desired.handle_batch(batch).await;
+                    if let Some(stopped) = desired.handle_batch(batch).await {
+                        let _ = stopped.send(());
+                        return;
+                    }
                 }
                 None => return,
             },

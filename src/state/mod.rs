@@ -310,7 +310,7 @@ impl StateWriter {
             store,
             journal: None,
             last: state.clone(),
-            _lock: lock,
+            lock,
         };
         files.open_journal(contents);
         let (jobs, pending) = std::sync::mpsc::channel::<Job>();
@@ -374,8 +374,9 @@ struct StateFiles {
     journal: Option<journal::Journal>,
     /// The newest durable state.
     last: Option<State>,
-    /// The state file's lock, held while the writer runs.
-    _lock: Option<fs::File>,
+    /// The state file's lock, held while the writer runs (`None`: it could not be taken, and no
+    /// journal is kept).
+    lock: Option<fs::File>,
 }
 
 impl StateFiles {
@@ -384,7 +385,7 @@ impl StateFiles {
     fn open_journal(&mut self, contents: Option<journal::Contents>) {
         let path = self.store.journal_path().to_path_buf();
         let had_records = contents.as_ref().is_some_and(|c| c.newest.is_some());
-        if let Some(contents) = contents {
+        if let Some(contents) = contents.filter(|_| self.lock.is_some()) {
             match journal::Journal::reopen(&path, &contents) {
                 Ok(j) => self.journal = Some(j),
                 Err(e) => {
@@ -459,29 +460,40 @@ impl StateFiles {
         self.recreate_journal(len)
     }
 
-    /// Replaces the journal by an empty one for a state of `len` bytes. When that fails, the old
-    /// journal file is removed, so its records cannot override the state file at the next start.
+    /// Replaces the journal by an empty one for a state of `len` bytes. When that fails, or
+    /// without the state lock, the old journal file is removed instead, so its records cannot
+    /// override the state file at the next start.
     fn recreate_journal(&mut self, len: usize) -> Result<(), StateError> {
         self.journal = None;
-        let path = self.store.journal_path();
-        let err = |source| StateError::Write {
-            path: path.to_path_buf(),
-            source,
-        };
-        match journal::Journal::create(path, journal::capacity_for(len)) {
+        if self.lock.is_none() {
+            // Another gateway could be appending to a journal here: every change rewrites the
+            // state file (each rewrite is whole: temp file and rename).
+            return self.remove_journal();
+        }
+        match journal::Journal::create(self.store.journal_path(), journal::capacity_for(len)) {
             Ok(j) => {
                 self.journal = Some(j);
                 Ok(())
             }
             Err(e) => {
-                match fs::remove_file(path) {
-                    Ok(()) => journal::sync_dir(path).map_err(err)?,
-                    Err(gone) if gone.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(other) => return Err(err(other)),
-                }
-                tracing::warn!(journal = %path.display(), error = %e, "state journal unavailable: every change rewrites the state file");
+                self.remove_journal()?;
+                tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "state journal unavailable: every change rewrites the state file");
                 Ok(())
             }
+        }
+    }
+
+    /// Removes the journal file, if there is one, and makes the removal durable.
+    fn remove_journal(&self) -> Result<(), StateError> {
+        let path = self.store.journal_path();
+        let err = |source| StateError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        match fs::remove_file(path) {
+            Ok(()) => journal::sync_dir(path).map_err(err),
+            Err(gone) if gone.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(other) => Err(err(other)),
         }
     }
 }
@@ -489,7 +501,8 @@ impl StateFiles {
 /// Takes the exclusive lock on `<state_file>.lock` (flock), so that a second gateway pointed at the
 /// same state file refuses to start instead of interleaving its journal records with this one's.
 /// The lock goes with the returned file (or the process). `Ok(None)`: the lock file cannot be
-/// created (a read-only directory: no change could be written either, and each is refused then).
+/// created (a read-only directory, say); the writer then keeps no journal, and every change is a
+/// whole new state file (temp file and rename, refused where the directory is read-only).
 fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
     let lock = journal::with_suffix(store.path(), ".lock");
     let file = match fs::OpenOptions::new()
@@ -693,6 +706,33 @@ mod tests {
         assert_eq!(blue(&snapshot), 3, "folded at start");
         writer.save(weights(4)).await.unwrap();
         assert_eq!(blue(&store.load().unwrap().unwrap()), 4);
+    }
+
+    /// Without the state lock (its file cannot be opened) no journal is kept: records a crash
+    /// left are folded into the state file and the journal is removed, and every change is a whole
+    /// state file, so a second gateway in the same situation cannot overwrite acknowledged records.
+    #[tokio::test]
+    async fn without_the_lock_no_journal_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        drop(writer);
+        // The lock file becomes something that cannot be opened for writing.
+        let lock = journal::with_suffix(store.path(), ".lock");
+        fs::remove_file(&lock).unwrap();
+        fs::create_dir(&lock).unwrap();
+
+        let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
+        assert_eq!(blue(&loaded.unwrap()), 2, "the crash's record is loaded");
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 2, "and folded");
+        assert!(!store.journal_path().exists(), "the journal is removed");
+        writer.save(weights(3)).await.unwrap();
+        assert!(!store.journal_path().exists(), "no journal is started");
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 3, "the change is a whole state file");
     }
 
     /// A full journal is folded into the state file and starts over; a state too large for it
