@@ -61,8 +61,10 @@ pub struct Contents {
     pub end: u64,
 }
 
-/// Reads the journal at `path`. `Ok(None)`: there is no journal file, or its header is not valid
-/// (a header write torn by a crash: it is only rewritten after a snapshot was made durable).
+/// Reads the journal at `path`. `Ok(None)`: there is no journal file. A file whose header is not
+/// valid is an error (`InvalidData`): the header is written whole (at creation, through a rename)
+/// or as 24 bytes within one sector (retiring), so a damaged one means a damaged file, whose
+/// records may hold acknowledged changes; the start stops instead of dropping them silently.
 pub fn read(path: &Path) -> io::Result<Option<Contents>> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
@@ -70,7 +72,11 @@ pub fn read(path: &Path) -> io::Result<Option<Contents>> {
         Err(e) => return Err(e),
     };
     let Some(epoch) = parse_header(&bytes) else {
-        return Ok(None);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a valid rayshift state journal (damaged header); remove it to start from the \
+             state file alone, which drops the changes the journal held",
+        ));
     };
     let mut at = BLOCK as usize;
     let mut newest = None;
@@ -335,13 +341,15 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_header_or_missing_file_reads_as_no_journal() {
+    fn a_bad_header_is_an_error_and_a_missing_file_no_journal() {
         let dir = tempfile::tempdir().unwrap();
         let (path, mut journal) = journal_in(dir.path());
         journal.append(b"state").unwrap();
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(b"\xff", 9).unwrap();
-        assert!(read(&path).unwrap().is_none());
+        let e = read(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("damaged header"), "{e}");
         assert!(read(&dir.path().join("absent")).unwrap().is_none());
     }
 

@@ -779,6 +779,40 @@ mod tests {
         assert!(e.to_string().contains("state.json.journal"), "{e}");
     }
 
+    /// A journal whose header is damaged stops the start, naming the journal, and is left as it
+    /// was: its records may hold acknowledged changes.
+    #[test]
+    fn a_damaged_journal_header_refuses_and_keeps_the_journal() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let mut j = journal::Journal::create(store.journal_path(), journal::MIN_CAPACITY).unwrap();
+        j.append(&serde_json::to_vec(&weights(2)).unwrap()).unwrap();
+        drop(j);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all_at(b"\xff", 9)
+            .unwrap();
+        let before = fs::read(store.journal_path()).unwrap();
+        let e = StateWriter::open(store.clone()).unwrap_err();
+        assert!(matches!(e, StateError::Read { .. }), "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("state.json.journal") && message.contains("damaged header"),
+            "{message}"
+        );
+        assert_eq!(
+            fs::read(store.journal_path()).unwrap(),
+            before,
+            "journal changed"
+        );
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 1);
+    }
+
     #[test]
     fn corrupt_and_unknown_version_refuse() {
         let dir = tempfile::tempdir().unwrap();
