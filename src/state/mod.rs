@@ -304,6 +304,10 @@ impl StateWriter {
     /// refused when it is made.
     pub fn open(store: StateStore) -> Result<(Self, Option<State>), StateError> {
         let lock = lock_state(&store)?;
+        if lock.is_some() {
+            // Only the lock holder writes these: any left now are from a crash.
+            remove_stale_temporaries(&store);
+        }
         let (state, contents) = store.load_with_journal()?;
         let path = store.path().to_path_buf();
         let mut files = StateFiles {
@@ -538,6 +542,39 @@ fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
     Ok(Some(file))
 }
 
+/// Removes temporary files a crash left behind while writing a new state file
+/// (`.<state file>.tmp.<pid>`) or creating a journal (`<journal>.tmp.<pid>`). Best effort: a
+/// file that cannot be removed is only logged.
+fn remove_stale_temporaries(store: &StateStore) {
+    let name_of = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let (Some(state), Some(journal)) = (name_of(store.path()), name_of(store.journal_path()))
+    else {
+        return;
+    };
+    let prefixes = [format!(".{state}.tmp."), format!("{journal}.tmp.")];
+    let dir = journal::dir_of(store.path());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = prefixes.iter().any(|p| {
+            name.strip_prefix(p.as_str())
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if stale {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed a temporary state file left by a crash")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a temporary state file left by a crash")
+                }
+            }
+        }
+    }
+}
+
 /// Bytes `state` takes as the payload of a journal record.
 fn record_len(state: &State) -> usize {
     serde_json::to_vec(state).map_or(0, |p| p.len())
@@ -733,6 +770,34 @@ mod tests {
         assert!(!store.journal_path().exists(), "no journal is started");
         let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
         assert_eq!(blue(&snapshot), 3, "the change is a whole state file");
+    }
+
+    /// Temporary files a crash left (a state file or a journal being written) are removed at the
+    /// next start; other files in the directory are not touched.
+    #[tokio::test]
+    async fn temporaries_left_by_a_crash_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let stale = [
+            dir.path().join(".state.json.tmp.4242"),
+            dir.path().join("state.json.journal.tmp.4242"),
+        ];
+        let kept = [
+            dir.path().join("state.json.tmp.notes"),
+            dir.path().join("other.json.journal.tmp.1"),
+        ];
+        for f in stale.iter().chain(&kept) {
+            fs::write(f, b"partial").unwrap();
+        }
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        for f in &stale {
+            assert!(!f.exists(), "{} left", f.display());
+        }
+        for f in &kept {
+            assert!(f.exists(), "{} removed", f.display());
+        }
+        writer.save(weights(1)).await.unwrap();
+        assert_eq!(blue(&store.load().unwrap().unwrap()), 1);
     }
 
     /// A full journal is folded into the state file and starts over; a state too large for it
