@@ -399,6 +399,12 @@ async fn bad_shift_requests_change_nothing() {
             "step_percent: expected an integer 1-100",
         ),
         (
+            // A deadline this far out would overflow the clock at the first step.
+            r#"{"to": "green", "step_interval": "10000000000000000000s"}"#,
+            StatusCode::BAD_REQUEST,
+            "step_interval: must be at most 365d",
+        ),
+        (
             r#"{"to": "green", "step_percent": 101}"#,
             StatusCode::BAD_REQUEST,
             "1-100",

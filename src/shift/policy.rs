@@ -20,6 +20,10 @@ pub const KEYS: [&str; 8] = [
     "drain_timeout",
 ];
 
+/// The longest duration a policy key takes (365 days): longer ones are refused, so that no deadline
+/// computed from them (now + interval) can overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A shift policy. Defaults: 10% steps every 30 s, at most 1% errors and 1 s p99 over at least 50
 /// requests per window, rollback after 2 failed checks in a row, 10 min for the target to become
 /// ready, 5 min for the old clusters to drain.
@@ -117,6 +121,9 @@ impl ShiftPolicy {
                 if d.is_zero() && key != "drain_timeout" {
                     return Err(err("must be greater than 0".into()));
                 }
+                if d > MAX_DURATION {
+                    return Err(err(format!("must be at most 365d, got {value:?}")));
+                }
                 match key {
                     "step_interval" => self.step_interval = d,
                     "max_p99_latency" => self.max_p99_latency = d,
@@ -182,7 +189,13 @@ mod humantime_serde_compat {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+        let duration = humantime::parse_duration(&text).map_err(serde::de::Error::custom)?;
+        if duration > super::MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is over the limit of 365d"
+            )));
+        }
+        Ok(duration)
     }
 }
 
@@ -198,6 +211,8 @@ mod tests {
         p.set("max_error_rate", "0.05").unwrap();
         p.set("max_p99_latency", "500ms").unwrap();
         p.set("drain_timeout", "0s").unwrap();
+        p.set("ready_timeout", "365d").unwrap();
+        assert_eq!(p.ready_timeout, MAX_DURATION);
         assert_eq!(p.step_percent, 25);
         assert_eq!(p.step_interval, Duration::from_secs(90));
         assert_eq!(p.max_p99_latency, Duration::from_millis(500));
@@ -209,12 +224,29 @@ mod tests {
             ("step_interval", "0s", "greater than 0"),
             ("max_error_rate", "2", "ratio"),
             ("failure_threshold", "0", ">= 1"),
+            ("step_interval", "10000000000000000000s", "at most 365d"),
+            ("drain_timeout", "366d", "at most 365d"),
+            ("ready_timeout", "1000years", "at most 365d"),
             ("nope", "1", "unknown policy key"),
         ] {
             let e = p.clone().set(key, value).unwrap_err();
             assert_eq!(e.key, key);
             assert!(e.message.contains(needle), "{key}={value}: {e}");
         }
+    }
+
+    /// A stored policy (state file) with a duration over the limit is refused when read, not
+    /// turned into a deadline that overflows the clock.
+    #[test]
+    fn stored_durations_over_the_limit_are_refused() {
+        let mut stored = serde_json::to_value(ShiftPolicy::default()).unwrap();
+        assert_eq!(
+            serde_json::from_value::<ShiftPolicy>(stored.clone()).unwrap(),
+            ShiftPolicy::default()
+        );
+        stored["drain_timeout"] = "1000years".into();
+        let e = serde_json::from_value::<ShiftPolicy>(stored).unwrap_err();
+        assert!(e.to_string().contains("over the limit of 365d"), "{e}");
     }
 
     #[test]
