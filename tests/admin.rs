@@ -123,6 +123,16 @@ async fn bad_weight_requests_change_nothing() {
     );
     let r = send(Method::POST, &url, &[], r#"{"weights": {"blue": 100}}"#).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "PUT");
+    let r = send(
+        Method::DELETE,
+        &gw.admin("/v1/shards/shard-0/shift"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "GET, POST");
     assert_eq!(
         get(&gw.admin("/v1/nothing")).await.status,
         StatusCode::NOT_FOUND

@@ -310,6 +310,17 @@ async fn open_streams_and_websockets_finish_after_promotion() {
     assert_eq!(blue_state["drain"], "draining", "{blue_state}");
     assert_eq!(blue_state["in_flight"], 2);
     assert!(blue.in_flight() >= 2);
+    // While it drains, the weights are the shift's, and the answer says what to wait for.
+    let r = gw
+        .set_weights("shard-0", &[("blue", 100), ("green", 0)])
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.body
+            .contains("draining its old clusters; wait until it completes"),
+        "{}",
+        r.body
+    );
 
     ws.send(Message::text("after")).await.unwrap();
     assert_eq!(

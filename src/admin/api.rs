@@ -143,19 +143,36 @@ pub async fn handle(
                 }
             }
         }
-        (["live" | "ready" | "metrics"] | ["v1", "state" | "placement" | "rollouts"], _)
-        | (["v1", "shards", _, "weights" | "shift"], _)
-        | (["v1", "shards", _, "shift", _], _)
-        | (["v1", "rollouts", _] | ["v1", "rollouts", _, _], _) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} not allowed on {path}"),
-        ),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            format!("no admin endpoint at {path}"),
-        ),
+        (known, _) => match allowed_methods(known) {
+            Some(allow) => {
+                let mut resp = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("method {method} not allowed on {path}; allowed: {allow}"),
+                );
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                resp
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("no admin endpoint at {path}"),
+            ),
+        },
     };
     Ok(resp)
+}
+
+/// The methods an admin path answers (the `Allow` header of a `405`); `None`: no such path.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["live" | "ready" | "metrics"] | ["v1", "state" | "placement"] => Some("GET"),
+        ["v1", "rollouts"] | ["v1", "shards", _, "shift"] => Some("GET, POST"),
+        ["v1", "shards", _, "weights"] => Some("PUT"),
+        ["v1", "shards", _, "shift", _] | ["v1", "rollouts", _] | ["v1", "rollouts", _, _] => {
+            Some("POST")
+        }
+        _ => None,
+    }
 }
 
 fn ready(ctx: &AdminContext) -> AdminResponse {

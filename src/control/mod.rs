@@ -66,6 +66,10 @@ pub enum ControlError {
     /// The shard has a shift in progress (its weights belong to the shift).
     #[error("shard \"{0}\" has a shift in progress; pause, promote or abort it first")]
     ShiftRunning(String),
+    /// The shard's shift was promoted and its old clusters are draining (nothing can be changed
+    /// until the drain ends, at the latest after the shift's `drain_timeout`).
+    #[error("shard \"{0}\" has a shift in progress that is draining its old clusters; wait until it completes (at most its drain_timeout)")]
+    ShiftDraining(String),
     /// The shard is waiting in an active rollout.
     #[error("shard \"{shard}\" is part of rollout {rollout}; pause or abort the rollout first")]
     InRollout {
@@ -122,6 +126,7 @@ impl ControlError {
             | ControlError::NoShift(_)
             | ControlError::NoRollout(_) => StatusCode::NOT_FOUND,
             ControlError::ShiftRunning(_)
+            | ControlError::ShiftDraining(_)
             | ControlError::InRollout { .. }
             | ControlError::Transition(_)
             | ControlError::RolloutState { .. }

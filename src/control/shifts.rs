@@ -510,8 +510,12 @@ impl Desired {
 /// or an active rollout has yet to finish with the shard (waiting or shifting).
 fn shard_lock(state: &State, shard: &str) -> Option<ControlError> {
     let shift = state.shards.get(shard).and_then(|s| s.shift.as_ref());
-    if shift.is_some_and(|s| s.phase.is_active()) {
-        return Some(ControlError::ShiftRunning(shard.to_string()));
+    match shift.map(|s| s.phase) {
+        Some(Phase::Draining) => return Some(ControlError::ShiftDraining(shard.to_string())),
+        Some(phase) if phase.is_active() => {
+            return Some(ControlError::ShiftRunning(shard.to_string()))
+        }
+        _ => {}
     }
     let rollout = state.rollout.as_ref().filter(|r| r.phase.is_active())?;
     rollout
