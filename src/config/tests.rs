@@ -245,7 +245,7 @@ fn reliability_sections_parse_and_report_bad_keys() {
         .unwrap_err()
         .to_string();
     for needle in [
-        "limits.max_header_bytes: expected an integer >= 8192",
+        "limits.max_header_bytes: expected an integer 8192 to 262144",
         "limits.max_bodybytes: unknown key; expected one of",
         "passive_health.max_ejection: must not be shorter than base_ejection",
         "upstream.retries: expected true or false",
@@ -253,6 +253,32 @@ fn reliability_sections_parse_and_report_bad_keys() {
     ] {
         assert!(errors.contains(needle), "{needle} not in:\n{errors}");
     }
+}
+
+/// Values so large that a deadline or a buffer computed from them would overflow are refused
+/// before the gateway serves.
+#[test]
+fn durations_and_limits_have_upper_bounds() {
+    let huge = "10000000000000000000s";
+    let yaml = format!(
+        "shards: [s]\nprobe:\n  interval: {huge}\nshutdown:\n  drain_timeout: 366d\nlimits:\n  max_connections: 18446744073709551615\n  max_header_bytes: 1048576\nshift_defaults:\n  step_interval: {huge}\n"
+    );
+    let errors = Config::from_yaml(&yaml, Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "probe.interval: must be at most 365d",
+        "shutdown.drain_timeout: must be at most 365d",
+        "limits.max_connections: expected an integer 1 to 1000000",
+        "limits.max_header_bytes: expected an integer 8192 to 262144",
+        "shift_defaults.step_interval: must be at most 365d",
+    ] {
+        assert!(errors.contains(needle), "{needle} not in:\n{errors}");
+    }
+    let at_the_limits = "shards: [s]\nprobe:\n  interval: 365d\nlimits:\n  max_connections: 1000000\n  max_header_bytes: 262144\n";
+    let c = Config::from_yaml(at_the_limits, Path::new("/")).unwrap();
+    assert_eq!(c.probe.interval, Duration::from_secs(365 * 24 * 3600));
+    assert_eq!(c.limits.max_connections, 1_000_000);
 }
 
 #[test]

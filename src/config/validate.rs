@@ -20,19 +20,28 @@ use super::raw::{
     RawAdmin, RawApp, RawCluster, RawConfig, RawKubernetes, RawPolicy, RawProbe, RawSection,
     RawShard, RawUpstream, Text,
 };
+use crate::shift::policy::MAX_DURATION;
 use crate::shift::ShiftPolicy;
 
 /// Message for a required key that is absent (or empty, `key: ~`).
 pub(crate) const MISSING: &str = "required key is missing";
 
-/// Parses a humantime duration (`1s`, `500ms`, `1m 30s`, `1.5s`); zero is accepted.
+/// Parses a humantime duration (`1s`, `500ms`, `1m 30s`, `1.5s`); zero is accepted, more than
+/// 365 days is not (a deadline computed from it, now + duration, could overflow the clock).
 pub(crate) fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
+    let duration = humantime::parse_duration(s.trim()).map_err(|e| {
         ConfigError::new(
             field,
             format!("invalid duration {s:?}: {e} (examples: 1s, 500ms, 2m)"),
         )
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most 365d, got {s:?}"),
+        ));
+    }
+    Ok(duration)
 }
 
 /// Like [`parse_duration`], and the duration must be greater than zero.
@@ -460,6 +469,21 @@ fn count<T: std::str::FromStr>(s: &str, min: u64) -> Result<T, String> {
     }
 }
 
+/// Like [`count`], and at most `max`.
+fn bounded_count<T: std::str::FromStr>(s: &str, min: u64, max: u64) -> Result<T, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => {
+            s.parse::<T>().map_err(|_| format!("{s:?} is too large"))
+        }
+        _ => Err(format!("expected an integer {min} to {max}, got {s:?}")),
+    }
+}
+
+/// Largest `limits.max_header_bytes` (256 KiB).
+const MAX_HEADER_BYTES: u64 = 256 * 1024;
+/// Largest `limits.max_connections`.
+const MAX_CONNECTIONS: u64 = 1_000_000;
+
 fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
     let mut limits = LimitsConfig::default();
     keyed(
@@ -469,7 +493,9 @@ fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
         &mut limits,
         &[
             ("max_header_bytes", |l, s| {
-                l.max_header_bytes = count(s, 8192)?;
+                // Bounded: HTTP/2 header lists near 1 MiB could fill a header map so that adding
+                // the forwarded headers overflows it.
+                l.max_header_bytes = bounded_count(s, 8192, MAX_HEADER_BYTES)?;
                 Ok(())
             }),
             ("max_body_bytes", |l, s| {
@@ -485,7 +511,7 @@ fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
                 Ok(())
             }),
             ("max_connections", |l, s| {
-                l.max_connections = count(s, 1)?;
+                l.max_connections = bounded_count(s, 1, MAX_CONNECTIONS)?;
                 Ok(())
             }),
         ],
