@@ -253,7 +253,7 @@ async fn try_acquire(
     if !ours {
         spec.holder_identity = Some(identity.to_string());
         spec.acquire_time = Some(now.clone());
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
     }
     spec.renew_time = Some(now);
     spec.lease_duration_seconds = Some(seconds);

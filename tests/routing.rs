@@ -171,3 +171,38 @@ async fn misplaced_app_is_served_where_deployed() {
     assert_eq!(app["shard"], "shard-b");
     assert_eq!(app["placement"], "deployed");
 }
+
+/// A cluster whose `/-/routes` lists a route prefix that is not a path (no leading `/`) gets that
+/// application ignored; its other applications are routed, and later changes still take effect
+/// (one bad entry must not stop the routing table from being rebuilt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_prefix_that_is_not_a_path_is_ignored() {
+    let blue = stub("blue", "v1", &[("echo", "/echo"), ("bad", "nope")]).await;
+    let green = stub("green", "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v1", Some(0)),
+        ],
+        "",
+    ))
+    .await;
+    eventually("/echo is routed", || async {
+        get(&gw.url("/echo")).await.status == StatusCode::OK
+    })
+    .await;
+    let state = gw.state().await;
+    let apps: Vec<&str> = state["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(apps, ["echo"], "{state}");
+    let r = gw
+        .set_weights("shard-0", &[("blue", 0), ("green", 100)])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+}

@@ -441,6 +441,20 @@ impl Desired {
             if names.contains(app) {
                 continue;
             }
+            if !prefix.starts_with('/') {
+                // Serve's route prefixes are paths; one that is not would make the whole table
+                // unbuildable, so no later change could be published.
+                if self
+                    .warned
+                    .insert(format!("{cluster}\0{prefix}\0{app}\0not-a-path"))
+                {
+                    tracing::warn!(
+                        %cluster, %prefix, %app,
+                        "route prefix from /-/routes does not start with '/'; ignoring this application"
+                    );
+                }
+                continue;
+            }
             if let Some(owner) = prefixes.get(prefix) {
                 let key = format!("{prefix}\0{app}\0{owner}");
                 if self.warned.insert(key) {

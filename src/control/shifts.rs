@@ -203,7 +203,7 @@ impl Desired {
         }
         let mut next = self.state.clone();
         let id = next.next_rollout_id.max(1);
-        next.next_rollout_id = id + 1;
+        next.next_rollout_id = id.saturating_add(1);
         let rollout = Rollout::new(id, revision, max_concurrent, policy, shards);
         next.rollout = Some(rollout.clone());
         self.commit(next).await?;

@@ -421,7 +421,10 @@ impl Shift {
             self.last_check = Some(check);
         }
 
-        self.target_weight = (self.target_weight + self.policy.step_percent).min(100);
+        self.target_weight = self
+            .target_weight
+            .saturating_add(self.policy.step_percent)
+            .min(100);
         self.step += 1;
         self.runtime.window_base = Some(obs.target_stats.clone());
         self.runtime.step_due = Some(now + interval);
