@@ -463,10 +463,7 @@ fn any_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn count<T: std::str::FromStr>(s: &str, min: u64) -> Result<T, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= min => s.parse::<T>().map_err(|_| format!("{s:?} is too large")),
-        _ => Err(format!("expected an integer >= {min}, got {s:?}")),
-    }
+    bounded_count(s, min, u64::MAX)
 }
 
 /// Like [`count`], and at most `max`.
@@ -475,6 +472,7 @@ fn bounded_count<T: std::str::FromStr>(s: &str, min: u64, max: u64) -> Result<T,
         Ok(n) if (min..=max).contains(&n) => {
             s.parse::<T>().map_err(|_| format!("{s:?} is too large"))
         }
+        _ if max == u64::MAX => Err(format!("expected an integer >= {min}, got {s:?}")),
         _ => Err(format!("expected an integer {min} to {max}, got {s:?}")),
     }
 }

@@ -42,6 +42,10 @@ pub fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A new journal (and a new state file) is written to `<name>` + `TEMP_SUFFIX` + the writer's pid
+/// before it is renamed into place.
+pub(crate) const TEMP_SUFFIX: &str = ".tmp.";
+
 /// The directory `file` is in (`.` for a bare file name).
 pub fn dir_of(file: &Path) -> &Path {
     match file.parent() {
@@ -151,7 +155,7 @@ impl Journal {
     /// in full to a temporary file, synced, renamed into place, and the directory synced.
     pub fn create(path: &Path, capacity: u64) -> io::Result<Journal> {
         let capacity = capacity.max(MIN_CAPACITY).div_ceil(BLOCK) * BLOCK;
-        let tmp = with_suffix(path, &format!(".tmp.{}", std::process::id()));
+        let tmp = with_suffix(path, &format!("{TEMP_SUFFIX}{}", std::process::id()));
         let result = (|| {
             let file = OpenOptions::new()
                 .read(true)

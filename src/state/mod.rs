@@ -251,13 +251,11 @@ impl StateStore {
         };
         let mut body = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
         body.push(b'\n');
-        let file_name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "rayshift-state.json".into());
-        let tmp =
-            journal::dir_of(&self.path).join(format!(".{file_name}.tmp.{}", std::process::id()));
+        let tmp = journal::dir_of(&self.path).join(format!(
+            "{}{}",
+            snapshot_temp_prefix(&self.path),
+            std::process::id()
+        ));
         let result = (|| {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(&body)?;
@@ -542,16 +540,26 @@ fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
     Ok(Some(file))
 }
 
+/// Name of the temporary file a new state file is written to, without the writer's pid:
+/// `.<state file>.tmp.` (hidden, beside the state file).
+fn snapshot_temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map_or_else(|| "rayshift-state.json".into(), |n| n.to_string_lossy());
+    format!(".{name}{}", journal::TEMP_SUFFIX)
+}
+
 /// Removes temporary files a crash left behind while writing a new state file
 /// (`.<state file>.tmp.<pid>`) or creating a journal (`<journal>.tmp.<pid>`). Best effort: a
 /// file that cannot be removed is only logged.
 fn remove_stale_temporaries(store: &StateStore) {
-    let name_of = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
-    let (Some(state), Some(journal)) = (name_of(store.path()), name_of(store.journal_path()))
-    else {
+    let Some(journal_name) = store.journal_path().file_name() else {
         return;
     };
-    let prefixes = [format!(".{state}.tmp."), format!("{journal}.tmp.")];
+    let prefixes = [
+        snapshot_temp_prefix(store.path()),
+        format!("{}{}", journal_name.to_string_lossy(), journal::TEMP_SUFFIX),
+    ];
     let dir = journal::dir_of(store.path());
     let Ok(entries) = fs::read_dir(dir) else {
         return;
