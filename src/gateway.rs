@@ -131,6 +131,7 @@ impl Gateway {
             split_key: config.split_key.clone(),
             shift_defaults: config.shift_defaults.clone(),
             shutting_down: draining_rx.clone(),
+            request_timeout: config.admin.request_timeout,
         });
         // The proxy stops accepting `ready_delay` after /ready turned 503, so load balancers that
         // watch /ready stop sending first.

@@ -168,6 +168,79 @@ async fn weight_change_is_persisted_before_it_is_acknowledged() {
     assert_eq!(gw.cluster_state("green").await["weight"], 100);
 }
 
+/// A client that stops sending mid-body gets 408 and loses the connection after
+/// `admin.request_timeout`; one that stops mid-head is disconnected. Nothing changes, and the
+/// admin API keeps answering others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_admin_request_times_out_and_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    )
+    .replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        "admin:\n  listen: 127.0.0.1:0\n  request_timeout: 400ms\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let addr = gw.gateway.admin_addr();
+    let body = r#"{"weights": {"blue": 0, "green": 100}}"#;
+
+    // Half the body, then silence.
+    let mut slow_body = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/shards/shard-0/weights HTTP/1.1\r\nhost: admin\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow_body.write_all(head.as_bytes()).await.unwrap();
+    slow_body
+        .write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .unwrap();
+    // Half a head, then silence.
+    let mut slow_head = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow_head
+        .write_all(b"PUT /v1/shards/shard-0/weights HTTP/1.1\r\nhost: adm")
+        .await
+        .unwrap();
+
+    // Meanwhile the admin API answers everyone else.
+    assert_eq!(get(&gw.admin("/v1/state")).await.status, StatusCode::OK);
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, slow_body.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed after the 408")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("admin.request_timeout"), "{answer}");
+
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, slow_head.read_to_end(&mut rest))
+        .await
+        .expect("the connection with a half head is closed");
+    // Closed without an answer, or with a 408 from hyper; never anything else.
+    if let Ok(n) = read {
+        let rest = String::from_utf8_lossy(&rest[..n]);
+        assert!(
+            rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+            "{rest}"
+        );
+    }
+
+    assert_eq!(gw.cluster_state("green").await["weight"], 0);
+    assert!(gw.stored_state().is_none(), "nothing was persisted");
+    let r = put(&gw.admin("/v1/shards/shard-0/weights"), body, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// With a token file, mutating calls need the bearer token; reads do not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_protects_mutating_calls() {

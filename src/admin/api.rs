@@ -265,7 +265,7 @@ fn unique_weights<'de, D: serde::Deserializer<'de>>(
 }
 
 async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) -> AdminResponse {
-    let body = match read_body(req).await {
+    let body = match read_body(ctx, req).await {
         Ok(body) => body,
         Err(resp) => return resp,
     };
@@ -302,10 +302,11 @@ fn control_error(e: ControlError) -> AdminResponse {
 
 /// Parses a JSON object body, or returns the 400 to send.
 async fn json_object(
+    ctx: &AdminContext,
     req: Request<Incoming>,
     what: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>, AdminResponse> {
-    let body = read_body(req).await?;
+    let body = read_body(ctx, req).await?;
     match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         Ok(_) => Err(error(
@@ -334,7 +335,7 @@ fn string_field(
 async fn start_shift(ctx: &AdminContext, shard: &str, req: Request<Incoming>) -> AdminResponse {
     const SHAPE: &str =
         r#"{"to": "<cluster>"} or {"to_revision": "<revision>"} plus optional policy keys"#;
-    let body = match json_object(req, SHAPE).await {
+    let body = match json_object(ctx, req, SHAPE).await {
         Ok(body) => body,
         Err(resp) => return resp,
     };
@@ -375,7 +376,7 @@ async fn start_shift(ctx: &AdminContext, shard: &str, req: Request<Incoming>) ->
 async fn start_rollout(ctx: &AdminContext, req: Request<Incoming>) -> AdminResponse {
     const SHAPE: &str =
         r#"{"revision": "<revision>", "max_concurrent": 1} plus optional policy keys"#;
-    let body = match json_object(req, SHAPE).await {
+    let body = match json_object(ctx, req, SHAPE).await {
         Ok(body) => body,
         Err(resp) => return resp,
     };
@@ -418,9 +419,26 @@ async fn start_rollout(ctx: &AdminContext, req: Request<Incoming>) -> AdminRespo
     }
 }
 
-/// Reads a bounded request body, or returns the error response to send.
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, AdminResponse> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+/// Reads a bounded request body within `admin.request_timeout`, or returns the error response to
+/// send. A client that stops sending mid-body gets 408 and the connection is closed, so it cannot
+/// hold the connection and its buffered body indefinitely.
+async fn read_body(ctx: &AdminContext, req: Request<Incoming>) -> Result<Bytes, AdminResponse> {
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let Ok(collected) = tokio::time::timeout(ctx.request_timeout, collect).await else {
+        let mut resp = error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {} (admin.request_timeout)",
+                humantime::format_duration(ctx.request_timeout)
+            ),
+        );
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return Err(resp);
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,

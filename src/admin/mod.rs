@@ -50,6 +50,9 @@ pub struct AdminContext {
     pub shift_defaults: crate::shift::ShiftPolicy,
     /// True once the gateway is shutting down (`/ready` answers 503).
     pub shutting_down: watch::Receiver<bool>,
+    /// How long a client has to send a request head, and then its body
+    /// (`admin.request_timeout`).
+    pub request_timeout: Duration,
 }
 
 /// Serves the admin API until `shutdown` turns true.
@@ -69,7 +72,7 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
+                        .header_read_timeout(ctx.request_timeout)
                         .serve_connection(
                             TokioIo::new(stream),
                             service_fn(move |req| api::handle(Arc::clone(&ctx), req)),

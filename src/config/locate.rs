@@ -89,7 +89,7 @@ fn bare_message(error: &serde_saphyr::Error) -> String {
 fn expected_at(path: &str) -> &'static str {
     match generic_path(path).as_str() {
         "" => "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream)",
-        "admin" => "a mapping with keys listen and token_file",
+        "admin" => "a mapping with keys listen, token_file and request_timeout",
         "shards" => "a list of shard names",
         "shards[]" => "a shard name or a {name, weight} mapping",
         "clusters" => "a list of clusters",

@@ -143,13 +143,20 @@ pub struct AdminConfig {
     /// (`Authorization: Bearer <token>`), resolved against the config file's directory; `None`
     /// leaves the admin API open. Only the path is checked here; the file is read at startup.
     pub token_file: Option<PathBuf>,
+    /// How long a client has to send a whole admin request, head and body
+    /// (`admin.request_timeout`); a slower one gets 408 (body) or is disconnected (head).
+    pub request_timeout: Duration,
 }
+
+/// Default of `admin.request_timeout`.
+pub const DEFAULT_ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: DEFAULT_ADMIN_LISTEN,
             token_file: None,
+            request_timeout: DEFAULT_ADMIN_REQUEST_TIMEOUT,
         }
     }
 }

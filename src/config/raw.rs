@@ -115,11 +115,12 @@ pub(crate) type RawPolicy = std::collections::BTreeMap<String, Text>;
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys listen and token_file"
+    expecting = "a mapping with keys listen, token_file and request_timeout"
 )]
 pub(crate) struct RawAdmin {
     pub listen: Option<Text>,
     pub token_file: Option<Text>,
+    pub request_timeout: Option<Text>,
 }
 
 /// `shards[i]`: a bare name or a `{name, weight}` mapping.

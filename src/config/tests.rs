@@ -12,6 +12,7 @@ listen: 0.0.0.0:8080
 admin:
   listen: "[::1]:9902"
   token_file: secrets/admin-token
+  request_timeout: 5s
 state_file: /var/lib/rayshift/state.json
 shards: [shard-0, {name: shard-1, weight: 2.5}]
 split_key: header:X-User-Id
@@ -101,6 +102,7 @@ fn full_config_round_trip() {
         admin: AdminConfig {
             listen: addr("[::1]:9902"),
             token_file: Some(PathBuf::from("/etc/rayshift/secrets/admin-token")),
+            request_timeout: Duration::from_secs(5),
         },
         state_file: PathBuf::from("/var/lib/rayshift/state.json"),
         shards: vec![
@@ -187,7 +189,8 @@ fn defaults_apply_when_keys_are_omitted() {
         config.admin,
         AdminConfig {
             listen: addr("127.0.0.1:9901"),
-            token_file: None
+            token_file: None,
+            request_timeout: Duration::from_secs(10),
         }
     );
     assert_eq!(
@@ -261,12 +264,13 @@ fn reliability_sections_parse_and_report_bad_keys() {
 fn durations_and_limits_have_upper_bounds() {
     let huge = "10000000000000000000s";
     let yaml = format!(
-        "shards: [s]\nprobe:\n  interval: {huge}\nshutdown:\n  drain_timeout: 366d\nlimits:\n  max_connections: 18446744073709551615\n  max_header_bytes: 1048576\nshift_defaults:\n  step_interval: {huge}\n"
+        "shards: [s]\nadmin:\n  request_timeout: 0s\nprobe:\n  interval: {huge}\nshutdown:\n  drain_timeout: 366d\nlimits:\n  max_connections: 18446744073709551615\n  max_header_bytes: 1048576\nshift_defaults:\n  step_interval: {huge}\n"
     );
     let errors = Config::from_yaml(&yaml, Path::new("/"))
         .unwrap_err()
         .to_string();
     for needle in [
+        "admin.request_timeout: must be greater than 0",
         "probe.interval: must be at most 365d",
         "shutdown.drain_timeout: must be at most 365d",
         "limits.max_connections: expected an integer 1 to 1000000",
@@ -287,6 +291,7 @@ fn partial_sections_keep_defaults_for_missing_keys() {
         parse("shards: [a]\nadmin: {token_file: t}\nprobe: {timeout: 250ms}\nupstream: {max_idle_per_cluster: 0}\n")
             .unwrap();
     assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN);
+    assert_eq!(config.admin.request_timeout, Duration::from_secs(10));
     assert_eq!(
         config.admin.token_file,
         Some(PathBuf::from("/etc/rayshift/t"))
@@ -910,7 +915,7 @@ fn wrong_shapes_name_the_path_and_what_was_expected() {
         only_error("shards: [a]\nadmin: 127.0.0.1:9901\n"),
         err(
             "admin",
-            r#"expected a mapping with keys listen and token_file, found the value "127.0.0.1:9901" at line 2, column 8"#
+            r#"expected a mapping with keys listen, token_file and request_timeout, found the value "127.0.0.1:9901" at line 2, column 8"#
         )
     );
     assert_eq!(

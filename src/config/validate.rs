@@ -645,6 +645,14 @@ fn admin(p: &mut Problems, raw: Option<&RawAdmin>, base_dir: &Path) -> AdminConf
     if let Some(text) = &raw.token_file {
         admin.token_file = p.check(path("admin.token_file", text.as_str(), base_dir));
     }
+    if let Some(text) = &raw.request_timeout {
+        if let Some(timeout) = p.check(parse_positive_duration(
+            "admin.request_timeout",
+            text.as_str(),
+        )) {
+            admin.request_timeout = timeout;
+        }
+    }
     admin
 }
 
