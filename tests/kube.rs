@@ -33,6 +33,7 @@ async fn kubernetes_discovery_end_to_end() {
     api_server_restart_mid_load(&env).await;
     two_replicas_share_state_and_fail_over(&env).await;
     drained_raycluster_is_deleted_when_configured(&env).await;
+    a_raycluster_never_removes_a_static_cluster(&env).await;
 }
 
 /// `deploy/kubernetes` passes `kubectl apply --dry-run=server`, and its embedded config passes
@@ -415,5 +416,46 @@ async fn drained_raycluster_is_deleted_when_configured(env: &KubeEnv) {
     .await;
     assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("new"));
     assert!(api.get_opt("new").await.unwrap().is_some());
+    gw.gateway.shutdown().await;
+}
+
+/// A RayCluster with the name of a static cluster neither replaces it nor, when it turns
+/// unroutable or is deleted, removes it: discovery only removes what it added.
+async fn a_raycluster_never_removes_a_static_cluster(env: &KubeEnv) {
+    env.namespace("static").await;
+    let api = env.rayclusters("static");
+    let fixed = stub("fixed", "v1", &[("echo", "/echo")]).await;
+    let imposter = stub("imposter", "v1", &[("echo", "/echo")]).await;
+    let extra = format!(
+        "clusters:\n  - name: fixed\n    shard: shard-0\n    revision: v1\n    serve_url: {}\n\
+         apps:\n  - {{name: echo, route_prefix: /echo, shard: shard-0}}\n",
+        fixed.url()
+    );
+    let gw = TestGateway::start(&gateway_yaml(env, "static", &extra)).await;
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("fixed"));
+    let watched = |kind: &'static str| {
+        let gw = &gw;
+        async move {
+            get(&gw.admin("/metrics")).await.body.lines().any(|l| {
+                l.starts_with(&format!(
+                    "rayshift_kube_watch_events_total{{namespace=\"static\",event=\"{kind}\"}}"
+                ))
+            })
+        }
+    };
+    create_raycluster(&api, "fixed", "shard-0", "v1", imposter.addr().port(), true).await;
+    eventually("the RayCluster seen", || watched("apply")).await;
+    // Unroutable (shard label removed), then deleted: each is a removal from discovery.
+    let patch = serde_json::json!({"metadata": {"labels": {"rayshift.io/shard": null}}});
+    api.patch("fixed", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    api.delete("fixed", &DeleteParams::default()).await.unwrap();
+    eventually("the deletion seen", || watched("delete")).await;
+    for _ in 0..10 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("fixed"));
+    }
+    assert_eq!(imposter.requests(), 0);
+    assert_eq!(gw.cluster_state("fixed").await["ready"], true);
     gw.gateway.shutdown().await;
 }

@@ -259,6 +259,39 @@ async fn dashboard_status_gates_the_shift() {
     assert_eq!(done["target_weight"], 100);
 }
 
+/// After a shift completed, the old cluster is drained and out of the split: passive health never
+/// ejects the new cluster, the shard's only routable one, however it fails (a struggling cluster
+/// beats a shard answering 503 to everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_health_never_ejects_the_only_cluster_left_after_a_shift() {
+    let extra = "passive_health:\n  consecutive_failures: 3\n  base_ejection: 5s\n";
+    let (blue, green, gw) = blue_green(extra).await;
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "green", "step_percent": 100, "step_interval": "100ms", "min_requests": 0, "drain_timeout": "1s"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    wait_shift_state(&gw, "shard-0", &["completed"]).await;
+    assert_eq!(gw.cluster_state("blue").await["drain"], "drained");
+    let blue_before = blue.requests();
+    green.set_error_rate(1.0);
+    for _ in 0..20 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+        assert_eq!(r.cluster(), Some("green"));
+    }
+    // Passive health runs on the control task's clock: give it a few rounds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.cluster_state("green").await["ejected"], false);
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+    assert_eq!(
+        blue.requests(),
+        blue_before,
+        "the drained cluster got traffic"
+    );
+}
+
 /// A long streamed response and a WebSocket open on the old cluster at promotion finish intact;
 /// the old cluster is draining while they run and drained after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,8 @@
 //! at the counts on its clock. A cluster with `passive_health.consecutive_failures` failures in a
 //! row is ejected for `base_ejection`, doubling with each ejection in a row up to `max_ejection`,
 //! and comes back once that time is over and its probes succeed. The last eligible cluster of a
-//! shard is never ejected: a struggling cluster beats none. Shift analysis still sees every error.
+//! shard (counting only clusters the routing table would use: ready, not ejected, not draining
+//! after a promoted shift) is never ejected: a struggling cluster beats none. Shift analysis still sees every error.
 
 use tokio::time::Instant;
 
@@ -49,12 +50,20 @@ impl Desired {
                     if failures < u64::from(policy.consecutive_failures) || !probe_ready {
                         continue;
                     }
+                    // Another cluster the routing table would use: ready, not ejected, and not
+                    // draining (a promoted shift's old clusters are out of the split).
+                    let weights = self.shard_weights(&entry.config.shard);
                     let others_eligible = self.clusters.iter().enumerate().any(|(j, c)| {
                         j != i
                             && c.config.shard == entry.config.shard
-                            && c.ejected_until.is_none()
-                            && c.external_ready
-                            && c.probe.as_ref().is_some_and(ProbeReport::ready)
+                            && c.serving_ready()
+                            && self
+                                .drain_of(
+                                    &c.config.shard,
+                                    &c.config.name,
+                                    weights.get(c.config.name.as_str()).copied().unwrap_or(0),
+                                )
+                                .is_none()
                     });
                     if !others_eligible {
                         continue;

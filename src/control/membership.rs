@@ -48,8 +48,11 @@ pub enum DiscoveryEvent {
     },
     /// A cluster appeared or changed.
     Upsert(Box<DiscoveredCluster>),
-    /// A cluster disappeared (by cluster name).
+    /// A cluster disappeared (by cluster name), whatever its source.
     Remove(String),
+    /// A discovery source no longer sees a cluster it reported (deleted, or no longer routable):
+    /// it goes unless the cluster of that name is a static one, which discovery never removes.
+    RemoveDiscovered(String),
 }
 
 impl Desired {
@@ -144,6 +147,15 @@ impl Desired {
             }
             DiscoveryEvent::Upsert(d) => self.upsert_cluster(*d),
             DiscoveryEvent::Remove(name) => self.remove_cluster(&name),
+            DiscoveryEvent::RemoveDiscovered(name) => {
+                if self
+                    .clusters
+                    .iter()
+                    .any(|e| e.config.name == name && e.source != ClusterSource::Static)
+                {
+                    self.remove_cluster(&name);
+                }
+            }
         }
         self.publish();
     }

@@ -146,10 +146,13 @@ async fn watch(
                 Ok(c) => ("apply", Some(DiscoveryEvent::Upsert(Box::new(c)))),
                 Err(e) => {
                     tracing::warn!(raycluster = %name_of(&o), reason = %e, "RayCluster not routable");
-                    ("apply", Some(DiscoveryEvent::Remove(name_of(&o))))
+                    ("apply", Some(DiscoveryEvent::RemoveDiscovered(name_of(&o))))
                 }
             },
-            Ok(Event::Delete(o)) => ("delete", Some(DiscoveryEvent::Remove(name_of(&o)))),
+            Ok(Event::Delete(o)) => (
+                "delete",
+                Some(DiscoveryEvent::RemoveDiscovered(name_of(&o))),
+            ),
         };
         metrics::counter!(telemetry::KUBE_WATCH_EVENTS_TOTAL, "namespace" => scope.clone(), "event" => kind)
             .increment(1);

@@ -1,10 +1,13 @@
 //! KubeRay `RayCluster` objects -> clusters of the routing table (pure mapping, no I/O).
 //!
 //! Labels: `rayshift.io/shard` (required) names the shard, `rayshift.io/revision` the revision
-//! (else the creation time, which orders naturally). The Serve endpoint is KubeRay's
-//! `<name>-serve-svc.<namespace>.svc` or the head service's cluster IP, with the port from
-//! `.status.endpoints.serve` (default 8000). Readiness: `.status.state == ready` and, where KubeRay
-//! sets conditions, `HeadPodReady` true; the gateway's own Serve probes must pass too.
+//! (else the creation time, which orders naturally). The Serve endpoint is KubeRay's Serve service
+//! (`<name>-serve-svc.<namespace>.svc`, named as KubeRay names it) or the head service's cluster
+//! IP, with the port from `.status.endpoints.serve` (default 8000). The dashboard is on the head
+//! pod, so it is always reached through the head service (its name from `.status.head.serviceName`,
+//! else KubeRay's `<name>-head-svc`; or its cluster IP), port `.status.endpoints.dashboard`.
+//! Readiness: `.status.state == ready` and, where KubeRay sets conditions, `HeadPodReady` true; the
+//! gateway's own Serve probes must pass too.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -63,6 +66,24 @@ struct Condition {
 struct Head {
     #[serde(default, rename = "serviceIP")]
     service_ip: Option<String>,
+    #[serde(default)]
+    service_name: Option<String>,
+}
+
+/// A Kubernetes object name as KubeRay derives it (`utils.CheckName`): longer than 50 characters,
+/// it keeps the last 50; a leading digit or punctuation becomes `r`.
+fn kuberay_name(s: &str) -> String {
+    const MAX: usize = 50;
+    // Object names are ASCII (DNS labels), so byte offsets are character offsets.
+    let mut s = if s.len() > MAX && s.is_ascii() {
+        s[s.len() - MAX..].to_string()
+    } else {
+        s.to_string()
+    };
+    if s.starts_with(|c: char| c.is_ascii_digit() || c.is_ascii_punctuation()) {
+        s.replace_range(..1, "r");
+    }
+    s
 }
 
 /// Name of the cluster in the gateway for RayCluster `namespace/name`: the object name when one
@@ -110,26 +131,38 @@ pub fn to_cluster(
             _ => None,
         }
     };
-    let host = match endpoint {
-        KubeEndpoint::ServeService => format!("{name}-serve-svc.{namespace}.svc"),
-        KubeEndpoint::HeadServiceIp => status
-            .head
-            .as_ref()
-            .and_then(|h| h.service_ip.clone())
-            .filter(|ip| !ip.is_empty())
-            .ok_or(Unroutable::NoServiceIp)?,
+    let head = status.head.as_ref();
+    let non_empty = |v: Option<&String>| v.filter(|s| !s.is_empty()).cloned();
+    let (serve_host, head_host) = match endpoint {
+        KubeEndpoint::ServeService => {
+            // KubeRay's Serve service only has the Serve port; the dashboard is on the head
+            // service.
+            let head_service = non_empty(head.and_then(|h| h.service_name.as_ref()))
+                .unwrap_or_else(|| kuberay_name(&format!("{name}-head-svc")));
+            (
+                format!(
+                    "{}.{namespace}.svc",
+                    kuberay_name(&format!("{name}-serve-svc"))
+                ),
+                format!("{head_service}.{namespace}.svc"),
+            )
+        }
+        KubeEndpoint::HeadServiceIp => {
+            let ip = non_empty(head.and_then(|h| h.service_ip.as_ref()))
+                .ok_or(Unroutable::NoServiceIp)?;
+            (ip.clone(), ip)
+        }
     };
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    let url = |port: u16| {
-        let text = format!("http://{host}:{port}");
+    let url = |host: &str, port: u16| {
+        let text = if host.contains(':') && !host.starts_with('[') {
+            format!("http://[{host}]:{port}")
+        } else {
+            format!("http://{host}:{port}")
+        };
         url::Url::parse(&text).map_err(|_| Unroutable::BadUrl(text))
     };
-    let serve_url = url(port("serve").unwrap_or(DEFAULT_SERVE_PORT))?;
-    let dashboard_url = port("dashboard").map(url).transpose()?;
+    let serve_url = url(&serve_host, port("serve").unwrap_or(DEFAULT_SERVE_PORT))?;
+    let dashboard_url = port("dashboard").map(|p| url(&head_host, p)).transpose()?;
     let head_ready = status
         .conditions
         .iter()
@@ -189,7 +222,8 @@ mod tests {
         );
         assert_eq!(
             c.config.dashboard_url.unwrap().as_str(),
-            "http://shard0-v2-serve-svc.serving.svc:8265/"
+            "http://shard0-v2-head-svc.serving.svc:8265/",
+            "the dashboard is on the head service (the Serve service has only the Serve port)"
         );
         assert_eq!(
             c.source,
@@ -206,7 +240,38 @@ mod tests {
         let (meta, status) = fixture(&json);
         let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::HeadServiceIp, false).unwrap();
         assert_eq!(c.config.serve_url.as_str(), "http://10.96.0.17:18123/");
+        assert_eq!(
+            c.config.dashboard_url.unwrap().as_str(),
+            "http://10.96.0.17:8265/"
+        );
         assert_eq!(c.config.name, "serving.shard0-v2");
+    }
+
+    /// Service names as KubeRay makes them: long names keep their last 50 characters, a leading
+    /// digit becomes `r`; without `.status.head.serviceName` the head service is `<name>-head-svc`.
+    #[test]
+    fn service_names_follow_kuberay() {
+        let long = "a-very-long-raycluster-name-for-a-model-v20261126";
+        assert_eq!(long.len(), 49);
+        let json = READY
+            .replace("\"name\": \"shard0-v2\"", &format!("\"name\": \"{long}\""))
+            .replace(", \"serviceName\": \"shard0-v2-head-svc\"", "");
+        let (meta, status) = fixture(&json);
+        let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true).unwrap();
+        let serve = format!("{long}-serve-svc");
+        let serve = &serve[serve.len() - 50..];
+        assert_eq!(
+            c.config.serve_url.host_str(),
+            Some(format!("{serve}.serving.svc").as_str())
+        );
+        let head = format!("{long}-head-svc");
+        let head = &head[head.len() - 50..];
+        assert_eq!(
+            c.config.dashboard_url.unwrap().host_str(),
+            Some(format!("{head}.serving.svc").as_str())
+        );
+        assert_eq!(kuberay_name("7b-serve-svc"), "rb-serve-svc");
+        assert_eq!(kuberay_name("short-serve-svc"), "short-serve-svc");
     }
 
     #[test]
