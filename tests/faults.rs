@@ -165,6 +165,38 @@ async fn slow_header_clients_do_not_starve_others() {
     assert_eq!(closed, 50, "slow clients were not cut off");
 }
 
+/// Clients that connect and send nothing, or half of the HTTP/2 preface, are closed after
+/// `limits.header_read_timeout`: they cannot hold every `limits.max_connections` permit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_hold_the_connection_limit() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let extra = "limits:\n  header_read_timeout: 1s\n  max_connections: 2\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
+    let addr = gw.gateway.proxy_addr();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half_preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // Both permits are taken: this client waits in the listen backlog until one is freed.
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), get(&gw.url("/echo")))
+        .await
+        .expect("a third client is served once the silent ones are closed");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+    for s in [&mut silent, &mut half_preface] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the silent connection is closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+}
+
 /// Oversized headers get 431, an oversized body 413, garbage 400; the gateway stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_get_the_right_4xx() {

@@ -42,7 +42,11 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // A peer that vanished without closing (host gone, NAT state lost) is found by pings
+        // instead of holding its connection (and a `max_connections` permit) forever.
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(H2_KEEP_ALIVE);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -69,16 +73,18 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let ctx = Arc::clone(&ctx);
                 let peer_value = headers::peer_value(peer.ip());
+                let first = FirstRequest::default();
+                let seen = first.clone();
                 let service = service_fn(move |req| {
+                    seen.saw_one();
                     forward::handle(Arc::clone(&ctx), peer, peer_value.clone(), req)
                 });
+                let first_timeout = limits.header_read_timeout;
                 let Some(acceptor) = &tls else {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                        }
+                        first.serve(conn, first_timeout, peer).await;
                         drop(permit);
                     });
                     continue;
@@ -91,9 +97,7 @@ pub async fn serve(
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                            }
+                            first.serve(watcher.watch(conn.into_owned()), first_timeout, peer).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
@@ -129,4 +133,44 @@ pub async fn serve(
         ?drain,
         "drain timeout: closing remaining upgraded connections"
     );
+}
+
+/// How often an idle HTTP/2 client is pinged, and how long it has to answer.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// Whether a connection has sent its first request yet.
+///
+/// hyper's `header_read_timeout` only runs once a connection is known to speak HTTP/1 (and then
+/// between requests too); before that, while the first bytes tell HTTP/1 from HTTP/2, nothing
+/// bounds a client that connects and sends nothing (or half the HTTP/2 preface). Such a client
+/// would hold a `limits.max_connections` permit forever, so a connection gets
+/// `limits.header_read_timeout` for its first request; later requests are hyper's business
+/// (HTTP/1: `header_read_timeout` again; HTTP/2: keep-alive pings).
+#[derive(Clone, Default)]
+struct FirstRequest(Arc<std::sync::atomic::AtomicBool>);
+
+impl FirstRequest {
+    fn saw_one(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `conn` to its end, or closes it when no request arrived within `timeout`.
+    async fn serve<F, E>(self, conn: F, timeout: Duration, peer: std::net::SocketAddr)
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        tokio::pin!(conn);
+        let ended = match tokio::time::timeout(timeout, &mut conn).await {
+            Ok(ended) => ended,
+            Err(_) if self.0.load(std::sync::atomic::Ordering::Relaxed) => conn.await,
+            Err(_) => {
+                tracing::debug!(%peer, ?timeout, "no request within limits.header_read_timeout: closing the connection");
+                return;
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+    }
 }
