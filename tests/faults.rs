@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// A backend killed mid-load (connections reset, port closed): with retries, GETs see no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_backend_with_retries_loses_no_get() {
-    let (_blue, green, gw) = old_and_new("shard-0", ("blue", 50), ("green", 50), "").await;
+    let (_blue, green, gw) = old_and_new("shard-0", ("rt-blue", 50), ("rt-green", 50), "").await;
     let load = Load::start(gw.url("/echo"), 8, false);
     load.wait_for_more(500).await;
     green.kill();
@@ -27,12 +27,21 @@ async fn killed_backend_with_retries_loses_no_get() {
         report.failed
     );
     assert_eq!(report.failed, 0, "{:?}", report.failures);
-    assert!(report.by_cluster["blue"] > 1_000);
+    assert!(report.by_cluster["rt-blue"] > 1_000);
     let metrics = get(&gw.admin("/metrics")).await.body;
     assert!(
-        metrics.contains(r#"rayshift_retries_total{cluster="green""#),
+        metrics.contains(r#"rayshift_retries_total{cluster="rt-green""#),
         "no retry was counted"
     );
+    // rayshift_requests_total counts responses sent to clients: a retried attempt's failure is
+    // not one (it shows in rayshift_upstream_errors_total).
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("rayshift_requests_total{") && l.contains("cluster=\"rt-"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(counted, report.ok + report.failed, "{metrics}");
+    assert!(metrics.contains(r#"rayshift_upstream_errors_total{cluster="rt-green""#));
 }
 
 /// A cluster answering 500 to everything is ejected by passive health; its share goes to the
@@ -187,7 +196,11 @@ async fn silent_connections_do_not_hold_the_connection_limit() {
         .await
         .expect("a third client is served once the silent ones are closed");
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
     for s in [&mut silent, &mut half_preface] {
         let mut buf = [0u8; 64];
         let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))

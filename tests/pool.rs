@@ -20,7 +20,9 @@ const BIG: usize = 4 << 20;
 
 /// A minimal Serve look-alike speaking HTTP/1.1 by hand. Answers Serve's probes and:
 /// `/app/small` (content-length), `/app/chunked`, `/app/empty` (204), `/app/big` (4 MiB),
-/// `/app/close` (answers, then closes the connection without saying so).
+/// `/app/close` (answers, then closes the connection without saying so), `/app/early` (401 before
+/// the request body is read, then reads the body and keeps the connection), `/app/trailers`
+/// (chunked, with a trailer field it announces in `Trailer`).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -105,12 +107,24 @@ async fn serve_conn(
                 }
             }
         }
+        let mut parts = request_line.split(' ');
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if path == "/app/early" {
+            // Refuses before reading the body (as an auth check does), then reads and drops the
+            // body as it arrives, keeping the connection.
+            let refusal =
+                format!("HTTP/1.1 401 Unauthorized\r\nx-conn: {id}\r\ncontent-length: 0\r\n\r\n");
+            if write.write_all(refusal.as_bytes()).await.is_err() {
+                return;
+            }
+        }
         let mut body = vec![0u8; content_length];
         if read.read_exact(&mut body).await.is_err() {
             return;
         }
-        let mut parts = request_line.split(' ');
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if path == "/app/early" {
+            continue;
+        }
         if !path.starts_with("/-/") && !counted {
             counted = true;
             app_conns.fetch_add(1, Ordering::SeqCst);
@@ -142,6 +156,17 @@ async fn serve_conn(
                 [
                     head("200 OK", "transfer-encoding: chunked\r\n"),
                     b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                false,
+            ),
+            "/app/trailers" => (
+                [
+                    head(
+                        "200 OK",
+                        "transfer-encoding: chunked\r\ntrailer: x-checksum\r\n",
+                    ),
+                    b"3\r\nabc\r\n0\r\nx-checksum: 900150983cd24fb0\r\n\r\n".to_vec(),
                 ]
                 .concat(),
                 false,
@@ -327,4 +352,67 @@ async fn pooling_off_opens_a_connection_per_request() {
         backend.closed_by_client() == 5
     })
     .await;
+}
+
+/// The cluster refuses a request before its body has arrived (the client is still uploading,
+/// slowly): the response reaches the client, and the connection, busy sending the rest of that
+/// body, is not handed to the next request, which gets its own connection at once.
+#[tokio::test]
+async fn a_connection_still_sending_its_request_is_not_reused() {
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "pool-early",
+        "upstream:\n  response_timeout: 3s\n",
+    )
+    .await;
+    let mut uploader = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    uploader
+        .write_all(
+            b"POST /app/early HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), uploader.read_exact(&mut answer))
+        .await
+        .expect("the early answer reaches the client")
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 401");
+    // The uploader has stopped sending; other requests must not wait for it.
+    // (Handed the busy connection, a request would wait for it and get 504 after 3 s.)
+    for _ in 0..3 {
+        let r = get(&gw.url("/app/small")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    drop(uploader);
+}
+
+/// Trailer fields the cluster announces reach an HTTP/1.1 client.
+#[tokio::test]
+async fn trailers_reach_the_client() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-trailers", "").await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/trailers HTTP/1.1\r\nhost: x\r\nte: trailers\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.ends_with(b"\r\n\r\n") || !seen.windows(3).any(|w| w == b"\r\n0") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the whole response")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("trailer: x-checksum\r\n"), "{text}");
+    assert!(
+        text.contains("\r\nx-checksum: 900150983cd24fb0\r\n"),
+        "{text}"
+    );
 }

@@ -88,12 +88,8 @@ pub async fn handle(
     let mut cluster = route.cluster;
     set_upstream(&mut parts, &cluster);
     let mut in_flight = cluster.enter();
-    let mut outcome = send(
-        &ctx,
-        &cluster,
-        Request::from_parts(parts, RequestBody::new(body, ctx.max_body_bytes)),
-    )
-    .await;
+    let (body, request_sent) = RequestBody::new(body, ctx.max_body_bytes);
+    let mut outcome = send(&ctx, &cluster, Request::from_parts(parts, body)).await;
 
     if let (Err(Failure::Error { connect, .. }), Some((method, path, headers))) =
         (&outcome, &retry_head)
@@ -108,7 +104,8 @@ pub async fn handle(
                         .increment(1);
                     tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
                     if let Err(failure) = &outcome {
-                        count_failure(&cluster, &route.app, failure, start.elapsed());
+                        // The client never sees this attempt's answer: not a response.
+                        record_failure(&cluster, failure, start.elapsed());
                     }
                     drop(in_flight);
                     cluster = other;
@@ -168,7 +165,7 @@ pub async fn handle(
     let conn = (status != StatusCode::SWITCHING_PROTOCOLS).then_some(conn);
     Ok(Response::from_parts(
         parts,
-        ProxyBody::upstream(body, in_flight, conn),
+        ProxyBody::upstream(body, in_flight, conn, request_sent),
     ))
 }
 
@@ -254,13 +251,24 @@ async fn send(
     }
 }
 
-/// Records a failed attempt (stats, metrics) and returns the status and body to answer with.
+/// Records a failed attempt (stats, error metrics) and counts the response the client gets for it;
+/// returns the status and body to answer with.
 fn count_failure(
     cluster: &Cluster,
     app: &str,
     failure: &Failure,
     elapsed: Duration,
 ) -> (StatusCode, String) {
+    let (status, msg) = record_failure(cluster, failure, elapsed);
+    cluster
+        .requests
+        .increment(app, &cluster.shard, &cluster.name, status);
+    (status, msg)
+}
+
+/// Records a failed attempt against its cluster (stats, error metrics), without counting a
+/// response; returns the status and body a client would be answered with.
+fn record_failure(cluster: &Cluster, failure: &Failure, elapsed: Duration) -> (StatusCode, String) {
     let (status, kind, msg) = match failure {
         Failure::TooLarge(limit) => (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -287,9 +295,6 @@ fn count_failure(
         metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "cluster" => cluster.name.to_string(), "kind" => kind)
             .increment(1);
     }
-    cluster
-        .requests
-        .increment(app, &cluster.shard, &cluster.name, status);
     (status, msg)
 }
 

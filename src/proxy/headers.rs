@@ -13,13 +13,13 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 /// `x-request-id`: Serve's request id; kept when the client sends one, generated otherwise.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1). `Trailer` is
+/// not one of them: it announces the trailer fields, which hyper only writes when it is present.
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -179,6 +179,14 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn trailer_announcement_is_end_to_end() {
+        let mut h = map(&[("trailer", "x-checksum"), ("transfer-encoding", "chunked")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["trailer"], "x-checksum");
+        assert!(!h.contains_key("transfer-encoding"));
     }
 
     #[test]
