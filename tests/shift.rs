@@ -789,6 +789,40 @@ async fn auto_shift_starts_when_a_newer_revision_is_ready() {
     assert_eq!(gw.cluster_state("green").await["weight"], 100);
 }
 
+/// A revision an operator shifted to by hand and aborted is not picked up again by `auto_shift`
+/// once it is ready: the abort sticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_shift_does_not_retry_a_revision_an_operator_aborted() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    green.set_healthy(false);
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", Some(100)), cluster(&green, "shard-0", "v2", Some(0))],
+        "",
+    )
+    .replace(
+        "shards: [shard-0]\n",
+        "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 50, step_interval: 200ms, min_requests: 5}\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to_revision": "v2"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/abort"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    green.set_healthy(true);
+    gw.wait_cluster_ready("green", true).await;
+    // Several control ticks with v2 ready and newer than what serves.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let shift = shift_of(&gw, "shard-0").await;
+    assert_eq!(shift["state"], "aborted", "{shift}");
+    assert_eq!(gw.cluster_state("green").await["weight"], 0);
+}
+
 /// A graceful stop in the middle of a shift folds the state journal and then writes nothing more,
 /// although the shift would go on stepping: the state file alone holds its last step, and the
 /// control plane answers that it has stopped.

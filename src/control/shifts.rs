@@ -29,6 +29,18 @@ impl Desired {
         Ok(())
     }
 
+    /// The revision a shift moves traffic to: its target revision, or its target cluster's.
+    fn target_revision(&self, shift: &Shift) -> Option<String> {
+        match &shift.target {
+            Target::Revision(revision) => Some(revision.clone()),
+            Target::Cluster(name) => self
+                .clusters
+                .iter()
+                .find(|c| &c.config.name == name)
+                .map(|c| c.config.revision.clone()),
+        }
+    }
+
     /// Builds a shift of `shard` towards `target` (validated against the current clusters).
     fn new_shift(
         &self,
@@ -117,9 +129,11 @@ impl Desired {
         self.ensure_no_shift(shard)?;
         let shift = self.new_shift(shard, request.target, request.policy)?;
         let mut next = self.state.clone();
+        let revision = self.target_revision(&shift);
         let entry = next.shards.entry(shard.to_string()).or_default();
         entry.weights = shift.weights();
         entry.shift = Some(shift.clone());
+        tried_revision(&mut entry.auto_shift_revision, revision);
         self.commit(next).await?;
         tracing::info!(
             %shard, target = ?shift.target, clusters = ?shift.target_clusters,
@@ -365,6 +379,10 @@ impl Desired {
                     let entry = next.shards.entry(shard.clone()).or_default();
                     entry.weights = shift.weights();
                     entry.shift = Some(shift);
+                    tried_revision(
+                        &mut entry.auto_shift_revision,
+                        Some(rollout.revision.clone()),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(rollout = rollout.id, %shard, error = %e, "rollout could not start shard");
@@ -426,10 +444,14 @@ impl Desired {
                 continue;
             }
             let entry = next.shards.entry(shard.name.clone()).or_default();
-            if entry.auto_shift_revision.as_deref() == Some(newest) {
+            if entry
+                .auto_shift_revision
+                .as_deref()
+                .is_some_and(|tried| natural_cmp(newest, tried).is_le())
+            {
                 continue;
             }
-            entry.auto_shift_revision = Some(newest.to_string());
+            tried_revision(&mut entry.auto_shift_revision, Some(newest.to_string()));
             changed = true;
             match self.new_shift(
                 &shard.name,
@@ -599,5 +621,19 @@ fn record(shard: &str, event: &Event) {
         }
         Event::Promoted => tracing::info!(%shard, "shift promoted; old clusters draining"),
         Event::Drained { timed_out } => tracing::info!(%shard, timed_out, "old clusters drained"),
+    }
+}
+
+/// Records that a shift to `revision` was started on a shard, for `auto_shift`: it only starts
+/// shifts to revisions newer than every one tried before (by any shift: automatic, manual or a
+/// rollout), so a revision an operator aborted or that rolled back is not tried again by itself,
+/// and a manual move back to an older revision is not undone.
+fn tried_revision(recorded: &mut Option<String>, revision: Option<String>) {
+    let Some(revision) = revision else { return };
+    if recorded
+        .as_deref()
+        .is_none_or(|r| natural_cmp(&revision, r).is_gt())
+    {
+        *recorded = Some(revision);
     }
 }

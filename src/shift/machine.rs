@@ -311,6 +311,9 @@ impl Shift {
     fn tick_progressing(&mut self, now: Instant, obs: &Observation) -> Vec<Event> {
         // Gates first: a target that is not ready holds the shift, and too long rolls it back.
         if !obs.target_ready {
+            // What the target did before it went unready says nothing about it after: once ready
+            // again it gets a fresh window (and a full interval, unless at 0%) before the next step.
+            self.runtime.window_base = None;
             let since = *self.runtime.not_ready_since.get_or_insert(now);
             if now.duration_since(since) >= self.policy.ready_timeout {
                 let detail = format!(

@@ -370,3 +370,31 @@ fn weights_of_revision_targets_and_several_old_clusters_sum_to_100() {
     }
     assert_eq!(s.old_clusters, ["v1-a", "v1-b"]);
 }
+
+/// A target that was not ready for a while is judged afresh once ready again: no step on the
+/// window from before, and a full interval of new traffic first.
+#[tokio::test(start_paused = true)]
+async fn after_a_not_ready_spell_the_next_step_waits_a_fresh_window() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    t.serve(30, 0, Duration::from_millis(10));
+    advance(Duration::from_secs(5)).await;
+    assert!(s.tick(Instant::now(), &t.obs(false)).is_empty());
+    advance(Duration::from_secs(30)).await;
+    // Ready again, the step overdue by the old clock: it waits.
+    assert!(s.tick(Instant::now(), &t.obs(true)).is_empty());
+    assert_eq!(weights(&s), (75, 25));
+    advance(Duration::from_secs(5)).await;
+    t.serve(30, 0, Duration::from_millis(10));
+    assert!(s.tick(Instant::now(), &t.obs(true)).is_empty());
+    // A full interval after it came back, on the new traffic only.
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 50 }]
+    );
+}

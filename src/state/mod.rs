@@ -113,8 +113,9 @@ pub struct ShardState {
     /// The shard's current (or last) shift.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shift: Option<Shift>,
-    /// The newest revision an automatic shift was started for, so a rolled-back revision is not
-    /// retried in a loop.
+    /// The newest revision any shift (automatic, manual or a rollout's) was started for:
+    /// `auto_shift` only starts shifts to newer ones, so a revision that rolled back or was
+    /// aborted is not retried by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_shift_revision: Option<String>,
 }
