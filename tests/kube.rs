@@ -416,6 +416,31 @@ async fn drained_raycluster_is_deleted_when_configured(env: &KubeEnv) {
     .await;
     assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("new"));
     assert!(api.get_opt("new").await.unwrap().is_some());
+
+    // A new RayCluster under the drained one's name (a later revision) is not the drained cluster,
+    // also for a gateway that restarts and so remembers nothing of what it deleted.
+    let yaml = gateway_yaml(env, "retire", extra);
+    let TestGateway { gateway, dir } = gw;
+    gateway.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a later creation second
+    create_raycluster(&api, "old", "shard-0", "v3", old.addr().port(), true).await;
+    let gw = TestGateway::start_in(&yaml, dir).await;
+    gw.wait_cluster_ready("old", true).await;
+    // The annotator looks every second.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let again = api
+        .get_opt("old")
+        .await
+        .unwrap()
+        .expect("the new RayCluster is kept");
+    assert!(
+        !again
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("rayshift.io/drained"),
+        "the new RayCluster was annotated drained"
+    );
     gw.gateway.shutdown().await;
 }
 

@@ -166,9 +166,14 @@ async fn watch(
 
 /// Marks drained RayClusters with the `rayshift.io/drained` annotation (and deletes them when
 /// configured), so an operator or pipeline knows they are safe to remove.
+///
+/// Only the object that was drained is touched: a RayCluster created after the shift was promoted
+/// is a new cluster that happens to reuse the name (weights and shifts are kept by name), so it is
+/// left alone, and the delete carries the object's UID as a precondition. Objects handled are
+/// remembered by UID.
 async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: ControlHandle) {
     let ar = raycluster_resource();
-    let mut done: HashSet<(String, String)> = HashSet::new();
+    let mut done: HashSet<String> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -176,19 +181,40 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
             continue;
         }
         let snapshot = control.snapshot();
-        for view in &snapshot.views {
+        for (cluster, view) in snapshot.clusters.iter().zip(&snapshot.views) {
             let (Some(Drain::Drained), ClusterSource::Kubernetes { namespace, name }) =
                 (view.drain, &view.source)
             else {
                 continue;
             };
-            let key = (namespace.clone(), name.clone());
-            if done.contains(&key) {
+            let promoted_at = snapshot
+                .shifts
+                .get(&*cluster.shard)
+                .and_then(|s| s.promoted_at);
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+            let object = match api.get_opt(name).await {
+                Ok(Some(object)) => object,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%namespace, raycluster = %name, error = %e, "reading drained RayCluster failed");
+                    continue;
+                }
+            };
+            let Some(uid) = object.metadata.uid.clone() else {
+                continue;
+            };
+            if done.contains(&uid) {
                 continue;
             }
-            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
-            let patch =
-                serde_json::json!({"metadata": {"annotations": {DRAINED_ANNOTATION: "true"}}});
+            if !drained_object(&object, promoted_at) {
+                tracing::info!(
+                    %namespace, raycluster = %name, %uid,
+                    "RayCluster was created after its name's shift was promoted: not the drained one, left alone"
+                );
+                done.insert(uid);
+                continue;
+            }
+            let patch = serde_json::json!({"metadata": {"annotations": {DRAINED_ANNOTATION: "true"}, "uid": uid}});
             match api
                 .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
@@ -196,7 +222,14 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
                 Ok(_) => {
                     tracing::info!(%namespace, raycluster = %name, "annotated drained RayCluster");
                     if cfg.delete_drained {
-                        match api.delete(name, &DeleteParams::default()).await {
+                        let only_this = DeleteParams {
+                            preconditions: Some(kube::api::Preconditions {
+                                uid: Some(uid.clone()),
+                                resource_version: None,
+                            }),
+                            ..DeleteParams::default()
+                        };
+                        match api.delete(name, &only_this).await {
                             Ok(_) => {
                                 tracing::info!(%namespace, raycluster = %name, "deleted drained RayCluster")
                             }
@@ -206,10 +239,11 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
                             }
                         }
                     }
-                    done.insert(key);
+                    done.insert(uid);
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    done.insert(key);
+                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409 | 422) => {
+                    // Gone, or replaced by a new object (the UID in the patch no longer matches).
+                    done.insert(uid);
                 }
                 Err(e) => {
                     tracing::warn!(%namespace, raycluster = %name, error = %e, "annotating drained RayCluster failed")
@@ -217,4 +251,17 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
             }
         }
     }
+}
+
+/// Whether `object` is the RayCluster its shift drained: created before the shift was promoted
+/// (`promoted_at`, Unix seconds; unknown for shifts stored by older versions, which are trusted).
+fn drained_object(object: &DynamicObject, promoted_at: Option<u64>) -> bool {
+    let (Some(promoted_at), Some(created)) = (promoted_at, &object.metadata.creation_timestamp)
+    else {
+        return true;
+    };
+    // Timestamps have whole seconds: an object created in the promotion's second counts as the
+    // drained one (a cluster is normally created long before its traffic is shifted away).
+    let created = created.0.as_second();
+    created <= i64::try_from(promoted_at).unwrap_or(i64::MAX)
 }

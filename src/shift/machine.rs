@@ -202,6 +202,10 @@ pub struct Shift {
     pub reason: Option<String>,
     /// Clusters that had weight before and are drained at promotion.
     pub old_clusters: Vec<String>,
+    /// When the shift was promoted (began draining), in seconds since the Unix epoch. A RayCluster
+    /// created after it is not one of `old_clusters`, even under the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_at: Option<u64>,
     #[serde(skip)]
     runtime: Runtime,
 }
@@ -236,6 +240,7 @@ impl Shift {
             last_check: None,
             reason: None,
             old_clusters,
+            promoted_at: None,
             runtime: Runtime::default(),
         }
     }
@@ -450,6 +455,10 @@ impl Shift {
     fn promote_now(&mut self, now: Instant) -> Event {
         self.target_weight = 100;
         self.phase = Phase::Draining;
+        self.promoted_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
         self.runtime = Runtime {
             drain_deadline: Some(now + self.policy.drain_timeout),
             ..Runtime::default()
