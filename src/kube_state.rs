@@ -26,6 +26,26 @@ use crate::state::{self, State, StateError};
 /// Key of the state document in the ConfigMap.
 pub const STATE_KEY: &str = "state.json";
 
+/// Longest wait for one answer of the Kubernetes API on the state and Lease paths. The client has
+/// no read timeout of its own, so an API server that stopped answering on an open connection
+/// (hung, or a half-open connection) would otherwise hold the control loop (every change, probe
+/// report and discovery event queues behind the write) until TCP gives up, minutes later.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `call` bounded by [`API_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<Result<T, kube::Error>, ApiTimeout> {
+    tokio::time::timeout(API_TIMEOUT, call)
+        .await
+        .map_err(|_| ApiTimeout)
+}
+
+/// The Kubernetes API did not answer within [`API_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("the Kubernetes API did not answer within {}s", API_TIMEOUT.as_secs())]
+pub struct ApiTimeout;
+
 /// The state document in a ConfigMap, written with optimistic concurrency.
 #[derive(Debug)]
 pub struct ConfigMapStore {
@@ -73,8 +93,9 @@ impl ConfigMapStore {
 
     /// Reads the state (`None`: no ConfigMap or no state in it yet).
     pub async fn load(&self) -> Result<Option<State>, StateError> {
-        let cm = match self.api.get_opt(&self.name).await {
-            Ok(cm) => cm,
+        let cm = match bounded(self.api.get_opt(&self.name)).await {
+            Ok(Ok(cm)) => cm,
+            Ok(Err(e)) => return Err(self.kube_error(e)),
             Err(e) => return Err(self.kube_error(e)),
         };
         let Some(cm) = cm else {
@@ -111,12 +132,16 @@ impl ConfigMapStore {
             data: Some(BTreeMap::from([(STATE_KEY.to_string(), text)])),
             ..ConfigMap::default()
         };
+        // A write that timed out may still have been applied; the next one then conflicts on the
+        // resourceVersion, reloads and retries, so nothing is applied twice.
         let result = if cm.metadata.resource_version.is_some() {
-            self.api
-                .replace(&self.name, &PostParams::default(), &cm)
-                .await
+            bounded(self.api.replace(&self.name, &PostParams::default(), &cm)).await
         } else {
-            self.api.create(&PostParams::default(), &cm).await
+            bounded(self.api.create(&PostParams::default(), &cm)).await
+        };
+        let result = match result {
+            Ok(result) => result,
+            Err(e) => return Err(self.kube_error(e)),
         };
         match result {
             Ok(written) => {
@@ -186,7 +211,14 @@ pub fn elect(
     tokio::spawn(async move {
         let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
-            let leader = match try_acquire(&api, &name, &identity, duration).await {
+            let attempt = tokio::time::timeout(
+                (duration / 3).min(API_TIMEOUT),
+                try_acquire(&api, &name, &identity, duration),
+            )
+            .await
+            .map_err(|_| ApiTimeout.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            let leader = match attempt {
                 Ok(held) => {
                     if held {
                         last_renewal = Some(tokio::time::Instant::now());

@@ -32,6 +32,7 @@ async fn kubernetes_discovery_end_to_end() {
     auto_shift_on_a_new_revision(&env).await;
     api_server_restart_mid_load(&env).await;
     two_replicas_share_state_and_fail_over(&env).await;
+    a_hung_api_server_fails_state_writes_in_bounded_time(&env).await;
     drained_raycluster_is_deleted_when_configured(&env).await;
     a_raycluster_never_removes_a_static_cluster(&env).await;
 }
@@ -441,6 +442,52 @@ async fn drained_raycluster_is_deleted_when_configured(env: &KubeEnv) {
             .contains_key("rayshift.io/drained"),
         "the new RayCluster was annotated drained"
     );
+    gw.gateway.shutdown().await;
+}
+
+/// With the state in a ConfigMap, an API server that stops answering (frozen: connections stay
+/// open, nothing comes back) fails a weight change within the API timeout instead of hanging the
+/// control loop; traffic flows meanwhile, and once the server is back changes succeed again.
+async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
+    env.namespace("hung").await;
+    let api = env.rayclusters("hung");
+    let v1 = stub("hung-v1", "v1", &[("echo", "/echo")]).await;
+    let v2 = stub("hung-v2", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "hung-v1", "shard-0", "v1", v1.addr().port(), true).await;
+    create_raycluster(&api, "hung-v2", "shard-0", "v2", v2.addr().port(), true).await;
+    let extra = "    state: {namespace: hung, configmap: rayshift-state, lease: rayshift-leader, identity: solo}\n\
+                 apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "hung", extra)).await;
+    gw.wait_cluster_ready("hung-v2", true).await;
+    let url = gw.admin("/v1/shards/shard-0/weights");
+    let r = put(&url, r#"{"weights": {"hung-v1": 50, "hung-v2": 50}}"#, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    env.freeze_apiserver(true);
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        put(&url, r#"{"weights": {"hung-v1": 0, "hung-v2": 100}}"#, None),
+    )
+    .await
+    .expect("the change is answered while the API server hangs");
+    let waited = started.elapsed();
+    assert!(r.status.is_server_error(), "{} {}", r.status, r.body);
+    assert!(r.body.contains("did not answer"), "{}", r.body);
+    assert!(waited >= Duration::from_secs(5), "{waited:?}");
+    // Traffic kept flowing on the last table meanwhile.
+    assert_eq!(get(&gw.url("/echo")).await.status, StatusCode::OK);
+    assert_eq!(gw.cluster_state("hung-v1").await["weight"], 50);
+    env.freeze_apiserver(false);
+
+    eventually("changes succeed once the API server answers", || async {
+        put(&url, r#"{"weights": {"hung-v1": 0, "hung-v2": 100}}"#, None)
+            .await
+            .status
+            == StatusCode::OK
+    })
+    .await;
+    assert_eq!(gw.cluster_state("hung-v2").await["weight"], 100);
     gw.gateway.shutdown().await;
 }
 

@@ -86,6 +86,19 @@ impl KubeEnv {
         run_script(&args);
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the API server: frozen, it keeps its connections open
+    /// and answers nothing, like a hung server or a half-open connection.
+    pub fn freeze_apiserver(&self, frozen: bool) {
+        let env = read_env(&self.dir.path().join("env"));
+        let pid = &env["APISERVER_PID"];
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, pid.as_str()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     async fn install_crd(&self) {
         let text =
             std::fs::read_to_string(repo().join("deploy/kubernetes/crds/rayclusters.ray.io.yaml"))
@@ -170,6 +183,8 @@ pub async fn set_status(api: &Api<DynamicObject>, name: &str, port: u16, ready: 
 
 impl Drop for KubeEnv {
     fn drop(&mut self) {
+        // A test that failed while the API server was frozen: thaw it so it can stop cleanly.
+        self.freeze_apiserver(false);
         let dir = self.dir.path().to_string_lossy().into_owned();
         let _ = Command::new("bash")
             .args(["scripts/kube/stop.sh", &dir])
