@@ -292,6 +292,47 @@ async fn passive_health_never_ejects_the_only_cluster_left_after_a_shift() {
     );
 }
 
+/// The target fails right after promotion, while the old cluster still drains an open stream:
+/// abort puts the weights back and the old cluster serves again (the only way back before the
+/// drain ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
+    let (_blue, green, gw) = named_blue_green("shard-0", "ad-blue", "ad-green", "").await;
+    let stream_req = http::Request::get(gw.url("/echo/stream?n=50&interval_ms=100"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(stream_req).await.unwrap();
+    assert_eq!(resp.headers()["x-stub-cluster"], "ad-blue");
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "ad-green", "step_interval": "1h", "drain_timeout": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(shift_of(&gw, "shard-0").await["state"], "draining");
+    green.set_error_rate(1.0);
+    let r = gw
+        .set_weights("shard-0", &[("ad-blue", 100), ("ad-green", 0)])
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.body.contains("abort it"), "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/abort"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let shift: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(shift["state"], "aborted", "{shift}");
+    for _ in 0..10 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("ad-blue"));
+    }
+    let blue = gw.cluster_state("ad-blue").await;
+    assert_eq!(blue["weight"], 100, "{blue}");
+    assert!(blue["drain"].is_null(), "{blue}");
+    drop(resp);
+}
+
 /// A long streamed response and a WebSocket open on the old cluster at promotion finish intact;
 /// the old cluster is draining while they run and drained after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

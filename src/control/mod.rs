@@ -68,7 +68,7 @@ pub enum ControlError {
     ShiftRunning(String),
     /// The shard's shift was promoted and its old clusters are draining (nothing can be changed
     /// until the drain ends, at the latest after the shift's `drain_timeout`).
-    #[error("shard \"{0}\" has a shift in progress that is draining its old clusters; wait until it completes (at most its drain_timeout)")]
+    #[error("shard \"{0}\" has a shift in progress that is draining its old clusters; wait until it completes (at most its drain_timeout), or abort it to give the old clusters their weights back")]
     ShiftDraining(String),
     /// The shard is waiting in an active rollout.
     #[error("shard \"{shard}\" is part of rollout {rollout}; pause or abort the rollout first")]

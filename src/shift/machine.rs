@@ -502,8 +502,14 @@ impl Shift {
     }
 
     /// Puts the weights back where the shift started.
+    ///
+    /// Also while draining: the escape when the target fails after promotion (the old clusters
+    /// are still up, and get their weights back).
     pub fn abort(&mut self, reason: String) -> Result<(), InvalidTransition> {
-        if !matches!(self.phase, Phase::Progressing | Phase::Paused) {
+        if !matches!(
+            self.phase,
+            Phase::Progressing | Phase::Paused | Phase::Draining
+        ) {
             return Err(self.invalid("abort"));
         }
         self.phase = Phase::Aborted;

@@ -299,17 +299,18 @@ async fn controls_in_every_phase() {
             format!("cannot {action} a shift that is aborted")
         );
     }
-    // Paused -> promote: straight to 100 and draining; draining refuses pause, abort, promote.
+    // Paused -> promote: straight to 100 and draining; draining refuses pause, promote, resume.
     let mut s = shift();
     s.pause().unwrap();
     assert_eq!(s.promote(now).unwrap(), Event::Promoted);
     assert_eq!((s.phase, weights(&s)), (Phase::Draining, (0, 100)));
-    assert!(
-        s.pause().is_err()
-            && s.abort("x".into()).is_err()
-            && s.promote(now).is_err()
-            && s.resume().is_err()
-    );
+    assert!(s.pause().is_err() && s.promote(now).is_err() && s.resume().is_err());
+    assert_eq!(s.draining_clusters(), ["blue".to_string()]);
+    // Draining -> abort (the target failed after promotion): the old clusters get their weights
+    // back and are no longer draining.
+    s.abort("target lost".into()).unwrap();
+    assert_eq!((s.phase, weights(&s)), (Phase::Aborted, (100, 0)));
+    assert!(s.draining_clusters().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
