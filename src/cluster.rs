@@ -77,8 +77,10 @@ impl Cluster {
 
     /// Marks a request as started on this cluster; the guard marks it finished when dropped.
     pub fn enter(self: &Arc<Self>) -> InFlight {
-        let now = self.stats.enter();
-        self.in_flight_gauge.set(now as f64);
+        self.stats.enter();
+        // Increments, not the count just seen: concurrent enters and leaves on several threads
+        // would otherwise leave whichever value was set last.
+        self.in_flight_gauge.increment(1.0);
         InFlight {
             cluster: Arc::clone(self),
         }
@@ -100,8 +102,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let now = self.cluster.stats.leave();
-        self.cluster.in_flight_gauge.set(now as f64);
+        self.cluster.stats.leave();
+        self.cluster.in_flight_gauge.decrement(1.0);
     }
 }
 

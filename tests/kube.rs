@@ -326,7 +326,7 @@ async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
         http::Method::POST,
         &replicas[follower].admin("/v1/shards/shard-0/shift"),
         &[],
-        r#"{"to": "ha-v2", "step_percent": 10, "step_interval": "700ms", "min_requests": 5}"#,
+        r#"{"to": "ha-v2", "step_percent": 10, "step_interval": "700ms", "min_requests": 5, "drain_timeout": "8s"}"#,
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
@@ -372,6 +372,20 @@ async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
         report.failed
     );
     assert_eq!(report.failed, 0, "{:?}", report.failures);
+    // The leader saw its own requests drain, not the other replicas': the old RayCluster is marked
+    // drained only once drain_timeout has passed since the promotion.
+    let drained = || async {
+        api.get("ha-v1")
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("rayshift.io/drained")
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!drained().await, "marked drained before drain_timeout");
+    eventually("old RayCluster marked drained after drain_timeout", drained).await;
     let cm: k8s_openapi::api::core::v1::ConfigMap = kube::Api::namespaced(env.client.clone(), "ha")
         .get("rayshift-state")
         .await

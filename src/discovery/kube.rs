@@ -171,7 +171,13 @@ async fn watch(
 /// is a new cluster that happens to reuse the name (weights and shifts are kept by name), so it is
 /// left alone, and the delete carries the object's UID as a precondition. Objects handled are
 /// remembered by UID.
+///
+/// With several replicas (`state:` set), the leader only sees the requests in flight through
+/// itself; requests through the other replicas may still run on the old cluster when the leader
+/// finds it idle. Then a cluster is only marked (and deleted) once the shift's `drain_timeout` has
+/// passed since its promotion, the bound every replica's drain keeps to.
 async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: ControlHandle) {
+    let shared = cfg.state.is_some();
     let ar = raycluster_resource();
     let mut done: HashSet<String> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -187,10 +193,14 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
             else {
                 continue;
             };
-            let promoted_at = snapshot
-                .shifts
-                .get(&*cluster.shard)
-                .and_then(|s| s.promoted_at);
+            let shift = snapshot.shifts.get(&*cluster.shard);
+            let promoted_at = shift.and_then(|s| s.promoted_at);
+            if let (true, Some(shift), Some(at)) = (shared, shift, promoted_at) {
+                let due = at.saturating_add(shift.policy.drain_timeout.as_secs());
+                if unix_now() < due {
+                    continue;
+                }
+            }
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
             let object = match api.get_opt(name).await {
                 Ok(Some(object)) => object,
@@ -251,6 +261,13 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
             }
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether `object` is the RayCluster its shift drained: created before the shift was promoted
