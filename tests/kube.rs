@@ -33,6 +33,7 @@ async fn kubernetes_discovery_end_to_end() {
     api_server_restart_mid_load(&env).await;
     two_replicas_share_state_and_fail_over(&env).await;
     a_hung_api_server_fails_state_writes_in_bounded_time(&env).await;
+    ready_waits_for_the_first_probes_of_a_late_list(&env).await;
     drained_raycluster_is_deleted_when_configured(&env).await;
     a_raycluster_never_removes_a_static_cluster(&env).await;
 }
@@ -502,6 +503,32 @@ async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
     })
     .await;
     assert_eq!(gw.cluster_state("hung-v2").await["weight"], 100);
+    gw.gateway.shutdown().await;
+}
+
+/// An API server slow to list (here: frozen at the gateway's start for longer than the first
+/// probe round) does not make `/ready` true before the listed clusters had their first probe:
+/// the first requests after readiness are served, not answered 503.
+async fn ready_waits_for_the_first_probes_of_a_late_list(env: &KubeEnv) {
+    env.namespace("late").await;
+    let api = env.rayclusters("late");
+    let slow = stub("late-a", "v1", &[("echo", "/echo")]).await;
+    slow.set_probe_latency(Duration::from_millis(300));
+    create_raycluster(&api, "late-a", "shard-0", "v1", slow.addr().port(), true).await;
+    let yaml = gateway_yaml(
+        env,
+        "late",
+        "apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n",
+    );
+    env.freeze_apiserver(true);
+    let starting = tokio::spawn(async move { TestGateway::start(&yaml).await });
+    // Longer than the first probe round (2 x probe.timeout + 200 ms = 1.2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    env.freeze_apiserver(false);
+    let gw = starting.await.expect("gateway started");
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.cluster(), Some("late-a"));
     gw.gateway.shutdown().await;
 }
 

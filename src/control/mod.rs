@@ -572,16 +572,25 @@ async fn run(
 ) {
     desired.publish();
     // Ready once discovery has listed its clusters and every cluster has been probed once, or
-    // after a bounded wait for slow probes.
+    // after a bounded wait for slow probes. The wait starts again when discovery's first lists
+    // arrive: clusters discovered late get their first probe round too.
     let first_round = desired.config.probe.timeout * 2 + std::time::Duration::from_millis(200);
     let deadline = tokio::time::sleep(first_round);
     tokio::pin!(deadline);
     let mut waited = false;
     let mut announced = false;
+    let mut listing = !desired.discovery_pending.is_empty();
     // Shifts, rollouts and automatic shifts advance on this clock.
     let mut tick = tokio::time::interval(SHIFT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if listing && desired.discovery_pending.is_empty() {
+            listing = false;
+            waited = false;
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + first_round);
+        }
         if !announced
             && desired.discovery_pending.is_empty()
             && (waited || desired.clusters.iter().all(|c| c.probe.is_some()))

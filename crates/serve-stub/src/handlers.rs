@@ -66,6 +66,10 @@ pub(crate) async fn handle(
 ) -> Result<Response<StubBody>, Infallible> {
     let path = req.uri().path();
     if let Some(resp) = probe(&shared, path) {
+        let delay = shared.probe_latency();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         return Ok(resp);
     }
     let table = shared.table();

@@ -213,6 +213,12 @@ impl ServeStub {
         self.inner.shared.set_latency(d);
     }
 
+    /// Delay added before answering each probe (`/-/healthz`, `/-/routes`, the dashboard's
+    /// application list), as from a busy head node.
+    pub fn set_probe_latency(&self, d: Duration) {
+        self.inner.shared.set_probe_latency(d);
+    }
+
     /// App requests received since start or [`reset_requests`](Self::reset_requests)
     /// (including those answered 500 by the error knob; not probes, not 404s).
     pub fn requests(&self) -> u64 {

@@ -31,6 +31,7 @@ pub(crate) struct Shared {
     error_ppm: AtomicU64,
     error_seq: AtomicU64,
     latency_us: AtomicU64,
+    probe_latency_us: AtomicU64,
     requests: AtomicU64,
     probes: AtomicU64,
     in_flight: AtomicU64,
@@ -58,6 +59,7 @@ impl Shared {
             error_ppm: AtomicU64::new(0),
             error_seq: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
+            probe_latency_us: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             probes: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -141,6 +143,15 @@ impl Shared {
     pub(crate) fn set_latency(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.latency_us.store(us, Relaxed);
+    }
+
+    pub(crate) fn probe_latency(&self) -> Duration {
+        Duration::from_micros(self.probe_latency_us.load(Relaxed))
+    }
+
+    pub(crate) fn set_probe_latency(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.probe_latency_us.store(us, Relaxed);
     }
 
     pub(crate) fn requests(&self) -> u64 {
