@@ -330,6 +330,23 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
     let blue = gw.cluster_state("ad-blue").await;
     assert_eq!(blue["weight"], 100, "{blue}");
     assert!(blue["drain"].is_null(), "{blue}");
+    // A finished shift no longer owns the weights: its view shows the shard's weights now.
+    let r = gw
+        .set_weights("shard-0", &[("ad-blue", 70), ("ad-green", 30)])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let shift = shift_of(&gw, "shard-0").await;
+    assert_eq!(shift["state"], "aborted");
+    assert_eq!(
+        shift["weights"],
+        serde_json::json!({"ad-blue": 70, "ad-green": 30}),
+        "{shift}"
+    );
+    let state = gw.state().await;
+    assert_eq!(
+        state["shards"][0]["shift"]["weights"]["ad-green"], 30,
+        "{state}"
+    );
     drop(resp);
 }
 

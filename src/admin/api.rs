@@ -71,7 +71,7 @@ pub async fn handle(
         (["v1", "shards", shard, "shift"], &Method::GET) => {
             let snap = ctx.control.snapshot();
             match snap.shifts.get(*shard) {
-                Some(shift) => json(StatusCode::OK, &ShiftView::of(shift)),
+                Some(shift) => json(StatusCode::OK, &ShiftView::current(shift, shard, &snap)),
                 None if (0..snap.table.placement().len())
                     .any(|i| snap.table.shard_name(i as u32) == *shard) =>
                 {

@@ -37,13 +37,29 @@ pub struct ShiftView<'a> {
 }
 
 impl<'a> ShiftView<'a> {
-    /// The view of a shift.
+    /// The view of a shift, with the weights it sets.
     pub fn of(shift: &'a Shift) -> Self {
         Self {
             state: shift.phase.as_str(),
             weights: shift.weights(),
             shift,
         }
+    }
+
+    /// The view of `shard`'s shift in `snap`. A finished shift no longer owns the weights (an
+    /// operator may have changed them since): the shard's weights now are shown.
+    pub fn current(shift: &'a Shift, shard: &str, snap: &Snapshot) -> Self {
+        let mut view = Self::of(shift);
+        if !shift.phase.is_active() {
+            view.weights = snap
+                .clusters
+                .iter()
+                .zip(&snap.views)
+                .filter(|(c, _)| &*c.shard == shard)
+                .map(|(c, v)| (c.name.to_string(), v.weight))
+                .collect();
+        }
+        view
     }
 }
 
@@ -119,7 +135,10 @@ impl<'a> StateView<'a> {
             .map(|i| {
                 let name = table.shard_name(i as u32).to_string();
                 ShardView {
-                    shift: snap.shifts.get(&name).map(ShiftView::of),
+                    shift: snap
+                        .shifts
+                        .get(&name)
+                        .map(|s| ShiftView::current(s, &name, snap)),
                     name,
                     clusters: Vec::new(),
                 }

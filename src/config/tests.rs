@@ -1086,3 +1086,29 @@ fn tls_needs_both_files() {
         );
     }
 }
+
+#[test]
+fn watched_namespaces_are_names_and_listed_once() {
+    assert_eq!(
+        errors(
+            "shards: [a]\ndiscovery:\n  kubernetes:\n    namespaces: [serving, Bad_Name, serving]\n"
+        ),
+        vec![
+            err(
+                "discovery.kubernetes.namespaces[1]",
+                "\"Bad_Name\" is not a Kubernetes namespace name"
+            ),
+            err(
+                "discovery.kubernetes.namespaces[2]",
+                "namespace \"serving\" is listed twice"
+            ),
+        ]
+    );
+    let config =
+        parse("shards: [a]\ndiscovery:\n  kubernetes:\n    namespaces: [serving, staging]\n")
+            .unwrap();
+    assert_eq!(
+        config.kubernetes.unwrap().namespaces,
+        ["serving", "staging"]
+    );
+}

@@ -329,13 +329,19 @@ fn kubernetes(
             && ns
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if valid {
-            namespaces.push(ns.to_string());
-        } else {
+        if !valid {
             p.push(
                 format!("{field}.namespaces[{i}]"),
                 format!("{ns:?} is not a Kubernetes namespace name"),
             );
+        } else if namespaces.iter().any(|n| n == ns) {
+            // Two watchers of one namespace would report every RayCluster twice.
+            p.push(
+                format!("{field}.namespaces[{i}]"),
+                format!("namespace {ns:?} is listed twice"),
+            );
+        } else {
+            namespaces.push(ns.to_string());
         }
     }
     let label_selector = raw.label_selector.as_ref().map_or_else(

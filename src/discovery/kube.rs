@@ -180,6 +180,10 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
     let shared = cfg.state.is_some();
     let ar = raycluster_resource();
     let mut done: HashSet<String> = HashSet::new();
+    // Objects whose annotation or deletion failed (e.g. no RBAC for it), by UID: tried again after
+    // a pause rather than every second, each failure logged once per pause.
+    let mut retry_at: std::collections::HashMap<String, tokio::time::Instant> =
+        std::collections::HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -213,7 +217,11 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
             let Some(uid) = object.metadata.uid.clone() else {
                 continue;
             };
-            if done.contains(&uid) {
+            if done.contains(&uid)
+                || retry_at
+                    .get(&uid)
+                    .is_some_and(|at| tokio::time::Instant::now() < *at)
+            {
                 continue;
             }
             if !drained_object(&object, promoted_at) {
@@ -244,7 +252,8 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
                                 tracing::info!(%namespace, raycluster = %name, "deleted drained RayCluster")
                             }
                             Err(e) => {
-                                tracing::warn!(%namespace, raycluster = %name, error = %e, "deleting drained RayCluster failed");
+                                tracing::warn!(%namespace, raycluster = %name, error = %e, retry_in = ?RETRY_PAUSE, "deleting drained RayCluster failed");
+                                retry_at.insert(uid, tokio::time::Instant::now() + RETRY_PAUSE);
                                 continue;
                             }
                         }
@@ -256,12 +265,16 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
                     done.insert(uid);
                 }
                 Err(e) => {
-                    tracing::warn!(%namespace, raycluster = %name, error = %e, "annotating drained RayCluster failed")
+                    tracing::warn!(%namespace, raycluster = %name, error = %e, retry_in = ?RETRY_PAUSE, "annotating drained RayCluster failed");
+                    retry_at.insert(uid, tokio::time::Instant::now() + RETRY_PAUSE);
                 }
             }
         }
     }
 }
+
+/// Pause before annotating or deleting a RayCluster again after a failure.
+const RETRY_PAUSE: Duration = Duration::from_secs(30);
 
 /// Seconds since the Unix epoch.
 fn unix_now() -> u64 {

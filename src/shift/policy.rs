@@ -141,6 +141,27 @@ impl ShiftPolicy {
         Ok(())
     }
 
+    /// Checks every key against the rules of [`ShiftPolicy::set`] (for a policy that did not come
+    /// through it, such as one read from a state file edited by hand).
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let duration = |d: Duration| humantime::format_duration(d).to_string();
+        let values = [
+            ("step_percent", self.step_percent.to_string()),
+            ("step_interval", duration(self.step_interval)),
+            ("max_error_rate", self.max_error_rate.to_string()),
+            ("max_p99_latency", duration(self.max_p99_latency)),
+            ("min_requests", self.min_requests.to_string()),
+            ("failure_threshold", self.failure_threshold.to_string()),
+            ("ready_timeout", duration(self.ready_timeout)),
+            ("drain_timeout", duration(self.drain_timeout)),
+        ];
+        let mut scratch = self.clone();
+        for (key, value) in &values {
+            scratch.set(key, value)?;
+        }
+        Ok(())
+    }
+
     /// This policy with the keys of a JSON object applied (numbers or strings); other keys listed in
     /// `also_allowed` are skipped, any other key is an error.
     pub fn with_json(

@@ -76,6 +76,15 @@ pub enum StateError {
         /// What went wrong.
         message: String,
     },
+    /// The file is well-formed but holds a value rayshift would never have written (edited by
+    /// hand).
+    #[error("state file {path} holds an invalid value: {message}; fix or remove it")]
+    Invalid {
+        /// The state file.
+        path: PathBuf,
+        /// The key and what is wrong with it.
+        message: String,
+    },
     /// The new state could not be written durably; the old state is still in place.
     #[error("writing state file {path}: {source}")]
     Write {
@@ -136,6 +145,7 @@ impl StateError {
                 }
             }
             StateError::Corrupt { path, .. }
+            | StateError::Invalid { path, .. }
             | StateError::Version { path, .. }
             | StateError::InUse { path, .. } => StateError::Write {
                 path: path.clone(),
@@ -146,6 +156,25 @@ impl StateError {
 }
 
 impl State {
+    /// Checks what serde's shape checks cannot: shift and rollout policies within their rules.
+    fn validate(&self) -> Result<(), String> {
+        for (shard, s) in &self.shards {
+            if let Some(shift) = &s.shift {
+                shift
+                    .policy
+                    .validate()
+                    .map_err(|e| format!("shards.{shard}.shift.policy.{e}"))?;
+            }
+        }
+        if let Some(rollout) = &self.rollout {
+            rollout
+                .policy
+                .validate()
+                .map_err(|e| format!("rollout.policy.{e}"))?;
+        }
+        Ok(())
+    }
+
     /// An empty state of the current version.
     pub fn new() -> Self {
         Self {
@@ -176,10 +205,15 @@ pub fn parse(bytes: &[u8], origin: &Path) -> Result<State, StateError> {
             expected: STATE_VERSION,
         });
     }
-    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+    let state: State = serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
         path: origin.to_path_buf(),
         source,
-    })
+    })?;
+    state.validate().map_err(|message| StateError::Invalid {
+        path: origin.to_path_buf(),
+        message,
+    })?;
+    Ok(state)
 }
 
 /// The state file and its journal on disk.
@@ -899,6 +933,38 @@ mod tests {
         fs::write(&path, b"{\"version\": 7, \"shards\": {}}").unwrap();
         let e = store.load().unwrap_err();
         assert!(matches!(e, StateError::Version { found: 7, .. }), "{e}");
+    }
+
+    /// A policy edited by hand to a value the API would refuse (`step_percent: 0` would step
+    /// forever without moving) stops the load, naming the key.
+    #[test]
+    fn a_hand_edited_invalid_policy_refuses() {
+        use crate::shift::{Shift, ShiftPolicy, Target};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let store = StateStore::new(&path);
+        let mut state = State::new();
+        state.shards.entry("s".into()).or_default().shift = Some(Shift::new(
+            Target::Cluster("green".into()),
+            vec!["green".into()],
+            ShiftPolicy::default(),
+            BTreeMap::from([("blue".into(), 100), ("green".into(), 0)]),
+        ));
+        let text = serde_json::to_string_pretty(&state).unwrap();
+        fs::write(&path, &text).unwrap();
+        assert!(store.load().is_ok());
+        fs::write(
+            &path,
+            text.replace("\"step_percent\": 10", "\"step_percent\": 0"),
+        )
+        .unwrap();
+        let e = store.load().unwrap_err();
+        assert!(matches!(e, StateError::Invalid { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("shards.s.shift.policy.step_percent: expected an integer 1-100"),
+            "{e}"
+        );
     }
 
     #[test]
