@@ -42,8 +42,8 @@ pub enum RequestBody {
     Stream {
         /// The client's body.
         body: Incoming,
-        /// Set at the body's end.
-        sent: Sent,
+        /// Set at the body's end (`None`: the body was empty from the start).
+        sent: Option<Sent>,
     },
     /// The client's body, failing once more than `limit` bytes went through.
     Limited {
@@ -53,8 +53,8 @@ pub enum RequestBody {
         limit: u64,
         /// Bytes seen so far.
         seen: u64,
-        /// Set at the body's end.
-        sent: Sent,
+        /// Set at the body's end (`None`: the body was empty from the start).
+        sent: Option<Sent>,
     },
     /// No body.
     Empty,
@@ -64,8 +64,9 @@ impl RequestBody {
     /// The client's body, limited when `limit` is set, and (when the body is not empty) the flag
     /// that tells when it has all been sent.
     pub fn new(body: Incoming, limit: Option<u64>) -> (Self, Option<Sent>) {
-        let sent = Sent::default();
-        let watch = (!body.is_end_stream()).then(|| sent.clone());
+        // Only a body that has something to send needs watching (and an allocation for it).
+        let sent = (!body.is_end_stream()).then(Sent::default);
+        let watch = sent.clone();
         let body = match limit {
             Some(limit) => RequestBody::Limited {
                 body,
@@ -117,10 +118,12 @@ impl Body for RequestBody {
             RequestBody::Empty => return Poll::Ready(None),
         };
         // hyper stops polling a body that says it has ended: the last frame counts as the end.
-        if matches!(polled, Poll::Ready(None))
-            || (matches!(polled, Poll::Ready(Some(Ok(_)))) && body.is_end_stream())
-        {
-            sent.done();
+        if let Some(sent) = sent {
+            if matches!(polled, Poll::Ready(None))
+                || (matches!(polled, Poll::Ready(Some(Ok(_)))) && body.is_end_stream())
+            {
+                sent.done();
+            }
         }
         polled
     }

@@ -161,16 +161,51 @@ impl FirstRequest {
         E: std::fmt::Display,
     {
         tokio::pin!(conn);
-        let ended = match tokio::time::timeout(timeout, &mut conn).await {
-            Ok(ended) => ended,
-            Err(_) if self.0.load(std::sync::atomic::Ordering::Relaxed) => conn.await,
-            Err(_) => {
-                tracing::debug!(%peer, ?timeout, "no request within limits.header_read_timeout: closing the connection");
-                return;
-            }
+        let deadline = FirstRequestDeadline {
+            conn: conn.as_mut(),
+            timer: Some(Box::pin(tokio::time::sleep(timeout))),
+            seen: self,
         };
-        if let Err(e) = ended {
-            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        match deadline.await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error")
+            }
+            None => tracing::debug!(
+                %peer, ?timeout,
+                "no request within limits.header_read_timeout: closing the connection"
+            ),
         }
+    }
+}
+
+/// A connection's future with a deadline for its first request: `None` when the deadline passed
+/// first. The timer is dropped as soon as a request has been seen, so it costs nothing per
+/// request afterwards.
+struct FirstRequestDeadline<F> {
+    conn: F,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    seen: FirstRequest,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for FirstRequestDeadline<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        if let std::task::Poll::Ready(out) = std::pin::Pin::new(&mut this.conn).poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        if let Some(timer) = &mut this.timer {
+            if this.seen.0.load(std::sync::atomic::Ordering::Relaxed) {
+                this.timer = None;
+            } else if timer.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(None);
+            }
+        }
+        std::task::Poll::Pending
     }
 }
