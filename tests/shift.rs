@@ -765,6 +765,45 @@ async fn fleet_rollout_one_shard_at_a_time() {
     );
 }
 
+/// Pausing and resuming a rollout carries to its shards' shifts, but resume leaves alone a shift
+/// an operator had paused by itself before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_resume_keeps_a_shift_paused_by_hand() {
+    let (_stubs, gw) = fleet(2, "").await;
+    let r = post(
+        &gw.admin("/v1/rollouts"),
+        r#"{"revision": "v2", "max_concurrent": 2, "step_percent": 10, "step_interval": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("both shards shifting", || async {
+        let state = gw.state().await;
+        state["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["shift"]["state"] == "progressing")
+    })
+    .await;
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/pause"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        post(&gw.admin("/v1/rollouts/pause"), "").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(shift_of(&gw, "shard-1").await["state"], "paused");
+    assert_eq!(
+        post(&gw.admin("/v1/rollouts/resume"), "").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        shift_of(&gw, "shard-0").await["state"],
+        "paused",
+        "paused by hand"
+    );
+    assert_eq!(shift_of(&gw, "shard-1").await["state"], "progressing");
+}
+
 /// A rollout halts at the first shard whose target fails: later shards never start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_rollout_halts_when_a_shard_rolls_back() {

@@ -268,7 +268,16 @@ impl Desired {
                 ))
             }
         }
-        // Carry the control to the rollout's running shard shifts (where it applies).
+        // Carry the control to the rollout's running shard shifts (where it applies). A resume
+        // resumes only what the rollout's pause paused.
+        let shifting: Vec<String> = match action {
+            Action::Resume => std::mem::take(&mut rollout.paused_shifts)
+                .into_iter()
+                .filter(|s| shifting.contains(s))
+                .collect(),
+            _ => shifting,
+        };
+        let mut paused = Vec::new();
         for shard in shifting {
             let Some(entry) = next.shards.get_mut(&shard) else {
                 continue;
@@ -284,6 +293,16 @@ impl Desired {
             };
             if applied {
                 entry.weights = shift.weights();
+                if action == Action::Pause {
+                    paused.push(shard);
+                }
+            }
+        }
+        if let Some(rollout) = next.rollout.as_mut() {
+            if action == Action::Pause {
+                rollout.paused_shifts = paused;
+            } else if action == Action::Abort {
+                rollout.paused_shifts.clear();
             }
         }
         let rollout = next.rollout.clone();

@@ -107,6 +107,10 @@ pub struct Rollout {
     /// Why it halted or was aborted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Shards whose shifts the rollout's own `pause` paused: its `resume` resumes these only, not
+    /// a shift an operator had paused by itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paused_shifts: Vec<String>,
 }
 
 /// What the rollout wants the control plane to do after looking at the shards' shifts.
@@ -142,6 +146,7 @@ impl Rollout {
                 })
                 .collect(),
             reason: None,
+            paused_shifts: Vec::new(),
         }
     }
 
@@ -157,9 +162,7 @@ impl Rollout {
         shift_phase: impl Fn(&str) -> Option<(Phase, Option<String>)>,
     ) -> RolloutActions {
         let mut actions = RolloutActions::default();
-        if !self.phase.is_active() {
-            return actions;
-        }
+        // Shards' shifts go on after a halt or an abort: their progress is still followed.
         for s in &mut self.shards {
             if s.state != ShardProgress::Shifting {
                 continue;
@@ -181,6 +184,9 @@ impl Rollout {
                     actions.changed = true;
                 }
             }
+        }
+        if !self.phase.is_active() {
+            return actions;
         }
         if let Some(failed) = self
             .shards
@@ -287,10 +293,13 @@ mod tests {
         assert_eq!(r.phase, RolloutPhase::Halted);
         assert!(r.reason.as_deref().unwrap().contains("shard-0"));
         assert_eq!(r.count(ShardProgress::Waiting), 2);
-        assert!(r
-            .advance(|_| Some((Phase::Draining, None)))
-            .start
-            .is_empty());
+        let actions = r.advance(|_| Some((Phase::Draining, None)));
+        assert!(actions.start.is_empty());
+        // The halted rollout still follows its other shard, whose shift went on and promoted.
+        assert!(actions.changed);
+        assert_eq!(r.phase, RolloutPhase::Halted);
+        assert_eq!(r.count(ShardProgress::Done), 1);
+        assert_eq!(r.count(ShardProgress::Shifting), 0);
     }
 
     #[test]
