@@ -516,6 +516,8 @@ async fn startup_fails_on_bad_files_naming_them() {
 struct TlsFront {
     addr: SocketAddr,
     resolver: Arc<CertResolver>,
+    /// When set, new connections are accepted and then left without a TLS handshake.
+    stall: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -534,9 +536,18 @@ impl TlsFront {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = Arc::clone(&stall);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
+                if stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(tcp);
+                    });
+                    continue;
+                }
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         return;
@@ -551,6 +562,7 @@ impl TlsFront {
         TlsFront {
             addr,
             resolver,
+            stall,
             task,
         }
     }
@@ -694,4 +706,29 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A cluster that accepts connections but never finishes the TLS handshake fails a request as a
+/// connect failure within `upstream.connect_timeout` (502 naming it), not after the much longer
+/// response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_a_connect_failure() {
+    let upstream_ca = Ca::new("upstream CA");
+    let backend = stub("tls-stall", "v1", &[("echo", "/echo")]).await;
+    let front = TlsFront::start(backend.addr(), &upstream_ca.issue("serve")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    upstream_ca.write(&dir.path().join("ca.pem"));
+    // One probe at start (ready), then none; no pooling: every request opens a connection.
+    let yaml = https_cluster_yaml(
+        &front,
+        "1h",
+        "upstream:\n  ca_file: ca.pem\n  max_idle_per_cluster: 0\n  retries: false\n  connect_timeout: 500ms\n  response_timeout: 60s\n",
+    );
+    let gw = TestGateway::start_in(&yaml, dir).await;
+    gw.wait_cluster_ready("tls-up", true).await;
+    assert_eq!(get(&gw.url("/echo/x")).await.status, StatusCode::OK);
+    front.stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = get(&gw.url("/echo/x")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert!(r.body.contains("upstream.connect_timeout"), "{}", r.body);
 }

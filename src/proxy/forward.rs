@@ -233,7 +233,9 @@ async fn send(
     cluster: &Cluster,
     req: Request<RequestBody>,
 ) -> Result<(Response<Incoming>, Sender), Failure> {
-    let sent = cluster.pool.send(&ctx.connector, cluster, req);
+    let sent = cluster
+        .pool
+        .send(&ctx.connector, ctx.connect_timeout, cluster, req);
     match tokio::time::timeout(ctx.response_timeout, sent).await {
         Err(_) => Err(Failure::Timeout),
         Ok(Ok(sent)) => Ok(sent),

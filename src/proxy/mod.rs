@@ -34,6 +34,9 @@ pub struct ProxyContext {
     pub split_key: SplitKey,
     /// Value of `x-forwarded-proto` (`http` or `https`).
     pub proto: &'static str,
+    /// Longest wait for a new connection to a cluster, TCP and TLS handshake together
+    /// (`upstream.connect_timeout`).
+    pub connect_timeout: std::time::Duration,
     /// Longest wait for response headers (`upstream.response_timeout`).
     pub response_timeout: std::time::Duration,
     /// Largest request body accepted (`limits.max_body_bytes`).
@@ -64,6 +67,7 @@ impl ProxyContext {
             } else {
                 "http"
             },
+            connect_timeout: config.upstream.connect_timeout,
             response_timeout: config.upstream.response_timeout,
             max_body_bytes: config.limits.max_body_bytes,
             retries: config.upstream.retries,

@@ -137,9 +137,14 @@ impl ClusterPool {
     /// An idle connection the cluster closed just before the request could be written (the
     /// keep-alive race) is skipped and the request sent on the next one: hyper hands a request
     /// back when none of it was written.
+    ///
+    /// Opening a connection (TCP, and the TLS handshake for `https://`) is bounded by
+    /// `connect_timeout`: a cluster that accepts but never finishes its handshake fails as a
+    /// connect failure (retried elsewhere), not as a response timeout.
     pub async fn send(
         &self,
         connector: &Connector,
+        connect_timeout: Duration,
         cluster: &Cluster,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Sender), SendError> {
@@ -148,7 +153,18 @@ impl ClusterPool {
                 Some(sender) => (sender, true),
                 // Boxed: connecting is rare, and its large state would otherwise be part of (and
                 // moved with) every request's future.
-                None => (Box::pin(connect(connector, cluster)).await?, false),
+                None => {
+                    let connecting = Box::pin(connect(connector, cluster));
+                    match tokio::time::timeout(connect_timeout, connecting).await {
+                        Ok(connected) => (connected?, false),
+                        Err(_) => {
+                            return Err(SendError::Connect(format!(
+                                "no connection within {} (upstream.connect_timeout)",
+                                humantime::format_duration(connect_timeout)
+                            )))
+                        }
+                    }
+                }
             };
             // A returned connection may still be finishing its previous response.
             if let Err(e) = sender.ready().await {
