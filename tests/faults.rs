@@ -210,6 +210,66 @@ async fn silent_connections_do_not_hold_the_connection_limit() {
     }
 }
 
+/// A client that stops sending its request body gets 408 after `limits.body_read_timeout` (and
+/// the cluster is not blamed); a client that keeps sending, however slowly, is not cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_gets_408() {
+    let blue = stub("body-blue", "v1", &[("echo", "/echo")]).await;
+    let extra = "limits:\n  body_read_timeout: 400ms\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
+    let addr = gw.gateway.proxy_addr();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /echo/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("limits.body_read_timeout"), "{answer}");
+
+    // 30 bytes, one every 100 ms: slower in total than the timeout, never paused as long.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"POST /echo/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 30\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..30 {
+        slow.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("{\"bytes\": 30}") || answer.contains("\"bytes\":30"),
+        "{answer}"
+    );
+    let state = gw.cluster_state("body-blue").await;
+    assert_eq!(state["ejected"], false, "{state}");
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        !metrics.contains(r#"rayshift_upstream_errors_total{cluster="body-blue""#),
+        "the cluster was blamed for the client's pause"
+    );
+}
+
 /// Oversized headers get 431, an oversized body 413, garbage 400; the gateway stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_get_the_right_4xx() {

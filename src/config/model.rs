@@ -282,6 +282,9 @@ pub struct LimitsConfig {
     pub max_body_bytes: Option<u64>,
     /// Time a client has to send a complete request head (slowloris protection); > 0.
     pub header_read_timeout: Duration,
+    /// Longest pause while a client sends a request body (no data for this long: the request
+    /// fails with 408 and holds its cluster connection no longer); > 0.
+    pub body_read_timeout: Duration,
     /// Most client connections open at once; further connections wait in the listen backlog.
     pub max_connections: usize,
 }
@@ -292,6 +295,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             max_body_bytes: None,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
             max_connections: 10_000,
         }
     }

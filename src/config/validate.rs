@@ -514,6 +514,10 @@ fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
                 l.header_read_timeout = positive_duration(s)?;
                 Ok(())
             }),
+            ("body_read_timeout", |l, s| {
+                l.body_read_timeout = positive_duration(s)?;
+                Ok(())
+            }),
             ("max_connections", |l, s| {
                 l.max_connections = bounded_count(s, 1, MAX_CONNECTIONS)?;
                 Ok(())

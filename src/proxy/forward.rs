@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use crate::cluster::{Cluster, InFlight};
 use crate::proxy::body::{local_response, ProxyBody};
 use crate::proxy::pool::{self, Sender};
-use crate::proxy::request_body::{BodyTooLarge, RequestBody};
+use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, RequestBody};
 use crate::proxy::{headers, split_key, ProxyContext};
 use crate::telemetry;
 
@@ -37,6 +37,8 @@ enum Failure {
     Timeout,
     /// The client's body went over `limits.max_body_bytes`.
     TooLarge(u64),
+    /// The client paused its body longer than `limits.body_read_timeout`.
+    BodyTimeout(Duration),
     /// The attempt failed (connect error, reset, ...).
     Error { connect: bool, cause: String },
 }
@@ -88,7 +90,7 @@ pub async fn handle(
     let mut cluster = route.cluster;
     set_upstream(&mut parts, &cluster);
     let mut in_flight = cluster.enter();
-    let (body, request_sent) = RequestBody::new(body, ctx.max_body_bytes);
+    let (body, request_sent) = RequestBody::new(body, ctx.max_body_bytes, ctx.body_read_timeout);
     let mut outcome = send(&ctx, &cluster, Request::from_parts(parts, body)).await;
 
     if let (Err(Failure::Error { connect, .. }), Some((method, path, headers))) =
@@ -243,6 +245,9 @@ async fn send(
             if let Some(too_large) = find_source::<BodyTooLarge>(&e) {
                 return Err(Failure::TooLarge(too_large.limit));
             }
+            if let Some(slow) = find_source::<BodyTimeout>(&e) {
+                return Err(Failure::BodyTimeout(slow.timeout));
+            }
             let cause = pool::describe(&e);
             tracing::debug!(cluster = %cluster.name, %cause, "upstream request failed");
             Err(Failure::Error {
@@ -276,6 +281,14 @@ fn record_failure(cluster: &Cluster, failure: &Failure, elapsed: Duration) -> (S
             StatusCode::PAYLOAD_TOO_LARGE,
             None,
             format!("request body is over the limit of {limit} bytes\n"),
+        ),
+        Failure::BodyTimeout(timeout) => (
+            StatusCode::REQUEST_TIMEOUT,
+            None,
+            format!(
+                "no request body data for {} (limits.body_read_timeout)\n",
+                humantime::format_duration(*timeout)
+            ),
         ),
         Failure::Timeout => (
             StatusCode::GATEWAY_TIMEOUT,

@@ -41,6 +41,8 @@ pub struct ProxyContext {
     pub response_timeout: std::time::Duration,
     /// Largest request body accepted (`limits.max_body_bytes`).
     pub max_body_bytes: Option<u64>,
+    /// Longest pause while a client sends its body (`limits.body_read_timeout`).
+    pub body_read_timeout: std::time::Duration,
     /// Whether safe retries are on (`upstream.retries`).
     pub retries: bool,
     /// The retry budget shared by all requests.
@@ -70,6 +72,7 @@ impl ProxyContext {
             connect_timeout: config.upstream.connect_timeout,
             response_timeout: config.upstream.response_timeout,
             max_body_bytes: config.limits.max_body_bytes,
+            body_read_timeout: config.limits.body_read_timeout,
             retries: config.upstream.retries,
             open_tunnels: Arc::default(),
             retry: RetryBudget::new(

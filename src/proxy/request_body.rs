@@ -1,10 +1,12 @@
-//! The body sent upstream: the client's body streamed as it arrives (optionally size-limited), or
-//! nothing (a bodiless request rebuilt for a retry).
+//! The body sent upstream: the client's body streamed as it arrives (optionally size-limited,
+//! always bounded in how long it may pause), or nothing (a bodiless request rebuilt for a retry).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -35,47 +37,54 @@ impl Sent {
     }
 }
 
+/// The client paused longer than `limits.body_read_timeout` while sending its body.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no body data for {} (limits.body_read_timeout)", humantime::format_duration(*.timeout))]
+pub struct BodyTimeout {
+    /// The configured timeout.
+    pub timeout: Duration,
+}
+
 /// A request body on its way to a cluster.
 #[derive(Debug)]
 pub enum RequestBody {
     /// The client's body, streamed frame by frame.
-    Stream {
-        /// The client's body.
-        body: Incoming,
-        /// Set at the body's end (`None`: the body was empty from the start).
-        sent: Option<Sent>,
-    },
-    /// The client's body, failing once more than `limit` bytes went through.
-    Limited {
-        /// The client's body.
-        body: Incoming,
-        /// The limit.
-        limit: u64,
-        /// Bytes seen so far.
-        seen: u64,
-        /// Set at the body's end (`None`: the body was empty from the start).
-        sent: Option<Sent>,
-    },
+    Client(ClientBody),
     /// No body.
     Empty,
 }
 
+/// The client's body as it streams to the cluster: counted against `limits.max_body_bytes`, and
+/// (when it has anything to send) watched for pauses and for its end.
+#[derive(Debug)]
+pub struct ClientBody {
+    body: Incoming,
+    /// `limits.max_body_bytes`.
+    limit: Option<u64>,
+    /// Bytes seen so far.
+    seen: u64,
+    /// Set at the body's end (`None`: the body was empty from the start).
+    sent: Option<Sent>,
+    /// The pause allowed between two frames, and its timer (`None` for an empty body).
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
 impl RequestBody {
-    /// The client's body, limited when `limit` is set, and (when the body is not empty) the flag
-    /// that tells when it has all been sent.
-    pub fn new(body: Incoming, limit: Option<u64>) -> (Self, Option<Sent>) {
-        // Only a body that has something to send needs watching (and an allocation for it).
-        let sent = (!body.is_end_stream()).then(Sent::default);
+    /// The client's body, limited when `limit` is set, failing after a pause of `idle_timeout`,
+    /// and (when the body is not empty) the flag that tells when it has all been sent.
+    pub fn new(body: Incoming, limit: Option<u64>, idle_timeout: Duration) -> (Self, Option<Sent>) {
+        // Only a body that has something to send needs watching (and allocations for it).
+        let empty = body.is_end_stream();
+        let sent = (!empty).then(Sent::default);
+        let idle = (!empty).then(|| (idle_timeout, Box::pin(tokio::time::sleep(idle_timeout))));
         let watch = sent.clone();
-        let body = match limit {
-            Some(limit) => RequestBody::Limited {
-                body,
-                limit,
-                seen: 0,
-                sent,
-            },
-            None => RequestBody::Stream { body, sent },
-        };
+        let body = RequestBody::Client(ClientBody {
+            body,
+            limit,
+            seen: 0,
+            sent,
+            idle,
+        });
         (body, watch)
     }
 }
@@ -88,39 +97,38 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let (polled, body, sent) = match self.get_mut() {
-            RequestBody::Stream { body, sent } => {
-                let polled = Pin::new(&mut *body).poll_frame(cx).map_err(Into::into);
-                (polled, body, sent)
-            }
-            RequestBody::Limited {
-                body,
-                limit,
-                seen,
-                sent,
-            } => {
-                let polled = match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(data) = frame.data_ref() {
-                            *seen += data.len() as u64;
-                            if *seen > *limit {
-                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                                    limit: *limit,
-                                }))));
-                            }
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    other => other.map_err(Into::into),
-                };
-                (polled, body, sent)
-            }
+        let c = match self.get_mut() {
+            RequestBody::Client(c) => c,
             RequestBody::Empty => return Poll::Ready(None),
         };
+        let polled = match Pin::new(&mut c.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    c.seen += data.len() as u64;
+                    if let Some(limit) = c.limit.filter(|limit| c.seen > *limit) {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                    }
+                }
+                if let Some((timeout, timer)) = &mut c.idle {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                if let Some((timeout, timer)) = &mut c.idle {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        let timeout = *timeout;
+                        return Poll::Ready(Some(Err(Box::new(BodyTimeout { timeout }))));
+                    }
+                }
+                Poll::Pending
+            }
+            other => other.map_err(Into::into),
+        };
         // hyper stops polling a body that says it has ended: the last frame counts as the end.
-        if let Some(sent) = sent {
+        if let Some(sent) = &c.sent {
             if matches!(polled, Poll::Ready(None))
-                || (matches!(polled, Poll::Ready(Some(Ok(_)))) && body.is_end_stream())
+                || (matches!(polled, Poll::Ready(Some(Ok(_)))) && c.body.is_end_stream())
             {
                 sent.done();
             }
@@ -130,18 +138,14 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream { body, .. } | RequestBody::Limited { body, .. } => {
-                body.is_end_stream()
-            }
+            RequestBody::Client(c) => c.body.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream { body, .. } | RequestBody::Limited { body, .. } => {
-                body.size_hint()
-            }
+            RequestBody::Client(c) => c.body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
