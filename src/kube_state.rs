@@ -32,19 +32,20 @@ pub const STATE_KEY: &str = "state.json";
 /// report and discovery event queues behind the write) until TCP gives up, minutes later.
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `call` bounded by [`API_TIMEOUT`].
+/// `call` bounded by `limit`.
 async fn bounded<T>(
+    limit: Duration,
     call: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> Result<Result<T, kube::Error>, ApiTimeout> {
-    tokio::time::timeout(API_TIMEOUT, call)
+    tokio::time::timeout(limit, call)
         .await
-        .map_err(|_| ApiTimeout)
+        .map_err(|_| ApiTimeout(limit))
 }
 
-/// The Kubernetes API did not answer within [`API_TIMEOUT`].
+/// The Kubernetes API did not answer within the time given.
 #[derive(Debug, thiserror::Error)]
-#[error("the Kubernetes API did not answer within {}s", API_TIMEOUT.as_secs())]
-pub struct ApiTimeout;
+#[error("the Kubernetes API did not answer within {}", humantime::format_duration(*.0))]
+pub struct ApiTimeout(pub Duration);
 
 /// The state document in a ConfigMap, written with optimistic concurrency.
 #[derive(Debug)]
@@ -93,7 +94,7 @@ impl ConfigMapStore {
 
     /// Reads the state (`None`: no ConfigMap or no state in it yet).
     pub async fn load(&self) -> Result<Option<State>, StateError> {
-        let cm = match bounded(self.api.get_opt(&self.name)).await {
+        let cm = match bounded(API_TIMEOUT, self.api.get_opt(&self.name)).await {
             Ok(Ok(cm)) => cm,
             Ok(Err(e)) => return Err(self.kube_error(e)),
             Err(e) => return Err(self.kube_error(e)),
@@ -135,9 +136,13 @@ impl ConfigMapStore {
         // A write that timed out may still have been applied; the next one then conflicts on the
         // resourceVersion, reloads and retries, so nothing is applied twice.
         let result = if cm.metadata.resource_version.is_some() {
-            bounded(self.api.replace(&self.name, &PostParams::default(), &cm)).await
+            bounded(
+                API_TIMEOUT,
+                self.api.replace(&self.name, &PostParams::default(), &cm),
+            )
+            .await
         } else {
-            bounded(self.api.create(&PostParams::default(), &cm)).await
+            bounded(API_TIMEOUT, self.api.create(&PostParams::default(), &cm)).await
         };
         let result = match result {
             Ok(result) => result,
@@ -211,17 +216,21 @@ pub fn elect(
     tokio::spawn(async move {
         let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
-            let attempt = tokio::time::timeout(
-                (duration / 3).min(API_TIMEOUT),
+            // A renewal is valid from when it was sent (the Lease's renewTime), and one that hangs
+            // gives up early enough for another attempt while the last renewal still holds.
+            let started = tokio::time::Instant::now();
+            let attempt = bounded(
+                (duration / 6).min(API_TIMEOUT),
                 try_acquire(&api, &name, &identity, duration),
             )
             .await
-            .map_err(|_| ApiTimeout.to_string())
+            .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+            let failed = attempt.is_err();
             let leader = match attempt {
                 Ok(held) => {
                     if held {
-                        last_renewal = Some(tokio::time::Instant::now());
+                        last_renewal = Some(started);
                     }
                     held
                 }
@@ -237,7 +246,8 @@ pub fn elect(
             if tx.send(leader).is_err() {
                 return;
             }
-            tokio::time::sleep(duration / 3).await;
+            // After a failure, try again soon: leadership lasts only while a renewal is recent.
+            tokio::time::sleep(if failed { duration / 12 } else { duration / 3 }).await;
         }
     });
     rx

@@ -327,7 +327,7 @@ async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
         http::Method::POST,
         &replicas[follower].admin("/v1/shards/shard-0/shift"),
         &[],
-        r#"{"to": "ha-v2", "step_percent": 10, "step_interval": "700ms", "min_requests": 5, "drain_timeout": "8s"}"#,
+        r#"{"to": "ha-v2", "step_percent": 10, "step_interval": "700ms", "min_requests": 5, "drain_timeout": "5s"}"#,
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
@@ -361,20 +361,8 @@ async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
         state_of(&replicas[follower]).await["leader"] == true
     })
     .await;
-    eventually("shift completed by the survivor", || {
-        let url = shift_url.clone();
-        async move { get(&url).await.body.contains("\"state\": \"completed\"") }
-    })
-    .await;
-    let report = load.stop().await;
-    println!(
-        "failover: {} requests through the survivor, {} failed",
-        report.ok + report.failed,
-        report.failed
-    );
-    assert_eq!(report.failed, 0, "{:?}", report.failures);
-    // The leader saw its own requests drain, not the other replicas': the old RayCluster is marked
-    // drained only once drain_timeout has passed since the promotion.
+    // The survivor promotes; it cannot see the other replica's requests, so the drain lasts its
+    // whole drain_timeout, and the old RayCluster is marked drained only after it.
     let drained = || async {
         api.get("ha-v1")
             .await
@@ -384,9 +372,33 @@ async fn two_replicas_share_state_and_fail_over(env: &KubeEnv) {
             .unwrap_or_default()
             .contains_key("rayshift.io/drained")
     };
+    eventually("shift promoted by the survivor", || {
+        let url = shift_url.clone();
+        async move { get(&url).await.body.contains("\"state\": \"draining\"") }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        get(&shift_url)
+            .await
+            .body
+            .contains("\"state\": \"draining\""),
+        "the drain ended before drain_timeout"
+    );
     assert!(!drained().await, "marked drained before drain_timeout");
-    eventually("old RayCluster marked drained after drain_timeout", drained).await;
+    eventually("shift completed by the survivor", || {
+        let url = shift_url.clone();
+        async move { get(&url).await.body.contains("\"state\": \"completed\"") }
+    })
+    .await;
+    eventually("old RayCluster marked drained", drained).await;
+    let report = load.stop().await;
+    println!(
+        "failover: {} requests through the survivor, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
     let cm: k8s_openapi::api::core::v1::ConfigMap = kube::Api::namespaced(env.client.clone(), "ha")
         .get("rayshift-state")
         .await

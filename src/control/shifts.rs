@@ -271,10 +271,13 @@ impl Desired {
         // Carry the control to the rollout's running shard shifts (where it applies). A resume
         // resumes only what the rollout's pause paused.
         let shifting: Vec<String> = match action {
-            Action::Resume => std::mem::take(&mut rollout.paused_shifts)
-                .into_iter()
-                .filter(|s| shifting.contains(s))
-                .collect(),
+            Action::Resume => match rollout.paused_shifts.take() {
+                Some(paused) => paused
+                    .into_iter()
+                    .filter(|s| shifting.contains(s))
+                    .collect(),
+                None => shifting,
+            },
             _ => shifting,
         };
         let mut paused = Vec::new();
@@ -300,9 +303,9 @@ impl Desired {
         }
         if let Some(rollout) = next.rollout.as_mut() {
             if action == Action::Pause {
-                rollout.paused_shifts = paused;
+                rollout.paused_shifts = Some(paused);
             } else if action == Action::Abort {
-                rollout.paused_shifts.clear();
+                rollout.paused_shifts = None;
             }
         }
         let rollout = next.rollout.clone();
@@ -537,6 +540,7 @@ impl Desired {
             }
         }
         obs.target_stats = stats;
+        obs.in_flight_elsewhere = matches!(self.store, super::Store::ConfigMap(_));
         obs.draining_in_flight = shift
             .draining_clusters()
             .iter()

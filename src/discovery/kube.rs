@@ -171,18 +171,16 @@ async fn watch(
 /// is a new cluster that happens to reuse the name (weights and shifts are kept by name), so it is
 /// left alone, and the delete carries the object's UID as a precondition. Objects handled are
 /// remembered by UID.
-///
-/// With several replicas (`state:` set), the leader only sees the requests in flight through
-/// itself; requests through the other replicas may still run on the old cluster when the leader
-/// finds it idle. Then a cluster is only marked (and deleted) once the shift's `drain_timeout` has
-/// passed since its promotion, the bound every replica's drain keeps to.
+/// (With several replicas sharing the state, a drain lasts its whole `drain_timeout`: the leader
+/// cannot see the other replicas' requests.)
 async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: ControlHandle) {
-    let shared = cfg.state.is_some();
     let ar = raycluster_resource();
     let mut done: HashSet<String> = HashSet::new();
-    // Objects whose annotation or deletion failed (e.g. no RBAC for it), by UID: tried again after
-    // a pause rather than every second, each failure logged once per pause.
-    let mut retry_at: std::collections::HashMap<String, tokio::time::Instant> =
+    // When to look at a drained cluster's object again: once handled (or when reading, marking
+    // or deleting it failed, e.g. without RBAC for it), not before a pause, so a drained cluster
+    // that stays costs one read per pause and a failure is logged once per pause. A RayCluster
+    // recreated under the name is looked at within one pause.
+    let mut next_look: std::collections::HashMap<(String, String), tokio::time::Instant> =
         std::collections::HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -197,31 +195,29 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
             else {
                 continue;
             };
-            let shift = snapshot.shifts.get(&*cluster.shard);
-            let promoted_at = shift.and_then(|s| s.promoted_at);
-            if let (true, Some(shift), Some(at)) = (shared, shift, promoted_at) {
-                let due = at.saturating_add(shift.policy.drain_timeout.as_secs());
-                if unix_now() < due {
-                    continue;
-                }
+            let now = tokio::time::Instant::now();
+            let key = (namespace.clone(), name.clone());
+            if next_look.get(&key).is_some_and(|at| now < *at) {
+                continue;
             }
+            next_look.insert(key, now + RETRY_PAUSE);
+            let promoted_at = snapshot
+                .shifts
+                .get(&*cluster.shard)
+                .and_then(|s| s.promoted_at);
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
             let object = match api.get_opt(name).await {
                 Ok(Some(object)) => object,
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!(%namespace, raycluster = %name, error = %e, "reading drained RayCluster failed");
+                    tracing::warn!(%namespace, raycluster = %name, error = %e, retry_in = ?RETRY_PAUSE, "reading drained RayCluster failed");
                     continue;
                 }
             };
             let Some(uid) = object.metadata.uid.clone() else {
                 continue;
             };
-            if done.contains(&uid)
-                || retry_at
-                    .get(&uid)
-                    .is_some_and(|at| tokio::time::Instant::now() < *at)
-            {
+            if done.contains(&uid) {
                 continue;
             }
             if !drained_object(&object, promoted_at) {
@@ -253,7 +249,6 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
                             }
                             Err(e) => {
                                 tracing::warn!(%namespace, raycluster = %name, error = %e, retry_in = ?RETRY_PAUSE, "deleting drained RayCluster failed");
-                                retry_at.insert(uid, tokio::time::Instant::now() + RETRY_PAUSE);
                                 continue;
                             }
                         }
@@ -266,22 +261,14 @@ async fn annotate_drained(client: Client, cfg: KubernetesConfig, control: Contro
                 }
                 Err(e) => {
                     tracing::warn!(%namespace, raycluster = %name, error = %e, retry_in = ?RETRY_PAUSE, "annotating drained RayCluster failed");
-                    retry_at.insert(uid, tokio::time::Instant::now() + RETRY_PAUSE);
                 }
             }
         }
     }
 }
 
-/// Pause before annotating or deleting a RayCluster again after a failure.
+/// Pause before looking at a drained RayCluster again (after handling it, or after a failure).
 const RETRY_PAUSE: Duration = Duration::from_secs(30);
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// Whether `object` is the RayCluster its shift drained: created before the shift was promoted
 /// (`promoted_at`, Unix seconds; unknown for shifts stored by older versions, which are trusted).

@@ -122,6 +122,9 @@ pub struct Observation {
     pub target_stats: StatsSnapshot,
     /// Requests still in flight on the draining clusters.
     pub draining_in_flight: u64,
+    /// Other gateway replicas (sharing the state) may have requests in flight on the draining
+    /// clusters, which this one cannot see: the drain then lasts its whole `drain_timeout`.
+    pub in_flight_elsewhere: bool,
 }
 
 /// Something that happened, for logs and metrics.
@@ -174,6 +177,8 @@ struct Runtime {
     step_due: Option<Instant>,
     window_base: Option<StatsSnapshot>,
     not_ready_since: Option<Instant>,
+    /// Time the target was not ready since the last step, in spells that have ended.
+    not_ready_before: Duration,
     drain_deadline: Option<Instant>,
 }
 
@@ -300,7 +305,8 @@ impl Shift {
                     .runtime
                     .drain_deadline
                     .get_or_insert(now + self.policy.drain_timeout);
-                if obs.draining_in_flight == 0 || now >= deadline {
+                let idle = obs.draining_in_flight == 0 && !obs.in_flight_elsewhere;
+                if idle || now >= deadline {
                     self.phase = Phase::Completed;
                     vec![Event::Drained {
                         timed_out: obs.draining_in_flight > 0,
@@ -320,9 +326,12 @@ impl Shift {
             // again it gets a fresh window (and a full interval, unless at 0%) before the next step.
             self.runtime.window_base = None;
             let since = *self.runtime.not_ready_since.get_or_insert(now);
-            if now.duration_since(since) >= self.policy.ready_timeout {
+            // Spells add up until the next step, so a target that flaps cannot hold the shift
+            // forever without rolling it back.
+            let not_ready = self.runtime.not_ready_before + now.duration_since(since);
+            if not_ready >= self.policy.ready_timeout {
                 let detail = format!(
-                    "target not ready for {}: {}",
+                    "target not ready for {} since the last step: {}",
                     humantime::format_duration(self.policy.ready_timeout),
                     obs.gate_detail
                 );
@@ -330,7 +339,9 @@ impl Shift {
             }
             return Vec::new();
         }
-        self.runtime.not_ready_since = None;
+        if let Some(since) = self.runtime.not_ready_since.take() {
+            self.runtime.not_ready_before += now.duration_since(since);
+        }
 
         let interval = self.policy.step_interval;
         let base = match &self.runtime.window_base {
@@ -436,6 +447,7 @@ impl Shift {
         self.step += 1;
         self.runtime.window_base = Some(obs.target_stats.clone());
         self.runtime.step_due = Some(now + interval);
+        self.runtime.not_ready_before = Duration::ZERO;
         events.push(Event::Stepped {
             weight: self.target_weight,
         });

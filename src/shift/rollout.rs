@@ -108,9 +108,10 @@ pub struct Rollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Shards whose shifts the rollout's own `pause` paused: its `resume` resumes these only, not
-    /// a shift an operator had paused by itself.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub paused_shifts: Vec<String>,
+    /// a shift an operator had paused by itself. `None` (a rollout paused by an older version):
+    /// resume resumes every shifting shard's shift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_shifts: Option<Vec<String>>,
 }
 
 /// What the rollout wants the control plane to do after looking at the shards' shifts.
@@ -146,7 +147,7 @@ impl Rollout {
                 })
                 .collect(),
             reason: None,
-            paused_shifts: Vec::new(),
+            paused_shifts: None,
         }
     }
 
@@ -162,8 +163,19 @@ impl Rollout {
         shift_phase: impl Fn(&str) -> Option<(Phase, Option<String>)>,
     ) -> RolloutActions {
         let mut actions = RolloutActions::default();
+        let active = self.phase.is_active();
         // Shards' shifts go on after a halt or an abort: their progress is still followed.
         for s in &mut self.shards {
+            if s.state == ShardProgress::Done && active {
+                // A shard is done once its shift promoted; aborted while draining (its target
+                // failed after promotion), it went back to the old revision: the rollout halts.
+                if let Some((Phase::Aborted | Phase::RolledBack, reason)) = shift_phase(&s.shard) {
+                    s.state = ShardProgress::Failed;
+                    s.reason = reason;
+                    actions.changed = true;
+                }
+                continue;
+            }
             if s.state != ShardProgress::Shifting {
                 continue;
             }
@@ -300,6 +312,24 @@ mod tests {
         assert_eq!(r.phase, RolloutPhase::Halted);
         assert_eq!(r.count(ShardProgress::Done), 1);
         assert_eq!(r.count(ShardProgress::Shifting), 0);
+    }
+
+    #[test]
+    fn a_done_shard_aborted_while_draining_halts_the_rollout() {
+        let mut r = rollout(1);
+        assert_eq!(r.advance(|_| None).start, ["shard-0"]);
+        r.advance(|_| Some((Phase::Draining, None)));
+        assert_eq!(r.count(ShardProgress::Done), 1);
+        let actions = r.advance(|s| {
+            Some(if s == "shard-0" {
+                (Phase::Aborted, Some("aborted by an operator".into()))
+            } else {
+                (Phase::Progressing, None)
+            })
+        });
+        assert_eq!(r.phase, RolloutPhase::Halted);
+        assert!(actions.start.is_empty(), "{:?}", actions.start);
+        assert!(r.reason.as_deref().unwrap().contains("shard-0"));
     }
 
     #[test]

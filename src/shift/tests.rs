@@ -60,6 +60,7 @@ impl TargetStats {
             },
             target_stats: self.stats.snapshot(),
             draining_in_flight: 0,
+            in_flight_elsewhere: false,
         }
     }
 }
@@ -398,4 +399,67 @@ async fn after_a_not_ready_spell_the_next_step_waits_a_fresh_window() {
         s.tick(Instant::now(), &t.obs(true)),
         vec![Event::Stepped { weight: 50 }]
     );
+}
+
+/// With several replicas sharing the state, the leader cannot see the others' requests: the drain
+/// lasts the whole drain_timeout even when its own view of the old cluster is idle.
+#[tokio::test(start_paused = true)]
+async fn a_shared_drain_lasts_its_timeout() {
+    let mut s = shift();
+    s.promote(Instant::now()).unwrap();
+    let mut shared = TargetStats::new().obs(true);
+    shared.in_flight_elsewhere = true;
+    assert!(s.tick(Instant::now(), &shared).is_empty());
+    advance(Duration::from_secs(29)).await;
+    assert!(s.tick(Instant::now(), &shared).is_empty());
+    assert_eq!(s.phase, Phase::Draining);
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        s.tick(Instant::now(), &shared),
+        vec![Event::Drained { timed_out: false }]
+    );
+    assert_eq!(s.phase, Phase::Completed);
+}
+
+/// A target that keeps flapping (briefly not ready every few seconds) never gets a clean window to
+/// step on, and its spells add up: at ready_timeout in total the shift rolls back.
+#[tokio::test(start_paused = true)]
+async fn a_flapping_target_rolls_back_when_its_spells_add_up() {
+    let mut s = shift();
+    s.policy.ready_timeout = Duration::from_secs(20);
+    let t = TargetStats::new();
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    let mut rolled_back = None;
+    for round in 0..20 {
+        // 4 s not ready, then 4 s ready (with traffic): never a full 10 s interval of health.
+        assert!(s.tick(Instant::now(), &t.obs(false)).is_empty());
+        advance(Duration::from_secs(4)).await;
+        let events = s.tick(Instant::now(), &t.obs(false));
+        if !events.is_empty() {
+            rolled_back = Some((round, events));
+            break;
+        }
+        t.serve(30, 0, Duration::from_millis(10));
+        assert!(
+            s.tick(Instant::now(), &t.obs(true)).is_empty(),
+            "stepped on a flapping target"
+        );
+        advance(Duration::from_secs(4)).await;
+    }
+    let (round, events) = rolled_back.expect("rolled back");
+    assert_eq!(round, 4, "20 s of not-ready spells of 4 s: the fifth");
+    assert!(
+        matches!(
+            &events[..],
+            [Event::RolledBack {
+                reason: "not_ready",
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(weights(&s), (100, 0));
 }
