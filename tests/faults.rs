@@ -224,7 +224,7 @@ async fn silent_connections_do_not_hold_the_connection_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_gets_408() {
     let blue = stub("body-blue", "v1", &[("echo", "/echo")]).await;
-    let extra = "limits:\n  body_read_timeout: 400ms\n";
+    let extra = "limits:\n  body_read_timeout: 1s\n";
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
         &[cluster(&blue, "shard-0", "v1", None)],
@@ -248,16 +248,16 @@ async fn a_stalled_request_body_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("limits.body_read_timeout"), "{answer}");
 
-    // 30 bytes, one every 100 ms: slower in total than the timeout, never paused as long.
+    // 15 bytes, one every 200 ms: slower in total than the timeout, never paused as long.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     slow.write_all(
-        b"POST /echo/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 30\r\nconnection: close\r\n\r\n",
+        b"POST /echo/upload HTTP/1.1\r\nhost: x\r\ncontent-length: 15\r\nconnection: close\r\n\r\n",
     )
     .await
     .unwrap();
-    for _ in 0..30 {
+    for _ in 0..15 {
         slow.write_all(b"x").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer))
@@ -267,7 +267,7 @@ async fn a_stalled_request_body_gets_408() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
-        answer.contains("{\"bytes\": 30}") || answer.contains("\"bytes\":30"),
+        answer.contains("{\"bytes\": 15}") || answer.contains("\"bytes\":15"),
         "{answer}"
     );
     let state = gw.cluster_state("body-blue").await;

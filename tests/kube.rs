@@ -570,13 +570,21 @@ async fn a_raycluster_never_removes_a_static_cluster(env: &KubeEnv) {
     };
     create_raycluster(&api, "fixed", "shard-0", "v1", imposter.addr().port(), true).await;
     eventually("the RayCluster seen", || watched("apply")).await;
-    // Unroutable (shard label removed), then deleted: each is a removal from discovery.
-    let patch = serde_json::json!({"metadata": {"labels": {"rayshift.io/shard": null}}});
+    // Unroutable while still selected (an empty shard label), then deleted: each is a removal
+    // from discovery.
+    let patch = serde_json::json!({"metadata": {"labels": {"rayshift.io/shard": ""}}});
     api.patch("fixed", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
     api.delete("fixed", &DeleteParams::default()).await.unwrap();
-    eventually("the deletion seen", || watched("delete")).await;
+    // Events of a namespace are applied in order: once a later object shows up, the removals
+    // have been applied.
+    let marker = stub("marker", "v1", &[("other", "/other")]).await;
+    create_raycluster(&api, "marker", "shard-1", "v1", marker.addr().port(), true).await;
+    eventually("a later RayCluster discovered", || async {
+        find_cluster(&gw.state().await, "marker").is_some()
+    })
+    .await;
     for _ in 0..10 {
         assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("fixed"));
     }

@@ -416,3 +416,33 @@ async fn trailers_reach_the_client() {
         "{text}"
     );
 }
+
+/// An HTTP/2 upload whose end-of-stream comes in a frame of its own, after the declared length:
+/// the upstream connection is reused once the body has all been sent (hyper stops reading the
+/// body at its declared length, before that empty last frame).
+#[tokio::test]
+async fn an_h2_upload_with_a_separate_end_of_stream_reuses_its_connection() {
+    use http_body_util::{BodyExt, StreamBody};
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-h2-upload", "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        // One DATA frame, then the stream ends: hyper sends END_STREAM in an empty DATA frame.
+        let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            http_body::Frame::data(bytes::Bytes::from_static(b"hello")),
+        )]);
+        let req = http::Request::post(gw.url("/app/small"))
+            .header("content-length", "5")
+            .body(StreamBody::new(frames))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        conns.push(resp.headers()["x-conn"].to_str().unwrap().to_string());
+        resp.into_body().collect().await.unwrap();
+    }
+    assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
+    assert_eq!(connections_opened(&gw, "pool-h2-upload").await, 1);
+}

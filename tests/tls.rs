@@ -722,7 +722,7 @@ async fn a_stalled_tls_handshake_is_a_connect_failure() {
     let yaml = https_cluster_yaml(
         &front,
         "1h",
-        "upstream:\n  ca_file: ca.pem\n  max_idle_per_cluster: 0\n  retries: false\n  connect_timeout: 500ms\n  response_timeout: 60s\n",
+        "upstream:\n  ca_file: ca.pem\n  max_idle_per_cluster: 0\n  retries: false\n  connect_timeout: 2s\n  response_timeout: 60s\n",
     );
     let gw = TestGateway::start_in(&yaml, dir).await;
     gw.wait_cluster_ready("tls-up", true).await;

@@ -138,7 +138,7 @@ impl ClusterPool {
     /// keep-alive race) is skipped and the request sent on the next one: hyper hands a request
     /// back when none of it was written.
     ///
-    /// Opening a connection (TCP, and the TLS handshake for `https://`) is bounded by
+    /// Opening a connection (name resolution, TCP, and the TLS handshake for `https://`) is bounded by
     /// `connect_timeout`: a cluster that accepts but never finishes its handshake fails as a
     /// connect failure (retried elsewhere), not as a response timeout.
     pub async fn send(
@@ -154,8 +154,13 @@ impl ClusterPool {
                 // Boxed: connecting is rare, and its large state would otherwise be part of (and
                 // moved with) every request's future.
                 None => {
-                    let connecting = Box::pin(connect(connector, cluster));
-                    match tokio::time::timeout(connect_timeout, connecting).await {
+                    // Boxed, timer included: connecting is rare, and its large state would
+                    // otherwise be part of (and moved with) every request's future.
+                    let connecting = Box::pin(tokio::time::timeout(
+                        connect_timeout,
+                        connect(connector, cluster),
+                    ));
+                    match connecting.await {
                         Ok(connected) => (connected?, false),
                         Err(_) => {
                             return Err(SendError::Connect(format!(

@@ -65,8 +65,15 @@ pub struct ClientBody {
     seen: u64,
     /// Set at the body's end (`None`: the body was empty from the start).
     sent: Option<Sent>,
-    /// The pause allowed between two frames, and its timer (`None` for an empty body).
-    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// The declared length (`content-length`), when there is one: hyper stops polling once it has
+    /// sent that many bytes, even if the client's end-of-stream comes later (HTTP/2).
+    expected: Option<u64>,
+    /// The pause allowed between two frames (`None` for an empty body).
+    idle_timeout: Option<Duration>,
+    /// The pause timer, made at the first wait for the client.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `idle` runs for the current wait.
+    armed: bool,
 }
 
 impl RequestBody {
@@ -76,16 +83,44 @@ impl RequestBody {
         // Only a body that has something to send needs watching (and allocations for it).
         let empty = body.is_end_stream();
         let sent = (!empty).then(Sent::default);
-        let idle = (!empty).then(|| (idle_timeout, Box::pin(tokio::time::sleep(idle_timeout))));
         let watch = sent.clone();
+        let expected = body.size_hint().exact();
         let body = RequestBody::Client(ClientBody {
             body,
             limit,
             seen: 0,
             sent,
-            idle,
+            expected,
+            idle_timeout: (!empty).then_some(idle_timeout),
+            idle: None,
+            armed: false,
         });
         (body, watch)
+    }
+}
+
+impl ClientBody {
+    /// Polls the pause timer while the client sends nothing; `true` once the pause is too long. The
+    /// pause runs from when the gateway starts waiting for the client's next frame (not while it
+    /// connects upstream, or before a 100-continue went out).
+    fn paused_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.idle_timeout else {
+            return false;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timer = match &mut self.idle {
+            Some(timer) => {
+                if !self.armed {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .idle
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -109,26 +144,24 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                     }
                 }
-                if let Some((timeout, timer)) = &mut c.idle {
-                    timer.as_mut().reset(tokio::time::Instant::now() + *timeout);
-                }
+                c.armed = false;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
-                if let Some((timeout, timer)) = &mut c.idle {
-                    if timer.as_mut().poll(cx).is_ready() {
-                        let timeout = *timeout;
-                        return Poll::Ready(Some(Err(Box::new(BodyTimeout { timeout }))));
-                    }
+                if c.paused_too_long(cx) {
+                    let timeout = c.idle_timeout.unwrap_or_default();
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout { timeout }))));
                 }
                 Poll::Pending
             }
             other => other.map_err(Into::into),
         };
-        // hyper stops polling a body that says it has ended: the last frame counts as the end.
+        // hyper stops polling a body that says it has ended, or that has sent its declared
+        // length: the last frame counts as the end.
         if let Some(sent) = &c.sent {
             if matches!(polled, Poll::Ready(None))
-                || (matches!(polled, Poll::Ready(Some(Ok(_)))) && c.body.is_end_stream())
+                || (matches!(polled, Poll::Ready(Some(Ok(_))))
+                    && (c.body.is_end_stream() || c.expected == Some(c.seen)))
             {
                 sent.done();
             }

@@ -145,7 +145,9 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// bounds a client that connects and sends nothing (or half the HTTP/2 preface). Such a client
 /// would hold a `limits.max_connections` permit forever, so a connection gets
 /// `limits.header_read_timeout` for its first request; later requests are hyper's business
-/// (HTTP/1: `header_read_timeout` again; HTTP/2: keep-alive pings).
+/// (HTTP/1: `header_read_timeout` again, which also bounds idle keep-alive). An HTTP/2 connection
+/// that sent a request may stay open while idle: pings only find peers that are gone, not a live
+/// client that keeps a connection open doing nothing.
 #[derive(Clone, Default)]
 struct FirstRequest(Arc<std::sync::atomic::AtomicBool>);
 
