@@ -54,22 +54,30 @@ pub enum RequestBody {
     Empty,
 }
 
-/// The client's body as it streams to the cluster: counted against `limits.max_body_bytes`, and
-/// (when it has anything to send) watched for pauses and for its end.
+/// The client's body as it streams to the cluster. A body with anything to send is watched (see
+/// [`Watch`]); an empty one costs nothing more than the body itself.
 #[derive(Debug)]
 pub struct ClientBody {
     body: Incoming,
+    /// Boxed: requests are moved between futures, and most have no body.
+    watch: Option<Box<Watch>>,
+}
+
+/// What is kept about a body with something to send: its size against `limits.max_body_bytes`,
+/// its pauses against `limits.body_read_timeout`, and its end.
+#[derive(Debug)]
+struct Watch {
     /// `limits.max_body_bytes`.
     limit: Option<u64>,
     /// Bytes seen so far.
     seen: u64,
-    /// Set at the body's end (`None`: the body was empty from the start).
-    sent: Option<Sent>,
+    /// Set at the body's end.
+    sent: Sent,
     /// The declared length (`content-length`), when there is one: hyper stops polling once it has
     /// sent that many bytes, even if the client's end-of-stream comes later (HTTP/2).
     expected: Option<u64>,
-    /// The pause allowed between two frames (`None` for an empty body).
-    idle_timeout: Option<Duration>,
+    /// The pause allowed between two frames.
+    idle_timeout: Duration,
     /// The pause timer, made at the first wait for the client.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether `idle` runs for the current wait.
@@ -80,34 +88,33 @@ impl RequestBody {
     /// The client's body, limited when `limit` is set, failing after a pause of `idle_timeout`,
     /// and (when the body is not empty) the flag that tells when it has all been sent.
     pub fn new(body: Incoming, limit: Option<u64>, idle_timeout: Duration) -> (Self, Option<Sent>) {
-        // Only a body that has something to send needs watching (and allocations for it).
-        let empty = body.is_end_stream();
-        let sent = (!empty).then(Sent::default);
-        let watch = sent.clone();
-        let expected = body.size_hint().exact();
-        let body = RequestBody::Client(ClientBody {
-            body,
+        if body.is_end_stream() {
+            return (RequestBody::Client(ClientBody { body, watch: None }), None);
+        }
+        let sent = Sent::default();
+        let watch = Watch {
             limit,
             seen: 0,
-            sent,
-            expected,
-            idle_timeout: (!empty).then_some(idle_timeout),
+            sent: sent.clone(),
+            expected: body.size_hint().exact(),
+            idle_timeout,
             idle: None,
             armed: false,
+        };
+        let body = RequestBody::Client(ClientBody {
+            body,
+            watch: Some(Box::new(watch)),
         });
-        (body, watch)
+        (body, Some(sent))
     }
 }
 
-impl ClientBody {
+impl Watch {
     /// Polls the pause timer while the client sends nothing; `true` once the pause is too long. The
     /// pause runs from when the gateway starts waiting for the client's next frame (not while it
     /// connects upstream, or before a 100-continue went out).
     fn paused_too_long(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(timeout) = self.idle_timeout else {
-            return false;
-        };
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + self.idle_timeout;
         let timer = match &mut self.idle {
             Some(timer) => {
                 if !self.armed {
@@ -136,20 +143,24 @@ impl Body for RequestBody {
             RequestBody::Client(c) => c,
             RequestBody::Empty => return Poll::Ready(None),
         };
-        let polled = match Pin::new(&mut c.body).poll_frame(cx) {
+        let polled = Pin::new(&mut c.body).poll_frame(cx);
+        let Some(w) = c.watch.as_deref_mut() else {
+            return polled.map_err(Into::into);
+        };
+        let polled = match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    c.seen += data.len() as u64;
-                    if let Some(limit) = c.limit.filter(|limit| c.seen > *limit) {
+                    w.seen += data.len() as u64;
+                    if let Some(limit) = w.limit.filter(|limit| w.seen > *limit) {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
                     }
                 }
-                c.armed = false;
+                w.armed = false;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
-                if c.paused_too_long(cx) {
-                    let timeout = c.idle_timeout.unwrap_or_default();
+                if w.paused_too_long(cx) {
+                    let timeout = w.idle_timeout;
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout { timeout }))));
                 }
                 Poll::Pending
@@ -158,13 +169,11 @@ impl Body for RequestBody {
         };
         // hyper stops polling a body that says it has ended, or that has sent its declared
         // length: the last frame counts as the end.
-        if let Some(sent) = &c.sent {
-            if matches!(polled, Poll::Ready(None))
-                || (matches!(polled, Poll::Ready(Some(Ok(_))))
-                    && (c.body.is_end_stream() || c.expected == Some(c.seen)))
-            {
-                sent.done();
-            }
+        if matches!(polled, Poll::Ready(None))
+            || (matches!(polled, Poll::Ready(Some(Ok(_))))
+                && (c.body.is_end_stream() || w.expected == Some(w.seen)))
+        {
+            w.sent.done();
         }
         polled
     }
