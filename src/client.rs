@@ -573,7 +573,7 @@ pub async fn watch_shift(
     opts: WatchOptions,
     mut on_update: impl FnMut(&ShiftProgress),
 ) -> Result<(Outcome, ShiftProgress), WatchError> {
-    let path = format!("/v1/shards/{shard}/shift");
+    let path = format!("/v1/shards/{}/shift", path_segment(shard));
     let mut reachable_at = Instant::now();
     loop {
         let left = opts
@@ -780,6 +780,20 @@ pub fn thousands(n: u64) -> String {
             out.push(',');
         }
         out.push(c);
+    }
+    out
+}
+
+/// Percent-encodes one path segment of an admin URL (names are normally plain, so usually
+/// unchanged): a mistyped name with a space gets the API's "unknown shard", not a bad URL.
+pub fn path_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
     out
 }

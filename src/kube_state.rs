@@ -261,7 +261,10 @@ async fn try_acquire(
     duration: Duration,
 ) -> Result<bool, kube::Error> {
     let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
-    let seconds = i32::try_from(duration.as_secs()).unwrap_or(i32::MAX).max(1);
+    // Whole seconds, rounded up: other replicas must not think the Lease expired while this one
+    // still leads by its own clock.
+    let whole = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    let seconds = i32::try_from(whole).unwrap_or(i32::MAX).max(1);
     let Some(mut lease) = api.get_opt(name).await? else {
         let lease = Lease {
             metadata: ObjectMeta {

@@ -26,7 +26,18 @@ use cli::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error exits 1 like any refused command (clap's own 2 means "rolled back" here).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     rayshift::telemetry::init_logging();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -136,21 +147,25 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
+    // SIGHUP reloads the TLS certificate and key; a failure is logged and the old ones stay.
+    // Installed first: a SIGHUP during a slow start would otherwise end the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let gateway = Gateway::start(cfg).await?;
     // Machine-readable lines: tests and scripts read the bound addresses from here (port 0 works).
-    println!(
+    // A closed stdout (`rayshift run | head -1`) must not end the gateway.
+    let _ = writeln!(
+        std::io::stdout().lock(),
         "rayshift: proxy listening on {}://{}",
         gateway.proxy_scheme(),
         gateway.proxy_addr()
     );
-    println!(
+    let _ = writeln!(
+        std::io::stdout().lock(),
         "rayshift: admin listening on http://{}",
         gateway.admin_addr()
     );
     std::io::stdout().flush().ok();
-    // SIGHUP reloads the TLS certificate and key; a failure is logged and the old ones stay.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -336,15 +351,7 @@ fn shift_path(shard: &str, action: Option<&str>) -> String {
 
 /// Percent-encodes a path segment (names are normally plain, so usually unchanged).
 fn segment(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    rayshift::client::path_segment(text)
 }
 
 fn shift_of(value: &Value) -> anyhow::Result<ShiftProgress> {

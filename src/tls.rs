@@ -182,13 +182,18 @@ impl fmt::Debug for CertResolver {
 struct Version(Option<u64>, Option<u64>);
 
 impl Version {
-    fn of(cert_file: &Path, key_file: &Path) -> Version {
-        let hash = |path: &Path| {
-            std::fs::read(path)
-                .ok()
-                .map(|bytes| xxhash_rust::xxh3::xxh3_64(&bytes))
+    /// The files' version; a file that is missing has none (it is being replaced). Any other
+    /// read error (permissions, a directory) is returned, naming the file.
+    fn of(cert_file: &Path, key_file: &Path) -> Result<Version, String> {
+        let hash = |key: &str, path: &Path| match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(xxhash_rust::xxh3::xxh3_64(&bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("reading {key} {}: {e}", path.display())),
         };
-        Version(hash(cert_file), hash(key_file))
+        Ok(Version(
+            hash("tls.cert_file", cert_file)?,
+            hash("tls.key_file", key_file)?,
+        ))
     }
 }
 
@@ -203,13 +208,16 @@ pub struct ServerTls {
     /// The files' version at the last load attempt, successful or not: a version that failed is
     /// not tried again until a file changes.
     version: Mutex<Version>,
+    /// Why the files could not be read at the last look (reported once, not at every poll).
+    unreadable: Mutex<Option<String>>,
 }
 
 impl ServerTls {
     /// Loads the certificate and key (an error names the file) and builds the server
     /// configuration: TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`, no client certificates.
     pub fn new(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
-        let version = Version::of(&cfg.cert_file, &cfg.key_file);
+        // Unreadable files fail the load just below, naming the file.
+        let version = Version::of(&cfg.cert_file, &cfg.key_file).unwrap_or(Version(None, None));
         let key = load_certified_key(&cfg.cert_file, &cfg.key_file)?;
         let resolver = Arc::new(CertResolver::new(key));
         let mut config = ServerConfig::builder_with_provider(provider())
@@ -224,6 +232,7 @@ impl ServerTls {
             key_file: cfg.key_file.clone(),
             reload_interval: cfg.reload_interval,
             version: Mutex::new(version),
+            unreadable: Mutex::new(None),
         })
     }
 
@@ -242,7 +251,7 @@ impl ServerTls {
     /// counted in `rayshift_tls_reloads_total{result="ok"|"error"}`.
     pub fn reload(&self) -> Result<(), TlsError> {
         *self.version.lock().unwrap_or_else(|e| e.into_inner()) =
-            Version::of(&self.cert_file, &self.key_file);
+            Version::of(&self.cert_file, &self.key_file).unwrap_or(Version(None, None));
         self.load_and_swap()
     }
 
@@ -264,7 +273,22 @@ impl ServerTls {
 
     /// Reloads if the certificate or key file changed since the last load attempt; whether it did.
     pub fn reload_if_changed(&self) -> bool {
-        let now = Version::of(&self.cert_file, &self.key_file);
+        let now = match Version::of(&self.cert_file, &self.key_file) {
+            Ok(now) => {
+                *self.unreadable.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                now
+            }
+            Err(e) => {
+                let mut last = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+                if last.as_deref() != Some(e.as_str()) {
+                    metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "error")
+                        .increment(1);
+                    tracing::error!(error = %e, "TLS certificate files cannot be read; keeping the current certificate");
+                    *last = Some(e);
+                }
+                return false;
+            }
+        };
         if now.0.is_none() || now.1.is_none() {
             // A file is missing for the moment (an editor or a secret mount replacing it): wait.
             return false;
@@ -406,6 +430,30 @@ mod tests {
         std::fs::write(&k, "-----BEGIN PRIVATE KEY-----\nnot base64!\n").unwrap();
         let e = load_certified_key(&c2, &k).unwrap_err().to_string();
         assert!(e.contains("tls.key_file"), "{e}");
+    }
+
+    /// A file that exists but cannot be read (here: a directory in its place) is an error naming
+    /// it, not "being replaced": the poll reports it and keeps the current certificate.
+    #[test]
+    fn an_unreadable_file_is_reported_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(dir.path(), "one");
+        let tls = ServerTls::new(&cfg(c.clone(), k.clone())).unwrap();
+        let before = tls.resolver().current();
+        std::fs::remove_file(&k).unwrap();
+        assert_eq!(Version::of(&c, &k).map(|v| v.1), Ok(None), "missing: wait");
+        std::fs::create_dir(&k).unwrap();
+        let e = Version::of(&c, &k).unwrap_err();
+        assert!(e.contains("tls.key_file") && e.contains("key.pem"), "{e}");
+        assert!(!tls.reload_if_changed());
+        assert_eq!(tls.unreadable.lock().unwrap().as_deref(), Some(e.as_str()));
+        assert!(Arc::ptr_eq(&before, &tls.resolver().current()));
+        // Readable again (a new pair): reloaded, and the report cleared.
+        std::fs::remove_dir(&k).unwrap();
+        write_pair(dir.path(), "two");
+        assert!(tls.reload_if_changed());
+        assert!(tls.unreadable.lock().unwrap().is_none());
+        assert!(!Arc::ptr_eq(&before, &tls.resolver().current()));
     }
 
     #[test]

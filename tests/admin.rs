@@ -132,11 +132,15 @@ async fn bad_weight_requests_change_nothing() {
     )
     .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(r.headers["allow"], "GET, POST");
+    assert_eq!(r.headers["allow"], "GET, HEAD, POST");
     assert_eq!(
         get(&gw.admin("/v1/nothing")).await.status,
         StatusCode::NOT_FOUND
     );
+    // HEAD is GET without a body (health checkers, `curl -I`).
+    let r = send(Method::HEAD, &gw.admin("/ready"), &[], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.is_empty());
 
     assert_eq!(
         gw.state().await["shards"],
@@ -342,4 +346,54 @@ async fn health_endpoints_and_metrics() {
         "upstream errors"
     );
     assert!(r.body.contains(r#"code="502""#));
+}
+
+/// A cluster that leaves the gateway keeps no stale gauge values: its `ready` and `weight` read 0,
+/// so a deleted cluster cannot hide a shard that has no ready cluster left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_cluster_leaves_no_stale_gauges() {
+    let keep = stub("gauge-keep", "v1", &[("echo", "/echo")]).await;
+    let gone = stub("gauge-gone", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["gauges"],
+        &[
+            cluster(&keep, "gauges", "v1", Some(0)),
+            cluster(&gone, "gauges", "v2", Some(100)),
+        ],
+        "",
+    ))
+    .await;
+    gw.wait_cluster_ready("gauge-gone", true).await;
+    let value = |metrics: &str, name: &str| -> Option<f64> {
+        let series = format!("{name}{{shard=\"gauges\",cluster=\"gauge-gone\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map(|v| v.trim().parse().unwrap())
+    };
+    let before = get(&gw.admin("/metrics")).await.body;
+    assert_eq!(
+        value(&before, "rayshift_cluster_ready"),
+        Some(1.0),
+        "{before}"
+    );
+    assert_eq!(value(&before, "rayshift_cluster_weight"), Some(100.0));
+    gw.gateway
+        .control()
+        .discovery(rayshift::control::DiscoveryEvent::Remove(
+            "gauge-gone".into(),
+        ))
+        .await
+        .unwrap();
+    eventually("gauge-gone removed", || async {
+        find_cluster(&gw.state().await, "gauge-gone").is_none()
+    })
+    .await;
+    let after = get(&gw.admin("/metrics")).await.body;
+    for name in ["rayshift_cluster_ready", "rayshift_cluster_weight"] {
+        assert!(
+            value(&after, name).is_none_or(|v| v == 0.0),
+            "{name} of a removed cluster: {after}"
+        );
+    }
 }

@@ -27,7 +27,11 @@ pub async fn handle(
 ) -> Result<AdminResponse, Infallible> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = req.method().clone();
+    // HEAD is GET without the body (hyper leaves it out), for `curl -I` and health checkers.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
     let resp = match (segments.as_slice(), &method) {
         (["live"], &Method::GET) => text(StatusCode::OK, "ok\n"),
         (["ready"], &Method::GET) => ready(&ctx),
@@ -165,8 +169,8 @@ pub async fn handle(
 /// The methods an admin path answers (the `Allow` header of a `405`); `None`: no such path.
 fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
     match segments {
-        ["live" | "ready" | "metrics"] | ["v1", "state" | "placement"] => Some("GET"),
-        ["v1", "rollouts"] | ["v1", "shards", _, "shift"] => Some("GET, POST"),
+        ["live" | "ready" | "metrics"] | ["v1", "state" | "placement"] => Some("GET, HEAD"),
+        ["v1", "rollouts"] | ["v1", "shards", _, "shift"] => Some("GET, HEAD, POST"),
         ["v1", "shards", _, "weights"] => Some("PUT"),
         ["v1", "shards", _, "shift", _] | ["v1", "rollouts", _] | ["v1", "rollouts", _, _] => {
             Some("POST")

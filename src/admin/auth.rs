@@ -65,10 +65,11 @@ impl AdminToken {
     /// True when no token is configured or the request carries `Authorization: Bearer <token>`.
     pub fn allows(&self, headers: &HeaderMap) -> bool {
         let Some(expected) = &self.0 else { return true };
-        let Some(given) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        else {
+        // The scheme name is case-insensitive (RFC 9110 section 11.1).
+        let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| {
+            let v = v.as_bytes();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        }) else {
             return false;
         };
         constant_time_eq(given.trim_ascii(), expected)
@@ -101,6 +102,8 @@ mod tests {
     fn bearer_token_must_match_exactly() {
         let token = AdminToken::new("s3cret");
         assert!(token.allows(&with_auth("Bearer s3cret")));
+        assert!(token.allows(&with_auth("bearer s3cret")));
+        assert!(!token.allows(&with_auth("Basic s3cret")));
         assert!(!token.allows(&with_auth("Bearer s3cre")));
         assert!(!token.allows(&with_auth("Bearer s3cret2")));
         assert!(!token.allows(&with_auth("Basic s3cret")));

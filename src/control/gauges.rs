@@ -45,6 +45,24 @@ impl ClusterGauges {
     }
 }
 
+/// A cluster that leaves the gateway (deleted RayCluster, moved shard) keeps no stale values:
+/// its series read 0 (the exporter keeps a series until the process restarts), so a deleted
+/// cluster's last `ready` cannot hide a shard with no ready cluster, and a drained one removed as
+/// asked stops showing as drained.
+impl Drop for ClusterGauges {
+    fn drop(&mut self) {
+        for gauge in [
+            &self.weight,
+            &self.ready,
+            &self.draining,
+            &self.drained,
+            &self.ejected,
+        ] {
+            gauge.set(0.0);
+        }
+    }
+}
+
 /// The per-shard gauges of one declared shard.
 #[derive(Debug)]
 pub(super) struct ShardGauges {

@@ -64,7 +64,7 @@ pub enum ControlError {
     #[error("no weights given")]
     NoWeights,
     /// The shard has a shift in progress (its weights belong to the shift).
-    #[error("shard \"{0}\" has a shift in progress; pause, promote or abort it first")]
+    #[error("shard \"{0}\" has a shift in progress that owns its weights; abort it, or wait until it completes (promote finishes it sooner)")]
     ShiftRunning(String),
     /// The shard's shift was promoted and its old clusters are draining (nothing can be changed
     /// until the drain ends, at the latest after the shift's `drain_timeout`).
