@@ -1113,3 +1113,27 @@ fn watched_namespaces_are_names_and_listed_once() {
         ["serving", "staging"]
     );
 }
+
+#[test]
+fn shared_state_names_are_kubernetes_names() {
+    let errors = lines(
+        "shards: [a]\ndiscovery:\n  kubernetes:\n    state: {namespace: Bad_NS, configmap: '', lease: Bad Name, identity: ' '}\n",
+    );
+    for needle in [
+        "discovery.kubernetes.state.namespace: \"Bad_NS\" is not a Kubernetes namespace name",
+        "discovery.kubernetes.state.configmap: \"\" is not a Kubernetes object name",
+        "discovery.kubernetes.state.lease: \"Bad Name\" is not a Kubernetes object name",
+        "discovery.kubernetes.state.identity: must not be empty",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(needle)),
+            "{needle} not in {errors:#?}"
+        );
+    }
+    let ok = parse(
+        "shards: [a]\ndiscovery:\n  kubernetes:\n    state: {namespace: serving, configmap: rayshift.state, lease: rayshift-leader}\n",
+    )
+    .unwrap();
+    let state = ok.kubernetes.unwrap().state.unwrap();
+    assert_eq!(state.configmap, "rayshift.state");
+}

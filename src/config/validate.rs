@@ -324,12 +324,7 @@ fn kubernetes(
     let mut namespaces = Vec::new();
     for (i, ns) in raw.namespaces.iter().flatten().enumerate() {
         let ns = ns.as_str().trim();
-        let valid = !ns.is_empty()
-            && ns.len() <= 63
-            && ns
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
+        if !is_namespace_name(ns) {
             p.push(
                 format!("{field}.namespaces[{i}]"),
                 format!("{ns:?} is not a Kubernetes namespace name"),
@@ -393,15 +388,18 @@ fn kubernetes(
             &mut state,
             &[
                 ("namespace", |s, v| {
+                    if !is_namespace_name(v) {
+                        return Err(format!("{v:?} is not a Kubernetes namespace name"));
+                    }
                     s.namespace = v.to_string();
                     Ok(())
                 }),
                 ("configmap", |s, v| {
-                    s.configmap = v.to_string();
+                    s.configmap = object_name(v)?;
                     Ok(())
                 }),
                 ("lease", |s, v| {
-                    s.lease = v.to_string();
+                    s.lease = object_name(v)?;
                     Ok(())
                 }),
                 ("lease_duration", |s, v| {
@@ -409,6 +407,9 @@ fn kubernetes(
                     Ok(())
                 }),
                 ("identity", |s, v| {
+                    if v.trim().is_empty() {
+                        return Err("must not be empty".into());
+                    }
                     s.identity = Some(v.to_string());
                     Ok(())
                 }),
@@ -457,6 +458,34 @@ fn keyed<T>(
                 );
             }
         }
+    }
+}
+
+/// A Kubernetes namespace name: a DNS label (lowercase letters, digits, `-`; at most 63).
+fn is_namespace_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A Kubernetes object name (ConfigMap, Lease): a DNS subdomain (lowercase letters, digits, `-`
+/// and `.`, starting and ending with a letter or digit; at most 253).
+fn object_name(s: &str) -> Result<String, String> {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let valid = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| alnum(b) || b == b'-' || b == b'.')
+        && s.bytes().next().is_some_and(alnum)
+        && s.bytes().last().is_some_and(alnum);
+    if valid {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a Kubernetes object name (lowercase letters, digits, '-' and '.')"
+        ))
     }
 }
 
