@@ -570,3 +570,51 @@ async fn h2_clients_get_goaway_on_shutdown() {
     );
     tokio::time::timeout(WAIT, shutdown).await.unwrap().unwrap();
 }
+
+/// An HTTP/2 connection is closed after `limits.http2_idle_timeout` with no request in flight,
+/// never while a response is still streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed() {
+    use http_body_util::{BodyExt, Empty};
+    let blue = stub("h2idle-blue", "v1", &[("echo", "/echo")]).await;
+    let extra = "limits:\n  http2_idle_timeout: 1s\n";
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // A 2 s stream: longer than the idle timeout, and not cut.
+    let req = http::Request::get(gw.url("/echo/stream?n=20&interval_ms=100"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body).matches("data: ").count(),
+        20,
+        "the stream was cut"
+    );
+    // Then idle: the gateway closes the connection.
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap()
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}

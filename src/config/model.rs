@@ -285,6 +285,8 @@ pub struct LimitsConfig {
     /// Longest pause while a client sends a request body (no data for this long: the request
     /// fails with 408 and holds its cluster connection no longer); > 0.
     pub body_read_timeout: Duration,
+    /// How long an HTTP/2 client connection may stay open with no request in flight; > 0.
+    pub http2_idle_timeout: Duration,
     /// Most client connections open at once; further connections wait in the listen backlog.
     pub max_connections: usize,
 }
@@ -296,6 +298,7 @@ impl Default for LimitsConfig {
             max_body_bytes: None,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
+            http2_idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
         }
     }

@@ -264,7 +264,7 @@ fn reliability_sections_parse_and_report_bad_keys() {
 fn durations_and_limits_have_upper_bounds() {
     let huge = "10000000000000000000s";
     let yaml = format!(
-        "shards: [s]\nadmin:\n  request_timeout: 0s\nprobe:\n  interval: {huge}\nshutdown:\n  drain_timeout: 366d\nlimits:\n  max_connections: 18446744073709551615\n  max_header_bytes: 1048576\n  body_read_timeout: 366d\nshift_defaults:\n  step_interval: {huge}\n"
+        "shards: [s]\nadmin:\n  request_timeout: 0s\nprobe:\n  interval: {huge}\nshutdown:\n  drain_timeout: 366d\nlimits:\n  max_connections: 18446744073709551615\n  max_header_bytes: 1048576\n  body_read_timeout: 366d\n  http2_idle_timeout: 0s\nshift_defaults:\n  step_interval: {huge}\n"
     );
     let errors = Config::from_yaml(&yaml, Path::new("/"))
         .unwrap_err()
@@ -274,6 +274,7 @@ fn durations_and_limits_have_upper_bounds() {
         "probe.interval: must be at most 365d",
         "shutdown.drain_timeout: must be at most 365d",
         "limits.max_connections: expected an integer 1 to 1000000",
+        "limits.http2_idle_timeout: must be greater than 0",
         "limits.body_read_timeout: must be at most 365d",
         "limits.max_header_bytes: expected an integer 8192 to 262144",
         "shift_defaults.step_interval: must be at most 365d",

@@ -547,6 +547,10 @@ fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
                 l.body_read_timeout = positive_duration(s)?;
                 Ok(())
             }),
+            ("http2_idle_timeout", |l, s| {
+                l.http2_idle_timeout = positive_duration(s)?;
+                Ok(())
+            }),
             ("max_connections", |l, s| {
                 l.max_connections = bounded_count(s, 1, MAX_CONNECTIONS)?;
                 Ok(())

@@ -4,6 +4,7 @@
 //! control plane; the only lock it takes is its cluster's connection pool, for one push or pop.
 
 pub mod body;
+mod conn_watch;
 pub mod forward;
 pub mod headers;
 pub mod pool;

@@ -13,6 +13,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
+use crate::proxy::conn_watch::{ConnWatch, Ended, Tracked};
 use crate::proxy::{forward, headers, ProxyContext};
 
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
@@ -73,18 +74,23 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let ctx = Arc::clone(&ctx);
                 let peer_value = headers::peer_value(peer.ip());
-                let first = FirstRequest::default();
-                let seen = first.clone();
-                let service = service_fn(move |req| {
-                    seen.saw_one();
-                    forward::handle(Arc::clone(&ctx), peer, peer_value.clone(), req)
+                let watch = ConnWatch::new();
+                let requests = watch.clone();
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let guard = requests.request(req.version());
+                    let handled = forward::handle(Arc::clone(&ctx), peer, peer_value.clone(), req);
+                    async move {
+                        let resp = handled.await?;
+                        Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
+                    }
                 });
-                let first_timeout = limits.header_read_timeout;
+                let (first_timeout, idle_timeout) =
+                    (limits.header_read_timeout, limits.http2_idle_timeout);
                 let Some(acceptor) = &tls else {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
-                        first.serve(conn, first_timeout, peer).await;
+                        serve_limited(watch, conn, first_timeout, idle_timeout, peer).await;
                         drop(permit);
                     });
                     continue;
@@ -97,7 +103,8 @@ pub async fn serve(
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            first.serve(watcher.watch(conn.into_owned()), first_timeout, peer).await;
+                            let conn = watcher.watch(conn.into_owned());
+                            serve_limited(watch, conn, first_timeout, idle_timeout, peer).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
@@ -138,76 +145,30 @@ pub async fn serve(
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Whether a connection has sent its first request yet.
-///
-/// hyper's `header_read_timeout` only runs once a connection is known to speak HTTP/1 (and then
-/// between requests too); before that, while the first bytes tell HTTP/1 from HTTP/2, nothing
-/// bounds a client that connects and sends nothing (or half the HTTP/2 preface). Such a client
-/// would hold a `limits.max_connections` permit forever, so a connection gets
-/// `limits.header_read_timeout` for its first request; later requests are hyper's business
-/// (HTTP/1: `header_read_timeout` again, which also bounds idle keep-alive). An HTTP/2 connection
-/// that sent a request may stay open while idle: pings only find peers that are gone, not a live
-/// client that keeps a connection open doing nothing.
-#[derive(Clone, Default)]
-struct FirstRequest(Arc<std::sync::atomic::AtomicBool>);
-
-impl FirstRequest {
-    fn saw_one(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Runs `conn` to its end, or closes it when no request arrived within `timeout`.
-    async fn serve<F, E>(self, conn: F, timeout: Duration, peer: std::net::SocketAddr)
-    where
-        F: std::future::Future<Output = Result<(), E>>,
-        E: std::fmt::Display,
-    {
-        tokio::pin!(conn);
-        let deadline = FirstRequestDeadline {
-            conn: conn.as_mut(),
-            timer: Some(Box::pin(tokio::time::sleep(timeout))),
-            seen: self,
-        };
-        match deadline.await {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error")
-            }
-            None => tracing::debug!(
-                %peer, ?timeout,
-                "no request within limits.header_read_timeout: closing the connection"
-            ),
-        }
-    }
-}
-
-/// A connection's future with a deadline for its first request: `None` when the deadline passed
-/// first. The timer is dropped as soon as a request has been seen, so it costs nothing per
-/// request afterwards.
-struct FirstRequestDeadline<F> {
+/// Runs a client connection under the limits of [`ConnWatch`], logging how it ended.
+async fn serve_limited<F, E>(
+    watch: ConnWatch,
     conn: F,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    seen: FirstRequest,
-}
-
-impl<F: std::future::Future + Unpin> std::future::Future for FirstRequestDeadline<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let this = &mut *self;
-        if let std::task::Poll::Ready(out) = std::pin::Pin::new(&mut this.conn).poll(cx) {
-            return std::task::Poll::Ready(Some(out));
+    first_request: Duration,
+    http2_idle: Duration,
+    peer: std::net::SocketAddr,
+) where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    match watch.run(conn.as_mut(), first_request, http2_idle).await {
+        Ended::Done(Ok(())) => {}
+        Ended::Done(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error")
         }
-        if let Some(timer) = &mut this.timer {
-            if this.seen.0.load(std::sync::atomic::Ordering::Relaxed) {
-                this.timer = None;
-            } else if timer.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(None);
-            }
-        }
-        std::task::Poll::Pending
+        Ended::NoFirstRequest => tracing::debug!(
+            %peer, timeout = ?first_request,
+            "no request within limits.header_read_timeout: closing the connection"
+        ),
+        Ended::Idle => tracing::debug!(
+            %peer, timeout = ?http2_idle,
+            "HTTP/2 connection idle for limits.http2_idle_timeout: closing it"
+        ),
     }
 }

@@ -1,0 +1,198 @@
+//! Time limits of a client connection that hyper does not enforce: the wait for its first request,
+//! and how long an HTTP/2 connection may stay open with no request in flight.
+//!
+//! hyper's `header_read_timeout` only runs once a connection is known to speak HTTP/1 (and then
+//! between requests too, which also bounds idle HTTP/1 keep-alive). Before that, while the first
+//! bytes tell HTTP/1 from HTTP/2, nothing bounds a client that connects and sends nothing (or half
+//! the HTTP/2 preface); and an HTTP/2 connection that sent a request may stay open doing nothing
+//! (keep-alive pings only find peers that are gone). Either would hold a `limits.max_connections`
+//! permit forever. So a connection gets `limits.header_read_timeout` for its first request, and an
+//! HTTP/2 connection is closed after `limits.http2_idle_timeout` without a request in flight.
+//!
+//! Both timers live on the connection's own task; per request the cost is an atomic store (and,
+//! for HTTP/2 only, a count of streams in flight).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Version;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+/// What one client connection did so far, shared by its requests and its task.
+#[derive(Clone)]
+pub(super) struct ConnWatch(Arc<State>);
+
+struct State {
+    /// A request arrived.
+    seen: AtomicBool,
+    /// The connection speaks HTTP/2.
+    h2: AtomicBool,
+    /// HTTP/2 requests whose response has not ended.
+    active: AtomicUsize,
+    /// When the last HTTP/2 request ended, in milliseconds since `start`.
+    idle_since_ms: AtomicU64,
+    start: Instant,
+}
+
+/// How a connection's task ended.
+pub(super) enum Ended<O> {
+    /// The connection ended by itself, with its result.
+    Done(O),
+    /// No request within `limits.header_read_timeout`: closed.
+    NoFirstRequest,
+    /// HTTP/2 with nothing in flight for `limits.http2_idle_timeout`: closed.
+    Idle,
+}
+
+impl ConnWatch {
+    /// A new connection's watch.
+    pub(super) fn new() -> Self {
+        ConnWatch(Arc::new(State {
+            seen: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            start: Instant::now(),
+        }))
+    }
+
+    /// Notes a request; an HTTP/2 request is counted in flight until the returned guard drops
+    /// (with its response body).
+    pub(super) fn request(&self, version: Version) -> Option<StreamGuard> {
+        let guard = (version == Version::HTTP_2).then(|| {
+            self.0.h2.store(true, Ordering::Relaxed);
+            self.0.active.fetch_add(1, Ordering::AcqRel);
+            StreamGuard(Arc::clone(&self.0))
+        });
+        self.0.seen.store(true, Ordering::Release);
+        guard
+    }
+
+    /// Runs `conn` until it ends, or closes it (drops it) when a limit passes.
+    pub(super) fn run<F: Future + Unpin>(
+        self,
+        conn: F,
+        first_request: Duration,
+        http2_idle: Duration,
+    ) -> Limited<F> {
+        Limited {
+            conn,
+            first: Some(Box::pin(tokio::time::sleep(first_request))),
+            idle: None,
+            http2_idle,
+            watch: self,
+        }
+    }
+}
+
+/// Keeps an HTTP/2 request counted in flight.
+pub(super) struct StreamGuard(Arc<State>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.0.idle_since_ms.store(ms, Ordering::Release);
+        }
+    }
+}
+
+/// A response body that holds its request's [`StreamGuard`] (HTTP/2) until it ends or is dropped.
+#[derive(Debug)]
+pub(super) struct Tracked<B> {
+    inner: B,
+    guard: Option<StreamGuard>,
+}
+
+impl std::fmt::Debug for StreamGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamGuard")
+    }
+}
+
+impl<B> Tracked<B> {
+    pub(super) fn new(inner: B, guard: Option<StreamGuard>) -> Self {
+        Tracked { inner, guard }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection's future under its limits (see [`ConnWatch::run`]).
+pub(super) struct Limited<F> {
+    conn: F,
+    /// Until the first request arrives; dropped then, so it costs nothing per request.
+    first: Option<Pin<Box<Sleep>>>,
+    /// For an HTTP/2 connection, from its first request on.
+    idle: Option<Pin<Box<Sleep>>>,
+    http2_idle: Duration,
+    watch: ConnWatch,
+}
+
+impl<F: Future + Unpin> Future for Limited<F> {
+    type Output = Ended<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(out) = Pin::new(&mut this.conn).poll(cx) {
+            return Poll::Ready(Ended::Done(out));
+        }
+        let state = &this.watch.0;
+        if let Some(first) = &mut this.first {
+            if state.seen.load(Ordering::Acquire) {
+                this.first = None;
+                if state.h2.load(Ordering::Relaxed) {
+                    this.idle = Some(Box::pin(tokio::time::sleep(this.http2_idle)));
+                }
+            } else if first.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ended::NoFirstRequest);
+            }
+        }
+        if let Some(idle) = &mut this.idle {
+            while idle.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                let next = if state.active.load(Ordering::Acquire) > 0 {
+                    now + this.http2_idle
+                } else {
+                    let since = state.idle_since_ms.load(Ordering::Acquire);
+                    let deadline = state.start + Duration::from_millis(since) + this.http2_idle;
+                    if deadline <= now {
+                        return Poll::Ready(Ended::Idle);
+                    }
+                    deadline
+                };
+                idle.as_mut().reset(next);
+            }
+        }
+        Poll::Pending
+    }
+}
