@@ -32,6 +32,26 @@ async fn gateway_probing_every(
     (blue, green, red, gw)
 }
 
+/// Blue (all traffic) and green in `shard-0`, and the config with `admin_keys` (lines indented two
+/// spaces) added to its `admin:` section.
+async fn blue_green_with_admin(admin_keys: &str) -> (ServeStub, ServeStub, String) {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    )
+    .replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        &format!("admin:\n  listen: 127.0.0.1:0\n{admin_keys}"),
+    );
+    (blue, green, yaml)
+}
+
 /// Every malformed weight change is refused with a message naming the problem; state is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_weight_requests_change_nothing() {
@@ -178,20 +198,7 @@ async fn weight_change_is_persisted_before_it_is_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_admin_request_times_out_and_changes_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(100)),
-            cluster(&green, "shard-0", "v2", Some(0)),
-        ],
-        "",
-    )
-    .replace(
-        "admin:\n  listen: 127.0.0.1:0\n",
-        "admin:\n  listen: 127.0.0.1:0\n  request_timeout: 400ms\n",
-    );
+    let (_blue, _green, yaml) = blue_green_with_admin("  request_timeout: 400ms\n").await;
     let gw = TestGateway::start(&yaml).await;
     let addr = gw.gateway.admin_addr();
     let body = r#"{"weights": {"blue": 0, "green": 100}}"#;
@@ -250,20 +257,7 @@ async fn a_slow_admin_request_times_out_and_changes_nothing() {
 async fn token_protects_mutating_calls() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(100)),
-            cluster(&green, "shard-0", "v2", Some(0)),
-        ],
-        "",
-    )
-    .replace(
-        "admin:\n  listen: 127.0.0.1:0\n",
-        "admin:\n  listen: 127.0.0.1:0\n  token_file: token\n",
-    );
+    let (_blue, _green, yaml) = blue_green_with_admin("  token_file: token\n").await;
     let gw = TestGateway::start_in(&yaml, dir).await;
     let url = gw.admin("/v1/shards/shard-0/weights");
     let body = r#"{"weights": {"blue": 0, "green": 100}}"#;

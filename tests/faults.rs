@@ -12,6 +12,18 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
+/// One stub cluster `name` serving `echo` in `shard-0`, behind a gateway configured with `extra`.
+async fn one_cluster(name: &str, extra: &str) -> (ServeStub, TestGateway) {
+    let stub = stub(name, "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&stub, "shard-0", "v1", None)],
+        extra,
+    ))
+    .await;
+    (stub, gw)
+}
+
 /// A backend killed mid-load (connections reset, port closed): with retries, GETs see no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_backend_with_retries_loses_no_get() {
@@ -143,14 +155,8 @@ async fn silent_backend_times_out_with_504() {
 /// they are cut off at the header read timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_header_clients_do_not_starve_others() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  header_read_timeout: 2s\n";
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        extra,
-    ))
-    .await;
+    let (_blue, gw) = one_cluster("blue", extra).await;
     let addr = gw.gateway.proxy_addr();
     let mut slow = Vec::new();
     for _ in 0..1000 {
@@ -187,14 +193,8 @@ async fn slow_header_clients_do_not_starve_others() {
 /// `limits.header_read_timeout`: they cannot hold every `limits.max_connections` permit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_do_not_hold_the_connection_limit() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  header_read_timeout: 1s\n  max_connections: 2\n";
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        extra,
-    ))
-    .await;
+    let (_blue, gw) = one_cluster("blue", extra).await;
     let addr = gw.gateway.proxy_addr();
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut half_preface = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -223,14 +223,8 @@ async fn silent_connections_do_not_hold_the_connection_limit() {
 /// the cluster is not blamed); a client that keeps sending, however slowly, is not cut off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_gets_408() {
-    let blue = stub("body-blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  body_read_timeout: 1s\n";
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        extra,
-    ))
-    .await;
+    let (_blue, gw) = one_cluster("body-blue", extra).await;
     let addr = gw.gateway.proxy_addr();
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     stalled
@@ -282,14 +276,8 @@ async fn a_stalled_request_body_gets_408() {
 /// Oversized headers get 431, an oversized body 413, garbage 400; the gateway stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_clients_get_the_right_4xx() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  max_header_bytes: 16384\n  max_body_bytes: 1000\n";
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        extra,
-    ))
-    .await;
+    let (blue, gw) = one_cluster("blue", extra).await;
     let addr = gw.gateway.proxy_addr();
     let raw = |bytes: Vec<u8>| async move {
         tokio::task::spawn_blocking(move || {
@@ -518,13 +506,7 @@ fn unsafe_kill(pid: i32) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_clients_get_goaway_on_shutdown() {
     use http_body_util::BodyExt;
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        "",
-    ))
-    .await;
+    let (_blue, gw) = one_cluster("blue", "").await;
     let tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
         .await
         .unwrap();
@@ -576,14 +558,8 @@ async fn h2_clients_get_goaway_on_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_connections_are_closed() {
     use http_body_util::{BodyExt, Empty};
-    let blue = stub("h2idle-blue", "v1", &[("echo", "/echo")]).await;
     let extra = "limits:\n  http2_idle_timeout: 1s\n";
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        extra,
-    ))
-    .await;
+    let (_blue, gw) = one_cluster("h2idle-blue", extra).await;
     let tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
         .await
         .unwrap();

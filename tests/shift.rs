@@ -854,10 +854,8 @@ async fn fleet_rollout_halts_when_a_shard_rolls_back() {
     );
 }
 
-/// `auto_shift`: a newer revision that is (or becomes) ready starts a shift by itself; a rolled-back
-/// revision is not retried.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_shift_starts_when_a_newer_revision_is_ready() {
+/// Blue (v1, all traffic) and green (v2, not healthy yet) in `shard-0`, which has `auto_shift`.
+async fn auto_shift_blue_green() -> (ServeStub, ServeStub, TestGateway) {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let green = stub("green", "v2", &[("echo", "/echo")]).await;
     green.set_healthy(false);
@@ -870,7 +868,14 @@ async fn auto_shift_starts_when_a_newer_revision_is_ready() {
         "shards: [shard-0]\n",
         "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 50, step_interval: 200ms, min_requests: 5}\n",
     );
-    let gw = TestGateway::start(&yaml).await;
+    (blue, green, TestGateway::start(&yaml).await)
+}
+
+/// `auto_shift`: a newer revision that is (or becomes) ready starts a shift by itself; a rolled-back
+/// revision is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_shift_starts_when_a_newer_revision_is_ready() {
+    let (_blue, green, gw) = auto_shift_blue_green().await;
     let load = Load::start(gw.url("/echo"), 4, false);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -890,19 +895,7 @@ async fn auto_shift_starts_when_a_newer_revision_is_ready() {
 /// once it is ready: the abort sticks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_shift_does_not_retry_a_revision_an_operator_aborted() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    green.set_healthy(false);
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", Some(100)), cluster(&green, "shard-0", "v2", Some(0))],
-        "",
-    )
-    .replace(
-        "shards: [shard-0]\n",
-        "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 50, step_interval: 200ms, min_requests: 5}\n",
-    );
-    let gw = TestGateway::start(&yaml).await;
+    let (_blue, green, gw) = auto_shift_blue_green().await;
     let r = post(
         &gw.admin("/v1/shards/shard-0/shift"),
         r#"{"to_revision": "v2"}"#,
