@@ -584,25 +584,36 @@ fn https_cluster_yaml(front: &TlsFront, probe_interval: &str, extra: &str) -> St
     )
 }
 
+/// A stub cluster `name` behind a TLS front with a certificate of its own CA, and a ready gateway
+/// trusting that CA (`upstream.ca_file`) with `upstream_keys` (indented lines) added. Probes are
+/// slow (the first is at once) and nothing is pooled: every request makes a new TLS connection.
+async fn https_cluster(
+    name: &str,
+    upstream_keys: &str,
+) -> (Ca, common::ServeStub, TlsFront, TestGateway) {
+    let upstream_ca = Ca::new("upstream CA");
+    let backend = stub(name, "v1", &[("echo", "/echo")]).await;
+    let front = TlsFront::start(backend.addr(), &upstream_ca.issue("serve")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    upstream_ca.write(&dir.path().join("ca.pem"));
+    let yaml = https_cluster_yaml(
+        &front,
+        "1h",
+        &format!(
+            "upstream:\n  ca_file: ca.pem\n  max_idle_per_cluster: 0\n  retries: false\n{upstream_keys}"
+        ),
+    );
+    let gw = TestGateway::start_in(&yaml, dir).await;
+    gw.wait_cluster_ready("tls-up", true).await;
+    (upstream_ca, backend, front, gw)
+}
+
 /// With `upstream.ca_file`, `https://` clusters are probed and served over TLS. A certificate the
 /// CA did not issue fails the request with 502 naming the cluster; without the CA file the
 /// cluster never becomes ready (its probe fails on the certificate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_clusters_with_a_ca_file() {
-    let upstream_ca = Ca::new("upstream CA");
-    let backend = stub("tls-up", "v1", &[("echo", "/echo")]).await;
-    let front = TlsFront::start(backend.addr(), &upstream_ca.issue("serve")).await;
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    upstream_ca.write(&dir.path().join("ca.pem"));
-    // Slow probes (the first is at once) and no pooling: every request makes a new TLS connection.
-    let yaml = https_cluster_yaml(
-        &front,
-        "1h",
-        "upstream:\n  ca_file: ca.pem\n  max_idle_per_cluster: 0\n  retries: false\n",
-    );
-    let gw = TestGateway::start_in(&yaml, dir).await;
-    gw.wait_cluster_ready("tls-up", true).await;
+    let (upstream_ca, backend, front, gw) = https_cluster("tls-up", "").await;
     assert!(backend.probe_requests() > 0);
     let gw_url = gw.url("/echo/x");
     for _ in 0..3 {
@@ -713,19 +724,11 @@ impl Drop for Process {
 /// response timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_a_connect_failure() {
-    let upstream_ca = Ca::new("upstream CA");
-    let backend = stub("tls-stall", "v1", &[("echo", "/echo")]).await;
-    let front = TlsFront::start(backend.addr(), &upstream_ca.issue("serve")).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    upstream_ca.write(&dir.path().join("ca.pem"));
-    // One probe at start (ready), then none; no pooling: every request opens a connection.
-    let yaml = https_cluster_yaml(
-        &front,
-        "1h",
-        "upstream:\n  ca_file: ca.pem\n  max_idle_per_cluster: 0\n  retries: false\n  connect_timeout: 2s\n  response_timeout: 60s\n",
-    );
-    let gw = TestGateway::start_in(&yaml, dir).await;
-    gw.wait_cluster_ready("tls-up", true).await;
+    let (_ca, _backend, front, gw) = https_cluster(
+        "tls-stall",
+        "  connect_timeout: 2s\n  response_timeout: 60s\n",
+    )
+    .await;
     assert_eq!(get(&gw.url("/echo/x")).await.status, StatusCode::OK);
     front.stall.store(true, std::sync::atomic::Ordering::SeqCst);
     let r = get(&gw.url("/echo/x")).await;
