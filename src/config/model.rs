@@ -271,6 +271,9 @@ pub struct UpstreamConfig {
     /// resolved against the config file's directory; `None` trusts the Mozilla root certificates
     /// compiled into rayshift (webpki-roots). Read at startup.
     pub ca_file: Option<PathBuf>,
+    /// Serve plain HTTP/1.1 requests to `http://` clusters on the direct path (heads parsed and
+    /// forwarded in place, see [`crate::proxy::h1`]); `false` sends every request through hyper.
+    pub direct_http1: bool,
 }
 
 /// Protection against misbehaving clients (`limits`).
@@ -351,6 +354,7 @@ impl Default for UpstreamConfig {
             max_idle_per_cluster: DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER,
             response_timeout: Duration::from_secs(300),
             retries: true,
+            direct_http1: true,
             retry_budget: 0.2,
             retry_min_per_second: 10,
             ca_file: None,

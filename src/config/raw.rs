@@ -224,7 +224,7 @@ pub(crate) struct RawProbe {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, retries, retry_budget, retry_min_per_second and ca_file"
+    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, retries, retry_budget, retry_min_per_second, ca_file and direct_http1"
 )]
 pub(crate) struct RawUpstream {
     pub idle_timeout: Option<Text>,
@@ -235,4 +235,5 @@ pub(crate) struct RawUpstream {
     pub retry_budget: Option<Text>,
     pub retry_min_per_second: Option<Text>,
     pub ca_file: Option<Text>,
+    pub direct_http1: Option<Text>,
 }

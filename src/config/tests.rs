@@ -223,6 +223,7 @@ fn defaults_apply_when_keys_are_omitted() {
             max_idle_per_cluster: 256,
             response_timeout: Duration::from_secs(300),
             retries: true,
+            direct_http1: true,
             retry_budget: 0.2,
             retry_min_per_second: 10,
             ca_file: None,

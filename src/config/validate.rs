@@ -1072,14 +1072,20 @@ fn upstream(p: &mut Problems, raw: Option<&RawUpstream>, base_dir: &Path) -> Ups
             upstream.response_timeout = d;
         }
     }
-    if let Some(text) = &raw.retries {
-        match text.as_str().trim() {
-            "true" | "on" | "yes" => upstream.retries = true,
-            "false" | "off" | "no" => upstream.retries = false,
-            other => p.push(
-                "upstream.retries",
-                format!("expected true or false, got {other:?}"),
-            ),
+    for (key, text, flag) in [
+        ("upstream.retries", &raw.retries, &mut upstream.retries),
+        (
+            "upstream.direct_http1",
+            &raw.direct_http1,
+            &mut upstream.direct_http1,
+        ),
+    ] {
+        if let Some(text) = text {
+            match text.as_str().trim() {
+                "true" | "on" | "yes" => *flag = true,
+                "false" | "off" | "no" => *flag = false,
+                other => p.push(key, format!("expected true or false, got {other:?}")),
+            }
         }
     }
     if let Some(text) = &raw.retry_budget {

@@ -15,7 +15,7 @@ use crate::cluster::{Cluster, InFlight};
 use crate::proxy::body::{local_response, ProxyBody};
 use crate::proxy::pool::{self, Sender};
 use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, RequestBody};
-use crate::proxy::{headers, split_key, ProxyContext};
+use crate::proxy::{headers, split_key, Open, ProxyContext};
 use crate::telemetry;
 
 /// Label used for `cluster`/`app` when the gateway answered without a cluster.
@@ -32,7 +32,7 @@ struct Route {
 }
 
 /// How one attempt ended without a response.
-enum Failure {
+pub(crate) enum Failure {
     /// The cluster did not answer within `upstream.response_timeout`.
     Timeout,
     /// The client's body went over `limits.max_body_bytes`.
@@ -99,7 +99,13 @@ pub async fn handle(
         // Safe: the request never reached the cluster (connect failure), or it is idempotent and
         // had no body; and no response has been sent downstream yet.
         if *connect || idempotent {
-            if let Some(other) = retry_target(&ctx, &route.app, &cluster, path.as_ref(), route.x) {
+            if let Some(other) = retry_target(
+                &ctx,
+                &route.app,
+                &cluster,
+                path.as_ref().map_or("/", |p| p.path()),
+                route.x,
+            ) {
                 if ctx.retry.try_withdraw() {
                     let reason = if *connect { "connect" } else { "reset" };
                     metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
@@ -150,7 +156,7 @@ pub async fn handle(
             // The connection becomes the tunnel.
             drop(conn);
             let upstream = hyper::upgrade::on(&mut resp);
-            let open = OpenTunnel::new(&ctx.open_tunnels);
+            let open = Open::new(&ctx.open_tunnels);
             tokio::spawn(tunnel(downstream, upstream, in_flight, open));
             let (mut parts, _) = resp.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers, true);
@@ -211,15 +217,15 @@ fn route(
 }
 
 /// Another cluster of the app's split than `failed`, from the current snapshot.
-fn retry_target(
+pub(crate) fn retry_target(
     ctx: &ProxyContext,
     app: &str,
     failed: &Arc<Cluster>,
-    path: Option<&PathAndQuery>,
+    path: &str,
     x: u64,
 ) -> Option<Arc<Cluster>> {
     let snap = ctx.table.load();
-    let hit = snap.table.lookup(path.map_or("/", |p| p.path()))?;
+    let hit = snap.table.lookup(path)?;
     if *hit.app.name != *app {
         return None;
     }
@@ -260,7 +266,7 @@ async fn send(
 
 /// Records a failed attempt (stats, error metrics) and counts the response the client gets for it;
 /// returns the status and body to answer with.
-fn count_failure(
+pub(crate) fn count_failure(
     cluster: &Cluster,
     app: &str,
     failure: &Failure,
@@ -275,7 +281,11 @@ fn count_failure(
 
 /// Records a failed attempt against its cluster (stats, error metrics), without counting a
 /// response; returns the status and body a client would be answered with.
-fn record_failure(cluster: &Cluster, failure: &Failure, elapsed: Duration) -> (StatusCode, String) {
+pub(crate) fn record_failure(
+    cluster: &Cluster,
+    failure: &Failure,
+    elapsed: Duration,
+) -> (StatusCode, String) {
     let (status, kind, msg) = match failure {
         Failure::TooLarge(limit) => (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -384,7 +394,7 @@ async fn tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     in_flight: InFlight,
-    open: OpenTunnel,
+    open: Open,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
@@ -399,22 +409,6 @@ async fn tunnel(
     }
     drop(in_flight);
     drop(open);
-}
-
-/// One upgraded connection counted in [`ProxyContext::open_tunnels`] until it closes.
-struct OpenTunnel(Arc<std::sync::atomic::AtomicU64>);
-
-impl OpenTunnel {
-    fn new(counter: &Arc<std::sync::atomic::AtomicU64>) -> Self {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(Arc::clone(counter))
-    }
-}
-
-impl Drop for OpenTunnel {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// Counts a response in `rayshift_requests_total`.

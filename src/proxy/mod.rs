@@ -6,6 +6,7 @@
 pub mod body;
 mod conn_watch;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod pool;
 pub mod request_body;
@@ -51,6 +52,10 @@ pub struct ProxyContext {
     /// Upgraded connections (WebSockets) open now: they leave hyper's connection tracking when
     /// they switch protocols, so the shutdown drain waits on this count.
     pub open_tunnels: Arc<std::sync::atomic::AtomicU64>,
+    /// Client connections on the direct HTTP/1.1 path now (also outside hyper's tracking).
+    pub open_direct: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether HTTP/1.1 requests start on the direct path (`upstream.direct_http1`).
+    pub direct_http1: bool,
 }
 
 impl ProxyContext {
@@ -76,11 +81,31 @@ impl ProxyContext {
             body_read_timeout: config.limits.body_read_timeout,
             retries: config.upstream.retries,
             open_tunnels: Arc::default(),
+            open_direct: Arc::default(),
+            direct_http1: config.upstream.direct_http1,
             retry: RetryBudget::new(
                 config.upstream.retry_budget,
                 config.upstream.retry_min_per_second,
             ),
         }
+    }
+}
+
+/// A connection counted in one of [`ProxyContext`]'s open-connection counts
+/// ([`ProxyContext::open_tunnels`], [`ProxyContext::open_direct`]) until it is dropped.
+pub(crate) struct Open(Arc<std::sync::atomic::AtomicU64>);
+
+impl Open {
+    /// Counts one more in `counter`.
+    pub(crate) fn new(counter: &Arc<std::sync::atomic::AtomicU64>) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -13,7 +13,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -51,10 +55,12 @@ impl SendError {
     }
 }
 
-/// Idle keep-alive connections to one cluster, newest last.
+/// Idle keep-alive connections to one cluster, newest last: hyper's (general path) and plain
+/// TCP ones with their read buffers (the direct HTTP/1.1 path, [`crate::proxy::h1`]).
 #[derive(Debug)]
 pub struct ClusterPool {
     idle: Mutex<VecDeque<Idle>>,
+    raw: Mutex<VecDeque<RawIdle>>,
     /// Most idle connections kept (`upstream.max_idle_per_cluster`).
     max_idle: usize,
     /// Idle connections older than this are closed (`upstream.idle_timeout`).
@@ -67,11 +73,30 @@ struct Idle {
     since: Instant,
 }
 
+/// A plain TCP connection to a cluster with its read buffer (empty between responses).
+#[derive(Debug)]
+pub struct RawConn {
+    /// The connection.
+    pub stream: TcpStream,
+    /// Bytes read from it and not yet forwarded.
+    pub buf: BytesMut,
+}
+
+#[derive(Debug)]
+struct RawIdle {
+    conn: RawConn,
+    since: Instant,
+}
+
+/// Initial read buffer of a direct-path upstream connection: a head and a 16 KiB body in one read.
+const RAW_READ_BUF: usize = 32 * 1024;
+
 impl ClusterPool {
     /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
             idle: Mutex::new(VecDeque::new()),
+            raw: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
         }
@@ -79,12 +104,52 @@ impl ClusterPool {
 
     /// Idle connections now (including ones the cluster may have closed since).
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.lock().len() + self.lock_raw().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         // A panic while holding the lock leaves a valid deque: recover it.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<RawIdle>> {
+        self.raw.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle plain connection still open and young enough (see
+    /// [`ClusterPool::checkout`]).
+    pub fn checkout_raw(&self) -> Option<RawConn> {
+        let now = Instant::now();
+        let mut idle = self.lock_raw();
+        while let Some(c) = idle.pop_back() {
+            if now.duration_since(c.since) >= self.idle_timeout {
+                idle.clear();
+                return None;
+            }
+            if is_open(&c.conn.stream) {
+                return Some(c.conn);
+            }
+        }
+        None
+    }
+
+    /// Takes a plain connection back after its response ended on a message boundary, its buffer
+    /// empty. As [`ClusterPool::put`].
+    pub fn put_raw(&self, conn: RawConn) {
+        if self.max_idle == 0 || !conn.buf.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock_raw();
+        while let Some(oldest) = idle.front() {
+            if idle.len() >= self.max_idle || now.duration_since(oldest.since) >= self.idle_timeout
+            {
+                idle.pop_front();
+            } else {
+                break;
+            }
+        }
+        idle.push_back(RawIdle { conn, since: now });
     }
 
     /// The most recently used idle connection still open and young enough. Older ones behind an
@@ -128,6 +193,8 @@ impl ClusterPool {
         let now = Instant::now();
         self.lock()
             .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+        self.lock_raw()
+            .retain(|c| is_open(&c.conn.stream) && now.duration_since(c.since) < self.idle_timeout);
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. Returns the
@@ -188,6 +255,54 @@ impl ClusterPool {
             }
         }
     }
+}
+
+/// Whether an idle connection is still usable: no event since its last response was read (the
+/// runtime's poller reports the cluster's close, or stray bytes, as readable; no system call
+/// unless it did). A readable one is checked: closed or sent something, it is not reused.
+fn is_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => matches!(
+            stream.try_read(&mut [0u8; 1]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        ),
+    }
+}
+
+/// Opens a plain TCP connection to an `http://` cluster (name resolution included), bounded by
+/// `connect_timeout`, with TCP_NODELAY and keep-alive probes like the general path's.
+pub async fn connect_raw(cluster: &Cluster, connect_timeout: Duration) -> Result<RawConn, String> {
+    let host = cluster
+        .authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = cluster.authority.port_u16().unwrap_or(80);
+    let connecting = Box::pin(tokio::time::timeout(
+        connect_timeout,
+        TcpStream::connect((host, port)),
+    ));
+    let stream = match connecting.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(format!("tcp connect error: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "no connection within {} (upstream.connect_timeout)",
+                humantime::format_duration(connect_timeout)
+            ))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    cluster.connections_opened.increment(1);
+    Ok(RawConn {
+        stream,
+        buf: BytesMut::with_capacity(RAW_READ_BUF),
+    })
 }
 
 /// Opens a connection to `cluster` and starts its connection task (with upgrade support, for

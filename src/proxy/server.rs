@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
 use crate::proxy::conn_watch::{ConnWatch, Ended, Tracked};
-use crate::proxy::{forward, headers, ProxyContext};
+use crate::proxy::{forward, h1, headers, Open, ProxyContext};
 
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
 /// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
@@ -50,6 +50,7 @@ pub async fn serve(
         .keep_alive_timeout(H2_KEEP_ALIVE);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let direct = ctx.direct_http1;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         // At the connection limit, stop accepting: new clients wait in the listen backlog.
@@ -72,8 +73,10 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let direct_ctx = &ctx;
                 let ctx = Arc::clone(&ctx);
                 let peer_value = headers::peer_value(peer.ip());
+                let direct_peer = peer_value.clone();
                 let watch = ConnWatch::new();
                 let requests = watch.clone();
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -84,28 +87,28 @@ pub async fn serve(
                         Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
                     }
                 });
-                let (first_timeout, idle_timeout) =
-                    (limits.header_read_timeout, limits.http2_idle_timeout);
+                let client = Client {
+                    ctx: Arc::clone(direct_ctx),
+                    peer,
+                    peer_value: direct_peer,
+                    shutdown: shutdown.clone(),
+                    builder: Arc::clone(&builder),
+                    watcher: graceful.watcher(),
+                    limits: limits.clone(),
+                    direct,
+                };
                 let Some(acceptor) = &tls else {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
-                        serve_limited(watch, conn, first_timeout, idle_timeout, peer).await;
+                        client.serve(stream, watch, service).await;
                         drop(permit);
                     });
                     continue;
                 };
-                // Watched from now on, so a drain waits for connections still in their handshake.
-                let watcher = graceful.watcher();
-                let (acceptor, builder) = (acceptor.clone(), Arc::clone(&builder));
+                let acceptor = acceptor.clone();
                 let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            let conn = watcher.watch(conn.into_owned());
-                            serve_limited(watch, conn, first_timeout, idle_timeout, peer).await;
-                        }
+                        Ok(Ok(stream)) => client.serve(stream, watch, service).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
                     }
@@ -129,8 +132,10 @@ pub async fn serve(
     }
     // Upgraded connections (WebSockets) left hyper's connection tracking when they switched
     // protocols; the proxy counts them until they close (whatever happened to their cluster).
+    // Connections on the direct path finish their request in flight and close.
     while tokio::time::Instant::now() < deadline {
-        let open = ctx.open_tunnels.load(std::sync::atomic::Ordering::Relaxed);
+        let open = ctx.open_tunnels.load(std::sync::atomic::Ordering::Relaxed)
+            + ctx.open_direct.load(std::sync::atomic::Ordering::Relaxed);
         if open == 0 {
             return;
         }
@@ -138,8 +143,74 @@ pub async fn serve(
     }
     tracing::warn!(
         ?drain,
-        "drain timeout: closing remaining upgraded connections"
+        "drain timeout: closing remaining upgraded and direct-path connections"
     );
+}
+
+/// One accepted client connection and what serving it needs.
+struct Client {
+    ctx: Arc<ProxyContext>,
+    peer: std::net::SocketAddr,
+    peer_value: http::HeaderValue,
+    shutdown: watch::Receiver<bool>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Taken when the connection is created, so a drain waits for connections still in their
+    /// TLS handshake.
+    watcher: hyper_util::server::graceful::Watcher,
+    limits: LimitsConfig,
+    /// Whether HTTP/1.1 requests start on the direct path (`upstream.direct_http1`).
+    direct: bool,
+}
+
+impl Client {
+    /// Serves the connection: on the direct HTTP/1.1 path first (when on), then, from the first
+    /// request it does not take, with hyper.
+    async fn serve<S, Svc>(mut self, io: S, watch: ConnWatch, service: Svc)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        Svc: hyper::service::Service<
+                hyper::Request<hyper::body::Incoming>,
+                Response = hyper::Response<Tracked<crate::proxy::body::ProxyBody>>,
+                Error = std::convert::Infallible,
+            > + Send
+            + 'static,
+        Svc::Future: Send + 'static,
+    {
+        let (first_timeout, idle_timeout) = (
+            self.limits.header_read_timeout,
+            self.limits.http2_idle_timeout,
+        );
+        if !self.direct {
+            let conn = self
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service);
+            let conn = self.watcher.watch(conn.into_owned());
+            serve_limited(watch, conn, first_timeout, idle_timeout, self.peer).await;
+            return;
+        }
+        let settings = h1::Settings {
+            header_read_timeout: first_timeout,
+            max_header_bytes: self.limits.max_header_bytes,
+        };
+        let open = Open::new(&self.ctx.open_direct);
+        let ended = h1::serve(
+            io,
+            &self.ctx,
+            self.peer,
+            self.peer_value.as_bytes(),
+            settings,
+            &mut self.shutdown,
+        )
+        .await;
+        drop(open);
+        if let h1::Ended::Handoff(io) = ended {
+            let conn = self
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service);
+            let conn = self.watcher.watch(conn.into_owned());
+            serve_limited(watch, conn, first_timeout, idle_timeout, self.peer).await;
+        }
+    }
 }
 
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.

@@ -17,13 +17,18 @@ pub fn split_hash(key: &SplitKey, headers: &HeaderMap, peer: IpAddr) -> Option<u
         SplitKey::None => None,
         SplitKey::Header(name) => headers.get(name).map(|v| key_hash(v.as_bytes())),
         SplitKey::Cookie(name) => cookie_value(headers, name).map(key_hash),
-        SplitKey::ClientIp => Some(match peer {
-            IpAddr::V4(ip) => key_hash(&ip.octets()),
-            IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-                Some(v4) => key_hash(&v4.octets()),
-                None => key_hash(&ip.octets()),
-            },
-        }),
+        SplitKey::ClientIp => Some(ip_hash(peer)),
+    }
+}
+
+/// The split hash of a client address (an IPv4-mapped IPv6 address hashes as its IPv4 one).
+pub fn ip_hash(peer: IpAddr) -> u64 {
+    match peer {
+        IpAddr::V4(ip) => key_hash(&ip.octets()),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => key_hash(&v4.octets()),
+            None => key_hash(&ip.octets()),
+        },
     }
 }
 
@@ -32,12 +37,16 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> 
     headers
         .get_all(header::COOKIE)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|&b| b == b'=')?;
-            (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
-        })
+        .find_map(|v| cookie_in(v.as_bytes(), name))
+}
+
+/// The value of cookie `name` in one `Cookie` header value, if present.
+pub fn cookie_in<'a>(value: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    value.split(|&b| b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+    })
 }
 
 #[cfg(test)]

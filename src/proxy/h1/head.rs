@@ -1,0 +1,673 @@
+//! Request and response heads on the direct HTTP/1.1 path: which requests it takes, and the heads
+//! it writes for the next hop. Pure: bytes in, bytes out.
+//!
+//! The rules are the ones the general path applies through `HeaderMap` ([`crate::proxy::headers`]):
+//! hop-by-hop headers go, `x-forwarded-for` gains the client, `x-forwarded-proto` and
+//! `x-forwarded-host` are set, `x-request-id` is kept or generated. Anything the direct path does
+//! not handle itself (HTTP/1.0, upgrades, `Expect`, chunked uploads, absolute-form targets,
+//! `Connection` naming other headers, ...) is a [`Parsed::Handoff`]: the connection goes on in the
+//! general path, which knows every corner of the protocol.
+
+use std::net::IpAddr;
+
+use crate::config::SplitKey;
+use crate::proxy::split_key;
+use crate::routing::key_hash;
+
+/// Most header fields in a head (hyper's default too); more hands the request off.
+pub const MAX_HEADERS: usize = 100;
+
+/// The outcome of reading a head from the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<T> {
+    /// A whole head.
+    Complete(T),
+    /// More bytes are needed.
+    Partial,
+    /// Not for the direct path; the reason is for debug logs.
+    Handoff(&'static str),
+}
+
+/// A request head the direct path forwards; its upstream head has been written to `out`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Bytes of the head in the client's buffer (the body follows).
+    pub head_len: usize,
+    /// `content-length` (0 without one).
+    pub content_length: u64,
+    /// `HEAD`: the response has no body whatever its headers say.
+    pub is_head: bool,
+    /// The method may be sent twice (RFC 9110 section 9.2.2).
+    pub idempotent: bool,
+    /// The client sent `Connection: close`.
+    pub close: bool,
+    /// The path (without the query) in the client's buffer, for routing.
+    pub path: std::ops::Range<usize>,
+    /// The hash of the request's split key, if it has one.
+    pub split: Option<u64>,
+    /// The request id in `out` (kept from the client or generated).
+    pub request_id: std::ops::Range<usize>,
+}
+
+/// How the end of a response body is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    /// `content-length` bytes.
+    Length(u64),
+    /// `transfer-encoding: chunked`, forwarded as it is.
+    Chunked,
+    /// Until the cluster closes the connection.
+    Close,
+}
+
+/// A response head; its downstream head (without the final empty line) has been written to `out`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Bytes of the head in the upstream buffer.
+    pub head_len: usize,
+    /// The status code.
+    pub status: u16,
+    /// Where the body ends.
+    pub framing: Framing,
+    /// The cluster keeps the connection open after this response.
+    pub keep_alive: bool,
+    /// The response carries its own `x-request-id`.
+    pub has_request_id: bool,
+}
+
+/// What is wrong with a cluster's response head.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadResponse {
+    /// Not HTTP/1.x.
+    #[error("malformed response head: {0}")]
+    Malformed(httparse::Error),
+    /// `101` to a request that asked for no upgrade.
+    #[error("unexpected 101 Switching Protocols")]
+    UnexpectedUpgrade,
+    /// A transfer coding other than chunked.
+    #[error("unsupported transfer-encoding")]
+    TransferEncoding,
+    /// A `content-length` that is not one number.
+    #[error("invalid content-length")]
+    ContentLength,
+}
+
+/// Per-connection inputs of the request rewrite.
+#[derive(Debug, Clone, Copy)]
+pub struct Client<'a> {
+    /// The client's address, formatted once per connection.
+    pub peer: &'a [u8],
+    /// The client's address, for a `client_ip` split.
+    pub ip: IpAddr,
+    /// `x-forwarded-proto`.
+    pub proto: &'static str,
+    /// How requests are keyed for a sticky split.
+    pub split_key: &'a SplitKey,
+}
+
+/// Parses a request head from `buf` and, when the direct path takes it, writes the head for the
+/// cluster into `out` (cleared first).
+pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Request> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut storage);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Handoff("not a valid HTTP/1 request head"),
+    };
+    if req.version != Some(1) {
+        return Parsed::Handoff("HTTP/1.0");
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Parsed::Handoff("incomplete request line");
+    };
+    if method == "CONNECT" {
+        return Parsed::Handoff("CONNECT");
+    }
+    if !target.starts_with('/') || !target.bytes().all(origin_form_byte) {
+        return Parsed::Handoff("not an origin-form target");
+    }
+    let path_len = target.find('?').unwrap_or(target.len());
+    let path_start = target.as_ptr() as usize - buf.as_ptr() as usize;
+
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut content_length = None;
+    let mut close = false;
+    let mut host: Option<&[u8]> = None;
+    let mut forwarded_for: Option<&[u8]> = None;
+    let mut request_id = None;
+    let mut split = None;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        if split.is_none() {
+            split = match client.split_key {
+                SplitKey::Header(key) if name.eq_ignore_ascii_case(key.as_str().as_bytes()) => {
+                    Some(key_hash(value))
+                }
+                SplitKey::Cookie(key) if name.eq_ignore_ascii_case(b"cookie") => {
+                    split_key::cookie_in(value, key).map(key_hash)
+                }
+                _ => None,
+            };
+        }
+        // Lengths first: most names are ruled out by one comparison.
+        match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") => host = host.or(Some(value)),
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        return Parsed::Handoff("Connection names other headers");
+                    }
+                }
+                continue;
+            }
+            10 if name.eq_ignore_ascii_case(b"keep-alive") => continue,
+            2 if name.eq_ignore_ascii_case(b"te") => continue,
+            16 if name.eq_ignore_ascii_case(b"proxy-connection") => continue,
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                return Parsed::Handoff("transfer-encoding")
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => return Parsed::Handoff("upgrade"),
+            6 if name.eq_ignore_ascii_case(b"expect") => return Parsed::Handoff("expect"),
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                if content_length.is_some() {
+                    return Parsed::Handoff("repeated content-length");
+                }
+                match parse_length(value) {
+                    Some(n) => content_length = Some(n),
+                    None => return Parsed::Handoff("invalid content-length"),
+                }
+            }
+            15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
+                forwarded_for = forwarded_for.or(Some(value));
+                continue;
+            }
+            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => continue,
+            16 if name.eq_ignore_ascii_case(b"x-forwarded-host") => continue,
+            12 if name.eq_ignore_ascii_case(b"x-request-id") => {
+                if request_id.is_none() {
+                    if value.is_empty() {
+                        // An empty id is replaced (with all other `x-request-id` fields).
+                        request_id = Some(None);
+                    } else {
+                        let start = out.len() + name.len() + 2;
+                        request_id = Some(Some(start..start + value.len()));
+                    }
+                }
+                if request_id == Some(None) {
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        push_header(out, name, value);
+    }
+    let Some(host) = host else {
+        return Parsed::Handoff("no Host");
+    };
+    // The chain grows by the client; an earlier value that is not text starts a new one.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prev) = forwarded_for.filter(|v| is_text(v) && !v.trim_ascii().is_empty()) {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client.peer);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    out.extend_from_slice(client.proto.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    push_header(out, b"x-forwarded-host", host);
+    let request_id = match request_id {
+        Some(Some(range)) => range,
+        None | Some(None) => {
+            out.extend_from_slice(b"x-request-id: ");
+            let start = out.len();
+            out.extend_from_slice(&new_request_id());
+            let range = start..out.len();
+            out.extend_from_slice(b"\r\n");
+            range
+        }
+    };
+    out.extend_from_slice(b"\r\n");
+    if let SplitKey::ClientIp = client.split_key {
+        split = Some(split_key::ip_hash(client.ip));
+    }
+    Parsed::Complete(Request {
+        head_len,
+        content_length: content_length.unwrap_or(0),
+        is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        close,
+        path: path_start..path_start + path_len,
+        split,
+        request_id,
+    })
+}
+
+/// Parses a response head from `buf` (for a request that was a `HEAD` when `is_head`) and writes
+/// the head for the client into `out` (cleared first), without the empty line that ends it.
+///
+/// Informational responses (`100`, `103`) come back as [`Parsed::Handoff`] with reason
+/// `"informational"` and `head_len` in [`informational_len`]: the caller skips them.
+pub fn response(
+    buf: &[u8],
+    is_head: bool,
+    out: &mut Vec<u8>,
+) -> Result<Parsed<Response>, BadResponse> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut storage);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(BadResponse::Malformed(e)),
+    };
+    let status = resp.code.unwrap_or(0);
+    if status == 101 {
+        return Err(BadResponse::UnexpectedUpgrade);
+    }
+    if (100..200).contains(&status) {
+        return Ok(Parsed::Handoff("informational"));
+    }
+    let mut keep_alive = resp.version == Some(1);
+    // Names listed in `Connection` are hop-by-hop too (rare: looked for before writing anything).
+    let mut listed: Vec<&[u8]> = Vec::new();
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    listed.push(token);
+                }
+            }
+        }
+    }
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_status(out, status);
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut length = None;
+    let mut chunked = false;
+    let mut has_request_id = false;
+    let mut length_at = None;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        match name.len() {
+            10 if name.eq_ignore_ascii_case(b"connection")
+                || name.eq_ignore_ascii_case(b"keep-alive") =>
+            {
+                continue
+            }
+            2 if name.eq_ignore_ascii_case(b"te") => continue,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => continue,
+            16 if name.eq_ignore_ascii_case(b"proxy-connection") => continue,
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err(BadResponse::TransferEncoding);
+                }
+                chunked = true;
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                let n = parse_length(h.value).ok_or(BadResponse::ContentLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(BadResponse::ContentLength);
+                }
+                if length.is_some() {
+                    continue;
+                }
+                length = Some(n);
+                length_at = Some(out.len()..out.len() + name.len() + h.value.len() + 4);
+            }
+            12 if name.eq_ignore_ascii_case(b"x-request-id") => has_request_id = true,
+            _ => {}
+        }
+        if !listed.is_empty() && listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        push_header(out, name, h.value);
+    }
+    if chunked {
+        // Chunked framing wins over a length (RFC 9112 section 6.3); the length is not forwarded.
+        if let Some(range) = length_at {
+            out.drain(range);
+        }
+    }
+    let framing = if is_head || status == 204 || status == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        keep_alive = false;
+        Framing::Close
+    };
+    Ok(Parsed::Complete(Response {
+        head_len,
+        status,
+        framing,
+        keep_alive,
+        has_request_id,
+    }))
+}
+
+/// The length of the informational (1xx) head at the start of `buf`, if there is a whole one.
+pub fn informational_len(buf: &[u8]) -> Option<usize> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut storage);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if resp.code.is_some_and(|c| (100..200).contains(&c)) => {
+            Some(n)
+        }
+        _ => None,
+    }
+}
+
+/// Writes a whole response the gateway makes itself (errors), body included.
+pub fn local_response(
+    out: &mut Vec<u8>,
+    status: http::StatusCode,
+    request_id: &[u8],
+    close: bool,
+    body: &str,
+) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_status(out, status.as_u16());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    push_header(out, b"x-request-id", request_id);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_status(out: &mut Vec<u8>, status: u16) {
+    let status = status.min(999);
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
+}
+
+/// A `content-length` value: decimal digits only, at most 19 of them.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        value
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+/// A header value `HeaderValue::to_str` accepts: visible ASCII, space and tab.
+fn is_text(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+/// The bytes `http::uri::PathAndQuery` accepts in a path and query; a fragment (`#`) or anything
+/// else hands the request to the general path, which answers it as hyper does.
+fn origin_form_byte(b: u8) -> bool {
+    matches!(b, b'!'..=b'~') && b != b'#'
+}
+
+/// 32 lowercase hex digits of randomness, as [`crate::proxy::headers::ensure_request_id`].
+fn new_request_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (4 * (31 - i))) & 0xf) as usize];
+    }
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(key: &SplitKey) -> Client<'_> {
+        Client {
+            peer: b"127.0.0.9",
+            ip: "127.0.0.9".parse().unwrap(),
+            proto: "http",
+            split_key: key,
+        }
+    }
+
+    fn rewrite(raw: &str) -> (Parsed<Request>, String) {
+        let mut out = Vec::new();
+        let parsed = request(raw.as_bytes(), client(&SplitKey::None), &mut out);
+        (parsed, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn a_plain_get_is_rewritten_for_the_cluster() {
+        let raw = "GET /app/x?q=1 HTTP/1.1\r\nHost: api.example\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nx-request-id: abc\r\nAccept: */*\r\n\r\nNEXT";
+        let (parsed, out) = rewrite(raw);
+        let Parsed::Complete(req) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(req.head_len, raw.len() - 4);
+        assert_eq!(&raw[req.path.clone()], "/app/x");
+        assert_eq!(&out[req.request_id.clone()], "abc");
+        assert!(req.idempotent && !req.is_head && !req.close);
+        assert_eq!(req.content_length, 0);
+        assert_eq!(
+            out,
+            "GET /app/x?q=1 HTTP/1.1\r\nHost: api.example\r\nx-request-id: abc\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: api.example\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_empty_request_id_is_generated() {
+        for raw in [
+            "POST /a HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc",
+            "POST /a HTTP/1.1\r\nhost: h\r\nx-request-id: \r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc",
+        ] {
+            let (parsed, out) = rewrite(raw);
+            let Parsed::Complete(req) = parsed else {
+                panic!("{parsed:?}")
+            };
+            assert_eq!(req.content_length, 3);
+            assert!(req.close && !req.idempotent);
+            let id = &out[req.request_id.clone()];
+            assert_eq!(id.len(), 32);
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_eq!(out.matches("x-request-id").count(), 1, "{out}");
+            assert!(out.contains("x-forwarded-for: 127.0.0.9\r\n"), "{out}");
+            assert!(!out.to_ascii_lowercase().contains("connection"), "{out}");
+        }
+    }
+
+    #[test]
+    fn what_the_direct_path_does_not_take_is_handed_off() {
+        for raw in [
+            "GET / HTTP/1.0\r\nHost: h\r\n\r\n",
+            "GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: h\r\ncontent-length: -1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: x-secret\r\nx-secret: 1\r\n\r\n",
+            "CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /a#frag HTTP/1.1\r\nHost: h\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(rewrite(raw).0, Parsed::Handoff(_)),
+                "{raw:?} was taken"
+            );
+        }
+        assert_eq!(rewrite("GET / HTTP/1.1\r\nHost: h\r\n").0, Parsed::Partial);
+    }
+
+    #[test]
+    fn split_keys_are_read_from_the_raw_head() {
+        let raw = b"GET / HTTP/1.1\r\nHost: h\r\nCookie: a=1; sid=alice\r\nX-User: bob\r\n\r\n";
+        let mut out = Vec::new();
+        let split = |key: &SplitKey, out: &mut Vec<u8>| match request(raw, client(key), out) {
+            Parsed::Complete(r) => r.split,
+            other => panic!("{other:?}"),
+        };
+        let header = SplitKey::Header(http::HeaderName::from_static("x-user"));
+        assert_eq!(split(&header, &mut out), Some(key_hash(b"bob")));
+        assert_eq!(
+            split(&SplitKey::Cookie("sid".into()), &mut out),
+            Some(key_hash(b"alice"))
+        );
+        assert_eq!(split(&SplitKey::Cookie("nope".into()), &mut out), None);
+        assert_eq!(split(&SplitKey::None, &mut out), None);
+        assert_eq!(
+            split(&SplitKey::ClientIp, &mut out),
+            Some(split_key::ip_hash("127.0.0.9".parse().unwrap()))
+        );
+    }
+
+    fn response_of(raw: &str, is_head: bool) -> (Result<Parsed<Response>, BadResponse>, String) {
+        let mut out = Vec::new();
+        let parsed = response(raw.as_bytes(), is_head, &mut out);
+        (parsed, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_fields_and_know_their_framing() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nx-hop: 1\r\nx-request-id: r1\r\n\r\nabc";
+        let (parsed, out) = response_of(raw, false);
+        let Ok(Parsed::Complete(resp)) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(resp.head_len, raw.len() - 3);
+        assert_eq!(
+            (resp.status, resp.framing, resp.keep_alive),
+            (200, Framing::Length(3), true)
+        );
+        assert!(resp.has_request_id);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-request-id: r1\r\n"
+        );
+
+        let chunked = "HTTP/1.1 200 OK\r\ncontent-length: 9\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (parsed, out) = response_of(chunked, false);
+        let Ok(Parsed::Complete(resp)) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(resp.framing, Framing::Chunked);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n");
+
+        let (parsed, _) = response_of("HTTP/1.0 200 OK\r\n\r\nbody", false);
+        let Ok(Parsed::Complete(resp)) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!((resp.framing, resp.keep_alive), (Framing::Close, false));
+
+        let (parsed, _) = response_of(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 5\r\n\r\n",
+            true,
+        );
+        let Ok(Parsed::Complete(resp)) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!((resp.framing, resp.keep_alive), (Framing::Empty, false));
+        let (parsed, _) = response_of(
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n",
+            false,
+        );
+        assert!(matches!(
+            parsed,
+            Ok(Parsed::Complete(Response {
+                framing: Framing::Empty,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn bad_and_informational_responses() {
+        assert_eq!(
+            response_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false).0,
+            Err(BadResponse::TransferEncoding)
+        );
+        assert_eq!(
+            response_of(
+                "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                false
+            )
+            .0,
+            Err(BadResponse::ContentLength)
+        );
+        assert_eq!(
+            response_of("HTTP/1.1 101 Switching Protocols\r\n\r\n", false).0,
+            Err(BadResponse::UnexpectedUpgrade)
+        );
+        assert!(matches!(
+            response_of("SSH-2.0-x\r\n\r\n", false).0,
+            Err(BadResponse::Malformed(_))
+        ));
+        let early = "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n";
+        assert_eq!(
+            response_of(early, false).0,
+            Ok(Parsed::Handoff("informational"))
+        );
+        assert_eq!(informational_len(early.as_bytes()), Some(early.len() - 17));
+        assert_eq!(
+            response_of("HTTP/1.1 200 OK\r\n", false).0,
+            Ok(Parsed::Partial)
+        );
+    }
+
+    #[test]
+    fn local_responses_are_whole() {
+        let mut out = Vec::new();
+        local_response(
+            &mut out,
+            http::StatusCode::BAD_GATEWAY,
+            b"id1",
+            true,
+            "oops\n",
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 5\r\nx-request-id: id1\r\nconnection: close\r\n\r\noops\n"
+        );
+    }
+}
