@@ -22,7 +22,9 @@ const BIG: usize = 4 << 20;
 /// `/app/small` (content-length), `/app/chunked`, `/app/empty` (204), `/app/big` (4 MiB),
 /// `/app/close` (answers, then closes the connection without saying so), `/app/early` (401 before
 /// the request body is read, then reads the body and keeps the connection), `/app/trailers`
-/// (chunked, with a trailer field it announces in `Trailer`).
+/// (chunked, with a trailer field it announces in `Trailer`), `/app/eof` (no length: the body
+/// ends when the server closes), `/app/flaky` (on a connection that already answered a request,
+/// closes without answering, as a server does whose keep-alive timer fired as the request came).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -81,6 +83,7 @@ async fn serve_conn(
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut counted = false;
+    let mut served = 0;
     loop {
         let mut request_line = String::new();
         match read.read_line(&mut request_line).await {
@@ -124,6 +127,12 @@ async fn serve_conn(
         }
         if path == "/app/early" {
             continue;
+        }
+        if path == "/app/flaky" && served > 0 {
+            return;
+        }
+        if !path.starts_with("/-/") {
+            served += 1;
         }
         if !path.starts_with("/-/") && !counted {
             counted = true;
@@ -172,6 +181,14 @@ async fn serve_conn(
                 false,
             ),
             "/app/empty" => (head("204 No Content", ""), false),
+            "/app/flaky" => (
+                [head("200 OK", "content-length: 5\r\n"), b"fresh".to_vec()].concat(),
+                false,
+            ),
+            "/app/eof" => (
+                [head("200 OK", ""), b"until the end".to_vec()].concat(),
+                true,
+            ),
             "/app/close" => (
                 [head("200 OK", "content-length: 2\r\n"), b"ok".to_vec()].concat(),
                 true,
@@ -232,8 +249,18 @@ fn conn_of(resp: &common::Resp) -> String {
 
 #[tokio::test]
 async fn one_connection_carries_requests_with_every_kind_of_body() {
+    reuse_one_connection("reuse", "").await;
+}
+
+/// The same through hyper alone (`upstream.direct_http1: false`).
+#[tokio::test]
+async fn one_connection_carries_requests_with_every_kind_of_body_through_hyper() {
+    reuse_one_connection("reuse-hyper", "upstream:\n  direct_http1: false\n").await;
+}
+
+async fn reuse_one_connection(name: &str, upstream: &str) {
     let backend = Backend::start().await;
-    let gw = gateway(&backend, "reuse", "").await;
+    let gw = gateway(&backend, name, upstream).await;
     let mut conns = Vec::new();
     for round in 0..10 {
         let small = get(&gw.url("/app/small")).await;
@@ -258,7 +285,114 @@ async fn one_connection_carries_requests_with_every_kind_of_body() {
     conns.dedup();
     assert_eq!(conns.len(), 1, "connections used in order: {conns:?}");
     assert_eq!(backend.app_conns(), 1);
-    assert_eq!(connections_opened(&gw, "reuse").await, 1);
+    assert_eq!(connections_opened(&gw, name).await, 1);
+}
+
+/// Reads from `client` until it closes; returns everything it sent.
+async fn read_until_closed(client: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut all))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// Requests sent back to back in one write (pipelined) are answered in order on the direct path,
+/// and a request it does not take (`Connection` naming another header) carries on in the general
+/// path on the same connection, followed by more requests.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_across_the_handoff() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pipeline", "").await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(
+            b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n\
+              GET /app/chunked HTTP/1.1\r\nhost: x\r\n\r\n\
+              HEAD /app/small HTTP/1.1\r\nhost: x\r\n\r\n\
+              GET /app/empty HTTP/1.1\r\nhost: x\r\nconnection: x-hop\r\nx-hop: 1\r\n\r\n\
+              GET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let all = read_until_closed(&mut client).await.to_ascii_lowercase();
+    let starts: Vec<_> = all.match_indices("http/1.1 ").map(|(i, _)| i).collect();
+    assert_eq!(starts.len(), 5, "{all}");
+    let answers: Vec<&str> = starts
+        .iter()
+        .zip(starts.iter().skip(1).chain([&all.len()]))
+        .map(|(&a, &b)| &all[a..b])
+        .collect();
+    assert!(
+        answers[0].starts_with("http/1.1 200") && answers[0].ends_with("\r\n\r\nhello"),
+        "{}",
+        answers[0]
+    );
+    assert!(
+        answers[1].contains("transfer-encoding: chunked")
+            && answers[1].ends_with("3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"),
+        "{}",
+        answers[1]
+    );
+    assert!(
+        answers[2].contains("content-length: 5") && answers[2].ends_with("\r\n\r\n"),
+        "{}",
+        answers[2]
+    );
+    assert!(answers[3].starts_with("http/1.1 204"), "{}", answers[3]);
+    assert!(
+        answers[4].starts_with("http/1.1 200") && answers[4].ends_with("hello"),
+        "{}",
+        answers[4]
+    );
+    for answer in &answers {
+        assert!(answer.contains("x-request-id: "), "{answer}");
+        assert!(!answer.contains("x-hop"), "{answer}");
+    }
+    // One upstream connection carried the direct path's three, one of the general path's pool
+    // the other two.
+    assert_eq!(backend.app_conns(), 2);
+}
+
+/// A response without a length ends when the cluster closes: the client gets all of it, told
+/// the connection closes after it, and the next request opens a new upstream connection.
+#[tokio::test]
+async fn a_response_ending_at_close_reaches_the_client_whole() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-eof", "").await;
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+        client
+            .write_all(b"GET /app/eof HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let all = read_until_closed(&mut client).await.to_ascii_lowercase();
+        assert!(all.starts_with("http/1.1 200"), "{all}");
+        assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+        assert!(all.ends_with("\r\n\r\nuntil the end"), "{all}");
+    }
+    assert_eq!(backend.app_conns(), 3);
+}
+
+/// The cluster closes a pooled connection as a request arrives on it, without answering: a GET
+/// is sent again on a new connection; a POST is not (it may have been acted on) and gets 502.
+#[tokio::test]
+async fn a_pooled_connection_closing_under_a_request_replays_only_idempotent_ones() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-flaky", "").await;
+    assert_eq!(get(&gw.url("/app/small")).await.status, 200);
+    let again = get(&gw.url("/app/flaky")).await;
+    assert_eq!((again.status.as_u16(), again.body.as_str()), (200, "fresh"));
+    assert_eq!(backend.app_conns(), 2);
+    let post = send(Method::POST, &gw.url("/app/flaky"), &[], "x").await;
+    assert_eq!(post.status.as_u16(), 502, "{}", post.body);
+    assert!(
+        post.body.contains("closed before a response"),
+        "{}",
+        post.body
+    );
+    assert_eq!(backend.app_conns(), 2, "the POST was not sent twice");
 }
 
 #[tokio::test]
