@@ -24,13 +24,17 @@ const BIG: usize = 4 << 20;
 /// the request body is read, then reads the body and keeps the connection), `/app/trailers`
 /// (chunked, with a trailer field it announces in `Trailer`), `/app/eof` (no length: the body
 /// ends when the server closes), `/app/flaky` (on a connection that already answered a request,
-/// closes without answering, as a server does whose keep-alive timer fired as the request came).
+/// closes without answering, as a server does whose keep-alive timer fired as the request came),
+/// `/app/reset` (always closes without answering), `/app/slow` (answers after 5 s, unless the
+/// client closes first: counted in `cancelled`).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
     app_conns: Arc<AtomicUsize>,
     /// Of those, connections the client (the gateway) closed.
     closed_by_client: Arc<AtomicUsize>,
+    /// `/app/slow` requests whose connection the gateway closed before the answer.
+    cancelled: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,20 +51,27 @@ impl Backend {
         let app_conns = Arc::new(AtomicUsize::new(0));
         let closed_by_client = Arc::new(AtomicUsize::new(0));
         let next_id = Arc::new(AtomicUsize::new(0));
-        let (a, c) = (Arc::clone(&app_conns), Arc::clone(&closed_by_client));
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let (a, c, x) = (
+            Arc::clone(&app_conns),
+            Arc::clone(&closed_by_client),
+            Arc::clone(&cancelled),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let id = next_id.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(serve_conn(stream, id, Arc::clone(&a), Arc::clone(&c)));
+                let counts = (Arc::clone(&a), Arc::clone(&c), Arc::clone(&x));
+                tokio::spawn(serve_conn(stream, id, counts));
             }
         });
         Backend {
             port,
             app_conns,
             closed_by_client,
+            cancelled,
             task,
         }
     }
@@ -74,12 +85,10 @@ impl Backend {
     }
 }
 
-async fn serve_conn(
-    stream: TcpStream,
-    id: usize,
-    app_conns: Arc<AtomicUsize>,
-    closed_by_client: Arc<AtomicUsize>,
-) {
+type Counts = (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
+    let (app_conns, closed_by_client, cancelled) = counts;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut counted = false;
@@ -128,7 +137,7 @@ async fn serve_conn(
         if path == "/app/early" {
             continue;
         }
-        if path == "/app/flaky" && served > 0 {
+        if (path == "/app/flaky" && served > 0) || path == "/app/reset" {
             return;
         }
         if !path.starts_with("/-/") {
@@ -137,6 +146,15 @@ async fn serve_conn(
         if !path.starts_with("/-/") && !counted {
             counted = true;
             app_conns.fetch_add(1, Ordering::SeqCst);
+        }
+        if path == "/app/slow" {
+            let mut probe = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_secs(5), read.read(&mut probe)).await
+            {
+                cancelled.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
         }
         let head = |status: &str, extra: &str| {
             format!("HTTP/1.1 {status}\r\nx-conn: {id}\r\n{extra}\r\n").into_bytes()
@@ -181,7 +199,7 @@ async fn serve_conn(
                 false,
             ),
             "/app/empty" => (head("204 No Content", ""), false),
-            "/app/flaky" => (
+            "/app/flaky" | "/app/slow" => (
                 [head("200 OK", "content-length: 5\r\n"), b"fresh".to_vec()].concat(),
                 false,
             ),
@@ -355,24 +373,85 @@ async fn pipelined_requests_are_answered_in_order_across_the_handoff() {
     assert_eq!(backend.app_conns(), 2);
 }
 
-/// A response without a length ends when the cluster closes: the client gets all of it, told
-/// the connection closes after it, and the next request opens a new upstream connection.
+/// A response without a length ends when the cluster closes: the client gets it re-framed as
+/// chunks (so it can tell a whole body from a cut one) and keeps its connection; the next request
+/// opens a new upstream connection.
 #[tokio::test]
 async fn a_response_ending_at_close_reaches_the_client_whole() {
     let backend = Backend::start().await;
     let gw = gateway(&backend, "pool-eof", "").await;
     for _ in 0..3 {
-        let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
-        client
-            .write_all(b"GET /app/eof HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let all = read_until_closed(&mut client).await.to_ascii_lowercase();
-        assert!(all.starts_with("http/1.1 200"), "{all}");
-        assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
-        assert!(all.ends_with("\r\n\r\nuntil the end"), "{all}");
+        let resp = get(&gw.url("/app/eof")).await;
+        assert_eq!(
+            (resp.status.as_u16(), resp.body.as_str()),
+            (200, "until the end")
+        );
     }
     assert_eq!(backend.app_conns(), 3);
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(
+            b"GET /app/eof HTTP/1.1\r\nhost: x\r\n\r\nGET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let all = read_until_closed(&mut client).await.to_ascii_lowercase();
+    assert!(all.starts_with("http/1.1 200"), "{all}");
+    assert!(all.contains("\r\ntransfer-encoding: chunked\r\n"), "{all}");
+    let second = all.find("\r\n\r\nd\r\nuntil the end\r\n0\r\n\r\nhttp/1.1 200");
+    assert!(second.is_some(), "{all}");
+    assert!(all.ends_with("\r\n\r\nhello"), "{all}");
+}
+
+/// A failed request answered to a HEAD carries no body (the client would read it as the next
+/// response), and the connection goes on.
+#[tokio::test]
+async fn an_error_answer_to_head_has_no_body() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-head-error", "").await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(
+            b"HEAD /app/reset HTTP/1.1\r\nhost: x\r\n\r\nGET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let all = read_until_closed(&mut client).await.to_ascii_lowercase();
+    assert!(all.starts_with("http/1.1 502"), "{all}");
+    let (error, next) = all.split_once("\r\n\r\n").unwrap();
+    assert!(error.contains("content-length: "), "{error}");
+    assert!(next.starts_with("http/1.1 200"), "{all}");
+    assert!(next.ends_with("\r\n\r\nhello"), "{all}");
+}
+
+/// A client that goes away while its request is with the cluster: the gateway closes the
+/// upstream connection at once (Serve cancels the request) instead of waiting for the answer.
+#[tokio::test]
+async fn a_client_gone_mid_request_cancels_it_upstream() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-gone", "").await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request reaches the cluster", || async {
+        backend.app_conns() == 1
+    })
+    .await;
+    let gone = std::time::Instant::now();
+    drop(client);
+    eventually("the cluster sees its connection closed", || async {
+        backend.cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(
+        gone.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        gone.elapsed()
+    );
+    let state = gw.cluster_state("pool-gone").await;
+    assert_eq!(state["in_flight"], 0, "{state}");
 }
 
 /// The cluster closes a pooled connection as a request arrives on it, without answering: a GET

@@ -92,6 +92,9 @@ pub enum BadResponse {
     /// A `content-length` that is not one number.
     #[error("invalid content-length")]
     ContentLength,
+    /// A status code below 100.
+    #[error("invalid status code {0}")]
+    Status(u16),
 }
 
 /// Per-connection inputs of the request rewrite.
@@ -274,6 +277,9 @@ pub fn response(
         Err(e) => return Err(BadResponse::Malformed(e)),
     };
     let status = resp.code.unwrap_or(0);
+    if status < 100 {
+        return Err(BadResponse::Status(status));
+    }
     if status == 101 {
         return Err(BadResponse::UnexpectedUpgrade);
     }
@@ -315,6 +321,8 @@ pub fn response(
             2 if name.eq_ignore_ascii_case(b"te") => continue,
             7 if name.eq_ignore_ascii_case(b"upgrade") => continue,
             16 if name.eq_ignore_ascii_case(b"proxy-connection") => continue,
+            // The framing fields and the request id are never dropped for being listed in
+            // `Connection`: the body's framing depends on them.
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
                 if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                     return Err(BadResponse::TransferEncoding);
@@ -333,10 +341,10 @@ pub fn response(
                 length_at = Some(out.len()..out.len() + name.len() + h.value.len() + 4);
             }
             12 if name.eq_ignore_ascii_case(b"x-request-id") => has_request_id = true,
+            _ if !listed.is_empty() && listed.iter().any(|l| l.eq_ignore_ascii_case(name)) => {
+                continue
+            }
             _ => {}
-        }
-        if !listed.is_empty() && listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
-            continue;
         }
         push_header(out, name, h.value);
     }
@@ -377,12 +385,14 @@ pub fn informational_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// Writes a whole response the gateway makes itself (errors), body included.
+/// Writes a whole response the gateway makes itself (errors), body included unless it answers a
+/// `HEAD` request.
 pub fn local_response(
     out: &mut Vec<u8>,
     status: http::StatusCode,
     request_id: &[u8],
     close: bool,
+    is_head: bool,
     body: &str,
 ) {
     out.clear();
@@ -398,7 +408,9 @@ pub fn local_response(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
+    if !is_head {
+        out.extend_from_slice(body.as_bytes());
+    }
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -621,6 +633,24 @@ mod tests {
     }
 
     #[test]
+    fn framing_fields_listed_in_connection_are_kept() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding, x-request-id, x-hop\r\n\
+                   Content-Length: 3\r\nTransfer-Encoding: chunked\r\nx-request-id: r\r\nx-hop: 1\r\n\r\n";
+        let (parsed, out) = response_of(raw, false);
+        let Ok(Parsed::Complete(resp)) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(
+            (resp.framing, resp.has_request_id),
+            (Framing::Chunked, true)
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-request-id: r\r\n"
+        );
+    }
+
+    #[test]
     fn bad_and_informational_responses() {
         assert_eq!(
             response_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false).0,
@@ -637,6 +667,10 @@ mod tests {
         assert_eq!(
             response_of("HTTP/1.1 101 Switching Protocols\r\n\r\n", false).0,
             Err(BadResponse::UnexpectedUpgrade)
+        );
+        assert_eq!(
+            response_of("HTTP/1.1 042 Odd\r\n\r\n", false).0,
+            Err(BadResponse::Status(42))
         );
         assert!(matches!(
             response_of("SSH-2.0-x\r\n\r\n", false).0,
@@ -657,17 +691,13 @@ mod tests {
     #[test]
     fn local_responses_are_whole() {
         let mut out = Vec::new();
-        local_response(
-            &mut out,
-            http::StatusCode::BAD_GATEWAY,
-            b"id1",
-            true,
-            "oops\n",
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n\
-             content-length: 5\r\nx-request-id: id1\r\nconnection: close\r\n\r\noops\n"
-        );
+        let status = http::StatusCode::BAD_GATEWAY;
+        local_response(&mut out, status, b"id1", true, false, "oops\n");
+        let whole = "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 5\r\nx-request-id: id1\r\nconnection: close\r\n\r\noops\n";
+        assert_eq!(String::from_utf8(out.clone()).unwrap(), whole);
+        // To a HEAD request: the same head, no body (the client reads none).
+        local_response(&mut out, status, b"id1", true, true, "oops\n");
+        assert_eq!(String::from_utf8(out).unwrap(), &whole[..whole.len() - 5]);
     }
 }

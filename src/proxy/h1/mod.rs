@@ -85,6 +85,8 @@ where
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut up_head = Vec::new();
     let mut down_head = Vec::new();
+    // Bytes the client sends while its request is with the cluster: the next request.
+    let mut early = BytesMut::new();
     let timer = tokio::time::sleep(settings.header_read_timeout);
     tokio::pin!(timer);
     loop {
@@ -93,13 +95,17 @@ where
         let req = loop {
             if !buf.is_empty() {
                 match head::request(&buf, info, &mut up_head) {
-                    Parsed::Complete(req) => break req,
+                    Parsed::Complete(req) if req.head_len <= settings.max_header_bytes => {
+                        break req
+                    }
+                    // Over the limit: the general path answers 431.
+                    Parsed::Complete(_) => return hand_off(client, buf, shutdown).await,
                     Parsed::Handoff(why) => {
                         tracing::trace!(%peer, why, "request handed to the general path");
-                        return Ended::Handoff(Rewind::new(buf, client));
+                        return hand_off(client, buf, shutdown).await;
                     }
                     Parsed::Partial if buf.len() >= settings.max_header_bytes => {
-                        return Ended::Handoff(Rewind::new(buf, client));
+                        return hand_off(client, buf, shutdown).await;
                     }
                     Parsed::Partial => {}
                 }
@@ -125,63 +131,111 @@ where
                 () = crate::gateway::stopped(shutdown), if idle => return Ended::Closed,
             }
         };
+        // The request's time starts with its head, as in the general path (the upload counts).
+        let start = Instant::now();
         if req.content_length > MAX_BODY
             || ctx
                 .max_body_bytes
                 .is_some_and(|max| req.content_length > max)
         {
-            return Ended::Handoff(Rewind::new(buf, client));
+            return hand_off(client, buf, shutdown).await;
         }
         let Some(route) = route(ctx, &buf, &req) else {
-            return Ended::Handoff(Rewind::new(buf, client));
+            return hand_off(client, buf, shutdown).await;
         };
 
-        // The body, whole: small bodies arrive with the head or right after it.
+        // The body, whole: small bodies arrive with the head or right after it. Each pause is
+        // bounded by `limits.body_read_timeout`, the whole upload by `upstream.response_timeout`
+        // (in the general path the upload is part of the wait for the response).
         let total = req.head_len + req.content_length as usize;
+        let upload_deadline = tokio::time::Instant::now() + ctx.response_timeout;
         while buf.len() < total {
             buf.reserve(total - buf.len());
-            let read = tokio::time::timeout(ctx.body_read_timeout, client.read_buf(&mut buf));
+            let pause = tokio::time::Instant::now() + ctx.body_read_timeout;
+            let read =
+                tokio::time::timeout_at(pause.min(upload_deadline), client.read_buf(&mut buf));
             match read.await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Ended::Closed,
                 Ok(Ok(_)) => {}
                 Err(_) => {
-                    let (status, msg) = forward::count_failure(
+                    let failure = Failure::BodyTimeout(ctx.body_read_timeout);
+                    let (status, mut msg) = forward::count_failure(
                         &route.cluster,
                         &route.app,
-                        &Failure::BodyTimeout(ctx.body_read_timeout),
-                        Duration::ZERO,
+                        &failure,
+                        start.elapsed(),
                     );
+                    if pause > upload_deadline {
+                        msg = format!(
+                            "request body not received within {} (upstream.response_timeout)\n",
+                            humantime::format_duration(ctx.response_timeout)
+                        );
+                    }
                     let id = &up_head[req.request_id.clone()];
-                    head::local_response(&mut down_head, status, id, true, &msg);
+                    head::local_response(&mut down_head, status, id, true, req.is_head, &msg);
                     let _ = write_all(&mut client, &down_head, &[]).await;
                     return Ended::Closed;
                 }
             }
         }
         ctx.retry.deposit();
-        let close = req.close || *shutdown.borrow();
-        let done = exchange(
+        let mut exchange = Exchange {
             ctx,
-            &mut client,
-            std::str::from_utf8(&buf[req.path.clone()]).unwrap_or("/"),
-            &buf[req.head_len..total],
-            &req,
-            route,
-            &up_head,
-            &mut down_head,
-            close,
-        )
-        .await;
+            req: &req,
+            path: std::str::from_utf8(&buf[req.path.clone()]).unwrap_or("/"),
+            body: &buf[req.head_len..total],
+            up_head: &up_head,
+            start,
+        };
+        let done = exchange
+            .run(&mut client, route, &mut down_head, &mut early, shutdown)
+            .await;
         buf.advance(total);
-        if !done || close {
+        if !early.is_empty() {
+            buf.extend_from_slice(&early);
+            early.clear();
+        }
+        if !done {
             let _ = client.shutdown().await;
             return Ended::Closed;
         }
+        // A long head or a body grew the buffers: an idle connection keeps only small ones.
         if buf.is_empty() && buf.capacity() > READ_BUF {
-            // A long head or a body grew the buffer: an idle connection keeps only the first size.
             buf = BytesMut::with_capacity(READ_BUF);
         }
+        for head in [&mut up_head, &mut down_head] {
+            if head.capacity() > READ_BUF {
+                *head = Vec::new();
+            }
+        }
+        if early.capacity() > READ_BUF {
+            early = BytesMut::new();
+        }
     }
+}
+
+/// Hands the connection to the general path, unless the gateway is shutting down: then the
+/// request is answered `503` and the connection closed (a connection handed over now would be
+/// closed by the drain before its request was read).
+async fn hand_off<S>(mut client: S, buf: BytesMut, shutdown: &watch::Receiver<bool>) -> Ended<S>
+where
+    S: AsyncWrite + Unpin,
+{
+    if !*shutdown.borrow() {
+        return Ended::Handoff(Rewind::new(buf, client));
+    }
+    let mut answer = Vec::new();
+    head::local_response(
+        &mut answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        b"-",
+        true,
+        false,
+        "the gateway is shutting down\n",
+    );
+    let _ = write_all(&mut client, &answer, &[]).await;
+    let _ = client.shutdown().await;
+    Ended::Closed
 }
 
 /// Where a request goes (see `forward::Route`).
@@ -193,16 +247,21 @@ struct Route {
 }
 
 /// The app and cluster of a request; `None` when the general path must answer it (no app: 404;
-/// no ready cluster: 503; an `https://` cluster).
+/// no ready cluster: 503) or must forward it (a split with an `https://` cluster: deciding here
+/// and again there would skew the split).
 fn route(ctx: &ProxyContext, buf: &[u8], req: &head::Request) -> Option<Route> {
     let path = std::str::from_utf8(&buf[req.path.clone()]).ok()?;
     let snap = ctx.table.load();
     let hit = snap.table.lookup(path)?;
-    let x = req.split.unwrap_or_else(|| fastrand::u64(..));
-    let cluster = snap.cluster(hit.split.pick(x)?);
-    if cluster.scheme != http::uri::Scheme::HTTP {
+    if !hit
+        .split
+        .entries()
+        .all(|(id, _)| is_plain(snap.cluster(id)))
+    {
         return None;
     }
+    let x = req.split.unwrap_or_else(|| fastrand::u64(..));
+    let cluster = snap.cluster(hit.split.pick(x)?);
     Some(Route {
         cluster: Arc::clone(cluster),
         app: Arc::clone(&hit.app.name),
@@ -211,154 +270,217 @@ fn route(ctx: &ProxyContext, buf: &[u8], req: &head::Request) -> Option<Route> {
     })
 }
 
-/// Forwards one request (retrying on another cluster where safe, as the general path does) and
-/// its response. Returns false when the client connection cannot carry another request.
-#[allow(clippy::too_many_arguments)]
-async fn exchange<S>(
-    ctx: &ProxyContext,
-    client: &mut S,
-    path: &str,
-    body: &[u8],
-    req: &head::Request,
-    route: Route,
-    up_head: &[u8],
-    down_head: &mut Vec<u8>,
-    close: bool,
-) -> bool
-where
-    S: AsyncWrite + Unpin,
-{
-    let start = Instant::now();
-    let mut cluster = route.cluster;
-    let mut in_flight = cluster.enter();
-    let mut outcome = attempt(ctx, &cluster, up_head, body, req, down_head).await;
-    if let Err(Failure::Error { connect, .. }) = &outcome {
-        // Safe as in the general path: never reached the cluster, or idempotent without a body.
-        let retry = ctx.retries
-            && route.alternatives
-            && req.content_length == 0
-            && (*connect || req.idempotent);
-        if let Some(other) = retry
-            .then(|| forward::retry_target(ctx, &route.app, &cluster, path, route.x))
-            .flatten()
-        {
-            if ctx.retry.try_withdraw() {
-                let reason = if *connect { "connect" } else { "reset" };
-                metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
-                    .increment(1);
-                tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
-                if let Err(failure) = &outcome {
-                    forward::record_failure(&cluster, failure, start.elapsed());
-                }
-                drop(in_flight);
-                cluster = other;
-                in_flight = cluster.enter();
-                outcome = attempt(ctx, &cluster, up_head, body, req, down_head).await;
-            } else {
-                metrics::counter!(telemetry::RETRY_BUDGET_EXHAUSTED_TOTAL).increment(1);
-            }
-        }
-    }
-    let elapsed = start.elapsed();
-    let request_id = &up_head[req.request_id.clone()];
-    let (mut conn, resp) = match outcome {
-        Ok(pair) => pair,
-        Err(failure) => {
-            let (status, msg) = forward::count_failure(&cluster, &route.app, &failure, elapsed);
-            head::local_response(down_head, status, request_id, close, &msg);
-            return write_all(client, down_head, &[]).await.is_ok();
-        }
-    };
-    cluster.stats.record_response(resp.status, elapsed);
-    cluster.duration.record(elapsed.as_secs_f64());
-    let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    cluster
-        .requests
-        .increment(&route.app, &cluster.shard, &cluster.name, status);
-
-    let close = close || resp.framing == Framing::Close;
-    if !resp.has_request_id {
-        down_head.extend_from_slice(b"x-request-id: ");
-        down_head.extend_from_slice(request_id);
-        down_head.extend_from_slice(b"\r\n");
-    }
-    if close {
-        down_head.extend_from_slice(b"connection: close\r\n");
-    }
-    down_head.extend_from_slice(b"\r\n");
-    conn.buf.advance(resp.head_len);
-    match copy_body(client, &mut conn, resp.framing, down_head).await {
-        Ok(()) => {
-            if resp.keep_alive {
-                cluster.pool.put_raw(conn);
-            }
-            drop(in_flight);
-            !close
-        }
-        Err(Copy::Upstream(e)) => {
-            tracing::debug!(cluster = %cluster.name, error = %e, "upstream response body failed");
-            metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "cluster" => cluster.name.to_string(), "kind" => "body")
-                .increment(1);
-            false
-        }
-        Err(Copy::Client) => false,
-    }
+/// The direct path speaks plain HTTP/1.1 to clusters; `https://` ones are the general path's.
+fn is_plain(cluster: &Cluster) -> bool {
+    cluster.scheme == http::uri::Scheme::HTTP
 }
 
-/// One attempt on `cluster`: send the request on an idle connection or a new one and read the
-/// response head (bounded by `upstream.response_timeout`, connecting included). On success the
-/// response head for the client is in `down_head` and the connection's buffer starts with the
-/// cluster's head.
-async fn attempt(
-    ctx: &ProxyContext,
-    cluster: &Cluster,
-    up_head: &[u8],
-    body: &[u8],
-    req: &head::Request,
-    down_head: &mut Vec<u8>,
-) -> Result<(RawConn, head::Response), Failure> {
-    let sent = async {
-        loop {
-            let (mut conn, reused) = match cluster.pool.checkout_raw() {
-                Some(conn) => (conn, true),
-                None => match pool::connect_raw(cluster, ctx.connect_timeout).await {
-                    Ok(conn) => (conn, false),
-                    Err(cause) => {
-                        return Err(Failure::Error {
-                            connect: true,
-                            cause,
-                        })
+/// One request on its way: what every attempt sends.
+struct Exchange<'a> {
+    ctx: &'a ProxyContext,
+    req: &'a head::Request,
+    /// The request's path, for a retry's route check.
+    path: &'a str,
+    body: &'a [u8],
+    /// The head for the cluster.
+    up_head: &'a [u8],
+    start: Instant,
+}
+
+impl Exchange<'_> {
+    /// Forwards the request (retrying on another cluster where safe, as the general path does)
+    /// and its response. Returns false when the client connection cannot carry another request.
+    ///
+    /// While the cluster works, the client is watched: if it goes away, the attempt is dropped
+    /// (its connection closed, so Serve can cancel the request), as the general path does. Bytes
+    /// it sends meanwhile (a pipelined request) are kept in `early`.
+    async fn run<S>(
+        &mut self,
+        client: &mut S,
+        route: Route,
+        down_head: &mut Vec<u8>,
+        early: &mut BytesMut,
+        shutdown: &watch::Receiver<bool>,
+    ) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ctx = self.ctx;
+        let req = self.req;
+        let mut cluster = route.cluster;
+        let mut in_flight = cluster.enter();
+        let mut outcome = match self.watched(client, &cluster, down_head, early).await {
+            Some(outcome) => outcome,
+            None => return false,
+        };
+        if let Err(Failure::Error { connect, .. }) = &outcome {
+            // Safe as in the general path: never reached the cluster, or idempotent without a
+            // body; and to a cluster the direct path can reach.
+            let retry = ctx.retries
+                && route.alternatives
+                && req.content_length == 0
+                && (*connect || req.idempotent);
+            let other = retry
+                .then(|| forward::retry_target(ctx, &route.app, &cluster, self.path, route.x))
+                .flatten()
+                .filter(|other| is_plain(other));
+            if let Some(other) = other {
+                if ctx.retry.try_withdraw() {
+                    let reason = if *connect { "connect" } else { "reset" };
+                    metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
+                        .increment(1);
+                    tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
+                    if let Err(failure) = &outcome {
+                        forward::record_failure(&cluster, failure, self.start.elapsed());
                     }
-                },
-            };
-            if let Err(e) = write_all(&mut conn.stream, up_head, body).await {
-                if reused {
-                    // The cluster closed the idle connection: nothing it could act on arrived.
-                    continue;
-                }
-                return Err(Failure::Error {
-                    connect: false,
-                    cause: format!("writing the request: {e}"),
-                });
-            }
-            match read_head(&mut conn, req.is_head, down_head).await {
-                Ok(resp) => return Ok((conn, resp)),
-                // Closed with no answer on a connection that had been idle: the keep-alive race;
-                // an idempotent request is sent again on another connection.
-                Err(ReadHead::ClosedEarly) if reused && req.idempotent => continue,
-                Err(e) => {
-                    tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
-                    return Err(Failure::Error {
-                        connect: false,
-                        cause: e.to_string(),
-                    });
+                    drop(in_flight);
+                    cluster = other;
+                    in_flight = cluster.enter();
+                    outcome = match self.watched(client, &cluster, down_head, early).await {
+                        Some(outcome) => outcome,
+                        None => return false,
+                    };
+                } else {
+                    metrics::counter!(telemetry::RETRY_BUDGET_EXHAUSTED_TOTAL).increment(1);
                 }
             }
         }
-    };
-    match tokio::time::timeout(ctx.response_timeout, sent).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(Failure::Timeout),
+        let elapsed = self.start.elapsed();
+        let request_id = &self.up_head[req.request_id.clone()];
+        // Shutting down: this is the connection's last response, and the client is told so.
+        let close = req.close || *shutdown.borrow();
+        let (mut conn, resp) = match outcome {
+            Ok(pair) => pair,
+            Err(failure) => {
+                let (status, msg) = forward::count_failure(&cluster, &route.app, &failure, elapsed);
+                head::local_response(down_head, status, request_id, close, req.is_head, &msg);
+                return write_all(client, down_head, &[]).await.is_ok() && !close;
+            }
+        };
+        cluster.stats.record_response(resp.status, elapsed);
+        cluster.duration.record(elapsed.as_secs_f64());
+        let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        cluster
+            .requests
+            .increment(&route.app, &cluster.shard, &cluster.name, status);
+
+        if !resp.has_request_id {
+            down_head.extend_from_slice(b"x-request-id: ");
+            down_head.extend_from_slice(request_id);
+            down_head.extend_from_slice(b"\r\n");
+        }
+        if resp.framing == Framing::Close {
+            // Re-framed as chunks: the client keeps its connection and can tell a complete body
+            // from one the cluster cut short.
+            down_head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if close {
+            down_head.extend_from_slice(b"connection: close\r\n");
+        }
+        down_head.extend_from_slice(b"\r\n");
+        conn.buf.advance(resp.head_len);
+        match copy_body(client, &mut conn, resp.framing, down_head).await {
+            Ok(()) => {
+                if resp.keep_alive {
+                    cluster.pool.put_raw(conn);
+                }
+                drop(in_flight);
+                !close
+            }
+            Err(Copy::Upstream(e)) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "upstream response body failed");
+                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "cluster" => cluster.name.to_string(), "kind" => "body")
+                    .increment(1);
+                false
+            }
+            Err(Copy::Client) => false,
+        }
+    }
+
+    /// An attempt, dropped if the client goes away first (`None`).
+    async fn watched<S>(
+        &self,
+        client: &mut S,
+        cluster: &Cluster,
+        down_head: &mut Vec<u8>,
+        early: &mut BytesMut,
+    ) -> Option<Result<(RawConn, head::Response), Failure>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let attempt = self.attempt(cluster, down_head);
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                biased;
+                outcome = &mut attempt => return Some(outcome),
+                read = client.read_buf(early), if early.len() < READ_BUF => match read {
+                    Ok(0) | Err(_) => {
+                        tracing::debug!(cluster = %cluster.name, "client went away before the response: request dropped");
+                        return None;
+                    }
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+
+    /// One attempt on `cluster`: send the request on an idle connection or a new one and read
+    /// the response head (bounded by `upstream.response_timeout`, connecting included). On
+    /// success the response head for the client is in `down_head` and the connection's buffer
+    /// starts with the cluster's head.
+    async fn attempt(
+        &self,
+        cluster: &Cluster,
+        down_head: &mut Vec<u8>,
+    ) -> Result<(RawConn, head::Response), Failure> {
+        let req = self.req;
+        let sent = async {
+            loop {
+                let (mut conn, reused) = match cluster.pool.checkout_raw() {
+                    Some(conn) => (conn, true),
+                    None => match pool::connect_raw(cluster, self.ctx.connect_timeout).await {
+                        Ok(conn) => (conn, false),
+                        Err(cause) => {
+                            return Err(Failure::Error {
+                                connect: true,
+                                cause,
+                            })
+                        }
+                    },
+                };
+                if let Err((written, e)) =
+                    write_counted(&mut conn.stream, self.up_head, self.body).await
+                {
+                    // The cluster closed the idle connection. It cannot have acted on a request
+                    // whose head did not all arrive; an idempotent one may be sent again anyway.
+                    if reused && (written < self.up_head.len() || req.idempotent) {
+                        continue;
+                    }
+                    return Err(Failure::Error {
+                        connect: false,
+                        cause: format!("writing the request: {e}"),
+                    });
+                }
+                match read_head(&mut conn, req.is_head, down_head).await {
+                    Ok(resp) => return Ok((conn, resp)),
+                    // Closed with no answer on a connection that had been idle: the keep-alive
+                    // race; an idempotent request is sent again on another connection.
+                    Err(ReadHead::ClosedEarly) if reused && req.idempotent => continue,
+                    Err(e) => {
+                        tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
+                        return Err(Failure::Error {
+                            connect: false,
+                            cause: e.to_string(),
+                        });
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.ctx.response_timeout, sent).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Failure::Timeout),
+        }
     }
 }
 
@@ -475,19 +597,42 @@ where
                 read_more(conn).await?;
             }
         }
-        Framing::Close => loop {
-            write_all(client, head, &conn.buf)
-                .await
-                .map_err(|_| Copy::Client)?;
-            head = &[];
-            conn.buf.clear();
-            conn.buf.reserve(16 * 1024);
-            match conn.stream.read_buf(&mut conn.buf).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(Copy::Upstream(e.to_string())),
+        Framing::Close => {
+            // Each read becomes one chunk; the cluster's close, the last chunk.
+            let mut frame = Vec::with_capacity(head.len() + 20);
+            loop {
+                frame.clear();
+                frame.extend_from_slice(head);
+                head = &[];
+                if !conn.buf.is_empty() {
+                    frame.extend_from_slice(format!("{:x}\r\n", conn.buf.len()).as_bytes());
+                }
+                let data = if conn.buf.is_empty() {
+                    &[][..]
+                } else {
+                    &conn.buf[..]
+                };
+                write_all(client, &frame, data)
+                    .await
+                    .map_err(|_| Copy::Client)?;
+                if !conn.buf.is_empty() {
+                    write_all(client, b"\r\n", &[])
+                        .await
+                        .map_err(|_| Copy::Client)?;
+                }
+                conn.buf.clear();
+                conn.buf.reserve(16 * 1024);
+                match conn.stream.read_buf(&mut conn.buf).await {
+                    Ok(0) => {
+                        return write_all(client, b"0\r\n\r\n", &[])
+                            .await
+                            .map_err(|_| Copy::Client)
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(Copy::Upstream(e.to_string())),
+                }
             }
-        },
+        }
     }
 }
 
@@ -505,15 +650,28 @@ async fn read_more(conn: &mut RawConn) -> Result<(), Copy> {
 
 /// Writes `a` then `b` with as few system calls as the socket allows (one, usually).
 async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
+    write_counted(w, a, b).await.map_err(|(_, e)| e)
+}
+
+/// [`write_all`], telling on failure how many bytes were written.
+async fn write_counted<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    a: &[u8],
+    b: &[u8],
+) -> Result<(), (usize, io::Error)> {
     let mut slices = [IoSlice::new(a), IoSlice::new(b)];
     let mut bufs = &mut slices[..];
     IoSlice::advance_slices(&mut bufs, 0);
+    let mut written = 0;
     while !bufs.is_empty() {
-        let n = w.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        match w.write_vectored(bufs).await {
+            Ok(0) => return Err((written, io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                written += n;
+                IoSlice::advance_slices(&mut bufs, n);
+            }
+            Err(e) => return Err((written, e)),
         }
-        IoSlice::advance_slices(&mut bufs, n);
     }
-    w.flush().await
+    w.flush().await.map_err(|e| (written, e))
 }
