@@ -116,10 +116,9 @@ impl ClusterPool {
         self.raw.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle plain connection still open and young enough (see
+    /// The most recently used idle plain connection still open and young enough at `now` (see
     /// [`ClusterPool::checkout`]).
-    pub fn checkout_raw(&self) -> Option<RawConn> {
-        let now = Instant::now();
+    pub fn checkout_raw(&self, now: Instant) -> Option<RawConn> {
         let mut idle = self.lock_raw();
         while let Some(c) = idle.pop_back() {
             if now.duration_since(c.since) >= self.idle_timeout {
@@ -134,12 +133,11 @@ impl ClusterPool {
     }
 
     /// Takes a plain connection back after its response ended on a message boundary, its buffer
-    /// empty. As [`ClusterPool::put`].
-    pub fn put_raw(&self, conn: RawConn) {
+    /// empty, at `now`. As [`ClusterPool::put`].
+    pub fn put_raw(&self, conn: RawConn, now: Instant) {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.lock_raw();
         while let Some(oldest) = idle.front() {
             if idle.len() >= self.max_idle || now.duration_since(oldest.since) >= self.idle_timeout

@@ -128,6 +128,9 @@ where
     let now = tokio::time::Instant::now();
     let mut head_deadline = Deadline::new(now + settings.header_read_timeout);
     let mut response_deadline = Deadline::new(now + ctx.response_timeout);
+    // When the connection last finished a response (the clock is read twice per request: when
+    // its head is in, and when its response is out; deadlines and the pool use those readings).
+    let mut idle_since = now;
     loop {
         // A whole request head (the client may have sent it already, pipelined).
         let mut deadline_set = false;
@@ -150,7 +153,7 @@ where
                 }
             }
             if !deadline_set {
-                head_deadline.set(tokio::time::Instant::now() + settings.header_read_timeout);
+                head_deadline.set(idle_since + settings.header_read_timeout);
                 deadline_set = true;
             }
             let idle = buf.is_empty();
@@ -185,7 +188,7 @@ where
         // bounded by `limits.body_read_timeout`, the whole upload by `upstream.response_timeout`
         // (in the general path the upload is part of the wait for the response).
         let total = req.head_len + req.content_length as usize;
-        let upload_deadline = tokio::time::Instant::now() + ctx.response_timeout;
+        let upload_deadline = tokio::time::Instant::from_std(start) + ctx.response_timeout;
         while buf.len() < total {
             buf.reserve(total - buf.len());
             let pause = tokio::time::Instant::now() + ctx.body_read_timeout;
@@ -223,6 +226,7 @@ where
             body: &buf[req.head_len..total],
             up_head: &up_head,
             start,
+            end: start,
         };
         let done = exchange
             .run(
@@ -234,6 +238,7 @@ where
                 shutdown,
             )
             .await;
+        idle_since = tokio::time::Instant::from_std(exchange.end);
         buf.advance(total);
         if !early.is_empty() {
             buf.extend_from_slice(&early);
@@ -328,7 +333,10 @@ struct Exchange<'a> {
     body: &'a [u8],
     /// The head for the cluster.
     up_head: &'a [u8],
+    /// When the request's head was in.
     start: Instant,
+    /// When its response was out (set by [`Exchange::run`]).
+    end: Instant,
 }
 
 impl Exchange<'_> {
@@ -354,8 +362,9 @@ impl Exchange<'_> {
         let req = self.req;
         let mut cluster = route.cluster;
         let mut in_flight = cluster.enter();
+        let since = tokio::time::Instant::from_std(self.start);
         let mut outcome = match self
-            .watched(client, &cluster, down_head, early, deadline)
+            .watched(client, &cluster, down_head, early, deadline, since)
             .await
         {
             Some(outcome) => outcome,
@@ -384,8 +393,9 @@ impl Exchange<'_> {
                     drop(in_flight);
                     cluster = other;
                     in_flight = cluster.enter();
+                    let since = tokio::time::Instant::now();
                     outcome = match self
-                        .watched(client, &cluster, down_head, early, deadline)
+                        .watched(client, &cluster, down_head, early, deadline, since)
                         .await
                     {
                         Some(outcome) => outcome,
@@ -396,7 +406,8 @@ impl Exchange<'_> {
                 }
             }
         }
-        let elapsed = self.start.elapsed();
+        self.end = Instant::now();
+        let elapsed = self.end - self.start;
         let request_id = &self.up_head[req.request_id.clone()];
         // Shutting down: this is the connection's last response, and the client is told so.
         let close = req.close || *shutdown.borrow();
@@ -433,7 +444,7 @@ impl Exchange<'_> {
         match copy_body(client, &mut conn, resp.framing, down_head).await {
             Ok(()) => {
                 if resp.keep_alive {
-                    cluster.pool.put_raw(conn);
+                    cluster.pool.put_raw(conn, self.end);
                 }
                 drop(in_flight);
                 !close
@@ -457,11 +468,12 @@ impl Exchange<'_> {
         down_head: &mut Vec<u8>,
         early: &mut BytesMut,
         deadline: &mut Deadline,
+        since: tokio::time::Instant,
     ) -> Option<Result<(RawConn, head::Response), Failure>>
     where
         S: AsyncRead + Unpin,
     {
-        deadline.set(tokio::time::Instant::now() + self.ctx.response_timeout);
+        deadline.set(since + self.ctx.response_timeout);
         let attempt = self.attempt(cluster, down_head);
         tokio::pin!(attempt);
         loop {
@@ -490,7 +502,7 @@ impl Exchange<'_> {
     ) -> Result<(RawConn, head::Response), Failure> {
         let req = self.req;
         loop {
-            let (mut conn, reused) = match cluster.pool.checkout_raw() {
+            let (mut conn, reused) = match cluster.pool.checkout_raw(self.start) {
                 Some(conn) => (conn, true),
                 None => match pool::connect_raw(cluster, self.ctx.connect_timeout).await {
                     Ok(conn) => (conn, false),
