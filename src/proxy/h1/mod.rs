@@ -625,13 +625,23 @@ where
     S: AsyncWrite + Unpin,
 {
     if let Framing::Length(n) = framing {
-        if n <= COPY_INTO_HEAD as u64 && conn.buf.len() as u64 >= n {
-            // A small body that is all here goes out behind its head, in one `send`.
-            down_head.extend_from_slice(&conn.buf[..n as usize]);
-            conn.buf.advance(n as usize);
-            return write_all(client, down_head, &[])
-                .await
-                .map_err(|_| Copy::Client);
+        if n <= COALESCE as u64 {
+            // A body of known, modest size is read whole and written with its head at once: one
+            // write (and so one round of the kernel's per-packet work) instead of one per piece
+            // that arrived.
+            let n = n as usize;
+            while conn.buf.len() < n {
+                read_more(conn).await?;
+            }
+            let written = if n <= COPY_INTO_HEAD {
+                // Small: behind the head in one buffer, one `send`.
+                down_head.extend_from_slice(&conn.buf[..n]);
+                write_all(client, down_head, &[]).await
+            } else {
+                write_all(client, down_head, &conn.buf[..n]).await
+            };
+            conn.buf.advance(n);
+            return written.map_err(|_| Copy::Client);
         }
     }
     let mut head: &[u8] = down_head;
@@ -708,6 +718,10 @@ where
 
 /// Bodies up to this size are copied behind their head and sent with it as one buffer.
 const COPY_INTO_HEAD: usize = 2048;
+
+/// `content-length` bodies up to this size are read whole before they are written to the client.
+/// Larger ones (and chunked ones, which may be streams) are forwarded as they arrive.
+const COALESCE: usize = 64 * 1024;
 
 /// Reads more of a response body; the cluster closing here cuts the body short.
 async fn read_more(conn: &mut RawConn) -> Result<(), Copy> {
