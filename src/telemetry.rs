@@ -52,6 +52,8 @@ pub const ROLLOUT_SHARDS: &str = "rayshift_rollout_shards";
 pub const RETRIES_TOTAL: &str = "rayshift_retries_total";
 /// Retries not sent because the retry budget was exhausted.
 pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "rayshift_retry_budget_exhausted_total";
+/// HTTP/1.1 client connections handed from the direct path to the general one, by reason.
+pub const HTTP1_HANDOFFS_TOTAL: &str = "rayshift_http1_handoffs_total";
 /// Passive-health ejections, by cluster.
 pub const CLUSTER_EJECTIONS_TOTAL: &str = "rayshift_cluster_ejections_total";
 /// 1 while a cluster is ejected by passive health.
@@ -206,6 +208,10 @@ fn describe() {
     describe_counter!(
         RETRY_BUDGET_EXHAUSTED_TOTAL,
         "Retries not sent because the retry budget was exhausted."
+    );
+    describe_counter!(
+        HTTP1_HANDOFFS_TOTAL,
+        "Client connections handed from the direct HTTP/1.1 path to the general one, by reason."
     );
     describe_counter!(
         CLUSTER_EJECTIONS_TOTAL,

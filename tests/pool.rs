@@ -371,6 +371,9 @@ async fn pipelined_requests_are_answered_in_order_across_the_handoff() {
     // One upstream connection carried the direct path's three, one of the general path's pool
     // the other two.
     assert_eq!(backend.app_conns(), 2);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    let handoffs = r#"rayshift_http1_handoffs_total{reason="connection_option"} 1"#;
+    assert!(metrics.contains(handoffs), "{metrics}");
 }
 
 /// A response without a length ends when the cluster closes: the client gets it re-framed as

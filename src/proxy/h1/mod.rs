@@ -141,13 +141,12 @@ where
                         break req
                     }
                     // Over the limit: the general path answers 431.
-                    Parsed::Complete(_) => return hand_off(client, buf, shutdown).await,
-                    Parsed::Handoff(why) => {
-                        tracing::trace!(%peer, why, "request handed to the general path");
-                        return hand_off(client, buf, shutdown).await;
+                    Parsed::Complete(_) => {
+                        return hand_off(client, buf, shutdown, "head_size").await
                     }
+                    Parsed::Handoff(why) => return hand_off(client, buf, shutdown, why).await,
                     Parsed::Partial if buf.len() >= settings.max_header_bytes => {
-                        return hand_off(client, buf, shutdown).await;
+                        return hand_off(client, buf, shutdown, "head_size").await;
                     }
                     Parsed::Partial => {}
                 }
@@ -178,10 +177,10 @@ where
                 .max_body_bytes
                 .is_some_and(|max| req.content_length > max)
         {
-            return hand_off(client, buf, shutdown).await;
+            return hand_off(client, buf, shutdown, "body_size").await;
         }
         let Some(route) = route(ctx, &buf, &req) else {
-            return hand_off(client, buf, shutdown).await;
+            return hand_off(client, buf, shutdown, "route").await;
         };
 
         // The body, whole: small bodies arrive with the head or right after it. Each pause is
@@ -263,13 +262,21 @@ where
     }
 }
 
-/// Hands the connection to the general path, unless the gateway is shutting down: then the
-/// request is answered `503` and the connection closed (a connection handed over now would be
-/// closed by the drain before its request was read).
-async fn hand_off<S>(mut client: S, buf: BytesMut, shutdown: &watch::Receiver<bool>) -> Ended<S>
+/// Hands the connection to the general path (counted by `reason` in
+/// `rayshift_http1_handoffs_total`), unless the gateway is shutting down: then the request is
+/// answered `503` and the connection closed (a connection handed over now would be closed by the
+/// drain before its request was read).
+async fn hand_off<S>(
+    mut client: S,
+    buf: BytesMut,
+    shutdown: &watch::Receiver<bool>,
+    reason: &'static str,
+) -> Ended<S>
 where
     S: AsyncWrite + Unpin,
 {
+    tracing::trace!(reason, "connection handed to the general path");
+    metrics::counter!(telemetry::HTTP1_HANDOFFS_TOTAL, "reason" => reason).increment(1);
     if !*shutdown.borrow() {
         return Ended::Handoff(Rewind::new(buf, client));
     }
