@@ -26,7 +26,7 @@ const BIG: usize = 4 << 20;
 /// ends when the server closes), `/app/flaky` (on a connection that already answered a request,
 /// closes without answering, as a server does whose keep-alive timer fired as the request came),
 /// `/app/reset` (always closes without answering), `/app/slow` (answers after 5 s, unless the
-/// client closes first: counted in `cancelled`).
+/// client closes first: counted in `cancelled`), `/app/trickle` (a chunked stream lasting 1.5 s).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -146,6 +146,19 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
         if !path.starts_with("/-/") && !counted {
             counted = true;
             app_conns.fetch_add(1, Ordering::SeqCst);
+        }
+        if path == "/app/trickle" {
+            let first = format!(
+                "HTTP/1.1 200 OK\r\nx-conn: {id}\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n"
+            );
+            if write.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            if write.write_all(b"3\r\ndef\r\n0\r\n\r\n").await.is_err() {
+                return;
+            }
+            continue;
         }
         if path == "/app/slow" {
             let mut probe = [0u8; 1];
@@ -404,6 +417,61 @@ async fn a_response_ending_at_close_reaches_the_client_whole() {
     let second = all.find("\r\n\r\nd\r\nuntil the end\r\n0\r\n\r\nhttp/1.1 200");
     assert!(second.is_some(), "{all}");
     assert!(all.ends_with("\r\n\r\nhello"), "{all}");
+}
+
+/// A stream that lasts longer than `limits.header_read_timeout` does not use up the connection's
+/// wait for its next request: the client sends another on the same connection after it.
+#[tokio::test]
+async fn a_long_stream_leaves_the_connection_open_for_the_next_request() {
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "pool-trickle",
+        "limits:\n  header_read_timeout: 1s\n",
+    )
+    .await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/trickle HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the whole stream")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    client
+        .write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_until_closed(&mut client).await;
+    assert!(
+        next.starts_with("HTTP/1.1 200") && next.ends_with("hello"),
+        "{next}"
+    );
+}
+
+/// A client that sends two requests and then closes its sending side gets both answers.
+#[tokio::test]
+async fn pipelined_requests_before_a_half_close_are_all_answered() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-half-close", "").await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(
+            b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\nGET /app/chunked HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let all = read_until_closed(&mut client).await;
+    assert_eq!(all.matches("HTTP/1.1 200").count(), 2, "{all}");
+    assert!(all.ends_with("3\r\ndef\r\n0\r\n\r\n"), "{all}");
 }
 
 /// A failed request answered to a HEAD carries no body (the client would read it as the next

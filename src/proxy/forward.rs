@@ -19,7 +19,7 @@ use crate::proxy::{headers, split_key, Open, ProxyContext};
 use crate::telemetry;
 
 /// Label used for `cluster`/`app` when the gateway answered without a cluster.
-const NONE: &str = "none";
+pub(crate) const NONE: &str = "none";
 
 /// Where a request goes.
 struct Route {
@@ -412,7 +412,7 @@ async fn tunnel(
 }
 
 /// Counts a response in `rayshift_requests_total`.
-fn count(app: &str, shard: &str, cluster: &str, status: StatusCode) {
+pub(crate) fn count(app: &str, shard: &str, cluster: &str, status: StatusCode) {
     metrics::counter!(
         telemetry::REQUESTS_TOTAL,
         "app" => app.to_string(),

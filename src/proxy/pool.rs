@@ -121,7 +121,7 @@ impl ClusterPool {
     pub fn checkout_raw(&self, now: Instant) -> Option<RawConn> {
         let mut idle = self.lock_raw();
         while let Some(c) = idle.pop_back() {
-            if now.duration_since(c.since) >= self.idle_timeout {
+            if now.saturating_duration_since(c.since) >= self.idle_timeout {
                 idle.clear();
                 return None;
             }

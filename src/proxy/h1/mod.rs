@@ -122,12 +122,14 @@ where
     };
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut up_head = Vec::new();
-    let mut down_head = Vec::new();
-    // Bytes the client sends while its request is with the cluster: the next request.
-    let mut early = BytesMut::new();
     let now = tokio::time::Instant::now();
     let mut head_deadline = Deadline::new(now + settings.header_read_timeout);
-    let mut response_deadline = Deadline::new(now + ctx.response_timeout);
+    let mut scratch = Scratch {
+        down_head: Vec::new(),
+        early: BytesMut::new(),
+        deadline: Deadline::new(now + ctx.response_timeout),
+        half_closed: false,
+    };
     // When the connection last finished a response (the clock is read twice per request: when
     // its head is in, and when its response is out; deadlines and the pool use those readings).
     let mut idle_since = now;
@@ -187,6 +189,7 @@ where
         // bounded by `limits.body_read_timeout`, the whole upload by `upstream.response_timeout`
         // (in the general path the upload is part of the wait for the response).
         let total = req.head_len + req.content_length as usize;
+        let mut ready_at = start;
         let upload_deadline = tokio::time::Instant::from_std(start) + ctx.response_timeout;
         while buf.len() < total {
             buf.reserve(total - buf.len());
@@ -195,7 +198,7 @@ where
                 tokio::time::timeout_at(pause.min(upload_deadline), client.read_buf(&mut buf));
             match read.await {
                 Ok(Ok(0)) | Ok(Err(_)) => return Ended::Closed,
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => ready_at = Instant::now(),
                 Err(_) => {
                     let failure = Failure::BodyTimeout(ctx.body_read_timeout);
                     let (status, mut msg) = forward::count_failure(
@@ -211,8 +214,9 @@ where
                         );
                     }
                     let id = &up_head[req.request_id.clone()];
-                    head::local_response(&mut down_head, status, id, true, req.is_head, &msg);
-                    let _ = write_all(&mut client, &down_head, &[]).await;
+                    let answer = &mut scratch.down_head;
+                    head::local_response(answer, status, id, true, req.is_head, &msg);
+                    let _ = write_all(&mut client, answer, &[]).await;
                     return Ended::Closed;
                 }
             }
@@ -225,23 +229,18 @@ where
             body: &buf[req.head_len..total],
             up_head: &up_head,
             start,
-            end: start,
+            ready_at,
+            done_at: start,
+            pipelined: buf.len() > total || scratch.half_closed,
         };
         let done = exchange
-            .run(
-                &mut client,
-                route,
-                &mut down_head,
-                &mut early,
-                &mut response_deadline,
-                shutdown,
-            )
+            .run(&mut client, route, &mut scratch, shutdown)
             .await;
-        idle_since = tokio::time::Instant::from_std(exchange.end);
+        idle_since = tokio::time::Instant::from_std(exchange.done_at);
         buf.advance(total);
-        if !early.is_empty() {
-            buf.extend_from_slice(&early);
-            early.clear();
+        if !scratch.early.is_empty() {
+            buf.extend_from_slice(&scratch.early);
+            scratch.early.clear();
         }
         if !done {
             let _ = client.shutdown().await;
@@ -251,13 +250,13 @@ where
         if buf.is_empty() && buf.capacity() > READ_BUF {
             buf = BytesMut::with_capacity(READ_BUF);
         }
-        for head in [&mut up_head, &mut down_head] {
+        for head in [&mut up_head, &mut scratch.down_head] {
             if head.capacity() > READ_BUF {
                 *head = Vec::new();
             }
         }
-        if early.capacity() > READ_BUF {
-            early = BytesMut::new();
+        if scratch.early.capacity() > READ_BUF {
+            scratch.early = BytesMut::new();
         }
     }
 }
@@ -273,25 +272,54 @@ async fn hand_off<S>(
     reason: &'static str,
 ) -> Ended<S>
 where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    tracing::trace!(reason, "connection handed to the general path");
-    metrics::counter!(telemetry::HTTP1_HANDOFFS_TOTAL, "reason" => reason).increment(1);
     if !*shutdown.borrow() {
+        tracing::trace!(reason, "connection handed to the general path");
+        metrics::counter!(telemetry::HTTP1_HANDOFFS_TOTAL, "reason" => reason).increment(1);
         return Ended::Handoff(Rewind::new(buf, client));
     }
+    forward::count(
+        forward::NONE,
+        forward::NONE,
+        forward::NONE,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
     let mut answer = Vec::new();
     head::local_response(
         &mut answer,
         StatusCode::SERVICE_UNAVAILABLE,
         b"-",
         true,
-        false,
+        buf.starts_with(b"HEAD "),
         "the gateway is shutting down\n",
     );
     let _ = write_all(&mut client, &answer, &[]).await;
     let _ = client.shutdown().await;
+    // Unread request bytes at close would make the kernel reset the connection, which can
+    // destroy the answer before the client reads it: read what is left for a moment first.
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
     Ended::Closed
+}
+
+/// What a connection's exchanges work in, kept from one request to the next.
+struct Scratch {
+    /// The head (or whole local answer) for the client.
+    down_head: Vec<u8>,
+    /// Bytes the client sent while its request was with the cluster: the next request.
+    early: BytesMut,
+    /// `upstream.response_timeout` of the attempt in progress.
+    deadline: Deadline,
+    /// The client closed its sending side after pipelining requests; it still reads the answers.
+    half_closed: bool,
 }
 
 /// Where a request goes (see `forward::Route`).
@@ -342,8 +370,13 @@ struct Exchange<'a> {
     up_head: &'a [u8],
     /// When the request's head was in.
     start: Instant,
-    /// When its response was out (set by [`Exchange::run`]).
-    end: Instant,
+    /// When its body was in too: the time of the first attempt's checkout from the pool.
+    ready_at: Instant,
+    /// When its response was out (set by [`Exchange::run`]): the connection is idle from then.
+    done_at: Instant,
+    /// The client sent more after this request, or closed its sending side after pipelining
+    /// requests: it is waiting for answers even though it sends nothing more.
+    pipelined: bool,
 }
 
 impl Exchange<'_> {
@@ -357,9 +390,7 @@ impl Exchange<'_> {
         &mut self,
         client: &mut S,
         route: Route,
-        down_head: &mut Vec<u8>,
-        early: &mut BytesMut,
-        deadline: &mut Deadline,
+        scratch: &mut Scratch,
         shutdown: &watch::Receiver<bool>,
     ) -> bool
     where
@@ -370,10 +401,7 @@ impl Exchange<'_> {
         let mut cluster = route.cluster;
         let mut in_flight = cluster.enter();
         let since = tokio::time::Instant::from_std(self.start);
-        let mut outcome = match self
-            .watched(client, &cluster, down_head, early, deadline, since)
-            .await
-        {
+        let mut outcome = match self.watched(client, &cluster, scratch, since).await {
             Some(outcome) => outcome,
             None => return false,
         };
@@ -400,11 +428,9 @@ impl Exchange<'_> {
                     drop(in_flight);
                     cluster = other;
                     in_flight = cluster.enter();
-                    let since = tokio::time::Instant::now();
-                    outcome = match self
-                        .watched(client, &cluster, down_head, early, deadline, since)
-                        .await
-                    {
+                    self.ready_at = Instant::now();
+                    let since = tokio::time::Instant::from_std(self.ready_at);
+                    outcome = match self.watched(client, &cluster, scratch, since).await {
                         Some(outcome) => outcome,
                         None => return false,
                     };
@@ -413,11 +439,13 @@ impl Exchange<'_> {
                 }
             }
         }
-        self.end = Instant::now();
-        let elapsed = self.end - self.start;
+        let end = Instant::now();
+        let elapsed = end - self.start;
+        self.done_at = end;
         let request_id = &self.up_head[req.request_id.clone()];
         // Shutting down: this is the connection's last response, and the client is told so.
         let close = req.close || *shutdown.borrow();
+        let down_head = &mut scratch.down_head;
         let (mut conn, resp) = match outcome {
             Ok(pair) => pair,
             Err(failure) => {
@@ -448,10 +476,16 @@ impl Exchange<'_> {
         }
         down_head.extend_from_slice(b"\r\n");
         conn.buf.advance(resp.head_len);
-        match copy_body(client, &mut conn, resp.framing, down_head).await {
+        let copied = copy_body(client, &mut conn, resp.framing, down_head).await;
+        if !matches!(resp.framing, Framing::Empty | Framing::Length(_)) {
+            // A stream (chunked, or until close) may have lasted long: the connection is idle
+            // from now, not from its head.
+            self.done_at = Instant::now();
+        }
+        match copied {
             Ok(()) => {
                 if resp.keep_alive {
-                    cluster.pool.put_raw(conn, self.end);
+                    cluster.pool.put_raw(conn, self.done_at);
                 }
                 drop(in_flight);
                 !close
@@ -472,26 +506,37 @@ impl Exchange<'_> {
         &self,
         client: &mut S,
         cluster: &Cluster,
-        down_head: &mut Vec<u8>,
-        early: &mut BytesMut,
-        deadline: &mut Deadline,
+        scratch: &mut Scratch,
         since: tokio::time::Instant,
     ) -> Option<Result<(RawConn, head::Response), Failure>>
     where
         S: AsyncRead + Unpin,
     {
+        let Scratch {
+            down_head,
+            early,
+            deadline,
+            half_closed,
+        } = scratch;
         deadline.set(since + self.ctx.response_timeout);
         let attempt = self.attempt(cluster, down_head);
         tokio::pin!(attempt);
+        // A client that sent more requests and then closed its sending side (half-close) still
+        // waits for the answers: it is watched no further.
+        let mut watching = !*half_closed;
         loop {
             tokio::select! {
                 biased;
                 outcome = &mut attempt => return Some(outcome),
                 () = deadline.passed() => return Some(Err(Failure::Timeout)),
-                read = client.read_buf(early), if early.len() < READ_BUF => match read {
-                    Ok(0) | Err(_) => {
+                read = client.read_buf(early), if watching && early.len() < READ_BUF => match read {
+                    Ok(0) | Err(_) if early.is_empty() && !self.pipelined => {
                         tracing::debug!(cluster = %cluster.name, "client went away before the response: request dropped");
                         return None;
+                    }
+                    Ok(0) | Err(_) => {
+                        *half_closed = true;
+                        watching = false;
                     }
                     Ok(_) => {}
                 },
@@ -508,8 +553,9 @@ impl Exchange<'_> {
         down_head: &mut Vec<u8>,
     ) -> Result<(RawConn, head::Response), Failure> {
         let req = self.req;
+        let mut now = self.ready_at;
         loop {
-            let (mut conn, reused) = match cluster.pool.checkout_raw(self.start) {
+            let (mut conn, reused) = match cluster.pool.checkout_raw(now) {
                 Some(conn) => (conn, true),
                 None => match pool::connect_raw(cluster, self.ctx.connect_timeout).await {
                     Ok(conn) => (conn, false),
@@ -538,7 +584,10 @@ impl Exchange<'_> {
                 Ok(resp) => return Ok((conn, resp)),
                 // Closed with no answer on a connection that had been idle: the keep-alive
                 // race; an idempotent request is sent again on another connection.
-                Err(ReadHead::ClosedEarly) if reused && req.idempotent => continue,
+                Err(ReadHead::ClosedEarly) if reused && req.idempotent => {
+                    now = Instant::now();
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
                     return Err(Failure::Error {
@@ -632,14 +681,15 @@ where
     S: AsyncWrite + Unpin,
 {
     if let Framing::Length(n) = framing {
-        if n <= COALESCE as u64 {
-            // A body of known, modest size is read whole and written with its head at once: one
-            // write (and so one round of the kernel's per-packet work) instead of one per piece
-            // that arrived.
+        // A body of modest size that came after its head (a server writing head and body
+        // separately) is waited for once, so head and body go out in one write (one round of the
+        // kernel's per-packet work, not two); a body still incomplete then is forwarded as it
+        // comes.
+        if n <= COALESCE as u64 && (conn.buf.len() as u64) < n {
+            read_more(conn).await?;
+        }
+        if n <= COALESCE as u64 && conn.buf.len() as u64 >= n {
             let n = n as usize;
-            while conn.buf.len() < n {
-                read_more(conn).await?;
-            }
             let written = if n <= COPY_INTO_HEAD {
                 // Small: behind the head in one buffer, one `send`.
                 down_head.extend_from_slice(&conn.buf[..n]);
@@ -726,8 +776,9 @@ where
 /// Bodies up to this size are copied behind their head and sent with it as one buffer.
 const COPY_INTO_HEAD: usize = 2048;
 
-/// `content-length` bodies up to this size are read whole before they are written to the client.
-/// Larger ones (and chunked ones, which may be streams) are forwarded as they arrive.
+/// `content-length` bodies up to this size that arrive just after their head are written with it
+/// (see [`copy_body`]). Larger ones (and chunked ones, which may be streams) are forwarded as they
+/// arrive.
 const COALESCE: usize = 64 * 1024;
 
 /// Reads more of a response body; the cluster closing here cuts the body short.
