@@ -319,6 +319,22 @@ async fn reuse_one_connection(name: &str, upstream: &str) {
     assert_eq!(connections_opened(&gw, name).await, 1);
 }
 
+/// Reads from `client` until what arrived satisfies `done` (each read within 5 s, the connection
+/// open until then); returns it.
+async fn read_until(client: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !done(&seen) {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the whole response")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
 /// Reads from `client` until it closes; returns everything it sent.
 async fn read_until_closed(client: &mut TcpStream) -> String {
     let mut all = Vec::new();
@@ -435,16 +451,7 @@ async fn a_long_stream_leaves_the_connection_open_for_the_next_request() {
         .write_all(b"GET /app/trickle HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !seen.ends_with(b"0\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("the whole stream")
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut client, |seen| seen.ends_with(b"0\r\n\r\n")).await;
     client
         .write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
@@ -682,16 +689,10 @@ async fn trailers_reach_the_client() {
         .write_all(b"GET /app/trailers HTTP/1.1\r\nhost: x\r\nte: trailers\r\n\r\n")
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !seen.ends_with(b"\r\n\r\n") || !seen.windows(3).any(|w| w == b"\r\n0") {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-            .await
-            .expect("the whole response")
-            .unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let seen = read_until(&mut client, |seen| {
+        seen.ends_with(b"\r\n\r\n") && seen.windows(3).any(|w| w == b"\r\n0")
+    })
+    .await;
     let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.contains("trailer: x-checksum\r\n"), "{text}");

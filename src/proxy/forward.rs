@@ -107,13 +107,8 @@ pub async fn handle(
                 route.x,
             ) {
                 if ctx.retry.try_withdraw() {
-                    let reason = if *connect { "connect" } else { "reset" };
-                    metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
-                        .increment(1);
-                    tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
                     if let Err(failure) = &outcome {
-                        // The client never sees this attempt's answer: not a response.
-                        record_failure(&cluster, failure, start.elapsed());
+                        record_retry(&cluster, &other, failure, start.elapsed());
                     }
                     drop(in_flight);
                     cluster = other;
@@ -277,6 +272,19 @@ pub(crate) fn count_failure(
         .requests
         .increment(app, &cluster.shard, &cluster.name, status);
     (status, msg)
+}
+
+/// Counts a retry of the attempt that failed on `from` (connect failure or reset) on `to`, and
+/// records that attempt against `from`: the client never sees its answer, so it is not a response.
+pub(crate) fn record_retry(from: &Cluster, to: &Cluster, failure: &Failure, elapsed: Duration) {
+    let reason = match failure {
+        Failure::Error { connect: true, .. } => "connect",
+        _ => "reset",
+    };
+    metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => from.name.to_string(), "reason" => reason)
+        .increment(1);
+    tracing::debug!(from = %from.name, to = %to.name, reason, "retrying on another cluster");
+    record_failure(from, failure, elapsed);
 }
 
 /// Records a failed attempt against its cluster (stats, error metrics), without counting a

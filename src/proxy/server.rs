@@ -73,7 +73,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let direct_ctx = &ctx;
+                let client_ctx = Arc::clone(&ctx);
                 let ctx = Arc::clone(&ctx);
                 let peer_value = headers::peer_value(peer.ip());
                 let direct_peer = peer_value.clone();
@@ -88,7 +88,7 @@ pub async fn serve(
                     }
                 });
                 let client = Client {
-                    ctx: Arc::clone(direct_ctx),
+                    ctx: client_ctx,
                     peer,
                     peer_value: direct_peer,
                     shutdown: shutdown.clone(),
@@ -147,6 +147,29 @@ pub async fn serve(
     );
 }
 
+/// The general path's per-connection service (hyper calls it for each request).
+trait GeneralService:
+    hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<Tracked<crate::proxy::body::ProxyBody>>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<T> GeneralService for T where
+    T: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<Tracked<crate::proxy::body::ProxyBody>>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// One accepted client connection and what serving it needs.
 struct Client {
     ctx: Arc<ProxyContext>,
@@ -168,28 +191,13 @@ impl Client {
     async fn serve<S, Svc>(mut self, io: S, watch: ConnWatch, service: Svc)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        Svc: hyper::service::Service<
-                hyper::Request<hyper::body::Incoming>,
-                Response = hyper::Response<Tracked<crate::proxy::body::ProxyBody>>,
-                Error = std::convert::Infallible,
-            > + Send
-            + 'static,
-        Svc::Future: Send + 'static,
+        Svc: GeneralService,
     {
-        let (first_timeout, idle_timeout) = (
-            self.limits.header_read_timeout,
-            self.limits.http2_idle_timeout,
-        );
         if !self.direct {
-            let conn = self
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service);
-            let conn = self.watcher.watch(conn.into_owned());
-            serve_limited(watch, conn, first_timeout, idle_timeout, self.peer).await;
-            return;
+            return self.with_hyper(io, watch, service).await;
         }
         let settings = h1::Settings {
-            header_read_timeout: first_timeout,
+            header_read_timeout: self.limits.header_read_timeout,
             max_header_bytes: self.limits.max_header_bytes,
         };
         let open = Open::new(&self.ctx.open_direct);
@@ -204,12 +212,29 @@ impl Client {
         .await;
         drop(open);
         if let h1::Ended::Handoff(io) = ended {
-            let conn = self
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service);
-            let conn = self.watcher.watch(conn.into_owned());
-            serve_limited(watch, conn, first_timeout, idle_timeout, self.peer).await;
+            self.with_hyper(io, watch, service).await;
         }
+    }
+
+    /// Serves the connection (the rest of it, after a handoff) with hyper.
+    async fn with_hyper<S, Svc>(self, io: S, watch: ConnWatch, service: Svc)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        Svc: GeneralService,
+    {
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = self.watcher.watch(conn.into_owned());
+        let limits = &self.limits;
+        serve_limited(
+            watch,
+            conn,
+            limits.header_read_timeout,
+            limits.http2_idle_timeout,
+            self.peer,
+        )
+        .await;
     }
 }
 

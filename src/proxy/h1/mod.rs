@@ -130,8 +130,9 @@ where
         deadline: Deadline::new(now + ctx.response_timeout),
         half_closed: false,
     };
-    // When the connection last finished a response (the clock is read twice per request: when
-    // its head is in, and when its response is out; deadlines and the pool use those readings).
+    // When the connection last finished a response. The clock is read when a request's head is
+    // in and when its response is out (again after a stream); deadlines and the pool use those
+    // readings.
     let mut idle_since = now;
     loop {
         // A whole request head (the client may have sent it already, pipelined).
@@ -418,12 +419,8 @@ impl Exchange<'_> {
                 .filter(|other| is_plain(other));
             if let Some(other) = other {
                 if ctx.retry.try_withdraw() {
-                    let reason = if *connect { "connect" } else { "reset" };
-                    metrics::counter!(telemetry::RETRIES_TOTAL, "cluster" => cluster.name.to_string(), "reason" => reason)
-                        .increment(1);
-                    tracing::debug!(from = %cluster.name, to = %other.name, reason, "retrying on another cluster");
                     if let Err(failure) = &outcome {
-                        forward::record_failure(&cluster, failure, self.start.elapsed());
+                        forward::record_retry(&cluster, &other, failure, self.start.elapsed());
                     }
                     drop(in_flight);
                     cluster = other;
