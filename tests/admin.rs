@@ -37,18 +37,7 @@ async fn gateway_probing_every(
 async fn blue_green_with_admin(admin_keys: &str) -> (ServeStub, ServeStub, String) {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(100)),
-            cluster(&green, "shard-0", "v2", Some(0)),
-        ],
-        "",
-    )
-    .replace(
-        "admin:\n  listen: 127.0.0.1:0\n",
-        &format!("admin:\n  listen: 127.0.0.1:0\n{admin_keys}"),
-    );
+    let yaml = blue_green_yaml(&blue, &green, admin_keys);
     (blue, green, yaml)
 }
 

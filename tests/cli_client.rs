@@ -70,18 +70,7 @@ async fn blue_green(
 ) -> (ServeStub, ServeStub, TestGateway) {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let green = stub("green", "v2", &[("echo", "/echo")]).await;
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(100)),
-            cluster(&green, "shard-0", "v2", Some(0)),
-        ],
-        "",
-    )
-    .replace(
-        "admin:\n  listen: 127.0.0.1:0\n",
-        &format!("admin:\n  listen: 127.0.0.1:0\n{admin_extra}"),
-    );
+    let yaml = blue_green_yaml(&blue, &green, admin_extra);
     let gw = TestGateway::start_in(&yaml, dir).await;
     (blue, green, gw)
 }

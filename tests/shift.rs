@@ -228,15 +228,7 @@ async fn dashboard_status_gates_the_shift() {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let green = stub("green", "v2", &[("echo", "/echo")]).await;
     green.set_app_status("echo", "DEPLOYING");
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[
-            cluster(&blue, "shard-0", "v1", Some(100)),
-            cluster(&green, "shard-0", "v2", Some(0)),
-        ],
-        "",
-    )
-    .replace(
+    let yaml = blue_green_yaml(&blue, &green, "").replace(
         &format!("serve_url: {}\n", green.url()),
         &format!(
             "serve_url: {}\n    dashboard_url: {}\n",

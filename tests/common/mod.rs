@@ -101,6 +101,23 @@ pub async fn old_and_new(
     (old, new, gw)
 }
 
+/// The config of `blue` (v1, weight 100) and `green` (v2, weight 0) in shard-0, with
+/// `admin_extra` (lines indented two spaces) added to its `admin:` section.
+pub fn blue_green_yaml(blue: &ServeStub, green: &ServeStub, admin_extra: &str) -> String {
+    config_yaml(
+        &["shard-0"],
+        &[
+            cluster(blue, "shard-0", "v1", Some(100)),
+            cluster(green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    )
+    .replace(
+        "admin:\n  listen: 127.0.0.1:0\n",
+        &format!("admin:\n  listen: 127.0.0.1:0\n{admin_extra}"),
+    )
+}
+
 /// An in-process gateway with its own temporary directory (state file lives there).
 pub struct TestGateway {
     pub gateway: Gateway,
