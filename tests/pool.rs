@@ -624,6 +624,52 @@ async fn idle_connections_are_closed_after_idle_timeout() {
     assert_eq!((resp.status.as_u16(), backend.app_conns()), (200, 2));
 }
 
+/// At shutdown a client connection idle between requests on the direct path is closed at once
+/// (the drain does not wait for it), while a stream in progress runs to its end first.
+#[tokio::test]
+async fn shutdown_closes_idle_direct_connections_and_answers_busy_ones() {
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "stop",
+        "shutdown:\n  ready_delay: 0s\n  drain_timeout: 30s\n",
+    )
+    .await;
+    let addr = gw.gateway.proxy_addr();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut idle, |seen| seen.ends_with(b"hello")).await;
+    // A chunked stream lasting 1.5 s: its head is out before the shutdown begins.
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(b"GET /app/trickle HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut busy, |seen| seen.ends_with(b"abc\r\n")).await;
+
+    let started = std::time::Instant::now();
+    let TestGateway { gateway, dir: _dir } = gw;
+    let stopping = tokio::spawn(gateway.shutdown());
+    assert_eq!(read_until_closed(&mut idle).await, "");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let rest = read_until_closed(&mut busy).await;
+    assert!(rest.ends_with("3\r\ndef\r\n0\r\n\r\n"), "{rest}");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the drain ends when the last request is answered")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn pooling_off_opens_a_connection_per_request() {
     let backend = Backend::start().await;

@@ -3,11 +3,13 @@
 //!
 //! Input: a selector byte (request head, response head, chunked body), a split-key choice, then
 //! the bytes. Asserts: nothing panics; a request the direct path takes is rewritten into a head
-//! that parses again as one complete HTTP/1.1 request with the same method and target, carries no
+//! that parses again as one complete HTTP/1.1 request with the same method and target, keeps the
+//! client's other fields unchanged and in order, carries no
 //! hop-by-hop field, one `x-forwarded-for`/`-proto`/`-host` each and at most one
 //! `content-length` (the one that framed the client's body), and a non-empty request id inside the
 //! rewritten head; a response head that is taken is rewritten into a head that parses again with
-//! the same status and no hop-by-hop field but `transfer-encoding: chunked` for a chunked body;
+//! the same status, the cluster's fields unchanged and in order (less the ones that may go), and no
+//! hop-by-hop field but `transfer-encoding: chunked` for a chunked body;
 //! the chunked scanner gives the same answer whether the bytes come whole or in two pieces.
 
 #![no_main]
@@ -82,12 +84,37 @@ fn request(key: u8, bytes: &[u8]) {
         assert_eq!(count(name), 1, "{name}");
     }
     assert!(count("content-length") <= 1);
+    // The client's fields go on unchanged and in order (all but those the gateway owns); the
+    // gateway's own follow them.
+    let owned = |name: &str| {
+        HOP_BY_HOP.contains(&name)
+            || name.starts_with("x-forwarded-")
+            || name == "x-request-id"
+            || name == "content-length"
+    };
+    let kept: Vec<_> = first
+        .headers
+        .iter()
+        .filter(|h| !owned(&h.name.to_ascii_lowercase()))
+        .map(|h| (h.name, h.value))
+        .collect();
+    let passed: Vec<_> = again
+        .headers
+        .iter()
+        .filter(|h| !owned(&h.name.to_ascii_lowercase()))
+        .map(|h| (h.name, h.value))
+        .collect();
+    assert_eq!(kept, passed);
     if let Some(h) = again
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
     {
-        let n: u64 = std::str::from_utf8(h.value).unwrap().trim().parse().unwrap();
+        let n: u64 = std::str::from_utf8(h.value)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(n, req.content_length);
     } else {
         assert_eq!(req.content_length, 0);
@@ -106,6 +133,38 @@ fn response(is_head: bool, bytes: &[u8]) {
     let status = again.parse(&out).expect("the rewritten head parses");
     assert_eq!(status, httparse::Status::Complete(out.len()));
     assert_eq!(again.code, Some(resp.status));
+    // What goes on is the cluster's fields unchanged, in order, less some: those that go are
+    // hop-by-hop, named in `Connection`, or a `content-length` that chunked framing overrides.
+    let mut original = [httparse::EMPTY_HEADER; 128];
+    let mut first = httparse::Response::new(&mut original);
+    first.parse(bytes).unwrap();
+    let listed: Vec<String> = first
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
+        .collect();
+    let mut from = first.headers.iter();
+    for h in again.headers.iter() {
+        let found = from.any(|o| o.name == h.name && o.value == h.value);
+        assert!(found, "{} forwarded changed or out of order", h.name);
+    }
+    for o in first.headers.iter() {
+        let name = o.name.to_ascii_lowercase();
+        let may_go = HOP_BY_HOP.contains(&name.as_str())
+            || listed.contains(&name)
+            || name == "content-length";
+        if !may_go {
+            assert!(
+                again
+                    .headers
+                    .iter()
+                    .any(|h| h.name == o.name && h.value == o.value),
+                "{name} dropped"
+            );
+        }
+    }
     for h in again.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         if name == "transfer-encoding" {

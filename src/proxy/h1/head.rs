@@ -8,6 +8,7 @@
 //! `Connection` naming other headers, ...) is a [`Parsed::Handoff`]: the connection goes on in the
 //! general path, which knows every corner of the protocol.
 
+use std::mem::MaybeUninit;
 use std::net::IpAddr;
 
 use crate::config::SplitKey;
@@ -115,9 +116,9 @@ pub struct Client<'a> {
 /// Parses a request head from `buf` and, when the direct path takes it, writes the head for the
 /// cluster into `out` (cleared first).
 pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Request> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut storage);
-    let head_len = match req.parse(buf) {
+    let mut storage = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Handoff("malformed"),
@@ -149,6 +150,7 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
     let mut forwarded_for: Option<&[u8]> = None;
     let mut request_id = None;
     let mut split = None;
+    let mut lines = Lines::new(buf);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
@@ -157,7 +159,7 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
                 SplitKey::Header(key) if name.eq_ignore_ascii_case(key.as_str().as_bytes()) => {
                     Some(key_hash(value))
                 }
-                SplitKey::Cookie(key) if name.eq_ignore_ascii_case(b"cookie") => {
+                SplitKey::Cookie(key) if is_name(name, b"cookie") => {
                     split_key::cookie_in(value, key).map(key_hash)
                 }
                 _ => None,
@@ -165,8 +167,8 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
         }
         // Lengths first: most names are ruled out by one comparison.
         match name.len() {
-            4 if name.eq_ignore_ascii_case(b"host") => host = host.or(Some(value)),
-            10 if name.eq_ignore_ascii_case(b"connection") => {
+            4 if is_name(name, b"host") => host = host.or(Some(value)),
+            10 if is_name(name, b"connection") => {
                 for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
@@ -176,15 +178,15 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
                 }
                 continue;
             }
-            10 if name.eq_ignore_ascii_case(b"keep-alive") => continue,
-            2 if name.eq_ignore_ascii_case(b"te") => continue,
-            16 if name.eq_ignore_ascii_case(b"proxy-connection") => continue,
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+            10 if is_name(name, b"keep-alive") => continue,
+            2 if is_name(name, b"te") => continue,
+            16 if is_name(name, b"proxy-connection") => continue,
+            17 if is_name(name, b"transfer-encoding") => {
                 return Parsed::Handoff("transfer_encoding")
             }
-            7 if name.eq_ignore_ascii_case(b"upgrade") => return Parsed::Handoff("upgrade"),
-            6 if name.eq_ignore_ascii_case(b"expect") => return Parsed::Handoff("expect"),
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
+            7 if is_name(name, b"upgrade") => return Parsed::Handoff("upgrade"),
+            6 if is_name(name, b"expect") => return Parsed::Handoff("expect"),
+            14 if is_name(name, b"content-length") => {
                 if content_length.is_some() {
                     return Parsed::Handoff("content_length");
                 }
@@ -193,18 +195,19 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
                     None => return Parsed::Handoff("content_length"),
                 }
             }
-            15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
+            15 if is_name(name, b"x-forwarded-for") => {
                 forwarded_for = forwarded_for.or(Some(value));
                 continue;
             }
-            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => continue,
-            16 if name.eq_ignore_ascii_case(b"x-forwarded-host") => continue,
-            12 if name.eq_ignore_ascii_case(b"x-request-id") => {
+            17 if is_name(name, b"x-forwarded-proto") => continue,
+            16 if is_name(name, b"x-forwarded-host") => continue,
+            12 if is_name(name, b"x-request-id") => {
                 if request_id.is_none() {
                     if value.is_empty() {
                         // An empty id is replaced (with all other `x-request-id` fields).
                         request_id = Some(None);
                     } else {
+                        lines.flush(out);
                         let start = out.len() + name.len() + 2;
                         request_id = Some(Some(start..start + value.len()));
                     }
@@ -215,8 +218,9 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
             }
             _ => {}
         }
-        push_header(out, name, value);
+        lines.push(out, name, value);
     }
+    lines.flush(out);
     let Some(host) = host else {
         return Parsed::Handoff("no_host");
     };
@@ -271,9 +275,13 @@ pub fn response(
     is_head: bool,
     out: &mut Vec<u8>,
 ) -> Result<Parsed<Response>, BadResponse> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut storage);
-    let head_len = match resp.parse(buf) {
+    let mut storage = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut storage,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(e) => return Err(BadResponse::Malformed(e)),
@@ -292,7 +300,7 @@ pub fn response(
     // Names listed in `Connection` are hop-by-hop too (rare: looked for before writing anything).
     let mut listed: Vec<&[u8]> = Vec::new();
     for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
+        if is_name(h.name.as_bytes(), b"connection") {
             for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
@@ -312,26 +320,23 @@ pub fn response(
     let mut chunked = false;
     let mut has_request_id = false;
     let mut length_at = None;
+    let mut lines = Lines::new(buf);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         match name.len() {
-            10 if name.eq_ignore_ascii_case(b"connection")
-                || name.eq_ignore_ascii_case(b"keep-alive") =>
-            {
-                continue
-            }
-            2 if name.eq_ignore_ascii_case(b"te") => continue,
-            7 if name.eq_ignore_ascii_case(b"upgrade") => continue,
-            16 if name.eq_ignore_ascii_case(b"proxy-connection") => continue,
+            10 if is_name(name, b"connection") || is_name(name, b"keep-alive") => continue,
+            2 if is_name(name, b"te") => continue,
+            7 if is_name(name, b"upgrade") => continue,
+            16 if is_name(name, b"proxy-connection") => continue,
             // The framing fields and the request id are never dropped for being listed in
             // `Connection`: the body's framing depends on them.
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+            17 if is_name(name, b"transfer-encoding") => {
                 if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                     return Err(BadResponse::TransferEncoding);
                 }
                 chunked = true;
             }
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
+            14 if is_name(name, b"content-length") => {
                 let n = parse_length(h.value).ok_or(BadResponse::ContentLength)?;
                 if length.is_some_and(|l| l != n) {
                     return Err(BadResponse::ContentLength);
@@ -340,16 +345,18 @@ pub fn response(
                     continue;
                 }
                 length = Some(n);
+                lines.flush(out);
                 length_at = Some(out.len()..out.len() + name.len() + h.value.len() + 4);
             }
-            12 if name.eq_ignore_ascii_case(b"x-request-id") => has_request_id = true,
+            12 if is_name(name, b"x-request-id") => has_request_id = true,
             _ if !listed.is_empty() && listed.iter().any(|l| l.eq_ignore_ascii_case(name)) => {
                 continue
             }
             _ => {}
         }
-        push_header(out, name, h.value);
+        lines.push(out, name, h.value);
     }
+    lines.flush(out);
     if chunked {
         // Chunked framing wins over a length (RFC 9112 section 6.3); the length is not forwarded.
         if let Some(range) = length_at {
@@ -377,9 +384,13 @@ pub fn response(
 
 /// The length of the informational (1xx) head at the start of `buf`, if there is a whole one.
 pub fn informational_len(buf: &[u8]) -> Option<usize> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut storage);
-    match resp.parse(buf) {
+    let mut storage = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut storage,
+    ) {
         Ok(httparse::Status::Complete(n)) if resp.code.is_some_and(|c| (100..200).contains(&c)) => {
             Some(n)
         }
@@ -415,11 +426,72 @@ pub fn local_response(
     }
 }
 
+/// Header lines written to a head for the next hop. A line received as `name: value\r\n`, the
+/// form [`push_header`] writes, is copied as it came, and lines that follow each other in the
+/// received head as one slice: the bytes written are the same, with fewer copies.
+struct Lines<'b> {
+    buf: &'b [u8],
+    /// Lines of `buf` not yet written.
+    run: std::ops::Range<usize>,
+}
+
+impl<'b> Lines<'b> {
+    fn new(buf: &'b [u8]) -> Self {
+        Lines { buf, run: 0..0 }
+    }
+
+    /// Writes the field `name: value` (both slices of `buf`), now or with the lines around it.
+    fn push(&mut self, out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+        let base = self.buf.as_ptr() as usize;
+        let start = name.as_ptr() as usize - base;
+        let value_start = start + name.len() + 2;
+        let end = value_start + value.len() + 2;
+        let canonical = !value.is_empty()
+            && value.as_ptr() as usize == base + value_start
+            && self.buf.get(value_start - 2..value_start) == Some(b": ")
+            && self.buf.get(end - 2..end) == Some(b"\r\n");
+        if !canonical {
+            self.flush(out);
+            push_header(out, name, value);
+        } else if !self.run.is_empty() && self.run.end == start {
+            self.run.end = end;
+        } else {
+            self.flush(out);
+            self.run = start..end;
+        }
+    }
+
+    /// Writes the lines held back.
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        if !self.run.is_empty() {
+            out.extend_from_slice(&self.buf[self.run.clone()]);
+            self.run = 0..0;
+        }
+    }
+}
+
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a header name (a token: httparse checked it) is `lower`, a name of lowercase letters,
+/// digits and `-`, in any case. Setting bit 5 lowercases a letter, and no other token character
+/// turns into one of `lower`'s that way: one pass without branches, where `eq_ignore_ascii_case`
+/// lowercases both sides byte by byte.
+#[inline]
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(lower
+        .iter()
+        .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower)
+            .fold(0u8, |diff, (&a, &b)| diff | ((a | 0x20) ^ b))
+            == 0
 }
 
 fn push_status(out: &mut Vec<u8>, status: u16) {
@@ -459,13 +531,25 @@ fn origin_form_byte(b: u8) -> bool {
 
 /// 32 lowercase hex digits of randomness, as [`crate::proxy::headers::ensure_request_id`].
 fn new_request_id() -> [u8; 32] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((n >> (4 * (31 - i))) & 0xf) as usize];
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&hex8((n >> (96 - 32 * i)) as u32));
     }
     buf
+}
+
+/// The 8 lowercase hex digits of `x`, most significant first, computed on all of them at once:
+/// each nibble spread into its own byte, then `'0'` added, and `'a' - '0' - 10` more where the
+/// nibble is over 9.
+fn hex8(x: u32) -> [u8; 8] {
+    let mut v = u64::from(x);
+    v = (v | (v << 16)) & 0x0000_ffff_0000_ffff;
+    v = (v | (v << 8)) & 0x00ff_00ff_00ff_00ff;
+    v = (v | (v << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // Byte k of `v` now holds nibble k of `x`.
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (v + 0x3030_3030_3030_3030 + letters * 0x27).to_be_bytes()
 }
 
 #[cfg(test)]
@@ -485,6 +569,62 @@ mod tests {
         let mut out = Vec::new();
         let parsed = request(raw.as_bytes(), client(&SplitKey::None), &mut out);
         (parsed, String::from_utf8(out).unwrap())
+    }
+
+    /// Every token character against every name the parser looks for: `is_name` agrees with
+    /// `eq_ignore_ascii_case` wherever httparse lets a name through.
+    #[test]
+    fn is_name_agrees_with_eq_ignore_ascii_case_on_token_characters() {
+        let tchar: Vec<u8> = (0u8..=255)
+            .filter(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+            .collect();
+        for lower in [
+            &b"content-length"[..],
+            b"te",
+            b"x-request-id",
+            b"host",
+            b"a1-",
+        ] {
+            for pos in 0..lower.len() {
+                for &c in &tchar {
+                    let mut name = lower.to_vec();
+                    name[pos] = c;
+                    assert_eq!(
+                        is_name(&name, lower),
+                        name.eq_ignore_ascii_case(lower),
+                        "{:?} vs {:?}",
+                        String::from_utf8_lossy(&name),
+                        String::from_utf8_lossy(lower)
+                    );
+                }
+            }
+            assert!(!is_name(&lower[1..], lower));
+        }
+        assert!(is_name(b"Content-LENGTH", b"content-length"));
+    }
+
+    #[test]
+    fn hex8_writes_what_format_writes() {
+        for x in [
+            0,
+            9,
+            10,
+            15,
+            0x0123_4567,
+            0x89ab_cdef,
+            0xdead_beef,
+            u32::MAX,
+        ] {
+            assert_eq!(hex8(x), *format!("{x:08x}").as_bytes(), "{x:#x}");
+        }
+        for _ in 0..10_000 {
+            let x = fastrand::u32(..);
+            assert_eq!(hex8(x), *format!("{x:08x}").as_bytes(), "{x:#x}");
+        }
+        let id = new_request_id();
+        assert!(id
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
 
     #[test]
@@ -579,6 +719,30 @@ mod tests {
         let mut out = Vec::new();
         let parsed = response(raw.as_bytes(), is_head, &mut out);
         (parsed, String::from_utf8(out).unwrap())
+    }
+
+    /// Lines in other forms than `name: value\r\n` (no space, more spaces, trailing blanks, a
+    /// bare `\n`, an empty value) are written in that form; lines in it are copied, and the
+    /// forms mix in any order.
+    #[test]
+    fn header_lines_are_written_in_one_form_whatever_form_they_came_in() {
+        let raw = "HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nA:1\r\nB:   2  \r\nC: 3\nD: 4\r\nE:\r\nF: 6\r\nContent-Length: 3\r\nG: 7\r\nConnection: close\r\nH: 8\r\n\r\nabc";
+        let (parsed, out) = response_of(raw, false);
+        assert!(matches!(parsed, Ok(Parsed::Complete(_))), "{parsed:?}");
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: \r\nF: 6\r\nContent-Length: 3\r\nG: 7\r\nH: 8\r\n"
+        );
+
+        let req = "GET / HTTP/1.1\r\nA: 1\r\nHost:h\r\nB: 2\r\nC: 3\r\nx-request-id:  id-1\r\nD: 4\r\n\r\n";
+        let (parsed, out) = rewrite(req);
+        let Parsed::Complete(parsed) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert!(out.starts_with(
+            "GET / HTTP/1.1\r\nA: 1\r\nHost: h\r\nB: 2\r\nC: 3\r\nx-request-id: id-1\r\nD: 4\r\nx-forwarded-for: "
+        ), "{out}");
+        assert_eq!(&out[parsed.request_id], "id-1");
     }
 
     #[test]

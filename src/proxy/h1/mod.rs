@@ -134,6 +134,12 @@ where
     // in and when its response is out (again after a stream); deadlines and the pool use those
     // readings.
     let mut idle_since = now;
+    // Waits for the gateway's shutdown while the connection is idle between requests: one
+    // registration for the connection's life (on its own receiver, so `shutdown` stays free for
+    // the handoff), not one per request.
+    let mut stop = shutdown.clone();
+    let stopped = crate::gateway::stopped(&mut stop);
+    tokio::pin!(stopped);
     loop {
         // A whole request head (the client may have sent it already, pipelined).
         let mut deadline_set = false;
@@ -170,7 +176,7 @@ where
                     tracing::debug!(%peer, "no whole request head within limits.header_read_timeout: closing the connection");
                     return Ended::Closed;
                 }
-                () = crate::gateway::stopped(shutdown), if idle => return Ended::Closed,
+                () = &mut stopped, if idle => return Ended::Closed,
             }
         };
         // The request's time starts with its head, as in the general path (the upload counts).
