@@ -62,6 +62,9 @@ pub const CLUSTER_EJECTED: &str = "rayshift_cluster_ejected";
 /// Reloads of the listener's TLS certificate and key (SIGHUP or file change), by result
 /// (`ok`, `error`: the old certificate stays).
 pub const TLS_RELOADS_TOTAL: &str = "rayshift_tls_reloads_total";
+/// 1 while the certificate and key files on disk cannot be loaded (the last reload failed, or the
+/// files became unreadable): the gateway still presents the certificate it loaded before.
+pub const TLS_RELOAD_FAILING: &str = "rayshift_tls_reload_failing";
 
 /// RayCluster watch events, by namespace and event (`init`, `init_apply`, `init_done`, `apply`, `delete`).
 pub const KUBE_WATCH_EVENTS_TOTAL: &str = "rayshift_kube_watch_events_total";
@@ -233,6 +236,10 @@ fn describe() {
     describe_counter!(
         TLS_RELOADS_TOTAL,
         "Reloads of the TLS certificate and key, by result (ok, error: the old certificate stays)."
+    );
+    describe_gauge!(
+        TLS_RELOAD_FAILING,
+        "1 while the TLS certificate files cannot be loaded: the previously loaded certificate is still presented."
     );
 }
 

@@ -7,7 +7,8 @@
 //! owns the files: [`ServerTls::reload`] re-reads them (on SIGHUP, see `Gateway::reload_tls`), and
 //! [`ServerTls::spawn_watcher`] checks them for changes every `tls.reload_interval`. A reload that fails (unreadable file, bad PEM, key not matching the
 //! certificate) logs an error and keeps the old certificate. Both outcomes are counted in
-//! `rayshift_tls_reloads_total{result}`.
+//! `rayshift_tls_reloads_total{result}`; `rayshift_tls_reload_failing` is 1 from a failure (or
+//! files becoming unreadable) until the files load again.
 //!
 //! Upstream, [`client_config`] trusts the PEM certificates of `upstream.ca_file`, or the Mozilla
 //! roots compiled in (webpki-roots) when no CA file is set. ALPN is left empty: Serve speaks
@@ -15,6 +16,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -210,6 +212,8 @@ pub struct ServerTls {
     version: Mutex<Version>,
     /// Why the files could not be read at the last look (reported once, not at every poll).
     unreadable: Mutex<Option<String>>,
+    /// Whether the last load of the files failed (`rayshift_tls_reload_failing`).
+    load_failed: AtomicBool,
 }
 
 impl ServerTls {
@@ -225,6 +229,7 @@ impl ServerTls {
             .with_no_client_auth()
             .with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        metrics::gauge!(telemetry::TLS_RELOAD_FAILING).set(0.0);
         Ok(ServerTls {
             config: Arc::new(config),
             resolver,
@@ -233,6 +238,7 @@ impl ServerTls {
             reload_interval: cfg.reload_interval,
             version: Mutex::new(version),
             unreadable: Mutex::new(None),
+            load_failed: AtomicBool::new(false),
         })
     }
 
@@ -255,16 +261,24 @@ impl ServerTls {
         self.load_and_swap()
     }
 
+    /// Records the outcome of a load in `rayshift_tls_reload_failing`.
+    fn set_failing(&self, failed: bool) {
+        self.load_failed.store(failed, Ordering::Relaxed);
+        metrics::gauge!(telemetry::TLS_RELOAD_FAILING).set(f64::from(u8::from(failed)));
+    }
+
     fn load_and_swap(&self) -> Result<(), TlsError> {
         match load_certified_key(&self.cert_file, &self.key_file) {
             Ok(key) => {
                 self.resolver.set(key);
                 metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "ok").increment(1);
+                self.set_failing(false);
                 tracing::info!(cert_file = %self.cert_file.display(), "TLS certificate reloaded");
                 Ok(())
             }
             Err(e) => {
                 metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "error").increment(1);
+                self.set_failing(true);
                 tracing::error!(error = %e, "TLS certificate reload failed; keeping the current certificate");
                 Err(e)
             }
@@ -275,7 +289,18 @@ impl ServerTls {
     pub fn reload_if_changed(&self) -> bool {
         let now = match Version::of(&self.cert_file, &self.key_file) {
             Ok(now) => {
-                *self.unreadable.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if self
+                    .unreadable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .is_some()
+                {
+                    // Readable again: failing or not as the last load (unless a reload follows).
+                    metrics::gauge!(telemetry::TLS_RELOAD_FAILING).set(f64::from(u8::from(
+                        self.load_failed.load(Ordering::Relaxed),
+                    )));
+                }
                 now
             }
             Err(e) => {
@@ -283,6 +308,7 @@ impl ServerTls {
                 if last.as_deref() != Some(e.as_str()) {
                     metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "error")
                         .increment(1);
+                    metrics::gauge!(telemetry::TLS_RELOAD_FAILING).set(1.0);
                     tracing::error!(error = %e, "TLS certificate files cannot be read; keeping the current certificate");
                     *last = Some(e);
                 }

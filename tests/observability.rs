@@ -239,10 +239,6 @@ fn alert_rules_are_well_formed() {
 /// below does not configure, so a panel for it could not be checked against a real gateway.
 const NOT_ON_DASHBOARD: &[(&str, &str)] = &[
     (
-        "rayshift_tls_reloads_total",
-        "exported only with tls configured; a failed reload keeps the old certificate",
-    ),
-    (
         "rayshift_kube_watch_events_total",
         "exported only with discovery.kubernetes (needs an API server)",
     ),
@@ -468,6 +464,32 @@ passive_health:
         "upstream:\n  retry_budget: 0\n  retry_min_per_second: 0\n",
     )))
     .await;
+    // A gateway with TLS whose certificate reload fails (the reload metrics exist only with TLS).
+    let f_one = stub("ob-f-one", "v1", &[("obs-f", "/f")]).await;
+    let tls_dir = tempfile::tempdir().expect("tempdir");
+    let self_signed =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    std::fs::write(tls_dir.path().join("cert.pem"), self_signed.cert.pem()).expect("write");
+    std::fs::write(
+        tls_dir.path().join("key.pem"),
+        self_signed.key_pair.serialize_pem(),
+    )
+    .expect("write");
+    let with_tls = TestGateway::start_in(
+        &config_yaml(
+            &["ob-f"],
+            &[cluster(&f_one, "ob-f", "v1", None)],
+            "tls:\n  cert_file: cert.pem\n  key_file: key.pem\n  reload_interval: 0s\n",
+        ),
+        tls_dir,
+    )
+    .await;
+    std::fs::write(with_tls.dir.path().join("key.pem"), "not a key\n").expect("write");
+    with_tls
+        .gateway
+        .reload_tls()
+        .expect_err("a reload of a broken key fails");
+
     let load = Load::rotating(
         ["/a", "/b", "/c", "/a/stream?n=2&interval_ms=5"]
             .iter()
@@ -850,6 +872,26 @@ tests:
         alertname: RayshiftClusterDrainedNotRemoved
         exp_alerts:
           - exp_labels: {severity: info, shard: s, cluster: blue}
+
+  - name: tls reload failing
+    interval: 1m
+    input_series:
+      # a: a bad file at 10m, fixed at 30m. b: a failure fixed within the 5 minutes.
+      - series: 'rayshift_tls_reload_failing{instance="a"}'
+        values: '0x9 1x20 0x10'
+      - series: 'rayshift_tls_reload_failing{instance="b"}'
+        values: '0x9 1x2 0x28'
+    alert_rule_test:
+      - eval_time: 12m
+        alertname: RayshiftTlsReloadFailing
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: RayshiftTlsReloadFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: a}
+      - eval_time: 35m
+        alertname: RayshiftTlsReloadFailing
+        exp_alerts: []
 "#;
 
 // === A PromQL tokenizer, enough to find metric selectors and label names ===

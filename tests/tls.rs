@@ -432,6 +432,36 @@ async fn sighup_reloads_the_certificate() {
     })
     .await;
     assert_eq!(conn.get("/echo/x").await.status, StatusCode::OK);
+    let metrics = format!("http://{}/metrics", gw.admin);
+    let failing = || {
+        let url = metrics.clone();
+        async move {
+            let body = get(&url).await.body;
+            body.lines()
+                .find_map(|l| l.strip_prefix("rayshift_tls_reload_failing "))
+                .unwrap_or_else(|| panic!("no rayshift_tls_reload_failing in:\n{body}"))
+                .trim()
+                .to_string()
+        }
+    };
+    assert_eq!(failing().await, "0");
+
+    // A broken key: the reload fails, the gauge says so until a good pair loads.
+    std::fs::write(dir.path().join("key.pem"), "not a key\n").expect("write");
+    gw.signal("HUP");
+    eventually(
+        "a failed reload shows in rayshift_tls_reload_failing",
+        || async { failing().await == "1" },
+    )
+    .await;
+    assert_eq!(presented(addr, &ca).await, second.der());
+    second.write(dir.path());
+    gw.signal("HUP");
+    eventually(
+        "a good reload clears rayshift_tls_reload_failing",
+        || async { failing().await == "0" },
+    )
+    .await;
     // SIGHUP did not stop the gateway.
     assert_eq!(
         open(addr, &ca, &[b"h2"])
@@ -659,6 +689,7 @@ async fn https_clusters_with_a_ca_file() {
 struct Process {
     child: Child,
     proxy: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Process {
@@ -681,23 +712,28 @@ impl Process {
             }
         });
         let deadline = Instant::now() + WAIT;
-        let proxy = loop {
+        let (mut proxy, mut admin) = (None, None);
+        while proxy.is_none() || admin.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("rayshift: proxy listening on https://") {
-                        break addr.parse().ok();
-                    }
-                }
-                Err(_) => break None,
+            let Ok(line) = rx.recv_timeout(left) else {
+                break;
+            };
+            if let Some(addr) = line.strip_prefix("rayshift: proxy listening on https://") {
+                proxy = addr.parse().ok();
+            } else if let Some(addr) = line.strip_prefix("rayshift: admin listening on http://") {
+                admin = addr.parse().ok();
             }
-        };
-        match proxy {
-            Some(proxy) => Process { child, proxy },
-            None => {
+        }
+        match (proxy, admin) {
+            (Some(proxy), Some(admin)) => Process {
+                child,
+                proxy,
+                admin,
+            },
+            _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("rayshift printed no https proxy address");
+                panic!("rayshift printed no https proxy and admin addresses");
             }
         }
     }
