@@ -1,5 +1,6 @@
 //! Time limits of a client connection that hyper does not enforce: the wait for its first request,
-//! and how long an HTTP/2 connection may stay open with no request in flight.
+//! and how long an HTTP/2 connection may stay open with no request in flight; and the connection's
+//! part in the gateway's graceful shutdown.
 //!
 //! hyper's `header_read_timeout` only runs once a connection is known to speak HTTP/1 (and then
 //! between requests too, which also bounds idle HTTP/1 keep-alive). Before that, while the first
@@ -8,6 +9,11 @@
 //! (keep-alive pings only find peers that are gone). Either would hold a `limits.max_connections`
 //! permit forever. So a connection gets `limits.header_read_timeout` for its first request, and an
 //! HTTP/2 connection is closed after `limits.http2_idle_timeout` without a request in flight.
+//!
+//! An idle HTTP/2 connection is closed the way the protocol asks for: GOAWAY first, so a client
+//! that sends a request at that very moment learns it was not processed and can retry it
+//! elsewhere, where a bare TCP close would leave it not knowing. The gateway's shutdown does the
+//! same to every connection (HTTP/2: GOAWAY; HTTP/1: closed after the response in flight).
 //!
 //! Both timers live on the connection's own task; per request the cost is an atomic store (and,
 //! for HTTP/2 only, a count of streams in flight).
@@ -46,9 +52,14 @@ pub(super) enum Ended<O> {
     Done(O),
     /// No request within `limits.header_read_timeout`: closed.
     NoFirstRequest,
-    /// HTTP/2 with nothing in flight for `limits.http2_idle_timeout`: closed.
+    /// HTTP/2 with nothing in flight for `limits.http2_idle_timeout`, then told GOAWAY, and not
+    /// closed by the client within [`GOAWAY_GRACE`] after: closed.
     Idle,
 }
+
+/// How long an idle HTTP/2 connection told GOAWAY has to close (the client acknowledges the
+/// GOAWAY's PING, then the gateway sends the final GOAWAY and closes), with no stream in flight.
+pub(super) const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 impl ConnWatch {
     /// A new connection's watch.
@@ -74,15 +85,26 @@ impl ConnWatch {
         guard
     }
 
-    /// Runs `conn` until it ends, or closes it (drops it) when a limit passes.
-    pub(super) fn run<F: Future + Unpin>(
+    /// Runs `conn` until it ends, or closes it (drops it) when a limit passes. `graceful` starts
+    /// the connection's graceful shutdown (hyper's `graceful_shutdown`): called once, when `stop`
+    /// completes (the gateway shuts down) or the connection has been idle too long.
+    pub(super) fn run<F, G>(
         self,
         conn: F,
+        graceful: G,
+        stop: Pin<Box<dyn Future<Output = ()> + Send>>,
         first_request: Duration,
         http2_idle: Duration,
-    ) -> Limited<F> {
+    ) -> Limited<F, G>
+    where
+        F: Future + Unpin,
+        G: FnMut(&mut F),
+    {
         Limited {
             conn,
+            graceful,
+            stop: Some(stop),
+            closing: None,
             first: Some(Box::pin(tokio::time::sleep(first_request))),
             idle: None,
             http2_idle,
@@ -148,8 +170,13 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 }
 
 /// A connection's future under its limits (see [`ConnWatch::run`]).
-pub(super) struct Limited<F> {
+pub(super) struct Limited<F, G> {
     conn: F,
+    graceful: G,
+    /// Until the gateway shuts down; then the connection is asked to finish.
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// After an idle HTTP/2 connection was told GOAWAY: how long it has left to close.
+    closing: Option<Pin<Box<Sleep>>>,
     /// Until the first request arrives; dropped then, so it costs nothing per request.
     first: Option<Pin<Box<Sleep>>>,
     /// For an HTTP/2 connection, from its first request on.
@@ -158,7 +185,7 @@ pub(super) struct Limited<F> {
     watch: ConnWatch,
 }
 
-impl<F: Future + Unpin> Future for Limited<F> {
+impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
     type Output = Ended<F::Output>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -166,7 +193,28 @@ impl<F: Future + Unpin> Future for Limited<F> {
         if let Poll::Ready(out) = Pin::new(&mut this.conn).poll(cx) {
             return Poll::Ready(Ended::Done(out));
         }
+        if let Some(stop) = &mut this.stop {
+            if stop.as_mut().poll(cx).is_ready() {
+                this.stop = None;
+                if this.closing.is_none() {
+                    (this.graceful)(&mut this.conn);
+                }
+                // The connection may be able to finish now.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
         let state = &this.watch.0;
+        if let Some(closing) = &mut this.closing {
+            while closing.as_mut().poll(cx).is_ready() {
+                if state.active.load(Ordering::Acquire) == 0 {
+                    return Poll::Ready(Ended::Idle);
+                }
+                // A stream that raced the GOAWAY is answered first.
+                closing.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+            }
+            return Poll::Pending;
+        }
         if let Some(first) = &mut this.first {
             if state.seen.load(Ordering::Acquire) {
                 this.first = None;
@@ -186,7 +234,13 @@ impl<F: Future + Unpin> Future for Limited<F> {
                     let since = state.idle_since_ms.load(Ordering::Acquire);
                     let deadline = state.start + Duration::from_millis(since) + this.http2_idle;
                     if deadline <= now {
-                        return Poll::Ready(Ended::Idle);
+                        this.idle = None;
+                        this.closing = Some(Box::pin(tokio::time::sleep(GOAWAY_GRACE)));
+                        if this.stop.is_some() {
+                            (this.graceful)(&mut this.conn);
+                        }
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
                     deadline
                 };

@@ -177,8 +177,9 @@ struct Client {
     peer_value: http::HeaderValue,
     shutdown: watch::Receiver<bool>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    /// Taken when the connection is created, so a drain waits for connections still in their
-    /// TLS handshake.
+    /// Taken when the connection is created and held until it ends: the drain
+    /// (`GracefulShutdown::shutdown`) waits for every connection, also those still in their TLS
+    /// handshake. The connection's own graceful shutdown is started by [`ConnWatch::run`].
     watcher: hyper_util::server::graceful::Watcher,
     limits: LimitsConfig,
     /// Whether HTTP/1.1 requests start on the direct path (`upstream.direct_http1`).
@@ -225,35 +226,33 @@ impl Client {
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), service);
-        let conn = self.watcher.watch(conn.into_owned());
-        let limits = &self.limits;
-        serve_limited(
-            watch,
-            conn,
-            limits.header_read_timeout,
-            limits.http2_idle_timeout,
-            self.peer,
-        )
-        .await;
+        tokio::pin!(conn);
+        // Held until the connection ends: the drain waits for it.
+        let _drain = self.watcher;
+        let mut shutdown = self.shutdown;
+        let stop = Box::pin(async move { crate::gateway::stopped(&mut shutdown).await });
+        let limited = watch.run(
+            conn.as_mut(),
+            |conn| conn.as_mut().graceful_shutdown(),
+            stop,
+            self.limits.header_read_timeout,
+            self.limits.http2_idle_timeout,
+        );
+        log_end(limited.await, &self.limits, self.peer);
     }
 }
 
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Runs a client connection under the limits of [`ConnWatch`], logging how it ended.
-async fn serve_limited<F, E>(
-    watch: ConnWatch,
-    conn: F,
-    first_request: Duration,
-    http2_idle: Duration,
+/// Logs how a client connection served by hyper ended.
+fn log_end<E: std::fmt::Display>(
+    ended: Ended<Result<(), E>>,
+    limits: &LimitsConfig,
     peer: std::net::SocketAddr,
-) where
-    F: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    tokio::pin!(conn);
-    match watch.run(conn.as_mut(), first_request, http2_idle).await {
+) {
+    let (first_request, http2_idle) = (limits.header_read_timeout, limits.http2_idle_timeout);
+    match ended {
         Ended::Done(Ok(())) => {}
         Ended::Done(Err(e)) => {
             tracing::debug!(%peer, error = %e, "client connection ended with an error")
@@ -264,7 +263,7 @@ async fn serve_limited<F, E>(
         ),
         Ended::Idle => tracing::debug!(
             %peer, timeout = ?http2_idle,
-            "HTTP/2 connection idle for limits.http2_idle_timeout: closing it"
+            "HTTP/2 connection idle for limits.http2_idle_timeout, told GOAWAY and still open: closing it"
         ),
     }
 }
