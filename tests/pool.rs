@@ -397,9 +397,9 @@ async fn pipelined_requests_are_answered_in_order_across_the_handoff() {
         assert!(answer.contains("x-request-id: "), "{answer}");
         assert!(!answer.contains("x-hop"), "{answer}");
     }
-    // One upstream connection carried the direct path's three, one of the general path's pool
-    // the other two.
-    assert_eq!(backend.app_conns(), 2);
+    // One upstream connection carried all five: after the handoff the general path took over
+    // the connection the direct path's three had used.
+    assert_eq!(backend.app_conns(), 1);
     let metrics = get(&gw.admin("/metrics")).await.body;
     let handoffs = r#"rayshift_http1_handoffs_total{reason="connection_option"} 1"#;
     assert!(metrics.contains(handoffs), "{metrics}");
@@ -668,6 +668,55 @@ async fn shutdown_closes_idle_direct_connections_and_answers_busy_ones() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A request of the general path (here HTTP/2 from the client) takes over an idle connection
+/// the direct HTTP/1.1 path left, instead of opening one more.
+#[tokio::test]
+async fn the_general_path_takes_over_idle_direct_connections() {
+    use http_body_util::{BodyExt, Empty};
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "takeover", "").await;
+    let addr = gw.gateway.proxy_addr();
+    let mut h1 = TcpStream::connect(addr).await.unwrap();
+    h1.write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first =
+        String::from_utf8(read_until(&mut h1, |seen| seen.ends_with(b"hello")).await).unwrap();
+    let conn_id = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-conn: "))
+            .unwrap_or_else(|| panic!("no x-conn in {head}"))
+            .to_string()
+    };
+    let direct_conn = conn_id(&first);
+    assert_eq!(connections_opened(&gw, "takeover").await, 1);
+
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                TcpStream::connect(addr).await.unwrap(),
+            ))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let resp = sender
+            .send_request(
+                http::Request::get(gw.url("/app/small"))
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let conn = resp.headers()["x-conn"].to_str().unwrap().to_string();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!((conn, &body[..]), (direct_conn.clone(), &b"hello"[..]));
+    }
+    assert_eq!(connections_opened(&gw, "takeover").await, 1);
+    assert_eq!(backend.app_conns(), 1);
 }
 
 #[tokio::test]

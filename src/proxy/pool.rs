@@ -10,6 +10,10 @@
 //! global map behind a lock shared by all clusters, no task spawned per request to wait for the
 //! connection to become idle, no absolute-form URI to build and strip again. The pool's lock is
 //! per cluster and held for a push or a pop.
+//!
+//! The direct HTTP/1.1 path keeps plain TCP connections in the same pool ([`RawConn`]). The
+//! general path takes one of those over (starting hyper on it) before it opens a connection;
+//! hyper's connections do not go the other way.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -22,8 +26,9 @@ use tokio::net::TcpStream;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tower_service::Service;
 
 use crate::cluster::Cluster;
@@ -214,7 +219,18 @@ impl ClusterPool {
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Sender), SendError> {
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let idle = match self.checkout() {
+                Some(sender) => Some(sender),
+                // An idle connection of the direct HTTP/1.1 path, taken over: no new connection
+                // while one is open and unused.
+                None => match self.checkout_raw(Instant::now()) {
+                    Some(raw) => start(MaybeHttpsStream::Http(TokioIo::new(raw.stream)), cluster)
+                        .await
+                        .ok(),
+                    None => None,
+                },
+            };
+            let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),
                 // Boxed: connecting is rare, and its large state would otherwise be part of (and
                 // moved with) every request's future.
@@ -303,8 +319,7 @@ pub async fn connect_raw(cluster: &Cluster, connect_timeout: Duration) -> Result
     })
 }
 
-/// Opens a connection to `cluster` and starts its connection task (with upgrade support, for
-/// WebSockets).
+/// Opens a connection to `cluster` and starts hyper on it.
 async fn connect(connector: &Connector, cluster: &Cluster) -> Result<Sender, SendError> {
     let uri = Uri::builder()
         .scheme(cluster.scheme.clone())
@@ -320,11 +335,21 @@ async fn connect(connector: &Connector, cluster: &Cluster) -> Result<Sender, Sen
         .call(uri)
         .await
         .map_err(|e| SendError::Connect(describe(&*e)))?;
+    let sender = start(io, cluster).await?;
+    cluster.connections_opened.increment(1);
+    Ok(sender)
+}
+
+/// Starts hyper's HTTP/1.1 client on an open connection to `cluster` (a new one, or an idle one
+/// of the direct path), its connection task spawned (with upgrade support, for WebSockets).
+async fn start(
+    io: MaybeHttpsStream<TokioIo<TcpStream>>,
+    cluster: &Cluster,
+) -> Result<Sender, SendError> {
     let (sender, conn) = http1::Builder::new()
         .handshake(io)
         .await
         .map_err(|e| SendError::Connect(describe(&e)))?;
-    cluster.connections_opened.increment(1);
     let name = std::sync::Arc::clone(&cluster.name);
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
