@@ -207,11 +207,20 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
         let state = &this.watch.0;
         if let Some(closing) = &mut this.closing {
             while closing.as_mut().poll(cx).is_ready() {
-                if state.active.load(Ordering::Acquire) == 0 {
-                    return Poll::Ready(Ended::Idle);
-                }
-                // A stream that raced the GOAWAY is answered first.
-                closing.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+                // A stream that raced the GOAWAY is answered first, and its response gets the
+                // whole grace to be written out after it ended (hyper may still hold some).
+                let now = Instant::now();
+                let next = if state.active.load(Ordering::Acquire) > 0 {
+                    now + GOAWAY_GRACE
+                } else {
+                    let since = state.idle_since_ms.load(Ordering::Acquire);
+                    let deadline = state.start + Duration::from_millis(since) + GOAWAY_GRACE;
+                    if deadline <= now {
+                        return Poll::Ready(Ended::Idle);
+                    }
+                    deadline
+                };
+                closing.as_mut().reset(next);
             }
             return Poll::Pending;
         }

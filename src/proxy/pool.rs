@@ -223,12 +223,15 @@ impl ClusterPool {
                 Some(sender) => Some(sender),
                 // An idle connection of the direct HTTP/1.1 path, taken over: no new connection
                 // while one is open and unused.
-                None => match self.checkout_raw(Instant::now()) {
+                None if cluster.scheme == http::uri::Scheme::HTTP => match self
+                    .checkout_raw(Instant::now())
+                {
                     Some(raw) => start(MaybeHttpsStream::Http(TokioIo::new(raw.stream)), cluster)
                         .await
                         .ok(),
                     None => None,
                 },
+                None => None,
             };
             let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),

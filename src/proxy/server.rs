@@ -223,12 +223,12 @@ impl Client {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         Svc: GeneralService,
     {
+        // Held until the connection ends (and dropped after it): the drain waits for it.
+        let _drain = self.watcher;
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
-        // Held until the connection ends: the drain waits for it.
-        let _drain = self.watcher;
         let mut shutdown = self.shutdown;
         let stop = Box::pin(async move { crate::gateway::stopped(&mut shutdown).await });
         let limited = watch.run(
