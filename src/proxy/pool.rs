@@ -219,20 +219,15 @@ impl ClusterPool {
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Sender), SendError> {
         loop {
-            let idle = match self.checkout() {
-                Some(sender) => Some(sender),
+            let mut idle = self.checkout();
+            if idle.is_none() && cluster.scheme == http::uri::Scheme::HTTP {
                 // An idle connection of the direct HTTP/1.1 path, taken over: no new connection
                 // while one is open and unused.
-                None if cluster.scheme == http::uri::Scheme::HTTP => match self
-                    .checkout_raw(Instant::now())
-                {
-                    Some(raw) => start(MaybeHttpsStream::Http(TokioIo::new(raw.stream)), cluster)
-                        .await
-                        .ok(),
-                    None => None,
-                },
-                None => None,
-            };
+                if let Some(raw) = self.checkout_raw(Instant::now()) {
+                    let io = MaybeHttpsStream::Http(TokioIo::new(raw.stream));
+                    idle = start(io, cluster).await.ok();
+                }
+            }
             let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),
                 // Boxed: connecting is rare, and its large state would otherwise be part of (and
