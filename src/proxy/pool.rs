@@ -64,17 +64,18 @@ impl SendError {
 /// TCP ones with their read buffers (the direct HTTP/1.1 path, [`crate::proxy::h1`]).
 #[derive(Debug)]
 pub struct ClusterPool {
-    idle: Mutex<VecDeque<Idle>>,
-    raw: Mutex<VecDeque<RawIdle>>,
+    idle: Mutex<VecDeque<Idle<Sender>>>,
+    raw: Mutex<VecDeque<Idle<RawConn>>>,
     /// Most idle connections kept (`upstream.max_idle_per_cluster`).
     max_idle: usize,
     /// Idle connections older than this are closed (`upstream.idle_timeout`).
     idle_timeout: Duration,
 }
 
+/// An idle connection and when it became idle.
 #[derive(Debug)]
-struct Idle {
-    sender: Sender,
+struct Idle<T> {
+    conn: T,
     since: Instant,
 }
 
@@ -85,12 +86,6 @@ pub struct RawConn {
     pub stream: TcpStream,
     /// Bytes read from it and not yet forwarded.
     pub buf: BytesMut,
-}
-
-#[derive(Debug)]
-struct RawIdle {
-    conn: RawConn,
-    since: Instant,
 }
 
 /// Initial read buffer of a direct-path upstream connection: a head and a 16 KiB body in one read.
@@ -112,29 +107,19 @@ impl ClusterPool {
         self.lock().len() + self.lock_raw().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<Sender>>> {
         // A panic while holding the lock leaves a valid deque: recover it.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<RawIdle>> {
+    fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<RawConn>>> {
         self.raw.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most recently used idle plain connection still open and young enough at `now` (see
     /// [`ClusterPool::checkout`]).
     pub fn checkout_raw(&self, now: Instant) -> Option<RawConn> {
-        let mut idle = self.lock_raw();
-        while let Some(c) = idle.pop_back() {
-            if now.saturating_duration_since(c.since) >= self.idle_timeout {
-                idle.clear();
-                return None;
-            }
-            if is_open(&c.conn.stream) {
-                return Some(c.conn);
-            }
-        }
-        None
+        self.pop(&mut self.lock_raw(), now, |c| is_open(&c.stream))
     }
 
     /// Takes a plain connection back after its response ended on a message boundary, its buffer
@@ -143,33 +128,13 @@ impl ClusterPool {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
-        let mut idle = self.lock_raw();
-        while let Some(oldest) = idle.front() {
-            if idle.len() >= self.max_idle || now.duration_since(oldest.since) >= self.idle_timeout
-            {
-                idle.pop_front();
-            } else {
-                break;
-            }
-        }
-        idle.push_back(RawIdle { conn, since: now });
+        self.push(&mut self.lock_raw(), conn, now);
     }
 
     /// The most recently used idle connection still open and young enough. Older ones behind an
     /// expired one are expired too, so they go at once.
     fn checkout(&self) -> Option<Sender> {
-        let now = Instant::now();
-        let mut idle = self.lock();
-        while let Some(c) = idle.pop_back() {
-            if now.duration_since(c.since) >= self.idle_timeout {
-                idle.clear();
-                return None;
-            }
-            if !c.sender.is_closed() {
-                return Some(c.sender);
-            }
-        }
-        None
+        self.pop(&mut self.lock(), Instant::now(), |s| !s.is_closed())
     }
 
     /// Takes a connection back after its response ended. Expired connections and those over
@@ -178,24 +143,49 @@ impl ClusterPool {
         if sender.is_closed() || self.max_idle == 0 {
             return;
         }
-        let now = Instant::now();
-        let mut idle = self.lock();
+        self.push(&mut self.lock(), sender, Instant::now());
+    }
+
+    /// Adds `conn` to `idle` as the newest, after closing the expired ones and the oldest over
+    /// `max_idle`.
+    fn push<T>(&self, idle: &mut VecDeque<Idle<T>>, conn: T, now: Instant) {
         while let Some(oldest) = idle.front() {
-            if idle.len() >= self.max_idle || now.duration_since(oldest.since) >= self.idle_timeout
+            if idle.len() >= self.max_idle
+                || now.saturating_duration_since(oldest.since) >= self.idle_timeout
             {
                 idle.pop_front();
             } else {
                 break;
             }
         }
-        idle.push_back(Idle { sender, since: now });
+        idle.push_back(Idle { conn, since: now });
+    }
+
+    /// The newest connection of `idle` that is `usable` and young enough at `now`; the unusable
+    /// ones before it are closed, and all of them once one has expired (the older ones have too).
+    fn pop<T>(
+        &self,
+        idle: &mut VecDeque<Idle<T>>,
+        now: Instant,
+        usable: impl Fn(&T) -> bool,
+    ) -> Option<T> {
+        while let Some(c) = idle.pop_back() {
+            if now.saturating_duration_since(c.since) >= self.idle_timeout {
+                idle.clear();
+                return None;
+            }
+            if usable(&c.conn) {
+                return Some(c.conn);
+            }
+        }
+        None
     }
 
     /// Closes idle connections that expired or that the cluster closed.
     pub fn prune(&self) {
         let now = Instant::now();
         self.lock()
-            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+            .retain(|c| !c.conn.is_closed() && now.duration_since(c.since) < self.idle_timeout);
         self.lock_raw()
             .retain(|c| is_open(&c.conn.stream) && now.duration_since(c.since) < self.idle_timeout);
     }
