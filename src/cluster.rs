@@ -33,6 +33,8 @@ pub struct Cluster {
     pub in_flight_gauge: Gauge,
     /// `rayshift_upstream_connections_opened_total{cluster}`, resolved once.
     pub connections_opened: Counter,
+    /// `rayshift_upstream_overflow_total{cluster}`, resolved once.
+    pub overflow: Counter,
     /// `rayshift_requests_total` handles by app and status code.
     pub requests: RequestCounters,
     /// Idle keep-alive connections to the cluster.
@@ -60,6 +62,8 @@ impl Cluster {
             telemetry::UPSTREAM_CONNECTIONS_OPENED_TOTAL,
             "cluster" => name.to_string()
         );
+        let overflow =
+            metrics::counter!(telemetry::UPSTREAM_OVERFLOW_TOTAL, "cluster" => name.to_string());
         Self {
             name: name.into(),
             shard: shard.into(),
@@ -70,20 +74,27 @@ impl Cluster {
             duration,
             in_flight_gauge,
             connections_opened,
+            overflow,
             requests: RequestCounters::default(),
             pool,
         }
     }
 
     /// Marks a request as started on this cluster; the guard marks it finished when dropped.
-    pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.stats.enter();
+    /// `None` when `limit` requests are in flight on it already (`upstream.max_requests_per_cluster`):
+    /// the request is not started, and counted in `rayshift_upstream_overflow_total`.
+    pub fn enter(self: &Arc<Self>, limit: u64) -> Option<InFlight> {
+        if self.stats.enter() > limit {
+            self.stats.leave();
+            self.overflow.increment(1);
+            return None;
+        }
         // Increments, not the count just seen: concurrent enters and leaves on several threads
         // would otherwise leave whichever value was set last.
         self.in_flight_gauge.increment(1.0);
-        InFlight {
+        Some(InFlight {
             cluster: Arc::clone(self),
-        }
+        })
     }
 }
 

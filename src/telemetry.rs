@@ -17,6 +17,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "rayshift_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "rayshift_upstream_errors_total";
 /// Connections opened to each cluster (a pooled connection carries many requests).
 pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "rayshift_upstream_connections_opened_total";
+/// Requests answered 503 because their cluster had `upstream.max_requests_per_cluster` in flight.
+pub const UPSTREAM_OVERFLOW_TOTAL: &str = "rayshift_upstream_overflow_total";
 /// Configured traffic weight (0-100) of each cluster in its shard.
 pub const CLUSTER_WEIGHT: &str = "rayshift_cluster_weight";
 /// 1 when the cluster passes its readiness probes, else 0.
@@ -157,6 +159,10 @@ fn describe() {
     describe_counter!(
         UPSTREAM_CONNECTIONS_OPENED_TOTAL,
         "Connections opened to each cluster (pooled connections carry many requests)."
+    );
+    describe_counter!(
+        UPSTREAM_OVERFLOW_TOTAL,
+        "Requests answered 503 by the gateway because their cluster already had upstream.max_requests_per_cluster requests in flight (not sent, not counted against the cluster)."
     );
     describe_gauge!(
         CLUSTER_WEIGHT,

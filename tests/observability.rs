@@ -873,6 +873,26 @@ tests:
         exp_alerts:
           - exp_labels: {severity: info, shard: s, cluster: blue}
 
+  - name: requests shed at the cluster limit
+    interval: 1m
+    input_series:
+      # blue sheds 0.1 requests/s from 10m to 30m; green never.
+      - series: 'rayshift_upstream_overflow_total{cluster="blue"}'
+        values: '0x10 6+6x19 120x20'
+      - series: 'rayshift_upstream_overflow_total{cluster="green"}'
+        values: '0x50'
+    alert_rule_test:
+      - eval_time: 15m
+        alertname: RayshiftRequestsShed
+        exp_alerts: []
+      - eval_time: 25m
+        alertname: RayshiftRequestsShed
+        exp_alerts:
+          - exp_labels: {severity: warning, cluster: blue}
+      - eval_time: 45m
+        alertname: RayshiftRequestsShed
+        exp_alerts: []
+
   - name: tls reload failing
     interval: 1m
     input_series:

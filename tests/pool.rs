@@ -826,3 +826,103 @@ async fn an_h2_upload_with_a_separate_end_of_stream_reuses_its_connection() {
     assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
     assert_eq!(connections_opened(&gw, "pool-h2-upload").await, 1);
 }
+
+/// A cluster with `upstream.max_requests_per_cluster` requests in flight takes no more: the next
+/// is answered 503 at once by the gateway, on the direct path (HTTP/1.1, the connection kept) and
+/// on the general one (HTTP/2 streams, the fan-out the limit is for). The shed requests never
+/// reach the cluster and are not counted against it (no ejection, no upstream error); once the
+/// requests in flight end, requests go through again, also on the connection that was answered 503.
+#[tokio::test]
+async fn a_cluster_at_its_request_limit_sheds_the_next_request() {
+    use http_body_util::{BodyExt, Empty};
+    let backend = Backend::start().await;
+    let name = "pool-limit";
+    let gw = gateway(&backend, name, "upstream:\n  max_requests_per_cluster: 2\n").await;
+    let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
+    // `/app/slow` is answered after 5 s: two of them hold the cluster's two places.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = gw.url("/app/slow");
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    eventually("two requests in flight", || async {
+        in_flight().await == Some(2)
+    })
+    .await;
+
+    // HTTP/1.1, direct path: answered at once (not after the slow ones), connection kept.
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    let request = b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n";
+    client.write_all(request).await.unwrap();
+    let is_whole = |seen: &[u8]| {
+        let text = String::from_utf8_lossy(seen);
+        text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+            head.lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .is_some_and(|n| body.len() == n.trim().parse::<usize>().unwrap())
+        })
+    };
+    let shed = String::from_utf8(read_until(&mut client, is_whole).await).unwrap();
+    assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
+    assert!(
+        shed.contains(&format!(
+            "cluster '{name}' already has 2 requests in flight (upstream.max_requests_per_cluster)"
+        )),
+        "{shed}"
+    );
+    assert!(shed.contains("x-request-id: "), "{shed}");
+    assert!(!shed.contains("connection: close"), "{shed}");
+
+    // HTTP/2, general path: several streams on one connection, each shed.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    for _ in 0..3 {
+        let resp = h2
+            .request(
+                http::Request::get(gw.url("/app/small"))
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("upstream.max_requests_per_cluster"),
+            "{body:?}"
+        );
+    }
+
+    // Nothing reached the cluster or counts against it.
+    assert_eq!(backend.app_conns.load(Ordering::SeqCst), 2);
+    assert_eq!(in_flight().await, Some(2));
+    assert_eq!(gw.cluster_state(name).await["ejected"], false);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics.contains(&format!(
+            "rayshift_upstream_overflow_total{{cluster=\"{name}\"}} 4\n"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(&format!(
+            "rayshift_upstream_errors_total{{cluster=\"{name}\""
+        )),
+        "{metrics}"
+    );
+
+    // The held requests end (their clients go away); the same connection is served again.
+    for task in held {
+        task.abort();
+    }
+    eventually("no request in flight", || async {
+        in_flight().await == Some(0)
+    })
+    .await;
+    client.write_all(request).await.unwrap();
+    let served = String::from_utf8(read_until(&mut client, is_whole).await).unwrap();
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert!(served.ends_with("hello"), "{served}");
+}

@@ -97,7 +97,7 @@ fn expected_at(path: &str) -> &'static str {
         "apps" => "a list of apps",
         "apps[]" => "an app mapping (name, route_prefix, shard)",
         "probe" => "a mapping with keys interval and timeout",
-        "upstream" => "a mapping with keys idle_timeout, connect_timeout and max_idle_per_cluster",
+        "upstream" => "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, max_requests_per_cluster, retries, retry_budget, retry_min_per_second, ca_file and direct_http1",
         _ => "a single value, not a list or mapping",
     }
 }

@@ -32,6 +32,9 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default `upstream.max_idle_per_cluster`.
 pub const DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER: usize = 256;
+/// Default `upstream.max_requests_per_cluster`: as many as `limits.max_connections` lets HTTP/1.1
+/// clients have in flight, so only HTTP/2 fan-out (many streams per client connection) meets it.
+pub const DEFAULT_UPSTREAM_MAX_REQUESTS_PER_CLUSTER: u64 = 10_000;
 /// Default `tls.reload_interval`: how often the certificate and key files are checked for changes.
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest shard or cluster name accepted (the DNS label limit).
@@ -259,6 +262,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Most idle connections kept per cluster (0 disables pooling).
     pub max_idle_per_cluster: usize,
+    /// Most requests in flight to one cluster (each holds an upstream connection); one more is
+    /// answered 503 at once, without reaching the cluster or counting against it; >= 1.
+    pub max_requests_per_cluster: u64,
     /// Longest wait for a cluster's response headers before the gateway answers 504; > 0.
     pub response_timeout: Duration,
     /// Retry requests that are safe to retry (see the README's reliability section).
@@ -352,6 +358,7 @@ impl Default for UpstreamConfig {
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             max_idle_per_cluster: DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER,
+            max_requests_per_cluster: DEFAULT_UPSTREAM_MAX_REQUESTS_PER_CLUSTER,
             response_timeout: Duration::from_secs(300),
             retries: true,
             direct_http1: true,

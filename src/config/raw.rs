@@ -224,13 +224,14 @@ pub(crate) struct RawProbe {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, retries, retry_budget, retry_min_per_second, ca_file and direct_http1"
+    expecting = "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, max_requests_per_cluster, retries, retry_budget, retry_min_per_second, ca_file and direct_http1"
 )]
 pub(crate) struct RawUpstream {
     pub idle_timeout: Option<Text>,
     pub connect_timeout: Option<Text>,
     pub response_timeout: Option<Text>,
     pub max_idle_per_cluster: Option<Text>,
+    pub max_requests_per_cluster: Option<Text>,
     pub retries: Option<Text>,
     pub retry_budget: Option<Text>,
     pub retry_min_per_second: Option<Text>,

@@ -221,6 +221,7 @@ fn defaults_apply_when_keys_are_omitted() {
             idle_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(2),
             max_idle_per_cluster: 256,
+            max_requests_per_cluster: 10_000,
             response_timeout: Duration::from_secs(300),
             retries: true,
             direct_http1: true,
@@ -779,6 +780,26 @@ upstream: {idle_timeout: soon, connect_timeout: 3 parsecs, max_idle_per_cluster:
             r#"upstream.max_idle_per_cluster: expected a non-negative integer, got "-1""#,
         ]
     );
+}
+
+#[test]
+fn max_requests_per_cluster_is_a_positive_integer() {
+    let config = parse("shards: [s]\nupstream: {max_requests_per_cluster: 3}\n").unwrap();
+    assert_eq!(config.upstream.max_requests_per_cluster, 3);
+    assert_eq!(
+        parse(MINIMAL).unwrap().upstream.max_requests_per_cluster,
+        crate::config::DEFAULT_UPSTREAM_MAX_REQUESTS_PER_CLUSTER
+    );
+    for bad in ["0", "-5", "many"] {
+        assert_eq!(
+            lines(&format!(
+                "shards: [s]\nupstream: {{max_requests_per_cluster: {bad}}}\n"
+            )),
+            vec![format!(
+                "upstream.max_requests_per_cluster: expected an integer >= 1, got {bad:?}"
+            )],
+        );
+    }
 }
 
 #[test]

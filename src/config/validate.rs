@@ -1115,5 +1115,11 @@ fn upstream(p: &mut Problems, raw: Option<&RawUpstream>, base_dir: &Path) -> Ups
             ),
         }
     }
+    if let Some(text) = &raw.max_requests_per_cluster {
+        match count::<u64>(text.as_str().trim(), 1) {
+            Ok(n) => upstream.max_requests_per_cluster = n,
+            Err(m) => p.push("upstream.max_requests_per_cluster", m),
+        }
+    }
     upstream
 }

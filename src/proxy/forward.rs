@@ -68,6 +68,10 @@ pub async fn handle(
         Ok(route) => route,
         Err(resp) => return Ok(resp),
     };
+    let Some(mut in_flight) = route.cluster.enter(ctx.max_requests_per_cluster) else {
+        let msg = overflow(&ctx, &route.cluster, &route.app);
+        return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, msg));
+    };
 
     let upgrade = headers::is_upgrade_request(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -89,7 +93,6 @@ pub async fn handle(
 
     let mut cluster = route.cluster;
     set_upstream(&mut parts, &cluster);
-    let mut in_flight = cluster.enter();
     let (body, request_sent) = RequestBody::new(body, ctx.max_body_bytes, ctx.body_read_timeout);
     let mut outcome = send(&ctx, &cluster, Request::from_parts(parts, body)).await;
 
@@ -99,7 +102,7 @@ pub async fn handle(
         // Safe: the request never reached the cluster (connect failure), or it is idempotent and
         // had no body; and no response has been sent downstream yet.
         if *connect || idempotent {
-            if let Some(other) = retry_target(
+            if let Some((other, entered)) = retry_target(
                 &ctx,
                 &route.app,
                 &cluster,
@@ -110,9 +113,8 @@ pub async fn handle(
                     if let Err(failure) = &outcome {
                         record_retry(&cluster, &other, failure, start.elapsed());
                     }
-                    drop(in_flight);
                     cluster = other;
-                    in_flight = cluster.enter();
+                    in_flight = entered;
                     let mut retry = Request::new(RequestBody::Empty);
                     *retry.method_mut() = method.clone();
                     *retry.headers_mut() = headers.clone();
@@ -211,14 +213,16 @@ fn route(
     }
 }
 
-/// Another cluster of the app's split than `failed`, from the current snapshot.
+/// Another cluster of the app's split than `failed`, from the current snapshot, with the request
+/// entered on it; `None` also when that cluster has no room (`upstream.max_requests_per_cluster`):
+/// the failed attempt's answer stands.
 pub(crate) fn retry_target(
     ctx: &ProxyContext,
     app: &str,
     failed: &Arc<Cluster>,
     path: &str,
     x: u64,
-) -> Option<Arc<Cluster>> {
+) -> Option<(Arc<Cluster>, InFlight)> {
     let snap = ctx.table.load();
     let hit = snap.table.lookup(path)?;
     if *hit.app.name != *app {
@@ -226,7 +230,21 @@ pub(crate) fn retry_target(
     }
     let failed_id = snap.clusters.iter().position(|c| Arc::ptr_eq(c, failed))? as u32;
     let id = hit.split.pick_excluding(x.rotate_left(32), failed_id)?;
-    Some(Arc::clone(snap.cluster(id)))
+    let other = snap.cluster(id);
+    let entered = other.enter(ctx.max_requests_per_cluster)?;
+    Some((Arc::clone(other), entered))
+}
+
+/// Counts a request its cluster had no room for (`upstream.max_requests_per_cluster` in flight)
+/// in `rayshift_requests_total` (as answered by the gateway: cluster `none`), and returns the body
+/// of its 503. The cluster never saw the request, so nothing is counted against it.
+pub(crate) fn overflow(ctx: &ProxyContext, cluster: &Cluster, app: &str) -> String {
+    count(app, &cluster.shard, NONE, StatusCode::SERVICE_UNAVAILABLE);
+    tracing::debug!(cluster = %cluster.name, "cluster at upstream.max_requests_per_cluster: request shed");
+    format!(
+        "cluster '{}' already has {} requests in flight (upstream.max_requests_per_cluster); try again later\n",
+        cluster.name, ctx.max_requests_per_cluster
+    )
 }
 
 /// One attempt: send on a pooled connection and wait for the response headers (bounded by

@@ -47,6 +47,8 @@ pub struct ProxyContext {
     pub body_read_timeout: std::time::Duration,
     /// Whether safe retries are on (`upstream.retries`).
     pub retries: bool,
+    /// Most requests in flight to one cluster (`upstream.max_requests_per_cluster`).
+    pub max_requests_per_cluster: u64,
     /// The retry budget shared by all requests.
     pub retry: RetryBudget,
     /// Upgraded connections (WebSockets) open now: they leave hyper's connection tracking when
@@ -80,6 +82,7 @@ impl ProxyContext {
             max_body_bytes: config.limits.max_body_bytes,
             body_read_timeout: config.limits.body_read_timeout,
             retries: config.upstream.retries,
+            max_requests_per_cluster: config.upstream.max_requests_per_cluster,
             open_tunnels: Arc::default(),
             open_direct: Arc::default(),
             direct_http1: config.upstream.direct_http1,

@@ -406,7 +406,16 @@ impl Exchange<'_> {
         let ctx = self.ctx;
         let req = self.req;
         let mut cluster = route.cluster;
-        let mut in_flight = cluster.enter();
+        let Some(mut in_flight) = cluster.enter(ctx.max_requests_per_cluster) else {
+            let close = req.close || *shutdown.borrow();
+            let msg = forward::overflow(ctx, &cluster, &route.app);
+            let request_id = &self.up_head[req.request_id.clone()];
+            let down_head = &mut scratch.down_head;
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            head::local_response(down_head, status, request_id, close, req.is_head, &msg);
+            self.done_at = Instant::now();
+            return write_all(client, down_head, &[]).await.is_ok() && !close;
+        };
         let since = tokio::time::Instant::from_std(self.start);
         let mut outcome = match self.watched(client, &cluster, scratch, since).await {
             Some(outcome) => outcome,
@@ -422,15 +431,14 @@ impl Exchange<'_> {
             let other = retry
                 .then(|| forward::retry_target(ctx, &route.app, &cluster, self.path, route.x))
                 .flatten()
-                .filter(|other| is_plain(other));
-            if let Some(other) = other {
+                .filter(|(other, _)| is_plain(other));
+            if let Some((other, entered)) = other {
                 if ctx.retry.try_withdraw() {
                     if let Err(failure) = &outcome {
                         forward::record_retry(&cluster, &other, failure, self.start.elapsed());
                     }
-                    drop(in_flight);
                     cluster = other;
-                    in_flight = cluster.enter();
+                    in_flight = entered;
                     self.ready_at = Instant::now();
                     let since = tokio::time::Instant::from_std(self.ready_at);
                     outcome = match self.watched(client, &cluster, scratch, since).await {
