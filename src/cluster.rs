@@ -82,11 +82,9 @@ impl Cluster {
 
     /// Marks a request as started on this cluster; the guard marks it finished when dropped.
     /// `None` when `limit` requests are in flight on it already (`upstream.max_requests_per_cluster`):
-    /// the request is not started, and counted in `rayshift_upstream_overflow_total`.
+    /// nothing is started (the caller answers, see `forward::overflow`).
     pub fn enter(self: &Arc<Self>, limit: u64) -> Option<InFlight> {
-        if self.stats.enter() > limit {
-            self.stats.leave();
-            self.overflow.increment(1);
+        if !self.stats.try_enter(limit) {
             return None;
         }
         // Increments, not the count just seen: concurrent enters and leaves on several threads

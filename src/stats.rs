@@ -61,9 +61,14 @@ impl ClusterStats {
         self.latency[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Marks one more request in flight; returns the new count.
-    pub fn enter(&self) -> u64 {
-        self.in_flight.fetch_add(1, Ordering::Relaxed) + 1
+    /// Marks one more request in flight, unless `limit` are in flight already: then `false` and
+    /// nothing changes (a refused request never shows in the count, nor makes another one fail).
+    pub fn try_enter(&self, limit: u64) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Marks one request finished; returns the new count.
@@ -235,10 +240,18 @@ mod tests {
     #[test]
     fn in_flight_counts_up_and_down() {
         let stats = ClusterStats::default();
-        assert_eq!(stats.enter(), 1);
-        assert_eq!(stats.enter(), 2);
+        assert!(stats.try_enter(2));
+        assert!(stats.try_enter(2));
+        // At the limit: refused, and neither the count nor the outcome counters change.
+        let before = stats.snapshot();
+        assert!(!stats.try_enter(2));
+        assert_eq!(stats.in_flight(), 2);
+        assert_eq!(stats.snapshot().requests, before.requests);
+        assert_eq!(stats.snapshot().errors, before.errors);
+        assert_eq!(stats.consecutive_failures(), 0);
         assert_eq!(stats.leave(), 1);
         assert_eq!(stats.in_flight(), 1);
+        assert!(stats.try_enter(2));
         assert_eq!(StatsSnapshot::default().quantile(0.99), None);
     }
 }

@@ -876,9 +876,11 @@ tests:
   - name: requests shed at the cluster limit
     interval: 1m
     input_series:
-      # blue sheds 0.1 requests/s from 10m to 30m; green never.
+      # blue sheds 0.1 requests/s from 10m to 30m; red a 3-minute burst at 10m; green never.
       - series: 'rayshift_upstream_overflow_total{cluster="blue"}'
         values: '0x10 6+6x19 120x20'
+      - series: 'rayshift_upstream_overflow_total{cluster="red"}'
+        values: '0x10 6+6x2 18x37'
       - series: 'rayshift_upstream_overflow_total{cluster="green"}'
         values: '0x50'
     alert_rule_test:

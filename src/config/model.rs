@@ -32,8 +32,9 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default `upstream.max_idle_per_cluster`.
 pub const DEFAULT_UPSTREAM_MAX_IDLE_PER_CLUSTER: usize = 256;
-/// Default `upstream.max_requests_per_cluster`: as many as `limits.max_connections` lets HTTP/1.1
-/// clients have in flight, so only HTTP/2 fan-out (many streams per client connection) meets it.
+/// Default `upstream.max_requests_per_cluster`: as many requests as `limits.max_connections` lets
+/// HTTP/1.1 clients have in flight at once; HTTP/2 fan-out (many streams per client connection)
+/// and long-lived WebSockets (which leave the connection limit when they upgrade) can meet it.
 pub const DEFAULT_UPSTREAM_MAX_REQUESTS_PER_CLUSTER: u64 = 10_000;
 /// Default `tls.reload_interval`: how often the certificate and key files are checked for changes.
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);

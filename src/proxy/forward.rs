@@ -68,15 +68,15 @@ pub async fn handle(
         Ok(route) => route,
         Err(resp) => return Ok(resp),
     };
-    let Some(mut in_flight) = route.cluster.enter(ctx.max_requests_per_cluster) else {
-        let msg = overflow(&ctx, &route.cluster, &route.app);
-        return Ok(local_response(StatusCode::SERVICE_UNAVAILABLE, msg));
-    };
 
     let upgrade = headers::is_upgrade_request(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let request_id = prepare(&mut parts, &peer_value, upgrade, ctx.proto);
+    let Some(mut in_flight) = route.cluster.enter(ctx.max_requests_per_cluster) else {
+        let msg = overflow(&ctx, &route.cluster, &route.app);
+        return Ok(answer(StatusCode::SERVICE_UNAVAILABLE, msg, request_id));
+    };
     // A bodiless request can be sent again; keep what a retry needs (only then: it costs a copy).
     let retry_head =
         (ctx.retries && route.alternatives && !upgrade && body.is_end_stream()).then(|| {
@@ -134,10 +134,7 @@ pub async fn handle(
         Ok(sent) => sent,
         Err(failure) => {
             let (status, msg) = count_failure(&cluster, &route.app, &failure, elapsed);
-            let mut resp = local_response(status, msg);
-            resp.headers_mut()
-                .insert(&headers::X_REQUEST_ID, request_id);
-            return Ok(resp);
+            return Ok(answer(status, msg, request_id));
         }
     };
 
@@ -172,6 +169,14 @@ pub async fn handle(
         parts,
         ProxyBody::upstream(body, in_flight, conn, request_sent),
     ))
+}
+
+/// The gateway's own answer to a request that has its id (`x-request-id`) already.
+fn answer(status: StatusCode, msg: String, request_id: HeaderValue) -> Response<ProxyBody> {
+    let mut resp = local_response(status, msg);
+    resp.headers_mut()
+        .insert(&headers::X_REQUEST_ID, request_id);
+    resp
 }
 
 /// Finds the app and picks a cluster with one snapshot load; answers 404/503 itself.
@@ -235,10 +240,12 @@ pub(crate) fn retry_target(
     Some((Arc::clone(other), entered))
 }
 
-/// Counts a request its cluster had no room for (`upstream.max_requests_per_cluster` in flight)
-/// in `rayshift_requests_total` (as answered by the gateway: cluster `none`), and returns the body
-/// of its 503. The cluster never saw the request, so nothing is counted against it.
+/// Counts a request answered 503 because its cluster had no room (`upstream.max_requests_per_cluster`
+/// in flight) in `rayshift_upstream_overflow_total` and in `rayshift_requests_total` (as answered
+/// by the gateway: cluster `none`), and returns the body of the 503. The cluster never saw the
+/// request, so nothing is counted against it.
 pub(crate) fn overflow(ctx: &ProxyContext, cluster: &Cluster, app: &str) -> String {
+    cluster.overflow.increment(1);
     count(app, &cluster.shard, NONE, StatusCode::SERVICE_UNAVAILABLE);
     tracing::debug!(cluster = %cluster.name, "cluster at upstream.max_requests_per_cluster: request shed");
     format!(
