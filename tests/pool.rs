@@ -27,7 +27,8 @@ const BIG: usize = 4 << 20;
 /// closes without answering, as a server does whose keep-alive timer fired as the request came),
 /// `/app/reset` (always closes without answering), `/app/slow` (answers after 5 s, unless the
 /// client closes first: counted in `cancelled`), `/app/trickle` (a chunked stream lasting 1.5 s),
-/// `/app/hold` (never answers; the connection ends when the client closes it).
+/// `/app/hold` (never answers; the connection ends when the client closes it), `/app/liar` (a 204
+/// declaring a 38-byte body, whose 38 bytes, a response head, follow 200 ms later).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -157,6 +158,19 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
             }
             tokio::time::sleep(Duration::from_millis(1500)).await;
             if write.write_all(b"3\r\ndef\r\n0\r\n\r\n").await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if path == "/app/liar" {
+            let lie =
+                format!("HTTP/1.1 204 No Content\r\nx-conn: {id}\r\ncontent-length: 38\r\n\r\n");
+            if write.write_all(lie.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let late = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            if write.write_all(late).await.is_err() {
                 return;
             }
             continue;
@@ -861,14 +875,6 @@ async fn a_cluster_at_its_request_limit_sheds_the_next_request() {
     let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
     let request = b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n";
     client.write_all(request).await.unwrap();
-    let is_whole = |seen: &[u8]| {
-        let text = String::from_utf8_lossy(seen);
-        text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
-            head.lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .is_some_and(|n| body.len() == n.trim().parse::<usize>().unwrap())
-        })
-    };
     let shed = String::from_utf8(read_until(&mut client, is_whole).await).unwrap();
     assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
     assert!(
@@ -945,4 +951,57 @@ async fn a_cluster_at_its_request_limit_sheds_the_next_request() {
     let served = String::from_utf8(read_until(&mut client, is_whole).await).unwrap();
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     assert!(served.ends_with("hello"), "{served}");
+}
+
+/// A whole response with a `content-length` body.
+fn is_whole(seen: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(seen);
+    text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .is_some_and(|n| body.len() == n.trim().parse::<usize>().unwrap())
+    })
+}
+
+/// A 204 that declares a body and sends those bytes late: its connection is not reused, so the
+/// late bytes never become the next request's response, on the direct path (HTTP/1.1) and on
+/// the general one (HTTP/2). The next request is sent at once, before the late bytes come.
+#[tokio::test]
+async fn a_204_declaring_a_body_does_not_answer_the_next_request() {
+    use http_body_util::{BodyExt, Empty};
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-liar", "").await;
+    let lie = get(&gw.url("/app/liar")).await;
+    assert_eq!(lie.status, 204);
+    let next = get(&gw.url("/app/small")).await;
+    assert_eq!((next.status.as_u16(), next.body.as_str()), (200, "hello"));
+
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    let get_h2 =
+        |path: &str| h2.request(http::Request::get(gw.url(path)).body(Empty::new()).unwrap());
+    let lie = get_h2("/app/liar").await.unwrap();
+    assert_eq!(lie.status(), 204);
+    let next = get_h2("/app/small").await.unwrap();
+    assert_eq!(next.status(), 200);
+    let body = next.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+}
+
+/// `CONNECT` is answered 501 by the gateway, whatever its target (one that looks like a path
+/// too), and never reaches a cluster.
+#[tokio::test]
+async fn connect_is_refused() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-connect", "").await;
+    for target in ["/app/small", "127.0.0.1:9"] {
+        let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+        let request = format!("CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let answer = String::from_utf8(read_until(&mut client, is_whole).await).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 501"), "{target}: {answer}");
+        assert!(answer.contains("CONNECT is not supported"), "{answer}");
+    }
+    assert_eq!(backend.app_conns.load(Ordering::SeqCst), 0);
 }

@@ -56,6 +56,13 @@ pub async fn handle(
     let start = Instant::now();
     ctx.retry.deposit();
 
+    if req.method() == Method::CONNECT {
+        // A tunnel to wherever the client names: not what a gateway to Serve applications is for.
+        count(NONE, NONE, NONE, StatusCode::NOT_IMPLEMENTED);
+        let msg = "CONNECT is not supported: the gateway forwards requests to Ray Serve \
+                   applications and opens no tunnels\n";
+        return Ok(local_response(StatusCode::NOT_IMPLEMENTED, msg.into()));
+    }
     // hyper parsed `content-length` already: the body's exact size hint is it.
     if let (Some(limit), Some(len)) = (ctx.max_body_bytes, req.body().size_hint().exact()) {
         if len > limit {
@@ -139,6 +146,11 @@ pub async fn handle(
     };
 
     let status = resp.status();
+    // A 204 or 304 has no body, but one that declares a body may still send it: those bytes
+    // would be read as the connection's next answer, so the connection is not reused.
+    let reusable = status != StatusCode::SWITCHING_PROTOCOLS
+        && !(matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+            && declares_body(resp.headers()));
     cluster.stats.record_response(status.as_u16(), elapsed);
     cluster.duration.record(elapsed.as_secs_f64());
     cluster
@@ -164,11 +176,19 @@ pub async fn handle(
         parts.headers.insert(&headers::X_REQUEST_ID, request_id);
     }
     // After a 101 the connection no longer speaks HTTP: it is never reused.
-    let conn = (status != StatusCode::SWITCHING_PROTOCOLS).then_some(conn);
+    let conn = reusable.then_some(conn);
     Ok(Response::from_parts(
         parts,
         ProxyBody::upstream(body, in_flight, conn, request_sent),
     ))
+}
+
+/// The head announces a body: `transfer-encoding`, or a `content-length` other than 0.
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().trim_ascii() != b"0")
 }
 
 /// The gateway's own answer to a request that has its id (`x-request-id`) already.

@@ -129,10 +129,11 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return Parsed::Handoff("malformed");
     };
-    if method == "connect" {
+    // Methods are case-sensitive: `CONNECT` asks for a tunnel (the general path refuses it).
+    if method == "CONNECT" {
         return Parsed::Handoff("connect");
     }
-    if !target.starts_with('/') || !target.bytes().all(origin_form_byte) {
+    if !is_origin_form(target.as_bytes()) {
         return Parsed::Handoff("target");
     }
     let path_len = target.find('?').unwrap_or(target.len());
@@ -363,6 +364,11 @@ pub fn response(
             out.drain(range);
         }
     }
+    if (status == 204 || status == 304) && (chunked || length.is_some_and(|n| n > 0)) {
+        // No body by definition, but one declared: a server that sends it anyway would have it
+        // read as the answer to the connection's next request. Not reused.
+        keep_alive = false;
+    }
     let framing = if is_head || status == 204 || status == 304 {
         Framing::Empty
     } else if chunked {
@@ -523,10 +529,26 @@ fn is_text(value: &[u8]) -> bool {
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
-/// The bytes `http::uri::PathAndQuery` accepts in a path and query; a fragment (`#`) or anything
-/// else hands the request to the general path, which answers it as hyper does.
-fn origin_form_byte(b: u8) -> bool {
-    matches!(b, b'!'..=b'~') && b != b'#'
+/// Longest request target `http::Uri` accepts (hyper answers 400 to a longer one).
+const MAX_TARGET_LEN: usize = u16::MAX as usize - 1;
+
+/// An origin-form target (`/path?query`) that `http::uri::PathAndQuery`, which hyper parses
+/// targets with, accepts as it is: its byte classes for the path and for the query, ASCII only,
+/// no fragment (`#`), at most [`MAX_TARGET_LEN`] bytes. Anything else hands the request to the
+/// general path, which answers it as hyper does (400 for what `http` refuses).
+fn is_origin_form(target: &[u8]) -> bool {
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(i) => (&target[..i], &target[i + 1..]),
+        None => (target, &[][..]),
+    };
+    target.len() <= MAX_TARGET_LEN
+        && path.first() == Some(&b'/')
+        && path
+            .iter()
+            .all(|&b| matches!(b, 0x21 | 0x22 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7E))
+        && query
+            .iter()
+            .all(|&b| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E))
 }
 
 /// 32 lowercase hex digits of randomness, as [`crate::proxy::headers::ensure_request_id`].
@@ -681,6 +703,9 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: h\r\ncontent-length: -1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: h\r\nConnection: x-secret\r\nx-secret: 1\r\n\r\n",
             "CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
+            "CONNECT /app/x HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /app/<script> HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /app?q=\"x\" HTTP/1.1\r\nHost: h\r\n\r\n",
             "GET /a#frag HTTP/1.1\r\nHost: h\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
@@ -743,6 +768,69 @@ mod tests {
             "GET / HTTP/1.1\r\nA: 1\r\nHost: h\r\nB: 2\r\nC: 3\r\nx-request-id: id-1\r\nD: 4\r\nx-forwarded-for: "
         ), "{out}");
         assert_eq!(&out[parsed.request_id], "id-1");
+    }
+
+    /// A 204 or 304 has no body, whatever it declares; one that declares a body is not reused
+    /// (bytes the server might still send would be taken as the next request's answer). A
+    /// response to HEAD with a length is the usual case and keeps its connection.
+    #[test]
+    fn a_bodiless_status_that_declares_a_body_ends_its_connection() {
+        for (raw, is_head, keep_alive) in [
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 38\r\n\r\n",
+                false,
+                false,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+                false,
+                false,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+                false,
+                true,
+            ),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", false, true),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 38\r\n\r\n", true, true),
+        ] {
+            let (parsed, _) = response_of(raw, is_head);
+            let Ok(Parsed::Complete(resp)) = parsed else {
+                panic!("{parsed:?}")
+            };
+            assert_eq!(
+                (resp.framing, resp.keep_alive),
+                (Framing::Empty, keep_alive),
+                "{raw:?}"
+            );
+        }
+    }
+
+    /// The targets taken are exactly those `http::uri::PathAndQuery` (hyper's parser) accepts,
+    /// byte by byte in the path and in the query, less fragments (handed off) and non-ASCII.
+    #[test]
+    fn targets_taken_are_the_ones_http_accepts() {
+        for b in 0u8..0x80 {
+            for target in [
+                [b"/a".as_slice(), &[b], b"b"].concat(),
+                [b"/a?q=".as_slice(), &[b], b"x"].concat(),
+            ] {
+                let http_ok = http::uri::PathAndQuery::try_from(target.as_slice()).is_ok();
+                assert_eq!(
+                    is_origin_form(&target),
+                    http_ok && b != b'#',
+                    "{:?}",
+                    String::from_utf8_lossy(&target)
+                );
+            }
+        }
+        let longest = [b"/".as_slice(), &vec![b'a'; MAX_TARGET_LEN - 1]].concat();
+        assert!(is_origin_form(&longest));
+        assert!(http::uri::PathAndQuery::try_from(longest.as_slice()).is_ok());
+        let too_long = [longest.as_slice(), b"a"].concat();
+        assert!(!is_origin_form(&too_long));
+        assert!(http::uri::PathAndQuery::try_from(too_long.as_slice()).is_err());
+        assert!(!is_origin_form(b"*") && !is_origin_form(b"?q") && !is_origin_form(b""));
     }
 
     #[test]
