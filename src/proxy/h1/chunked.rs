@@ -9,6 +9,10 @@ enum State {
         value: u64,
         digits: u8,
     },
+    /// After the size, in whitespace: `;` starts an extension, CR ends the line.
+    SizeWs {
+        value: u64,
+    },
     /// In a chunk extension, up to CR.
     Extension {
         value: u64,
@@ -86,13 +90,22 @@ impl Scanner {
                     },
                     Some(_) => return Err(BadChunk),
                     None if digits == 0 => return Err(BadChunk),
-                    None if b == b';' || b == b' ' || b == b'\t' => State::Extension { value },
+                    None if b == b';' => State::Extension { value },
+                    None if b == b' ' || b == b'\t' => State::SizeWs { value },
                     None if b == b'\r' => State::SizeLf { value },
                     None => return Err(BadChunk),
                 },
+                State::SizeWs { value } => match b {
+                    b' ' | b'\t' => State::SizeWs { value },
+                    b';' => State::Extension { value },
+                    b'\r' => State::SizeLf { value },
+                    _ => return Err(BadChunk),
+                },
+                // Extensions and trailer fields are passed on as they came: no control bytes
+                // (NUL, bare LF, ...) but tab in them.
                 State::Extension { value } => match b {
                     b'\r' => State::SizeLf { value },
-                    b'\n' => return Err(BadChunk),
+                    _ if is_control(b) => return Err(BadChunk),
                     _ => State::Extension { value },
                 },
                 State::SizeLf { value } => match (b, value) {
@@ -107,8 +120,8 @@ impl Scanner {
                 },
                 State::DataCr | State::DataLf => return Err(BadChunk),
                 State::LineStart if b == b'\r' => State::FinalLf,
-                State::LineStart | State::Trailer if b == b'\n' => return Err(BadChunk),
                 State::LineStart | State::Trailer if b == b'\r' => State::TrailerLf,
+                State::LineStart | State::Trailer if is_control(b) => return Err(BadChunk),
                 State::LineStart | State::Trailer => State::Trailer,
                 State::TrailerLf if b == b'\n' => State::LineStart,
                 State::FinalLf if b == b'\n' => State::Done,
@@ -118,6 +131,11 @@ impl Scanner {
         }
         Ok(i)
     }
+}
+
+/// A control byte other than tab (`\n` included), or DEL.
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 #[cfg(test)]
@@ -140,7 +158,7 @@ mod tests {
 
     #[test]
     fn bodies_end_where_the_last_chunk_and_trailers_end_in_any_split() {
-        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-sum: 1\r\n\r\n";
+        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n3 \t;a=\"b c\"\r\nxyz\r\n4 \r\nabcd\r\n0\r\nx-sum: 1\r\n\r\n";
         let mut with_next = body.to_vec();
         with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
         for step in 1..=with_next.len() {
@@ -164,6 +182,10 @@ mod tests {
             b"ffffffffffffffffff\r\n",
             b"0\r\nbad\nline\r\n\r\n",
             b"0\r\n\rX",
+            b"5 junk\r\nhello\r\n0\r\n\r\n",
+            b"5;a\0b\r\nhello\r\n0\r\n\r\n",
+            b"5;a\x7f\r\nhello\r\n0\r\n\r\n",
+            b"0\r\nx-sum: \x01\r\n\r\n",
         ] {
             assert_eq!(scan_in_steps(bad, 64), Err(BadChunk), "{bad:?}");
         }
