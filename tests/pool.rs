@@ -28,7 +28,10 @@ const BIG: usize = 4 << 20;
 /// `/app/reset` (always closes without answering), `/app/slow` (answers after 5 s, unless the
 /// client closes first: counted in `cancelled`), `/app/trickle` (a chunked stream lasting 1.5 s),
 /// `/app/hold` (never answers; the connection ends when the client closes it), `/app/liar` (a 204
-/// declaring a 38-byte body, whose 38 bytes, a response head, follow 200 ms later).
+/// declaring a 38-byte body, whose 38 bytes, a response head, follow 200 ms later), `/app/switch`
+/// (101 to a request that asked for no upgrade), `/app/both` (chunked with a wrong
+/// `content-length` too), `/app/listed` (`Connection` naming `content-length` and `x-request-id`),
+/// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -175,6 +178,16 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
             }
             continue;
         }
+        if path == "/app/endless" {
+            let head =
+                format!("HTTP/1.1 200 OK\r\nx-conn: {id}\r\ntransfer-encoding: chunked\r\n\r\n");
+            if write.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = [b"10000\r\n".as_slice(), &vec![b'x'; 0x10000], b"\r\n"].concat();
+            while write.write_all(&chunk).await.is_ok() {}
+            return;
+        }
         if path == "/app/hold" {
             let mut probe = [0u8; 1];
             let _ = read.read(&mut probe).await;
@@ -232,6 +245,32 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
                 false,
             ),
             "/app/empty" => (head("204 No Content", ""), false),
+            "/app/switch" => (
+                head("101 Switching Protocols", "upgrade: x\r\nconnection: upgrade\r\n"),
+                true,
+            ),
+            "/app/both" => (
+                [
+                    head(
+                        "200 OK",
+                        "transfer-encoding: chunked\r\ncontent-length: 2\r\n",
+                    ),
+                    b"3\r\nabc\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                false,
+            ),
+            "/app/listed" => (
+                [
+                    head(
+                        "200 OK",
+                        "connection: x-request-id, content-length\r\nx-request-id: up-1\r\ncontent-length: 5\r\n",
+                    ),
+                    b"hello".to_vec(),
+                ]
+                .concat(),
+                false,
+            ),
             "/app/flaky" | "/app/slow" => (
                 [head("200 OK", "content-length: 5\r\n"), b"fresh".to_vec()].concat(),
                 false,
@@ -1004,4 +1043,135 @@ async fn connect_is_refused() {
         assert!(answer.contains("CONNECT is not supported"), "{answer}");
     }
     assert_eq!(backend.app_conns.load(Ordering::SeqCst), 0);
+}
+
+/// Upstream answers that would mislead the client are made right on both paths (HTTP/1.1, the
+/// direct path; HTTP/2, the general one): a 101 nobody asked for is a 502; a chunked response that
+/// also declares a (wrong) length arrives whole; `Connection` naming `content-length` or
+/// `x-request-id` drops neither.
+#[tokio::test]
+async fn misleading_response_heads_are_made_right_on_both_paths() {
+    use http_body_util::{BodyExt, Empty};
+    let backend = Backend::start().await;
+    let name = "pool-misleading";
+    let gw = gateway(&backend, name, "").await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Empty<bytes::Bytes>>();
+    for http2 in [false, true] {
+        let fetch = |path: &'static str| {
+            let (h2, url) = (h2.clone(), gw.url(path));
+            async move {
+                if http2 {
+                    let resp = h2
+                        .request(http::Request::get(url).body(Empty::new()).unwrap())
+                        .await
+                        .unwrap();
+                    let (parts, body) = resp.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes());
+                    (parts.status.as_u16(), parts.headers, body.ok())
+                } else {
+                    let r = get(&url).await;
+                    (
+                        r.status.as_u16(),
+                        r.headers,
+                        Some(bytes::Bytes::from(r.body)),
+                    )
+                }
+            }
+        };
+        let (status, _, body) = fetch("/app/switch").await;
+        assert_eq!(status, 502, "http2 {http2}");
+        let body = String::from_utf8_lossy(body.as_deref().unwrap_or_default()).into_owned();
+        assert!(
+            body.contains("unexpected 101 Switching Protocols"),
+            "http2 {http2}: {body}"
+        );
+
+        let (status, _, body) = fetch("/app/both").await;
+        assert_eq!(
+            (status, body.as_deref()),
+            (200, Some(&b"abc"[..])),
+            "http2 {http2}"
+        );
+
+        let (status, headers, body) = fetch("/app/listed").await;
+        assert_eq!(
+            (status, body.as_deref()),
+            (200, Some(&b"hello"[..])),
+            "http2 {http2}"
+        );
+        assert_eq!(headers["x-request-id"], "up-1", "http2 {http2}");
+    }
+}
+
+/// An HTTP/2 client that takes no response data (its stream window stays shut, while its
+/// connection answers pings) is disconnected after `limits.send_timeout`: the response, its
+/// upstream connection and its place at the cluster are freed. A response that pauses because the
+/// cluster sends nothing for longer than that (a stream, an SSE feed) is not cut.
+#[tokio::test]
+async fn an_h2_client_that_takes_no_data_is_disconnected() {
+    use http_body_util::{BodyExt, Empty};
+    let backend = Backend::start().await;
+    let name = "pool-stalled";
+    let gw = gateway(&backend, name, "limits:\n  send_timeout: 500ms\n").await;
+    let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
+    let h2 = |window: Option<u32>| {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .http2_initial_stream_window_size(window)
+            .build_http::<Empty<bytes::Bytes>>()
+    };
+    let request = |path: &str| http::Request::get(gw.url(path)).body(Empty::new()).unwrap();
+
+    // The cluster pauses 1.5 s mid-stream, with nothing waiting on the client: answered whole.
+    let resp = h2(None).request(request("/app/trickle")).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"abcdef");
+
+    // 4 MiB to a client whose window stays shut.
+    let stalled = h2(Some(0));
+    let resp = stalled.request(request("/app/big")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(in_flight().await, Some(1));
+    eventually("the stalled response freed", || async {
+        in_flight().await == Some(0)
+    })
+    .await;
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the stalled stream ends in an error"
+    );
+    // The cluster's connections are fine for the next client.
+    let resp = h2(None).request(request("/app/small")).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+}
+
+/// An HTTP/1.1 client that stops reading a response (its TCP window shut) is disconnected by the
+/// kernel after `limits.send_timeout` of unacknowledged data (`TCP_USER_TIMEOUT`), on the direct
+/// path as on the general one: the response, its upstream connection and its place at the
+/// cluster are freed.
+#[tokio::test]
+async fn an_http1_client_that_stops_reading_is_disconnected() {
+    let backend = Backend::start().await;
+    let name = "pool-unread";
+    let gw = gateway(&backend, name, "limits:\n  send_timeout: 500ms\n").await;
+    let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
+    // The direct path, then (HTTP/1.0 is handed over) the general one.
+    for version in ["1.1", "1.0"] {
+        let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+        let request = format!("GET /app/endless HTTP/{version}\r\nhost: x\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        eventually("the response under way", || async {
+            in_flight().await == Some(1)
+        })
+        .await;
+        // Never read: the kernel buffers fill, the window shuts.
+        eventually("the unread response freed", || async {
+            in_flight().await == Some(0)
+        })
+        .await;
+        drop(client);
+    }
 }

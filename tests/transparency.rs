@@ -160,6 +160,56 @@ async fn h2c_client_is_proxied_to_http1() {
     }
 }
 
+/// An HTTP/2 client's cookie fields reach Serve as one `Cookie` header (Starlette reads only the
+/// first), joined with "; " (RFC 9113 section 8.2.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_cookie_fields_reach_serve_as_one() {
+    let (_blue, gw) = one_cluster().await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(gw.url("/echo/headers"))
+        .header("cookie", "theme=dark")
+        .header("cookie", "session=xyz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The stub joins repeated fields with ", ": one field arrived.
+    assert_eq!(seen["cookie"], "theme=dark; session=xyz", "{seen}");
+}
+
+/// An absolute-form target names the host over a `Host` field that disagrees (RFC 9112 section
+/// 3.2.2): Serve's `Host` and `x-forwarded-host` carry the target's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_names_the_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_blue, gw) = one_cluster().await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET http://api.example/echo/headers HTTP/1.1\r\nhost: other.example\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    // Whatever the framing, the JSON object is between the first `{` and the last `}`.
+    let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+    let seen: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(seen["host"], "api.example", "{seen}");
+    assert_eq!(seen["x-forwarded-host"], "api.example", "{seen}");
+}
+
 /// Hop-by-hop headers are dropped both ways; `x-forwarded-*` are set; `x-request-id` is kept or made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_hygiene() {

@@ -297,6 +297,9 @@ pub struct LimitsConfig {
     pub body_read_timeout: Duration,
     /// How long an HTTP/2 client connection may stay open with no request in flight; > 0.
     pub http2_idle_timeout: Duration,
+    /// Longest a response may wait for the client to take its next bytes (HTTP/2 flow control,
+    /// or sent data left unacknowledged by TCP); past it the client connection is closed; > 0.
+    pub send_timeout: Duration,
     /// Most client connections open at once; further connections wait in the listen backlog.
     pub max_connections: usize,
 }
@@ -309,6 +312,7 @@ impl Default for LimitsConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             http2_idle_timeout: Duration::from_secs(300),
+            send_timeout: Duration::from_secs(60),
             max_connections: 10_000,
         }
     }

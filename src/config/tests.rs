@@ -783,6 +783,20 @@ upstream: {idle_timeout: soon, connect_timeout: 3 parsecs, max_idle_per_cluster:
 }
 
 #[test]
+fn send_timeout_is_a_positive_duration() {
+    let config = parse("shards: [s]\nlimits: {send_timeout: 90s}\n").unwrap();
+    assert_eq!(config.limits.send_timeout, Duration::from_secs(90));
+    assert_eq!(
+        parse(MINIMAL).unwrap().limits.send_timeout,
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        lines("shards: [s]\nlimits: {send_timeout: 0s}\n"),
+        vec![r#"limits.send_timeout: must be greater than 0, got "0s""#.to_string()],
+    );
+}
+
+#[test]
 fn max_requests_per_cluster_is_a_positive_integer() {
     let config = parse("shards: [s]\nupstream: {max_requests_per_cluster: 3}\n").unwrap();
     assert_eq!(config.upstream.max_requests_per_cluster, 3);

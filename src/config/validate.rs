@@ -551,6 +551,10 @@ fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
                 l.http2_idle_timeout = positive_duration(s)?;
                 Ok(())
             }),
+            ("send_timeout", |l, s| {
+                l.send_timeout = positive_duration(s)?;
+                Ok(())
+            }),
             ("max_connections", |l, s| {
                 l.max_connections = bounded_count(s, 1, MAX_CONNECTIONS)?;
                 Ok(())

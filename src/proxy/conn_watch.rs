@@ -15,13 +15,21 @@
 //! elsewhere, where a bare TCP close would leave it not knowing. The gateway's shutdown does the
 //! same to every connection (HTTP/2: GOAWAY; HTTP/1: closed after the response in flight).
 //!
-//! Both timers live on the connection's own task; per request the cost is an atomic store (and,
-//! for HTTP/2 only, a count of streams in flight).
+//! An HTTP/2 client that stops taking data (it opens no flow-control window) would hold every
+//! stream's response, its upstream connection and its place in `upstream.max_requests_per_cluster`
+//! forever, up to 200 streams per connection, while it answers pings. hyper polls a response body
+//! for its next frame only once the previous one found window, so a stream whose body handed over
+//! a frame and was not polled again is waiting on the client: when one has waited
+//! `limits.send_timeout`, the connection is closed. (HTTP/1.1 clients that stop reading are found
+//! by TCP: `TCP_USER_TIMEOUT` on the socket, see `server.rs`.)
+//!
+//! The timers live on the connection's own task; per request the cost is an atomic store (and,
+//! for HTTP/2 only, a count of streams in flight and a note per response frame).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,7 +51,18 @@ struct State {
     active: AtomicUsize,
     /// When the last HTTP/2 request ended, in milliseconds since `start`.
     idle_since_ms: AtomicU64,
+    /// HTTP/2 streams whose response frame waits for the client's window: stream number and
+    /// since when (milliseconds since `start`).
+    waiting: Mutex<Vec<(u64, u64)>>,
+    /// Numbers the HTTP/2 streams.
+    streams: AtomicU64,
     start: Instant,
+}
+
+impl State {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// How a connection's task ended.
@@ -55,6 +74,9 @@ pub(super) enum Ended<O> {
     /// HTTP/2 with nothing in flight for `limits.http2_idle_timeout`, then told GOAWAY, and not
     /// closed by the client within [`GOAWAY_GRACE`] after: closed.
     Idle,
+    /// HTTP/2 with a response frame that waited `limits.send_timeout` for the client's window:
+    /// closed.
+    Stalled,
 }
 
 /// How long an idle HTTP/2 connection told GOAWAY has to close (the client acknowledges the
@@ -69,6 +91,8 @@ impl ConnWatch {
             h2: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
+            waiting: Mutex::new(Vec::new()),
+            streams: AtomicU64::new(0),
             start: Instant::now(),
         }))
     }
@@ -79,7 +103,11 @@ impl ConnWatch {
         let guard = (version == Version::HTTP_2).then(|| {
             self.0.h2.store(true, Ordering::Relaxed);
             self.0.active.fetch_add(1, Ordering::AcqRel);
-            StreamGuard(Arc::clone(&self.0))
+            StreamGuard {
+                id: self.0.streams.fetch_add(1, Ordering::Relaxed),
+                waiting: false,
+                state: Arc::clone(&self.0),
+            }
         });
         self.0.seen.store(true, Ordering::Release);
         guard
@@ -95,6 +123,7 @@ impl ConnWatch {
         stop: Pin<Box<dyn Future<Output = ()> + Send>>,
         first_request: Duration,
         http2_idle: Duration,
+        send_timeout: Duration,
     ) -> Limited<F, G>
     where
         F: Future + Unpin,
@@ -108,19 +137,52 @@ impl ConnWatch {
             first: Some(Box::pin(tokio::time::sleep(first_request))),
             idle: None,
             http2_idle,
+            stall: None,
+            send_timeout,
             watch: self,
         }
     }
 }
 
-/// Keeps an HTTP/2 request counted in flight.
-pub(super) struct StreamGuard(Arc<State>);
+/// Keeps an HTTP/2 request counted in flight, and notes when its response waits on the client.
+pub(super) struct StreamGuard {
+    id: u64,
+    /// A frame of the response is waiting for the client's window (noted in `state.waiting`).
+    waiting: bool,
+    state: Arc<State>,
+}
+
+impl StreamGuard {
+    /// hyper took a frame of the response: until it polls the body again, the frame waits for
+    /// the client's flow-control window.
+    fn handed_over(&mut self) {
+        let now = self.state.now_ms();
+        lock(&self.state.waiting).push((self.id, now));
+        self.waiting = true;
+    }
+
+    /// hyper polls the body again: the frame it had found window.
+    fn taken(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            lock(&self.state.waiting).retain(|&(id, _)| id != self.id);
+        }
+    }
+}
+
+/// The list, also after a thread panicked holding it (it stays consistent: pushes and removals).
+fn lock(waiting: &Mutex<Vec<(u64, u64)>>) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+    waiting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.0.idle_since_ms.store(ms, Ordering::Release);
+        self.taken();
+        if self.state.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let ms = self.state.now_ms();
+            self.state.idle_since_ms.store(ms, Ordering::Release);
         }
     }
 }
@@ -153,9 +215,18 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
+        if let Some(guard) = &mut this.guard {
+            guard.taken();
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) {
-            this.guard = None;
+        match &polled {
+            Poll::Ready(None) => this.guard = None,
+            Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(|d| !d.is_empty()) => {
+                if let Some(guard) = &mut this.guard {
+                    guard.handed_over();
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -182,6 +253,10 @@ pub(super) struct Limited<F, G> {
     /// For an HTTP/2 connection, from its first request on.
     idle: Option<Pin<Box<Sleep>>>,
     http2_idle: Duration,
+    /// For an HTTP/2 connection, from its first request on: when the oldest waiting response
+    /// frame will have waited `send_timeout`.
+    stall: Option<Pin<Box<Sleep>>>,
+    send_timeout: Duration,
     watch: ConnWatch,
 }
 
@@ -205,6 +280,24 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
             }
         }
         let state = &this.watch.0;
+        if let Some(stall) = &mut this.stall {
+            while stall.as_mut().poll(cx).is_ready() {
+                let oldest = lock(&state.waiting).iter().map(|&(_, since)| since).min();
+                let now = Instant::now();
+                let next = match oldest {
+                    Some(since) => {
+                        let deadline =
+                            state.start + Duration::from_millis(since) + this.send_timeout;
+                        if deadline <= now {
+                            return Poll::Ready(Ended::Stalled);
+                        }
+                        deadline
+                    }
+                    None => now + this.send_timeout,
+                };
+                stall.as_mut().reset(next);
+            }
+        }
         if let Some(closing) = &mut this.closing {
             while closing.as_mut().poll(cx).is_ready() {
                 // A stream that raced the GOAWAY is answered first, and its response gets the
@@ -229,6 +322,9 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
                 this.first = None;
                 if state.h2.load(Ordering::Relaxed) {
                     this.idle = Some(Box::pin(tokio::time::sleep(this.http2_idle)));
+                    this.stall = Some(Box::pin(tokio::time::sleep(this.send_timeout)));
+                    // Polled once, so that its deadline wakes this task.
+                    cx.waker().wake_by_ref();
                 }
             } else if first.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ended::NoFirstRequest);

@@ -145,6 +145,16 @@ pub async fn handle(
         }
     };
 
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && downstream_upgrade.is_none() {
+        // Not asked for: what follows on the connection is no longer HTTP (never reused).
+        drop(conn);
+        let failure = Failure::Error {
+            connect: false,
+            cause: "unexpected 101 Switching Protocols".into(),
+        };
+        let (status, msg) = count_failure(&cluster, &route.app, &failure, elapsed);
+        return Ok(answer(status, msg, request_id));
+    }
     let status = resp.status();
     // A 204 or 304 has no body, but one that declares a body may still send it: those bytes
     // would be read as the connection's next answer, so the connection is not reused.
@@ -171,7 +181,7 @@ pub async fn handle(
     }
 
     let (mut parts, body) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers, false);
+    headers::clean_response(&mut parts.headers);
     if !parts.headers.contains_key(&headers::X_REQUEST_ID) {
         parts.headers.insert(&headers::X_REQUEST_ID, request_id);
     }
@@ -397,19 +407,23 @@ fn prepare(
     upgrade: bool,
     proto: &'static str,
 ) -> HeaderValue {
-    // HTTP/2 clients send :authority instead of Host; Serve (HTTP/1.1) wants a Host header.
-    let sent_host = parts.headers.get(header::HOST).cloned();
-    let had_host = sent_host.is_some();
-    let host = sent_host.or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // HTTP/2 clients send :authority instead of Host; Serve (HTTP/1.1) wants a Host header. The
+    // target's authority (`:authority`, an absolute-form target) names the host asked for, over a
+    // `Host` field that may disagree with it (RFC 9113 section 8.3.1, RFC 9112 section 3.2.2).
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let host = authority
+        .clone()
+        .or_else(|| parts.headers.get(header::HOST).cloned());
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
     headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-    headers::set_forwarded(&mut parts.headers, peer, proto, host.clone());
-    if let (false, Some(host)) = (had_host, host) {
-        parts.headers.insert(header::HOST, host);
+    headers::set_forwarded(&mut parts.headers, peer, proto, host);
+    if let Some(authority) = authority {
+        parts.headers.insert(header::HOST, authority);
     }
     headers::ensure_request_id(&mut parts.headers)
 }

@@ -41,6 +41,40 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names. For an upgrade the
 /// `Upgrade` header and `Connection: upgrade` are kept, since the next hop must see them.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    remove_hop_by_hop_keeping(headers, keep_upgrade, &[]);
+}
+
+/// The head of a response for the client: hop-by-hop headers removed, except that the framing
+/// and the request id are never dropped for being listed in `Connection` (as on the direct path);
+/// a `content-length` next to `transfer-encoding` goes (the body was read as chunked: RFC 9112
+/// section 6.3), as the client's framing is hyper's to set.
+pub fn clean_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    remove_hop_by_hop_keeping(headers, false, &[&header::CONTENT_LENGTH, &X_REQUEST_ID]);
+}
+
+/// Every cookie in one `cookie` field: HTTP/2 clients may split them into several fields, which
+/// HTTP/1.1 does not allow (RFC 9113 section 8.2.3); joined with `"; "`.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+fn remove_hop_by_hop_keeping(headers: &mut HeaderMap, keep_upgrade: bool, keep: &[&HeaderName]) {
     // One pass over the few names finds which hop-by-hop headers are there (bit i: HOP_BY_HOP[i]);
     // most requests have none, and then nothing is hashed or removed.
     let mut present = 0u8;
@@ -65,7 +99,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in listed {
-            if keep_upgrade && name == header::UPGRADE {
+            if (keep_upgrade && name == header::UPGRADE) || keep.contains(&&name) {
                 continue;
             }
             headers.remove(name);
@@ -179,6 +213,37 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = map(&[("cookie", "a=1"), ("x", "y"), ("cookie", "sid=s; b=2")]);
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all("cookie").iter().collect::<Vec<_>>(),
+            ["a=1; sid=s; b=2"]
+        );
+        let mut one = map(&[("cookie", "a=1")]);
+        join_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1");
+    }
+
+    #[test]
+    fn responses_keep_framing_and_request_id_and_lose_a_length_beside_chunked() {
+        let mut h = map(&[
+            ("connection", "x-request-id, content-length, x-hop"),
+            ("x-request-id", "up-1"),
+            ("content-length", "5"),
+            ("x-hop", "1"),
+        ]);
+        clean_response(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-request-id"], "up-1");
+        assert_eq!(h["content-length"], "5");
+
+        let mut both = map(&[("transfer-encoding", "chunked"), ("content-length", "2")]);
+        clean_response(&mut both);
+        assert!(both.is_empty(), "{both:?}");
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // A client that stops reading leaves sent data unacknowledged (its window shut):
+                // the kernel closes the connection after `limits.send_timeout` of that, so the
+                // response, its upstream connection and its place at the cluster are freed.
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(limits.send_timeout));
                 let client_ctx = Arc::clone(&ctx);
                 let ctx = Arc::clone(&ctx);
                 let peer_value = headers::peer_value(peer.ip());
@@ -237,6 +242,7 @@ impl Client {
             stop,
             self.limits.header_read_timeout,
             self.limits.http2_idle_timeout,
+            self.limits.send_timeout,
         );
         log_end(limited.await, &self.limits, self.peer);
     }
@@ -264,6 +270,10 @@ fn log_end<E: std::fmt::Display>(
         Ended::Idle => tracing::debug!(
             %peer, timeout = ?http2_idle,
             "HTTP/2 connection idle for limits.http2_idle_timeout, told GOAWAY and still open: closing it"
+        ),
+        Ended::Stalled => tracing::debug!(
+            %peer, timeout = ?limits.send_timeout,
+            "HTTP/2 client took no response data for limits.send_timeout: closing the connection"
         ),
     }
 }
