@@ -28,7 +28,7 @@ const BIG: usize = 4 << 20;
 /// `/app/reset` (always closes without answering), `/app/slow` (answers after 5 s, unless the
 /// client closes first: counted in `cancelled`), `/app/trickle` (a chunked stream lasting 1.5 s),
 /// `/app/hold` (never answers; the connection ends when the client closes it), `/app/liar` (a 204
-/// declaring a 38-byte body, whose 38 bytes, a response head, follow 200 ms later), `/app/switch`
+/// declaring a 38-byte body, whose 38 bytes, a response head, follow 1 s later), `/app/switch`
 /// (101 to a request that asked for no upgrade), `/app/both` (chunked with a wrong
 /// `content-length` too), `/app/listed` (`Connection` naming `content-length` and `x-request-id`),
 /// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails).
@@ -171,7 +171,7 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
             if write.write_all(lie.as_bytes()).await.is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(1000)).await;
             let late = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
             if write.write_all(late).await.is_err() {
                 return;
@@ -1133,7 +1133,6 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
     let stalled = h2(Some(0));
     let resp = stalled.request(request("/app/big")).await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(in_flight().await, Some(1));
     eventually("the stalled response freed", || async {
         in_flight().await == Some(0)
     })
@@ -1152,6 +1151,7 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
 /// kernel after `limits.send_timeout` of unacknowledged data (`TCP_USER_TIMEOUT`), on the direct
 /// path as on the general one: the response, its upstream connection and its place at the
 /// cluster are freed.
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn an_http1_client_that_stops_reading_is_disconnected() {
     let backend = Backend::start().await;

@@ -18,10 +18,12 @@
 //! An HTTP/2 client that stops taking data (it opens no flow-control window) would hold every
 //! stream's response, its upstream connection and its place in `upstream.max_requests_per_cluster`
 //! forever, up to 200 streams per connection, while it answers pings. hyper polls a response body
-//! for its next frame only once the previous one found window, so a stream whose body handed over
-//! a frame and was not polled again is waiting on the client: when one has waited
-//! `limits.send_timeout`, the connection is closed. (HTTP/1.1 clients that stop reading are found
-//! by TCP: `TCP_USER_TIMEOUT` on the socket, see `server.rs`.)
+//! for its next frame only once it can send the one before (window for it, or h2's buffer drained
+//! of the earlier data), so a stream whose body handed over a frame and was not polled again is
+//! waiting on the client. When a frame has waited `limits.send_timeout` and no stream of the
+//! connection took a frame in that time either (a slow client that still reads is not cut), the
+//! connection is closed, without GOAWAY: the client reads nothing. (HTTP/1.1 clients that stop
+//! reading are found by TCP: `TCP_USER_TIMEOUT` on the socket, see `server.rs`.)
 //!
 //! The timers live on the connection's own task; per request the cost is an atomic store (and,
 //! for HTTP/2 only, a count of streams in flight and a note per response frame).
@@ -56,6 +58,8 @@ struct State {
     waiting: Mutex<Vec<(u64, u64)>>,
     /// Numbers the HTTP/2 streams.
     streams: AtomicU64,
+    /// When a waiting frame of any stream was last taken (milliseconds since `start`).
+    taken_ms: AtomicU64,
     start: Instant,
 }
 
@@ -93,6 +97,7 @@ impl ConnWatch {
             idle_since_ms: AtomicU64::new(0),
             waiting: Mutex::new(Vec::new()),
             streams: AtomicU64::new(0),
+            taken_ms: AtomicU64::new(0),
             start: Instant::now(),
         }))
     }
@@ -161,11 +166,13 @@ impl StreamGuard {
         self.waiting = true;
     }
 
-    /// hyper polls the body again: the frame it had found window.
+    /// hyper polls the body again: the frame it had could be sent.
     fn taken(&mut self) {
         if self.waiting {
             self.waiting = false;
             lock(&self.state.waiting).retain(|&(id, _)| id != self.id);
+            let now = self.state.now_ms();
+            self.state.taken_ms.fetch_max(now, Ordering::Relaxed);
         }
     }
 }
@@ -179,7 +186,10 @@ fn lock(waiting: &Mutex<Vec<(u64, u64)>>) -> std::sync::MutexGuard<'_, Vec<(u64,
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.taken();
+        if self.waiting {
+            self.waiting = false;
+            lock(&self.state.waiting).retain(|&(id, _)| id != self.id);
+        }
         if self.state.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ms = self.state.now_ms();
             self.state.idle_since_ms.store(ms, Ordering::Release);
@@ -286,6 +296,8 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
                 let now = Instant::now();
                 let next = match oldest {
                     Some(since) => {
+                        // Stalled: that frame waited the whole time, and no other was taken.
+                        let since = since.max(state.taken_ms.load(Ordering::Relaxed));
                         let deadline =
                             state.start + Duration::from_millis(since) + this.send_timeout;
                         if deadline <= now {
@@ -353,5 +365,70 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
             }
         }
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `limited` is still running after a poll (time stands still meanwhile).
+    async fn running<F: Future + Unpin, G: FnMut(&mut F) + Unpin>(
+        limited: &mut Limited<F, G>,
+    ) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *limited).poll(cx).is_pending())).await
+    }
+
+    /// A frame that waits the whole `send_timeout` while no stream takes one closes the
+    /// connection; while another stream keeps taking frames (a slow client that reads), it does
+    /// not; a stream that takes its frame is no longer waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_stalled_only_when_no_stream_takes_a_frame() {
+        let timeout = Duration::from_secs(60);
+        let watch = ConnWatch::new();
+        let mut stuck = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
+        let mut slow = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
+        let stop = Box::pin(std::future::pending::<()>());
+        let mut limited = watch.run(
+            std::future::pending::<()>(),
+            |_| {},
+            stop,
+            Duration::from_secs(10),
+            Duration::from_secs(600),
+            timeout,
+        );
+        assert!(running(&mut limited).await);
+        stuck.handed_over();
+        // The slow stream takes a frame every 30 s, for 3 minutes.
+        for _ in 0..6 {
+            slow.handed_over();
+            tokio::time::advance(Duration::from_secs(30)).await;
+            slow.taken();
+            assert!(running(&mut limited).await);
+        }
+        // A frame taken is no longer waiting: after the slow stream's last one, nothing waits
+        // but the stuck frame, and nothing is taken any more.
+        tokio::time::advance(timeout - Duration::from_secs(1)).await;
+        assert!(running(&mut limited).await);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!running(&mut limited).await, "stalled");
+
+        // Once its frame is taken, a stream is not waiting at all.
+        let watch = ConnWatch::new();
+        let mut stream = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
+        let stop = Box::pin(std::future::pending::<()>());
+        let mut limited = watch.run(
+            std::future::pending::<()>(),
+            |_| {},
+            stop,
+            timeout,
+            timeout * 10,
+            timeout,
+        );
+        assert!(running(&mut limited).await);
+        stream.handed_over();
+        stream.taken();
+        tokio::time::advance(timeout * 3).await;
+        assert!(running(&mut limited).await);
     }
 }

@@ -198,7 +198,7 @@ fn declares_body(headers: &HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING)
         || headers
             .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes().trim_ascii() != b"0")
+            .is_some_and(|v| v.as_bytes().trim_ascii().iter().any(|&b| b != b'0'))
 }
 
 /// The gateway's own answer to a request that has its id (`x-request-id`) already.
@@ -410,10 +410,11 @@ fn prepare(
     // HTTP/2 clients send :authority instead of Host; Serve (HTTP/1.1) wants a Host header. The
     // target's authority (`:authority`, an absolute-form target) names the host asked for, over a
     // `Host` field that may disagree with it (RFC 9113 section 8.3.1, RFC 9112 section 3.2.2).
-    let authority = parts
-        .uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    // `host[:port]`: any userinfo (`user:password@`) stays out of `Host` and `x-forwarded-host`.
+    let authority = parts.uri.authority().and_then(|a| {
+        let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+        HeaderValue::from_str(host_port).ok()
+    });
     let host = authority
         .clone()
         .or_else(|| parts.headers.get(header::HOST).cloned());
