@@ -17,6 +17,13 @@ pub const REQUEST_DURATION_SECONDS: &str = "rayshift_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "rayshift_upstream_errors_total";
 /// Connections opened to each cluster (a pooled connection carries many requests).
 pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "rayshift_upstream_connections_opened_total";
+/// Client connections the gateway closed because a limit passed, by `reason` ([`CLOSE_REASONS`]).
+pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: &str = "rayshift_client_connections_closed_total";
+/// Why the gateway closed a client connection: `header_timeout` (no request, or a request head
+/// not complete, within `limits.header_read_timeout`), `http2_idle` (HTTP/2 with no request in
+/// flight for `limits.http2_idle_timeout`: told GOAWAY), `send_timeout` (HTTP/2 taking no response data for
+/// `limits.send_timeout`).
+pub const CLOSE_REASONS: [&str; 3] = ["header_timeout", "http2_idle", "send_timeout"];
 /// Requests answered 503 because their cluster had `upstream.max_requests_per_cluster` in flight.
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "rayshift_upstream_overflow_total";
 /// Configured traffic weight (0-100) of each cluster in its shard.
@@ -247,6 +254,19 @@ fn describe() {
         TLS_RELOAD_FAILING,
         "1 while the TLS certificate files cannot be loaded: the previously loaded certificate is still presented."
     );
+    describe_counter!(
+        CLIENT_CONNECTIONS_CLOSED_TOTAL,
+        "Client connections the gateway closed because a limit passed, by reason (header_timeout, http2_idle, send_timeout)."
+    );
+    // Every reason from the start, at 0: a rate over them is 0, not "no data", until one happens.
+    for reason in CLOSE_REASONS {
+        metrics::counter!(CLIENT_CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(0);
+    }
+}
+
+/// Counts a client connection the gateway closed for `reason` (one of [`CLOSE_REASONS`]).
+pub fn connection_closed(reason: &'static str) {
+    metrics::counter!(CLIENT_CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// Sets up logging to stderr; `RUST_LOG` overrides the default level (`info`).

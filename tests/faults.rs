@@ -217,6 +217,10 @@ async fn silent_connections_do_not_hold_the_connection_limit() {
             .expect("the silent connection is closed");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
+    // Both counted (the direct path closed the silent one, hyper's watch the half preface); the
+    // recorder is shared by this binary's gateways: at least these two.
+    let closed = r#"rayshift_client_connections_closed_total{reason="header_timeout"}"#;
+    assert!(metric(&gw, closed).await.is_some_and(|n| n >= 2.0));
 }
 
 /// A client that stops sending its request body gets 408 after `limits.body_read_timeout` (and
@@ -590,6 +594,8 @@ async fn idle_http2_connections_are_closed() {
         .unwrap();
     assert!(ended.is_ok(), "closed without GOAWAY: {ended:?}");
     assert!(sender.is_closed());
+    let closed = r#"rayshift_client_connections_closed_total{reason="http2_idle"}"#;
+    assert!(metric(&gw, closed).await.is_some_and(|n| n >= 1.0));
     assert!(
         started.elapsed() >= Duration::from_millis(500),
         "{:?}",

@@ -1141,6 +1141,8 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
         resp.into_body().collect().await.is_err(),
         "the stalled stream ends in an error"
     );
+    let closed = r#"rayshift_client_connections_closed_total{reason="send_timeout"}"#;
+    assert_eq!(common::metric(&gw, closed).await, Some(1.0));
     // The cluster's connections are fine for the next client.
     let resp = h2(None).request(request("/app/small")).await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -351,6 +351,7 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
                     let since = state.idle_since_ms.load(Ordering::Acquire);
                     let deadline = state.start + Duration::from_millis(since) + this.http2_idle;
                     if deadline <= now {
+                        crate::telemetry::connection_closed("http2_idle");
                         this.idle = None;
                         this.closing = Some(Box::pin(tokio::time::sleep(GOAWAY_GRACE)));
                         if this.stop.is_some() {

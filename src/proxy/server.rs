@@ -263,17 +263,26 @@ fn log_end<E: std::fmt::Display>(
         Ended::Done(Err(e)) => {
             tracing::debug!(%peer, error = %e, "client connection ended with an error")
         }
-        Ended::NoFirstRequest => tracing::debug!(
-            %peer, timeout = ?first_request,
-            "no request within limits.header_read_timeout: closing the connection"
-        ),
-        Ended::Idle => tracing::debug!(
-            %peer, timeout = ?http2_idle,
-            "HTTP/2 connection idle for limits.http2_idle_timeout, told GOAWAY and still open: closing it"
-        ),
-        Ended::Stalled => tracing::debug!(
-            %peer, timeout = ?limits.send_timeout,
-            "HTTP/2 client took no response data for limits.send_timeout: closing the connection"
-        ),
+        Ended::NoFirstRequest => {
+            crate::telemetry::connection_closed("header_timeout");
+            tracing::debug!(
+                %peer, timeout = ?first_request,
+                "no request within limits.header_read_timeout: closing the connection"
+            )
+        }
+        Ended::Idle => {
+            // Counted when it was told GOAWAY.
+            tracing::debug!(
+                %peer, timeout = ?http2_idle,
+                "HTTP/2 connection idle for limits.http2_idle_timeout, told GOAWAY and still open: closing it"
+            )
+        }
+        Ended::Stalled => {
+            crate::telemetry::connection_closed("send_timeout");
+            tracing::debug!(
+                %peer, timeout = ?limits.send_timeout,
+                "HTTP/2 client took no response data for limits.send_timeout: closing the connection"
+            )
+        }
     }
 }

@@ -205,6 +205,16 @@ impl TestGateway {
     }
 }
 
+/// The value of the series `series` (`name{labels}` as exported) in the gateway's `/metrics`.
+pub async fn metric(gw: &TestGateway, series: &str) -> Option<f64> {
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    let prefix = format!("{series} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// A cluster's entry in a `/v1/state` document.
 pub fn find_cluster(state: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
     state["shards"]

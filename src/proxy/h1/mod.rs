@@ -134,6 +134,7 @@ where
     // in and when its response is out (again after a stream); deadlines and the pool use those
     // readings.
     let mut idle_since = now;
+    let start = now;
     // Waits for the gateway's shutdown while the connection is idle between requests: one
     // registration for the connection's life (on its own receiver, so `shutdown` stays free for
     // the handoff), not one per request.
@@ -173,6 +174,11 @@ where
                     Ok(_) => {}
                 },
                 () = head_deadline.passed() => {
+                    // Counted when a head was started or none ever came; an idle keep-alive
+                    // connection closing after a served request is routine.
+                    if !idle || idle_since == start {
+                        telemetry::connection_closed("header_timeout");
+                    }
                     tracing::debug!(%peer, "no whole request head within limits.header_read_timeout: closing the connection");
                     return Ended::Closed;
                 }
