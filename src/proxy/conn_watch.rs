@@ -380,6 +380,27 @@ mod tests {
         std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *limited).poll(cx).is_pending())).await
     }
 
+    type Idle = std::future::Pending<()>;
+
+    /// `watch` running over a connection that never ends by itself, with `send_timeout` (the
+    /// other limits far off), polled once so its timers are set.
+    async fn watched(
+        watch: ConnWatch,
+        send_timeout: Duration,
+    ) -> Limited<Idle, impl FnMut(&mut Idle) + Unpin> {
+        let stop = Box::pin(std::future::pending::<()>());
+        let mut limited = watch.run(
+            std::future::pending::<()>(),
+            |_: &mut Idle| {},
+            stop,
+            send_timeout * 10,
+            send_timeout * 10,
+            send_timeout,
+        );
+        assert!(running(&mut limited).await);
+        limited
+    }
+
     /// A frame that waits the whole `send_timeout` while no stream takes one closes the
     /// connection; while another stream keeps taking frames (a slow client that reads), it does
     /// not; a stream that takes its frame is no longer waiting.
@@ -389,16 +410,7 @@ mod tests {
         let watch = ConnWatch::new();
         let mut stuck = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
         let mut slow = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
-        let stop = Box::pin(std::future::pending::<()>());
-        let mut limited = watch.run(
-            std::future::pending::<()>(),
-            |_| {},
-            stop,
-            Duration::from_secs(10),
-            Duration::from_secs(600),
-            timeout,
-        );
-        assert!(running(&mut limited).await);
+        let mut limited = watched(watch, timeout).await;
         stuck.handed_over();
         // The slow stream takes a frame every 30 s, for 3 minutes.
         for _ in 0..6 {
@@ -417,16 +429,7 @@ mod tests {
         // Once its frame is taken, a stream is not waiting at all.
         let watch = ConnWatch::new();
         let mut stream = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
-        let stop = Box::pin(std::future::pending::<()>());
-        let mut limited = watch.run(
-            std::future::pending::<()>(),
-            |_| {},
-            stop,
-            timeout,
-            timeout * 10,
-            timeout,
-        );
-        assert!(running(&mut limited).await);
+        let mut limited = watched(watch, timeout).await;
         stream.handed_over();
         stream.taken();
         tokio::time::advance(timeout * 3).await;
