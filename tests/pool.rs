@@ -1177,3 +1177,54 @@ async fn an_http1_client_that_stops_reading_is_disconnected() {
         drop(client);
     }
 }
+
+/// An HTTP/2 client that resets its streams after the gateway took them ("rapid reset"): past
+/// 200 such streams within 10 s its connection is closed, and counted. Each reset stream had
+/// reached the cluster (routed, an upstream connection opened): what the limit bounds.
+#[tokio::test]
+async fn an_h2_client_resetting_its_streams_is_disconnected() {
+    use http_body_util::Empty;
+    let backend = Backend::start().await;
+    let name = "pool-resets";
+    let gw = gateway(&backend, name, "").await;
+    let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
+    let tcp = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let mut resets = 0;
+    while !conn.is_finished() && resets < 300 {
+        let req = http::Request::get(gw.url("/app/hold"))
+            .body(Empty::new())
+            .unwrap();
+        // Sent at once; `/app/hold` is never answered.
+        let pending = sender.send_request(req);
+        let reached = tokio::time::timeout(Duration::from_secs(2), async {
+            while in_flight().await != Some(1) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        if reached.is_err() {
+            break;
+        }
+        // Dropping the response future resets the stream.
+        drop(pending);
+        resets += 1;
+        eventually("the reset stream freed", || async {
+            in_flight().await == Some(0)
+        })
+        .await;
+    }
+    let ended = tokio::time::timeout(common::WAIT, &mut conn).await;
+    assert!(ended.is_ok(), "still open after {resets} resets");
+    assert!(
+        (200..=205).contains(&resets),
+        "closed after {resets} resets"
+    );
+    let closed = r#"rayshift_client_connections_closed_total{reason="resets"}"#;
+    assert_eq!(common::metric(&gw, closed).await, Some(1.0));
+}

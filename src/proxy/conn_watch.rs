@@ -25,6 +25,12 @@
 //! connection is closed, without GOAWAY: the client reads nothing. (HTTP/1.1 clients that stop
 //! reading are found by TCP: `TCP_USER_TIMEOUT` on the socket, see `server.rs`.)
 //!
+//! A client that resets its streams after the gateway took them (HTTP/2 "rapid reset", CVE-2023-44487:
+//! h2's own limit only counts streams reset before they were accepted) makes the gateway route
+//! each request and open, then drop, an upstream connection for it, at the cost of two frames:
+//! more than [`MAX_RESETS`] streams reset before their response within [`RESET_WINDOW`] close the
+//! connection.
+//!
 //! The timers live on the connection's own task; per request the cost is an atomic store (and,
 //! for HTTP/2 only, a count of streams in flight and a note per response frame).
 
@@ -60,6 +66,10 @@ struct State {
     streams: AtomicU64,
     /// When a waiting frame of any stream was last taken (milliseconds since `start`).
     taken_ms: AtomicU64,
+    /// Streams that ended before their response since `resets_since_ms`.
+    resets: AtomicU64,
+    /// When the current [`RESET_WINDOW`] started (milliseconds since `start`).
+    resets_since_ms: AtomicU64,
     start: Instant,
 }
 
@@ -81,7 +91,16 @@ pub(super) enum Ended<O> {
     /// HTTP/2 with a response frame that waited `limits.send_timeout` for the client's window:
     /// closed.
     Stalled,
+    /// HTTP/2 with more than [`MAX_RESETS`] streams reset before their response within
+    /// [`RESET_WINDOW`]: closed.
+    Resets,
 }
+
+/// Streams of one HTTP/2 connection that may end before their response (reset by the client)
+/// within [`RESET_WINDOW`]; one more closes the connection.
+pub(super) const MAX_RESETS: u64 = 200;
+/// See [`MAX_RESETS`].
+pub(super) const RESET_WINDOW: Duration = Duration::from_secs(10);
 
 /// How long an idle HTTP/2 connection told GOAWAY has to close (the client acknowledges the
 /// GOAWAY's PING, then the gateway sends the final GOAWAY and closes), with no stream in flight.
@@ -98,6 +117,8 @@ impl ConnWatch {
             waiting: Mutex::new(Vec::new()),
             streams: AtomicU64::new(0),
             taken_ms: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+            resets_since_ms: AtomicU64::new(0),
             start: Instant::now(),
         }))
     }
@@ -111,6 +132,7 @@ impl ConnWatch {
             StreamGuard {
                 id: self.0.streams.fetch_add(1, Ordering::Relaxed),
                 waiting: false,
+                answered: false,
                 state: Arc::clone(&self.0),
             }
         });
@@ -154,6 +176,8 @@ pub(super) struct StreamGuard {
     id: u64,
     /// A frame of the response is waiting for the client's window (noted in `state.waiting`).
     waiting: bool,
+    /// The response is under way (the guard went into its body).
+    answered: bool,
     state: Arc<State>,
 }
 
@@ -190,6 +214,17 @@ impl Drop for StreamGuard {
             self.waiting = false;
             lock(&self.state.waiting).retain(|&(id, _)| id != self.id);
         }
+        if !self.answered {
+            // Ended before its response: the client reset it (or the connection went away).
+            let now = self.state.now_ms();
+            let since = self.state.resets_since_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(since) > RESET_WINDOW.as_millis() as u64 {
+                self.state.resets_since_ms.store(now, Ordering::Relaxed);
+                self.state.resets.store(1, Ordering::Relaxed);
+            } else {
+                self.state.resets.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if self.state.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ms = self.state.now_ms();
             self.state.idle_since_ms.store(ms, Ordering::Release);
@@ -211,7 +246,10 @@ impl std::fmt::Debug for StreamGuard {
 }
 
 impl<B> Tracked<B> {
-    pub(super) fn new(inner: B, guard: Option<StreamGuard>) -> Self {
+    pub(super) fn new(inner: B, mut guard: Option<StreamGuard>) -> Self {
+        if let Some(guard) = &mut guard {
+            guard.answered = true;
+        }
         Tracked { inner, guard }
     }
 }
@@ -290,6 +328,10 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
             }
         }
         let state = &this.watch.0;
+        // Checked whenever the connection wakes this task (each frame the client sends does).
+        if state.resets.load(Ordering::Relaxed) > MAX_RESETS {
+            return Poll::Ready(Ended::Resets);
+        }
         if let Some(stall) = &mut this.stall {
             while stall.as_mut().poll(cx).is_ready() {
                 let oldest = lock(&state.waiting).iter().map(|&(_, since)| since).min();

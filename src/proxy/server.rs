@@ -277,6 +277,13 @@ fn log_end<E: std::fmt::Display>(
                 "HTTP/2 connection idle for limits.http2_idle_timeout, told GOAWAY and still open: closing it"
             )
         }
+        Ended::Resets => {
+            crate::telemetry::connection_closed("resets");
+            tracing::debug!(
+                %peer,
+                "HTTP/2 client reset more than 200 streams before their response within 10 s: closing the connection"
+            )
+        }
         Ended::Stalled => {
             crate::telemetry::connection_closed("send_timeout");
             tracing::debug!(
