@@ -27,9 +27,12 @@
 //!
 //! A client that resets its streams after the gateway took them (HTTP/2 "rapid reset", CVE-2023-44487:
 //! h2's own limit only counts streams reset before they were accepted) makes the gateway route
-//! each request and open, then drop, an upstream connection for it, at the cost of two frames:
-//! more than [`MAX_RESETS`] streams reset before their response within [`RESET_WINDOW`] close the
-//! connection.
+//! each request and open, then drop, an upstream connection for it, at the cost of two frames.
+//! When, in a window of [`RESET_WINDOW`], more than [`MAX_RESETS`] streams ended before their
+//! response and they are more than half of the streams opened, the connection is closed (without
+//! GOAWAY). The share keeps a proxy that multiplexes many users' requests, and their
+//! cancellations, onto one connection from being cut. Streams reset after their response started
+//! are not counted.
 //!
 //! The timers live on the connection's own task; per request the cost is an atomic store (and,
 //! for HTTP/2 only, a count of streams in flight and a note per response frame).
@@ -66,10 +69,10 @@ struct State {
     streams: AtomicU64,
     /// When a waiting frame of any stream was last taken (milliseconds since `start`).
     taken_ms: AtomicU64,
-    /// Streams that ended before their response since `resets_since_ms`.
-    resets: AtomicU64,
-    /// When the current [`RESET_WINDOW`] started (milliseconds since `start`).
-    resets_since_ms: AtomicU64,
+    /// HTTP/2 streams opened and reset in the current [`RESET_WINDOW`].
+    resets: Mutex<ResetWindow>,
+    /// More than [`MAX_RESETS`] resets in a window, and more than half its streams: close.
+    flooded: AtomicBool,
     start: Instant,
 }
 
@@ -77,6 +80,33 @@ impl State {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// Applies `count` to the current reset window (a new one when it is over) and notes a flood.
+    fn count_stream(&self, count: impl FnOnce(&mut ResetWindow)) {
+        let now = self.now_ms();
+        let mut window = lock(&self.resets);
+        if now.saturating_sub(window.start_ms) >= RESET_WINDOW.as_millis() as u64 {
+            *window = ResetWindow {
+                start_ms: now,
+                ..ResetWindow::default()
+            };
+        }
+        count(&mut window);
+        if window.reset > MAX_RESETS && window.reset * 2 > window.opened {
+            self.flooded.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// HTTP/2 streams of one connection in one [`RESET_WINDOW`].
+#[derive(Debug, Default)]
+struct ResetWindow {
+    /// When the window started (milliseconds since the connection's start).
+    start_ms: u64,
+    /// Streams opened in it.
+    opened: u64,
+    /// Streams that ended before their response in it.
+    reset: u64,
 }
 
 /// How a connection's task ended.
@@ -91,13 +121,14 @@ pub(super) enum Ended<O> {
     /// HTTP/2 with a response frame that waited `limits.send_timeout` for the client's window:
     /// closed.
     Stalled,
-    /// HTTP/2 with more than [`MAX_RESETS`] streams reset before their response within
-    /// [`RESET_WINDOW`]: closed.
+    /// HTTP/2 with more than [`MAX_RESETS`] streams reset before their response in a
+    /// [`RESET_WINDOW`], more than half of its streams: closed.
     Resets,
 }
 
 /// Streams of one HTTP/2 connection that may end before their response (reset by the client)
-/// within [`RESET_WINDOW`]; one more closes the connection.
+/// in a [`RESET_WINDOW`]; one more closes the connection, when they are also more than half of
+/// the streams opened in it.
 pub(super) const MAX_RESETS: u64 = 200;
 /// See [`MAX_RESETS`].
 pub(super) const RESET_WINDOW: Duration = Duration::from_secs(10);
@@ -117,8 +148,8 @@ impl ConnWatch {
             waiting: Mutex::new(Vec::new()),
             streams: AtomicU64::new(0),
             taken_ms: AtomicU64::new(0),
-            resets: AtomicU64::new(0),
-            resets_since_ms: AtomicU64::new(0),
+            resets: Mutex::new(ResetWindow::default()),
+            flooded: AtomicBool::new(false),
             start: Instant::now(),
         }))
     }
@@ -129,6 +160,7 @@ impl ConnWatch {
         let guard = (version == Version::HTTP_2).then(|| {
             self.0.h2.store(true, Ordering::Relaxed);
             self.0.active.fetch_add(1, Ordering::AcqRel);
+            self.0.count_stream(|w| w.opened += 1);
             StreamGuard {
                 id: self.0.streams.fetch_add(1, Ordering::Relaxed),
                 waiting: false,
@@ -201,9 +233,9 @@ impl StreamGuard {
     }
 }
 
-/// The list, also after a thread panicked holding it (it stays consistent: pushes and removals).
-fn lock(waiting: &Mutex<Vec<(u64, u64)>>) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
-    waiting
+/// The value, also after a thread panicked holding it (every change to these is one step).
+fn lock<T>(value: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    value
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -216,14 +248,7 @@ impl Drop for StreamGuard {
         }
         if !self.answered {
             // Ended before its response: the client reset it (or the connection went away).
-            let now = self.state.now_ms();
-            let since = self.state.resets_since_ms.load(Ordering::Relaxed);
-            if now.saturating_sub(since) > RESET_WINDOW.as_millis() as u64 {
-                self.state.resets_since_ms.store(now, Ordering::Relaxed);
-                self.state.resets.store(1, Ordering::Relaxed);
-            } else {
-                self.state.resets.fetch_add(1, Ordering::Relaxed);
-            }
+            self.state.count_stream(|w| w.reset += 1);
         }
         if self.state.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ms = self.state.now_ms();
@@ -313,6 +338,10 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        // Before the connection takes more streams (each frame the client sends wakes this task).
+        if this.watch.0.flooded.load(Ordering::Relaxed) {
+            return Poll::Ready(Ended::Resets);
+        }
         if let Poll::Ready(out) = Pin::new(&mut this.conn).poll(cx) {
             return Poll::Ready(Ended::Done(out));
         }
@@ -328,10 +357,6 @@ impl<F: Future + Unpin, G: FnMut(&mut F) + Unpin> Future for Limited<F, G> {
             }
         }
         let state = &this.watch.0;
-        // Checked whenever the connection wakes this task (each frame the client sends does).
-        if state.resets.load(Ordering::Relaxed) > MAX_RESETS {
-            return Poll::Ready(Ended::Resets);
-        }
         if let Some(stall) = &mut this.stall {
             while stall.as_mut().poll(cx).is_ready() {
                 let oldest = lock(&state.waiting).iter().map(|&(_, since)| since).min();
@@ -441,6 +466,43 @@ mod tests {
         );
         assert!(running(&mut limited).await);
         limited
+    }
+
+    /// Streams of a window: `reset` ended before their response, `answered` had one.
+    fn streams(watch: &ConnWatch, reset: u64, answered: u64) {
+        for _ in 0..answered {
+            let mut guard = watch.request(Version::HTTP_2).expect("an HTTP/2 stream");
+            guard.answered = true;
+        }
+        for _ in 0..reset {
+            drop(watch.request(Version::HTTP_2));
+        }
+    }
+
+    /// More than 200 streams reset before their response in a 10 s window close the connection
+    /// when they are more than half of its streams; not 200, not 201 among many answered ones (a
+    /// proxy multiplexing users), not 300 spread over two windows.
+    #[tokio::test(start_paused = true)]
+    async fn resets_close_a_connection_past_the_limit_and_the_share() {
+        let timeout = Duration::from_secs(60);
+        let watch = ConnWatch::new();
+        streams(&watch, 200, 0);
+        let mut limited = watched(watch.clone(), timeout).await;
+        assert!(running(&mut limited).await);
+        streams(&watch, 1, 0);
+        assert!(!running(&mut limited).await, "201 resets");
+
+        let watch = ConnWatch::new();
+        streams(&watch, 201, 1000);
+        let mut limited = watched(watch.clone(), timeout).await;
+        assert!(running(&mut limited).await);
+
+        let watch = ConnWatch::new();
+        streams(&watch, 150, 0);
+        tokio::time::advance(RESET_WINDOW).await;
+        streams(&watch, 150, 0);
+        let mut limited = watched(watch, timeout).await;
+        assert!(running(&mut limited).await);
     }
 
     /// A frame that waits the whole `send_timeout` while no stream takes one closes the

@@ -280,8 +280,8 @@ fn log_end<E: std::fmt::Display>(
         Ended::Resets => {
             crate::telemetry::connection_closed("resets");
             tracing::debug!(
-                %peer,
-                "HTTP/2 client reset more than 200 streams before their response within 10 s: closing the connection"
+                %peer, max = super::conn_watch::MAX_RESETS, window = ?super::conn_watch::RESET_WINDOW,
+                "HTTP/2 client reset more streams before their response than allowed in a window: closing the connection"
             )
         }
         Ended::Stalled => {
