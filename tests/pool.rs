@@ -893,7 +893,7 @@ async fn an_h2_upload_with_a_separate_end_of_stream_reuses_its_connection() {
 /// requests in flight end, requests go through again, also on the connection that was answered 503.
 #[tokio::test]
 async fn a_cluster_at_its_request_limit_sheds_the_next_request() {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
     let backend = Backend::start().await;
     let name = "pool-limit";
     let gw = gateway(&backend, name, "upstream:\n  max_requests_per_cluster: 2\n").await;
@@ -926,16 +926,8 @@ async fn a_cluster_at_its_request_limit_sheds_the_next_request() {
     assert!(!shed.contains("connection: close"), "{shed}");
 
     // HTTP/2, general path: three streams at once on one connection, each shed.
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Empty<bytes::Bytes>>();
-    let streams = (0..3).map(|_| {
-        h2.request(
-            http::Request::get(gw.url("/app/small"))
-                .body(Empty::new())
-                .unwrap(),
-        )
-    });
+    let h2 = h2_client(None);
+    let streams = (0..3).map(|_| h2.request(h2_get(&gw, "/app/small")));
     for resp in futures_util::future::join_all(streams).await {
         let resp = resp.unwrap();
         assert_eq!(resp.status(), 503);
@@ -1007,7 +999,7 @@ fn is_whole(seen: &[u8]) -> bool {
 /// the general one (HTTP/2). The next request is sent at once, before the late bytes come.
 #[tokio::test]
 async fn a_204_declaring_a_body_does_not_answer_the_next_request() {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
     let backend = Backend::start().await;
     let gw = gateway(&backend, "pool-liar", "").await;
     let lie = get(&gw.url("/app/liar")).await;
@@ -1015,11 +1007,8 @@ async fn a_204_declaring_a_body_does_not_answer_the_next_request() {
     let next = get(&gw.url("/app/small")).await;
     assert_eq!((next.status.as_u16(), next.body.as_str()), (200, "hello"));
 
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Empty<bytes::Bytes>>();
-    let get_h2 =
-        |path: &str| h2.request(http::Request::get(gw.url(path)).body(Empty::new()).unwrap());
+    let h2 = h2_client(None);
+    let get_h2 = |path: &str| h2.request(h2_get(&gw, path));
     let lie = get_h2("/app/liar").await.unwrap();
     assert_eq!(lie.status(), 204);
     let next = get_h2("/app/small").await.unwrap();
@@ -1051,22 +1040,17 @@ async fn connect_is_refused() {
 /// `x-request-id` drops neither.
 #[tokio::test]
 async fn misleading_response_heads_are_made_right_on_both_paths() {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
     let backend = Backend::start().await;
     let name = "pool-misleading";
     let gw = gateway(&backend, name, "").await;
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Empty<bytes::Bytes>>();
+    let h2 = h2_client(None);
     for http2 in [false, true] {
         let fetch = |path: &'static str| {
-            let (h2, url) = (h2.clone(), gw.url(path));
+            let (h2, gw, url) = (h2.clone(), &gw, gw.url(path));
             async move {
                 if http2 {
-                    let resp = h2
-                        .request(http::Request::get(url).body(Empty::new()).unwrap())
-                        .await
-                        .unwrap();
+                    let resp = h2.request(h2_get(gw, path)).await.unwrap();
                     let (parts, body) = resp.into_parts();
                     let body = body.collect().await.map(|b| b.to_bytes());
                     (parts.status.as_u16(), parts.headers, body.ok())
@@ -1111,27 +1095,23 @@ async fn misleading_response_heads_are_made_right_on_both_paths() {
 /// cluster sends nothing for longer than that (a stream, an SSE feed) is not cut.
 #[tokio::test]
 async fn an_h2_client_that_takes_no_data_is_disconnected() {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
     let backend = Backend::start().await;
     let name = "pool-stalled";
     let gw = gateway(&backend, name, "limits:\n  send_timeout: 500ms\n").await;
     let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
-    let h2 = |window: Option<u32>| {
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .http2_initial_stream_window_size(window)
-            .build_http::<Empty<bytes::Bytes>>()
-    };
-    let request = |path: &str| http::Request::get(gw.url(path)).body(Empty::new()).unwrap();
 
     // The cluster pauses 1.5 s mid-stream, with nothing waiting on the client: answered whole.
-    let resp = h2(None).request(request("/app/trickle")).await.unwrap();
+    let resp = h2_client(None)
+        .request(h2_get(&gw, "/app/trickle"))
+        .await
+        .unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"abcdef");
 
     // 4 MiB to a client whose window stays shut.
-    let stalled = h2(Some(0));
-    let resp = stalled.request(request("/app/big")).await.unwrap();
+    let stalled = h2_client(Some(0));
+    let resp = stalled.request(h2_get(&gw, "/app/big")).await.unwrap();
     assert_eq!(resp.status(), 200);
     eventually("the stalled response freed", || async {
         in_flight().await == Some(0)
@@ -1144,7 +1124,10 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
     let closed = r#"rayshift_client_connections_closed_total{reason="send_timeout"}"#;
     assert_eq!(common::metric(&gw, closed).await, Some(1.0));
     // The cluster's connections are fine for the next client.
-    let resp = h2(None).request(request("/app/small")).await.unwrap();
+    let resp = h2_client(None)
+        .request(h2_get(&gw, "/app/small"))
+        .await
+        .unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"hello");
 }
@@ -1223,4 +1206,24 @@ async fn an_h2_client_resetting_its_streams_is_disconnected() {
     );
     let closed = r#"rayshift_client_connections_closed_total{reason="resets"}"#;
     assert_eq!(common::metric(&gw, closed).await, Some(1.0));
+}
+
+/// An HTTP/2 (prior knowledge) client; `window`: its initial stream window (`None`: hyper's).
+fn h2_client(
+    window: Option<u32>,
+) -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(window)
+        .build_http()
+}
+
+/// A bodiless `GET` of `path` through `gw`, for [`h2_client`].
+fn h2_get(gw: &TestGateway, path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(gw.url(path))
+        .body(http_body_util::Empty::new())
+        .unwrap()
 }
