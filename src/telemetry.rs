@@ -23,8 +23,15 @@ pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: &str = "rayshift_client_connections_c
 /// not complete, within `limits.header_read_timeout`), `http2_idle` (HTTP/2 with no request in
 /// flight for `limits.http2_idle_timeout`: told GOAWAY), `send_timeout` (HTTP/2 taking no response data for
 /// `limits.send_timeout`), `resets` (HTTP/2 resetting more than 200 streams before their response
-/// within 10 s).
-pub const CLOSE_REASONS: [&str; 4] = ["header_timeout", "http2_idle", "send_timeout", "resets"];
+/// within 10 s), `tunnel_idle` (an upgraded connection that carried nothing for
+/// `limits.tunnel_idle_timeout`).
+pub const CLOSE_REASONS: [&str; 5] = [
+    "header_timeout",
+    "http2_idle",
+    "send_timeout",
+    "resets",
+    "tunnel_idle",
+];
 /// Requests answered 503 because their cluster had `upstream.max_requests_per_cluster` in flight.
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "rayshift_upstream_overflow_total";
 /// Configured traffic weight (0-100) of each cluster in its shard.
@@ -257,7 +264,7 @@ fn describe() {
     );
     describe_counter!(
         CLIENT_CONNECTIONS_CLOSED_TOTAL,
-        "Client connections the gateway closed because a limit passed, by reason (header_timeout, http2_idle, send_timeout, resets)."
+        "Client connections the gateway closed because a limit passed, by reason (header_timeout, http2_idle, send_timeout, resets, tunnel_idle)."
     );
     // Every reason from the start, at 0: a rate over them is 0, not "no data", until one happens.
     for reason in CLOSE_REASONS {

@@ -139,6 +139,60 @@ async fn websocket_echo_through_the_gateway() {
     .await;
 }
 
+/// A WebSocket that carries nothing for `limits.tunnel_idle_timeout` is closed, both sides, and
+/// leaves its cluster; one that keeps talking for longer than the timeout in total is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        "limits:\n  tunnel_idle_timeout: 1s\n",
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    // A message every 300 ms for 2.4 s: never quiet for the timeout, longer than it in total.
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            msg.into_text().unwrap().as_str(),
+            format!("blue: hello {i}")
+        );
+    }
+    assert_eq!(gw.cluster_state("blue").await["in_flight"], 1);
+    let closed = "rayshift_client_connections_closed_total{reason=\"tunnel_idle\"}";
+    assert_eq!(metric(&gw, closed).await, Some(0.0));
+
+    // Then nothing: the gateway closes the client's side (no message arrives, the stream ends)...
+    let quiet = Instant::now();
+    let end = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert!(
+        !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{end:?}"
+    );
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?} of silence"
+    );
+    // ...and the cluster's: the tunnel is no longer in flight there.
+    eventually("quiet websocket no longer in flight", || async {
+        gw.cluster_state("blue").await["in_flight"] == 0
+    })
+    .await;
+    assert_eq!(metric(&gw, closed).await, Some(1.0));
+}
+
 /// An HTTP/2 (prior knowledge, h2c) client is served; Serve still sees HTTP/1.1 with a Host header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_client_is_proxied_to_http1() {

@@ -300,6 +300,9 @@ pub struct LimitsConfig {
     /// Longest a response may wait for the client to take its next bytes (HTTP/2 flow control,
     /// or sent data left unacknowledged by TCP); past it the client connection is closed; > 0.
     pub send_timeout: Duration,
+    /// Longest an upgraded connection (a WebSocket) may carry no bytes in either direction before
+    /// the gateway closes both of its sides; > 0.
+    pub tunnel_idle_timeout: Duration,
     /// Most client connections open at once; further connections wait in the listen backlog.
     pub max_connections: usize,
 }
@@ -313,6 +316,7 @@ impl Default for LimitsConfig {
             body_read_timeout: Duration::from_secs(60),
             http2_idle_timeout: Duration::from_secs(300),
             send_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(3600),
             max_connections: 10_000,
         }
     }

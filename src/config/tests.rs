@@ -797,6 +797,20 @@ fn send_timeout_is_a_positive_duration() {
 }
 
 #[test]
+fn tunnel_idle_timeout_is_a_positive_duration() {
+    let config = parse("shards: [s]\nlimits: {tunnel_idle_timeout: 15m}\n").unwrap();
+    assert_eq!(config.limits.tunnel_idle_timeout, Duration::from_secs(900));
+    assert_eq!(
+        parse(MINIMAL).unwrap().limits.tunnel_idle_timeout,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        lines("shards: [s]\nlimits: {tunnel_idle_timeout: 0s}\n"),
+        vec![r#"limits.tunnel_idle_timeout: must be greater than 0, got "0s""#.to_string()],
+    );
+}
+
+#[test]
 fn max_requests_per_cluster_is_a_positive_integer() {
     let config = parse("shards: [s]\nupstream: {max_requests_per_cluster: 3}\n").unwrap();
     assert_eq!(config.upstream.max_requests_per_cluster, 3);

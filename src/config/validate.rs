@@ -555,6 +555,10 @@ fn limits(p: &mut Problems, raw: Option<&RawSection>) -> LimitsConfig {
                 l.send_timeout = positive_duration(s)?;
                 Ok(())
             }),
+            ("tunnel_idle_timeout", |l, s| {
+                l.tunnel_idle_timeout = positive_duration(s)?;
+                Ok(())
+            }),
             ("max_connections", |l, s| {
                 l.max_connections = bounded_count(s, 1, MAX_CONNECTIONS)?;
                 Ok(())

@@ -9,13 +9,12 @@ use http::uri::{PathAndQuery, Uri};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::cluster::{Cluster, InFlight};
 use crate::proxy::body::{local_response, ProxyBody};
 use crate::proxy::pool::{self, Sender};
 use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, RequestBody};
-use crate::proxy::{headers, split_key, Open, ProxyContext};
+use crate::proxy::{headers, split_key, tunnel, Open, ProxyContext};
 use crate::telemetry;
 
 /// Label used for `cluster`/`app` when the gateway answered without a cluster.
@@ -173,7 +172,13 @@ pub async fn handle(
             drop(conn);
             let upstream = hyper::upgrade::on(&mut resp);
             let open = Open::new(&ctx.open_tunnels);
-            tokio::spawn(tunnel(downstream, upstream, in_flight, open));
+            tokio::spawn(tunnel::run(
+                downstream,
+                upstream,
+                in_flight,
+                open,
+                ctx.tunnel_idle_timeout,
+            ));
             let (mut parts, _) = resp.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers, true);
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
@@ -455,28 +460,6 @@ fn ensure_host(headers: &mut HeaderMap, cluster: &Cluster) {
             headers.insert(header::HOST, host);
         }
     }
-}
-
-/// Copies bytes both ways between an upgraded client connection and an upgraded upstream one.
-async fn tunnel(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    in_flight: InFlight,
-    open: Open,
-) {
-    let (down, up) = match tokio::try_join!(downstream, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(cluster = %in_flight.cluster().name, error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!(cluster = %in_flight.cluster().name, error = %e, "upgraded connection ended");
-    }
-    drop(in_flight);
-    drop(open);
 }
 
 /// Counts a response in `rayshift_requests_total`.

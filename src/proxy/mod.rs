@@ -13,6 +13,7 @@ pub mod request_body;
 pub mod retry;
 pub mod server;
 pub mod split_key;
+mod tunnel;
 
 use std::sync::Arc;
 
@@ -45,6 +46,9 @@ pub struct ProxyContext {
     pub max_body_bytes: Option<u64>,
     /// Longest pause while a client sends its body (`limits.body_read_timeout`).
     pub body_read_timeout: std::time::Duration,
+    /// Longest an upgraded connection may carry no bytes before it is closed
+    /// (`limits.tunnel_idle_timeout`).
+    pub tunnel_idle_timeout: std::time::Duration,
     /// Whether safe retries are on (`upstream.retries`).
     pub retries: bool,
     /// Most requests in flight to one cluster (`upstream.max_requests_per_cluster`).
@@ -81,6 +85,7 @@ impl ProxyContext {
             response_timeout: config.upstream.response_timeout,
             max_body_bytes: config.limits.max_body_bytes,
             body_read_timeout: config.limits.body_read_timeout,
+            tunnel_idle_timeout: config.limits.tunnel_idle_timeout,
             retries: config.upstream.retries,
             max_requests_per_cluster: config.upstream.max_requests_per_cluster,
             open_tunnels: Arc::default(),
