@@ -21,10 +21,10 @@ pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "rayshift_upstream_connectio
 pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: &str = "rayshift_client_connections_closed_total";
 /// Why the gateway closed a client connection: `header_timeout` (no request, or a request head
 /// not complete, within `limits.header_read_timeout`), `http2_idle` (HTTP/2 with no request in
-/// flight for `limits.http2_idle_timeout`: told GOAWAY), `send_timeout` (HTTP/2 taking no response data for
-/// `limits.send_timeout`), `resets` (HTTP/2 resetting more than 200 streams before their response
-/// within 10 s), `tunnel_idle` (an upgraded connection that carried nothing for
-/// `limits.tunnel_idle_timeout`).
+/// flight for `limits.http2_idle_timeout`: told GOAWAY), `send_timeout` (a client taking no
+/// response data for `limits.send_timeout`: HTTP/2 flow control, or TCP on HTTP/1.1), `resets`
+/// (HTTP/2 resetting more than 200 streams before their response within 10 s), `tunnel_idle` (an
+/// upgraded connection that carried nothing for `limits.tunnel_idle_timeout`).
 pub const CLOSE_REASONS: [&str; 5] = [
     "header_timeout",
     "http2_idle",

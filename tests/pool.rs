@@ -1135,7 +1135,7 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
 /// An HTTP/1.1 client that stops reading a response (its TCP window shut) is disconnected by the
 /// kernel after `limits.send_timeout` of unacknowledged data (`TCP_USER_TIMEOUT`), on the direct
 /// path as on the general one: the response, its upstream connection and its place at the
-/// cluster are freed.
+/// cluster are freed, and the disconnection is counted.
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn an_http1_client_that_stops_reading_is_disconnected() {
@@ -1143,8 +1143,9 @@ async fn an_http1_client_that_stops_reading_is_disconnected() {
     let name = "pool-unread";
     let gw = gateway(&backend, name, "limits:\n  send_timeout: 500ms\n").await;
     let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
+    let closed = r#"rayshift_client_connections_closed_total{reason="send_timeout"}"#;
     // The direct path, then (HTTP/1.0 is handed over) the general one.
-    for version in ["1.1", "1.0"] {
+    for (version, count) in [("1.1", 1.0), ("1.0", 2.0)] {
         let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
         let request = format!("GET /app/endless HTTP/{version}\r\nhost: x\r\n\r\n");
         client.write_all(request.as_bytes()).await.unwrap();
@@ -1155,6 +1156,11 @@ async fn an_http1_client_that_stops_reading_is_disconnected() {
         // Never read: the kernel buffers fill, the window shuts.
         eventually("the unread response freed", || async {
             in_flight().await == Some(0)
+        })
+        .await;
+        // And counted, as the HTTP/2 client that opens no window is.
+        eventually("the disconnection counted", || async {
+            common::metric(&gw, closed).await == Some(count)
         })
         .await;
         drop(client);

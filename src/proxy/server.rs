@@ -248,12 +248,26 @@ impl Client {
     }
 }
 
+/// Whether `e`, or an error behind it, is the kernel's `ETIMEDOUT`.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// Logs how a client connection served by hyper ended.
-fn log_end<E: std::fmt::Display>(
-    ended: Ended<Result<(), E>>,
+fn log_end(
+    ended: Ended<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
     limits: &LimitsConfig,
     peer: std::net::SocketAddr,
 ) {
@@ -261,6 +275,11 @@ fn log_end<E: std::fmt::Display>(
     match ended {
         Ended::Done(Ok(())) => {}
         Ended::Done(Err(e)) => {
+            if timed_out(e.as_ref()) {
+                // The kernel aborted it: sent data stayed unacknowledged for
+                // `limits.send_timeout` (TCP_USER_TIMEOUT), an HTTP/1.1 client that stopped reading.
+                crate::telemetry::connection_closed("send_timeout");
+            }
             tracing::debug!(%peer, error = %e, "client connection ended with an error")
         }
         Ended::NoFirstRequest => {

@@ -810,9 +810,18 @@ async fn read_more(conn: &mut RawConn) -> Result<(), Copy> {
     }
 }
 
-/// Writes `a` then `b` with as few system calls as the socket allows (one, usually).
+/// Writes `a` then `b` to the client with as few system calls as the socket allows (one,
+/// usually). A write refused because the client left sent data unacknowledged for
+/// `limits.send_timeout` (the kernel's `TCP_USER_TIMEOUT` abort) is counted as a connection
+/// closed for `send_timeout`.
 async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
-    write_counted(w, a, b).await.map_err(|(_, e)| e)
+    let written = write_counted(w, a, b).await.map_err(|(_, e)| e);
+    if let Err(e) = &written {
+        if e.kind() == io::ErrorKind::TimedOut {
+            telemetry::connection_closed("send_timeout");
+        }
+    }
+    written
 }
 
 /// [`write_all`], telling on failure how many bytes were written.
