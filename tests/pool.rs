@@ -1099,6 +1099,9 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
     let backend = Backend::start().await;
     let name = "pool-stalled";
     let gw = gateway(&backend, name, "limits:\n  send_timeout: 500ms\n").await;
+    let closed = r#"rayshift_client_connections_closed_total{reason="send_timeout"}"#;
+    let _counter = SEND_TIMEOUTS.lock().await;
+    let before = common::metric(&gw, closed).await.unwrap();
     let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
 
     // The cluster pauses 1.5 s mid-stream, with nothing waiting on the client: answered whole.
@@ -1121,8 +1124,7 @@ async fn an_h2_client_that_takes_no_data_is_disconnected() {
         resp.into_body().collect().await.is_err(),
         "the stalled stream ends in an error"
     );
-    let closed = r#"rayshift_client_connections_closed_total{reason="send_timeout"}"#;
-    assert_eq!(common::metric(&gw, closed).await, Some(1.0));
+    assert_eq!(common::metric(&gw, closed).await, Some(before + 1.0));
     // The cluster's connections are fine for the next client.
     let resp = h2_client(None)
         .request(h2_get(&gw, "/app/small"))
@@ -1144,8 +1146,10 @@ async fn an_http1_client_that_stops_reading_is_disconnected() {
     let gw = gateway(&backend, name, "limits:\n  send_timeout: 500ms\n").await;
     let in_flight = || async { gw.cluster_state(name).await["in_flight"].as_u64() };
     let closed = r#"rayshift_client_connections_closed_total{reason="send_timeout"}"#;
+    let _counter = SEND_TIMEOUTS.lock().await;
+    let before = common::metric(&gw, closed).await.unwrap();
     // The direct path, then (HTTP/1.0 is handed over) the general one.
-    for (version, count) in [("1.1", 1.0), ("1.0", 2.0)] {
+    for (version, count) in [("1.1", before + 1.0), ("1.0", before + 2.0)] {
         let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
         let request = format!("GET /app/endless HTTP/{version}\r\nhost: x\r\n\r\n");
         client.write_all(request.as_bytes()).await.unwrap();
@@ -1213,6 +1217,10 @@ async fn an_h2_client_resetting_its_streams_is_disconnected() {
     let closed = r#"rayshift_client_connections_closed_total{reason="resets"}"#;
     assert_eq!(common::metric(&gw, closed).await, Some(1.0));
 }
+
+/// Held by the tests that count `send_timeout` disconnections: the metrics recorder is one per
+/// process, shared by every gateway of this binary, and tests run in parallel.
+static SEND_TIMEOUTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// An HTTP/2 (prior knowledge) client; `window`: its initial stream window (`None`: hyper's).
 fn h2_client(

@@ -147,7 +147,7 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
         &[cluster(&blue, "shard-0", "v1", None)],
-        "limits:\n  tunnel_idle_timeout: 1s\n",
+        "limits:\n  tunnel_idle_timeout: 2s\n",
     ))
     .await;
     let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
@@ -155,9 +155,9 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
         .unwrap();
     let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
     let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
-    // A message every 300 ms for 2.4 s: never quiet for the timeout, longer than it in total.
+    // A message every 400 ms for 3.2 s: never quiet for the timeout, longer than it in total.
     for i in 0..8 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         ws.send(Message::text(format!("hello {i}"))).await.unwrap();
         let msg = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -169,12 +169,13 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
             format!("blue: hello {i}")
         );
     }
+    // Then nothing from here on (the gateway read the last message before its echo came back).
+    let quiet = Instant::now();
     assert_eq!(gw.cluster_state("blue").await["in_flight"], 1);
     let closed = "rayshift_client_connections_closed_total{reason=\"tunnel_idle\"}";
     assert_eq!(metric(&gw, closed).await, Some(0.0));
 
-    // Then nothing: the gateway closes the client's side (no message arrives, the stream ends)...
-    let quiet = Instant::now();
+    // The gateway closes the client's side (no message arrives, the stream ends)...
     let end = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
     assert!(
         !matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))),
@@ -182,7 +183,7 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
     );
     let waited = quiet.elapsed();
     assert!(
-        waited >= Duration::from_millis(900),
+        waited >= Duration::from_millis(1500),
         "closed after {waited:?} of silence"
     );
     // ...and the cluster's: the tunnel is no longer in flight there.
@@ -191,6 +192,49 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
     })
     .await;
     assert_eq!(metric(&gw, closed).await, Some(1.0));
+}
+
+/// A WebSocket client that stops reading is disconnected by the kernel after
+/// `limits.send_timeout` of unacknowledged data (`TCP_USER_TIMEOUT`), as an HTTP client is: the
+/// tunnel ends, leaves its cluster, and the disconnection is counted.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_client_that_stops_reading_is_disconnected() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[cluster(&blue, "shard-0", "v1", None)],
+        "limits:\n  send_timeout: 500ms\n",
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
+    let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    assert_eq!(gw.cluster_state("blue").await["in_flight"], 1);
+    let closed = "rayshift_client_connections_closed_total{reason=\"send_timeout\"}";
+    assert_eq!(metric(&gw, closed).await, Some(0.0));
+    // Messages go out, their echoes are never read: the client's window shuts.
+    let (mut sink, unread) = ws.split();
+    let sender = tokio::spawn(async move {
+        let message = "x".repeat(64 << 10);
+        for _ in 0..256 {
+            if sink.send(Message::text(message.clone())).await.is_err() {
+                break;
+            }
+        }
+    });
+    eventually("the unread websocket freed", || async {
+        gw.cluster_state("blue").await["in_flight"] == 0
+    })
+    .await;
+    eventually("the disconnection counted", || async {
+        metric(&gw, closed).await == Some(1.0)
+    })
+    .await;
+    sender.abort();
+    drop(unread);
 }
 
 /// An HTTP/2 (prior knowledge, h2c) client is served; Serve still sees HTTP/1.1 with a Host header.

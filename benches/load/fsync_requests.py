@@ -19,26 +19,29 @@ import time
 
 
 def disk_of(path: str) -> str:
-    """The /proc/diskstats name of the block device holding `path` (whole disk or partition)."""
+    """The /proc/diskstats name of the whole disk holding `path` (the kernel counts flushes on
+    the whole disk only, not on its partitions)."""
     dev = os.stat(path).st_dev
     major, minor = os.major(dev), os.minor(dev)
-    with open("/proc/diskstats") as f:
-        for line in f:
-            fields = line.split()
-            if int(fields[0]) == major and int(fields[1]) == minor:
-                return fields[2]
-    raise SystemExit(f"no /proc/diskstats entry for device {major}:{minor} of {path}")
+    sys_dev = f"/sys/dev/block/{major}:{minor}"
+    if not os.path.exists(sys_dev):
+        raise SystemExit(f"{path} is not on a block device ({major}:{minor}): nothing to count")
+    if os.path.exists(os.path.join(sys_dev, "partition")):
+        # /sys/dev/block/M:m links to .../<disk>/<partition>: the parent is the disk.
+        return os.path.basename(os.path.dirname(os.path.realpath(sys_dev)))
+    return os.path.basename(os.path.realpath(sys_dev))
 
 
-def counters(disk: str) -> tuple[int, int, int]:
-    """(write requests completed, sectors written, flush requests completed) of `disk`."""
+def counters(disk: str) -> tuple[int, int, int | None]:
+    """(write requests completed, sectors written, flush requests completed or None on kernels
+    without the flush columns) of `disk`."""
     with open("/proc/diskstats") as f:
         for line in f:
             fields = line.split()
             if fields[2] == disk:
-                flushes = int(fields[18]) if len(fields) > 18 else -1
+                flushes = int(fields[18]) if len(fields) > 18 else None
                 return int(fields[7]), int(fields[9]), flushes
-    raise SystemExit(f"{disk} vanished from /proc/diskstats")
+    raise SystemExit(f"{disk} is not in /proc/diskstats")
 
 
 def run(path: str, disk: str, count: int, pause: float) -> str:
@@ -60,10 +63,11 @@ def run(path: str, disk: str, count: int, pause: float) -> str:
     finally:
         os.close(fd)
         os.unlink(path)
-    writes, sectors, flushes = (a - b for a, b in zip(after, before))
+    writes, sectors = after[0] - before[0], after[1] - before[1]
+    flushes = "n/a" if after[2] is None else f"{(after[2] - before[2]) / count:.2f}"
     return (
         f"{writes / count:.2f} write requests (flushes included), "
-        f"{sectors * 512 / count / 1024:.1f} KiB written, {flushes / count:.2f} flushes, "
+        f"{sectors * 512 / count / 1024:.1f} KiB written, {flushes} flushes, "
         f"{took / count * 1e6:.0f} us in write + fdatasync, per change"
     )
 
@@ -73,6 +77,8 @@ def main() -> None:
     parser.add_argument("--dir", default=".", help="directory to write in (default: .)")
     parser.add_argument("--count", type=int, default=300, help="changes per pace (default 300)")
     args = parser.parse_args()
+    if args.count < 1:
+        parser.error("--count must be 1 or more")
     path = os.path.join(args.dir, f".fsync-requests-{os.getpid()}")
     disk = disk_of(args.dir)
     print(f"disk {disk}, file in {os.path.abspath(args.dir)}")

@@ -248,18 +248,18 @@ impl Client {
     }
 }
 
-/// Whether `e`, or an error behind it, is the kernel's `ETIMEDOUT`.
+/// Whether the client connection's own socket failed with the kernel's `ETIMEDOUT` (its sent
+/// data stayed unacknowledged for `TCP_USER_TIMEOUT`). An error of the service's response body
+/// (hyper's "user" errors, such as an upstream connection's keep-alive timing out mid-stream) is
+/// the cluster's, not the client's.
 fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(e) = cause {
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    let io = match e.downcast_ref::<hyper::Error>() {
+        Some(hyper) if hyper.is_user() => None,
+        Some(hyper) => std::error::Error::source(hyper)
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>()),
+        None => e.downcast_ref::<std::io::Error>(),
+    };
+    io.is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,11 +38,15 @@ pub(crate) async fn run(
         }
     };
     let activity = Activity::new();
-    let mut down = Watched::new(TokioIo::new(down), &activity);
-    let mut up = Watched::new(TokioIo::new(up), &activity);
+    let mut down = Watched::new(TokioIo::new(down), &activity, true);
+    let mut up = Watched::new(TokioIo::new(up), &activity, false);
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut down, &mut up) => {
             if let Err(e) = copied {
+                if activity.client_timed_out.load(Ordering::Relaxed) {
+                    // The kernel gave up on the client (TCP_USER_TIMEOUT, `limits.send_timeout`).
+                    telemetry::connection_closed("send_timeout");
+                }
                 tracing::debug!(cluster = %in_flight.cluster().name, error = %e, "upgraded connection ended");
             }
         }
@@ -64,8 +68,11 @@ pub(crate) async fn run(
 struct Activity {
     /// The tunnel's start; `last` counts from it.
     start: Instant,
-    /// Microseconds from `start` to the last read that returned data.
+    /// Microseconds from `start` to the last read or write that moved data.
     last: AtomicU64,
+    /// The client's socket failed with `ETIMEDOUT`: the kernel disconnected a client that left
+    /// sent data unacknowledged for `limits.send_timeout`.
+    client_timed_out: AtomicBool,
 }
 
 impl Activity {
@@ -73,10 +80,11 @@ impl Activity {
         Self {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            client_timed_out: AtomicBool::new(false),
         }
     }
 
-    /// Notes that bytes were read just now.
+    /// Notes that bytes moved just now.
     fn touch(&self) {
         let micros = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.last.store(micros, Ordering::Relaxed);
@@ -87,8 +95,8 @@ impl Activity {
         self.start + Duration::from_micros(self.last.load(Ordering::Relaxed)) + timeout
     }
 
-    /// Completes once no bytes have been read for `timeout`; one timer per `timeout` of
-    /// activity, not one per read.
+    /// Completes once no bytes have moved for `timeout`; one timer per `timeout` of activity,
+    /// not one per read.
     async fn idle_for(&self, timeout: Duration) {
         loop {
             let deadline = self.deadline(timeout);
@@ -100,15 +108,44 @@ impl Activity {
     }
 }
 
-/// One side of a tunnel, noting in its [`Activity`] every read that returned data.
+/// One side of a tunnel, noting in its [`Activity`] every read and write that moved data (a
+/// peer that takes data slowly but steadily is not idle), and a client's `ETIMEDOUT`.
 struct Watched<'a, T> {
     io: T,
     activity: &'a Activity,
+    /// The client's side (else the cluster's).
+    client: bool,
 }
 
 impl<'a, T> Watched<'a, T> {
-    fn new(io: T, activity: &'a Activity) -> Self {
-        Self { io, activity }
+    fn new(io: T, activity: &'a Activity, client: bool) -> Self {
+        Self {
+            io,
+            activity,
+            client,
+        }
+    }
+
+    /// Notes a read or write that moved `n` bytes, or failed.
+    fn note(&self, done: Result<usize, &io::Error>) {
+        match done {
+            Ok(0) => {}
+            Ok(_) => self.activity.touch(),
+            Err(e) if self.client && e.kind() == io::ErrorKind::TimedOut => {
+                self.activity
+                    .client_timed_out
+                    .store(true, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A polled write, noted.
+    fn noted(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(done) = &polled {
+            self.note(done.as_ref().copied());
+        }
+        polled
     }
 }
 
@@ -121,8 +158,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
+        if let Poll::Ready(done) = &polled {
+            this.note(done.as_ref().map(|()| buf.filled().len() - before));
         }
         polled
     }
@@ -134,7 +171,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.noted(polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -150,7 +189,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.noted(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -163,12 +204,13 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Reads keep the tunnel alive; once they stop, it is idle exactly `timeout` after the last.
+    /// Reads and writes keep the tunnel alive; once they stop, it is idle exactly `timeout` after
+    /// the last.
     #[tokio::test(start_paused = true)]
-    async fn idle_counts_from_the_last_read() {
+    async fn idle_counts_from_the_last_read_or_write() {
         let activity = Activity::new();
         let (mut far, near) = tokio::io::duplex(64);
-        let mut watched = Watched::new(near, &activity);
+        let mut watched = Watched::new(near, &activity, true);
         let timeout = Duration::from_secs(10);
         let begun = Instant::now();
         let mut buf = [0u8; 8];
@@ -177,10 +219,12 @@ mod tests {
             far.write_all(b"ping").await.unwrap();
             assert_eq!(watched.read(&mut buf).await.unwrap(), 4);
         }
-        // Writes are not activity of their own: what a side writes, the other side read.
+        // A write counts too: a peer taking data slowly but steadily is not idle.
+        tokio::time::sleep(Duration::from_secs(4)).await;
         watched.write_all(b"pong").await.unwrap();
         activity.idle_for(timeout).await;
-        assert_eq!(begun.elapsed(), Duration::from_secs(18 + 10));
+        assert_eq!(begun.elapsed(), Duration::from_secs(18 + 4 + 10));
+        assert!(!activity.client_timed_out.load(Ordering::Relaxed));
     }
 
     /// A read that ends the stream (0 bytes) is not activity.
@@ -189,7 +233,7 @@ mod tests {
         let activity = Activity::new();
         let (far, near) = tokio::io::duplex(64);
         drop(far);
-        let mut watched = Watched::new(near, &activity);
+        let mut watched = Watched::new(near, &activity, true);
         tokio::time::sleep(Duration::from_secs(5)).await;
         let mut buf = [0u8; 8];
         assert_eq!(watched.read(&mut buf).await.unwrap(), 0);
