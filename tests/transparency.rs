@@ -16,14 +16,33 @@ use hyper_util::rt::TokioExecutor;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn one_cluster() -> (ServeStub, TestGateway) {
+    one_cluster_with("").await
+}
+
+/// [`one_cluster`] with `extra` config (top-level YAML keys).
+async fn one_cluster_with(extra: &str) -> (ServeStub, TestGateway) {
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
         &[cluster(&blue, "shard-0", "v1", None)],
-        "",
+        extra,
     ))
     .await;
     (blue, gw)
+}
+
+/// A WebSocket to the echo app through the gateway, and the gateway's answer to the upgrade.
+async fn websocket(
+    gw: &TestGateway,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    http::Response<Option<Vec<u8>>>,
+) {
+    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
+    tokio_tungstenite::client_async(url, stream).await.unwrap()
 }
 
 /// An SSE response arrives event by event, as the cluster sends it, not buffered to the end.
@@ -110,11 +129,7 @@ async fn large_upload_streams_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_gateway() {
     let (_blue, gw) = one_cluster().await;
-    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
-        .await
-        .unwrap();
-    let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
-    let (mut ws, resp) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let (mut ws, resp) = websocket(&gw).await;
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..3 {
         ws.send(Message::text(format!("hello {i}"))).await.unwrap();
@@ -143,18 +158,8 @@ async fn websocket_echo_through_the_gateway() {
 /// leaves its cluster; one that keeps talking for longer than the timeout in total is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        "limits:\n  tunnel_idle_timeout: 2s\n",
-    ))
-    .await;
-    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
-        .await
-        .unwrap();
-    let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let (_blue, gw) = one_cluster_with("limits:\n  tunnel_idle_timeout: 2s\n").await;
+    let (mut ws, _) = websocket(&gw).await;
     // A message every 400 ms for 3.2 s: never quiet for the timeout, longer than it in total.
     for i in 0..8 {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -200,18 +205,8 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_client_that_stops_reading_is_disconnected() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let gw = TestGateway::start(&config_yaml(
-        &["shard-0"],
-        &[cluster(&blue, "shard-0", "v1", None)],
-        "limits:\n  send_timeout: 500ms\n",
-    ))
-    .await;
-    let stream = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
-        .await
-        .unwrap();
-    let url = format!("ws://{}/echo/ws", gw.gateway.proxy_addr());
-    let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let (_blue, gw) = one_cluster_with("limits:\n  send_timeout: 500ms\n").await;
+    let (ws, _) = websocket(&gw).await;
     assert_eq!(gw.cluster_state("blue").await["in_flight"], 1);
     let closed = "rayshift_client_connections_closed_total{reason=\"send_timeout\"}";
     assert_eq!(metric(&gw, closed).await, Some(0.0));
