@@ -125,6 +125,17 @@ async fn large_upload_streams_with_bounded_memory() {
     );
 }
 
+/// Sends `text` on `ws` and checks that the echo app answers it, prefixed by its cluster.
+async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    let msg = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.into_text().unwrap().as_str(), format!("blue: {text}"));
+}
+
 /// WebSocket upgrade passes through; messages echo both ways; the cluster counts it in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_gateway() {
@@ -132,16 +143,7 @@ async fn websocket_echo_through_the_gateway() {
     let (mut ws, resp) = websocket(&gw).await;
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..3 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            msg.into_text().unwrap().as_str(),
-            format!("blue: hello {i}")
-        );
+        echo(&mut ws, &format!("hello {i}")).await;
     }
     assert_eq!(gw.cluster_state("blue").await["in_flight"], 1);
     ws.close(None).await.unwrap();
@@ -163,16 +165,7 @@ async fn quiet_websocket_is_closed_after_tunnel_idle_timeout() {
     // A message every 400 ms for 3.2 s: never quiet for the timeout, longer than it in total.
     for i in 0..8 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let msg = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            msg.into_text().unwrap().as_str(),
-            format!("blue: hello {i}")
-        );
+        echo(&mut ws, &format!("hello {i}")).await;
     }
     // Then nothing from here on (the gateway read the last message before its echo came back).
     let quiet = Instant::now();

@@ -169,7 +169,7 @@ where
             buf.reserve(READ_BUF.min(settings.max_header_bytes));
             tokio::select! {
                 biased;
-                read = client.read_buf(&mut buf) => match client_read(read) {
+                read = client.read_buf(&mut buf) => match client_io(read) {
                     Ok(0) | Err(_) => return Ended::Closed,
                     Ok(_) => {}
                 },
@@ -209,7 +209,7 @@ where
             let pause = tokio::time::Instant::now() + ctx.body_read_timeout;
             let read =
                 tokio::time::timeout_at(pause.min(upload_deadline), client.read_buf(&mut buf));
-            match read.await.map(client_read) {
+            match read.await.map(client_io) {
                 Ok(Ok(0)) | Ok(Err(_)) => return Ended::Closed,
                 Ok(Ok(_)) => ready_at = Instant::now(),
                 Err(_) => {
@@ -546,7 +546,7 @@ impl Exchange<'_> {
                 biased;
                 outcome = &mut attempt => return Some(outcome),
                 () = deadline.passed() => return Some(Err(Failure::Timeout)),
-                read = client.read_buf(early), if watching && early.len() < READ_BUF => match client_read(read) {
+                read = client.read_buf(early), if watching && early.len() < READ_BUF => match client_io(read) {
                     Ok(0) | Err(_) if early.is_empty() && !self.pipelined => {
                         tracing::debug!(cluster = %cluster.name, "client went away before the response: request dropped");
                         return None;
@@ -811,31 +811,22 @@ async fn read_more(conn: &mut RawConn) -> Result<(), Copy> {
 }
 
 /// Writes `a` then `b` to the client with as few system calls as the socket allows (one,
-/// usually); a kernel abort is counted ([`client_read`]).
+/// usually); a kernel abort is counted ([`client_io`]).
 async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let written = write_counted(w, a, b).await.map_err(|(_, e)| e);
-    if let Err(e) = &written {
-        count_abort(e);
-    }
-    written
+    client_io(write_counted(w, a, b).await.map_err(|(_, e)| e))
 }
 
-/// A read from the client. A client whose sent data stayed unacknowledged for
+/// A read from (or write to) the client. A client whose sent data stayed unacknowledged for
 /// `limits.send_timeout` is disconnected by the kernel (`TCP_USER_TIMEOUT`): the next read or
 /// write of the socket, and only that one, fails with `ETIMEDOUT`, which is counted as a
 /// connection closed for `send_timeout`.
-fn client_read(read: io::Result<usize>) -> io::Result<usize> {
-    if let Err(e) = &read {
-        count_abort(e);
+fn client_io<T>(done: io::Result<T>) -> io::Result<T> {
+    if let Err(e) = &done {
+        if e.kind() == io::ErrorKind::TimedOut {
+            telemetry::connection_closed("send_timeout");
+        }
     }
-    read
-}
-
-/// Counts a client socket's `ETIMEDOUT` (see [`client_read`]).
-fn count_abort(e: &io::Error) {
-    if e.kind() == io::ErrorKind::TimedOut {
-        telemetry::connection_closed("send_timeout");
-    }
+    done
 }
 
 /// [`write_all`], telling on failure how many bytes were written.
