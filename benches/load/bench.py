@@ -163,6 +163,19 @@ def core_times() -> dict[int, tuple[int, int]]:
     return out
 
 
+def tcp_counters() -> dict[str, int]:
+    """The machine's TCP segment counters (/proc/net/snmp and /proc/net/netstat). Everything the
+    benchmark sends goes over loopback, so each segment is counted once out and once in."""
+    out: dict[str, int] = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        lines = Path(path).read_text().splitlines()
+        for head, vals in zip(lines[::2], lines[1::2]):
+            prefix, names = head.split(":", 1)
+            if prefix in ("Tcp", "TcpExt"):
+                out.update(zip(names.split(), map(int, vals.split(":", 1)[1].split())))
+    return out
+
+
 def children_of(pid: int) -> list[int]:
     kids = []
     for d in os.listdir("/proc"):
@@ -590,9 +603,11 @@ class Bench:
         bpids = self.pids["backend"]
         lc, pc = int(self.args.load_cpu), int(self.args.proxy_cpu)
         x0, us0 = ctx_switches(pids), user_system_seconds(pids)
+        n0 = tcp_counters()
         k0, c0, b0, t0 = core_times(), cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
         w, wrk_cpu = self.wrk(port or self.ports[target], path, conns, duration)
         k1, c1, b1, t1 = core_times(), cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
+        n1 = tcp_counters()
         x1, us1 = ctx_switches(pids), user_system_seconds(pids)
         reqs = max(w["requests"], 1)
         secs = w["duration_us"] / 1e6
@@ -620,6 +635,11 @@ class Bench:
             "cpu_user_us": (us1[0] - us0[0]) * 1e6 / reqs if pids else None,
             "cpu_sys_us": (us1[1] - us0[1]) * 1e6 / reqs if pids else None,
             "wrk_cpu_pct": 100 * wrk_cpu / (t1 - t0),
+            # Loopback TCP segments per request (all sockets of the machine): a proxy's floor is 4
+            # (request in and out, response in and out); pure ACKs are segments without data.
+            "segs_per_req": (n1["OutSegs"] - n0["OutSegs"]) / reqs,
+            "pure_acks_per_req": (n1["TCPPureAcks"] - n0["TCPPureAcks"]) / reqs,
+            "delayed_acks_per_req": (n1["DelayedACKs"] - n0["DelayedACKs"]) / reqs,
             "load_core_busy_pct": 100 * busy_l / total_l,
             "proxy_core_busy_pct": 100 * busy_p / total_p,
             # CPU time on the proxy core not used by the proxy or the backend: other machine load.
@@ -628,7 +648,8 @@ class Bench:
         log(f"round {round_no} {scenario:9} {r['target']:14} {fmt_rps(r['rps']):>7} req/s  "
             f"p50/p99 {r['p50_us']}/{r['p99_us']} us  cpu/req {fmt_us(r['cpu_us'])}  "
             f"backend {fmt_us(r['backend_cpu_us'])}  err {r['errors']}+{r['non2xx']}  "
-            f"foreign {r['proxy_core_foreign_pct']:.0f}%")
+            f"foreign {r['proxy_core_foreign_pct']:.0f}%  segs/req {r['segs_per_req']:.2f} "
+            f"(pure ACKs {r['pure_acks_per_req']:.2f}, delayed {r['delayed_acks_per_req']:.2f})")
         return r
 
     # --- phases ----------------------------------------------------------------------------------
@@ -859,6 +880,55 @@ class Bench:
                 f.flush()
                 subprocess.run(report + opts, stdout=f, stderr=subprocess.DEVNULL)
         log(f"perf report: {out}.txt (data: {data})")
+
+    def kprofile(self) -> None:
+        """Where each proxy's CPU goes, per request: perf samples the whole proxy core (cpu-clock, no
+        call graphs) during one 64-connection small-body run per proxy, and the samples of the
+        proxy's processes are split into user space and kernel, and by kernel function. The same
+        kernel work (TCP over loopback, waking the other side, system call entry) is what every proxy
+        pays; the table shows how close each proxy is to it."""
+        freq = 4999
+        for t in [t for t in self.args.targets if t in PROXIES]:
+            data = self.results / f"{self.stamp}-kprofile-{t}.data"
+            rec = subprocess.Popen(["taskset", "-c", self.args.load_cpu, "perf", "record", "-C", self.args.proxy_cpu,
+                                    "-e", "cpu-clock", "-F", str(freq), "-o", str(data)],
+                                   stdout=subprocess.DEVNULL, stderr=open(self.work / "perf.log", "ab"))
+            (self.procs.piddir / "perf.pid").write_text(str(rec.pid))
+            time.sleep(0.5)
+            try:
+                r = self.measure_once(t, "small-c64", 0, self.args.kprofile, f"{t} (kprofile)", None)
+            finally:
+                rec.send_signal(signal.SIGINT)
+                rec.wait(timeout=120)
+                (self.procs.piddir / "perf.pid").unlink(missing_ok=True)
+            flat = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "pid,sym",
+                                   "-F", "sample,pid,sym"], capture_output=True, text=True).stdout
+            mine = {str(pid) for pid in self.pids[t]}
+            backend = {str(pid) for pid in self.pids["backend"]}
+            per_req = 1e6 / freq / max(r["requests"], 1)
+            user = kernel = backend_us = 0.0
+            ksyms: dict[str, float] = {}
+            for line in flat.splitlines():
+                mm = re.match(r"\s*(\d+)\s+(\d+):\S*\s+\[(.)\]\s+(\S+)", line)
+                if not mm:
+                    continue
+                us, pid, kind, sym = int(mm.group(1)) * per_req, mm.group(2), mm.group(3), mm.group(4)
+                if pid in backend:
+                    backend_us += us
+                elif pid in mine and kind == "k":
+                    kernel += us
+                    ksyms[sym] = ksyms.get(sym, 0.0) + us
+                elif pid in mine:
+                    user += us
+            top = sorted(ksyms.items(), key=lambda kv: -kv[1])[:8]
+            row = {"round": 0, "scenario": "kprofile", "target": t, "requests": r["requests"], "rps": r["rps"],
+                   "user_us": user, "kernel_us": kernel, "backend_us": backend_us, "top_kernel": top,
+                   "segs_per_req": r["segs_per_req"], "pure_acks_per_req": r["pure_acks_per_req"], "data": str(data)}
+            self.runs.append(row)
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"kprofile {t}: user {user:.2f} us, kernel {kernel:.2f} us per request (backend {backend_us:.2f} us); "
+                f"top kernel: " + ", ".join(f"{k} {v:.2f}" for k, v in top[:4]))
 
     def callgrind(self) -> None:
         """Instructions per request (user space) of each proxy under valgrind's callgrind: exact and
@@ -1239,13 +1309,29 @@ def render(runs: list[dict], info: dict, args) -> str:
             L.append(f"| {r['target']} | {r['ir_per_request']:,.0f} | {r['requests']:,} | `{r['dump']}` |")
         L.append("")
 
+    kp_rows = [r for r in runs if r["scenario"] == "kprofile"]
+    if kp_rows:
+        L.append("## Where the CPU goes, per request (perf on the proxy core, 64 conns, small body)")
+        L.append("")
+        L.append("Sampled (cpu-clock, 4,999 Hz) over the whole proxy core during one run per proxy. TCP segments")
+        L.append("are the machine's loopback total per request: 4 is a proxy's floor (request and response, in and out).")
+        L.append("")
+        L.append("| target | req/s | user | kernel | proxy total | backend | TCP segments (pure ACKs) | largest kernel functions (us/request) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for r in kp_rows:
+            top = ", ".join(f"`{k}` {v:.2f}" for k, v in r["top_kernel"][:5])
+            L.append(f"| {r['target']} | {fmt_rps(r['rps'])} | {r['user_us']:.2f} us | {r['kernel_us']:.2f} us "
+                     f"| {r['user_us'] + r['kernel_us']:.2f} us | {r['backend_us']:.2f} us "
+                     f"| {r['segs_per_req']:.2f} ({r['pure_acks_per_req']:.2f}) | {top} |")
+        L.append("")
+
     L.append("## Every run")
     L.append("")
     L.append("| round | scenario | target | req/s | p50 / p99 / max | CPU/req (of it user) | backend CPU/req | proxy context switches/req "
              "| errors + non-2xx | proxy core busy (foreign) | wrk CPU |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if r["scenario"] in ("rss", "syscalls", "callgrind"):
+        if r["scenario"] in ("rss", "syscalls", "callgrind", "kprofile"):
             continue
         L.append(f"| {r['round']} | {r['scenario']} | {r['target']} | {fmt_rps(r['rps'])} "
                  f"| {r['p50_us']:,} / {r['p99_us']:,} / {r['max_us']:,} us | {fmt_cpu(r)} "
@@ -1471,6 +1557,9 @@ def parse_args(argv: list[str]):
                     help="also profile rayshift with perf record for one run of this length")
     ap.add_argument("--syscalls", action="store_true",
                     help="also count each proxy's system calls and context switches per request (perf stat)")
+    ap.add_argument("--kprofile", type=int, default=0, metavar="SECONDS",
+                    help="also sample the proxy core with perf during one run per proxy of this length and split "
+                         "each proxy's CPU per request into user space and kernel functions")
     ap.add_argument("--callgrind", type=int, default=0, metavar="SECONDS",
                     help="also count each proxy's instructions per request under valgrind's callgrind, "
                          "over a load of this length (64 connections, small body)")
@@ -1545,6 +1634,8 @@ def main() -> int:
             bench.syscalls()
         if args.perf:
             bench.perf()
+        if args.kprofile:
+            bench.kprofile()
         if args.callgrind:
             bench.callgrind()
         text = bench.report()

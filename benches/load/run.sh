@@ -4,6 +4,7 @@
 #   benches/load/run.sh            # full run: 10 s per run, 3 rounds (about 12 minutes)
 #   benches/load/run.sh --quick    # smoke test: 3 s per run, 1 round (about 2 minutes)
 #   benches/load/run.sh --help     # every option (passed on to bench.py)
+#   benches/load/run.sh --syscalls --kprofile 10 --callgrind 10   # the full run with its diagnostics
 #
 # What it does: installs wrk, nginx and haproxy (Debian packages) if missing, builds rayshift
 # (cargo build --release), then runs benches/load/bench.py, which starts a 1-worker nginx backend,
@@ -36,6 +37,7 @@ command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 case " $* " in *" --callgrind"*) command -v valgrind >/dev/null 2>&1 || missing+=(valgrind) ;; esac
+case " $* " in *" --syscalls "*|*" --perf"*|*" --kprofile"*) command -v perf >/dev/null 2>&1 || missing+=(linux-perf) ;; esac
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ -n "${BENCH_NO_INSTALL:-}" ]; then
     echo "run.sh: missing: ${missing[*]} (BENCH_NO_INSTALL is set)" >&2
