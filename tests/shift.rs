@@ -883,6 +883,57 @@ async fn auto_shift_starts_when_a_newer_revision_is_ready() {
     assert_eq!(gw.cluster_state("green").await["weight"], 100);
 }
 
+/// A shift that rolls back while a newer revision is already ready: `auto_shift` starts the shift
+/// to the newer revision in the same clock tick, and it must start from the split the rollback
+/// restored (everything on the old cluster), not from the failed revision's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_shift_after_a_rollback_starts_from_the_restored_split() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let cyan = stub("cyan", "v3", &[("echo", "/echo")]).await;
+    cyan.set_healthy(false);
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+            cluster(&cyan, "shard-0", "v3", Some(0)),
+        ],
+        "",
+    )
+    .replace(
+        "shards: [shard-0]\n",
+        "shards:\n  - name: shard-0\n    auto_shift: {step_percent: 50, step_interval: 30s, ready_timeout: 1s}\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    // v2 is the newest ready revision: its shift takes the first step at once.
+    eventually("the shift to v2 at 50%", || async {
+        let shift = shift_of(&gw, "shard-0").await;
+        shift["target"]["revision"] == "v2" && shift["target_weight"] == 50
+    })
+    .await;
+    // v3 becomes ready while the shard is locked by the v2 shift; then v2 goes unready and its
+    // shift rolls back at ready_timeout, which frees the shard in the same tick.
+    cyan.set_healthy(true);
+    gw.wait_cluster_ready("cyan", true).await;
+    green.set_healthy(false);
+    eventually("the automatic shift to v3", || async {
+        shift_of(&gw, "shard-0").await["target"]["revision"] == "v3"
+    })
+    .await;
+    let shift = shift_of(&gw, "shard-0").await;
+    assert_eq!(
+        shift["start_weights"],
+        serde_json::json!({"blue": 100, "green": 0, "cyan": 0}),
+        "{shift}"
+    );
+    assert_eq!(
+        gw.cluster_state("green").await["weight"],
+        0,
+        "the rolled-back revision kept traffic"
+    );
+}
+
 /// A revision an operator shifted to by hand and aborted is not picked up again by `auto_shift`
 /// once it is ready: the abort sticks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

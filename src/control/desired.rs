@@ -277,12 +277,19 @@ impl Desired {
 
     /// Effective weights of a shard's clusters: stored weights, else the config's, else an equal split.
     pub(super) fn shard_weights(&self, shard: &str) -> BTreeMap<&str, u32> {
+        self.shard_weights_in(&self.state, shard)
+    }
+
+    /// [`shard_weights`](Self::shard_weights) with the stored weights read from `state`: the state
+    /// a clock tick is building, whose transitions (a rollback's restored split) are not yet
+    /// persisted and so not yet in `self.state`.
+    pub(super) fn shard_weights_in(&self, state: &State, shard: &str) -> BTreeMap<&str, u32> {
         let members: Vec<&ClusterEntry> = self
             .clusters
             .iter()
             .filter(|c| c.config.shard == shard)
             .collect();
-        if let Some(stored) = self.state.shards.get(shard) {
+        if let Some(stored) = state.shards.get(shard) {
             let known: BTreeMap<&str, u32> = members
                 .iter()
                 .map(|c| {

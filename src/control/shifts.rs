@@ -44,6 +44,7 @@ impl Desired {
     /// Builds a shift of `shard` towards `target` (validated against the current clusters).
     fn new_shift(
         &self,
+        state: &State,
         shard: &str,
         target: Target,
         policy: ShiftPolicy,
@@ -103,7 +104,7 @@ impl Desired {
             }
         };
         let start_weights: BTreeMap<String, u32> = self
-            .shard_weights(shard)
+            .shard_weights_in(state, shard)
             .into_iter()
             .map(|(name, w)| (name.to_string(), w))
             .collect();
@@ -127,7 +128,7 @@ impl Desired {
             return Err(ControlError::UnknownShard(shard.to_string()));
         }
         self.ensure_no_shift(shard)?;
-        let shift = self.new_shift(shard, request.target, request.policy)?;
+        let shift = self.new_shift(&self.state, shard, request.target, request.policy)?;
         let mut next = self.state.clone();
         let revision = self.target_revision(&shift);
         let entry = next.shards.entry(shard.to_string()).or_default();
@@ -199,6 +200,7 @@ impl Desired {
             // Already fully on the revision: nothing to do there.
             if self
                 .new_shift(
+                    &self.state,
                     &shard.name,
                     Target::Revision(revision.clone()),
                     policy.clone(),
@@ -392,6 +394,7 @@ impl Desired {
         });
         for shard in &actions.start {
             match self.new_shift(
+                next,
                 shard,
                 Target::Revision(rollout.revision.clone()),
                 rollout.policy.clone(),
@@ -443,7 +446,9 @@ impl Desired {
             if shard_lock(next, &shard.name).is_some() {
                 continue;
             }
-            let weights = self.shard_weights(&shard.name);
+            // From the state this tick builds: a shift that rolled back in this very tick has
+            // put its starting split back there, not yet in `self.state`.
+            let weights = self.shard_weights_in(next, &shard.name);
             let newest_ready = self
                 .clusters
                 .iter()
@@ -465,21 +470,24 @@ impl Desired {
             if natural_cmp(newest, serving).is_le() {
                 continue;
             }
-            let entry = next.shards.entry(shard.name.clone()).or_default();
-            if entry
-                .auto_shift_revision
-                .as_deref()
+            if next
+                .shards
+                .get(&shard.name)
+                .and_then(|e| e.auto_shift_revision.as_deref())
                 .is_some_and(|tried| natural_cmp(newest, tried).is_le())
             {
                 continue;
             }
-            tried_revision(&mut entry.auto_shift_revision, Some(newest.to_string()));
-            changed = true;
-            match self.new_shift(
+            let started = self.new_shift(
+                next,
                 &shard.name,
                 Target::Revision(newest.to_string()),
                 policy.clone(),
-            ) {
+            );
+            let entry = next.shards.entry(shard.name.clone()).or_default();
+            tried_revision(&mut entry.auto_shift_revision, Some(newest.to_string()));
+            changed = true;
+            match started {
                 Ok(shift) => {
                     tracing::info!(shard = %shard.name, revision = %newest, "automatic shift started");
                     entry.weights = shift.weights();
