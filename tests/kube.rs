@@ -176,12 +176,35 @@ async fn traffic_follows_rayclusters(env: &KubeEnv) {
     for _ in 0..10 {
         assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("a"));
     }
-    // Deletion: a goes away, nothing serves echo any more (503 naming the app).
+    // Deletion: a goes away, nothing serves echo any more (503 naming the app). A finalizer holds
+    // the object after the delete (as KubeRay's GCS fault-tolerance cleanup does) while its status
+    // still says ready: from the moment it is marked for deletion it takes no traffic.
+    let hold = serde_json::json!({"metadata": {"finalizers": ["rayshift.test/hold"]}});
+    api.patch("a", &PatchParams::default(), &Patch::Merge(&hold))
+        .await
+        .unwrap();
     api.delete("a", &DeleteParams::default()).await.unwrap();
+    gw.wait_cluster_ready("a", false).await;
+    assert_eq!(
+        get(&gw.url("/echo")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(
+        api.get_opt("a").await.unwrap().is_some(),
+        "the finalizer holds the RayCluster"
+    );
+    let release = serde_json::json!({"metadata": {"finalizers": null}});
+    api.patch("a", &PatchParams::default(), &Patch::Merge(&release))
+        .await
+        .unwrap();
     eventually("a removed", || async {
-        get(&gw.url("/echo")).await.status == StatusCode::SERVICE_UNAVAILABLE
+        find_cluster(&gw.state().await, "a").is_none()
     })
     .await;
+    assert_eq!(
+        get(&gw.url("/echo")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     let metrics = get(&gw.admin("/metrics")).await.body;
     assert!(
         metrics.contains("rayshift_kube_watch_events_total{namespace=\"follow\",event=\"delete\"}")

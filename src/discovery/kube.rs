@@ -17,9 +17,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
 
-use crate::config::KubernetesConfig;
+use crate::config::{KubeEndpoint, KubernetesConfig};
 use crate::control::{ClusterSource, ControlHandle, DiscoveryEvent};
-use crate::discovery::raycluster::{cluster_name, to_cluster, DRAINED_ANNOTATION};
+use crate::discovery::raycluster::{
+    cluster_name, has_serve_service, to_cluster, DRAINED_ANNOTATION, SERVE_SERVICE_ANNOTATION,
+};
 use crate::snapshot::Drain;
 use crate::telemetry;
 
@@ -100,14 +102,22 @@ async fn watch(
         None => Api::all_with(client, &ar),
     };
     let single = cfg.namespaces.len() == 1;
-    let map =
-        |o: &DynamicObject| to_cluster(&o.metadata, o.data.get("status"), cfg.endpoint, single);
     let name_of = |o: &DynamicObject| {
         cluster_name(
             o.metadata.namespace.as_deref().unwrap_or(""),
             o.metadata.name.as_deref().unwrap_or(""),
             single,
         )
+    };
+    let map = |o: &DynamicObject| {
+        if cfg.endpoint == KubeEndpoint::ServeService && !has_serve_service(&o.metadata) {
+            tracing::warn!(
+                raycluster = %name_of(&o),
+                "RayCluster has no Serve service: KubeRay creates <name>-serve-svc only with the annotation \
+                 {SERVE_SERVICE_ANNOTATION}: \"true\"; annotate it, or set discovery.kubernetes.endpoint: head_service_ip"
+            );
+        }
+        to_cluster(&o.metadata, o.data.get("status"), cfg.endpoint, single)
     };
     let watch_cfg = watcher::Config::default().labels(&cfg.label_selector);
     let mut stream = watcher::watcher(api, watch_cfg).default_backoff().boxed();

@@ -96,6 +96,28 @@ pub fn cluster_name(namespace: &str, name: &str, single_namespace: bool) -> Stri
     }
 }
 
+/// The annotation that makes KubeRay create a RayCluster's Serve service `<name>-serve-svc`.
+pub const SERVE_SERVICE_ANNOTATION: &str = "ray.io/enable-serve-service";
+
+/// Whether KubeRay creates a Serve service for this RayCluster: when it is annotated
+/// `ray.io/enable-serve-service: "true"`, or when a RayService owns it (KubeRay manages the
+/// Serve service then). A plain RayCluster without the annotation has no `<name>-serve-svc`.
+pub fn has_serve_service(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> bool {
+    let annotated = metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SERVE_SERVICE_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    let owned_by_rayservice = metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "RayService");
+    annotated || owned_by_rayservice
+}
+
 /// Maps a RayCluster (`metadata` and `status` as JSON) to a cluster.
 pub fn to_cluster(
     metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -168,7 +190,11 @@ pub fn to_cluster(
         .iter()
         .find(|c| c.kind == "HeadPodReady")
         .is_none_or(|c| c.status == "True");
-    let ready = status.state.as_deref() == Some("ready") && head_ready;
+    // Marked for deletion (a foreground delete, or a finalizer such as KubeRay's GCS
+    // fault-tolerance cleanup holding the object): its pods and services are going away while
+    // the status still says "ready", so it takes no new traffic from this moment.
+    let deleting = metadata.deletion_timestamp.is_some();
+    let ready = status.state.as_deref() == Some("ready") && head_ready && !deleting;
     Ok(DiscoveredCluster {
         config: ClusterConfig {
             name: cluster_name(namespace, name, single_namespace),
@@ -299,6 +325,33 @@ mod tests {
         );
         assert!(
             to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true)
+                .unwrap()
+                .ready
+        );
+    }
+
+    #[test]
+    fn serve_service_needs_kuberays_annotation() {
+        let (meta, _) = fixture(READY);
+        assert!(!has_serve_service(&meta));
+        let json = READY.replace(
+            "\"creationTimestamp\"",
+            "\"annotations\": {\"ray.io/enable-serve-service\": \"true\"}, \"creationTimestamp\"",
+        );
+        let (meta, _) = fixture(&json);
+        assert!(has_serve_service(&meta));
+    }
+
+    #[test]
+    fn a_raycluster_marked_for_deletion_is_not_ready() {
+        let json = READY.replace(
+            "\"creationTimestamp\": \"2026-11-20T10:00:00Z\",",
+            "\"creationTimestamp\": \"2026-11-20T10:00:00Z\", \"deletionTimestamp\": \"2026-11-21T08:00:00Z\", \"finalizers\": [\"ray.io/gcs-ft-redis-cleanup-finalizer\"],",
+        );
+        let (meta, status) = fixture(&json);
+        assert!(meta.deletion_timestamp.is_some());
+        assert!(
+            !to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true)
                 .unwrap()
                 .ready
         );
