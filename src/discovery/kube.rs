@@ -112,7 +112,7 @@ async fn watch(
     let map = |o: &DynamicObject| {
         if cfg.endpoint == KubeEndpoint::ServeService && !has_serve_service(&o.metadata) {
             tracing::warn!(
-                raycluster = %name_of(&o),
+                raycluster = %name_of(o),
                 "RayCluster has no Serve service: KubeRay creates <name>-serve-svc only with the annotation \
                  {SERVE_SERVICE_ANNOTATION}: \"true\"; annotate it, or set discovery.kubernetes.endpoint: head_service_ip"
             );
