@@ -221,6 +221,32 @@ async fn unready_target_holds_then_rolls_back() {
     assert_eq!(gw.cluster_state("blue").await["weight"], 100);
 }
 
+/// A target that passes its probes but answers every request with an error is ejected by passive
+/// health; an ejected target is not ready, so the shift holds and rolls back at `ready_timeout`
+/// instead of waiting, ejection after ejection, for enough requests to judge a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejected_target_holds_the_shift_and_rolls_back_at_ready_timeout() {
+    let (_blue, green, gw) = named_blue_green("ej", "ej-blue", "ej-green", "").await;
+    green.set_error_rate(1.0);
+    let load = Load::start(gw.url("/echo"), 4, false);
+    let r = post(
+        &gw.admin("/v1/shards/ej/shift"),
+        r#"{"to": "ej-green", "step_percent": 50, "step_interval": "200ms", "min_requests": 500, "ready_timeout": "1500ms"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let shift = wait_shift_state(&gw, "ej", &["rolled_back", "completed"]).await;
+    load.stop().await;
+    assert_eq!(shift["state"], "rolled_back", "{shift}");
+    let reason = shift["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("target not ready") && reason.contains("ejected by passive health"),
+        "{reason}"
+    );
+    assert_eq!(gw.cluster_state("ej-blue").await["weight"], 100);
+    assert_eq!(gw.cluster_state("ej-green").await["weight"], 0);
+}
+
 /// The routes and dashboard gates: a target whose dashboard shows the app DEPLOYING holds the
 /// shift; once RUNNING, it proceeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
