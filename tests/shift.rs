@@ -222,26 +222,33 @@ async fn unready_target_holds_then_rolls_back() {
 }
 
 /// A target that passes its probes but answers every request with an error is ejected by passive
-/// health; an ejected target is not ready, so the shift holds and rolls back at `ready_timeout`
-/// instead of waiting, ejection after ejection, for enough requests to judge a window.
+/// health, and then gets no requests: its checks fail at once instead of waiting, ejection after
+/// ejection, for `min_requests` (here far more than it gets before it is ejected), and the shift
+/// rolls back after `failure_threshold` of them, never stepping onto the ejected target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ejected_target_holds_the_shift_and_rolls_back_at_ready_timeout() {
+async fn ejected_target_fails_its_checks_without_min_requests() {
     let (_blue, green, gw) = named_blue_green("ej", "ej-blue", "ej-green", "").await;
     green.set_error_rate(1.0);
     let load = Load::start(gw.url("/echo"), 4, false);
     let r = post(
         &gw.admin("/v1/shards/ej/shift"),
-        r#"{"to": "ej-green", "step_percent": 50, "step_interval": "200ms", "min_requests": 500, "ready_timeout": "1500ms"}"#,
+        r#"{"to": "ej-green", "step_percent": 20, "step_interval": "300ms", "min_requests": 500, "failure_threshold": 2}"#,
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     let shift = wait_shift_state(&gw, "ej", &["rolled_back", "completed"]).await;
     load.stop().await;
     assert_eq!(shift["state"], "rolled_back", "{shift}");
+    assert_eq!(shift["step"], 1, "stepped onto an ejected target: {shift}");
     let reason = shift["reason"].as_str().unwrap();
     assert!(
-        reason.contains("target not ready") && reason.contains("ejected by passive health"),
+        reason.contains("2 failed checks in a row") && reason.contains("ejected by passive health"),
         "{reason}"
+    );
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics.contains(r#"rayshift_shift_rollbacks_total{shard="ej",reason="error_rate"} 1"#),
+        "rollback metric"
     );
     assert_eq!(gw.cluster_state("ej-blue").await["weight"], 100);
     assert_eq!(gw.cluster_state("ej-green").await["weight"], 0);

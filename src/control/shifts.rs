@@ -541,21 +541,16 @@ impl Desired {
                 } else {
                     Err("not ready according to its RayCluster status".to_string())
                 };
-                // Passing its probes but failing request after request: ejected by passive
-                // health, it is not ready either, so the shift holds and `ready_timeout` rolls
-                // it back (its trickle of requests between ejections would take many ejections
-                // to fill an analysis window).
-                let gated = gated.and_then(|()| match entry.ejected_until {
-                    Some(_) => Err(format!(
-                        "ejected by passive health ({} ejection(s) in a row)",
-                        entry.ejections
-                    )),
-                    None => Ok(()),
-                });
                 if let Err(detail) = gated {
                     obs.target_ready = false;
                     obs.gate_detail = format!("{name}: {detail}");
                 }
+            }
+            if entry.ejected_until.is_some() && obs.target_ejected.is_none() {
+                obs.target_ejected = Some(format!(
+                    "{name} ejected by passive health ({} ejection(s) in a row)",
+                    entry.ejections
+                ));
             }
         }
         obs.target_stats = stats;

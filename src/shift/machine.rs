@@ -118,6 +118,9 @@ pub struct Observation {
     pub target_ready: bool,
     /// Why not, when not.
     pub gate_detail: String,
+    /// A target cluster is ejected by passive health (it passes its probes but failed request
+    /// after request), and why. Evidence enough to fail a check without `min_requests`.
+    pub target_ejected: Option<String>,
     /// Cumulative outcome counters of the target clusters, summed.
     pub target_stats: StatsSnapshot,
     /// Requests still in flight on the draining clusters.
@@ -364,6 +367,10 @@ impl Shift {
         }
 
         let mut events = Vec::new();
+        if self.target_weight == 0 && obs.target_ejected.is_some() {
+            // No first step onto a cluster passive health keeps out of the split.
+            return events;
+        }
         if self.target_weight > 0 {
             let window = obs.target_stats.since(&base);
             let p99 = window.quantile(0.99);
@@ -375,8 +382,10 @@ impl Shift {
                 result: CheckResult::Passed,
                 detail: String::new(),
             };
-            if window.requests < self.policy.min_requests {
-                // Keep the window open until there is enough traffic to judge.
+            if window.requests < self.policy.min_requests && obs.target_ejected.is_none() {
+                // Keep the window open until there is enough traffic to judge. An ejected target
+                // is judged at once: while ejected it gets no requests, so its window would
+                // never fill, ejection after ejection.
                 check.result = CheckResult::Waiting;
                 check.detail = format!(
                     "{} of {} requests needed",
@@ -394,7 +403,16 @@ impl Shift {
                     Vec::new()
                 };
             }
-            let failure = if check.error_rate > self.policy.max_error_rate {
+            let failure = if let Some(ejected) = &obs.target_ejected {
+                Some((
+                    "error_rate",
+                    format!(
+                        "{ejected}; error rate {:.2}% over {} requests",
+                        check.error_rate * 100.0,
+                        window.requests
+                    ),
+                ))
+            } else if check.error_rate > self.policy.max_error_rate {
                 Some((
                     "error_rate",
                     format!(

@@ -58,9 +58,17 @@ impl TargetStats {
             } else {
                 "/-/healthz answered 503".into()
             },
+            target_ejected: None,
             target_stats: self.stats.snapshot(),
             draining_in_flight: 0,
             in_flight_elsewhere: false,
+        }
+    }
+    /// Ready by its probes, but ejected by passive health.
+    fn ejected(&self) -> Observation {
+        Observation {
+            target_ejected: Some("green ejected by passive health (1 ejection(s) in a row)".into()),
+            ..self.obs(true)
         }
     }
 }
@@ -68,6 +76,46 @@ impl TargetStats {
 fn weights(s: &Shift) -> (u32, u32) {
     let w = s.weights();
     (w["blue"], w["green"])
+}
+
+/// An ejected target gets no requests, so its window would never reach `min_requests`: its check
+/// fails at once, the shift does not step onto it, and `failure_threshold` such checks roll back.
+#[tokio::test(start_paused = true)]
+async fn an_ejected_target_fails_its_checks_without_min_requests() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    // Not even the first step onto an ejected target.
+    assert!(s.tick(Instant::now(), &t.ejected()).is_empty());
+    assert_eq!(weights(&s), (100, 0));
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    // Five failures in a row (far fewer than min_requests), then ejected.
+    t.serve(0, 5, Duration::from_millis(20));
+    advance(Duration::from_secs(10)).await;
+    let events = s.tick(Instant::now(), &t.ejected());
+    assert!(
+        matches!(&events[..], [Event::CheckFailed { check: "error_rate", detail }] if detail.contains("ejected by passive health") && detail.contains("over 5 requests")),
+        "{events:?}"
+    );
+    assert_eq!(s.last_check.as_ref().unwrap().result, CheckResult::Failed);
+    assert_eq!(weights(&s), (75, 25), "stepped onto an ejected target");
+    // Still ejected a window later, no requests at all: the second failed check rolls back.
+    advance(Duration::from_secs(10)).await;
+    let events = s.tick(Instant::now(), &t.ejected());
+    assert!(
+        matches!(
+            events.last(),
+            Some(Event::RolledBack {
+                reason: "error_rate",
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(weights(&s), (100, 0));
 }
 
 #[tokio::test(start_paused = true)]
