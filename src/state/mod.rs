@@ -537,17 +537,21 @@ impl StateFiles {
 
 /// Takes the exclusive lock on `<state_file>.lock` (flock), so that a second gateway pointed at the
 /// same state file refuses to start instead of interleaving its journal records with this one's.
-/// The lock goes with the returned file (or the process). `Ok(None)`: the lock file cannot be
-/// created (a read-only directory, say); the writer then keeps no journal, and every change is a
-/// whole new state file (temp file and rename, refused where the directory is read-only).
+/// The lock goes with the returned file (or the process). A lock file this process may read but
+/// not write (another user's) is locked all the same: `flock` needs no write access, and a
+/// gateway that went without the lock would fold away the running one's journal. `Ok(None)`: the
+/// lock file can neither be created nor opened (a read-only directory, say); the writer then keeps
+/// no journal, and every change is a whole new state file (temp file and rename, refused where the
+/// directory is read-only).
 fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
     let lock = journal::with_suffix(store.path(), ".lock");
-    let file = match fs::OpenOptions::new()
+    let opened = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock)
-    {
+        .or_else(|write_error| fs::File::open(&lock).map_err(|_| write_error));
+    let file = match opened {
         Ok(file) => file,
         Err(e) => {
             tracing::warn!(lock = %lock.display(), error = %e, "cannot create the state lock file");
@@ -799,10 +803,11 @@ mod tests {
         let (writer, _) = StateWriter::open(store.clone()).unwrap();
         writer.save(weights(2)).await.unwrap();
         drop(writer);
-        // The lock file becomes something that cannot be opened for writing.
+        // The lock file becomes something that cannot be opened at all (also not by root): a
+        // symbolic link into a directory that does not exist.
         let lock = journal::with_suffix(store.path(), ".lock");
         fs::remove_file(&lock).unwrap();
-        fs::create_dir(&lock).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone/state.json.lock"), &lock).unwrap();
 
         let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
         assert_eq!(blue(&loaded.unwrap()), 2, "the crash's record is loaded");
@@ -813,6 +818,36 @@ mod tests {
         assert!(!store.journal_path().exists(), "no journal is started");
         let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
         assert_eq!(blue(&snapshot), 3, "the change is a whole state file");
+    }
+
+    /// A lock file this process can open for reading only (another user's, or here a directory,
+    /// which also root cannot open for writing) is locked all the same: a second gateway on the
+    /// same state file refuses to start, and the running one's journal stays where it is.
+    #[tokio::test]
+    async fn a_lock_file_that_cannot_be_written_still_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let lock = journal::with_suffix(store.path(), ".lock");
+        fs::create_dir(&lock).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        assert!(
+            store.journal_path().exists(),
+            "the locked writer keeps a journal"
+        );
+        match StateWriter::open(store.clone()) {
+            Err(StateError::InUse { .. }) => {}
+            Err(other) => panic!("expected InUse, got {other}"),
+            Ok(_) => panic!("a second writer opened the state in use"),
+        }
+        assert!(
+            store.journal_path().exists(),
+            "the running writer's journal is kept"
+        );
+        drop(writer);
+        let (_, loaded) = reopen(&store).await;
+        assert_eq!(blue(&loaded.unwrap()), 2);
     }
 
     /// Temporary files a crash left (a state file or a journal being written) are removed at the
