@@ -492,6 +492,23 @@ async fn drained_raycluster_is_deleted_when_configured(env: &KubeEnv) {
             .contains_key("rayshift.io/drained"),
         "the new RayCluster was annotated drained"
     );
+    // Nor is it draining in the gateway's eyes: no drained flag, and it is the shard's fallback
+    // (weight 0, ready) when the cluster holding the traffic stops being ready.
+    assert_eq!(
+        gw.cluster_state("old").await["drain"],
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"rayshift_cluster_drained{shard="shard-0",cluster="old"}"#
+        )
+        .await,
+        Some(0.0)
+    );
+    set_status(&api, "new", new.addr().port(), false).await;
+    gw.wait_cluster_ready("new", false).await;
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("old"));
     gw.gateway.shutdown().await;
 }
 

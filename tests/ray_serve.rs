@@ -698,6 +698,7 @@ async fn shift_and_rollback_on_real_ray_serve() {
                 dashboard_url: None,
                 weight: None,
             },
+            created: None,
             ready: true,
             source: ClusterSource::Static,
         })))

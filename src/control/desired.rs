@@ -535,11 +535,25 @@ impl Desired {
 
 impl Desired {
     /// Whether a cluster is draining or drained: it was an old cluster of its shard's promoted
-    /// shift and nobody gave it weight since.
+    /// shift and nobody gave it weight since. A cluster whose source object was created after the
+    /// promotion (a RayCluster deleted once drained and created again under its name) is a new
+    /// cluster, not the drained one.
     pub(super) fn drain_of(&self, shard: &str, cluster: &str, weight: u32) -> Option<Drain> {
         let shift = self.state.shards.get(shard)?.shift.as_ref()?;
         if weight > 0 || !shift.draining_clusters().iter().any(|c| c == cluster) {
             return None;
+        }
+        let created = self
+            .clusters
+            .iter()
+            .find(|c| c.config.name == cluster)
+            .and_then(|c| c.created);
+        if let (Some(created), Some(promoted)) = (created, shift.promoted_at) {
+            // Whole seconds: one created in the promotion's second counts as the drained one,
+            // as `discovery.kubernetes.delete_drained` judges it.
+            if created > promoted {
+                return None;
+            }
         }
         Some(match shift.phase {
             Phase::Draining => Drain::Draining,

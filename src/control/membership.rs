@@ -33,6 +33,10 @@ pub struct DiscoveredCluster {
     pub ready: bool,
     /// Where it came from.
     pub source: ClusterSource,
+    /// When the source object was created (Unix seconds; Kubernetes' `creationTimestamp`), when
+    /// known: a RayCluster created after a shift was promoted is not the old cluster that shift
+    /// drained, even under the same name.
+    pub created: Option<u64>,
 }
 
 /// A change of cluster membership.
@@ -97,6 +101,7 @@ impl Desired {
             last_routes: BTreeMap::new(),
             prober,
             source: d.source,
+            created: d.created,
             external_ready: d.ready,
             ejected_until: None,
             ejections: 0,
@@ -198,6 +203,7 @@ impl Desired {
                 }
                 entry.external_ready = d.ready;
                 entry.source = d.source;
+                entry.created = d.created;
                 return;
             }
             tracing::info!(cluster = %d.config.name, "cluster changed (address, shard or revision)");

@@ -374,6 +374,8 @@ struct ClusterEntry {
     prober: JoinHandle<()>,
     /// Where the cluster came from.
     source: ClusterSource,
+    /// When its source object was created (Unix seconds), when known.
+    created: Option<u64>,
     /// The discovery source's own readiness (Kubernetes: state ready and head pod ready).
     external_ready: bool,
     /// Passive health: ejected from the split until this time (and a successful probe after it).
@@ -530,6 +532,7 @@ pub async fn start(
             config: c.clone(),
             ready: true,
             source: ClusterSource::Static,
+            created: None,
         })?;
     }
     tokio::spawn(run(desired, command_rx, probe_rx, state_rx, ready_tx));

@@ -209,6 +209,10 @@ pub fn to_cluster(
             namespace: namespace.to_string(),
             name: name.to_string(),
         },
+        created: metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| u64::try_from(t.0.as_second()).ok()),
     })
 }
 
@@ -239,6 +243,11 @@ mod tests {
         let (meta, status) = fixture(READY);
         let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true).unwrap();
         assert!(c.ready);
+        assert_eq!(
+            c.created,
+            Some(1_795_168_800),
+            "creationTimestamp in Unix seconds"
+        );
         assert_eq!(c.config.name, "shard0-v2");
         assert_eq!(c.config.shard, "shard-0");
         assert_eq!(c.config.revision, "v2");
