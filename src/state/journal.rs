@@ -148,6 +148,22 @@ pub struct Journal {
     epoch: u64,
     next: u64,
     capacity: u64,
+    /// Tests: this many of the next `fdatasync`s fail, as on a failing disk.
+    #[cfg(test)]
+    pub(crate) failing_syncs: u32,
+}
+
+/// An append failed and its record could not be withdrawn either: the record may be durable and
+/// take effect at the next start, although the change was reported as not made.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{write}; withdrawing the record failed too ({withdraw}): it may take effect at the next start"
+)]
+pub struct NotWithdrawn {
+    /// Why the append failed.
+    pub write: io::Error,
+    /// Why zeroing its block failed.
+    pub withdraw: io::Error,
 }
 
 impl Journal {
@@ -184,6 +200,8 @@ impl Journal {
                 epoch: 1,
                 next: BLOCK,
                 capacity,
+                #[cfg(test)]
+                failing_syncs: 0,
             }),
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -202,6 +220,8 @@ impl Journal {
             epoch: contents.epoch,
             next: contents.end,
             capacity,
+            #[cfg(test)]
+            failing_syncs: 0,
         })
     }
 
@@ -216,7 +236,9 @@ impl Journal {
     }
 
     /// Writes `payload` as the newest record and waits until it is durable. `Ok(false)`: it does
-    /// not fit; nothing was written.
+    /// not fit; nothing was written. On an error the record is withdrawn (its block zeroed and
+    /// synced, so the journal ends before it at the next start); when that fails too, the error
+    /// carries [`NotWithdrawn`].
     pub fn append(&mut self, payload: &[u8]) -> io::Result<bool> {
         let len = u32::try_from(payload.len())
             .map_err(|_| io::Error::other("state too large for a journal record"))?;
@@ -238,10 +260,34 @@ impl Journal {
         record.extend_from_slice(&record_checksum(self.epoch, payload).to_le_bytes());
         record.extend_from_slice(payload);
         record.resize(size as usize, 0);
-        self.file.write_all_at(&record, self.next)?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all_at(&record, self.next)
+            .and_then(|()| self.sync());
+        if let Err(write) = written {
+            // The record may be on disk, whole or torn, or in the page cache where the next start
+            // would read it: the change was not made, so it must not take effect later.
+            record.fill(0);
+            let withdrawn = self
+                .file
+                .write_all_at(&record, self.next)
+                .and_then(|()| self.sync());
+            return Err(match withdrawn {
+                Ok(()) => write,
+                Err(withdraw) => io::Error::new(write.kind(), NotWithdrawn { write, withdraw }),
+            });
+        }
         self.next += size;
         Ok(true)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.failing_syncs > 0 {
+            self.failing_syncs -= 1;
+            return Err(io::Error::other("fdatasync failed (injected)"));
+        }
+        self.file.sync_data()
     }
 
     /// Retires every record by moving the header to the next epoch, and waits until that is

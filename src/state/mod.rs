@@ -85,6 +85,18 @@ pub enum StateError {
         /// The key and what is wrong with it.
         message: String,
     },
+    /// The new state could not be written durably and its journal record could not be withdrawn:
+    /// it is not in effect now, but may be after the next start.
+    #[error(
+        "writing state file {path}: {source}; the change is not in effect, but its journal record \
+         could not be withdrawn and may take effect when the gateway next starts"
+    )]
+    Uncertain {
+        /// The state file.
+        path: PathBuf,
+        /// The journal's error, then the state file's.
+        source: std::io::Error,
+    },
     /// The new state could not be written durably; the old state is still in place.
     #[error("writing state file {path}: {source}")]
     Write {
@@ -144,6 +156,10 @@ impl StateError {
                     source: std::io::Error::new(source.kind(), source.to_string()),
                 }
             }
+            StateError::Uncertain { path, source } => StateError::Uncertain {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
             StateError::Corrupt { path, .. }
             | StateError::Invalid { path, .. }
             | StateError::Version { path, .. }
@@ -449,17 +465,32 @@ impl StateFiles {
             path: self.store.path().to_path_buf(),
             source: e.into(),
         })?;
+        let mut not_withdrawn = None;
         let appended = match self.journal.as_mut().map(|j| j.append(&payload)) {
             Some(Ok(appended)) => appended,
             Some(Err(e)) => {
                 tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "appending to the state journal failed; writing the state file instead");
                 self.journal = None;
+                if e.get_ref()
+                    .is_some_and(|inner| inner.is::<journal::NotWithdrawn>())
+                {
+                    not_withdrawn = Some(e);
+                }
                 false
             }
             None => false,
         };
         if !appended {
-            self.fold(&state)?;
+            // A new state file (and journal) also replaces a record that could not be withdrawn.
+            if let Err(e) = self.fold(&state) {
+                return Err(match not_withdrawn {
+                    Some(journal) => StateError::Uncertain {
+                        path: self.store.path().to_path_buf(),
+                        source: std::io::Error::other(format!("{journal}; then: {e}")),
+                    },
+                    None => e,
+                });
+            }
         }
         self.last = Some(state);
         Ok(())
@@ -818,6 +849,73 @@ mod tests {
         assert!(!store.journal_path().exists(), "no journal is started");
         let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
         assert_eq!(blue(&snapshot), 3, "the change is a whole state file");
+    }
+
+    /// A writer's files with a journal, as the writer thread holds them, and the path at which a
+    /// directory makes the next state-file write fail (its temporary file cannot be created).
+    fn files_with_journal(dir: &Path) -> (StateFiles, PathBuf) {
+        let store = StateStore::new(dir.join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let lock = lock_state(&store).unwrap();
+        assert!(lock.is_some());
+        let block = dir.join(format!(
+            "{}{}",
+            snapshot_temp_prefix(store.path()),
+            std::process::id()
+        ));
+        let mut files = StateFiles {
+            store,
+            journal: None,
+            last: Some(weights(1)),
+            lock,
+        };
+        files.open_journal(None);
+        assert!(files.journal.is_some());
+        (files, block)
+    }
+
+    /// A journal record whose `fdatasync` fails, when the state file cannot be written either, is
+    /// answered as not made, and it is withdrawn: it does not take effect at the next start (from
+    /// the page cache or the disk), and the acknowledged change before it stays.
+    #[test]
+    fn a_failed_append_is_withdrawn_and_does_not_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, block) = files_with_journal(dir.path());
+        files.save(weights(2)).unwrap();
+        files.journal.as_mut().unwrap().failing_syncs = 1;
+        fs::create_dir(&block).unwrap();
+        match files.save(weights(9)) {
+            Err(StateError::Write { .. }) => {}
+            other => panic!("expected a write error, got {other:?}"),
+        }
+        let store = files.store.clone();
+        drop(files);
+        let (state, _) = store.load_with_journal().unwrap();
+        assert_eq!(blue(&state.unwrap()), 2, "the refused change came back");
+    }
+
+    /// When withdrawing the record fails too, the answer says the change may take effect at the
+    /// next start instead of claiming the old state is in place; the next successful write
+    /// replaces the record.
+    #[test]
+    fn a_record_that_cannot_be_withdrawn_is_reported_as_uncertain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, block) = files_with_journal(dir.path());
+        files.save(weights(2)).unwrap();
+        files.journal.as_mut().unwrap().failing_syncs = 2;
+        fs::create_dir(&block).unwrap();
+        match files.save(weights(9)) {
+            Err(e @ StateError::Uncertain { .. }) => {
+                assert!(e.to_string().contains("may take effect"), "{e}")
+            }
+            other => panic!("expected an uncertain outcome, got {other:?}"),
+        }
+        fs::remove_dir(&block).unwrap();
+        files.save(weights(3)).unwrap();
+        let store = files.store.clone();
+        drop(files);
+        let (state, _) = store.load_with_journal().unwrap();
+        assert_eq!(blue(&state.unwrap()), 3);
     }
 
     /// A lock file this process can open for reading only (another user's, or here a directory,
