@@ -403,22 +403,21 @@ impl Shift {
                     Vec::new()
                 };
             }
-            let failure = if let Some(ejected) = &obs.target_ejected {
+            let error_rate = format!(
+                "error rate {:.2}% over {} requests",
+                check.error_rate * 100.0,
+                window.requests
+            );
+            let failure = if check.error_rate > self.policy.max_error_rate {
+                let ejected = obs
+                    .target_ejected
+                    .as_ref()
+                    .map(|e| format!("; {e}"))
+                    .unwrap_or_default();
                 Some((
                     "error_rate",
                     format!(
-                        "{ejected}; error rate {:.2}% over {} requests",
-                        check.error_rate * 100.0,
-                        window.requests
-                    ),
-                ))
-            } else if check.error_rate > self.policy.max_error_rate {
-                Some((
-                    "error_rate",
-                    format!(
-                        "error rate {:.2}% over {} requests > max {:.2}%",
-                        check.error_rate * 100.0,
-                        window.requests,
+                        "{error_rate} > max {:.2}%{ejected}",
                         self.policy.max_error_rate * 100.0
                     ),
                 ))
@@ -432,7 +431,11 @@ impl Shift {
                     ),
                 ))
             } else {
-                None
+                // Within the thresholds, yet ejected (its failures were connections refused or
+                // came in a row among many good answers): never a step onto it.
+                obs.target_ejected
+                    .as_ref()
+                    .map(|e| ("error_rate", format!("{error_rate}; {e}")))
             };
             self.runtime.window_base = Some(obs.target_stats.clone());
             self.runtime.step_due = Some(now + interval);
