@@ -164,16 +164,26 @@ def core_times() -> dict[int, tuple[int, int]]:
 
 
 def tcp_counters() -> dict[str, int]:
-    """The machine's TCP segment counters (/proc/net/snmp and /proc/net/netstat). Everything the
-    benchmark sends goes over loopback, so each segment is counted once out and once in."""
+    """The machine's TCP counters (/proc/net/snmp). Everything the benchmark sends goes over
+    loopback, so `OutSegs` counts each segment once."""
     out: dict[str, int] = {}
-    for path in ("/proc/net/snmp", "/proc/net/netstat"):
-        lines = Path(path).read_text().splitlines()
-        for head, vals in zip(lines[::2], lines[1::2]):
-            prefix, names = head.split(":", 1)
-            if prefix in ("Tcp", "TcpExt"):
-                out.update(zip(names.split(), map(int, vals.split(":", 1)[1].split())))
+    lines = Path("/proc/net/snmp").read_text().splitlines()
+    for head, vals in zip(lines[::2], lines[1::2]):
+        prefix, names = head.split(":", 1)
+        if prefix == "Tcp":
+            out.update(zip(names.split(), map(int, vals.split(":", 1)[1].split())))
     return out
+
+
+def thread_ids(pids: list[int]) -> set[str]:
+    """Every thread of the processes `pids` (perf attributes samples to threads)."""
+    tids = {str(p) for p in pids}
+    for p in pids:
+        try:
+            tids.update(os.listdir(f"/proc/{p}/task"))
+        except FileNotFoundError:
+            pass
+    return tids
 
 
 def children_of(pid: int) -> list[int]:
@@ -636,10 +646,8 @@ class Bench:
             "cpu_sys_us": (us1[1] - us0[1]) * 1e6 / reqs if pids else None,
             "wrk_cpu_pct": 100 * wrk_cpu / (t1 - t0),
             # Loopback TCP segments per request (all sockets of the machine): a proxy's floor is 4
-            # (request in and out, response in and out); pure ACKs are segments without data.
+            # (request in and out, response in and out); anything above it is ACKs or split writes.
             "segs_per_req": (n1["OutSegs"] - n0["OutSegs"]) / reqs,
-            "pure_acks_per_req": (n1["TCPPureAcks"] - n0["TCPPureAcks"]) / reqs,
-            "delayed_acks_per_req": (n1["DelayedACKs"] - n0["DelayedACKs"]) / reqs,
             "load_core_busy_pct": 100 * busy_l / total_l,
             "proxy_core_busy_pct": 100 * busy_p / total_p,
             # CPU time on the proxy core not used by the proxy or the backend: other machine load.
@@ -648,8 +656,7 @@ class Bench:
         log(f"round {round_no} {scenario:9} {r['target']:14} {fmt_rps(r['rps']):>7} req/s  "
             f"p50/p99 {r['p50_us']}/{r['p99_us']} us  cpu/req {fmt_us(r['cpu_us'])}  "
             f"backend {fmt_us(r['backend_cpu_us'])}  err {r['errors']}+{r['non2xx']}  "
-            f"foreign {r['proxy_core_foreign_pct']:.0f}%  segs/req {r['segs_per_req']:.2f} "
-            f"(pure ACKs {r['pure_acks_per_req']:.2f}, delayed {r['delayed_acks_per_req']:.2f})")
+            f"foreign {r['proxy_core_foreign_pct']:.0f}%  TCP segments/req {r['segs_per_req']:.2f}")
         return r
 
     # --- phases ----------------------------------------------------------------------------------
@@ -895,16 +902,18 @@ class Bench:
                                    stdout=subprocess.DEVNULL, stderr=open(self.work / "perf.log", "ab"))
             (self.procs.piddir / "perf.pid").write_text(str(rec.pid))
             time.sleep(0.5)
+            # perf's "pid" is the thread id: sample every thread of the proxy and the backend.
+            mine, backend = thread_ids(self.pids[t]), thread_ids(self.pids["backend"])
             try:
                 r = self.measure_once(t, "small-c64", 0, self.args.kprofile, f"{t} (kprofile)", None)
             finally:
                 rec.send_signal(signal.SIGINT)
                 rec.wait(timeout=120)
                 (self.procs.piddir / "perf.pid").unlink(missing_ok=True)
+            if rec.returncode not in (0, -signal.SIGINT, 130) or not data.exists():
+                raise RuntimeError(f"kprofile {t}: perf record failed ({rec.returncode}); see {self.work / 'perf.log'}")
             flat = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "pid,sym",
                                    "-F", "sample,pid,sym"], capture_output=True, text=True).stdout
-            mine = {str(pid) for pid in self.pids[t]}
-            backend = {str(pid) for pid in self.pids["backend"]}
             per_req = 1e6 / freq / max(r["requests"], 1)
             user = kernel = backend_us = 0.0
             ksyms: dict[str, float] = {}
@@ -920,10 +929,12 @@ class Bench:
                     ksyms[sym] = ksyms.get(sym, 0.0) + us
                 elif pid in mine:
                     user += us
+            if user + kernel == 0:
+                raise RuntimeError(f"kprofile {t}: no samples of the proxy's threads {sorted(mine)} in {data}")
             top = sorted(ksyms.items(), key=lambda kv: -kv[1])[:8]
             row = {"round": 0, "scenario": "kprofile", "target": t, "requests": r["requests"], "rps": r["rps"],
                    "user_us": user, "kernel_us": kernel, "backend_us": backend_us, "top_kernel": top,
-                   "segs_per_req": r["segs_per_req"], "pure_acks_per_req": r["pure_acks_per_req"], "data": str(data)}
+                   "segs_per_req": r["segs_per_req"], "data": str(data)}
             self.runs.append(row)
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -1316,13 +1327,13 @@ def render(runs: list[dict], info: dict, args) -> str:
         L.append("Sampled (cpu-clock, 4,999 Hz) over the whole proxy core during one run per proxy. TCP segments")
         L.append("are the machine's loopback total per request: 4 is a proxy's floor (request and response, in and out).")
         L.append("")
-        L.append("| target | req/s | user | kernel | proxy total | backend | TCP segments (pure ACKs) | largest kernel functions (us/request) |")
+        L.append("| target | req/s | user | kernel | proxy total | backend | TCP segments | largest kernel functions (us/request) |")
         L.append("|---|---|---|---|---|---|---|---|")
         for r in kp_rows:
             top = ", ".join(f"`{k}` {v:.2f}" for k, v in r["top_kernel"][:5])
             L.append(f"| {r['target']} | {fmt_rps(r['rps'])} | {r['user_us']:.2f} us | {r['kernel_us']:.2f} us "
                      f"| {r['user_us'] + r['kernel_us']:.2f} us | {r['backend_us']:.2f} us "
-                     f"| {r['segs_per_req']:.2f} ({r['pure_acks_per_req']:.2f}) | {top} |")
+                     f"| {r['segs_per_req']:.2f} | {top} |")
         L.append("")
 
     L.append("## Every run")

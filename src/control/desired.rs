@@ -543,17 +543,13 @@ impl Desired {
         if weight > 0 || !shift.draining_clusters().iter().any(|c| c == cluster) {
             return None;
         }
-        let created = self
+        if self
             .clusters
             .iter()
             .find(|c| c.config.name == cluster)
-            .and_then(|c| c.created);
-        if let (Some(created), Some(promoted)) = (created, shift.promoted_at) {
-            // Whole seconds: one created in the promotion's second counts as the drained one,
-            // as `discovery.kubernetes.delete_drained` judges it.
-            if created > promoted {
-                return None;
-            }
+            .is_some_and(|c| !c.predates(shift))
+        {
+            return None;
         }
         Some(match shift.phase {
             Phase::Draining => Drain::Draining,

@@ -389,6 +389,17 @@ struct ClusterEntry {
 }
 
 impl ClusterEntry {
+    /// Whether this cluster's source object existed when `shift` was promoted, so that it is the
+    /// old cluster the shift drains and not a new one created since under the same name. Whole
+    /// seconds: one created in the promotion's second counts as the old one, as
+    /// `discovery.kubernetes.delete_drained` judges it; unknown times count as the old one.
+    fn predates(&self, shift: &crate::shift::Shift) -> bool {
+        match (self.created, shift.promoted_at) {
+            (Some(created), Some(promoted)) => created <= promoted,
+            _ => true,
+        }
+    }
+
     /// Ready to serve by every account: its discovery source says so, its probes pass, and passive
     /// health has not ejected it.
     fn serving_ready(&self) -> bool {

@@ -559,6 +559,7 @@ impl Desired {
             .draining_clusters()
             .iter()
             .filter_map(|name| self.clusters.iter().find(|c| &c.config.name == name))
+            .filter(|c| c.predates(shift))
             .map(|c| c.cluster.stats.in_flight())
             .sum();
         obs

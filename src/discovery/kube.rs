@@ -109,8 +109,21 @@ async fn watch(
             single,
         )
     };
+    // RayClusters warned about for a missing Serve service, by UID: once per object, not at
+    // every status change or relist.
+    let warned = std::sync::Mutex::new(HashSet::new());
     let map = |o: &DynamicObject| {
-        if cfg.endpoint == KubeEndpoint::ServeService && !has_serve_service(&o.metadata) {
+        let first_look = || {
+            let id = o.metadata.uid.clone().unwrap_or_else(|| name_of(o));
+            warned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id)
+        };
+        if cfg.endpoint == KubeEndpoint::ServeService
+            && !has_serve_service(&o.metadata)
+            && first_look()
+        {
             tracing::warn!(
                 raycluster = %name_of(o),
                 "RayCluster has no Serve service: KubeRay creates <name>-serve-svc only with the annotation \

@@ -99,23 +99,17 @@ pub fn cluster_name(namespace: &str, name: &str, single_namespace: bool) -> Stri
 /// The annotation that makes KubeRay create a RayCluster's Serve service `<name>-serve-svc`.
 pub const SERVE_SERVICE_ANNOTATION: &str = "ray.io/enable-serve-service";
 
-/// Whether KubeRay creates a Serve service for this RayCluster: when it is annotated
-/// `ray.io/enable-serve-service: "true"`, or when a RayService owns it (KubeRay manages the
-/// Serve service then). A plain RayCluster without the annotation has no `<name>-serve-svc`.
+/// Whether KubeRay creates `<name>-serve-svc` for this RayCluster: only when it is annotated
+/// `ray.io/enable-serve-service: "true"`. (A RayService's Serve service is named after the
+/// RayService, not after its RayClusters: use `head_service_ip` for those.)
 pub fn has_serve_service(
     metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> bool {
-    let annotated = metadata
+    metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(SERVE_SERVICE_ANNOTATION))
-        .is_some_and(|v| v == "true");
-    let owned_by_rayservice = metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.kind == "RayService");
-    annotated || owned_by_rayservice
+        .is_some_and(|v| v == "true")
 }
 
 /// Maps a RayCluster (`metadata` and `status` as JSON) to a cluster.
@@ -349,6 +343,13 @@ mod tests {
         );
         let (meta, _) = fixture(&json);
         assert!(has_serve_service(&meta));
+        // A RayService's cluster: its Serve service is named after the RayService.
+        let json = READY.replace(
+            "\"creationTimestamp\"",
+            "\"ownerReferences\": [{\"apiVersion\": \"ray.io/v1\", \"kind\": \"RayService\", \"name\": \"svc\", \"uid\": \"u1\"}], \"creationTimestamp\"",
+        );
+        let (meta, _) = fixture(&json);
+        assert!(!has_serve_service(&meta));
     }
 
     #[test]

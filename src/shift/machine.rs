@@ -408,12 +408,12 @@ impl Shift {
                 check.error_rate * 100.0,
                 window.requests
             );
+            let ejected = obs
+                .target_ejected
+                .as_ref()
+                .map(|e| format!("; {e}"))
+                .unwrap_or_default();
             let failure = if check.error_rate > self.policy.max_error_rate {
-                let ejected = obs
-                    .target_ejected
-                    .as_ref()
-                    .map(|e| format!("; {e}"))
-                    .unwrap_or_default();
                 Some((
                     "error_rate",
                     format!(
@@ -425,7 +425,7 @@ impl Shift {
                 Some((
                     "latency",
                     format!(
-                        "p99 latency {} > max {}",
+                        "p99 latency {} > max {}{ejected}",
                         humantime::format_duration(round_ms(p99.unwrap_or_default())),
                         humantime::format_duration(self.policy.max_p99_latency)
                     ),
@@ -434,8 +434,8 @@ impl Shift {
                 // Within the thresholds, yet ejected (its failures were connections refused or
                 // came in a row among many good answers): never a step onto it.
                 obs.target_ejected
-                    .as_ref()
-                    .map(|e| ("error_rate", format!("{error_rate}; {e}")))
+                    .is_some()
+                    .then(|| ("error_rate", format!("{error_rate}{ejected}")))
             };
             self.runtime.window_base = Some(obs.target_stats.clone());
             self.runtime.step_due = Some(now + interval);
