@@ -874,6 +874,14 @@ mod tests {
         (files, block)
     }
 
+    /// Closes the files (the writer stops) and reads the state as the next start would.
+    fn blue_at_next_start(files: StateFiles) -> u32 {
+        let store = files.store.clone();
+        drop(files);
+        let (state, _) = store.load_with_journal().unwrap();
+        blue(&state.unwrap())
+    }
+
     /// A journal record whose `fdatasync` fails, when the state file cannot be written either, is
     /// answered as not made, and it is withdrawn: it does not take effect at the next start (from
     /// the page cache or the disk), and the acknowledged change before it stays.
@@ -888,10 +896,7 @@ mod tests {
             Err(StateError::Write { .. }) => {}
             other => panic!("expected a write error, got {other:?}"),
         }
-        let store = files.store.clone();
-        drop(files);
-        let (state, _) = store.load_with_journal().unwrap();
-        assert_eq!(blue(&state.unwrap()), 2, "the refused change came back");
+        assert_eq!(blue_at_next_start(files), 2, "the refused change came back");
     }
 
     /// When withdrawing the record fails too, the answer says the change may take effect at the
@@ -912,10 +917,7 @@ mod tests {
         }
         fs::remove_dir(&block).unwrap();
         files.save(weights(3)).unwrap();
-        let store = files.store.clone();
-        drop(files);
-        let (state, _) = store.load_with_journal().unwrap();
-        assert_eq!(blue(&state.unwrap()), 3);
+        assert_eq!(blue_at_next_start(files), 3);
     }
 
     /// A lock file this process can open for reading only (another user's, or here a directory,
