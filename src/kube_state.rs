@@ -7,7 +7,7 @@
 //! so no update is lost. Only the Lease holder ticks shifts, rollouts and automatic shifts; when it
 //! dies, another replica takes the Lease once it expires and continues from the stored step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -53,8 +53,40 @@ pub struct ConfigMapStore {
     api: Api<ConfigMap>,
     name: String,
     origin: PathBuf,
-    /// `resourceVersion` of the last version this replica read or wrote.
-    version: Mutex<Option<String>>,
+    /// `resourceVersions` this replica read or wrote, newest last.
+    versions: Mutex<Versions>,
+}
+
+/// How many of its own `resourceVersions` a replica remembers. The watch delivers events in
+/// order, so an event of a version this replica already read or wrote can only trail its newest
+/// by the writes it made since: a handful, unless thousands of writes outrun one watch event.
+const KNOWN_VERSIONS: usize = 256;
+
+/// The `resourceVersions` a replica read or wrote: its newest, and the ones before it. Versions
+/// are opaque strings to clients (only equality is defined), so a watch event is recognised as
+/// already known by membership, not by comparing numbers.
+#[derive(Debug, Default)]
+struct Versions {
+    newest: Option<String>,
+    known: VecDeque<String>,
+}
+
+impl Versions {
+    fn record(&mut self, version: Option<String>) {
+        if let Some(version) = &version {
+            if !self.knows(version) {
+                if self.known.len() == KNOWN_VERSIONS {
+                    self.known.pop_front();
+                }
+                self.known.push_back(version.clone());
+            }
+        }
+        self.newest = version;
+    }
+
+    fn knows(&self, version: &str) -> bool {
+        self.known.iter().any(|k| k == version)
+    }
 }
 
 impl ConfigMapStore {
@@ -64,7 +96,7 @@ impl ConfigMapStore {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
             origin: PathBuf::from(format!("configmap {namespace}/{name}")),
-            version: Mutex::new(None),
+            versions: Mutex::new(Versions::default()),
         }
     }
 
@@ -82,14 +114,20 @@ impl ConfigMapStore {
 
     /// Records the `resourceVersion` of the state this replica now holds.
     pub(crate) fn remember(&self, version: Option<String>) {
-        if let Ok(mut v) = self.version.lock() {
-            *v = version;
+        if let Ok(mut v) = self.versions.lock() {
+            v.record(version);
         }
     }
 
     /// The last `resourceVersion` seen.
     pub fn seen_version(&self) -> Option<String> {
-        self.version.lock().ok().and_then(|v| v.clone())
+        self.versions.lock().ok().and_then(|v| v.newest.clone())
+    }
+
+    /// Whether this replica already read or wrote `version`: a watch event of it (its own write
+    /// arriving late, after the replica wrote again) carries nothing newer than what it holds.
+    pub fn knows(&self, version: Option<&str>) -> bool {
+        version.is_some_and(|version| self.versions.lock().is_ok_and(|v| v.knows(version)))
     }
 
     /// Reads the state (`None`: no ConfigMap or no state in it yet).
@@ -181,10 +219,10 @@ impl ConfigMapStore {
                         continue;
                     }
                 };
-                if cm.metadata.resource_version.is_some()
-                    && cm.metadata.resource_version == self.seen_version()
-                {
-                    continue; // our own write
+                if self.knows(cm.metadata.resource_version.as_deref()) {
+                    // Our own write, or a version we already read: possibly older than the one
+                    // this replica holds now (two writes in a row, the first's event late).
+                    continue;
                 }
                 match self.parse(&cm) {
                     Ok(Some(update)) => {
@@ -308,5 +346,35 @@ async fn try_acquire(
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_read_or_written_before_the_newest_is_still_known() {
+        let mut v = Versions::default();
+        v.record(Some("3".into()));
+        v.record(Some("4".into()));
+        // The watch event of "3" arriving after the write of "4" is not news.
+        assert!(v.knows("3") && v.knows("4"));
+        assert!(!v.knows("5"));
+        assert_eq!(v.newest.as_deref(), Some("4"));
+        v.record(None);
+        assert_eq!(v.newest, None);
+        assert!(v.knows("4"), "forgetting the newest keeps what was seen");
+    }
+
+    #[test]
+    fn known_versions_are_bounded() {
+        let mut v = Versions::default();
+        for i in 0..KNOWN_VERSIONS + 10 {
+            v.record(Some(i.to_string()));
+        }
+        assert_eq!(v.known.len(), KNOWN_VERSIONS);
+        assert!(!v.knows("0"));
+        assert!(v.knows(&(KNOWN_VERSIONS + 9).to_string()));
     }
 }

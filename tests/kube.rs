@@ -33,6 +33,7 @@ async fn kubernetes_discovery_end_to_end() {
     api_server_restart_mid_load(&env).await;
     two_replicas_share_state_and_fail_over(&env).await;
     a_hung_api_server_fails_state_writes_in_bounded_time(&env).await;
+    back_to_back_writes_keep_the_newest_shared_state(&env).await;
     ready_waits_for_the_first_probes_of_a_late_list(&env).await;
     drained_raycluster_is_deleted_when_configured(&env).await;
     a_raycluster_never_removes_a_static_cluster(&env).await;
@@ -555,6 +556,62 @@ async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
     })
     .await;
     assert_eq!(gw.cluster_state("hung-v2").await["weight"], 100);
+    gw.gateway.shutdown().await;
+}
+
+/// Weight changes back to back through one replica with shared state (four clients at once, so
+/// the replica writes the ConfigMap one version right after another): every change is answered
+/// 200, and the replica ends on the state the ConfigMap holds. (The watch event of a replica's own
+/// write can arrive after its next write; taken for another replica's, it would step the replica
+/// back to the older state, and its next write would conflict.)
+async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
+    env.namespace("race").await;
+    let api = env.rayclusters("race");
+    let v1 = stub("race-v1", "v1", &[("echo", "/echo")]).await;
+    let v2 = stub("race-v2", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "race-v1", "shard-0", "v1", v1.addr().port(), true).await;
+    create_raycluster(&api, "race-v2", "shard-0", "v2", v2.addr().port(), true).await;
+    let extra = "    state: {namespace: race, configmap: rayshift-state, lease: rayshift-leader, identity: solo}\n\
+                 apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "race", extra)).await;
+    gw.wait_cluster_ready("race-v2", true).await;
+    let url = gw.admin("/v1/shards/shard-0/weights");
+    let clients: Vec<_> = (0..4u32)
+        .map(|c| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut refused = Vec::new();
+                for i in 0..40u32 {
+                    let w = (c * 40 + i) % 101;
+                    let body = format!(r#"{{"weights": {{"race-v1": {}, "race-v2": {w}}}}}"#, 100 - w);
+                    let r = put(&url, &body, None).await;
+                    if r.status != StatusCode::OK {
+                        refused.push(format!("{w}: {} {}", r.status, r.body.trim()));
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for client in clients {
+        refused.extend(client.await.unwrap());
+    }
+    assert!(refused.is_empty(), "changes refused: {refused:#?}");
+    // Late watch events have had time to arrive; none may have stepped the replica back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        kube::Api::namespaced(env.client.clone(), "race")
+            .get("rayshift-state")
+            .await
+            .unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_str(&cm.data.unwrap()["state.json"]).unwrap();
+    let weight = gw.cluster_state("race-v2").await["weight"].clone();
+    assert!(
+        stored.to_string().contains(&format!("\"race-v2\":{weight}")),
+        "the replica routes with race-v2 at {weight}; the ConfigMap holds {stored}"
+    );
     gw.gateway.shutdown().await;
 }
 
