@@ -308,6 +308,12 @@ async fn bad_clients_get_the_right_4xx() {
         resp.starts_with("HTTP/1.1 4") || resp.starts_with("HTTP/1.1 505"),
         "{resp:.200}"
     );
+    // Two Host fields (RFC 9112 section 3.2): the gateway and Serve could read different hosts.
+    let before = blue.requests();
+    let resp = raw(b"GET /echo HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec()).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
+    assert!(resp.contains("more than one Host header"), "{resp:.300}");
+    assert_eq!(blue.requests(), before, "forwarded all the same");
 
     // Declared too large: refused before anything is sent upstream.
     let before = blue.requests();
@@ -473,7 +479,8 @@ async fn sigterm_drains_streams_and_websockets_then_exits_0() {
     assert!(report.ok > 0);
 }
 
-/// `admin.listen` on a non-loopback address without a token: refuses to start.
+/// `admin.listen` on a non-loopback address without a token: refuses to start, and `check`
+/// refuses the file too (a config that passes `check` starts).
 #[test]
 fn exposed_admin_without_token_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -483,17 +490,20 @@ fn exposed_admin_without_token_refuses_to_start() {
         "listen: 127.0.0.1:0\nadmin:\n  listen: 0.0.0.0:0\nshards: [s]\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("is not a loopback address: set admin.token_file"),
-        "{stderr}"
-    );
+    for verb in ["run", "check"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
+            .args([verb, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{verb}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("admin.listen")
+                && stderr.contains("is not a loopback address: set admin.token_file"),
+            "{verb}: {stderr}"
+        );
+    }
 }
 
 fn unsafe_kill(pid: i32) -> i32 {

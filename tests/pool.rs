@@ -31,7 +31,10 @@ const BIG: usize = 4 << 20;
 /// declaring a 38-byte body, whose 38 bytes, a response head, follow 1 s later), `/app/switch`
 /// (101 to a request that asked for no upgrade), `/app/both` (chunked with a wrong
 /// `content-length` too), `/app/listed` (`Connection` naming `content-length` and `x-request-id`),
-/// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails).
+/// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails),
+/// `/app/quiet` (one chunk of a stream, then nothing: counted in `cancelled` when the gateway
+/// closes the connection), `/app/slowlen` (a 6-byte `content-length` body, its second half 2 s
+/// late), `/app/cut` (a head announcing a body, then the connection closes).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -186,6 +189,41 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
             }
             let chunk = [b"10000\r\n".as_slice(), &vec![b'x'; 0x10000], b"\r\n"].concat();
             while write.write_all(&chunk).await.is_ok() {}
+            return;
+        }
+        if path == "/app/quiet" {
+            // A stream that sends one chunk, then works on: counted in `cancelled` if the gateway
+            // closes the connection within 5 s.
+            let first = format!(
+                "HTTP/1.1 200 OK\r\nx-conn: {id}\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n"
+            );
+            if write.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut probe = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_secs(5), read.read(&mut probe)).await
+            {
+                cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+            return;
+        }
+        if path == "/app/slowlen" {
+            // A `content-length` body whose second half comes 2 s after the first.
+            let first = format!("HTTP/1.1 200 OK\r\nx-conn: {id}\r\ncontent-length: 6\r\n\r\nabc");
+            if write.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            if write.write_all(b"def").await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if path == "/app/cut" {
+            // A head announcing 10 bytes of body, then the connection closes.
+            let head = format!("HTTP/1.1 200 OK\r\nx-conn: {id}\r\ncontent-length: 10\r\n\r\n");
+            let _ = write.write_all(head.as_bytes()).await;
             return;
         }
         if path == "/app/hold" {
@@ -589,6 +627,131 @@ async fn a_client_gone_mid_request_cancels_it_upstream() {
     );
     let state = gw.cluster_state("pool-gone").await;
     assert_eq!(state["in_flight"], 0, "{state}");
+}
+
+/// A client that goes away while a stream's body is on its way (the head and a first chunk
+/// are out, the cluster is still working): the gateway closes the upstream connection at once,
+/// so Serve cancels the request, on both paths.
+#[tokio::test]
+async fn a_client_gone_mid_stream_cancels_it_upstream() {
+    for (name, upstream) in [
+        ("pool-gone-stream", ""),
+        (
+            "pool-gone-stream-hyper",
+            "upstream:\n  direct_http1: false\n",
+        ),
+    ] {
+        let backend = Backend::start().await;
+        let gw = gateway(&backend, name, upstream).await;
+        let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+        client
+            .write_all(b"GET /app/quiet HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, |seen| seen.ends_with(b"abc\r\n")).await;
+        let gone = std::time::Instant::now();
+        drop(client);
+        eventually("the cluster sees its connection closed", || async {
+            backend.cancelled.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert!(
+            gone.elapsed() < Duration::from_secs(3),
+            "{name}: {:?}",
+            gone.elapsed()
+        );
+        let state = gw.cluster_state(name).await;
+        assert_eq!(state["in_flight"], 0, "{name}: {state}");
+    }
+}
+
+/// A `content-length` body that takes longer than `limits.header_read_timeout` to arrive: the
+/// connection's wait for its next request starts when the body is out, not at its head.
+#[tokio::test]
+async fn a_slow_body_leaves_the_connection_open_for_the_next_request() {
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "pool-slowlen",
+        "limits:\n  header_read_timeout: 1s\n",
+    )
+    .await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/slowlen HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut client, |seen| seen.ends_with(b"abcdef")).await;
+    client
+        .write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let next = read_until_closed(&mut client).await;
+    assert!(
+        next.starts_with("HTTP/1.1 200") && next.ends_with("hello"),
+        "{next}"
+    );
+}
+
+/// An upstream connection that carried a body for longer than `upstream.idle_timeout` returns to
+/// the pool as idle from the end of the body: it is reused, and it does not make the pool drop
+/// the other idle connections as expired.
+#[tokio::test]
+async fn a_long_download_returns_its_connection_as_fresh() {
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "pool-slowlen-idle",
+        "upstream:\n  idle_timeout: 1s\n",
+    )
+    .await;
+    let url = gw.url("/app/slowlen");
+    let slow = tokio::spawn(async move { get(&url).await });
+    // Meanwhile a second connection opens for another request (the first one is busy).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(get(&gw.url("/app/small")).await.body, "hello");
+    assert_eq!(slow.await.unwrap().body, "abcdef");
+    assert_eq!(backend.app_conns(), 2);
+    // Both idle, both fresh: the next requests reuse them.
+    assert_eq!(get(&gw.url("/app/small")).await.body, "hello");
+    assert_eq!(get(&gw.url("/app/small")).await.body, "hello");
+    assert_eq!(
+        backend.app_conns(),
+        2,
+        "a pooled connection was dropped as expired"
+    );
+}
+
+/// A cluster that sends a head announcing a small body and closes: the client gets a 502 (nothing
+/// was sent to it yet), not an empty reply, and the request counts as failed.
+#[tokio::test]
+async fn a_body_cut_before_anything_was_sent_is_a_502() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-cut", "").await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/cut HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_until_closed(&mut client).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp:?}");
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("rayshift_requests_total{")
+                && l.contains("pool-cut")
+                && l.contains("code=\"200\"")),
+        "counted as a 200:\n{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rayshift_requests_total{")
+                && l.contains("pool-cut")
+                && l.contains("code=\"502\"")),
+        "no 502 counted for the cluster:\n{metrics}"
+    );
 }
 
 /// The cluster closes a pooled connection as a request arrives on it, without answering: a GET

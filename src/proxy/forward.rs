@@ -62,6 +62,12 @@ pub async fn handle(
                    applications and opens no tunnels\n";
         return Ok(local_response(StatusCode::NOT_IMPLEMENTED, msg.into()));
     }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        // The gateway and Serve could read different hosts (RFC 9112 section 3.2: answer 400).
+        count(NONE, NONE, NONE, StatusCode::BAD_REQUEST);
+        let msg = "the request has more than one Host header\n";
+        return Ok(local_response(StatusCode::BAD_REQUEST, msg.into()));
+    }
     // hyper parsed `content-length` already: the body's exact size hint is it.
     if let (Some(limit), Some(len)) = (ctx.max_body_bytes, req.body().size_hint().exact()) {
         if len > limit {

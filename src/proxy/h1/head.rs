@@ -168,7 +168,14 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
         }
         // Lengths first: most names are ruled out by one comparison.
         match name.len() {
-            4 if is_name(name, b"host") => host = host.or(Some(value)),
+            4 if is_name(name, b"host") => {
+                // Several `Host` fields: the gateway and Serve could read different hosts
+                // (RFC 9112 section 3.2 asks for a 400, which the general path answers).
+                if host.is_some() {
+                    return Parsed::Handoff("malformed");
+                }
+                host = Some(value);
+            }
             10 if is_name(name, b"connection") => {
                 for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {

@@ -144,8 +144,16 @@ where
     loop {
         // A whole request head (the client may have sent it already, pipelined).
         let mut deadline_set = false;
+        // Bytes of `buf` already parsed as an incomplete head: a head that trickles in is parsed
+        // again only when new bytes may end it (not on every read, which would cost the square
+        // of its length).
+        let mut scanned: usize = 0;
         let req = loop {
-            if !buf.is_empty() {
+            if !buf.is_empty() && scanned > 0 && !may_end_head(&buf[scanned.saturating_sub(3)..]) {
+                if buf.len() >= settings.max_header_bytes {
+                    return hand_off(client, buf, shutdown, "head_size").await;
+                }
+            } else if !buf.is_empty() {
                 match head::request(&buf, info, &mut up_head) {
                     Parsed::Complete(req) if req.head_len <= settings.max_header_bytes => {
                         break req
@@ -161,6 +169,7 @@ where
                     Parsed::Partial => {}
                 }
             }
+            scanned = buf.len();
             if !deadline_set {
                 head_deadline.set(idle_since + settings.header_read_timeout);
                 deadline_set = true;
@@ -272,6 +281,15 @@ where
             scratch.early = BytesMut::new();
         }
     }
+}
+
+/// Whether `bytes` hold an empty line's end (`\n\n` or `\n\r\n`): where a request head ends.
+fn may_end_head(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .any(|(i, _)| matches!(&bytes[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// Hands the connection to the general path (counted by `reason` in
@@ -456,13 +474,39 @@ impl Exchange<'_> {
                 }
             }
         }
+        // A small body that came after its head is waited for here, before the response counts:
+        // a cluster that closes instead of sending it gets the client a 502, not an empty reply.
+        let short_body = match &mut outcome {
+            Ok((conn, resp)) => {
+                match await_small_body(client, conn, resp, scratch, self.pipelined).await {
+                    Ok(()) => None,
+                    Err(Copy::Client) => {
+                        tracing::debug!(cluster = %cluster.name, "client went away before the response: request dropped");
+                        return false;
+                    }
+                    Err(Copy::Upstream(cause)) => Some(cause),
+                }
+            }
+            Err(_) => None,
+        };
+        if let Some(cause) = short_body {
+            outcome = Err(Failure::Error {
+                connect: false,
+                cause,
+            });
+        }
         let end = Instant::now();
         let elapsed = end - self.start;
         self.done_at = end;
         let request_id = &self.up_head[req.request_id.clone()];
         // Shutting down: this is the connection's last response, and the client is told so.
         let close = req.close || *shutdown.borrow();
-        let down_head = &mut scratch.down_head;
+        let Scratch {
+            down_head,
+            early,
+            half_closed,
+            ..
+        } = scratch;
         let (mut conn, resp) = match outcome {
             Ok(pair) => pair,
             Err(failure) => {
@@ -493,14 +537,19 @@ impl Exchange<'_> {
         }
         down_head.extend_from_slice(b"\r\n");
         conn.buf.advance(resp.head_len);
-        let copied = copy_body(client, &mut conn, resp.framing, down_head).await;
-        if !matches!(resp.framing, Framing::Empty | Framing::Length(_)) {
-            // A stream (chunked, or until close) may have lasted long: the connection is idle
-            // from now, not from its head.
+        let mut watch = ClientWatch {
+            early,
+            half_closed,
+            pipelined: self.pipelined,
+        };
+        let copied = copy_body(client, &mut conn, resp.framing, down_head, &mut watch).await;
+        if copied.as_ref().is_ok_and(|waited| *waited) {
+            // A body that needed more reads or writes (a stream, a large or slow download) may
+            // have lasted long: both connections are idle from now, not from the head.
             self.done_at = Instant::now();
         }
         match copied {
-            Ok(()) => {
+            Ok(_) => {
                 if resp.keep_alive {
                     cluster.pool.put_raw(conn, self.done_at);
                 }
@@ -685,26 +734,23 @@ enum Copy {
     Client,
 }
 
-/// Writes `down_head` and the response body to the client, reading from `conn` as needed. On
-/// success `conn.buf` holds what the cluster sent after the body (nothing, for a reusable
-/// connection).
+/// Writes `down_head` and the response body to the client, reading from `conn` as needed, and
+/// watching the client meanwhile ([`read_upstream`]). On success `conn.buf` holds what the cluster
+/// sent after the body (nothing, for a reusable connection), and the result tells whether the copy
+/// took more than the one write of a small body that was already in (so its end needs the clock).
 async fn copy_body<S>(
     client: &mut S,
     conn: &mut RawConn,
     framing: Framing,
     down_head: &mut Vec<u8>,
-) -> Result<(), Copy>
+    watch: &mut ClientWatch<'_>,
+) -> Result<bool, Copy>
 where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     if let Framing::Length(n) = framing {
-        // A body of modest size that came after its head (a server writing head and body
-        // separately) is waited for once, so head and body go out in one write (one round of the
-        // kernel's per-packet work, not two); a body still incomplete then is forwarded as it
-        // comes.
-        if n <= COALESCE as u64 && (conn.buf.len() as u64) < n {
-            read_more(conn).await?;
-        }
+        // A body of modest size that is all in (see `await_small_body`) goes out with its head:
+        // one round of the kernel's per-packet work, not two.
         if n <= COALESCE as u64 && conn.buf.len() as u64 >= n {
             let n = n as usize;
             let written = if n <= COPY_INTO_HEAD {
@@ -715,12 +761,17 @@ where
                 write_all(client, down_head, &conn.buf[..n]).await
             };
             conn.buf.advance(n);
-            return written.map_err(|_| Copy::Client);
+            return written
+                .map(|()| n > COPY_INTO_HEAD)
+                .map_err(|_| Copy::Client);
         }
     }
     let mut head: &[u8] = down_head;
     match framing {
-        Framing::Empty => write_all(client, head, &[]).await.map_err(|_| Copy::Client),
+        Framing::Empty => write_all(client, head, &[])
+            .await
+            .map(|()| false)
+            .map_err(|_| Copy::Client),
         Framing::Length(mut left) => loop {
             let take = (conn.buf.len() as u64).min(left) as usize;
             write_all(client, head, &conn.buf[..take])
@@ -730,9 +781,9 @@ where
             conn.buf.advance(take);
             left -= take as u64;
             if left == 0 {
-                return Ok(());
+                return Ok(true);
             }
-            read_more(conn).await?;
+            read_more(conn, client, watch).await?;
         },
         Framing::Chunked => {
             let mut scanner = chunked::Scanner::default();
@@ -746,9 +797,9 @@ where
                 head = &[];
                 conn.buf.advance(take);
                 if scanner.is_done() {
-                    return Ok(());
+                    return Ok(true);
                 }
-                read_more(conn).await?;
+                read_more(conn, client, watch).await?;
             }
         }
         Framing::Close => {
@@ -775,19 +826,54 @@ where
                         .map_err(|_| Copy::Client)?;
                 }
                 conn.buf.clear();
-                conn.buf.reserve(16 * 1024);
-                match conn.stream.read_buf(&mut conn.buf).await {
-                    Ok(0) => {
-                        return write_all(client, b"0\r\n\r\n", &[])
-                            .await
-                            .map_err(|_| Copy::Client)
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(Copy::Upstream(e.to_string())),
+                if read_upstream(conn, client, watch).await? == 0 {
+                    return write_all(client, b"0\r\n\r\n", &[])
+                        .await
+                        .map(|()| true)
+                        .map_err(|_| Copy::Client);
                 }
             }
         }
     }
+}
+
+/// The client side of an exchange while the cluster's response is read: a client that goes away
+/// ends the exchange (the cluster's connection is dropped, so Serve can cancel the request), as
+/// while waiting for the head ([`Exchange::watched`]).
+struct ClientWatch<'a> {
+    /// Bytes the client sent meanwhile: its next request.
+    early: &'a mut BytesMut,
+    /// The client closed its sending side after pipelining requests; it still reads the answers.
+    half_closed: &'a mut bool,
+    /// The client sent more after this request (see [`Exchange::pipelined`]).
+    pipelined: bool,
+}
+
+/// Waits once for the rest of a `content-length` body of up to [`COALESCE`] bytes that did not
+/// come with its head, so head and body can go out in one write ([`copy_body`]); a body still
+/// incomplete after that read is forwarded as it comes. `conn.buf` still starts with the head.
+async fn await_small_body<S>(
+    client: &mut S,
+    conn: &mut RawConn,
+    resp: &head::Response,
+    scratch: &mut Scratch,
+    pipelined: bool,
+) -> Result<(), Copy>
+where
+    S: AsyncRead + Unpin,
+{
+    let Framing::Length(n) = resp.framing else {
+        return Ok(());
+    };
+    if n > COALESCE as u64 || (conn.buf.len() - resp.head_len) as u64 >= n {
+        return Ok(());
+    }
+    let mut watch = ClientWatch {
+        early: &mut scratch.early,
+        half_closed: &mut scratch.half_closed,
+        pipelined,
+    };
+    read_more(conn, client, &mut watch).await
 }
 
 /// Bodies up to this size are copied behind their head and sent with it as one buffer.
@@ -799,14 +885,44 @@ const COPY_INTO_HEAD: usize = 2048;
 const COALESCE: usize = 64 * 1024;
 
 /// Reads more of a response body; the cluster closing here cuts the body short.
-async fn read_more(conn: &mut RawConn) -> Result<(), Copy> {
-    conn.buf.reserve(16 * 1024);
-    match conn.stream.read_buf(&mut conn.buf).await {
-        Ok(0) => Err(Copy::Upstream(
+async fn read_more<S: AsyncRead + Unpin>(
+    conn: &mut RawConn,
+    client: &mut S,
+    watch: &mut ClientWatch<'_>,
+) -> Result<(), Copy> {
+    match read_upstream(conn, client, watch).await? {
+        0 => Err(Copy::Upstream(
             "connection closed in the response body".into(),
         )),
-        Ok(_) => Ok(()),
-        Err(e) => Err(Copy::Upstream(e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// Reads from the cluster into `conn.buf` (0: it closed) while watching the client: one that
+/// closes or resets with nothing pipelined has gone away ([`Copy::Client`]); bytes it sends are
+/// kept in `watch.early` (up to [`READ_BUF`], then it is no longer read until the response is out).
+async fn read_upstream<S: AsyncRead + Unpin>(
+    conn: &mut RawConn,
+    client: &mut S,
+    watch: &mut ClientWatch<'_>,
+) -> Result<usize, Copy> {
+    conn.buf.reserve(16 * 1024);
+    loop {
+        let watching = !*watch.half_closed && watch.early.len() < READ_BUF;
+        tokio::select! {
+            biased;
+            read = conn.stream.read_buf(&mut conn.buf) => {
+                return read.map_err(|e| Copy::Upstream(e.to_string()));
+            }
+            read = client.read_buf(watch.early), if watching => match client_io(read) {
+                Ok(0) | Err(_) if watch.early.is_empty() && !watch.pipelined => {
+                    tracing::debug!("client went away during the response: request dropped");
+                    return Err(Copy::Client);
+                }
+                Ok(0) | Err(_) => *watch.half_closed = true,
+                Ok(_) => {}
+            },
+        }
     }
 }
 
@@ -862,4 +978,21 @@ async fn write_counted<W: AsyncWrite + Unpin>(
         }
     }
     w.flush().await.map_err(|e| (written, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_end_head;
+
+    #[test]
+    fn a_head_may_end_only_where_an_empty_line_ends() {
+        assert!(may_end_head(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"));
+        assert!(may_end_head(b"GET / HTTP/1.1\nhost: a\n\n"));
+        // The end split across reads: the three bytes before the new ones are looked at again.
+        assert!(may_end_head(b"\n\r\n"));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nhost: a\r\n"));
+        assert!(!may_end_head(b"x-long: aaaa"));
+        assert!(!may_end_head(b"\r\n\r"));
+        assert!(!may_end_head(b""));
+    }
 }
