@@ -151,6 +151,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // Installed first: a SIGHUP during a slow start would otherwise end the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    // Likewise SIGTERM and SIGINT: one that arrives once the listeners accept must drain.
+    let shutdown = shutdown_signal()?;
     let gateway = Gateway::start(cfg).await?;
     // Machine-readable lines: tests and scripts read the bound addresses from here (port 0 works).
     // A closed stdout (`rayshift run | head -1`) must not end the gateway.
@@ -166,14 +168,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         gateway.admin_addr()
     );
     std::io::stdout().flush().ok();
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            signal = &mut shutdown => {
-                signal?;
-                break;
-            }
+            () = &mut shutdown => break,
             _ = hangup.recv() => match gateway.reload_tls() {
                 Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
                 Err(TlsError::NotConfigured) => {
@@ -190,18 +188,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn run_demo(opts: DemoOptions, shift: bool) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     let demo = demo::start(&opts).await?;
     println!("{}", demo.banner());
     std::io::stdout().flush().ok();
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     if shift {
         let mut printer = ProgressPrinter::stdout();
         let shifted = tokio::select! {
             shifted = demo.run_shift(&mut printer) => Some(shifted),
-            signal = &mut shutdown => {
+            () = &mut shutdown => {
                 printer.finish();
-                signal?;
                 None
             }
         };
@@ -218,7 +215,7 @@ async fn run_demo(opts: DemoOptions, shift: bool) -> anyhow::Result<()> {
         }
         printer.println("Still serving; Ctrl-C stops everything.");
     }
-    shutdown.await?;
+    shutdown.await;
     demo.stop().await;
     Ok(())
 }
@@ -415,13 +412,17 @@ fn parse_weights(args: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
     Ok(weights)
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+/// Installs the SIGINT (Ctrl-C) and SIGTERM handlers now, so a signal that arrives before the
+/// returned future is first polled is not lost (nor kills the process by its default action),
+/// and resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

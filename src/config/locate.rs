@@ -88,16 +88,25 @@ fn bare_message(error: &serde_saphyr::Error) -> String {
 /// What belongs at `path`, for "expected ..., found ..." messages.
 fn expected_at(path: &str) -> &'static str {
     match generic_path(path).as_str() {
-        "" => "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream)",
+        "" => "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts, limits, passive_health, shutdown, tls, discovery)",
         "admin" => "a mapping with keys listen, token_file and request_timeout",
         "shards" => "a list of shard names",
         "shards[]" => "a shard name or a {name, weight} mapping",
+        "shards[].auto_shift" | "shift_defaults" | "discovery.kubernetes.auto_shift" => {
+            "a mapping of shift policy keys (step_percent, step_interval, ...)"
+        }
         "clusters" => "a list of clusters",
         "clusters[]" => "a cluster mapping (name, shard, revision, serve_url, dashboard_url, weight)",
         "apps" => "a list of apps",
         "apps[]" => "an app mapping (name, route_prefix, shard)",
         "probe" => "a mapping with keys interval and timeout",
         "upstream" => "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, max_requests_per_cluster, retries, retry_budget, retry_min_per_second, ca_file and direct_http1",
+        "limits" | "passive_health" | "shutdown" | "tls" | "discovery.kubernetes.state" => {
+            "a mapping of keys to values"
+        }
+        "discovery" => "a mapping with the key kubernetes",
+        "discovery.kubernetes" => "a mapping with keys namespaces, label_selector, endpoint, kubeconfig, delete_drained, auto_shift, state",
+        "discovery.kubernetes.namespaces" => "a list of namespace names",
         _ => "a single value, not a list or mapping",
     }
 }

@@ -39,6 +39,7 @@ mod error;
 mod locate;
 mod model;
 mod raw;
+mod selector;
 pub(crate) mod validate;
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! mapping belongs, an unknown key. Such an error is reported alone, with the best field path
 //! [`super::locate`] can find.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -104,12 +105,40 @@ pub(crate) struct RawKubernetes {
 }
 
 /// A section whose keys are checked by validation (so an unknown key gets a field path and the list
-/// of known keys).
-pub(crate) type RawSection = std::collections::BTreeMap<String, Text>;
+/// of known keys). A key with an empty value (`key:` or `key: ~`) counts as omitted, as everywhere
+/// else in the file.
+#[derive(Debug, Default)]
+pub(crate) struct RawSection(BTreeMap<String, Text>);
+
+impl std::ops::Deref for RawSection {
+    type Target = BTreeMap<String, Text>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a RawSection {
+    type Item = (&'a String, &'a Text);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, Text>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for RawSection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let keys = BTreeMap::<String, Option<Text>>::deserialize(deserializer)?;
+        Ok(Self(
+            keys.into_iter()
+                .filter_map(|(key, value)| Some((key, value?)))
+                .collect(),
+        ))
+    }
+}
 
 /// A shift policy (`shift_defaults`, `shards[i].auto_shift`): policy keys to values, checked by
 /// [`crate::shift::ShiftPolicy::set`] so the config and the admin API share one syntax.
-pub(crate) type RawPolicy = std::collections::BTreeMap<String, Text>;
+pub(crate) type RawPolicy = RawSection;
 
 /// `admin`.
 #[derive(Debug, Default, Deserialize)]

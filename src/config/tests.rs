@@ -981,9 +981,92 @@ fn wrong_shapes_name_the_path_and_what_was_expected() {
         only_error("- shards\n"),
         err(
             "<yaml>",
-            "expected a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream), found a list at line 1, column 1"
+            "expected a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts, limits, passive_health, shutdown, tls, discovery), found a list at line 1, column 1"
         )
     );
+}
+
+#[test]
+fn sections_of_the_wrong_shape_are_named_for_what_belongs_there() {
+    for (text, field, expected) in [
+        (
+            "shards: [a]\nshutdown: 30s\n",
+            "shutdown",
+            "a mapping of keys to values",
+        ),
+        (
+            "shards: [a]\nlimits: [1]\n",
+            "limits",
+            "a mapping of keys to values",
+        ),
+        (
+            "shards: [a]\ntls: on\n",
+            "tls",
+            "a mapping of keys to values",
+        ),
+        (
+            "shards: [a]\nshift_defaults: 10\n",
+            "shift_defaults",
+            "a mapping of shift policy keys",
+        ),
+        (
+            "shards: [a]\ndiscovery: k8s\n",
+            "discovery",
+            "a mapping with the key kubernetes",
+        ),
+        (
+            "shards: [a]\ndiscovery:\n  kubernetes:\n    namespaces: serving\n",
+            "discovery.kubernetes.namespaces",
+            "a list of namespace names",
+        ),
+    ] {
+        let e = only_error(text);
+        assert_eq!(e.field, field, "{text:?}: {e}");
+        assert!(
+            e.message.starts_with(&format!("expected {expected}")),
+            "{text:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn empty_values_in_keyed_sections_mean_default() {
+    let config = parse(
+        "shards: [a]\nlimits:\n  max_body_bytes:\nshutdown:\n  ready_delay: ~\n  drain_timeout: 7s\nshift_defaults:\n  step_percent:\n",
+    )
+    .unwrap();
+    assert_eq!(config.limits, LimitsConfig::default());
+    assert_eq!(
+        config.shutdown.ready_delay,
+        ShutdownConfig::default().ready_delay
+    );
+    assert_eq!(config.shutdown.drain_timeout, Duration::from_secs(7));
+}
+
+#[test]
+fn a_label_selector_the_api_server_would_refuse_is_a_config_error() {
+    assert_eq!(
+        lines("shards: [a]\ndiscovery:\n  kubernetes:\n    label_selector: 'rayshift.io/shard in (a'\n"),
+        vec!["discovery.kubernetes.label_selector: rayshift.io/shard in: missing ')'".to_string()]
+    );
+    let config =
+        parse("shards: [a]\ndiscovery:\n  kubernetes:\n    label_selector: 'rayshift.io/shard, env in (prod)'\n")
+            .unwrap();
+    assert_eq!(
+        config.kubernetes.unwrap().label_selector,
+        "rayshift.io/shard, env in (prod)"
+    );
+}
+
+#[test]
+fn an_admin_api_open_to_the_network_needs_a_token() {
+    assert_eq!(
+        only_error("shards: [a]\nadmin:\n  listen: 0.0.0.0:9901\n").field,
+        "admin.listen"
+    );
+    let config =
+        parse("shards: [a]\nadmin:\n  listen: 0.0.0.0:9901\n  token_file: token\n").unwrap();
+    assert_eq!(config.admin.listen, addr("0.0.0.0:9901"));
 }
 
 #[test]

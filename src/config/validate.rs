@@ -343,6 +343,9 @@ fn kubernetes(
         || "rayshift.io/shard".to_string(),
         |t| t.as_str().trim().to_string(),
     );
+    if let Err(message) = super::selector::check(&label_selector) {
+        p.push(format!("{field}.label_selector"), message);
+    }
     let endpoint = match raw.endpoint.as_ref().map(|t| t.as_str().trim()) {
         None | Some("serve_service") => KubeEndpoint::ServeService,
         Some("head_service_ip") => KubeEndpoint::HeadServiceIp,
@@ -703,6 +706,16 @@ fn admin(p: &mut Problems, raw: Option<&RawAdmin>, base_dir: &Path) -> AdminConf
         )) {
             admin.request_timeout = timeout;
         }
+    }
+    // The admin API changes where traffic goes: reachable from other hosts only with a token.
+    if !admin.listen.ip().is_loopback() && admin.token_file.is_none() && raw.token_file.is_none() {
+        p.push(
+            "admin.listen",
+            format!(
+                "{} is not a loopback address: set admin.token_file so the admin API, which moves traffic, is not open to the network (or listen on 127.0.0.1 or [::1])",
+                admin.listen
+            ),
+        );
     }
     admin
 }
