@@ -256,6 +256,18 @@ async fn token_protects_mutating_calls() {
         assert!(r.body.contains("bearer token"), "{}", r.body);
     }
     assert_eq!(gw.cluster_state("green").await["weight"], 0);
+    // Every POST too, whatever its path names (an id that is no rollout's included).
+    for path in [
+        "/v1/shards/shard-0/shift",
+        "/v1/shards/shard-0/shift/abort",
+        "/v1/rollouts",
+        "/v1/rollouts/abort",
+        "/v1/rollouts/7/pause",
+        "/v1/rollouts/abc/pause",
+    ] {
+        let r = send(http::Method::POST, &gw.admin(path), &[], "{}").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}: {}", r.body);
+    }
     assert_eq!(get(&gw.admin("/v1/state")).await.status, StatusCode::OK);
     let r = put(&url, body, Some("s3cret-token")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);

@@ -693,6 +693,64 @@ async fn shift_survives_kill_and_restart() {
     assert_eq!(state["shards"][0]["clusters"][1]["weight"], 100);
 }
 
+/// A shard removed from the config while its shift runs: after the restart its shift is neither
+/// shown (404, as its controls answer) nor advanced; the state keeps it, and declaring the shard
+/// again brings it back at the same step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shift_of_a_shard_no_longer_declared_is_left_alone() {
+    let blue = stub("od-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("od-green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rayshift.yaml");
+    let with_shard = config_yaml(
+        &["old"],
+        &[
+            cluster(&blue, "old", "v1", Some(100)),
+            cluster(&green, "old", "v2", Some(0)),
+        ],
+        "",
+    );
+    std::fs::write(&config, &with_shard).unwrap();
+    let mut gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    let r = post(
+        &gw.admin("/v1/shards/old/shift"),
+        r#"{"to": "od-green", "step_percent": 20, "step_interval": "300ms", "min_requests": 1000000, "ready_timeout": "500ms"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let before: Value =
+        serde_json::from_str(&get(&gw.admin("/v1/shards/old/shift")).await.body).unwrap();
+    assert_eq!(gw.terminate().code(), Some(0));
+
+    // The shard renamed: the old name's shift is out of sight and out of reach. Were it still
+    // ticked, its target (now in another shard) would count as not ready and the shift would
+    // roll back after its ready_timeout of 500 ms.
+    std::fs::write(&config, with_shard.replace("old", "new")).unwrap();
+    let mut gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    let r = get(&gw.admin("/v1/shards/old/shift")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.body.contains("unknown shard"), "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/old/shift/abort"), "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let state = get(&gw.admin("/v1/state")).await.body;
+    assert!(!state.contains("\"old\""), "{state}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(gw.terminate().code(), Some(0));
+
+    // Declared again: the same shift, not advanced meanwhile, still under the operator's control.
+    std::fs::write(&config, &with_shard).unwrap();
+    let gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    let after: Value =
+        serde_json::from_str(&get(&gw.admin("/v1/shards/old/shift")).await.body).unwrap();
+    assert_eq!(after["state"], "progressing", "{after}");
+    assert_eq!(after["target_weight"], before["target_weight"], "{after}");
+    let r = post(&gw.admin("/v1/shards/old/shift/abort"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// N shards, each with a v1 and a v2 cluster serving the shard's app (pinned).
 async fn fleet(n: usize, extra: &str) -> (Vec<(ServeStub, ServeStub)>, TestGateway) {
     let mut stubs = Vec::new();

@@ -118,6 +118,12 @@ pub async fn handle(
                 start_rollout(&ctx, req).await
             }
         }
+        (["v1", "rollouts", _], &Method::POST) | (["v1", "rollouts", _, _], &Method::POST)
+            if !ctx.token.allows(req.headers()) =>
+        {
+            // Before the id is looked at: every POST without the token gets 401.
+            unauthorized()
+        }
         (["v1", "rollouts", action], &Method::POST)
         | (["v1", "rollouts", _, action], &Method::POST) => {
             let id = match segments.as_slice() {
@@ -130,21 +136,17 @@ pub async fn handle(
                 _ => None,
             };
             let action = action.to_string();
-            if !ctx.token.allows(req.headers()) {
-                unauthorized()
-            } else {
-                match Action::parse(&action).filter(|a| *a != Action::Promote) {
-                    Some(action) => match ctx.control.control_rollout(id, action).await {
-                        Ok(rollout) => json(StatusCode::OK, &rollout),
-                        Err(e) => control_error(e),
-                    },
-                    None => error(
-                        StatusCode::NOT_FOUND,
-                        format!(
-                            "unknown rollout control \"{action}\"; expected pause, resume or abort"
-                        ),
+            match Action::parse(&action).filter(|a| *a != Action::Promote) {
+                Some(action) => match ctx.control.control_rollout(id, action).await {
+                    Ok(rollout) => json(StatusCode::OK, &rollout),
+                    Err(e) => control_error(e),
+                },
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "unknown rollout control \"{action}\"; expected pause, resume or abort"
                     ),
-                }
+                ),
             }
         }
         (known, _) => match allowed_methods(known) {

@@ -252,7 +252,9 @@ impl Desired {
     /// A state another replica wrote (seen through the ConfigMap watch).
     pub(super) fn adopt_shared_state(&mut self, state: State, version: Option<String>) {
         if let Store::ConfigMap(store) = &self.store {
-            if version.is_some() && version == store.seen_version() {
+            // A version this replica already read or wrote is not news; adopting it could step
+            // back behind a write made since the event was sent.
+            if store.knows(version.as_deref()) {
                 return;
             }
             // Our next write builds on this version.
@@ -386,10 +388,13 @@ impl Desired {
                 .collect(),
             views,
             placements,
+            // Only declared shards': a shard removed from the config keeps its entry in the
+            // state (should the config change back), but it has no shift one can see or control.
             shifts: self
                 .state
                 .shards
                 .iter()
+                .filter(|(name, _)| self.config.shard_index(name).is_some())
                 .filter_map(|(name, s)| Some((name.clone(), s.shift.clone()?)))
                 .collect(),
             rollout: self.state.rollout.clone(),

@@ -330,7 +330,13 @@ impl Desired {
         let mut changed = false;
         let mut events: Vec<(String, Event)> = Vec::new();
 
-        let shards: Vec<String> = next.shards.keys().cloned().collect();
+        // Shards of the state that the config no longer declares are left as they are.
+        let shards: Vec<String> = next
+            .shards
+            .keys()
+            .filter(|name| self.config.shard_index(name).is_some())
+            .cloned()
+            .collect();
         for shard in &shards {
             let Some(entry) = next.shards.get_mut(shard) else {
                 continue;
@@ -428,8 +434,9 @@ impl Desired {
         let mut changed = false;
         let mut active = next
             .shards
-            .values()
-            .filter(|s| s.shift.as_ref().is_some_and(|s| s.phase.is_active()))
+            .iter()
+            .filter(|(name, _)| self.config.shard_index(name).is_some())
+            .filter(|(_, s)| s.shift.as_ref().is_some_and(|s| s.phase.is_active()))
             .count();
         for shard in &self.config.shards {
             let kube_policy = self
