@@ -36,8 +36,11 @@ pub const CLOSE_REASONS: [&str; 5] = [
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "rayshift_upstream_overflow_total";
 /// Configured traffic weight (0-100) of each cluster in its shard.
 pub const CLUSTER_WEIGHT: &str = "rayshift_cluster_weight";
-/// 1 when the cluster passes its readiness probes, else 0.
+/// 1 when the cluster passes its readiness probes, is ready in Kubernetes (a discovered one) and
+/// is not ejected by passive health, else 0.
 pub const CLUSTER_READY: &str = "rayshift_cluster_ready";
+/// 1 while the cluster is one of the gateway's (configured or discovered), 0 once it left.
+pub const CLUSTER_PRESENT: &str = "rayshift_cluster_present";
 /// Requests currently in flight on each cluster.
 pub const CLUSTER_IN_FLIGHT: &str = "rayshift_cluster_in_flight";
 /// Routing-table snapshots published.
@@ -185,7 +188,11 @@ fn describe() {
     );
     describe_gauge!(
         CLUSTER_READY,
-        "1 when the cluster passes its readiness probes, else 0."
+        "1 when the cluster passes its readiness probes, is ready in Kubernetes (when discovered) and is not ejected by passive health, else 0."
+    );
+    describe_gauge!(
+        CLUSTER_PRESENT,
+        "1 while the cluster is one of the gateway's (configured or discovered), 0 after it left (its other series then read 0 until the gateway restarts)."
     );
     describe_gauge!(
         CLUSTER_IN_FLIGHT,

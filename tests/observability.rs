@@ -726,9 +726,21 @@ tests:
   - name: shift stuck
     interval: 1m
     input_series:
-      # s1: progressing, never stepped (its steps series does not exist).
+      # s1: progressing, never stepped (its steps counter stays at 0, its target weight too).
       - series: 'rayshift_shift_state{shard="s1",state="progressing"}'
         values: '1+0x40'
+      - series: 'rayshift_shift_steps_total{shard="s1"}'
+        values: '0+0x40'
+      - series: 'rayshift_shift_target_weight{shard="s1"}'
+        values: '0+0x40'
+      # s5: a replica without the Lease: the shift it follows steps every 5 minutes (its target
+      # weight moves), its own steps counter stays at 0. Not stuck.
+      - series: 'rayshift_shift_state{shard="s5",state="progressing"}'
+        values: '1+0x40'
+      - series: 'rayshift_shift_steps_total{shard="s5"}'
+        values: '0+0x40'
+      - series: 'rayshift_shift_target_weight{shard="s5"}'
+        values: '10+0x4 20+0x4 30+0x4 40+0x4 50+0x4 60+0x4 70+0x4 80+0x4 90'
       # s2: progressing and stepping every 5 minutes.
       - series: 'rayshift_shift_state{shard="s2",state="progressing"}'
         values: '1+0x40'
@@ -824,6 +836,29 @@ tests:
         values: '0+0x12'
       - series: 'rayshift_cluster_ready{shard="up",cluster="u2"}'
         values: '1+0x12'
+      - series: 'rayshift_cluster_present{shard="down",cluster="d1"}'
+        values: '1+0x12'
+      - series: 'rayshift_cluster_present{shard="down",cluster="d2"}'
+        values: '1+0x12'
+      - series: 'rayshift_cluster_present{shard="up",cluster="u1"}'
+        values: '1+0x12'
+      - series: 'rayshift_cluster_present{shard="up",cluster="u2"}'
+        values: '1+0x12'
+      # A shard whose one cluster was deleted at 1m (its series stay, at 0) and that has no
+      # applications left: nothing to alert.
+      - series: 'rayshift_cluster_ready{shard="retired",cluster="r1"}'
+        values: '1 0+0x11'
+      - series: 'rayshift_cluster_present{shard="retired",cluster="r1"}'
+        values: '1 0+0x11'
+      - series: 'rayshift_apps{shard="retired"}'
+        values: '1 0+0x11'
+      # A shard whose one cluster was deleted at 1m while its applications stay placed on it.
+      - series: 'rayshift_cluster_ready{shard="orphaned",cluster="o1"}'
+        values: '1 0+0x11'
+      - series: 'rayshift_cluster_present{shard="orphaned",cluster="o1"}'
+        values: '1 0+0x11'
+      - series: 'rayshift_apps{shard="orphaned"}'
+        values: '3+0x12'
       # Applications but no cluster at all.
       - series: 'rayshift_apps{shard="empty"}'
         values: '2+0x12'
@@ -840,6 +875,7 @@ tests:
         exp_alerts:
           - exp_labels: {severity: critical, shard: down}
           - exp_labels: {severity: critical, shard: empty}
+          - exp_labels: {severity: critical, shard: orphaned}
 
   - name: cluster ejected
     interval: 1m

@@ -16,6 +16,7 @@ pub(super) struct ClusterGauges {
     draining: metrics::Gauge,
     drained: metrics::Gauge,
     ejected: metrics::Gauge,
+    present: metrics::Gauge,
 }
 
 impl ClusterGauges {
@@ -31,6 +32,11 @@ impl ClusterGauges {
             draining: metrics::gauge!(telemetry::CLUSTER_DRAINING, &labels),
             drained: metrics::gauge!(telemetry::CLUSTER_DRAINED, &labels),
             ejected: metrics::gauge!(telemetry::CLUSTER_EJECTED, &labels),
+            present: {
+                let present = metrics::gauge!(telemetry::CLUSTER_PRESENT, &labels);
+                present.set(1.0);
+                present
+            },
         }
     }
 
@@ -48,7 +54,8 @@ impl ClusterGauges {
 /// A cluster that leaves the gateway (deleted RayCluster, moved shard) keeps no stale values:
 /// its series read 0 (the exporter keeps a series until the process restarts), so a deleted
 /// cluster's last `ready` cannot hide a shard with no ready cluster, and a drained one removed as
-/// asked stops showing as drained.
+/// asked stops showing as drained. `rayshift_cluster_present` turns 0 too, which tells dashboards
+/// and alerts a cluster that left from one that is there but not ready.
 impl Drop for ClusterGauges {
     fn drop(&mut self) {
         for gauge in [
@@ -57,6 +64,7 @@ impl Drop for ClusterGauges {
             &self.draining,
             &self.drained,
             &self.ejected,
+            &self.present,
         ] {
             gauge.set(0.0);
         }
@@ -73,8 +81,19 @@ pub(super) struct ShardGauges {
 }
 
 impl ShardGauges {
-    /// Registers the gauges of shard `shard`.
+    /// Registers the gauges of shard `shard`, and its shift counters at 0: a counter that first
+    /// appears with the value 1 hides that first step, failed check or rollback from
+    /// `increase()` and `rate()` (no earlier sample), so dashboards would miss it.
     pub(super) fn new(shard: &str) -> Self {
+        metrics::counter!(telemetry::SHIFT_STEPS_TOTAL, "shard" => shard.to_string()).increment(0);
+        for check in ["error_rate", "latency"] {
+            metrics::counter!(telemetry::SHIFT_CHECK_FAILURES_TOTAL, "shard" => shard.to_string(), "check" => check)
+                .increment(0);
+        }
+        for reason in ["error_rate", "latency", "not_ready"] {
+            metrics::counter!(telemetry::SHIFT_ROLLBACKS_TOTAL, "shard" => shard.to_string(), "reason" => reason)
+                .increment(0);
+        }
         let shift_state = std::iter::once("idle")
             .chain(Phase::ALL.iter().map(|p| p.as_str()))
             .map(|state| {
