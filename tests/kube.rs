@@ -583,7 +583,10 @@ async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
                 let mut refused = Vec::new();
                 for i in 0..40u32 {
                     let w = (c * 40 + i) % 101;
-                    let body = format!(r#"{{"weights": {{"race-v1": {}, "race-v2": {w}}}}}"#, 100 - w);
+                    let body = format!(
+                        r#"{{"weights": {{"race-v1": {}, "race-v2": {w}}}}}"#,
+                        100 - w
+                    );
                     let r = put(&url, &body, None).await;
                     if r.status != StatusCode::OK {
                         refused.push(format!("{w}: {} {}", r.status, r.body.trim()));
@@ -605,11 +608,12 @@ async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
             .get("rayshift-state")
             .await
             .unwrap();
-    let stored: serde_json::Value =
-        serde_json::from_str(&cm.data.unwrap()["state.json"]).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["state.json"]).unwrap();
     let weight = gw.cluster_state("race-v2").await["weight"].clone();
     assert!(
-        stored.to_string().contains(&format!("\"race-v2\":{weight}")),
+        stored
+            .to_string()
+            .contains(&format!("\"race-v2\":{weight}")),
         "the replica routes with race-v2 at {weight}; the ConfigMap holds {stored}"
     );
     gw.gateway.shutdown().await;
