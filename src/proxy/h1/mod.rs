@@ -30,7 +30,7 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, InFlight};
 use crate::proxy::forward::{self, Failure};
 use crate::proxy::pool::{self, RawConn};
 use crate::proxy::ProxyContext;
@@ -206,6 +206,9 @@ where
         let Some(route) = route(ctx, &buf, &req) else {
             return hand_off(client, buf, shutdown, "route").await;
         };
+        // In flight on its cluster from now, while its body is still coming: a drain of the
+        // cluster waits for it (`None`: the cluster is full; answered 503 once the body is in).
+        let entered = route.cluster.enter(ctx.max_requests_per_cluster);
 
         // The body, whole: small bodies arrive with the head or right after it. Each pause is
         // bounded by `limits.body_read_timeout`, the whole upload by `upstream.response_timeout`
@@ -256,7 +259,7 @@ where
             pipelined: buf.len() > total || scratch.half_closed,
         };
         let done = exchange
-            .run(&mut client, route, &mut scratch, shutdown)
+            .run(&mut client, route, entered, &mut scratch, shutdown)
             .await;
         idle_since = tokio::time::Instant::from_std(exchange.done_at);
         buf.advance(total);
@@ -421,6 +424,7 @@ impl Exchange<'_> {
         &mut self,
         client: &mut S,
         route: Route,
+        entered: Option<InFlight>,
         scratch: &mut Scratch,
         shutdown: &watch::Receiver<bool>,
     ) -> bool
@@ -430,7 +434,7 @@ impl Exchange<'_> {
         let ctx = self.ctx;
         let req = self.req;
         let mut cluster = route.cluster;
-        let Some(mut in_flight) = cluster.enter(ctx.max_requests_per_cluster) else {
+        let Some(mut in_flight) = entered else {
             let close = req.close || *shutdown.borrow();
             let msg = forward::overflow(ctx, &cluster, &route.app);
             let request_id = &self.up_head[req.request_id.clone()];
