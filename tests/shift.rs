@@ -375,6 +375,48 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
     drop(resp);
 }
 
+/// An upload under way on the old cluster at promotion (its head in, its body still coming) is a
+/// request in flight: the drain waits for it, and the old cluster answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_under_way_at_promotion_holds_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_blue, _green, gw) = blue_green("").await;
+    let mut client = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 20\r\nconnection: close\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // The head is in and routed to blue, which has all the weight.
+    eventually("the upload counts on blue", || async {
+        gw.cluster_state("blue").await["in_flight"] == 1
+    })
+    .await;
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to": "green", "step_interval": "1h", "drain_timeout": "1m"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // Several drain checks later (one per 100 ms tick), blue still drains.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let blue = gw.cluster_state("blue").await;
+    assert_eq!(blue["drain"], "draining", "{blue}");
+    client.write_all(b"abcdefghij").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, client.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("blue v1 echo 20\n"), "{answer}");
+    wait_shift_state(&gw, "shard-0", &["completed"]).await;
+    assert_eq!(gw.cluster_state("blue").await["drain"], "drained");
+}
+
 /// A long streamed response and a WebSocket open on the old cluster at promotion finish intact;
 /// the old cluster is draining while they run and drained after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -885,6 +927,44 @@ async fn rollout_resume_keeps_a_shift_paused_by_hand() {
         "paused by hand"
     );
     assert_eq!(shift_of(&gw, "shard-1").await["state"], "progressing");
+}
+
+/// A paused rollout that halts (an operator aborted one of its shards' shifts): a resume resumes
+/// the other shifts its pause held, and the rollout stays halted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_a_paused_rollout_halted_lets_its_shifts_go_on() {
+    let (_stubs, gw) = fleet(2, "").await;
+    let r = post(
+        &gw.admin("/v1/rollouts"),
+        r#"{"revision": "v2", "max_concurrent": 2, "step_percent": 10, "step_interval": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("both shards shifting", || async {
+        let state = gw.state().await;
+        state["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["shift"]["state"] == "progressing")
+    })
+    .await;
+    let r = post(&gw.admin("/v1/rollouts/pause"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/abort"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    eventually("rollout halts", || async {
+        gw.state().await["rollout"]["phase"] == "halted"
+    })
+    .await;
+    assert_eq!(shift_of(&gw, "shard-1").await["state"], "paused");
+    let r = post(&gw.admin("/v1/rollouts/resume"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(shift_of(&gw, "shard-1").await["state"], "progressing");
+    assert_eq!(gw.state().await["rollout"]["phase"], "halted");
+    // Its pause is spent: a second resume has nothing to resume.
+    let r = post(&gw.admin("/v1/rollouts/resume"), "").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 }
 
 /// A rollout halts at the first shard whose target fails: later shards never start.

@@ -257,6 +257,10 @@ impl Desired {
             Action::Resume if rollout.phase == RolloutPhase::Paused => {
                 rollout.phase = RolloutPhase::Running
             }
+            // Halted while paused: it starts no more shards, but the shifts its pause held go on
+            // when resumed (as the shards shifting when a running rollout halts do).
+            Action::Resume
+                if rollout.phase == RolloutPhase::Halted && rollout.paused_shifts.is_some() => {}
             Action::Abort if rollout.phase.is_active() => {
                 rollout.phase = RolloutPhase::Aborted;
                 rollout.reason = Some("aborted by an operator".into());
