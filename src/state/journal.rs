@@ -88,6 +88,25 @@ pub fn read(path: &Path) -> io::Result<Option<Contents>> {
         newest = Some(payload);
         at = next;
     }
+    // Records are appended in order, each durable before the next is written, so only the last
+    // can be torn. A valid record of the epoch after the end of the chain means a record before
+    // it was damaged after it was acknowledged (a bad sector, bit rot): stopping here would fold
+    // the older state and lose the later, acknowledged ones without a word.
+    if let Some(later) = (at + BLOCK as usize..bytes.len())
+        .step_by(BLOCK as usize)
+        .find(|&off| parse_record(&bytes, off, epoch).is_some())
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the record at block {} is damaged but the one at block {} is valid: acknowledged \
+                 changes would be lost; restore the file, or remove it to start from the state \
+                 file alone, which drops the changes the journal held",
+                at / BLOCK as usize,
+                later / BLOCK as usize
+            ),
+        ));
+    }
     Ok(Some(Contents {
         epoch,
         newest: newest.map(<[u8]>::to_vec),
@@ -354,6 +373,26 @@ mod tests {
         let contents = read(&path).unwrap().unwrap();
         assert_eq!(contents.newest.as_deref(), Some(&b"acknowledged"[..]));
         assert_eq!(contents.end, 2 * BLOCK);
+    }
+
+    #[test]
+    fn a_damaged_record_before_valid_ones_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        for record in [&b"a"[..], b"b", b"c"] {
+            journal.append(record).unwrap();
+        }
+        // Damage the middle record (block 2): "c", acknowledged after it, is still valid.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"X", 2 * BLOCK + RECORD_HEAD as u64)
+            .unwrap();
+        let e = read(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string()
+                .contains("block 2 is damaged but the one at block 3 is valid"),
+            "{e}"
+        );
     }
 
     #[test]
