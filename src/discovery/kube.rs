@@ -130,7 +130,13 @@ async fn watch(
                  {SERVE_SERVICE_ANNOTATION}: \"true\"; annotate it, or set discovery.kubernetes.endpoint: head_service_ip"
             );
         }
-        to_cluster(&o.metadata, o.data.get("status"), cfg.endpoint, single)
+        to_cluster(
+            &o.metadata,
+            o.data.get("spec"),
+            o.data.get("status"),
+            cfg.endpoint,
+            single,
+        )
     };
     let watch_cfg = watcher::Config::default().labels(&cfg.label_selector);
     let mut stream = watcher::watcher(api, watch_cfg).default_backoff().boxed();

@@ -6,6 +6,12 @@
 //! IP, with the port from `.status.endpoints.serve` (default 8000). The dashboard is on the head
 //! pod, so it is always reached through the head service (its name from `.status.head.serviceName`,
 //! else KubeRay's `<name>-head-svc`; or its cluster IP), port `.status.endpoints.dashboard`.
+//!
+//! KubeRay writes a service port's *node* port into `.status.endpoints` when the head service has
+//! one (`spec.headGroupSpec.serviceType: NodePort` or `LoadBalancer`), and a named target port as
+//! its name. Neither is a port of the service's cluster IP, so then the port comes from the head
+//! container's port of that name in `spec.headGroupSpec.template` (KubeRay's services expose the
+//! container ports as they are), else the default.
 //! Readiness: `.status.state == ready` and, where KubeRay sets conditions, `HeadPodReady` true; the
 //! gateway's own Serve probes must pass too.
 
@@ -23,6 +29,9 @@ pub const REVISION_LABEL: &str = "rayshift.io/revision";
 pub const DRAINED_ANNOTATION: &str = "rayshift.io/drained";
 /// Serve's port when `.status.endpoints.serve` is absent.
 pub const DEFAULT_SERVE_PORT: u16 = 8000;
+/// The Ray dashboard's port when the head service's dashboard port is a node port and the head
+/// container names no `dashboard` port.
+pub const DEFAULT_DASHBOARD_PORT: u16 = 8265;
 
 /// Why a RayCluster is not (or no longer) a routable cluster.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +61,71 @@ struct Status {
     head: Option<Head>,
     #[serde(default)]
     endpoints: std::collections::BTreeMap<String, Value>,
+}
+
+/// The parts of `.spec` that tell which port a service exposes.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    head_group_spec: HeadGroupSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct HeadGroupSpec {
+    #[serde(default)]
+    service_type: Option<String>,
+    #[serde(default)]
+    template: PodTemplate,
+}
+
+#[derive(Deserialize, Default)]
+struct PodTemplate {
+    #[serde(default)]
+    spec: PodSpec,
+}
+
+#[derive(Deserialize, Default)]
+struct PodSpec {
+    #[serde(default)]
+    containers: Vec<Container>,
+}
+
+#[derive(Deserialize, Default)]
+struct Container {
+    #[serde(default)]
+    ports: Vec<ContainerPort>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPort {
+    #[serde(default)]
+    name: Option<String>,
+    container_port: u16,
+}
+
+impl Spec {
+    /// The head container's port named `name`.
+    fn container_port(&self, name: &str) -> Option<u16> {
+        self.head_group_spec
+            .template
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+    }
+
+    /// Whether KubeRay's `.status.endpoints` hold node ports (a head service with node ports).
+    fn node_ports(&self) -> bool {
+        matches!(
+            self.head_group_spec.service_type.as_deref(),
+            Some("NodePort" | "LoadBalancer")
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -112,9 +186,10 @@ pub fn has_serve_service(
         .is_some_and(|v| v == "true")
 }
 
-/// Maps a RayCluster (`metadata` and `status` as JSON) to a cluster.
+/// Maps a RayCluster (`metadata`, and `spec` and `status` as JSON) to a cluster.
 pub fn to_cluster(
     metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: Option<&Value>,
     status: Option<&Value>,
     endpoint: KubeEndpoint,
     single_namespace: bool,
@@ -140,11 +215,25 @@ pub fn to_cluster(
     let status: Status = status
         .and_then(|s| serde_json::from_value(s.clone()).ok())
         .unwrap_or_default();
+    let spec: Spec = spec
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    // The port of the service port named `key`: `None` when the status does not list it.
     let port = |key: &str| -> Option<u16> {
-        match status.endpoints.get(key)? {
-            Value::String(s) => s.parse().ok(),
-            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-            _ => None,
+        let listed = match status.endpoints.get(key)? {
+            Value::String(s) => s.parse::<u16>().map_err(|_| s.as_str()),
+            Value::Number(n) => Ok(n.as_u64().and_then(|n| u16::try_from(n).ok())?),
+            _ => return None,
+        };
+        match listed {
+            Ok(port) if !spec.node_ports() => Some(port),
+            // A node port: the container port behind it, as the service exposes it.
+            Ok(_) => Some(spec.container_port(key).unwrap_or(match key {
+                "dashboard" => DEFAULT_DASHBOARD_PORT,
+                _ => DEFAULT_SERVE_PORT,
+            })),
+            // A named target port: the container port of that name.
+            Err(target) => spec.container_port(target).or(spec.container_port(key)),
         }
     };
     let head = status.head.as_ref();
@@ -221,6 +310,73 @@ mod tests {
         (meta, v.get("status").cloned())
     }
 
+    /// `READY` with `spec` and `status.endpoints` replaced.
+    fn with_service(spec: &str, endpoints: &str) -> (ObjectMeta, Value, Value) {
+        let (meta, status) = fixture(READY);
+        let mut status = status.unwrap();
+        status["endpoints"] = serde_json::from_str(endpoints).unwrap();
+        (meta, serde_json::from_str(spec).unwrap(), status)
+    }
+
+    const HEAD_PORTS: &str = r#"{"headGroupSpec": {"serviceType": "NodePort", "template": {"spec": {"containers": [
+        {"name": "ray-head", "ports": [{"name": "gcs-server", "containerPort": 6379},
+                                       {"name": "dashboard", "containerPort": 8266},
+                                       {"name": "serve", "containerPort": 9000}]}]}}}}"#;
+
+    #[test]
+    fn node_ports_in_the_status_are_not_the_services_ports() {
+        // KubeRay lists the node ports of a NodePort head service; the service's cluster IP (and
+        // the Serve service) answer on the container ports.
+        let (meta, spec, status) = with_service(
+            HEAD_PORTS,
+            r#"{"serve": "31234", "dashboard": "30265", "client": "30001"}"#,
+        );
+        for endpoint in [KubeEndpoint::ServeService, KubeEndpoint::HeadServiceIp] {
+            let c = to_cluster(&meta, Some(&spec), Some(&status), endpoint, true).unwrap();
+            assert_eq!(c.config.serve_url.port(), Some(9000), "{endpoint:?}");
+            assert_eq!(
+                c.config.dashboard_url.unwrap().port(),
+                Some(8266),
+                "{endpoint:?}"
+            );
+        }
+        // Without named container ports: the defaults.
+        let bare = r#"{"headGroupSpec": {"serviceType": "LoadBalancer"}}"#;
+        let (meta, spec, status) =
+            with_service(bare, r#"{"serve": "31234", "dashboard": "30265"}"#);
+        let c = to_cluster(
+            &meta,
+            Some(&spec),
+            Some(&status),
+            KubeEndpoint::ServeService,
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.config.serve_url.port(), Some(DEFAULT_SERVE_PORT));
+        assert_eq!(
+            c.config.dashboard_url.unwrap().port(),
+            Some(DEFAULT_DASHBOARD_PORT)
+        );
+    }
+
+    #[test]
+    fn a_named_target_port_is_the_container_port_of_that_name() {
+        let spec = HEAD_PORTS.replace("NodePort", "ClusterIP");
+        let (meta, spec, status) =
+            with_service(&spec, r#"{"serve": "serve", "dashboard": "8265"}"#);
+        let c = to_cluster(
+            &meta,
+            Some(&spec),
+            Some(&status),
+            KubeEndpoint::ServeService,
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.config.serve_url.port(), Some(9000));
+        // A ClusterIP service: the listed port is the service's own.
+        assert_eq!(c.config.dashboard_url.unwrap().port(), Some(8265));
+    }
+
     const READY: &str = r#"{
       "apiVersion": "ray.io/v1", "kind": "RayCluster",
       "metadata": {"name": "shard0-v2", "namespace": "serving", "creationTimestamp": "2026-11-20T10:00:00Z",
@@ -235,7 +391,14 @@ mod tests {
     #[test]
     fn ready_raycluster_via_serve_service() {
         let (meta, status) = fixture(READY);
-        let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true).unwrap();
+        let c = to_cluster(
+            &meta,
+            None,
+            status.as_ref(),
+            KubeEndpoint::ServeService,
+            true,
+        )
+        .unwrap();
         assert!(c.ready);
         assert_eq!(
             c.created,
@@ -267,7 +430,14 @@ mod tests {
     fn head_service_ip_and_ports_from_status() {
         let json = READY.replace("\"serve\": \"8000\"", "\"serve\": \"18123\"");
         let (meta, status) = fixture(&json);
-        let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::HeadServiceIp, false).unwrap();
+        let c = to_cluster(
+            &meta,
+            None,
+            status.as_ref(),
+            KubeEndpoint::HeadServiceIp,
+            false,
+        )
+        .unwrap();
         assert_eq!(c.config.serve_url.as_str(), "http://10.96.0.17:18123/");
         assert_eq!(
             c.config.dashboard_url.unwrap().as_str(),
@@ -286,7 +456,14 @@ mod tests {
             .replace("\"name\": \"shard0-v2\"", &format!("\"name\": \"{long}\""))
             .replace(", \"serviceName\": \"shard0-v2-head-svc\"", "");
         let (meta, status) = fixture(&json);
-        let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true).unwrap();
+        let c = to_cluster(
+            &meta,
+            None,
+            status.as_ref(),
+            KubeEndpoint::ServeService,
+            true,
+        )
+        .unwrap();
         let serve = format!("{long}-serve-svc");
         let serve = &serve[serve.len() - 50..];
         assert_eq!(
@@ -308,9 +485,15 @@ mod tests {
         let (meta, status) =
             fixture(&READY.replace("\"state\": \"ready\"", "\"state\": \"failed\""));
         assert!(
-            !to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true)
-                .unwrap()
-                .ready
+            !to_cluster(
+                &meta,
+                None,
+                status.as_ref(),
+                KubeEndpoint::ServeService,
+                true
+            )
+            .unwrap()
+            .ready
         );
         let json = READY.replace(
             "{\"type\": \"HeadPodReady\", \"status\": \"True\"}",
@@ -318,18 +501,30 @@ mod tests {
         );
         let (meta, status) = fixture(&json);
         assert!(
-            !to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true)
-                .unwrap()
-                .ready
+            !to_cluster(
+                &meta,
+                None,
+                status.as_ref(),
+                KubeEndpoint::ServeService,
+                true
+            )
+            .unwrap()
+            .ready
         );
         // Older KubeRay without conditions: the state decides.
         let (meta, status) = fixture(
             r#"{"metadata": {"name": "a", "namespace": "n", "labels": {"rayshift.io/shard": "s"}}, "status": {"state": "ready"}}"#,
         );
         assert!(
-            to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true)
-                .unwrap()
-                .ready
+            to_cluster(
+                &meta,
+                None,
+                status.as_ref(),
+                KubeEndpoint::ServeService,
+                true
+            )
+            .unwrap()
+            .ready
         );
     }
 
@@ -361,9 +556,15 @@ mod tests {
         let (meta, status) = fixture(&json);
         assert!(meta.deletion_timestamp.is_some());
         assert!(
-            !to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true)
-                .unwrap()
-                .ready
+            !to_cluster(
+                &meta,
+                None,
+                status.as_ref(),
+                KubeEndpoint::ServeService,
+                true
+            )
+            .unwrap()
+            .ready
         );
     }
 
@@ -372,7 +573,14 @@ mod tests {
         let (meta, status) = fixture(
             r#"{"metadata": {"name": "new", "namespace": "n", "creationTimestamp": "2026-11-25T09:30:00Z", "labels": {"rayshift.io/shard": "s"}}}"#,
         );
-        let c = to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true).unwrap();
+        let c = to_cluster(
+            &meta,
+            None,
+            status.as_ref(),
+            KubeEndpoint::ServeService,
+            true,
+        )
+        .unwrap();
         assert!(!c.ready);
         assert!(
             c.config.revision.starts_with("2026-11-25"),
@@ -381,7 +589,14 @@ mod tests {
         );
         assert_eq!(c.config.serve_url.port(), Some(DEFAULT_SERVE_PORT));
         assert_eq!(
-            to_cluster(&meta, status.as_ref(), KubeEndpoint::HeadServiceIp, true).unwrap_err(),
+            to_cluster(
+                &meta,
+                None,
+                status.as_ref(),
+                KubeEndpoint::HeadServiceIp,
+                true
+            )
+            .unwrap_err(),
             Unroutable::NoServiceIp
         );
     }
@@ -392,7 +607,14 @@ mod tests {
             r#"{"metadata": {"name": "x", "namespace": "n", "labels": {"app": "y"}}, "status": {"state": "ready"}}"#,
         );
         assert_eq!(
-            to_cluster(&meta, status.as_ref(), KubeEndpoint::ServeService, true).unwrap_err(),
+            to_cluster(
+                &meta,
+                None,
+                status.as_ref(),
+                KubeEndpoint::ServeService,
+                true
+            )
+            .unwrap_err(),
             Unroutable::NoShard
         );
     }
