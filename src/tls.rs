@@ -214,6 +214,9 @@ pub struct ServerTls {
     unreadable: Mutex<Option<String>>,
     /// Whether the last load of the files failed (`rayshift_tls_reload_failing`).
     load_failed: AtomicBool,
+    /// Held through a reload (files' version, load, swap): a SIGHUP reload and the file watcher's
+    /// cannot interleave so that an older load is swapped in last, with the newer version recorded.
+    reloading: Mutex<()>,
 }
 
 impl ServerTls {
@@ -239,6 +242,7 @@ impl ServerTls {
             version: Mutex::new(version),
             unreadable: Mutex::new(None),
             load_failed: AtomicBool::new(false),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -256,6 +260,7 @@ impl ServerTls {
     /// on failure the old one stays. Open connections are not affected either way. Logged and
     /// counted in `rayshift_tls_reloads_total{result="ok"|"error"}`.
     pub fn reload(&self) -> Result<(), TlsError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         *self.version.lock().unwrap_or_else(|e| e.into_inner()) =
             Version::of(&self.cert_file, &self.key_file).unwrap_or(Version(None, None));
         self.load_and_swap()
@@ -287,6 +292,7 @@ impl ServerTls {
 
     /// Reloads if the certificate or key file changed since the last load attempt; whether it did.
     pub fn reload_if_changed(&self) -> bool {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let now = match Version::of(&self.cert_file, &self.key_file) {
             Ok(now) => {
                 if self

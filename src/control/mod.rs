@@ -546,6 +546,9 @@ pub async fn start(
             created: None,
         })?;
     }
+    // The first table before anything can read it: the admin API, started after this returns,
+    // never answers from the empty placeholder (a shift's shard would be "unknown").
+    desired.publish();
     tokio::spawn(run(desired, command_rx, probe_rx, state_rx, ready_tx));
     Ok(ControlHandle {
         commands,
@@ -584,7 +587,6 @@ async fn run(
     mut shared_state: mpsc::Receiver<(State, Option<String>)>,
     ready: watch::Sender<bool>,
 ) {
-    desired.publish();
     // Ready once discovery has listed its clusters and every cluster has been probed once, or
     // after a bounded wait for slow probes. The wait starts again when discovery's first lists
     // arrive: clusters discovered late get their first probe round too.
