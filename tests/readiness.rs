@@ -121,3 +121,67 @@ async fn discovered_apps_follow_the_clusters_routes() {
     .await;
     assert_eq!(get(&gw.url("/echo")).await.status, StatusCode::OK);
 }
+
+/// Two revisions serve an application under one name at different route prefixes: the table has
+/// it at the first prefix, and only the cluster that lists that very (prefix, name) pair gets its
+/// requests (the other would answer them 404, whatever its weight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_serving_an_app_at_another_prefix_gets_none_of_its_traffic() {
+    let blue = stub("pb-blue", "v1", &[("a", "/a")]).await;
+    let green = stub("pb-green", "v2", &[("a", "/v2/a")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v2", Some(50)),
+        ],
+        "",
+    ))
+    .await;
+    for _ in 0..40 {
+        let r = get(&gw.url("/a/x")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("pb-blue"));
+    }
+    // A shift to green holds at its gate, and rolls back naming the mismatch.
+    let r = send(
+        http::Method::POST,
+        &gw.admin("/v1/shards/shard-0/shift"),
+        &[],
+        r#"{"to": "pb-green", "step_interval": "1h", "ready_timeout": "300ms"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("the shift rolls back naming the other prefix", || async {
+        let shift = get(&gw.admin("/v1/shards/shard-0/shift")).await.body;
+        shift.contains("rolled_back")
+            && shift.contains("does not list a at /a (it lists it at /v2/a)")
+    })
+    .await;
+}
+
+/// Two revisions serve one route prefix under different application names (an upgrade that
+/// renamed the app): the prefix belongs to a cluster that can take traffic, so when the old one
+/// goes unready the new one serves it instead of a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_follows_the_cluster_that_can_serve_it() {
+    let blue = stub("rn-blue", "v1", &[("api-v1", "/api")]).await;
+    let green = stub("rn-green", "v2", &[("api-v2", "/api")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    ))
+    .await;
+    assert_eq!(get(&gw.url("/api/x")).await.cluster(), Some("rn-blue"));
+    blue.set_healthy(false);
+    gw.wait_cluster_ready("rn-blue", false).await;
+    for _ in 0..10 {
+        let r = get(&gw.url("/api/x")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("rn-green"));
+    }
+}

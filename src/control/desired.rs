@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
-use crate::routing::{AppSpec, ClusterSpec, RoutingTable, TableSpec};
+use crate::routing::{AppSpec, ClusterSpec, Placement, RoutingTable, TableSpec};
 use crate::shift::Phase;
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
@@ -402,6 +402,12 @@ impl Desired {
     }
 
     /// The routing spec: declared shards, clusters in split order, config apps then discovered ones.
+    ///
+    /// An application is known by its name, at one route prefix. A cluster serves it only where
+    /// its `/-/routes` lists that very pair: a cluster that has the app at another prefix would
+    /// answer the app's requests 404. When clusters disagree (a prefix under two names, a name
+    /// under two prefixes), the pair of a ready, non-draining cluster wins over that of a cluster
+    /// that cannot take traffic, then the older revision's; the others are ignored (warned once).
     fn table_spec(&mut self) -> (TableSpec, Vec<AppPlacement>) {
         let shards = self.config.shard_specs();
         let mut clusters = Vec::with_capacity(self.clusters.len());
@@ -421,7 +427,7 @@ impl Desired {
                 weight,
                 ready,
                 draining,
-                apps: entry.last_routes.values().cloned().collect(),
+                apps: Vec::new(),
             });
         }
         let mut apps: Vec<AppSpec> = self.config.app_specs();
@@ -440,17 +446,36 @@ impl Desired {
             .iter()
             .map(|a| (a.route_prefix.clone(), a.name.clone()))
             .collect();
-        let discovered: Vec<(String, String, String)> = self
-            .clusters
+        // Clusters that can take traffic first (stable: split order otherwise).
+        let mut order: Vec<usize> = (0..self.clusters.len()).collect();
+        order.sort_by_key(|&i| !clusters[i].ready || clusters[i].draining);
+        let discovered: Vec<(String, String, String)> = order
             .iter()
-            .flat_map(|e| {
+            .flat_map(|&i| {
+                let e = &self.clusters[i];
                 e.last_routes
                     .iter()
                     .map(|(prefix, app)| (e.config.name.clone(), prefix.clone(), app.clone()))
             })
             .collect();
+        let serving: Vec<(u32, &BTreeMap<String, String>)> = self
+            .clusters
+            .iter()
+            .zip(&clusters)
+            .map(|(e, c)| (c.shard, &e.last_routes))
+            .collect();
+        let mut placements = Vec::new();
         for (cluster, prefix, app) in &discovered {
             if names.contains(app) {
+                if prefixes.get(prefix) != Some(app) {
+                    let key = format!("{cluster}\0{prefix}\0{app}\0other-prefix");
+                    if self.warned.insert(key) {
+                        tracing::warn!(
+                            %cluster, %prefix, %app,
+                            "application is served at another route prefix elsewhere; this cluster gets none of its traffic"
+                        );
+                    }
+                }
                 continue;
             }
             if !prefix.starts_with('/') {
@@ -479,13 +504,26 @@ impl Desired {
             }
             names.insert(app.clone());
             prefixes.insert(prefix.clone(), app.clone());
-            let (pinned_shard, source) = self.discovered_placement(app, &clusters);
+            placements.push((prefix.clone(), app.clone()));
+        }
+        for (prefix, app) in placements {
+            let (pinned_shard, source) =
+                discovered_placement(&self.placement, &mut self.warned, &prefix, &app, &serving);
             apps.push(AppSpec {
-                name: app.clone(),
-                route_prefix: prefix.clone(),
+                name: app,
+                route_prefix: prefix,
                 pinned_shard,
             });
             sources.push(source);
+        }
+        // Each cluster serves the apps whose (prefix, name) it lists.
+        for (spec, entry) in clusters.iter_mut().zip(&self.clusters) {
+            spec.apps = entry
+                .last_routes
+                .iter()
+                .filter(|(prefix, app)| prefixes.get(*prefix) == Some(*app))
+                .map(|(_, app)| app.clone())
+                .collect();
         }
         (
             TableSpec {
@@ -496,46 +534,45 @@ impl Desired {
             sources,
         )
     }
+}
 
-    /// Where a discovered (not configured) app goes: its hash shard, unless no cluster of that shard
-    /// serves it while a cluster of another shard does. Then traffic follows the deployment (the app
-    /// is reachable) and the mismatch is reported once, so the operator can move the app.
-    fn discovered_placement(
-        &mut self,
-        app: &str,
-        clusters: &[ClusterSpec],
-    ) -> (Option<u32>, AppPlacement) {
-        let Some(hashed) = self.placement.place(app) else {
-            return (None, AppPlacement::Hash);
-        };
-        let serves = |shard: u32| {
-            clusters
-                .iter()
-                .any(|c| c.shard == shard && c.apps.iter().any(|a| a == app))
-        };
-        if serves(hashed) {
-            return (None, AppPlacement::Hash);
-        }
-        let Some(found) = clusters
-            .iter()
-            .find(|c| c.apps.iter().any(|a| a == app))
-            .map(|c| c.shard)
-        else {
-            return (None, AppPlacement::Hash);
-        };
-        let hashed_name = self.placement.name(hashed).to_string();
-        let found_name = self.placement.name(found).to_string();
-        if self
-            .warned
-            .insert(format!("placement\0{app}\0{found_name}"))
-        {
-            tracing::warn!(
-                %app, deployed_on = %found_name, hashes_to = %hashed_name,
-                "application is deployed on another shard than its placement; routing to where it is deployed"
-            );
-        }
-        (Some(found), AppPlacement::Deployed)
+/// Where a discovered (not configured) app goes: its hash shard, unless no cluster of that shard
+/// serves it (at `prefix`) while a cluster of another shard does. Then traffic follows the
+/// deployment (the app is reachable) and the mismatch is reported once, so the operator can
+/// move the app. `serving`: each cluster's shard and `/-/routes`.
+fn discovered_placement(
+    placement: &Placement,
+    warned: &mut HashSet<String>,
+    prefix: &str,
+    app: &str,
+    serving: &[(u32, &BTreeMap<String, String>)],
+) -> (Option<u32>, AppPlacement) {
+    let Some(hashed) = placement.place(app) else {
+        return (None, AppPlacement::Hash);
+    };
+    let lists = |routes: &BTreeMap<String, String>| routes.get(prefix).is_some_and(|a| a == app);
+    if serving
+        .iter()
+        .any(|&(shard, routes)| shard == hashed && lists(routes))
+    {
+        return (None, AppPlacement::Hash);
     }
+    let Some(found) = serving
+        .iter()
+        .find(|&&(_, routes)| lists(routes))
+        .map(|&(shard, _)| shard)
+    else {
+        return (None, AppPlacement::Hash);
+    };
+    let hashed_name = placement.name(hashed).to_string();
+    let found_name = placement.name(found).to_string();
+    if warned.insert(format!("placement\0{app}\0{found_name}")) {
+        tracing::warn!(
+            %app, deployed_on = %found_name, hashes_to = %hashed_name,
+            "application is deployed on another shard than its placement; routing to where it is deployed"
+        );
+    }
+    (Some(found), AppPlacement::Deployed)
 }
 
 impl Desired {

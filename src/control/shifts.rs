@@ -518,12 +518,12 @@ impl Desired {
     fn observe(&self, shard: &str, shift: &Shift) -> Observation {
         let snapshot = self.table.load();
         let shard_id = self.config.shard_index(shard).map(|i| i as u32);
-        let apps: Vec<&str> = snapshot
+        let apps: Vec<(&str, &str)> = snapshot
             .table
             .apps()
             .iter()
             .filter(|a| Some(a.shard) == shard_id)
-            .map(|a| &*a.name)
+            .map(|a| (&*a.route_prefix, &*a.name))
             .collect();
         let mut obs = Observation {
             target_ready: true,
@@ -601,18 +601,28 @@ fn shard_lock(state: &State, shard: &str) -> Option<ControlError> {
         })
 }
 
-/// The readiness gates of one target cluster: healthz, routes listing every app of the shard, and
-/// (with a dashboard) those apps RUNNING.
-fn gate(probe: Option<&ProbeReport>, apps: &[&str], has_dashboard: bool) -> Result<(), String> {
+/// The readiness gates of one target cluster: healthz, routes listing every app of the shard at
+/// the app's route prefix (`(prefix, name)` pairs: a cluster with an app at another prefix gets
+/// none of its traffic), and (with a dashboard) those apps RUNNING.
+fn gate(
+    probe: Option<&ProbeReport>,
+    apps: &[(&str, &str)],
+    has_dashboard: bool,
+) -> Result<(), String> {
     let probe = probe.ok_or("not probed yet")?;
     if !probe.healthy {
         return Err(probe.detail.clone());
     }
     let routes = probe.routes.as_ref().ok_or_else(|| probe.detail.clone())?;
-    let missing: Vec<&str> = apps
+    let missing: Vec<String> = apps
         .iter()
-        .filter(|app| !routes.values().any(|a| a == *app))
-        .copied()
+        .filter(|(prefix, app)| routes.get(*prefix).is_none_or(|a| a != app))
+        .map(
+            |(prefix, app)| match routes.iter().find(|(_, a)| a == app) {
+                Some((elsewhere, _)) => format!("{app} at {prefix} (it lists it at {elsewhere})"),
+                None => format!("{app} at {prefix}"),
+            },
+        )
         .collect();
     if !missing.is_empty() {
         return Err(format!("/-/routes does not list {}", missing.join(", ")));
@@ -622,7 +632,7 @@ fn gate(probe: Option<&ProbeReport>, apps: &[&str], has_dashboard: bool) -> Resu
             .app_status
             .as_ref()
             .ok_or_else(|| format!("dashboard unavailable: {}", probe.detail))?;
-        for app in apps {
+        for (_, app) in apps {
             match statuses.get(*app).map(String::as_str) {
                 Some("RUNNING") => {}
                 Some(status) => return Err(format!("dashboard shows {app} {status}")),
