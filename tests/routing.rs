@@ -46,6 +46,46 @@ async fn prefix_rule_selects_the_application() {
     assert_eq!(seen["_uri"], "/route/x/headers?q=1&b=%20");
 }
 
+/// Serve matches route prefixes against the percent-decoded path, and so does the gateway, on both
+/// of its request paths; the path reaches the cluster as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_paths_match_as_serve_matches_them() {
+    for (name, extra) in [
+        ("pe-direct", ""),
+        ("pe-hyper", "upstream:\n  direct_http1: false\n"),
+    ] {
+        // The catch-all app on one cluster, the others on another: the gateway's match decides
+        // which cluster a request reaches.
+        let named = stub(name, "v1", &[("api", "/api"), ("cafe", "/café")]).await;
+        let root = stub(&format!("{name}-root"), "v1", &[("root", "/")]).await;
+        let gw = TestGateway::start(&config_yaml(
+            &["shard-0"],
+            &[
+                cluster(&named, "shard-0", "v1", Some(50)),
+                cluster(&root, "shard-0", "v1", Some(50)),
+            ],
+            extra,
+        ))
+        .await;
+        for (path, app, by) in [
+            ("/api%2Fv1", "api", name),
+            ("/%61pi/x", "api", name),
+            ("/caf%C3%A9", "cafe", name),
+            ("/caf%C3%A9/menu", "cafe", name),
+            ("/cafe", "root", &format!("{name}-root")),
+            ("/%FF", "root", &format!("{name}-root")),
+        ] {
+            let r = get(&gw.url(path)).await;
+            assert_eq!(r.status, StatusCode::OK, "{name} {path}: {}", r.body);
+            assert_eq!(r.headers["x-stub-app"], app, "{name} {path}");
+            assert_eq!(r.cluster(), Some(by), "{name} {path}");
+        }
+        let r = get(&gw.url("/caf%C3%A9/headers?q=%20")).await;
+        let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(seen["_uri"], "/caf%C3%A9/headers?q=%20", "{name}");
+    }
+}
+
 /// No matching prefix: 404 naming the path; an app whose shard has no ready cluster: 503 naming both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_path_is_404_and_no_ready_cluster_is_503() {

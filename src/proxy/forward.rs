@@ -231,7 +231,7 @@ fn route(
     // request waits on the network.
     let snap = ctx.table.load();
     let path = req.uri().path();
-    let Some(hit) = snap.table.lookup(path) else {
+    let Some(hit) = snap.table.lookup(&super::route_path(path)) else {
         count(NONE, NONE, NONE, StatusCode::NOT_FOUND);
         let msg = format!(
             "Path '{path}' not found: no application's route prefix matches it (GET /v1/state on the admin port lists them).\n"
@@ -270,7 +270,7 @@ pub(crate) fn retry_target(
     x: u64,
 ) -> Option<(Arc<Cluster>, InFlight)> {
     let snap = ctx.table.load();
-    let hit = snap.table.lookup(path)?;
+    let hit = snap.table.lookup(&super::route_path(path))?;
     if *hit.app.name != *app {
         return None;
     }

@@ -153,3 +153,31 @@ pub async fn prune_idle_connections(
         }
     }
 }
+
+/// The path a request is routed by: percent-decoded, as Serve matches route prefixes against the
+/// decoded path (`/caf%C3%A9` is under the prefix `/café`, `/api%2Fv1` under `/api`). The request
+/// is forwarded with the path as it came. A path that does not decode to UTF-8 is matched as it is.
+pub(crate) fn route_path(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.as_bytes().contains(&b'%') {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .unwrap_or(std::borrow::Cow::Borrowed(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_path;
+
+    #[test]
+    fn routing_paths_are_percent_decoded() {
+        assert_eq!(route_path("/api/v1"), "/api/v1");
+        assert_eq!(route_path("/api%2Fv1"), "/api/v1");
+        assert_eq!(route_path("/caf%C3%A9/x"), "/café/x");
+        assert_eq!(route_path("/%61pi"), "/api");
+        // Not UTF-8 once decoded, or not an escape at all: as it came.
+        assert_eq!(route_path("/%FF"), "/%FF");
+        assert_eq!(route_path("/100%"), "/100%");
+    }
+}

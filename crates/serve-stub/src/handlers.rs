@@ -73,7 +73,9 @@ pub(crate) async fn handle(
         return Ok(resp);
     }
     let table = shared.table();
-    let Some((idx, rest)) = table.route(path) else {
+    // Serve matches route prefixes against the percent-decoded path.
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let Some((idx, rest)) = table.route(&decoded) else {
         let body =
             format!("Path '{path}' not found. Ping http://.../-/routes for available routes.");
         return Ok(respond(&shared, StatusCode::NOT_FOUND, TEXT, body));

@@ -370,7 +370,7 @@ struct Route {
 fn route(ctx: &ProxyContext, buf: &[u8], req: &head::Request) -> Option<Route> {
     let path = std::str::from_utf8(&buf[req.path.clone()]).ok()?;
     let snap = ctx.table.load();
-    let hit = snap.table.lookup(path)?;
+    let hit = snap.table.lookup(&crate::proxy::route_path(path))?;
     if !hit
         .split
         .entries()
