@@ -929,6 +929,57 @@ async fn rollout_resume_keeps_a_shift_paused_by_hand() {
     assert_eq!(shift_of(&gw, "shard-1").await["state"], "progressing");
 }
 
+/// A shard upgraded to a revision of two small clusters that become ready one after the other: the
+/// one ready later joins the shift's target before promotion, and the traffic ends split over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_cluster_ready_late_joins_the_shift() {
+    let blue = stub("late-blue", "v1", &[("echo", "/echo")]).await;
+    let g1 = stub("late-g1", "v2", &[("echo", "/echo")]).await;
+    let g2 = stub("late-g2", "v2", &[("echo", "/echo")]).await;
+    g2.set_healthy(false);
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&g1, "shard-0", "v2", Some(0)),
+            cluster(&g2, "shard-0", "v2", Some(0)),
+        ],
+        "",
+    ))
+    .await;
+    gw.wait_cluster_ready("late-g2", false).await;
+    let load = Load::start(gw.url("/echo"), 4, false);
+    let r = post(
+        &gw.admin("/v1/shards/shard-0/shift"),
+        r#"{"to_revision": "v2", "step_percent": 25, "step_interval": "600ms", "min_requests": 0, "drain_timeout": "1s"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let shift: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(shift["target_clusters"], serde_json::json!(["late-g1"]));
+    eventually("the first step", || async {
+        shift_of(&gw, "shard-0").await["target_weight"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 25
+    })
+    .await;
+    g2.set_healthy(true);
+    eventually("late-g2 joins the target", || async {
+        let shift = shift_of(&gw, "shard-0").await;
+        shift["target_clusters"] == serde_json::json!(["late-g1", "late-g2"])
+            && shift["old_clusters"] == serde_json::json!(["late-blue"])
+    })
+    .await;
+    let done = wait_shift_state(&gw, "shard-0", &["completed"]).await;
+    assert_eq!(done["weights"]["late-g1"], 50, "{done}");
+    assert_eq!(done["weights"]["late-g2"], 50, "{done}");
+    assert_eq!(gw.cluster_state("late-blue").await["drain"], "drained");
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert!(g2.requests() > 0, "late-g2 never got traffic");
+}
+
 /// A paused rollout that halts (an operator aborted one of its shards' shifts): a resume resumes
 /// the other shifts its pause held, and the rollout stays halted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -348,6 +348,29 @@ impl Desired {
             let Some(shift) = entry.shift.as_mut() else {
                 continue;
             };
+            // Clusters of a revision shift's revision that became ready since it started join
+            // its target (they have no weight yet).
+            if let Target::Revision(revision) = &shift.target {
+                let split = shift.weights();
+                let joining: Vec<String> = self
+                    .clusters
+                    .iter()
+                    .filter(|c| {
+                        c.config.shard == *shard
+                            && c.config.revision == *revision
+                            && c.serving_ready()
+                            && split.get(&c.config.name).copied().unwrap_or(0) == 0
+                    })
+                    .map(|c| c.config.name.clone())
+                    .collect();
+                for cluster in joining {
+                    if let Some(joined) = shift.join_target(&cluster) {
+                        entry.weights = shift.weights();
+                        changed = true;
+                        events.push((shard.clone(), joined));
+                    }
+                }
+            }
             if !matches!(shift.phase, Phase::Progressing | Phase::Draining) {
                 continue;
             }
@@ -680,6 +703,9 @@ fn record(shard: &str, event: &Event) {
         }
         Event::Promoted => tracing::info!(%shard, "shift promoted; old clusters draining"),
         Event::Drained { timed_out } => tracing::info!(%shard, timed_out, "old clusters drained"),
+        Event::TargetJoined { cluster } => {
+            tracing::info!(%shard, %cluster, "cluster of the target revision joined the shift's target")
+        }
     }
 }
 

@@ -161,6 +161,12 @@ pub enum Event {
         /// True when the drain timeout cut it short.
         timed_out: bool,
     },
+    /// A cluster of the target revision that became ready after the shift started joined the
+    /// target: it shares the target weight from now.
+    TargetJoined {
+        /// The cluster.
+        cluster: String,
+    },
 }
 
 /// A refused control (pause, resume, promote, abort) in the current phase.
@@ -280,6 +286,25 @@ impl Shift {
             out.insert(name.to_string(), w);
         }
         out
+    }
+
+    /// Adds `cluster`, of the target revision, to the target of a revision shift that is not
+    /// promoted yet (a shard served by several small clusters is upgraded as a whole, also when its
+    /// new clusters become ready one after another). The caller passes a cluster that is ready
+    /// and has no weight in the shift's split; from now it shares the target weight equally with
+    /// the other target clusters, and it is not drained at promotion. `None`: nothing to do.
+    pub fn join_target(&mut self, cluster: &str) -> Option<Event> {
+        let joins = matches!(self.target, Target::Revision(_))
+            && matches!(self.phase, Phase::Progressing | Phase::Paused)
+            && !self.target_clusters.iter().any(|c| c == cluster);
+        if !joins {
+            return None;
+        }
+        self.old_clusters.retain(|c| c != cluster);
+        self.target_clusters.push(cluster.to_string());
+        Some(Event::TargetJoined {
+            cluster: cluster.to_string(),
+        })
     }
 
     /// Keeps `other`'s in-memory timers and analysis window when it is the same shift at the same

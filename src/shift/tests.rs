@@ -511,3 +511,30 @@ async fn a_flapping_target_rolls_back_when_its_spells_add_up() {
     );
     assert_eq!(weights(&s), (100, 0));
 }
+
+#[test]
+fn a_late_cluster_joins_a_revision_target_before_promotion_only() {
+    let mut s = Shift::new(
+        Target::Revision("v2".into()),
+        vec!["g1".into()],
+        policy(),
+        BTreeMap::from([("blue".into(), 100), ("g1".into(), 0), ("g2".into(), 0)]),
+    );
+    s.target_weight = 50;
+    assert!(matches!(
+        s.join_target("g2"),
+        Some(Event::TargetJoined { cluster }) if cluster == "g2"
+    ));
+    assert_eq!(s.join_target("g2"), None, "joins once");
+    let w = s.weights();
+    assert_eq!((w["blue"], w["g1"], w["g2"]), (50, 25, 25));
+    assert_eq!(s.old_clusters, ["blue"]);
+    // Rolled back: the start weights, the joined cluster at none.
+    let mut rolled = s.clone();
+    rolled.abort("test".into()).unwrap();
+    assert_eq!(rolled.weights().get("g2").copied().unwrap_or(0), 0);
+    // A cluster target never grows; nor does a promoted shift.
+    assert_eq!(shift().join_target("g2"), None);
+    s.promote(Instant::now()).unwrap();
+    assert_eq!(s.join_target("g3"), None);
+}
