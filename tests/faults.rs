@@ -334,6 +334,73 @@ async fn bad_clients_get_the_right_4xx() {
     assert_eq!(r.body, "blue v1 echo 500\n");
 }
 
+/// Clients that abandon their uploads mid-body (bodies over 64 KiB stream through the general
+/// path): not the cluster's failures. Passive health does not eject it, and no upstream error is
+/// counted against it (a shift's analysis would count them too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_uploads_are_not_the_clusters_failures() {
+    let blue = stub("ab-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("ab-green", "v1", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v1", Some(0)),
+        ],
+        "passive_health:\n  consecutive_failures: 2\n",
+    ))
+    .await;
+    for _ in 0..3 {
+        let mut client = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+            .await
+            .unwrap();
+        client
+            .write_all(b"POST /echo/upload HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(&[b'x'; 1000]).await.unwrap();
+        eventually("the upload reaches blue", || async {
+            gw.cluster_state("ab-blue").await["in_flight"] == 1
+        })
+        .await;
+        drop(client);
+        eventually("the upload ends", || async {
+            gw.cluster_state("ab-blue").await["in_flight"] == 0
+        })
+        .await;
+    }
+    let blue_state = gw.cluster_state("ab-blue").await;
+    assert_eq!(blue_state["ejected"], false, "{blue_state}");
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("rayshift_upstream_errors_total{") && l.contains("ab-blue"))
+        .collect();
+    assert!(errors.is_empty(), "counted against the cluster: {errors:?}");
+    assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("ab-blue"));
+}
+
+/// A GET with a chunked body (or an HTTP/2 one with DATA frames and no content-length) reaches
+/// the cluster with its body: without framing, the upstream HTTP/1.1 request would carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_chunked_body_keeps_its_body() {
+    let (_blue, gw) = one_cluster("ck-blue", "").await;
+    let mut client = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /echo/upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, client.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("{\"bytes\": 5}"), "{answer}");
+}
+
 /// The state file's directory made read-only: a weight change is refused with a 5xx naming the
 /// problem, and the weights in memory stay as they were.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use crate::cluster::{Cluster, InFlight};
 use crate::proxy::body::{local_response, ProxyBody};
 use crate::proxy::pool::{self, Sender};
-use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, RequestBody};
+use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::proxy::{headers, split_key, tunnel, Open, ProxyContext};
 use crate::telemetry;
 
@@ -38,6 +38,9 @@ pub(crate) enum Failure {
     TooLarge(u64),
     /// The client paused its body longer than `limits.body_read_timeout`.
     BodyTimeout(Duration),
+    /// The client's body failed on the client's side (it went away mid-upload, reset its stream,
+    /// or sent malformed chunks).
+    ClientBody(String),
     /// The attempt failed (connect error, reset, ...).
     Error { connect: bool, cause: String },
 }
@@ -85,6 +88,18 @@ pub async fn handle(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let request_id = prepare(&mut parts, &peer_value, upgrade, ctx.proto);
+    if !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // A body of unknown length (chunked from an HTTP/1.1 client, DATA frames without
+        // content-length from an HTTP/2 one) goes upstream chunked. Without the header hyper
+        // would send a GET's or HEAD's body as empty, and Serve would answer another request.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let Some(mut in_flight) = route.cluster.enter(ctx.max_requests_per_cluster) else {
         let msg = overflow(&ctx, &route.cluster, &route.app);
         return Ok(answer(StatusCode::SERVICE_UNAVAILABLE, msg, request_id));
@@ -315,6 +330,9 @@ async fn send(
             if let Some(slow) = find_source::<BodyTimeout>(&e) {
                 return Err(Failure::BodyTimeout(slow.timeout));
             }
+            if let Some(client) = find_source::<ClientBodyError>(&e) {
+                return Err(Failure::ClientBody(client.source.to_string()));
+            }
             let cause = pool::describe(&e);
             tracing::debug!(cluster = %cluster.name, %cause, "upstream request failed");
             Err(Failure::Error {
@@ -374,6 +392,11 @@ pub(crate) fn record_failure(
                 humantime::format_duration(*timeout)
             ),
         ),
+        Failure::ClientBody(cause) => (
+            StatusCode::BAD_REQUEST,
+            None,
+            format!("the request body ended early on the client's side: {cause}\n"),
+        ),
         Failure::Timeout => (
             StatusCode::GATEWAY_TIMEOUT,
             Some("timeout"),
@@ -389,7 +412,8 @@ pub(crate) fn record_failure(
         ),
     };
     if let Some(kind) = kind {
-        // The client's oversized body is not the cluster's fault; everything else counts against it.
+        // The client's body (too large, too slow, abandoned) is not the cluster's fault; everything
+        // else counts against it.
         cluster.stats.record_failure(elapsed);
         metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "cluster" => cluster.name.to_string(), "kind" => kind)
             .increment(1);

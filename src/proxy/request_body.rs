@@ -45,6 +45,16 @@ pub struct BodyTimeout {
     pub timeout: Duration,
 }
 
+/// The client's body failed on the client's side (it closed or reset the connection or its
+/// stream mid-body, or sent malformed chunks): not the cluster's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body ended early: {source}")]
+pub struct ClientBodyError {
+    /// The error the client connection reported.
+    #[source]
+    pub source: hyper::Error,
+}
+
 /// A request body on its way to a cluster.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -145,28 +155,32 @@ impl Body for RequestBody {
         };
         let polled = Pin::new(&mut c.body).poll_frame(cx);
         let Some(w) = c.watch.as_deref_mut() else {
-            return polled.map_err(Into::into);
+            return polled.map_err(|source| Box::new(ClientBodyError { source }) as Self::Error);
         };
-        let polled = match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    w.seen += data.len() as u64;
-                    if let Some(limit) = w.limit.filter(|limit| w.seen > *limit) {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+        let polled =
+            match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        w.seen += data.len() as u64;
+                        if let Some(limit) = w.limit.filter(|limit| w.seen > *limit) {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                        }
                     }
+                    w.armed = false;
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                w.armed = false;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Pending => {
-                if w.paused_too_long(cx) {
-                    let timeout = w.idle_timeout;
-                    return Poll::Ready(Some(Err(Box::new(BodyTimeout { timeout }))));
+                Poll::Pending => {
+                    if w.paused_too_long(cx) {
+                        let timeout = w.idle_timeout;
+                        return Poll::Ready(Some(Err(Box::new(BodyTimeout { timeout }))));
+                    }
+                    Poll::Pending
                 }
-                Poll::Pending
-            }
-            other => other.map_err(Into::into),
-        };
+                Poll::Ready(Some(Err(source))) => Poll::Ready(Some(Err(
+                    Box::new(ClientBodyError { source }) as Self::Error,
+                ))),
+                Poll::Ready(None) => Poll::Ready(None),
+            };
         // hyper stops polling a body that says it has ended, or that has sent its declared
         // length: the last frame counts as the end.
         if matches!(polled, Poll::Ready(None))
