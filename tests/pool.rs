@@ -34,7 +34,8 @@ const BIG: usize = 4 << 20;
 /// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails),
 /// `/app/quiet` (one chunk of a stream, then nothing: counted in `cancelled` when the gateway
 /// closes the connection), `/app/slowlen` (a 6-byte `content-length` body, its second half 2 s
-/// late), `/app/cut` (a head announcing a body, then the connection closes).
+/// late), `/app/cut` (a head announcing a body, then the connection closes), `/app/stall` (never
+/// reads the request body, never answers).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -189,6 +190,11 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
             }
             let chunk = [b"10000\r\n".as_slice(), &vec![b'x'; 0x10000], b"\r\n"].concat();
             while write.write_all(&chunk).await.is_ok() {}
+            return;
+        }
+        if path == "/app/stall" {
+            // Takes the request head and never reads its body.
+            tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
         if path == "/app/quiet" {
@@ -1379,6 +1385,54 @@ async fn an_h2_client_resetting_its_streams_is_disconnected() {
     );
     let closed = r#"rayshift_client_connections_closed_total{reason="resets"}"#;
     assert_eq!(common::metric(&gw, closed).await, Some(1.0));
+}
+
+/// On one HTTP/2 connection, an upload whose cluster does not read it does not stop the other
+/// streams' uploads: the connection's flow-control window is larger than a stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_h2_upload_does_not_block_the_connections_other_streams() {
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{Full, StreamBody};
+    type Body = BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "pool-h2-stall",
+        "limits:\n  body_read_timeout: 2s\n",
+    )
+    .await;
+    let client: hyper_util::client::legacy::Client<_, Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    // Stream A: 32 MiB, no length, to a server that never reads it.
+    let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let frames =
+        futures_util::stream::iter((0..32).map(move |_| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
+        }));
+    let stalled = http::Request::post(gw.url("/app/stall"))
+        .body(BoxBody::new(StreamBody::new(frames)))
+        .unwrap();
+    let a = tokio::spawn({
+        let client = client.clone();
+        async move { client.request(stalled).await }
+    });
+    // A fills the upstream socket's buffers, then its stream window.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stream B on the same connection: 10 bytes.
+    let small = http::Request::post(gw.url("/app/small"))
+        .header("content-length", "10")
+        .body(BoxBody::new(Full::new(bytes::Bytes::from_static(
+            b"0123456789",
+        ))))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(small))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(resp.status(), 200, "B's body waited behind A's");
+    a.abort();
 }
 
 /// Held by the tests that count `send_timeout` disconnections: the metrics recorder is one per

@@ -47,7 +47,13 @@ pub async fn serve(
         // A peer that vanished without closing (host gone, NAT state lost) is found by pings
         // instead of holding its connection (and a `max_connections` permit) forever.
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
-        .keep_alive_timeout(H2_KEEP_ALIVE);
+        .keep_alive_timeout(H2_KEEP_ALIVE)
+        // A stream whose cluster does not read its upload holds up to a stream window of unread
+        // data; with a connection window of the same size (hyper's default) that one stream would
+        // stop every other upload on the connection (a load balancer multiplexing many users on
+        // one connection). Four streams can stall before the others wait.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(4 * H2_STREAM_WINDOW);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let direct = ctx.direct_http1;
@@ -261,6 +267,10 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
     };
     io.is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
+
+/// HTTP/2 flow-control window of each client stream (hyper's default); the connection's is four
+/// times it.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
