@@ -53,39 +53,42 @@ pub struct ConfigMapStore {
     api: Api<ConfigMap>,
     name: String,
     origin: PathBuf,
-    /// `resourceVersions` this replica read or wrote, newest last.
+    /// The newest `resourceVersion` this replica holds, and the ones it wrote.
     versions: Mutex<Versions>,
 }
 
-/// How many of its own `resourceVersions` a replica remembers. The watch delivers events in
-/// order, so an event of a version this replica already read or wrote can only trail its newest
-/// by the writes it made since: a handful, unless thousands of writes outrun one watch event.
+/// How many of its own writes' `resourceVersions` a replica remembers. The watch delivers events
+/// in order, so the event of a replica's own write can only trail its newest by the writes it
+/// made since: a handful, unless thousands of writes outrun one watch event.
 const KNOWN_VERSIONS: usize = 256;
 
-/// The `resourceVersions` a replica read or wrote: its newest, and the ones before it. Versions
-/// are opaque strings to clients (only equality is defined), so a watch event is recognised as
-/// already known by membership, not by comparing numbers.
+/// The `resourceVersion` a replica holds (read or written), and the ones it wrote. Versions are
+/// opaque strings to clients (only equality is defined), so a watch event is recognised as the
+/// replica's own write by membership, not by comparing numbers. Only writes are skipped: a version
+/// read on a conflict may still have events of other replicas' writes before it on their way,
+/// and those are adopted in order, ending on the version read.
 #[derive(Debug, Default)]
 struct Versions {
     newest: Option<String>,
-    known: VecDeque<String>,
+    written: VecDeque<String>,
 }
 
 impl Versions {
-    fn record(&mut self, version: Option<String>) {
-        if let Some(version) = &version {
-            if !self.knows(version) {
-                if self.known.len() == KNOWN_VERSIONS {
-                    self.known.pop_front();
+    /// A version this replica now holds; `wrote`: its own write.
+    fn record(&mut self, version: Option<String>, wrote: bool) {
+        if let (Some(version), true) = (&version, wrote) {
+            if !self.wrote(version) {
+                if self.written.len() == KNOWN_VERSIONS {
+                    self.written.pop_front();
                 }
-                self.known.push_back(version.clone());
+                self.written.push_back(version.clone());
             }
         }
         self.newest = version;
     }
 
-    fn knows(&self, version: &str) -> bool {
-        self.known.iter().any(|k| k == version)
+    fn wrote(&self, version: &str) -> bool {
+        self.written.iter().any(|k| k == version)
     }
 }
 
@@ -112,10 +115,18 @@ impl ConfigMapStore {
         }
     }
 
-    /// Records the `resourceVersion` of the state this replica now holds.
+    /// Records the `resourceVersion` of the state this replica now holds (read, or adopted from
+    /// the watch).
     pub(crate) fn remember(&self, version: Option<String>) {
         if let Ok(mut v) = self.versions.lock() {
-            v.record(version);
+            v.record(version, false);
+        }
+    }
+
+    /// Records the `resourceVersion` of this replica's own write.
+    fn remember_write(&self, version: Option<String>) {
+        if let Ok(mut v) = self.versions.lock() {
+            v.record(version, true);
         }
     }
 
@@ -124,10 +135,10 @@ impl ConfigMapStore {
         self.versions.lock().ok().and_then(|v| v.newest.clone())
     }
 
-    /// Whether this replica already read or wrote `version`: a watch event of it (its own write
-    /// arriving late, after the replica wrote again) carries nothing newer than what it holds.
-    pub fn knows(&self, version: Option<&str>) -> bool {
-        version.is_some_and(|version| self.versions.lock().is_ok_and(|v| v.knows(version)))
+    /// Whether `version` is one of this replica's own writes: its watch event (possibly arriving
+    /// after the replica wrote again) carries nothing the replica does not hold.
+    pub fn wrote(&self, version: Option<&str>) -> bool {
+        version.is_some_and(|version| self.versions.lock().is_ok_and(|v| v.wrote(version)))
     }
 
     /// Reads the state (`None`: no ConfigMap or no state in it yet).
@@ -188,7 +199,7 @@ impl ConfigMapStore {
         };
         match result {
             Ok(written) => {
-                self.remember(written.metadata.resource_version);
+                self.remember_write(written.metadata.resource_version);
                 Ok(())
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -219,9 +230,9 @@ impl ConfigMapStore {
                         continue;
                     }
                 };
-                if self.knows(cm.metadata.resource_version.as_deref()) {
-                    // Our own write, or a version we already read: possibly older than the one
-                    // this replica holds now (two writes in a row, the first's event late).
+                if self.wrote(cm.metadata.resource_version.as_deref()) {
+                    // Our own write: possibly older than the version this replica holds now
+                    // (two writes in a row, the first's event late).
                     continue;
                 }
                 match self.parse(&cm) {
@@ -354,27 +365,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_version_read_or_written_before_the_newest_is_still_known() {
+    fn own_writes_are_known_after_the_next_write_and_reads_are_not() {
         let mut v = Versions::default();
-        v.record(Some("3".into()));
-        v.record(Some("4".into()));
-        // The watch event of "3" arriving after the write of "4" is not news.
-        assert!(v.knows("3") && v.knows("4"));
-        assert!(!v.knows("5"));
+        v.record(Some("3".into()), true);
+        v.record(Some("4".into()), true);
+        // The watch event of "3" arriving after the write of "4" is the replica's own.
+        assert!(v.wrote("3") && v.wrote("4"));
         assert_eq!(v.newest.as_deref(), Some("4"));
-        v.record(None);
+        // A version read on a conflict: held, not skipped (the events of the writes before it
+        // are adopted in order, ending on it).
+        v.record(Some("8".into()), false);
+        assert_eq!(v.newest.as_deref(), Some("8"));
+        assert!(!v.wrote("7") && !v.wrote("8"));
+        v.record(None, false);
         assert_eq!(v.newest, None);
-        assert!(v.knows("4"), "forgetting the newest keeps what was seen");
+        assert!(v.wrote("4"), "forgetting the newest keeps the writes");
     }
 
     #[test]
-    fn known_versions_are_bounded() {
+    fn remembered_writes_are_bounded() {
         let mut v = Versions::default();
         for i in 0..KNOWN_VERSIONS + 10 {
-            v.record(Some(i.to_string()));
+            v.record(Some(i.to_string()), true);
         }
-        assert_eq!(v.known.len(), KNOWN_VERSIONS);
-        assert!(!v.knows("0"));
-        assert!(v.knows(&(KNOWN_VERSIONS + 9).to_string()));
+        assert_eq!(v.written.len(), KNOWN_VERSIONS);
+        assert!(!v.wrote("0"));
+        assert!(v.wrote(&(KNOWN_VERSIONS + 9).to_string()));
     }
 }

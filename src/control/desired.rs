@@ -252,9 +252,9 @@ impl Desired {
     /// A state another replica wrote (seen through the ConfigMap watch).
     pub(super) fn adopt_shared_state(&mut self, state: State, version: Option<String>) {
         if let Store::ConfigMap(store) = &self.store {
-            // A version this replica already read or wrote is not news; adopting it could step
-            // back behind a write made since the event was sent.
-            if store.knows(version.as_deref()) {
+            // The replica's own write is not news; adopting it could step back behind a write
+            // it made since the event was sent.
+            if store.wrote(version.as_deref()) {
                 return;
             }
             // Our next write builds on this version.
@@ -403,11 +403,13 @@ impl Desired {
 
     /// The routing spec: declared shards, clusters in split order, config apps then discovered ones.
     ///
-    /// An application is known by its name, at one route prefix. A cluster serves it only where
-    /// its `/-/routes` lists that very pair: a cluster that has the app at another prefix would
-    /// answer the app's requests 404. When clusters disagree (a prefix under two names, a name
-    /// under two prefixes), the pair of a ready, non-draining cluster wins over that of a cluster
-    /// that cannot take traffic, then the older revision's; the others are ignored (warned once).
+    /// An application is known by its name, at one route prefix. A cluster serves a discovered
+    /// application only where its `/-/routes` lists that very pair: a cluster that has the app at
+    /// another prefix would answer the app's requests 404. When clusters disagree (a prefix under
+    /// two names, a name under two prefixes), the pair of a ready, non-draining cluster wins over
+    /// that of a cluster that cannot take traffic, then the older revision's; the others are
+    /// ignored (warned once). An application declared in the config is served by every cluster
+    /// that lists its name, as the operator declared it.
     fn table_spec(&mut self) -> (TableSpec, Vec<AppPlacement>) {
         let shards = self.config.shard_specs();
         let mut clusters = Vec::with_capacity(self.clusters.len());
@@ -441,7 +443,10 @@ impl Desired {
                 }
             })
             .collect();
-        let mut names: HashSet<String> = apps.iter().map(|a| a.name.clone()).collect();
+        // Declared in the config: served by any cluster listing the name (the configured prefix
+        // may be written otherwise than Serve's, `/echo/` for `/echo`).
+        let configured: HashSet<String> = apps.iter().map(|a| a.name.clone()).collect();
+        let mut names = configured.clone();
         let mut prefixes: BTreeMap<String, String> = apps
             .iter()
             .map(|a| (a.route_prefix.clone(), a.name.clone()))
@@ -467,7 +472,7 @@ impl Desired {
         let mut placements = Vec::new();
         for (cluster, prefix, app) in &discovered {
             if names.contains(app) {
-                if prefixes.get(prefix) != Some(app) {
+                if !configured.contains(app) && prefixes.get(prefix) != Some(app) {
                     let key = format!("{cluster}\0{prefix}\0{app}\0other-prefix");
                     if self.warned.insert(key) {
                         tracing::warn!(
@@ -516,14 +521,19 @@ impl Desired {
             });
             sources.push(source);
         }
-        // Each cluster serves the apps whose (prefix, name) it lists.
+        // Each cluster serves the discovered apps whose (prefix, name) it lists, and the
+        // configured ones it lists by name.
         for (spec, entry) in clusters.iter_mut().zip(&self.clusters) {
             spec.apps = entry
                 .last_routes
                 .iter()
-                .filter(|(prefix, app)| prefixes.get(*prefix) == Some(*app))
+                .filter(|(prefix, app)| {
+                    configured.contains(*app) || prefixes.get(*prefix) == Some(*app)
+                })
                 .map(|(_, app)| app.clone())
                 .collect();
+            spec.apps.sort_unstable();
+            spec.apps.dedup();
         }
         (
             TableSpec {
