@@ -779,6 +779,9 @@ tests:
       # Shard b rolled back before Prometheus first saw it, then again at 30m.
       - series: 'rayshift_shift_rollbacks_total{shard="b",reason="latency"}'
         values: '1+0x29 2+0x10'
+      # A new gateway exports every shard's counters at 0: no alert. Its first rollback at 20m is one.
+      - series: 'rayshift_shift_rollbacks_total{shard="c",reason="error_rate"}'
+        values: '0+0x19 1+0x20'
     alert_rule_test:
       - eval_time: 4m
         alertname: RayshiftShiftRolledBack
@@ -791,7 +794,8 @@ tests:
           - exp_labels: {severity: warning, shard: b, reason: latency}
       - eval_time: 25m
         alertname: RayshiftShiftRolledBack
-        exp_alerts: []
+        exp_alerts:
+          - exp_labels: {severity: warning, shard: c, reason: error_rate}
       - eval_time: 32m
         alertname: RayshiftShiftRolledBack
         exp_alerts:
