@@ -185,3 +185,40 @@ async fn a_prefix_follows_the_cluster_that_can_serve_it() {
         assert_eq!(r.cluster(), Some("rn-green"));
     }
 }
+
+/// An application declared in the config is served by every cluster listing its name, even when
+/// the declared prefix is written otherwise than Serve's (`/echo/` for `/echo`), and a shift's
+/// gate accepts such a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_app_is_served_by_the_clusters_listing_its_name() {
+    let blue = stub("cf-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("cf-green", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(100)),
+            cluster(&green, "shard-0", "v2", Some(0)),
+        ],
+        "apps:\n  - {name: echo, route_prefix: /echo/, shard: shard-0}\n",
+    ))
+    .await;
+    let r = get(&gw.url("/echo/x")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.cluster(), Some("cf-blue"));
+    let r = send(
+        http::Method::POST,
+        &gw.admin("/v1/shards/shard-0/shift"),
+        &[],
+        r#"{"to": "cf-green", "step_percent": 100, "step_interval": "100ms", "min_requests": 0, "drain_timeout": "1s"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("the shift completes", || async {
+        get(&gw.admin("/v1/shards/shard-0/shift"))
+            .await
+            .body
+            .contains("\"state\": \"completed\"")
+    })
+    .await;
+    assert_eq!(get(&gw.url("/echo/x")).await.cluster(), Some("cf-green"));
+}

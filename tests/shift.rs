@@ -761,8 +761,14 @@ async fn a_shift_of_a_shard_no_longer_declared_is_left_alone() {
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    let before: Value =
-        serde_json::from_str(&get(&gw.admin("/v1/shards/old/shift")).await.body).unwrap();
+    // Its first step comes at once; the next waits for a million requests.
+    let shift_url = gw.admin("/v1/shards/old/shift");
+    eventually("the first step", || {
+        let url = shift_url.clone();
+        async move { get(&url).await.body.contains("\"target_weight\": 20") }
+    })
+    .await;
+    let before: Value = serde_json::from_str(&get(&shift_url).await.body).unwrap();
     assert_eq!(gw.terminate().code(), Some(0));
 
     // The shard renamed: the old name's shift is out of sight and out of reach. Were it still
@@ -931,11 +937,16 @@ async fn rollout_resume_keeps_a_shift_paused_by_hand() {
 
 /// A shard upgraded to a revision of two small clusters that become ready one after the other: the
 /// one ready later joins the shift's target before promotion, and the traffic ends split over both.
+/// A cluster of the revision that is up but does not serve all the shard's applications never
+/// joins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_cluster_ready_late_joins_the_shift() {
-    let blue = stub("late-blue", "v1", &[("echo", "/echo")]).await;
-    let g1 = stub("late-g1", "v2", &[("echo", "/echo")]).await;
-    let g2 = stub("late-g2", "v2", &[("echo", "/echo")]).await;
+    let both = [("echo", "/echo"), ("other", "/other")];
+    let blue = stub("late-blue", "v1", &both).await;
+    let g1 = stub("late-g1", "v2", &both).await;
+    let g2 = stub("late-g2", "v2", &both).await;
+    // Up, but its echo deployment is missing: not ready as a target.
+    let g3 = stub("late-g3", "v2", &[("other", "/other")]).await;
     g2.set_healthy(false);
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
@@ -943,37 +954,53 @@ async fn a_revision_cluster_ready_late_joins_the_shift() {
             cluster(&blue, "shard-0", "v1", Some(100)),
             cluster(&g1, "shard-0", "v2", Some(0)),
             cluster(&g2, "shard-0", "v2", Some(0)),
+            cluster(&g3, "shard-0", "v2", Some(0)),
         ],
         "",
     ))
     .await;
     gw.wait_cluster_ready("late-g2", false).await;
     let load = Load::start(gw.url("/echo"), 4, false);
+    // The first step comes at once; the next would come in an hour.
     let r = post(
         &gw.admin("/v1/shards/shard-0/shift"),
-        r#"{"to_revision": "v2", "step_percent": 25, "step_interval": "600ms", "min_requests": 0, "drain_timeout": "1s"}"#,
+        r#"{"to_revision": "v2", "step_percent": 25, "step_interval": "1h", "min_requests": 0, "drain_timeout": "1s"}"#,
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     let shift: Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(shift["target_clusters"], serde_json::json!(["late-g1"]));
     eventually("the first step", || async {
-        shift_of(&gw, "shard-0").await["target_weight"]
-            .as_u64()
-            .unwrap_or(0)
-            >= 25
+        shift_of(&gw, "shard-0").await["target_weight"] == 25
     })
     .await;
     g2.set_healthy(true);
     eventually("late-g2 joins the target", || async {
-        let shift = shift_of(&gw, "shard-0").await;
-        shift["target_clusters"] == serde_json::json!(["late-g1", "late-g2"])
-            && shift["old_clusters"] == serde_json::json!(["late-blue"])
+        shift_of(&gw, "shard-0").await["target_clusters"]
+            == serde_json::json!(["late-g1", "late-g2"])
     })
     .await;
+    let shift = shift_of(&gw, "shard-0").await;
+    assert_eq!(
+        shift["old_clusters"],
+        serde_json::json!(["late-blue"]),
+        "{shift}"
+    );
+    let (w1, w2) = (
+        shift["weights"]["late-g1"].as_u64().unwrap(),
+        shift["weights"]["late-g2"].as_u64().unwrap(),
+    );
+    assert!(w1 > 0 && w2 > 0 && w1 + w2 == 25, "{shift}");
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let done = wait_shift_state(&gw, "shard-0", &["completed"]).await;
     assert_eq!(done["weights"]["late-g1"], 50, "{done}");
     assert_eq!(done["weights"]["late-g2"], 50, "{done}");
+    assert_eq!(
+        done["target_clusters"],
+        serde_json::json!(["late-g1", "late-g2"]),
+        "{done}"
+    );
     assert_eq!(gw.cluster_state("late-blue").await["drain"], "drained");
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.failures);

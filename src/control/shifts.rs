@@ -89,11 +89,17 @@ impl Desired {
                         "no cluster of revision \"{revision}\" in shard \"{shard}\""
                     )));
                 }
-                // The ready ones share the weight; if none is ready yet, all of them (the shift
-                // then waits for them up to ready_timeout).
+                // The ones ready as targets (serving the shard's applications) share the weight;
+                // if none is ready yet, all of them (the shift then waits for them up to
+                // ready_timeout). Others join as they become ready.
+                let apps = self.gate_apps(shard);
                 let ready: Vec<String> = of_revision
                     .iter()
-                    .filter(|c| c.serving_ready())
+                    .filter(|c| {
+                        c.serving_ready()
+                            && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some())
+                                .is_ok()
+                    })
                     .map(|c| c.config.name.clone())
                     .collect();
                 if ready.is_empty() {
@@ -352,14 +358,19 @@ impl Desired {
             // its target (they have no weight yet).
             if let Target::Revision(revision) = &shift.target {
                 let split = shift.weights();
+                let apps = self.gate_apps(shard);
                 let joining: Vec<String> = self
                     .clusters
                     .iter()
                     .filter(|c| {
                         c.config.shard == *shard
                             && c.config.revision == *revision
-                            && c.serving_ready()
+                            && !shift.target_clusters.contains(&c.config.name)
                             && split.get(&c.config.name).copied().unwrap_or(0) == 0
+                            && c.serving_ready()
+                            // Ready as a target must be, or it would hold the shift at once.
+                            && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some())
+                                .is_ok()
                     })
                     .map(|c| c.config.name.clone())
                     .collect();
@@ -536,18 +547,27 @@ impl Desired {
         changed
     }
 
-    /// What the shift of `shard` needs to know now: gates of its targets, their counters, and the
-    /// requests still on its draining clusters.
-    fn observe(&self, shard: &str, shift: &Shift) -> Observation {
+    /// The applications of `shard` as a target's gate checks them.
+    fn gate_apps(&self, shard: &str) -> Vec<GateApp> {
         let snapshot = self.table.load();
         let shard_id = self.config.shard_index(shard).map(|i| i as u32);
-        let apps: Vec<(&str, &str)> = snapshot
+        snapshot
             .table
             .apps()
             .iter()
             .filter(|a| Some(a.shard) == shard_id)
-            .map(|a| (&*a.route_prefix, &*a.name))
-            .collect();
+            .map(|a| GateApp {
+                prefix: a.route_prefix.to_string(),
+                name: a.name.to_string(),
+                configured: self.config.apps.iter().any(|c| *c.name == *a.name),
+            })
+            .collect()
+    }
+
+    /// What the shift of `shard` needs to know now: gates of its targets, their counters, and the
+    /// requests still on its draining clusters.
+    fn observe(&self, shard: &str, shift: &Shift) -> Observation {
+        let apps = self.gate_apps(shard);
         let mut obs = Observation {
             target_ready: true,
             ..Observation::default()
@@ -624,14 +644,20 @@ fn shard_lock(state: &State, shard: &str) -> Option<ControlError> {
         })
 }
 
-/// The readiness gates of one target cluster: healthz, routes listing every app of the shard at
-/// the app's route prefix (`(prefix, name)` pairs: a cluster with an app at another prefix gets
-/// none of its traffic), and (with a dashboard) those apps RUNNING.
-fn gate(
-    probe: Option<&ProbeReport>,
-    apps: &[(&str, &str)],
-    has_dashboard: bool,
-) -> Result<(), String> {
+/// An application of a shard, as a target's gate checks it.
+struct GateApp {
+    prefix: String,
+    name: String,
+    /// Declared in the config's `apps:`: served by any cluster listing its name (its configured
+    /// prefix may differ from Serve's, `/echo/` for `/echo`). A discovered one only by a cluster
+    /// listing it at its prefix.
+    configured: bool,
+}
+
+/// The readiness gates of one target cluster: healthz, routes listing every app of the shard (a
+/// discovered app at its route prefix: a cluster with it at another prefix gets none of its
+/// traffic), and (with a dashboard) those apps RUNNING.
+fn gate(probe: Option<&ProbeReport>, apps: &[GateApp], has_dashboard: bool) -> Result<(), String> {
     let probe = probe.ok_or("not probed yet")?;
     if !probe.healthy {
         return Err(probe.detail.clone());
@@ -639,13 +665,23 @@ fn gate(
     let routes = probe.routes.as_ref().ok_or_else(|| probe.detail.clone())?;
     let missing: Vec<String> = apps
         .iter()
-        .filter(|(prefix, app)| routes.get(*prefix).is_none_or(|a| a != app))
-        .map(
-            |(prefix, app)| match routes.iter().find(|(_, a)| a == app) {
-                Some((elsewhere, _)) => format!("{app} at {prefix} (it lists it at {elsewhere})"),
-                None => format!("{app} at {prefix}"),
-            },
-        )
+        .filter(|app| {
+            if app.configured {
+                !routes.values().any(|a| *a == app.name)
+            } else {
+                routes.get(&app.prefix).is_none_or(|a| *a != app.name)
+            }
+        })
+        .map(|app| {
+            let (prefix, name) = (&app.prefix, &app.name);
+            match routes.iter().find(|(_, a)| **a == app.name) {
+                Some((elsewhere, _)) => {
+                    format!("{name} at {prefix} (it lists it at {elsewhere})")
+                }
+                None if app.configured => name.clone(),
+                None => format!("{name} at {prefix}"),
+            }
+        })
         .collect();
     if !missing.is_empty() {
         return Err(format!("/-/routes does not list {}", missing.join(", ")));
@@ -655,8 +691,8 @@ fn gate(
             .app_status
             .as_ref()
             .ok_or_else(|| format!("dashboard unavailable: {}", probe.detail))?;
-        for (_, app) in apps {
-            match statuses.get(*app).map(String::as_str) {
+        for GateApp { name: app, .. } in apps {
+            match statuses.get(app).map(String::as_str) {
                 Some("RUNNING") => {}
                 Some(status) => return Err(format!("dashboard shows {app} {status}")),
                 None => return Err(format!("dashboard does not list {app}")),
