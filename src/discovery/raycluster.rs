@@ -76,8 +76,23 @@ struct Spec {
 struct HeadGroupSpec {
     #[serde(default)]
     service_type: Option<String>,
+    /// A head service template (`headService`), whose `spec.type` overrides `serviceType`.
+    #[serde(default)]
+    head_service: Option<ServiceTemplate>,
     #[serde(default)]
     template: PodTemplate,
+}
+
+#[derive(Deserialize, Default)]
+struct ServiceTemplate {
+    #[serde(default)]
+    spec: ServiceSpec,
+}
+
+#[derive(Deserialize, Default)]
+struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -121,10 +136,13 @@ impl Spec {
 
     /// Whether KubeRay's `.status.endpoints` hold node ports (a head service with node ports).
     fn node_ports(&self) -> bool {
-        matches!(
-            self.head_group_spec.service_type.as_deref(),
-            Some("NodePort" | "LoadBalancer")
-        )
+        let head = &self.head_group_spec;
+        let kind = head
+            .head_service
+            .as_ref()
+            .and_then(|s| s.spec.kind.as_deref())
+            .or(head.service_type.as_deref());
+        matches!(kind, Some("NodePort" | "LoadBalancer"))
     }
 }
 
@@ -340,6 +358,21 @@ mod tests {
                 "{endpoint:?}"
             );
         }
+        // The type from a headService template.
+        let templated = HEAD_PORTS.replace(
+            r#""serviceType": "NodePort""#,
+            r#""headService": {"spec": {"type": "NodePort"}}"#,
+        );
+        let (meta, spec, status) = with_service(&templated, r#"{"serve": "31234"}"#);
+        let c = to_cluster(
+            &meta,
+            Some(&spec),
+            Some(&status),
+            KubeEndpoint::ServeService,
+            true,
+        )
+        .unwrap();
+        assert_eq!(c.config.serve_url.port(), Some(9000));
         // Without named container ports: the defaults.
         let bare = r#"{"headGroupSpec": {"serviceType": "LoadBalancer"}}"#;
         let (meta, spec, status) =
