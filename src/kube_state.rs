@@ -64,9 +64,8 @@ const KNOWN_VERSIONS: usize = 256;
 
 /// The `resourceVersion` a replica holds (read or written), and the ones it wrote. Versions are
 /// opaque strings to clients (only equality is defined), so a watch event is recognised as the
-/// replica's own write by membership, not by comparing numbers. Only writes are skipped: a version
-/// read on a conflict may still have events of other replicas' writes before it on their way,
-/// and those are adopted in order, ending on the version read.
+/// replica's own write by membership. The control loop also skips an event older than the version
+/// it holds, comparing versions as numbers where they are (etcd revisions).
 #[derive(Debug, Default)]
 struct Versions {
     newest: Option<String>,
@@ -89,6 +88,22 @@ impl Versions {
 
     fn wrote(&self, version: &str) -> bool {
         self.written.iter().any(|k| k == version)
+    }
+
+    /// Whether a watched `version` may be newer than the one held: not this replica's own write,
+    /// and, where both are numbers (etcd revisions, which only increase), greater.
+    fn is_news(&self, version: Option<&str>) -> bool {
+        let Some(version) = version else {
+            return true;
+        };
+        if self.wrote(version) {
+            return false;
+        }
+        let number = |v: &str| v.parse::<u64>().ok();
+        match (number(version), self.newest.as_deref().and_then(number)) {
+            (Some(event), Some(held)) => event > held,
+            _ => true,
+        }
     }
 }
 
@@ -139,6 +154,14 @@ impl ConfigMapStore {
     /// after the replica wrote again) carries nothing the replica does not hold.
     pub fn wrote(&self, version: Option<&str>) -> bool {
         version.is_some_and(|version| self.versions.lock().is_ok_and(|v| v.wrote(version)))
+    }
+
+    /// Whether a watch event of `version` is to be adopted: not this replica's own write, and not
+    /// older than the version it holds (an event queued while the replica read a newer version on
+    /// a conflict, or wrote one). Versions are compared as numbers where both are (etcd
+    /// revisions); otherwise only own writes are skipped.
+    pub fn is_news(&self, version: Option<&str>) -> bool {
+        self.versions.lock().map_or(true, |v| v.is_news(version))
     }
 
     /// Reads the state (`None`: no ConfigMap or no state in it yet).
@@ -380,6 +403,24 @@ mod tests {
         v.record(None, false);
         assert_eq!(v.newest, None);
         assert!(v.wrote("4"), "forgetting the newest keeps the writes");
+    }
+
+    #[test]
+    fn only_newer_versions_of_other_writers_are_news() {
+        let mut v = Versions::default();
+        v.record(Some("6".into()), false);
+        assert!(v.is_news(Some("7")));
+        // Read 8 on a conflict, then wrote 9: the queued events of 7 and 8 are old, 9 is its own.
+        v.record(Some("8".into()), false);
+        v.record(Some("9".into()), true);
+        for old in ["7", "8", "9"] {
+            assert!(!v.is_news(Some(old)), "{old}");
+        }
+        assert!(v.is_news(Some("10")));
+        // Not numbers: only own writes are skipped.
+        v.record(Some("b".into()), true);
+        assert!(!v.is_news(Some("b")));
+        assert!(v.is_news(Some("a")));
     }
 
     #[test]

@@ -616,6 +616,60 @@ async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
             .contains(&format!("\"race-v2\":{weight}")),
         "the replica routes with race-v2 at {weight}; the ConfigMap holds {stored}"
     );
+
+    // A second replica writing at the same time: conflicts (409) are the clients' to retry, but
+    // each replica ends on the state the ConfigMap holds (a replica that read a version on a
+    // conflict and then wrote must not step back to an event of the version it read).
+    let extra_b = "    state: {namespace: race, configmap: rayshift-state, lease: rayshift-leader, identity: solo-b}\n\
+                   apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw_b = TestGateway::start(&gateway_yaml(env, "race", extra_b)).await;
+    gw_b.wait_cluster_ready("race-v2", true).await;
+    let writers: Vec<_> = [
+        gw.admin("/v1/shards/shard-0/weights"),
+        gw_b.admin("/v1/shards/shard-0/weights"),
+    ]
+    .into_iter()
+    .flat_map(|url| [(url.clone(), 0u32), (url, 1)])
+    .map(|(url, c)| {
+        tokio::spawn(async move {
+            for i in 0..30u32 {
+                let w = (c * 30 + i) % 101;
+                let body = format!(
+                    r#"{{"weights": {{"race-v1": {}, "race-v2": {w}}}}}"#,
+                    100 - w
+                );
+                let r = put(&url, &body, None).await;
+                assert!(
+                    r.status == StatusCode::OK || r.status == StatusCode::CONFLICT,
+                    "{} {}",
+                    r.status,
+                    r.body
+                );
+            }
+        })
+    })
+    .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        kube::Api::namespaced(env.client.clone(), "race")
+            .get("rayshift-state")
+            .await
+            .unwrap();
+    let stored = cm.data.unwrap()["state.json"].clone();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    for (name, replica) in [("a", &gw), ("b", &gw_b)] {
+        let weight = replica.cluster_state("race-v2").await["weight"].clone();
+        assert!(
+            stored
+                .to_string()
+                .contains(&format!("\"race-v2\":{weight}")),
+            "replica {name} routes with race-v2 at {weight}; the ConfigMap holds {stored}"
+        );
+    }
+    gw_b.gateway.shutdown().await;
     gw.gateway.shutdown().await;
 }
 

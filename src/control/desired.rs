@@ -252,9 +252,9 @@ impl Desired {
     /// A state another replica wrote (seen through the ConfigMap watch).
     pub(super) fn adopt_shared_state(&mut self, state: State, version: Option<String>) {
         if let Store::ConfigMap(store) = &self.store {
-            // The replica's own write is not news; adopting it could step back behind a write
-            // it made since the event was sent.
-            if store.wrote(version.as_deref()) {
+            // Not its own write, nor older than what it holds (see `ConfigMapStore::is_news`):
+            // adopting those could step back behind a write or read made since.
+            if !store.is_news(version.as_deref()) {
                 return;
             }
             // Our next write builds on this version.
@@ -408,8 +408,8 @@ impl Desired {
     /// another prefix would answer the app's requests 404. When clusters disagree (a prefix under
     /// two names, a name under two prefixes), the pair of a ready, non-draining cluster wins over
     /// that of a cluster that cannot take traffic, then the older revision's; the others are
-    /// ignored (warned once). An application declared in the config is served by every cluster
-    /// that lists its name, as the operator declared it.
+    /// ignored (warned once). An application declared in the config is served by the clusters
+    /// that list its name at the declared prefix, a trailing `/` aside.
     fn table_spec(&mut self) -> (TableSpec, Vec<AppPlacement>) {
         let shards = self.config.shard_specs();
         let mut clusters = Vec::with_capacity(self.clusters.len());
@@ -443,10 +443,13 @@ impl Desired {
                 }
             })
             .collect();
-        // Declared in the config: served by any cluster listing the name (the configured prefix
-        // may be written otherwise than Serve's, `/echo/` for `/echo`).
-        let configured: HashSet<String> = apps.iter().map(|a| a.name.clone()).collect();
-        let mut names = configured.clone();
+        // Declared in the config: served by a cluster listing the name at the declared prefix,
+        // a trailing `/` aside (`/echo/` declared, `/echo` in Serve).
+        let configured: BTreeMap<String, String> = apps
+            .iter()
+            .map(|a| (a.name.clone(), a.route_prefix.clone()))
+            .collect();
+        let mut names: HashSet<String> = configured.keys().cloned().collect();
         let mut prefixes: BTreeMap<String, String> = apps
             .iter()
             .map(|a| (a.route_prefix.clone(), a.name.clone()))
@@ -472,7 +475,11 @@ impl Desired {
         let mut placements = Vec::new();
         for (cluster, prefix, app) in &discovered {
             if names.contains(app) {
-                if !configured.contains(app) && prefixes.get(prefix) != Some(app) {
+                let elsewhere = match configured.get(app) {
+                    Some(declared) => !same_prefix(declared, prefix),
+                    None => prefixes.get(prefix) != Some(app),
+                };
+                if elsewhere {
                     let key = format!("{cluster}\0{prefix}\0{app}\0other-prefix");
                     if self.warned.insert(key) {
                         tracing::warn!(
@@ -521,14 +528,15 @@ impl Desired {
             });
             sources.push(source);
         }
-        // Each cluster serves the discovered apps whose (prefix, name) it lists, and the
-        // configured ones it lists by name.
+        // Each cluster serves the apps whose (prefix, name) it lists (a configured one's prefix
+        // compared without a trailing `/`).
         for (spec, entry) in clusters.iter_mut().zip(&self.clusters) {
             spec.apps = entry
                 .last_routes
                 .iter()
-                .filter(|(prefix, app)| {
-                    configured.contains(*app) || prefixes.get(*prefix) == Some(*app)
+                .filter(|(prefix, app)| match configured.get(*app) {
+                    Some(declared) => same_prefix(declared, prefix),
+                    None => prefixes.get(*prefix) == Some(*app),
                 })
                 .map(|(_, app)| app.clone())
                 .collect();
@@ -544,6 +552,12 @@ impl Desired {
             sources,
         )
     }
+}
+
+/// Whether two route prefixes name the same route, a trailing `/` aside (`/echo/` and `/echo`;
+/// `/` is itself).
+pub(super) fn same_prefix(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
 /// Where a discovered (not configured) app goes: its hash shard, unless no cluster of that shard
