@@ -186,9 +186,9 @@ async fn a_prefix_follows_the_cluster_that_can_serve_it() {
     }
 }
 
-/// An application declared in the config is served by every cluster listing its name, even when
-/// the declared prefix is written otherwise than Serve's (`/echo/` for `/echo`), and a shift's
-/// gate accepts such a cluster.
+/// An application declared in the config is served by the clusters listing its name at the
+/// declared prefix, also when written with a trailing `/` (`/echo/` for Serve's `/echo`), and a
+/// shift's gate accepts such a cluster; a cluster that moved the app elsewhere gets none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_app_is_served_by_the_clusters_listing_its_name() {
     let blue = stub("cf-blue", "v1", &[("echo", "/echo")]).await;
@@ -221,4 +221,26 @@ async fn a_configured_app_is_served_by_the_clusters_listing_its_name() {
     })
     .await;
     assert_eq!(get(&gw.url("/echo/x")).await.cluster(), Some("cf-green"));
+}
+
+/// A configured application that a new revision serves at another prefix: that revision gets
+/// none of the app's requests (it would answer them 404), whatever its weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_app_moved_to_another_prefix_gets_no_traffic_there() {
+    let blue = stub("mv-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("mv-green", "v2", &[("echo", "/v2/echo")]).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v2", Some(50)),
+        ],
+        "apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n",
+    ))
+    .await;
+    for _ in 0..40 {
+        let r = get(&gw.url("/echo/x")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("mv-blue"));
+    }
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
-use super::{natural_cmp, Action, ControlError, Desired, ShiftRequest};
+use super::desired::same_prefix;
+use super::{natural_cmp, Action, ClusterEntry, ControlError, Desired, ShiftRequest};
 use crate::discovery::probe::ProbeReport;
 use crate::shift::machine::{Event, Observation};
 use crate::shift::{Phase, Rollout, RolloutPhase, ShardProgress, Shift, ShiftPolicy, Target};
@@ -90,22 +91,28 @@ impl Desired {
                     )));
                 }
                 // The ones ready as targets (serving the shard's applications) share the weight;
-                // if none is ready yet, all of them (the shift then waits for them up to
-                // ready_timeout). Others join as they become ready.
+                // if none is yet, the ones that are up (the shift waits for their applications
+                // up to ready_timeout); if none is up, all of them. Others join as they become
+                // ready.
                 let apps = self.gate_apps(shard);
-                let ready: Vec<String> = of_revision
-                    .iter()
-                    .filter(|c| {
-                        c.serving_ready()
-                            && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some())
-                                .is_ok()
-                    })
-                    .map(|c| c.config.name.clone())
-                    .collect();
-                if ready.is_empty() {
-                    of_revision.iter().map(|c| c.config.name.clone()).collect()
+                let names = |keep: &dyn Fn(&ClusterEntry) -> bool| -> Vec<String> {
+                    of_revision
+                        .iter()
+                        .filter(|c| keep(c))
+                        .map(|c| c.config.name.clone())
+                        .collect()
+                };
+                let gated = names(&|c| {
+                    c.serving_ready()
+                        && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some()).is_ok()
+                });
+                let up = names(&|c| c.serving_ready());
+                if !gated.is_empty() {
+                    gated
+                } else if !up.is_empty() {
+                    up
                 } else {
-                    ready
+                    names(&|_| true)
                 }
             }
         };
@@ -648,9 +655,8 @@ fn shard_lock(state: &State, shard: &str) -> Option<ControlError> {
 struct GateApp {
     prefix: String,
     name: String,
-    /// Declared in the config's `apps:`: served by any cluster listing its name (its configured
-    /// prefix may differ from Serve's, `/echo/` for `/echo`). A discovered one only by a cluster
-    /// listing it at its prefix.
+    /// Declared in the config's `apps:`: its declared prefix is compared without a trailing `/`
+    /// (`/echo/` declared, `/echo` in Serve). A discovered one's exactly.
     configured: bool,
 }
 
@@ -667,7 +673,9 @@ fn gate(probe: Option<&ProbeReport>, apps: &[GateApp], has_dashboard: bool) -> R
         .iter()
         .filter(|app| {
             if app.configured {
-                !routes.values().any(|a| *a == app.name)
+                !routes
+                    .iter()
+                    .any(|(p, a)| *a == app.name && same_prefix(p, &app.prefix))
             } else {
                 routes.get(&app.prefix).is_none_or(|a| *a != app.name)
             }
@@ -678,7 +686,6 @@ fn gate(probe: Option<&ProbeReport>, apps: &[GateApp], has_dashboard: bool) -> R
                 Some((elsewhere, _)) => {
                     format!("{name} at {prefix} (it lists it at {elsewhere})")
                 }
-                None if app.configured => name.clone(),
                 None => format!("{name} at {prefix}"),
             }
         })
