@@ -49,9 +49,10 @@ pub async fn serve(
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
         .keep_alive_timeout(H2_KEEP_ALIVE)
         // A stream whose cluster does not read its upload holds up to a stream window of unread
-        // data; with a connection window of the same size (hyper's default) that one stream would
-        // stop every other upload on the connection (a load balancer multiplexing many users on
-        // one connection). Four streams can stall before the others wait.
+        // data; with a connection window of the same size (hyper's default, 1 MiB both) that one
+        // stream would stop every other upload on the connection (a load balancer multiplexing
+        // many users on one connection). Four streams can stall before the others wait, with the
+        // connection's buffered uploads bounded as before.
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(4 * H2_STREAM_WINDOW);
     let builder = Arc::new(builder);
@@ -268,9 +269,9 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
     io.is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
-/// HTTP/2 flow-control window of each client stream (hyper's default); the connection's is four
-/// times it.
-const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window of each client stream; the connection's is four times it (1 MiB,
+/// hyper's default).
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
 
 /// How often an idle HTTP/2 client is pinged, and how long it has to answer.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
