@@ -576,13 +576,46 @@ async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
     let gw = TestGateway::start(&gateway_yaml(env, "race", extra)).await;
     gw.wait_cluster_ready("race-v2", true).await;
     let url = gw.admin("/v1/shards/shard-0/weights");
-    let clients: Vec<_> = (0..4u32)
-        .map(|c| {
-            let url = url.clone();
+    let refused =
+        change_weights_at_once(vec![url.clone(), url.clone(), url.clone(), url], 40).await;
+    assert!(refused.is_empty(), "changes refused: {refused:#?}");
+    // Late watch events have had time to arrive; none may have stepped the replica back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    replicas_hold_the_configmaps_state(env, &[&gw]).await;
+
+    // A second replica writing at the same time: conflicts (409) are the clients' to retry, but
+    // each replica ends on the state the ConfigMap holds (a replica that read a version on a
+    // conflict and then wrote must not step back to an event of the version it read).
+    let extra_b = "    state: {namespace: race, configmap: rayshift-state, lease: rayshift-leader, identity: solo-b}\n\
+                   apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw_b = TestGateway::start(&gateway_yaml(env, "race", extra_b)).await;
+    gw_b.wait_cluster_ready("race-v2", true).await;
+    let (a, b) = (
+        gw.admin("/v1/shards/shard-0/weights"),
+        gw_b.admin("/v1/shards/shard-0/weights"),
+    );
+    let refused = change_weights_at_once(vec![a.clone(), a, b.clone(), b], 30).await;
+    assert!(
+        refused.iter().all(|r| r.contains("409 Conflict")),
+        "changes refused otherwise than by a conflict: {refused:#?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    replicas_hold_the_configmaps_state(env, &[&gw, &gw_b]).await;
+    gw_b.gateway.shutdown().await;
+    gw.gateway.shutdown().await;
+}
+
+/// One client per URL, each setting `per_client` different splits of race-v1 and race-v2 one after
+/// another, all at once; the changes not answered 200, as `"<weight>: <status> <body>"`.
+async fn change_weights_at_once(urls: Vec<String>, per_client: u32) -> Vec<String> {
+    let clients: Vec<_> = urls
+        .into_iter()
+        .zip(0u32..)
+        .map(|(url, c)| {
             tokio::spawn(async move {
                 let mut refused = Vec::new();
-                for i in 0..40u32 {
-                    let w = (c * 40 + i) % 101;
+                for i in 0..per_client {
+                    let w = (c * per_client + i) % 101;
                     let body = format!(
                         r#"{{"weights": {{"race-v1": {}, "race-v2": {w}}}}}"#,
                         100 - w
@@ -600,77 +633,26 @@ async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
     for client in clients {
         refused.extend(client.await.unwrap());
     }
-    assert!(refused.is_empty(), "changes refused: {refused:#?}");
-    // Late watch events have had time to arrive; none may have stepped the replica back.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    refused
+}
+
+/// Each replica routes with race-v2 at the weight the `race` ConfigMap holds.
+async fn replicas_hold_the_configmaps_state(env: &KubeEnv, replicas: &[&TestGateway]) {
     let cm: k8s_openapi::api::core::v1::ConfigMap =
         kube::Api::namespaced(env.client.clone(), "race")
             .get("rayshift-state")
             .await
             .unwrap();
     let stored: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["state.json"]).unwrap();
-    let weight = gw.cluster_state("race-v2").await["weight"].clone();
-    assert!(
-        stored
-            .to_string()
-            .contains(&format!("\"race-v2\":{weight}")),
-        "the replica routes with race-v2 at {weight}; the ConfigMap holds {stored}"
-    );
-
-    // A second replica writing at the same time: conflicts (409) are the clients' to retry, but
-    // each replica ends on the state the ConfigMap holds (a replica that read a version on a
-    // conflict and then wrote must not step back to an event of the version it read).
-    let extra_b = "    state: {namespace: race, configmap: rayshift-state, lease: rayshift-leader, identity: solo-b}\n\
-                   apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
-    let gw_b = TestGateway::start(&gateway_yaml(env, "race", extra_b)).await;
-    gw_b.wait_cluster_ready("race-v2", true).await;
-    let writers: Vec<_> = [
-        gw.admin("/v1/shards/shard-0/weights"),
-        gw_b.admin("/v1/shards/shard-0/weights"),
-    ]
-    .into_iter()
-    .flat_map(|url| [(url.clone(), 0u32), (url, 1)])
-    .map(|(url, c)| {
-        tokio::spawn(async move {
-            for i in 0..30u32 {
-                let w = (c * 30 + i) % 101;
-                let body = format!(
-                    r#"{{"weights": {{"race-v1": {}, "race-v2": {w}}}}}"#,
-                    100 - w
-                );
-                let r = put(&url, &body, None).await;
-                assert!(
-                    r.status == StatusCode::OK || r.status == StatusCode::CONFLICT,
-                    "{} {}",
-                    r.status,
-                    r.body
-                );
-            }
-        })
-    })
-    .collect();
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let cm: k8s_openapi::api::core::v1::ConfigMap =
-        kube::Api::namespaced(env.client.clone(), "race")
-            .get("rayshift-state")
-            .await
-            .unwrap();
-    let stored = cm.data.unwrap()["state.json"].clone();
-    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
-    for (name, replica) in [("a", &gw), ("b", &gw_b)] {
+    for (i, replica) in replicas.iter().enumerate() {
         let weight = replica.cluster_state("race-v2").await["weight"].clone();
         assert!(
             stored
                 .to_string()
                 .contains(&format!("\"race-v2\":{weight}")),
-            "replica {name} routes with race-v2 at {weight}; the ConfigMap holds {stored}"
+            "replica {i} routes with race-v2 at {weight}; the ConfigMap holds {stored}"
         );
     }
-    gw_b.gateway.shutdown().await;
-    gw.gateway.shutdown().await;
 }
 
 /// An API server slow to list (here: frozen at the gateway's start for longer than the first

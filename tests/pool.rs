@@ -542,19 +542,20 @@ async fn a_response_ending_at_close_reaches_the_client_whole() {
 /// wait for its next request: the client sends another on the same connection after it.
 #[tokio::test]
 async fn a_long_stream_leaves_the_connection_open_for_the_next_request() {
+    the_connection_waits_anew_after("pool-trickle", "/app/trickle", b"0\r\n\r\n").await;
+}
+
+/// Through a gateway with `limits.header_read_timeout: 1s`: a response to `path` that lasts
+/// longer (its end: `ends`), then another request on the same connection, answered.
+async fn the_connection_waits_anew_after(name: &str, path: &str, ends: &[u8]) {
     let backend = Backend::start().await;
-    let gw = gateway(
-        &backend,
-        "pool-trickle",
-        "limits:\n  header_read_timeout: 1s\n",
-    )
-    .await;
+    let gw = gateway(&backend, name, "limits:\n  header_read_timeout: 1s\n").await;
     let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
     client
-        .write_all(b"GET /app/trickle HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    read_until(&mut client, |seen| seen.ends_with(b"0\r\n\r\n")).await;
+    read_until(&mut client, |seen| seen.ends_with(ends)).await;
     client
         .write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
@@ -675,28 +676,7 @@ async fn a_client_gone_mid_stream_cancels_it_upstream() {
 /// connection's wait for its next request starts when the body is out, not at its head.
 #[tokio::test]
 async fn a_slow_body_leaves_the_connection_open_for_the_next_request() {
-    let backend = Backend::start().await;
-    let gw = gateway(
-        &backend,
-        "pool-slowlen",
-        "limits:\n  header_read_timeout: 1s\n",
-    )
-    .await;
-    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
-    client
-        .write_all(b"GET /app/slowlen HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut client, |seen| seen.ends_with(b"abcdef")).await;
-    client
-        .write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let next = read_until_closed(&mut client).await;
-    assert!(
-        next.starts_with("HTTP/1.1 200") && next.ends_with("hello"),
-        "{next}"
-    );
+    the_connection_waits_anew_after("pool-slowlen", "/app/slowlen", b"abcdef").await;
 }
 
 /// An upstream connection that carried a body for longer than `upstream.idle_timeout` returns to

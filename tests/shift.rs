@@ -901,21 +901,7 @@ async fn fleet_rollout_one_shard_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_resume_keeps_a_shift_paused_by_hand() {
     let (_stubs, gw) = fleet(2, "").await;
-    let r = post(
-        &gw.admin("/v1/rollouts"),
-        r#"{"revision": "v2", "max_concurrent": 2, "step_percent": 10, "step_interval": "1h"}"#,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    eventually("both shards shifting", || async {
-        let state = gw.state().await;
-        state["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["shift"]["state"] == "progressing")
-    })
-    .await;
+    rollout_of_both_shards(&gw).await;
     let r = post(&gw.admin("/v1/shards/shard-0/shift/pause"), "").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(
@@ -1012,21 +998,7 @@ async fn a_revision_cluster_ready_late_joins_the_shift() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_a_paused_rollout_halted_lets_its_shifts_go_on() {
     let (_stubs, gw) = fleet(2, "").await;
-    let r = post(
-        &gw.admin("/v1/rollouts"),
-        r#"{"revision": "v2", "max_concurrent": 2, "step_percent": 10, "step_interval": "1h"}"#,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    eventually("both shards shifting", || async {
-        let state = gw.state().await;
-        state["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["shift"]["state"] == "progressing")
-    })
-    .await;
+    rollout_of_both_shards(&gw).await;
     let r = post(&gw.admin("/v1/rollouts/pause"), "").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let r = post(&gw.admin("/v1/shards/shard-0/shift/abort"), "").await;
@@ -1043,6 +1015,25 @@ async fn resume_after_a_paused_rollout_halted_lets_its_shifts_go_on() {
     // Its pause is spent: a second resume has nothing to resume.
     let r = post(&gw.admin("/v1/rollouts/resume"), "").await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+}
+
+/// Starts a rollout of v2 over both shards of a 2-shard fleet at once, held at its first step.
+async fn rollout_of_both_shards(gw: &TestGateway) {
+    let r = post(
+        &gw.admin("/v1/rollouts"),
+        r#"{"revision": "v2", "max_concurrent": 2, "step_percent": 10, "step_interval": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("both shards shifting", || async {
+        let state = gw.state().await;
+        state["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["shift"]["state"] == "progressing")
+    })
+    .await;
 }
 
 /// A rollout halts at the first shard whose target fails: later shards never start.

@@ -328,6 +328,14 @@ mod tests {
         (meta, v.get("status").cloned())
     }
 
+    /// The cluster of a RayCluster without `spec`, through the Serve service, one namespace.
+    fn serve_service(
+        meta: &ObjectMeta,
+        status: Option<&Value>,
+    ) -> Result<DiscoveredCluster, Unroutable> {
+        to_cluster(meta, None, status, KubeEndpoint::ServeService, true)
+    }
+
     /// `READY` with `spec` and `status.endpoints` replaced.
     fn with_service(spec: &str, endpoints: &str) -> (ObjectMeta, Value, Value) {
         let (meta, status) = fixture(READY);
@@ -424,14 +432,7 @@ mod tests {
     #[test]
     fn ready_raycluster_via_serve_service() {
         let (meta, status) = fixture(READY);
-        let c = to_cluster(
-            &meta,
-            None,
-            status.as_ref(),
-            KubeEndpoint::ServeService,
-            true,
-        )
-        .unwrap();
+        let c = serve_service(&meta, status.as_ref()).unwrap();
         assert!(c.ready);
         assert_eq!(
             c.created,
@@ -489,14 +490,7 @@ mod tests {
             .replace("\"name\": \"shard0-v2\"", &format!("\"name\": \"{long}\""))
             .replace(", \"serviceName\": \"shard0-v2-head-svc\"", "");
         let (meta, status) = fixture(&json);
-        let c = to_cluster(
-            &meta,
-            None,
-            status.as_ref(),
-            KubeEndpoint::ServeService,
-            true,
-        )
-        .unwrap();
+        let c = serve_service(&meta, status.as_ref()).unwrap();
         let serve = format!("{long}-serve-svc");
         let serve = &serve[serve.len() - 50..];
         assert_eq!(
@@ -517,48 +511,18 @@ mod tests {
     fn readiness_needs_state_ready_and_head_pod_ready() {
         let (meta, status) =
             fixture(&READY.replace("\"state\": \"ready\"", "\"state\": \"failed\""));
-        assert!(
-            !to_cluster(
-                &meta,
-                None,
-                status.as_ref(),
-                KubeEndpoint::ServeService,
-                true
-            )
-            .unwrap()
-            .ready
-        );
+        assert!(!serve_service(&meta, status.as_ref()).unwrap().ready);
         let json = READY.replace(
             "{\"type\": \"HeadPodReady\", \"status\": \"True\"}",
             "{\"type\": \"HeadPodReady\", \"status\": \"False\"}",
         );
         let (meta, status) = fixture(&json);
-        assert!(
-            !to_cluster(
-                &meta,
-                None,
-                status.as_ref(),
-                KubeEndpoint::ServeService,
-                true
-            )
-            .unwrap()
-            .ready
-        );
+        assert!(!serve_service(&meta, status.as_ref()).unwrap().ready);
         // Older KubeRay without conditions: the state decides.
         let (meta, status) = fixture(
             r#"{"metadata": {"name": "a", "namespace": "n", "labels": {"rayshift.io/shard": "s"}}, "status": {"state": "ready"}}"#,
         );
-        assert!(
-            to_cluster(
-                &meta,
-                None,
-                status.as_ref(),
-                KubeEndpoint::ServeService,
-                true
-            )
-            .unwrap()
-            .ready
-        );
+        assert!(serve_service(&meta, status.as_ref()).unwrap().ready);
     }
 
     #[test]
@@ -588,17 +552,7 @@ mod tests {
         );
         let (meta, status) = fixture(&json);
         assert!(meta.deletion_timestamp.is_some());
-        assert!(
-            !to_cluster(
-                &meta,
-                None,
-                status.as_ref(),
-                KubeEndpoint::ServeService,
-                true
-            )
-            .unwrap()
-            .ready
-        );
+        assert!(!serve_service(&meta, status.as_ref()).unwrap().ready);
     }
 
     #[test]
@@ -606,14 +560,7 @@ mod tests {
         let (meta, status) = fixture(
             r#"{"metadata": {"name": "new", "namespace": "n", "creationTimestamp": "2026-11-25T09:30:00Z", "labels": {"rayshift.io/shard": "s"}}}"#,
         );
-        let c = to_cluster(
-            &meta,
-            None,
-            status.as_ref(),
-            KubeEndpoint::ServeService,
-            true,
-        )
-        .unwrap();
+        let c = serve_service(&meta, status.as_ref()).unwrap();
         assert!(!c.ready);
         assert!(
             c.config.revision.starts_with("2026-11-25"),
@@ -640,14 +587,7 @@ mod tests {
             r#"{"metadata": {"name": "x", "namespace": "n", "labels": {"app": "y"}}, "status": {"state": "ready"}}"#,
         );
         assert_eq!(
-            to_cluster(
-                &meta,
-                None,
-                status.as_ref(),
-                KubeEndpoint::ServeService,
-                true
-            )
-            .unwrap_err(),
+            serve_service(&meta, status.as_ref()).unwrap_err(),
             Unroutable::NoShard
         );
     }
