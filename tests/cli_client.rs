@@ -613,25 +613,51 @@ async fn token_protected_gateway_needs_the_token_file() {
     assert_eq!(weights(&gw).await, (100.into(), 0.into()));
 }
 
+/// A child process killed (and reaped) when dropped: a failed assertion must not leave it
+/// serving.
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `demo --shift` drives traffic, shifts shard-0 to green with a progress line per change, and
 /// reports the outcome: completed, nothing failed, blue drained. Then it keeps serving.
 #[test]
 fn demo_shift_completes_without_failures() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
-        .args([
-            "demo",
-            "--shift",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn rayshift demo");
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
+            .args([
+                "demo",
+                "--shift",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rayshift demo"),
+    );
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -649,11 +675,13 @@ fn demo_shift_completes_without_failures() {
             Ok(line) => lines.push(line),
             Err(_) => {
                 let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
                 panic!(
-                    "no summary from the demo; stdout:\n{}\nstderr:\n{}",
+                    "no summary from the demo; stdout:\n{}\nstderr:\n{stderr}",
                     lines.join("\n"),
-                    String::from_utf8_lossy(&out.stderr)
                 );
             }
         }

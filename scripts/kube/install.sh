@@ -109,7 +109,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Packages
 # ---------------------------------------------------------------------------------------------
-RUNTIME_PKGS=(etcd-server openssl curl ca-certificates jq python3 util-linux procps)
+# python3-venv: scripts/ray/install.sh (run next by scripts/test) makes Ray's virtualenv with it.
+RUNTIME_PKGS=(etcd-server openssl curl ca-certificates jq python3 python3-venv util-linux procps)
 BUILD_PKGS=(golang-go dpkg-dev make rsync
   golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)
 PKGS=("${RUNTIME_PKGS[@]}")

@@ -19,6 +19,9 @@ if [ $# -eq 3 ]; then
 fi
 resolve_dir "$1"
 load_state
+# Whatever happens next, DIR/env and DIR/pids name the processes now running (a part that started
+# but never became ready included), so stop.sh stops them and not the old pids.
+trap write_state EXIT
 
 etcd_healthy() {
   curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"'
@@ -49,6 +52,7 @@ case "$WHAT" in
   *) die "unknown part '$WHAT' (apiserver|etcd|all)" ;;
 esac
 
+trap - EXIT
 write_state
 log "restarted $WHAT (total $(elapsed)s)"
 cat "$KDIR/env"
