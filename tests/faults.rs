@@ -392,11 +392,7 @@ async fn a_get_with_a_chunked_body_keeps_its_body() {
         .write_all(b"GET /echo/upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(WAIT, client.read_to_string(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
+    let answer = read_answer(&mut client).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("{\"bytes\": 5}"), "{answer}");
 }

@@ -379,7 +379,7 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
 /// request in flight: the drain waits for it, and the old cluster answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_under_way_at_promotion_holds_the_drain() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (_blue, _green, gw) = blue_green("").await;
     let mut client = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
         .await
@@ -406,11 +406,7 @@ async fn an_upload_under_way_at_promotion_holds_the_drain() {
     let blue = gw.cluster_state("blue").await;
     assert_eq!(blue["drain"], "draining", "{blue}");
     client.write_all(b"abcdefghij").await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(WAIT, client.read_to_string(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
+    let answer = read_answer(&mut client).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("blue v1 echo 20\n"), "{answer}");
     wait_shift_state(&gw, "shard-0", &["completed"]).await;

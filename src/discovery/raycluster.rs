@@ -336,6 +336,21 @@ mod tests {
         to_cluster(meta, None, status, KubeEndpoint::ServeService, true)
     }
 
+    /// The cluster of a RayCluster with `spec`, through the Serve service, one namespace.
+    fn serve_service_with(
+        meta: &ObjectMeta,
+        spec: &Value,
+        status: &Value,
+    ) -> Result<DiscoveredCluster, Unroutable> {
+        to_cluster(
+            meta,
+            Some(spec),
+            Some(status),
+            KubeEndpoint::ServeService,
+            true,
+        )
+    }
+
     /// `READY` with `spec` and `status.endpoints` replaced.
     fn with_service(spec: &str, endpoints: &str) -> (ObjectMeta, Value, Value) {
         let (meta, status) = fixture(READY);
@@ -372,27 +387,13 @@ mod tests {
             r#""headService": {"spec": {"type": "NodePort"}}"#,
         );
         let (meta, spec, status) = with_service(&templated, r#"{"serve": "31234"}"#);
-        let c = to_cluster(
-            &meta,
-            Some(&spec),
-            Some(&status),
-            KubeEndpoint::ServeService,
-            true,
-        )
-        .unwrap();
+        let c = serve_service_with(&meta, &spec, &status).unwrap();
         assert_eq!(c.config.serve_url.port(), Some(9000));
         // Without named container ports: the defaults.
         let bare = r#"{"headGroupSpec": {"serviceType": "LoadBalancer"}}"#;
         let (meta, spec, status) =
             with_service(bare, r#"{"serve": "31234", "dashboard": "30265"}"#);
-        let c = to_cluster(
-            &meta,
-            Some(&spec),
-            Some(&status),
-            KubeEndpoint::ServeService,
-            true,
-        )
-        .unwrap();
+        let c = serve_service_with(&meta, &spec, &status).unwrap();
         assert_eq!(c.config.serve_url.port(), Some(DEFAULT_SERVE_PORT));
         assert_eq!(
             c.config.dashboard_url.unwrap().port(),
@@ -405,14 +406,7 @@ mod tests {
         let spec = HEAD_PORTS.replace("NodePort", "ClusterIP");
         let (meta, spec, status) =
             with_service(&spec, r#"{"serve": "serve", "dashboard": "8265"}"#);
-        let c = to_cluster(
-            &meta,
-            Some(&spec),
-            Some(&status),
-            KubeEndpoint::ServeService,
-            true,
-        )
-        .unwrap();
+        let c = serve_service_with(&meta, &spec, &status).unwrap();
         assert_eq!(c.config.serve_url.port(), Some(9000));
         // A ClusterIP service: the listed port is the service's own.
         assert_eq!(c.config.dashboard_url.unwrap().port(), Some(8265));

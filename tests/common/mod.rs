@@ -568,3 +568,15 @@ impl Drop for GatewayProcess {
         self.kill();
     }
 }
+
+/// Everything the server sends on `client` until it closes the connection (bounded by [`WAIT`]).
+#[allow(dead_code)]
+pub async fn read_answer(client: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, client.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    answer
+}
