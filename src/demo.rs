@@ -135,8 +135,20 @@ probe:
         blue = blue.url(),
         green = green.url(),
     );
-    let config = Config::from_yaml(&yaml, &state_dir)?;
-    let gateway = Gateway::start(config).await?;
+    let started = match Config::from_yaml(&yaml, &state_dir) {
+        Ok(config) => Gateway::start(config).await.map_err(DemoError::from),
+        Err(e) => Err(DemoError::from(e)),
+    };
+    let gateway = match started {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            // A taken port, say: leave nothing behind in the temporary directory.
+            blue.shutdown().await;
+            green.shutdown().await;
+            let _ = std::fs::remove_dir_all(&state_dir);
+            return Err(e);
+        }
+    };
     gateway.wait_ready().await;
     Ok(Demo {
         gateway,

@@ -744,3 +744,36 @@ fn demo_shift_completes_without_failures() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `demo` on a port something else holds exits non-zero, names the address, and leaves no state
+/// directory behind in the temporary directory.
+#[test]
+fn demo_on_a_taken_port_fails_and_leaves_nothing_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rayshift"))
+        .args(["demo", "--listen", &addr, "--admin-listen", "127.0.0.1:0"])
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rayshift demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "demo started on a taken port: {stderr}"
+    );
+    assert!(
+        stderr.contains(&addr),
+        "error does not name {addr}: {stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "demo left {left:?} in its temporary directory"
+    );
+}
