@@ -47,6 +47,7 @@ GO_CACHE_DIR="$KUBE_CACHE/gocache"    # Go build cache, kept so a rebuild takes 
 BUILD_HOME="$KUBE_CACHE/home"         # HOME for the build (keeps ~/go and ~/.config clean)
 BUILD_LOG="$KUBE_CACHE/build.log"
 
+HERE="$(cd "$(dirname "$0")" && pwd)"
 T0=$(date +%s)
 STEP="start"
 log() { printf '[kube/install %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
@@ -172,8 +173,8 @@ if [ "${#MISSING[@]}" -gt 0 ] || [ "$DEB_SRC_ADDED" -eq 1 ] || [ "${RAYSHIFT_APT
 fi
 if [ "${#MISSING[@]}" -gt 0 ]; then
   step "apt-get install ${MISSING[*]}"
-  as_root apt-get install -y -q --no-install-recommends "${MISSING[@]}" >/dev/null \
-    || die "apt-get install ${MISSING[*]} failed"
+  # etcd-server's own etcd service neither starts nor stays enabled: the tests run their own.
+  "$HERE/../apt-install.sh" "${MISSING[@]}" || die "apt-get install ${MISSING[*]} failed"
   mapfile -t STILL < <(missing_pkgs "${PKGS[@]}")
   [ "${#STILL[@]}" -eq 0 ] || die "packages still not installed after apt-get install: ${STILL[*]}"
 else
