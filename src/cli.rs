@@ -129,7 +129,7 @@ pub struct ShiftStartArgs {
     #[arg(long)]
     pub watch: bool,
     /// Poll interval with --watch.
-    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_interval)]
     pub interval: Duration,
     /// Where the admin API is.
     #[command(flatten)]
@@ -143,7 +143,7 @@ pub struct ShiftWatchArgs {
     #[arg(long)]
     pub shard: String,
     /// Time between polls.
-    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "500ms", value_parser = parse_interval)]
     pub interval: Duration,
     /// Where the admin API is.
     #[command(flatten)]
@@ -276,6 +276,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("expected a duration like 500ms or 2s: {e}"))
 }
 
+/// A poll interval: a duration above zero (zero would poll the admin API in a busy loop).
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err("the interval must be longer than 0".to_string()),
+        d => Ok(d),
+    }
+}
+
 /// Checks a duration's text and keeps it as given (the gateway parses it again).
 fn duration_text(text: &str) -> Result<String, String> {
     parse_duration(text).map(|_| text.trim().to_string())
@@ -340,5 +348,17 @@ mod tests {
             serde_json::json!({"step_percent": 50, "step_interval": "200ms", "max_error_rate": 0.05})
         );
         assert_eq!(args.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn watch_interval_must_be_above_zero() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["rayshift"], args].concat());
+        let e = parse(&["shift", "watch", "--shard", "s", "--interval", "0s"]).unwrap_err();
+        assert!(e.to_string().contains("longer than 0"), "{e}");
+        let cli = parse(&["shift", "watch", "--shard", "s", "--interval", "2s"]).unwrap();
+        let Command::Shift(ShiftCommand::Watch(args)) = cli.command else {
+            panic!("parsed as {cli:?}");
+        };
+        assert_eq!(args.interval, Duration::from_secs(2));
     }
 }

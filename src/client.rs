@@ -365,6 +365,11 @@ impl ShiftProgress {
         }
     }
 
+    /// Rolled back or aborted: the weights went back to where the shift started.
+    fn went_back(&self) -> bool {
+        matches!(self.state.as_str(), "rolled_back" | "aborted")
+    }
+
     /// The target as text: the cluster name, or `revision v2`.
     pub fn target_label(&self) -> String {
         if let Some(cluster) = self.target.get("cluster").and_then(Value::as_str) {
@@ -386,8 +391,14 @@ impl ShiftProgress {
     /// One line about the shift: `shift progressing -> green at 40% (step 2); weights blue=60 green=40`,
     /// plus the reason when it has one.
     pub fn summary(&self) -> String {
+        // A shift that went back keeps the weight it had reached; its target has none now.
+        let at = if self.went_back() {
+            "after reaching"
+        } else {
+            "at"
+        };
         let mut line = format!(
-            "shift {} -> {} at {}% (step {}); weights {}",
+            "shift {} -> {} {at} {}% (step {}); weights {}",
             self.state,
             self.target_label(),
             self.target_weight,
@@ -404,7 +415,16 @@ impl ShiftProgress {
     /// `[#######.............] 35%  step 3  progressing  err 0.2%  p99 41ms`.
     pub fn progress_line(&self) -> String {
         const WIDTH: u32 = 20;
-        let pct = self.target_weight.min(100);
+        // The bar shows the weight the target has: after a rollback or abort, what it has now.
+        let pct = if self.went_back() {
+            self.target_clusters
+                .iter()
+                .filter_map(|c| self.weights.get(c))
+                .sum::<u32>()
+                .min(100)
+        } else {
+            self.target_weight.min(100)
+        };
         let filled = (pct * WIDTH / 100) as usize;
         let mut line = format!(
             "[{}{}] {pct:>3}%  step {}  {}",
@@ -424,6 +444,9 @@ impl ShiftProgress {
                 }
             }
             _ => line.push_str("  err -  p99 -"),
+        }
+        if self.went_back() {
+            let _ = write!(line, "  (had reached {}%)", self.target_weight);
         }
         if let Some(check) = &self.last_check {
             if self.state == "progressing" && check.result == "waiting" && !check.detail.is_empty()
@@ -574,12 +597,17 @@ pub async fn watch_shift(
     mut on_update: impl FnMut(&ShiftProgress),
 ) -> Result<(Outcome, ShiftProgress), WatchError> {
     let path = format!("/v1/shards/{}/shift", path_segment(shard));
-    let mut reachable_at = Instant::now();
+    // When the admin API stopped answering (the start of the first failed poll since the last
+    // answer): the limit counts from there, not from the last answer, so a long `interval` does
+    // not use it up while the watcher sleeps.
+    let mut failing_since: Option<Instant> = None;
     loop {
-        let left = opts
-            .unreachable_limit
-            .saturating_sub(reachable_at.elapsed())
-            .max(Duration::from_millis(100));
+        let asked_at = Instant::now();
+        let left = match failing_since {
+            Some(since) => opts.unreachable_limit.saturating_sub(since.elapsed()),
+            None => opts.unreachable_limit,
+        }
+        .max(Duration::from_millis(100));
         let answer = match tokio::time::timeout(left, client.get_json(&path)).await {
             Ok(answer) => answer,
             Err(_) => Err(ClientError::Timeout {
@@ -589,7 +617,7 @@ pub async fn watch_shift(
         };
         match answer {
             Ok(value) => {
-                reachable_at = Instant::now();
+                failing_since = None;
                 let progress =
                     ShiftProgress::from_json(&value).map_err(|message| ClientError::Decode {
                         url: format!("{}{path}", client.base_url()),
@@ -601,7 +629,8 @@ pub async fn watch_shift(
                 }
             }
             Err(e) if e.is_transient() => {
-                if reachable_at.elapsed() >= opts.unreachable_limit {
+                let since = *failing_since.get_or_insert(asked_at);
+                if since.elapsed() >= opts.unreachable_limit {
                     return Err(WatchError::Unreachable {
                         url: client.base_url().to_string(),
                         limit: opts.unreachable_limit,
@@ -611,7 +640,13 @@ pub async fn watch_shift(
             }
             Err(e) => return Err(e.into()),
         }
-        tokio::time::sleep(opts.interval).await;
+        // While the API does not answer (a gateway restarting, say), it is asked again within a
+        // second, whatever the interval: the limit is not spent asleep.
+        let pause = match failing_since {
+            Some(_) => opts.interval.min(Duration::from_secs(1)),
+            None => opts.interval,
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -860,15 +895,22 @@ mod tests {
         );
         assert_eq!(p.target_label(), "revision v2");
 
-        let done: Value = serde_json::json!({"state": "rolled_back", "target_weight": 100,
+        // Rolled back at 40%: the target has 0 now; the 40% is what it had reached.
+        let done: Value = serde_json::json!({"state": "rolled_back", "target_weight": 40,
+            "target": {"cluster": "green"}, "target_clusters": ["green"],
+            "weights": {"blue": 100, "green": 0},
             "step": 9, "reason": "too many errors",
             "last_check": {"error_rate": 1.0, "p99_ms": 1500.0, "result": "failed"}});
         let p = ShiftProgress::from_json(&done).unwrap();
-        assert!(p.progress_line().starts_with(
-            "[####################] 100%  step 9  rolled_back  err 100.0%  p99 1.50s"
-        ));
+        assert_eq!(
+            p.progress_line(),
+            "[....................]   0%  step 9  rolled_back  err 100.0%  p99 1.50s  (had reached 40%)"
+        );
         assert_eq!(p.outcome(), Some(Outcome::RolledBack));
-        assert!(p.summary().ends_with("; reason: too many errors"));
+        assert_eq!(
+            p.summary(),
+            "shift rolled_back -> green after reaching 40% (step 9); weights blue=100 green=0; reason: too many errors"
+        );
         assert!(ShiftProgress::from_json(&serde_json::json!({"error": "x"})).is_err());
     }
 
@@ -1003,5 +1045,59 @@ rollout 3: revision v2 running (waiting 0, shifting 1, done 0, failed 1)
             text.contains(&format!("http://127.0.0.1:{port}")) && text.contains("unreachable"),
             "{text}"
         );
+    }
+
+    /// One answer per connection, in order: `Some(body)` is a 200 with that JSON, `None` closes
+    /// the connection without an answer. Returns the base URL.
+    async fn scripted_admin(answers: Vec<Option<&'static str>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for answer in answers {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                if let Some(body) = answer {
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                }
+            }
+        });
+        url
+    }
+
+    /// The unreachable limit counts from the first failed poll, not from the last answer: with an
+    /// interval longer than the limit, one refused poll is not the end of the watch.
+    #[tokio::test]
+    async fn watch_survives_one_failed_poll_when_the_interval_is_longer_than_the_limit() {
+        let url = scripted_admin(vec![
+            Some(r#"{"state": "progressing", "target": {"cluster": "g"}, "target_weight": 50}"#),
+            None,
+            Some(r#"{"state": "completed", "target": {"cluster": "g"}, "target_weight": 100}"#),
+        ])
+        .await;
+        let client = AdminClient::new(&url, None).unwrap();
+        let opts = WatchOptions {
+            interval: Duration::from_millis(600),
+            unreachable_limit: Duration::from_millis(400),
+        };
+        let mut seen = Vec::new();
+        let (outcome, last) = tokio::time::timeout(
+            Duration::from_secs(10),
+            watch_shift(&client, "shard-0", opts, |p| seen.push(p.state.clone())),
+        )
+        .await
+        .expect("watch did not end")
+        .expect("watch gave up after one failed poll");
+        assert_eq!(outcome, Outcome::Completed);
+        assert_eq!(last.target_weight, 100);
+        assert_eq!(seen, ["progressing", "completed"]);
     }
 }

@@ -331,7 +331,8 @@ fn connect(args: &AdminArgs) -> anyhow::Result<AdminClient> {
 fn read_token(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading token file {}", path.display()))?;
-    let token = text.trim();
+    // Trimmed as the gateway trims its admin.token_file: ASCII whitespace only.
+    let token = text.trim_ascii();
     if token.is_empty() {
         bail!("token file {} is empty", path.display());
     }

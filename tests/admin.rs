@@ -241,6 +241,23 @@ async fn a_slow_admin_request_times_out_and_changes_nothing() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
 
+/// A weight change that names only some clusters answers with the shard's whole split: the
+/// clusters it left out are shown at 0, as they now are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_change_answers_with_the_whole_split() {
+    let (_b, _g, _r, gw) = gateway("").await;
+    let url = gw.admin("/v1/shards/shard-0/weights");
+    let r = put(&url, r#"{"weights": {"blue": 70, "green": 30}}"#, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = put(&url, r#"{"weights": {"blue": 100}}"#, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let answer: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(answer["shard"], "shard-0");
+    assert_eq!(answer["weights"]["blue"], 100, "{answer}");
+    assert_eq!(answer["weights"]["green"], 0, "{answer}");
+    assert_eq!(gw.cluster_state("green").await["weight"], 0);
+}
+
 /// With a token file, mutating calls need the bearer token; reads do not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_protects_mutating_calls() {

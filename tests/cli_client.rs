@@ -367,7 +367,7 @@ async fn shift_pause_resume_abort_promote_round_trip() {
     assert_eq!(run.code, Some(0), "{run}");
     assert!(
         run.stdout.starts_with(
-            "shard-0: shift aborted -> revision v2 at 10% (step 1); weights blue=100 green=0"
+            "shard-0: shift aborted -> revision v2 after reaching 10% (step 1); weights blue=100 green=0"
         ),
         "{run}"
     );

@@ -1013,6 +1013,32 @@ async fn resume_after_a_paused_rollout_halted_lets_its_shifts_go_on() {
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 }
 
+/// A shard still waiting in a paused rollout keeps its weights locked; the 409 says what frees
+/// it (abort, or the rollout's end), not to pause what is paused already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rollout_still_locks_its_waiting_shard() {
+    let (_stubs, gw) = fleet(2, "").await;
+    let r = post(
+        &gw.admin("/v1/rollouts"),
+        r#"{"revision": "v2", "max_concurrent": 1, "step_percent": 10, "step_interval": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/rollouts/pause"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = put(
+        &gw.admin("/v1/shards/shard-1/weights"),
+        r#"{"weights": {"s1-v1": 50, "s1-v2": 50}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("abort the rollout"), "{}", r.body);
+    assert!(!r.body.contains("pause or abort"), "{}", r.body);
+    let weights = &gw.state().await["shards"][1]["clusters"];
+    assert_eq!(weights[0]["weight"], 100, "unchanged: {weights}");
+}
+
 /// Starts a rollout of v2 over both shards of a 2-shard fleet at once, held at its first step.
 async fn rollout_of_both_shards(gw: &TestGateway) {
     let r = post(

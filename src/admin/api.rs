@@ -287,11 +287,11 @@ async fn put_weights(ctx: &AdminContext, shard: &str, req: Request<Incoming>) ->
         }
     };
     match ctx.control.set_weights(shard, parsed.weights.clone()).await {
-        Ok(()) => {
-            tracing::debug!(%shard, weights = ?parsed.weights, "weights set through the admin API");
+        Ok(split) => {
+            tracing::debug!(%shard, weights = ?split, "weights set through the admin API");
             json(
                 StatusCode::OK,
-                &serde_json::json!({"shard": shard, "weights": parsed.weights}),
+                &serde_json::json!({"shard": shard, "weights": split}),
             )
         }
         Err(e) => control_error(e),

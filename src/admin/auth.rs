@@ -31,6 +31,9 @@ pub enum TokenError {
     /// The file holds no token.
     #[error("admin.token_file {0}: the file is empty")]
     Empty(std::path::PathBuf),
+    /// The token has bytes no `Authorization` header can carry, so no client could send it.
+    #[error("admin.token_file {0}: the token has characters an HTTP header cannot carry (a line break or another control character inside it)")]
+    Unsendable(std::path::PathBuf),
 }
 
 impl AdminToken {
@@ -53,6 +56,9 @@ impl AdminToken {
         let token = raw.trim_ascii();
         if token.is_empty() {
             return Err(TokenError::Empty(path.to_path_buf()));
+        }
+        if http::HeaderValue::from_bytes(token).is_err() {
+            return Err(TokenError::Unsendable(path.to_path_buf()));
         }
         Ok(Self::new(token))
     }
@@ -110,5 +116,25 @@ mod tests {
         assert!(!token.allows(&HeaderMap::new()));
         assert!(AdminToken::none().allows(&HeaderMap::new()));
         assert_eq!(format!("{token:?}"), "AdminToken(set)");
+    }
+
+    #[test]
+    fn token_file_is_trimmed_and_must_fit_a_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, " s3cret\n").unwrap();
+        let token = AdminToken::from_file(&path).unwrap();
+        assert!(token.allows(&with_auth("Bearer s3cret")));
+
+        std::fs::write(&path, "first\nsecond\n").unwrap();
+        let e = AdminToken::from_file(&path).unwrap_err();
+        assert!(matches!(e, TokenError::Unsendable(_)), "{e}");
+        assert!(e.to_string().contains("cannot carry"), "{e}");
+
+        std::fs::write(&path, "\n \t\n").unwrap();
+        assert!(matches!(
+            AdminToken::from_file(&path),
+            Err(TokenError::Empty(_))
+        ));
     }
 }

@@ -187,7 +187,18 @@ impl Desired {
                         .iter()
                         .map(|(name, w)| (name.clone(), *w as u32))
                         .collect();
-                    accepted.push(change.reply);
+                    // The whole split this change sets: the shard's clusters it leaves out get 0.
+                    let split: BTreeMap<String, u32> = self
+                        .clusters
+                        .iter()
+                        .filter(|c| c.config.shard == change.shard)
+                        .map(|c| {
+                            let name = c.config.name.clone();
+                            let w = change.weights.get(&name).map_or(0, |&w| w as u32);
+                            (name, w)
+                        })
+                        .collect();
+                    accepted.push((change.reply, split));
                 }
                 Err(e) => {
                     let _ = change.reply.send(Err(e));
@@ -201,13 +212,13 @@ impl Desired {
             Ok(()) => {
                 self.state = next;
                 self.publish();
-                for reply in accepted {
-                    let _ = reply.send(Ok(()));
+                for (reply, split) in accepted {
+                    let _ = reply.send(Ok(split));
                 }
             }
             Err(e) => {
                 let message = e.to_string();
-                for reply in accepted {
+                for (reply, _) in accepted {
                     let _ = reply.send(Err(ControlError::Persist(e.same_kind(&message))));
                 }
             }
@@ -359,6 +370,9 @@ impl Desired {
                         "ejected by passive health (ejection {} in a row) after consecutive failures",
                         entry.ejections
                     ),
+                    _ if !entry.external_ready => {
+                        "not ready according to its RayCluster status".to_string()
+                    }
                     (None, None) => "not probed yet".to_string(),
                     (Some(p), None) => p.detail.clone(),
                 },

@@ -70,8 +70,8 @@ pub enum ControlError {
     /// until the drain ends, at the latest after the shift's `drain_timeout`).
     #[error("shard \"{0}\" has a shift in progress that is draining its old clusters; wait until it completes (at most its drain_timeout), or abort it to give the old clusters their weights back")]
     ShiftDraining(String),
-    /// The shard is waiting in an active rollout.
-    #[error("shard \"{shard}\" is part of rollout {rollout}; pause or abort the rollout first")]
+    /// The shard is waiting or shifting in a running or paused rollout.
+    #[error("shard \"{shard}\" is part of rollout {rollout}, which has yet to finish with it (whether running or paused); abort the rollout, or wait until it is done with the shard")]
     InRollout {
         /// The shard.
         shard: String,
@@ -181,7 +181,7 @@ enum Command {
     SetWeights {
         shard: String,
         weights: BTreeMap<String, u64>,
-        reply: oneshot::Sender<Result<(), ControlError>>,
+        reply: oneshot::Sender<Result<BTreeMap<String, u32>, ControlError>>,
     },
     /// Start a shift of a shard.
     StartShift {
@@ -219,7 +219,7 @@ enum Command {
 pub(crate) struct WeightChange {
     shard: String,
     weights: BTreeMap<String, u64>,
-    reply: oneshot::Sender<Result<(), ControlError>>,
+    reply: oneshot::Sender<Result<BTreeMap<String, u32>, ControlError>>,
 }
 
 /// A cheap, cloneable handle to the control plane.
@@ -289,7 +289,7 @@ impl ControlHandle {
         &self,
         shard: &str,
         weights: BTreeMap<String, u64>,
-    ) -> Result<(), ControlError> {
+    ) -> Result<BTreeMap<String, u32>, ControlError> {
         let shard = shard.to_string();
         self.ask(|reply| Command::SetWeights {
             shard,
