@@ -20,17 +20,19 @@ pub const UPSTREAM_CONNECTIONS_OPENED_TOTAL: &str = "rayshift_upstream_connectio
 /// Client connections the gateway closed because a limit passed, by `reason` ([`CLOSE_REASONS`]).
 pub const CLIENT_CONNECTIONS_CLOSED_TOTAL: &str = "rayshift_client_connections_closed_total";
 /// Why the gateway closed a client connection: `header_timeout` (no request, or a request head
-/// not complete, within `limits.header_read_timeout`), `http2_idle` (HTTP/2 with no request in
+/// not complete, or with TLS no finished handshake, within `limits.header_read_timeout`), `http2_idle` (HTTP/2 with no request in
 /// flight for `limits.http2_idle_timeout`: told GOAWAY), `send_timeout` (a client taking no
 /// response data for `limits.send_timeout`: HTTP/2 flow control, or TCP on HTTP/1.1), `resets`
 /// (HTTP/2 resetting more than 200 streams before their response within 10 s), `tunnel_idle` (an
-/// upgraded connection that carried nothing for `limits.tunnel_idle_timeout`).
-pub const CLOSE_REASONS: [&str; 5] = [
+/// upgraded connection that carried nothing for `limits.tunnel_idle_timeout`), `tls_handshake` (a
+/// TLS handshake that failed: not TLS, no shared protocol version or cipher, a bad message).
+pub const CLOSE_REASONS: [&str; 6] = [
     "header_timeout",
     "http2_idle",
     "send_timeout",
     "resets",
     "tunnel_idle",
+    "tls_handshake",
 ];
 /// Requests answered 503 because their cluster had `upstream.max_requests_per_cluster` in flight.
 pub const UPSTREAM_OVERFLOW_TOTAL: &str = "rayshift_upstream_overflow_total";

@@ -44,6 +44,8 @@ struct Backend {
     closed_by_client: Arc<AtomicUsize>,
     /// `/app/slow` requests whose connection the gateway closed before the answer.
     cancelled: Arc<AtomicUsize>,
+    /// `/app/reset` requests that arrived.
+    resets: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -61,10 +63,12 @@ impl Backend {
         let closed_by_client = Arc::new(AtomicUsize::new(0));
         let next_id = Arc::new(AtomicUsize::new(0));
         let cancelled = Arc::new(AtomicUsize::new(0));
-        let (a, c, x) = (
+        let resets = Arc::new(AtomicUsize::new(0));
+        let (a, c, x, r) = (
             Arc::clone(&app_conns),
             Arc::clone(&closed_by_client),
             Arc::clone(&cancelled),
+            Arc::clone(&resets),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -72,7 +76,12 @@ impl Backend {
                     return;
                 };
                 let id = next_id.fetch_add(1, Ordering::SeqCst) + 1;
-                let counts = (Arc::clone(&a), Arc::clone(&c), Arc::clone(&x));
+                let counts = (
+                    Arc::clone(&a),
+                    Arc::clone(&c),
+                    Arc::clone(&x),
+                    Arc::clone(&r),
+                );
                 tokio::spawn(serve_conn(stream, id, counts));
             }
         });
@@ -81,6 +90,7 @@ impl Backend {
             app_conns,
             closed_by_client,
             cancelled,
+            resets,
             task,
         }
     }
@@ -94,10 +104,15 @@ impl Backend {
     }
 }
 
-type Counts = (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+type Counts = (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+);
 
 async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
-    let (app_conns, closed_by_client, cancelled) = counts;
+    let (app_conns, closed_by_client, cancelled, resets) = counts;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut counted = false;
@@ -146,7 +161,11 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
         if path == "/app/early" {
             continue;
         }
-        if (path == "/app/flaky" && served > 0) || path == "/app/reset" {
+        if path == "/app/reset" {
+            resets.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        if path == "/app/flaky" && served > 0 {
             return;
         }
         if !path.starts_with("/-/") {
@@ -758,6 +777,32 @@ async fn a_pooled_connection_closing_under_a_request_replays_only_idempotent_one
         post.body
     );
     assert_eq!(backend.app_conns(), 2, "the POST was not sent twice");
+}
+
+/// A cluster that takes a GET and closes without answering, with many idle pooled connections:
+/// the GET is sent again once, on a new connection (the keep-alive race's remedy), not once per
+/// pooled connection, and the client gets 502.
+#[tokio::test]
+async fn a_request_the_cluster_drops_is_sent_again_only_once() {
+    let backend = Backend::start().await;
+    let gw = gateway(&backend, "pool-drops", "").await;
+    let url = gw.url("/app/slowlen");
+    let warm: Vec<_> = (0..8).map(|_| get(&url)).collect();
+    for r in futures_util::future::join_all(warm).await {
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        backend.app_conns() >= 4,
+        "pool not warmed: {}",
+        backend.app_conns()
+    );
+    let r = get(&gw.url("/app/reset")).await;
+    assert_eq!(r.status.as_u16(), 502, "{}", r.body);
+    assert_eq!(
+        backend.resets.load(Ordering::SeqCst),
+        2,
+        "sent once, then once more on a new connection"
+    );
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{config_yaml, eventually, get, stub, TestGateway, WAIT};
+use common::{config_yaml, eventually, get, metric, stub, TestGateway, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -396,6 +396,52 @@ async fn changed_files_are_reloaded_by_polling() {
     })
     .await;
     assert_eq!(open_conn.get("/echo/x").await.status, StatusCode::OK);
+}
+
+/// A client that opens a TLS connection and sends nothing is closed after
+/// `limits.header_read_timeout` and counted as `header_timeout`; one that speaks plain HTTP to the
+/// TLS listener fails its handshake and is counted as `tls_handshake`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_plaintext_clients_on_a_tls_listener_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new("closed CA");
+    let leaf = ca.issue("gateway-closed");
+    let blue = stub("closed-blue", "v1", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    leaf.write(dir.path());
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[common::cluster(&blue, "shard-0", "v1", None)],
+        "tls:\n  cert_file: cert.pem\n  key_file: key.pem\nlimits:\n  header_read_timeout: 1s\n",
+    );
+    let gw = TestGateway::start_in(&yaml, dir).await;
+    let timeouts = r#"rayshift_client_connections_closed_total{reason="header_timeout"}"#;
+    let failures = r#"rayshift_client_connections_closed_total{reason="tls_handshake"}"#;
+    let (timeouts_before, failures_before) = (
+        metric(&gw, timeouts).await.unwrap_or(0.0),
+        metric(&gw, failures).await.unwrap_or(0.0),
+    );
+
+    let mut silent = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    let mut plain = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    for conn in [&mut silent, &mut plain] {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, conn.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the gateway did not close the connection");
+    }
+    eventually("both closes counted", || async {
+        metric(&gw, timeouts).await.unwrap_or(0.0) > timeouts_before
+            && metric(&gw, failures).await.unwrap_or(0.0) > failures_before
+    })
+    .await;
 }
 
 /// The binary reloads on SIGHUP.

@@ -156,6 +156,31 @@ async fn websocket_echo_through_the_gateway() {
     .await;
 }
 
+/// An HTTP/1.0 request cannot switch protocols (RFC 9110 section 7.8): its `Upgrade` is not
+/// forwarded, and the client never gets a 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_upgrade_is_not_forwarded() {
+    use tokio::io::AsyncWriteExt;
+    let (_blue, gw) = one_cluster().await;
+    let mut client = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(
+            b"GET /echo/ws HTTP/1.0\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_answer(&mut client).await;
+    let status_line = answer.lines().next().unwrap_or_default();
+    assert!(
+        status_line.starts_with("HTTP/1.") && status_line.contains(" 400 "),
+        "{answer}"
+    );
+    assert!(answer.contains("expected a WebSocket upgrade"), "{answer}");
+}
+
 /// A WebSocket that carries nothing for `limits.tunnel_idle_timeout` is closed, both sides, and
 /// leaves its cluster; one that keeps talking for longer than the timeout in total is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,7 +84,10 @@ pub async fn handle(
         Err(resp) => return Ok(resp),
     };
 
-    let upgrade = headers::is_upgrade_request(req.headers());
+    // Only HTTP/1.1 switches protocols: an HTTP/1.0 request's `Upgrade` is dropped as hop-by-hop
+    // (RFC 9110 section 7.8), and a 101 to it would be refused as unasked for.
+    let upgrade =
+        req.version() == http::Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let request_id = prepare(&mut parts, &peer_value, upgrade, ctx.proto);

@@ -121,8 +121,15 @@ pub async fn serve(
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => client.serve(stream, watch, service).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            crate::telemetry::connection_closed("tls_handshake");
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            // Bounded by limits.header_read_timeout, as a request head is.
+                            crate::telemetry::connection_closed("header_timeout");
+                            tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
+                        }
                     }
                     drop(permit);
                 });

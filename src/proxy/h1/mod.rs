@@ -624,8 +624,17 @@ impl Exchange<'_> {
     ) -> Result<(RawConn, head::Response), Failure> {
         let req = self.req;
         let mut now = self.ready_at;
+        // After a pooled connection failed under the request, it is sent again once, on a new
+        // connection: a cluster that takes requests and closes without answering gets the request
+        // twice at most, not once per idle connection in the pool.
+        let mut fresh_only = false;
         loop {
-            let (mut conn, reused) = match cluster.pool.checkout_raw(now) {
+            let pooled = if fresh_only {
+                None
+            } else {
+                cluster.pool.checkout_raw(now)
+            };
+            let (mut conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None => match pool::connect_raw(cluster, self.ctx.connect_timeout).await {
                     Ok(conn) => (conn, false),
@@ -643,6 +652,7 @@ impl Exchange<'_> {
                 // The cluster closed the idle connection. It cannot have acted on a request
                 // whose head did not all arrive; an idempotent one may be sent again anyway.
                 if reused && (written < self.up_head.len() || req.idempotent) {
+                    fresh_only = true;
                     continue;
                 }
                 return Err(Failure::Error {
@@ -656,6 +666,7 @@ impl Exchange<'_> {
                 // race; an idempotent request is sent again on another connection.
                 Err(ReadHead::ClosedEarly) if reused && req.idempotent => {
                     now = Instant::now();
+                    fresh_only = true;
                     continue;
                 }
                 Err(e) => {
