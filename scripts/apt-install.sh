@@ -42,9 +42,10 @@ if command -v systemctl >/dev/null 2>&1; then
   now=()
   [ -d /run/systemd/system ] && now=(--now)
   for pkg in "$@"; do
-    dpkg -L "$pkg" 2>/dev/null | grep -E '^/(usr/)?lib/systemd/system/[^/@]+\.service$' \
-      | while read -r unit; do
-          as_root systemctl disable "${now[@]}" --quiet "$(basename "$unit")" 2>/dev/null || true
-        done
+    # Most packages ship no unit: grep finds nothing, which is fine.
+    units=$(dpkg -L "$pkg" 2>/dev/null | grep -E '^/(usr/)?lib/systemd/system/[^/@]+\.service$' || true)
+    for unit in $units; do
+      as_root systemctl disable "${now[@]}" --quiet "$(basename "$unit")" 2>/dev/null || true
+    done
   done
 fi

@@ -1084,13 +1084,15 @@ rollout 3: revision v2 running (waiting 0, shifting 1, done 0, failed 1)
         ])
         .await;
         let client = AdminClient::new(&url, None).unwrap();
+        // The first poll answers, the second (3 s later) fails, the third (1 s after that, well
+        // inside the 2 s limit counted from the failure) answers.
         let opts = WatchOptions {
-            interval: Duration::from_millis(600),
-            unreachable_limit: Duration::from_millis(400),
+            interval: Duration::from_secs(3),
+            unreachable_limit: Duration::from_secs(2),
         };
         let mut seen = Vec::new();
         let (outcome, last) = tokio::time::timeout(
-            Duration::from_secs(10),
+            Duration::from_secs(20),
             watch_shift(&client, "shard-0", opts, |p| seen.push(p.state.clone())),
         )
         .await

@@ -273,7 +273,7 @@ fn describe() {
     );
     describe_counter!(
         CLIENT_CONNECTIONS_CLOSED_TOTAL,
-        "Client connections the gateway closed because a limit passed, by reason (header_timeout, http2_idle, send_timeout, resets, tunnel_idle)."
+        "Client connections the gateway closed because a limit passed or their TLS handshake failed, by reason (header_timeout, http2_idle, send_timeout, resets, tunnel_idle, tls_handshake)."
     );
     // Every reason from the start, at 0: a rate over them is 0, not "no data", until one happens.
     for reason in CLOSE_REASONS {

@@ -781,7 +781,8 @@ async fn a_pooled_connection_closing_under_a_request_replays_only_idempotent_one
 
 /// A cluster that takes a GET and closes without answering, with many idle pooled connections:
 /// the GET is sent again once, on a new connection (the keep-alive race's remedy), not once per
-/// pooled connection, and the client gets 502.
+/// pooled connection, and the client gets 502. The other idle connections are closed with the
+/// failed one: the next request opens a new connection.
 #[tokio::test]
 async fn a_request_the_cluster_drops_is_sent_again_only_once() {
     let backend = Backend::start().await;
@@ -803,6 +804,9 @@ async fn a_request_the_cluster_drops_is_sent_again_only_once() {
         2,
         "sent once, then once more on a new connection"
     );
+    let opened = connections_opened(&gw, "pool-drops").await;
+    assert_eq!(get(&gw.url("/app/small")).await.status, 200);
+    assert_eq!(connections_opened(&gw, "pool-drops").await, opened + 1);
 }
 
 #[tokio::test]

@@ -370,8 +370,12 @@ impl Desired {
                         "ejected by passive health (ejection {} in a row) after consecutive failures",
                         entry.ejections
                     ),
+                    // The probe's own reason first; a cluster Kubernetes holds back (its
+                    // RayCluster or head pod not ready, or the RayCluster being deleted) whose
+                    // probes pass gets that reason.
+                    (Some(p), None) if !p.detail.is_empty() => p.detail.clone(),
                     _ if !entry.external_ready => {
-                        "not ready according to its RayCluster status".to_string()
+                        "not ready in Kubernetes (RayCluster status or head pod not ready, or the RayCluster being deleted)".to_string()
                     }
                     (None, None) => "not probed yet".to_string(),
                     (Some(p), None) => p.detail.clone(),

@@ -122,6 +122,13 @@ impl ClusterPool {
         self.pop(&mut self.lock_raw(), now, |c| is_open(&c.stream))
     }
 
+    /// Closes every idle plain connection. Called when a pooled connection was closed under a
+    /// request: the others have been idle as long or longer (the newest is used first), so the
+    /// cluster's keep-alive timer, or its going away, has likely ended them too.
+    pub fn clear_raw(&self) {
+        self.lock_raw().clear();
+    }
+
     /// Takes a plain connection back after its response ended on a message boundary, its buffer
     /// empty, at `now`. As [`ClusterPool::put`].
     pub fn put_raw(&self, conn: RawConn, now: Instant) {

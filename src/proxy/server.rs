@@ -122,7 +122,18 @@ pub async fn serve(
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => client.serve(stream, watch, service).await,
                         Ok(Err(e)) => {
-                            crate::telemetry::connection_closed("tls_handshake");
+                            // A client that hung up (a load balancer's TCP check) is not counted:
+                            // the gateway closed nothing. One that refused the certificate sends
+                            // an alert, and is.
+                            let hung_up = matches!(
+                                e.kind(),
+                                std::io::ErrorKind::UnexpectedEof
+                                    | std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::BrokenPipe
+                            );
+                            if !hung_up {
+                                crate::telemetry::connection_closed("tls_handshake");
+                            }
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         }
                         Err(_) => {

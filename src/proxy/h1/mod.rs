@@ -624,9 +624,9 @@ impl Exchange<'_> {
     ) -> Result<(RawConn, head::Response), Failure> {
         let req = self.req;
         let mut now = self.ready_at;
-        // After a pooled connection failed under the request, it is sent again once, on a new
-        // connection: a cluster that takes requests and closes without answering gets the request
-        // twice at most, not once per idle connection in the pool.
+        // A request that may have reached the cluster on a pooled connection that then failed is
+        // sent again once, on a new connection: a cluster that takes requests and closes without
+        // answering gets one twice at most, not once per idle connection in the pool.
         let mut fresh_only = false;
         loop {
             let pooled = if fresh_only {
@@ -650,8 +650,14 @@ impl Exchange<'_> {
                 write_counted(&mut conn.stream, self.up_head, self.body).await
             {
                 // The cluster closed the idle connection. It cannot have acted on a request
-                // whose head did not all arrive; an idempotent one may be sent again anyway.
-                if reused && (written < self.up_head.len() || req.idempotent) {
+                // whose head did not all arrive: the next pooled connection (after a cluster's
+                // restart, each dead one fails this way at once).
+                if reused && written < self.up_head.len() {
+                    continue;
+                }
+                // The head went out: an idempotent request may be sent again, once.
+                if reused && req.idempotent {
+                    cluster.pool.clear_raw();
                     fresh_only = true;
                     continue;
                 }
@@ -662,12 +668,21 @@ impl Exchange<'_> {
             }
             match read_head(&mut conn, req.is_head, down_head).await {
                 Ok(resp) => return Ok((conn, resp)),
-                // Closed with no answer on a connection that had been idle: the keep-alive
-                // race; an idempotent request is sent again on another connection.
-                Err(ReadHead::ClosedEarly) if reused && req.idempotent => {
-                    now = Instant::now();
-                    fresh_only = true;
-                    continue;
+                // Closed with no answer on a connection that had been idle: the keep-alive race,
+                // or a cluster that went away (silently: its other idle connections are as dead,
+                // and are closed). An idempotent request is sent again on a new connection.
+                Err(ReadHead::ClosedEarly) if reused => {
+                    cluster.pool.clear_raw();
+                    if req.idempotent {
+                        now = Instant::now();
+                        fresh_only = true;
+                        continue;
+                    }
+                    tracing::debug!(cluster = %cluster.name, "pooled connection closed under a request that is not idempotent");
+                    return Err(Failure::Error {
+                        connect: false,
+                        cause: ReadHead::ClosedEarly.to_string(),
+                    });
                 }
                 Err(e) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
