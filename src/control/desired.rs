@@ -373,7 +373,7 @@ impl Desired {
                     // The probe's own reason first; a cluster Kubernetes holds back (its
                     // RayCluster or head pod not ready, or the RayCluster being deleted) whose
                     // probes pass gets that reason.
-                    (Some(p), None) if !p.detail.is_empty() => p.detail.clone(),
+                    (Some(p), None) if !p.ready() => p.detail.clone(),
                     _ if !entry.external_ready => {
                         "not ready in Kubernetes (RayCluster status or head pod not ready, or the RayCluster being deleted)".to_string()
                     }

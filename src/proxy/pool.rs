@@ -117,16 +117,26 @@ impl ClusterPool {
     }
 
     /// The most recently used idle plain connection still open and young enough at `now` (see
-    /// [`ClusterPool::checkout`]).
-    pub fn checkout_raw(&self, now: Instant) -> Option<RawConn> {
-        self.pop(&mut self.lock_raw(), now, |c| is_open(&c.stream))
+    /// [`ClusterPool::checkout`]), and since when it was idle.
+    pub fn checkout_raw(&self, now: Instant) -> Option<(RawConn, Instant)> {
+        self.pop_idle(&mut self.lock_raw(), now, |c| is_open(&c.stream))
+            .map(|c| (c.conn, c.since))
     }
 
-    /// Closes every idle plain connection. Called when a pooled connection was closed under a
-    /// request: the others have been idle as long or longer (the newest is used first), so the
-    /// cluster's keep-alive timer, or its going away, has likely ended them too.
-    pub fn clear_raw(&self) {
-        self.lock_raw().clear();
+    /// Closes the idle plain connections that have been idle since `since` or longer. Called when
+    /// the cluster closed a pooled connection, idle since `since`, under a request: whatever
+    /// ended it (the cluster's keep-alive timer, a restart) has likely ended those too. Younger
+    /// ones, put back since, stay.
+    pub fn close_idle_since(&self, since: Instant) {
+        let stale: VecDeque<Idle<RawConn>> = {
+            let mut idle = self.lock_raw();
+            let all = std::mem::take(&mut *idle);
+            let (stale, young) = all.into_iter().partition(|c| c.since <= since);
+            *idle = young;
+            stale
+        };
+        // Closed outside the lock.
+        drop(stale);
     }
 
     /// Takes a plain connection back after its response ended on a message boundary, its buffer
@@ -176,13 +186,23 @@ impl ClusterPool {
         now: Instant,
         usable: impl Fn(&T) -> bool,
     ) -> Option<T> {
+        self.pop_idle(idle, now, usable).map(|c| c.conn)
+    }
+
+    /// [`ClusterPool::pop`] with the time the connection became idle.
+    fn pop_idle<T>(
+        &self,
+        idle: &mut VecDeque<Idle<T>>,
+        now: Instant,
+        usable: impl Fn(&T) -> bool,
+    ) -> Option<Idle<T>> {
         while let Some(c) = idle.pop_back() {
             if now.saturating_duration_since(c.since) >= self.idle_timeout {
                 idle.clear();
                 return None;
             }
             if usable(&c.conn) {
-                return Some(c.conn);
+                return Some(c);
             }
         }
         None
@@ -220,7 +240,7 @@ impl ClusterPool {
             if idle.is_none() && cluster.scheme == http::uri::Scheme::HTTP {
                 // An idle connection of the direct HTTP/1.1 path, taken over: no new connection
                 // while one is open and unused.
-                if let Some(raw) = self.checkout_raw(Instant::now()) {
+                if let Some((raw, _)) = self.checkout_raw(Instant::now()) {
                     let io = MaybeHttpsStream::Http(TokioIo::new(raw.stream));
                     idle = start(io, cluster).await.ok();
                 }

@@ -634,32 +634,36 @@ impl Exchange<'_> {
             } else {
                 cluster.pool.checkout_raw(now)
             };
-            let (mut conn, reused) = match pooled {
-                Some(conn) => (conn, true),
+            // `Some(since)`: a pooled connection, idle since then.
+            let (mut conn, pooled_since) = match pooled {
+                Some((conn, since)) => (conn, Some(since)),
                 None => match pool::connect_raw(cluster, self.ctx.connect_timeout).await {
-                    Ok(conn) => (conn, false),
+                    Ok(conn) => (conn, None),
                     Err(cause) => {
+                        // After a pooled attempt the request may have reached the cluster.
                         return Err(Failure::Error {
-                            connect: true,
+                            connect: !fresh_only,
                             cause,
-                        })
+                        });
                     }
                 },
             };
             if let Err((written, e)) =
                 write_counted(&mut conn.stream, self.up_head, self.body).await
             {
-                // The cluster closed the idle connection. It cannot have acted on a request
-                // whose head did not all arrive: the next pooled connection (after a cluster's
-                // restart, each dead one fails this way at once).
-                if reused && written < self.up_head.len() {
-                    continue;
-                }
-                // The head went out: an idempotent request may be sent again, once.
-                if reused && req.idempotent {
-                    cluster.pool.clear_raw();
-                    fresh_only = true;
-                    continue;
+                if let Some(since) = pooled_since {
+                    // The cluster closed the idle connection. It cannot have acted on a request
+                    // whose head did not all arrive: the next pooled connection (after a
+                    // cluster's restart, each dead one fails this way at once).
+                    if written < self.up_head.len() {
+                        continue;
+                    }
+                    // The head went out: an idempotent request may be sent again, once.
+                    cluster.pool.close_idle_since(since);
+                    if req.idempotent {
+                        fresh_only = true;
+                        continue;
+                    }
                 }
                 return Err(Failure::Error {
                     connect: false,
@@ -669,10 +673,12 @@ impl Exchange<'_> {
             match read_head(&mut conn, req.is_head, down_head).await {
                 Ok(resp) => return Ok((conn, resp)),
                 // Closed with no answer on a connection that had been idle: the keep-alive race,
-                // or a cluster that went away (silently: its other idle connections are as dead,
-                // and are closed). An idempotent request is sent again on a new connection.
-                Err(ReadHead::ClosedEarly) if reused => {
-                    cluster.pool.clear_raw();
+                // or a cluster that restarted (its connections idle as long are as dead, and are
+                // closed). An idempotent request is sent again on a new connection.
+                Err(ReadHead::ClosedEarly) if pooled_since.is_some() => {
+                    if let Some(since) = pooled_since {
+                        cluster.pool.close_idle_since(since);
+                    }
                     if req.idempotent {
                         now = Instant::now();
                         fresh_only = true;
