@@ -226,6 +226,16 @@ async fn tls_gateway(
     leaf: &Leaf,
     reload_interval: &str,
 ) -> (serve_stub::ServeStub, TestGateway) {
+    tls_gateway_with(name, leaf, reload_interval, "").await
+}
+
+/// [`tls_gateway`] with `extra` config (top-level YAML keys).
+async fn tls_gateway_with(
+    name: &str,
+    leaf: &Leaf,
+    reload_interval: &str,
+    extra: &str,
+) -> (serve_stub::ServeStub, TestGateway) {
     let blue = stub(name, "v1", &[("echo", "/echo")]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     leaf.write(dir.path());
@@ -233,7 +243,7 @@ async fn tls_gateway(
         &["shard-0"],
         &[common::cluster(&blue, "shard-0", "v1", None)],
         &format!(
-            "tls:\n  cert_file: cert.pem\n  key_file: key.pem\n  reload_interval: {reload_interval}\n"
+            "tls:\n  cert_file: cert.pem\n  key_file: key.pem\n  reload_interval: {reload_interval}\n{extra}"
         ),
     );
     let gw = TestGateway::start_in(&yaml, dir).await;
@@ -406,15 +416,13 @@ async fn silent_and_plaintext_clients_on_a_tls_listener_are_counted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Ca::new("closed CA");
     let leaf = ca.issue("gateway-closed");
-    let blue = stub("closed-blue", "v1", &[("echo", "/echo")]).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    leaf.write(dir.path());
-    let yaml = config_yaml(
-        &["shard-0"],
-        &[common::cluster(&blue, "shard-0", "v1", None)],
-        "tls:\n  cert_file: cert.pem\n  key_file: key.pem\nlimits:\n  header_read_timeout: 1s\n",
-    );
-    let gw = TestGateway::start_in(&yaml, dir).await;
+    let (_blue, gw) = tls_gateway_with(
+        "closed-blue",
+        &leaf,
+        "1m",
+        "limits:\n  header_read_timeout: 1s\n",
+    )
+    .await;
     let timeouts = r#"rayshift_client_connections_closed_total{reason="header_timeout"}"#;
     let failures = r#"rayshift_client_connections_closed_total{reason="tls_handshake"}"#;
     let (timeouts_before, failures_before) = (

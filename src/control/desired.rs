@@ -189,14 +189,9 @@ impl Desired {
                         .collect();
                     // The whole split this change sets: the shard's clusters it leaves out get 0.
                     let split: BTreeMap<String, u32> = self
-                        .clusters
-                        .iter()
-                        .filter(|c| c.config.shard == change.shard)
-                        .map(|c| {
-                            let name = c.config.name.clone();
-                            let w = change.weights.get(&name).map_or(0, |&w| w as u32);
-                            (name, w)
-                        })
+                        .shard_weights_in(&next, &change.shard)
+                        .into_iter()
+                        .map(|(name, w)| (name.to_string(), w))
                         .collect();
                     accepted.push((change.reply, split));
                 }

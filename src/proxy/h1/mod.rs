@@ -670,15 +670,16 @@ impl Exchange<'_> {
                     cause: format!("writing the request: {e}"),
                 });
             }
-            match read_head(&mut conn, req.is_head, down_head).await {
-                Ok(resp) => return Ok((conn, resp)),
+            match (
+                read_head(&mut conn, req.is_head, down_head).await,
+                pooled_since,
+            ) {
+                (Ok(resp), _) => return Ok((conn, resp)),
                 // Closed with no answer on a connection that had been idle: the keep-alive race,
                 // or a cluster that restarted (its connections idle as long are as dead, and are
                 // closed). An idempotent request is sent again on a new connection.
-                Err(ReadHead::ClosedEarly) if pooled_since.is_some() => {
-                    if let Some(since) = pooled_since {
-                        cluster.pool.close_idle_since(since);
-                    }
+                (Err(ReadHead::ClosedEarly), Some(since)) => {
+                    cluster.pool.close_idle_since(since);
                     if req.idempotent {
                         now = Instant::now();
                         fresh_only = true;
@@ -690,7 +691,7 @@ impl Exchange<'_> {
                         cause: ReadHead::ClosedEarly.to_string(),
                     });
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
                     return Err(Failure::Error {
                         connect: false,
