@@ -109,6 +109,61 @@ async fn failing_cluster_is_ejected_and_comes_back() {
     assert!(metrics.contains(r#"rayshift_cluster_ejections_total{cluster="ph-green"}"#));
 }
 
+/// An ejected cluster comes back before its time when the shard's other cluster stops being
+/// ready: the last cluster left serving an application is never kept out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_cluster_returns_early_when_no_other_is_left() {
+    let extra =
+        "passive_health:\n  consecutive_failures: 3\n  base_ejection: 5m\n  max_ejection: 5m\n";
+    let (blue, green, gw) = old_and_new("shard-0", ("pe-blue", 50), ("pe-green", 50), extra).await;
+    green.set_error_rate(1.0);
+    let load = Load::start(gw.url("/echo"), 4, false);
+    eventually("green ejected", || async {
+        gw.cluster_state("pe-green").await["ejected"] == true
+    })
+    .await;
+    load.stop().await;
+    green.set_error_rate(0.0);
+    blue.set_healthy(false);
+    gw.wait_cluster_ready("pe-blue", false).await;
+    eventually("green back before its 5 minutes", || async {
+        gw.cluster_state("pe-green").await["ejected"] == false
+    })
+    .await;
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.cluster(), Some("pe-green"));
+}
+
+/// A cluster is not ejected while the shard's other ready cluster does not serve its
+/// application (a new revision still deploying): its app would have no cluster at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ejection_when_no_other_cluster_serves_the_app() {
+    let extra = "passive_health:\n  consecutive_failures: 3\n  base_ejection: 5m\n";
+    let (blue, green, gw) = old_and_new("shard-0", ("pa-blue", 100), ("pa-green", 0), extra).await;
+    // Green is up, its applications not deployed yet.
+    green.set_apps(Vec::new());
+    eventually("green lists no applications", || async {
+        gw.cluster_state("pa-green").await["apps"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await;
+    assert_eq!(gw.cluster_state("pa-green").await["ready"], true);
+    blue.set_error_rate(1.0);
+    let load = Load::start(gw.url("/echo"), 4, false);
+    // Far more failures in a row than the threshold, over several control ticks.
+    load.wait_for_more(200).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = load.stop().await;
+    assert!(report.failed >= 100, "blue did not fail: {}", report.failed);
+    assert_eq!(gw.cluster_state("pa-blue").await["ejected"], false);
+    blue.set_error_rate(0.0);
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.cluster(), Some("pa-blue"));
+}
+
 /// A backend that accepts and never answers: 504 within the response timeout, naming the cluster;
 /// another shard's cluster is unaffected meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,13 +3,14 @@
 //! The request path only counts failures in a row (an atomic per cluster); the control task looks
 //! at the counts on its clock. A cluster with `passive_health.consecutive_failures` failures in a
 //! row is ejected for `base_ejection`, doubling with each ejection in a row up to `max_ejection`,
-//! and comes back once that time is over and its probes succeed. The last eligible cluster of a
-//! shard (counting only clusters the routing table would use: ready, not ejected, not draining
-//! after a promoted shift) is never ejected: a struggling cluster beats none. Shift analysis still sees every error.
+//! and comes back once that time is over and its probes succeed. A cluster is ejected only while
+//! every application it serves has another cluster of its shard the routing table would use
+//! (ready, not ejected, not draining after a promoted shift), and comes back early as soon as one
+//! of them has none left: a struggling cluster beats none. Shift analysis still sees every error.
 
 use tokio::time::Instant;
 
-use super::Desired;
+use super::{ClusterEntry, Desired};
 use crate::discovery::probe::ProbeReport;
 use crate::telemetry;
 
@@ -26,12 +27,20 @@ impl Desired {
             let probe_ready = entry.probe.as_ref().is_some_and(ProbeReport::ready);
             match entry.ejected_until {
                 Some(until) => {
-                    if now >= until && probe_ready {
+                    // Back when its time is over, or at once when no other cluster serves its
+                    // applications any more (the others went unready since): the last one left
+                    // is never kept out.
+                    let last = now < until && !self.has_substitute(i);
+                    if (now >= until || last) && probe_ready {
                         let entry = &mut self.clusters[i];
                         entry.ejected_until = None;
                         entry.returned_at = Some(now);
                         entry.cluster.stats.reset_consecutive_failures();
-                        tracing::info!(cluster = %entry.config.name, "cluster back from passive-health ejection");
+                        if last {
+                            tracing::warn!(cluster = %entry.config.name, "cluster back from passive-health ejection early: no other cluster of its shard serves its applications");
+                        } else {
+                            tracing::info!(cluster = %entry.config.name, "cluster back from passive-health ejection");
+                        }
                         changed = true;
                     }
                 }
@@ -50,22 +59,7 @@ impl Desired {
                     if failures < u64::from(policy.consecutive_failures) || !probe_ready {
                         continue;
                     }
-                    // Another cluster the routing table would use: ready, not ejected, and not
-                    // draining (a promoted shift's old clusters are out of the split).
-                    let weights = self.shard_weights(&entry.config.shard);
-                    let others_eligible = self.clusters.iter().enumerate().any(|(j, c)| {
-                        j != i
-                            && c.config.shard == entry.config.shard
-                            && c.serving_ready()
-                            && self
-                                .drain_of(
-                                    &c.config.shard,
-                                    &c.config.name,
-                                    weights.get(c.config.name.as_str()).copied().unwrap_or(0),
-                                )
-                                .is_none()
-                    });
-                    if !others_eligible {
+                    if !self.has_substitute(i) {
                         continue;
                     }
                     let entry = &mut self.clusters[i];
@@ -88,5 +82,39 @@ impl Desired {
             }
         }
         changed
+    }
+
+    /// Whether cluster `i` may leave the split: every application it lists in `/-/routes` is
+    /// listed, at the same prefix, by another cluster of its shard that the routing table would
+    /// use (ready, not ejected, not draining after a promoted shift). Without applications, any
+    /// such cluster will do.
+    fn has_substitute(&self, i: usize) -> bool {
+        let entry = &self.clusters[i];
+        let shard = &entry.config.shard;
+        let weights = self.shard_weights(shard);
+        let others: Vec<&ClusterEntry> = self
+            .clusters
+            .iter()
+            .enumerate()
+            .filter(|&(j, c)| {
+                j != i
+                    && c.config.shard == *shard
+                    && c.serving_ready()
+                    && self
+                        .drain_of(
+                            shard,
+                            &c.config.name,
+                            weights.get(c.config.name.as_str()).copied().unwrap_or(0),
+                        )
+                        .is_none()
+            })
+            .map(|(_, c)| c)
+            .collect();
+        !others.is_empty()
+            && entry.last_routes.iter().all(|(prefix, app)| {
+                others
+                    .iter()
+                    .any(|c| c.last_routes.get(prefix) == Some(app))
+            })
     }
 }

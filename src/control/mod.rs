@@ -590,7 +590,8 @@ async fn run(
     // Ready once discovery has listed its clusters and every cluster has been probed once, or
     // after a bounded wait for slow probes. The wait starts again when discovery's first lists
     // arrive: clusters discovered late get their first probe round too.
-    let first_round = desired.config.probe.timeout * 2 + std::time::Duration::from_millis(200);
+    // A round is up to three requests (healthz, routes, the dashboard), each bounded by the timeout.
+    let first_round = desired.config.probe.timeout * 3 + std::time::Duration::from_millis(200);
     let deadline = tokio::time::sleep(first_round);
     tokio::pin!(deadline);
     let mut waited = false;

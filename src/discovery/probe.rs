@@ -109,10 +109,7 @@ impl Prober {
             Ok((StatusCode::OK, _)) => (true, String::new()),
             Ok((status, body)) => (
                 false,
-                format!(
-                    "/-/healthz answered {status}: {}",
-                    String::from_utf8_lossy(body).trim()
-                ),
+                format!("/-/healthz answered {status}: {}", excerpt(body)),
             ),
             Err(e) => (false, format!("/-/healthz failed: {e}")),
         };
@@ -255,9 +252,50 @@ impl Prober {
     }
 }
 
+/// Longest part of an error body kept in a cluster's `detail`.
+const DETAIL_BODY_CHARS: usize = 200;
+
+/// The start of an error body for a cluster's `detail`: an error page of a load balancer in
+/// front of the cluster can be long, and can differ on every probe (a request id, a time), which
+/// would make every probe round a change of the cluster's state.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(DETAIL_BODY_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 fn append(detail: &mut String, more: String) {
     if !detail.is_empty() {
         detail.push_str("; ");
     }
     detail.push_str(&more);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_body_is_cut_for_the_detail() {
+        assert_eq!(
+            excerpt(b"  No replicas are available yet.\n"),
+            "No replicas are available yet."
+        );
+        let page = format!("<html>{}</html>", "x".repeat(5000));
+        let cut = excerpt(page.as_bytes());
+        assert_eq!(cut.chars().count(), DETAIL_BODY_CHARS + 3);
+        assert!(
+            cut.starts_with("<html>xxx") && cut.ends_with("..."),
+            "{cut}"
+        );
+        // Cut at a character, not inside one.
+        let wide = "é".repeat(300);
+        assert_eq!(
+            excerpt(wide.as_bytes()).chars().count(),
+            DETAIL_BODY_CHARS + 3
+        );
+    }
 }
