@@ -157,6 +157,20 @@ async fn no_ejection_when_no_other_cluster_serves_the_app() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = load.stop().await;
     assert!(report.failed >= 100, "blue did not fail: {}", report.failed);
+    // Never ejected, not even for a moment: every failure is blue's own 500, and no ejection
+    // was counted.
+    assert!(
+        report.failures.iter().all(|f| f.contains("pa-blue")),
+        "{:?}",
+        report.failures
+    );
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        !metrics.lines().any(|l| l
+            .starts_with(r#"rayshift_cluster_ejections_total{cluster="pa-blue"}"#)
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     assert_eq!(gw.cluster_state("pa-blue").await["ejected"], false);
     blue.set_error_rate(0.0);
     let r = get(&gw.url("/echo")).await;

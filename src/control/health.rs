@@ -30,7 +30,7 @@ impl Desired {
                     // Back when its time is over, or at once when no other cluster serves its
                     // applications any more (the others went unready since): the last one left
                     // is never kept out.
-                    let last = now < until && !self.has_substitute(i);
+                    let last = probe_ready && now < until && !self.has_substitute(i);
                     if (now >= until || last) && probe_ready {
                         let entry = &mut self.clusters[i];
                         entry.ejected_until = None;
