@@ -65,6 +65,18 @@ async fn killed_backend_with_retries_loses_no_get() {
     assert!(metrics.contains(r#"rayshift_upstream_errors_total{cluster="rt-green""#));
 }
 
+/// Makes `cluster` (served by `stub`) answer 500 to everything under load on `/echo` until passive
+/// health ejects it; the load goes on.
+async fn fail_until_ejected(gw: &TestGateway, stub: &ServeStub, cluster: &str) -> Load {
+    stub.set_error_rate(1.0);
+    let load = Load::start(gw.url("/echo"), 4, false);
+    eventually(&format!("{cluster} ejected"), || async {
+        gw.cluster_state(cluster).await["ejected"] == true
+    })
+    .await;
+    load
+}
+
 /// A cluster answering 500 to everything is ejected by passive health; its share goes to the
 /// other cluster; it comes back once it is well and its ejection time is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,12 +84,7 @@ async fn failing_cluster_is_ejected_and_comes_back() {
     let extra =
         "passive_health:\n  consecutive_failures: 3\n  base_ejection: 1s\n  max_ejection: 4s\n";
     let (_blue, green, gw) = old_and_new("shard-0", ("ph-blue", 50), ("ph-green", 50), extra).await;
-    green.set_error_rate(1.0);
-    let load = Load::start(gw.url("/echo"), 4, false);
-    eventually("green ejected", || async {
-        gw.cluster_state("ph-green").await["ejected"] == true
-    })
-    .await;
+    let load = fail_until_ejected(&gw, &green, "ph-green").await;
     let state = gw.cluster_state("ph-green").await;
     assert!(
         state["detail"].as_str().unwrap().contains("passive health"),
@@ -116,13 +123,10 @@ async fn an_ejected_cluster_returns_early_when_no_other_is_left() {
     let extra =
         "passive_health:\n  consecutive_failures: 3\n  base_ejection: 5m\n  max_ejection: 5m\n";
     let (blue, green, gw) = old_and_new("shard-0", ("pe-blue", 50), ("pe-green", 50), extra).await;
-    green.set_error_rate(1.0);
-    let load = Load::start(gw.url("/echo"), 4, false);
-    eventually("green ejected", || async {
-        gw.cluster_state("pe-green").await["ejected"] == true
-    })
-    .await;
-    load.stop().await;
+    fail_until_ejected(&gw, &green, "pe-green")
+        .await
+        .stop()
+        .await;
     green.set_error_rate(0.0);
     blue.set_healthy(false);
     gw.wait_cluster_ready("pe-blue", false).await;
