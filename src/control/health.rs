@@ -30,13 +30,13 @@ impl Desired {
                     // Back when its time is over, or at once when no other cluster serves its
                     // applications any more (the others went unready since): the last one left
                     // is never kept out.
-                    let last = probe_ready && now < until && !self.has_substitute(i);
-                    if (now >= until || last) && probe_ready {
+                    if probe_ready && (now >= until || !self.has_substitute(i)) {
+                        let early = now < until;
                         let entry = &mut self.clusters[i];
                         entry.ejected_until = None;
                         entry.returned_at = Some(now);
                         entry.cluster.stats.reset_consecutive_failures();
-                        if last {
+                        if early {
                             tracing::warn!(cluster = %entry.config.name, "cluster back from passive-health ejection early: no other cluster of its shard serves its applications");
                         } else {
                             tracing::info!(cluster = %entry.config.name, "cluster back from passive-health ejection");
