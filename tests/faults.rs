@@ -182,6 +182,48 @@ async fn no_ejection_when_no_other_cluster_serves_the_app() {
     assert_eq!(r.cluster(), Some("pa-blue"));
 }
 
+/// An application a cluster lists but the routing table gives it none of (served at another
+/// prefix by the older cluster) needs no substitute: the cluster is still ejected when its
+/// shard's other cluster serves everything the table sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_the_table_does_not_route_to_a_cluster_does_not_block_its_ejection() {
+    let extra =
+        "passive_health:\n  consecutive_failures: 3\n  base_ejection: 5m\n  max_ejection: 5m\n";
+    let (blue, green, gw) = old_and_new("shard-0", ("px-blue", 50), ("px-green", 50), extra).await;
+    blue.set_apps(vec![
+        ("echo".into(), "/echo".into()),
+        ("stray".into(), "/stray-blue".into()),
+    ]);
+    green.set_apps(vec![
+        ("echo".into(), "/echo".into()),
+        ("stray".into(), "/stray".into()),
+    ]);
+    // Two probe rounds of each (health and routes) after the change.
+    let (b0, g0) = (blue.probe_requests(), green.probe_requests());
+    eventually("both probed again", || async {
+        blue.probe_requests() >= b0 + 4 && green.probe_requests() >= g0 + 4
+    })
+    .await;
+    // Stray is blue's (the older revision's pair wins); green gets only echo from the table.
+    let r = get(&gw.url("/stray-blue")).await;
+    assert_eq!(r.cluster(), Some("px-blue"), "{}", r.body);
+    assert_eq!(get(&gw.url("/stray")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        gw.cluster_state("px-green").await["apps"],
+        serde_json::json!(["echo"])
+    );
+    let load = fail_until_ejected(&gw, &green, "px-green").await;
+    let during = green.requests();
+    load.wait_for_more(200).await;
+    let report = load.stop().await;
+    assert_eq!(green.requests(), during, "an ejected cluster got requests");
+    assert!(
+        report.failures.iter().all(|f| f.contains("px-green")),
+        "{:?}",
+        report.failures
+    );
+}
+
 /// A backend that accepts and never answers: 504 within the response timeout, naming the cluster;
 /// another shard's cluster is unaffected meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

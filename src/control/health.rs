@@ -8,6 +8,9 @@
 //! (ready, not ejected, not draining after a promoted shift), and comes back early as soon as one
 //! of them has none left: a struggling cluster beats none. Shift analysis still sees every error.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
 use super::{ClusterEntry, Desired};
@@ -84,15 +87,33 @@ impl Desired {
         changed
     }
 
-    /// Whether cluster `i` may leave the split: every application it lists in `/-/routes` is
-    /// listed, at the same prefix, by another cluster of its shard that the routing table would
-    /// use (ready, not ejected, not draining after a promoted shift). Without applications, any
-    /// such cluster will do.
+    /// Whether cluster `i` may leave the split: every application the routing table sends to
+    /// it has another cluster of its shard that the table would use instead (ready, not ejected,
+    /// not draining after a promoted shift). Without such applications, any such cluster will do.
+    ///
+    /// The applications are the published table's, not the raw `/-/routes`: a pair the table
+    /// gives the cluster none of (the app served at another prefix, or placed on another shard)
+    /// needs no substitute. The table is republished on every change of routes or membership, so
+    /// it is current; a cluster not in it yet is not ejected.
     fn has_substitute(&self, i: usize) -> bool {
+        let snapshot = self.table.load();
+        let served = |c: &ClusterEntry| {
+            snapshot
+                .clusters
+                .iter()
+                .position(|s| Arc::ptr_eq(s, &c.cluster))
+                .and_then(|k| snapshot.views.get(k))
+                .map(|view| view.apps.as_slice())
+        };
         let entry = &self.clusters[i];
+        let (Some(own), Some(shard_id)) =
+            (served(entry), self.config.shard_index(&entry.config.shard))
+        else {
+            return false;
+        };
         let shard = &entry.config.shard;
         let weights = self.shard_weights(shard);
-        let others: Vec<&ClusterEntry> = self
+        let others: Vec<&[String]> = self
             .clusters
             .iter()
             .enumerate()
@@ -108,13 +129,19 @@ impl Desired {
                         )
                         .is_none()
             })
-            .map(|(_, c)| c)
+            .filter_map(|(_, c)| served(c))
             .collect();
-        !others.is_empty()
-            && entry.last_routes.iter().all(|(prefix, app)| {
-                others
-                    .iter()
-                    .any(|c| c.last_routes.get(prefix) == Some(app))
-            })
+        if others.is_empty() {
+            return false;
+        }
+        let on_shard: HashMap<&str, bool> = snapshot
+            .table
+            .apps()
+            .iter()
+            .map(|a| (&*a.name, a.shard as usize == shard_id))
+            .collect();
+        own.iter()
+            .filter(|app| on_shard.get(app.as_str()).copied().unwrap_or(false))
+            .all(|app| others.iter().any(|apps| apps.contains(app)))
     }
 }
