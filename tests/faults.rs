@@ -65,6 +65,42 @@ async fn killed_backend_with_retries_loses_no_get() {
     assert!(metrics.contains(r#"rayshift_upstream_errors_total{cluster="rt-green""#));
 }
 
+/// Only requests routed to a cluster fund the retry budget: the gateway's own answers (404 here)
+/// buy no retries for later requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_answered_by_the_gateway_fund_no_retries() {
+    // 0.04 of a retry per routed request: the 20 GETs below fund none (0.8), the 500 404s before
+    // them would fund 20. Slow probes and no passive health keep the killed cluster in the split.
+    let blue = stub("rb-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("rb-green", "v1", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v1", Some(50)),
+        ],
+        "upstream:\n  retry_budget: 0.04\n  retry_min_per_second: 0\n\
+         passive_health:\n  consecutive_failures: 0\n",
+    );
+    let gw = TestGateway::start(&yaml.replace("interval: 100ms", "interval: 10s")).await;
+    for _ in 0..500 {
+        assert_eq!(get(&gw.url("/nowhere")).await.status, StatusCode::NOT_FOUND);
+    }
+    green.kill();
+    let mut failed = 0;
+    for _ in 0..20 {
+        let r = get(&gw.url("/echo")).await;
+        if r.status != StatusCode::OK {
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+            failed += 1;
+        }
+    }
+    // Half the GETs go to the killed cluster (all 20 missing it: about one run in a million).
+    assert!(failed > 0, "every GET was retried: the 404s funded retries");
+    let exhausted = metric(&gw, "rayshift_retry_budget_exhausted_total").await;
+    assert_eq!(exhausted, Some(failed as f64));
+}
+
 /// Makes `cluster` (served by `stub`) answer 500 to everything under load on `/echo` until passive
 /// health ejects it; the load goes on.
 async fn fail_until_ejected(gw: &TestGateway, stub: &ServeStub, cluster: &str) -> Load {

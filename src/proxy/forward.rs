@@ -56,7 +56,6 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let start = Instant::now();
-    ctx.retry.deposit();
 
     if req.method() == Method::CONNECT {
         // A tunnel to wherever the client names: not what a gateway to Serve applications is for.
@@ -83,6 +82,8 @@ pub async fn handle(
         Ok(route) => route,
         Err(resp) => return Ok(resp),
     };
+    // Requests the gateway answers itself (above) fund no retries, as on the direct path.
+    ctx.retry.deposit();
 
     // Only HTTP/1.1 switches protocols: an HTTP/1.0 request's `Upgrade` is dropped as hop-by-hop
     // (RFC 9110 section 7.8), and a 101 to it would be refused as unasked for.
