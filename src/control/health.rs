@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::{ClusterEntry, Desired};
 use crate::discovery::probe::ProbeReport;
+use crate::routing::AppId;
 use crate::telemetry;
 
 impl Desired {
@@ -33,7 +34,7 @@ impl Desired {
                     // Back when its time is over, or at once when no other cluster serves its
                     // applications any more (the others went unready since): the last one left
                     // is never kept out.
-                    if probe_ready && (now >= until || !self.has_substitute(i)) {
+                    if probe_ready && (now >= until || !self.has_substitute(i, true)) {
                         let early = now < until;
                         let entry = &mut self.clusters[i];
                         entry.ejected_until = None;
@@ -62,7 +63,7 @@ impl Desired {
                     if failures < u64::from(policy.consecutive_failures) || !probe_ready {
                         continue;
                     }
-                    if !self.has_substitute(i) {
+                    if !self.has_substitute(i, false) {
                         continue;
                     }
                     let entry = &mut self.clusters[i];
@@ -87,15 +88,18 @@ impl Desired {
         changed
     }
 
-    /// Whether cluster `i` may leave the split: every application the routing table sends to
-    /// it has another cluster of its shard that the table would use instead (ready, not ejected,
-    /// not draining after a promoted shift). Without such applications, any such cluster will do.
+    /// Whether cluster `i` may leave the split (`returning`: stay out of it): every application
+    /// the routing table sends to it has another cluster of its shard that the table would use
+    /// instead (ready, not ejected, not draining after a promoted shift). Without such
+    /// applications, any such cluster will do.
     ///
     /// The applications are the published table's, not the raw `/-/routes`: a pair the table
     /// gives the cluster none of (the app served at another prefix, or placed on another shard)
-    /// needs no substitute. The table is republished on every change of routes or membership, so
-    /// it is current; a cluster not in it yet is not ejected.
-    fn has_substitute(&self, i: usize) -> bool {
+    /// needs no substitute. An ejected cluster loses the conflicts its pairs would win if it
+    /// were back (ready clusters' pairs win), so for it an app of its shard that it lists and
+    /// that no cluster serves counts too: it comes back for it. The table is republished on every
+    /// change of routes or membership, so it is current; a cluster not in it yet is not ejected.
+    fn has_substitute(&self, i: usize, returning: bool) -> bool {
         let snapshot = self.table.load();
         let served = |c: &ClusterEntry| {
             snapshot
@@ -109,8 +113,25 @@ impl Desired {
         let (Some(own), Some(shard_id)) =
             (served(entry), self.config.shard_index(&entry.config.shard))
         else {
-            return false;
+            return !returning;
         };
+        // Each app of the table: on this cluster's shard, and without any cluster to go to.
+        let table = &snapshot.table;
+        let apps: HashMap<&str, (bool, bool)> = (0..table.apps().len() as AppId)
+            .map(|id| {
+                let app = table.app(id);
+                let here = app.shard as usize == shard_id;
+                (&*app.name, (here, table.split_of(id).is_empty()))
+            })
+            .collect();
+        if returning
+            && entry
+                .last_routes
+                .values()
+                .any(|app| apps.get(app.as_str()) == Some(&(true, true)))
+        {
+            return false;
+        }
         let shard = &entry.config.shard;
         let weights = self.shard_weights(shard);
         let others: Vec<&[String]> = self
@@ -131,17 +152,10 @@ impl Desired {
             })
             .filter_map(|(_, c)| served(c))
             .collect();
-        if others.is_empty() {
-            return false;
-        }
-        let on_shard: HashMap<&str, bool> = snapshot
-            .table
-            .apps()
-            .iter()
-            .map(|a| (&*a.name, a.shard as usize == shard_id))
-            .collect();
-        own.iter()
-            .filter(|app| on_shard.get(app.as_str()).copied().unwrap_or(false))
-            .all(|app| others.iter().any(|apps| apps.contains(app)))
+        !others.is_empty()
+            && own
+                .iter()
+                .filter(|app| apps.get(app.as_str()).is_some_and(|&(here, _)| here))
+                .all(|app| others.iter().any(|apps| apps.contains(app)))
     }
 }

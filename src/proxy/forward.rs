@@ -82,7 +82,7 @@ pub async fn handle(
         Ok(route) => route,
         Err(resp) => return Ok(resp),
     };
-    // Requests the gateway answers itself (above) fund no retries, as on the direct path.
+    // Requests answered above, before routing, fund no retries (as on the direct path).
     ctx.retry.deposit();
 
     // Only HTTP/1.1 switches protocols: an HTTP/1.0 request's `Upgrade` is dropped as hop-by-hop
