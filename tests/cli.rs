@@ -134,6 +134,60 @@ async fn weights_survive_kill_and_restart() {
     assert_eq!(file["shards"]["shard-0"]["weights"]["blue"], 40);
 }
 
+/// The state journal's records apply only over the state file they were made after: a state file
+/// restored from a backup wins over the records a crash left, and records whose state file is
+/// missing stop the start (exit 1, naming what to do) instead of being dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_state_file_wins_over_the_journal_of_another() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path(), &blue, &green);
+    let state = dir.path().join("state.json");
+    let weights = || -> serde_json::Value {
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+        file["shards"]["shard-0"]["weights"].clone()
+    };
+    let run_and_set = |blue: u32, green: u32| {
+        let config = config.clone();
+        async move {
+            let gw = GatewayProcess::spawn(&config).unwrap();
+            gw.wait_ready().await;
+            set_weights(&gw.admin("/v1/shards/shard-0/weights"), blue, green).await;
+            gw
+        }
+    };
+    assert!(run_and_set(0, 100).await.terminate().success());
+    let backup = std::fs::read(&state).unwrap();
+    assert!(run_and_set(40, 60).await.terminate().success());
+    run_and_set(70, 30).await.kill(); // the journal holds 70/30, after the 40/60 snapshot
+    std::fs::write(&state, &backup).unwrap();
+
+    let mut gw = GatewayProcess::spawn(&config).unwrap();
+    gw.wait_ready().await;
+    for _ in 0..5 {
+        assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("green"));
+    }
+    assert!(gw.terminate().success());
+    assert_eq!(
+        weights()["green"],
+        100,
+        "the journal overrode the restored file"
+    );
+
+    run_and_set(50, 50).await.kill();
+    std::fs::remove_file(&state).unwrap();
+    let out = rayshift(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("state.json.journal") && stderr.contains("restore the state file"),
+        "{stderr}"
+    );
+    assert!(!state.exists());
+}
+
 /// A corrupt state file or one of an unknown version stops the start with a clear error; the file
 /// is left as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,12 +7,21 @@
 //! already exist, changes no metadata, and `fdatasync` flushes only the data (BENCHMARKS.md, Churn).
 //!
 //! Layout, in blocks of [`BLOCK`] bytes. Block 0 is the header: magic `RSJRNL01`, the epoch
-//! (`u64` LE) and an XXH3-64 of both. Records follow from block 1, each starting on a block
+//! (`u64` LE) and an XXH3-64 of both; then magic `RSJFLW01`, the [`follows`] hash of the state
+//! file the records follow, the epoch again and an XXH3-64 of those three (journals of versions
+//! before it end the header after the first part, and their epoch bumps leave a stale second
+//! part: either way the journal then follows an unknown state file). Records follow from block 1, each starting on a block
 //! boundary: magic `RSRC`, the epoch, the payload length (`u32` LE), an XXH3-64 of epoch, length
 //! and payload, then the payload, the whole state as compact JSON. The journal's state is the last
 //! record of the chain of valid records (right magic, the header's epoch, matching checksum)
 //! starting at block 1: a torn write, never acknowledged, ends the chain. Bumping the header's
-//! epoch retires every record at once; that is done after the state was written as a new snapshot.
+//! epoch retires every record at once; that is done after the state was written as a new snapshot,
+//! and names that snapshot as the one the journal now follows.
+//!
+//! Records apply only on top of the state file they follow: after a crash between writing a new
+//! snapshot and retiring the records, or when the state file was restored from a backup or
+//! rewritten by a version without a journal, the state file beside the journal is another one,
+//! and its records are older than it (see [`crate::state`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -26,6 +35,9 @@ pub const BLOCK: u64 = 4096;
 /// Smallest journal (256 blocks: the header and up to 255 small records between snapshots).
 pub const MIN_CAPACITY: u64 = 1 << 20;
 const HEADER_MAGIC: &[u8; 8] = b"RSJRNL01";
+const FOLLOWS_MAGIC: &[u8; 8] = b"RSJFLW01";
+/// The header: magic, epoch, checksum; follows magic, follows hash, epoch, checksum.
+const HEADER_LEN: usize = 24 + 32;
 const RECORD_MAGIC: &[u8; 4] = b"RSRC";
 /// Magic, epoch, payload length, checksum.
 const RECORD_HEAD: usize = 4 + 8 + 4 + 8;
@@ -54,11 +66,20 @@ pub fn dir_of(file: &Path) -> &Path {
     }
 }
 
+/// The hash that names a state file's contents in a journal header: XXH3-64 of its bytes, of no
+/// bytes for a missing state file.
+pub fn follows(snapshot: Option<&[u8]>) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(snapshot.unwrap_or_default())
+}
+
 /// What a journal file holds.
 #[derive(Debug)]
 pub struct Contents {
     /// The header's epoch.
     pub epoch: u64,
+    /// The [`follows`] hash of the state file the records apply to; `None` when the header does
+    /// not say (written by a version before it).
+    pub follows: Option<u64>,
     /// Payload of the newest valid record of the epoch, if any.
     pub newest: Option<Vec<u8>>,
     /// Offset after the newest record (where the next one goes).
@@ -75,7 +96,7 @@ pub fn read(path: &Path) -> io::Result<Option<Contents>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let Some(epoch) = parse_header(&bytes) else {
+    let Some((epoch, follows)) = parse_header(&bytes) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a valid rayshift state journal (damaged header); remove it to start from the \
@@ -109,24 +130,41 @@ pub fn read(path: &Path) -> io::Result<Option<Contents>> {
     }
     Ok(Some(Contents {
         epoch,
+        follows,
         newest: newest.map(<[u8]>::to_vec),
         end: at as u64,
     }))
 }
 
-fn header(epoch: u64) -> [u8; 24] {
-    let mut h = [0u8; 24];
+/// The header of `epoch` for records that follow the state file of hash `follows`. Both parts lie
+/// in the first 512 bytes, so the one write of a retirement replaces them together.
+fn header(epoch: u64, follows: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(HEADER_MAGIC);
     h[8..16].copy_from_slice(&epoch.to_le_bytes());
     let sum = xxhash_rust::xxh3::xxh3_64(&h[..16]);
-    h[16..].copy_from_slice(&sum.to_le_bytes());
+    h[16..24].copy_from_slice(&sum.to_le_bytes());
+    h[24..32].copy_from_slice(FOLLOWS_MAGIC);
+    h[32..40].copy_from_slice(&follows.to_le_bytes());
+    h[40..48].copy_from_slice(&epoch.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&h[24..48]);
+    h[48..56].copy_from_slice(&sum.to_le_bytes());
     h
 }
 
-fn parse_header(bytes: &[u8]) -> Option<u64> {
+/// The header's epoch, and the state file its records follow when the header says (a second
+/// part of the same epoch).
+fn parse_header(bytes: &[u8]) -> Option<(u64, Option<u64>)> {
     let h = bytes.get(..24)?;
     let epoch = u64::from_le_bytes(h[8..16].try_into().ok()?);
-    (h == header(epoch)).then_some(epoch)
+    if *h != header(epoch, 0)[..24] {
+        return None;
+    }
+    let follows = bytes.get(24..HEADER_LEN).and_then(|f| {
+        let hash = u64::from_le_bytes(f[8..16].try_into().ok()?);
+        (f == &header(epoch, hash)[24..]).then_some(hash)
+    });
+    Some((epoch, follows))
 }
 
 fn record_checksum(epoch: u64, payload: &[u8]) -> u64 {
@@ -165,6 +203,9 @@ pub fn capacity_for(len: usize) -> u64 {
 pub struct Journal {
     file: File,
     epoch: u64,
+    /// The state file the records follow, as the header names it (`None`: a journal of a version
+    /// that did not name it).
+    follows: Option<u64>,
     next: u64,
     capacity: u64,
     /// Tests: this many of the next `fdatasync`s fail, as on a failing disk.
@@ -186,9 +227,10 @@ pub struct NotWithdrawn {
 }
 
 impl Journal {
-    /// Creates an empty journal of `capacity` bytes at `path`, replacing any journal there: written
-    /// in full to a temporary file, synced, renamed into place, and the directory synced.
-    pub fn create(path: &Path, capacity: u64) -> io::Result<Journal> {
+    /// Creates an empty journal of `capacity` bytes at `path` whose records follow the state file
+    /// of hash `follows`, replacing any journal there: written in full to a temporary file,
+    /// synced, renamed into place, and the directory synced.
+    pub fn create(path: &Path, capacity: u64, follows: u64) -> io::Result<Journal> {
         let capacity = capacity.max(MIN_CAPACITY).div_ceil(BLOCK) * BLOCK;
         let tmp = with_suffix(path, &format!("{TEMP_SUFFIX}{}", std::process::id()));
         let result = (|| {
@@ -207,7 +249,7 @@ impl Journal {
                 file.write_all_at(&zeros[..n], at)?;
                 at += n as u64;
             }
-            file.write_all_at(&header(1), 0)?;
+            file.write_all_at(&header(1, follows), 0)?;
             file.sync_all()?;
             fs::rename(&tmp, path)?;
             sync_dir(path)?;
@@ -217,6 +259,7 @@ impl Journal {
             Ok(file) => Ok(Journal {
                 file,
                 epoch: 1,
+                follows: Some(follows),
                 next: BLOCK,
                 capacity,
                 #[cfg(test)]
@@ -237,11 +280,17 @@ impl Journal {
         Ok(Journal {
             file,
             epoch: contents.epoch,
+            follows: contents.follows,
             next: contents.end,
             capacity,
             #[cfg(test)]
             failing_syncs: 0,
         })
+    }
+
+    /// The [`follows`] hash of the state file the records apply to (`None`: not named).
+    pub fn follows(&self) -> Option<u64> {
+        self.follows
     }
 
     /// Bytes the journal file holds.
@@ -309,13 +358,15 @@ impl Journal {
         self.file.sync_data()
     }
 
-    /// Retires every record by moving the header to the next epoch, and waits until that is
-    /// durable. Call only once the newest state is durable elsewhere (the snapshot).
-    pub fn retire(&mut self) -> io::Result<()> {
+    /// Retires every record by moving the header to the next epoch, naming the state file of hash
+    /// `follows` as the one new records follow, and waits until that is durable. Call only once
+    /// the newest state is durable in that state file.
+    pub fn retire(&mut self, follows: u64) -> io::Result<()> {
         let epoch = self.epoch + 1;
-        self.file.write_all_at(&header(epoch), 0)?;
+        self.file.write_all_at(&header(epoch, follows), 0)?;
         self.file.sync_data()?;
         self.epoch = epoch;
+        self.follows = Some(follows);
         self.next = BLOCK;
         Ok(())
     }
@@ -332,7 +383,7 @@ mod tests {
 
     fn journal_in(dir: &Path) -> (PathBuf, Journal) {
         let path = dir.join("s.json.journal");
-        let journal = Journal::create(&path, MIN_CAPACITY).unwrap();
+        let journal = Journal::create(&path, MIN_CAPACITY, follows(None)).unwrap();
         (path, journal)
     }
 
@@ -342,6 +393,7 @@ mod tests {
         let (path, mut journal) = journal_in(dir.path());
         let fresh = read(&path).unwrap().unwrap();
         assert_eq!((fresh.epoch, fresh.newest, fresh.end), (1, None, BLOCK));
+        assert_eq!(fresh.follows, Some(follows(None)));
         assert!(journal.is_empty());
         for n in 0..5 {
             assert!(journal.append(format!("state {n}").as_bytes()).unwrap());
@@ -402,14 +454,35 @@ mod tests {
         for n in 0..3 {
             journal.append(format!("old {n}").as_bytes()).unwrap();
         }
-        journal.retire().unwrap();
+        journal.retire(follows(Some(b"snapshot"))).unwrap();
         let contents = read(&path).unwrap().unwrap();
         assert_eq!((contents.epoch, contents.newest), (2, None));
+        assert_eq!(contents.follows, Some(follows(Some(b"snapshot"))));
         // The new epoch's first record overwrites block 1; old records after it stay hidden.
         journal.append(b"new").unwrap();
         let contents = read(&path).unwrap().unwrap();
         assert_eq!(contents.newest.as_deref(), Some(&b"new"[..]));
         assert_eq!(contents.end, 2 * BLOCK);
+    }
+
+    #[test]
+    fn a_header_of_an_older_version_names_no_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut journal) = journal_in(dir.path());
+        journal.append(b"state").unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        // An older version's epoch bump writes the first part only: the second is epoch 1's.
+        file.write_all_at(&header(2, 0)[..24], 0).unwrap();
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!((contents.epoch, contents.follows), (2, None));
+        // An older version's new journal: zeros after the first part.
+        file.write_all_at(&[0u8; 32], 24).unwrap();
+        let contents = read(&path).unwrap().unwrap();
+        assert_eq!((contents.epoch, contents.follows), (2, None));
+        let mut reopened = Journal::reopen(&path, &contents).unwrap();
+        assert_eq!(reopened.follows(), None);
+        reopened.retire(follows(None)).unwrap();
+        assert_eq!(read(&path).unwrap().unwrap().follows, Some(follows(None)));
     }
 
     #[test]

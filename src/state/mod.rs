@@ -10,6 +10,13 @@
 //! file, and the directory is fsynced; a crash leaves either the old or the new state, never a
 //! torn one. A file that cannot be read or has an unknown version stops the gateway at start: it
 //! never silently resets an operator's weights.
+//!
+//! The journal's header names the state file its records follow (a hash of its bytes). At start
+//! the records apply only over that state file: a crash between writing a new snapshot and
+//! retiring the records leaves a newer state file, and a state file restored from a backup, edited
+//! by hand or rewritten by a version without a journal is another one; then the state file is
+//! used and the records are dropped (with a warning). Records that follow a state file that is
+//! missing stop the start, as they could not be applied to anything they were made for.
 
 pub mod journal;
 
@@ -97,6 +104,31 @@ pub enum StateError {
         /// The journal's error, then the state file's.
         source: std::io::Error,
     },
+    /// The new state file was written, but the journal beside it could neither be retired nor
+    /// removed: the change is not in effect now, and may be after the next start.
+    #[error(
+        "state file {path} was written, but its journal could neither be retired nor removed \
+         ({source}); the change is not in effect now, and may take effect when the gateway next \
+         starts"
+    )]
+    Unretired {
+        /// The state file.
+        path: PathBuf,
+        /// The journal's error.
+        source: std::io::Error,
+    },
+    /// The journal holds changes made after a state file that is not there.
+    #[error(
+        "state journal {journal} holds changes made after a state file {path} that is missing; \
+         restore the state file, or remove the journal to start from an empty state, which drops \
+         those changes"
+    )]
+    SnapshotMissing {
+        /// The state file.
+        path: PathBuf,
+        /// The journal.
+        journal: PathBuf,
+    },
     /// The new state could not be written durably; the old state is still in place.
     #[error("writing state file {path}: {source}")]
     Write {
@@ -160,7 +192,12 @@ impl StateError {
                 path: path.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
-            StateError::Corrupt { path, .. }
+            StateError::Unretired { path, source } => StateError::Unretired {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            StateError::SnapshotMissing { path, .. }
+            | StateError::Corrupt { path, .. }
             | StateError::Invalid { path, .. }
             | StateError::Version { path, .. }
             | StateError::InUse { path, .. } => StateError::Write {
@@ -257,32 +294,52 @@ impl StateStore {
         &self.journal
     }
 
-    /// Reads the state: the newest journal record, else the state file. Missing files are a fresh
-    /// start (`Ok(None)`); anything unreadable is an error. Writes nothing.
+    /// Reads the state: the newest journal record when the records follow the state file beside
+    /// them, else the state file. Missing files are a fresh start (`Ok(None)`); anything
+    /// unreadable is an error. Writes nothing.
     pub fn load(&self) -> Result<Option<State>, StateError> {
-        self.load_with_journal().map(|(state, _)| state)
+        self.load_with_journal().map(|loaded| loaded.state)
     }
 
     /// [`load`](Self::load), and what the journal held.
-    fn load_with_journal(&self) -> Result<(Option<State>, Option<journal::Contents>), StateError> {
+    fn load_with_journal(&self) -> Result<Loaded, StateError> {
         // The snapshot is parsed even when the journal is newer: a corrupt state file is reported
         // now, not when the journal is next folded over it.
-        let snapshot = self.load_snapshot()?;
+        let (snapshot, hash) = self.load_snapshot()?;
         let contents = journal::read(&self.journal).map_err(|source| StateError::Read {
             path: self.journal.clone(),
             source,
         })?;
+        // A journal that does not name its state file (written by an older version) applies.
+        let applies = contents
+            .as_ref()
+            .is_some_and(|c| c.follows.is_none_or(|f| f == hash));
         let state = match contents.as_ref().and_then(|c| c.newest.as_deref()) {
-            Some(record) => Some(parse(record, &self.journal)?),
-            None => snapshot,
+            Some(record) if applies => Some(parse(record, &self.journal)?),
+            Some(_) if snapshot.is_none() => {
+                return Err(StateError::SnapshotMissing {
+                    path: self.path.clone(),
+                    journal: self.journal.clone(),
+                })
+            }
+            _ => snapshot,
         };
-        Ok((state, contents))
+        Ok(Loaded {
+            state,
+            contents,
+            snapshot: hash,
+            applies,
+        })
     }
 
-    fn load_snapshot(&self) -> Result<Option<State>, StateError> {
+    /// The state file's state and its [`journal::follows`] hash (`None` and the hash of no
+    /// bytes when there is no state file).
+    fn load_snapshot(&self) -> Result<(Option<State>, u64), StateError> {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((None, journal::follows(None)))
+            }
             Err(source) => {
                 return Err(StateError::Read {
                     path: self.path.clone(),
@@ -290,12 +347,14 @@ impl StateStore {
                 })
             }
         };
-        parse(&bytes, &self.path).map(Some)
+        let state = parse(&bytes, &self.path)?;
+        Ok((Some(state), journal::follows(Some(&bytes))))
     }
 
     /// Writes `state` as the state file, atomically and durably (temp file, fsync, rename, fsync
-    /// of the directory). The journal is not touched: callers retire its records afterwards.
-    pub fn save(&self, state: &State) -> Result<(), StateError> {
+    /// of the directory), and returns its [`journal::follows`] hash. The journal is not touched:
+    /// callers retire its records afterwards.
+    pub fn save(&self, state: &State) -> Result<u64, StateError> {
         let err = |source| StateError::Write {
             path: self.path.clone(),
             source,
@@ -318,8 +377,22 @@ impl StateStore {
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        result.map_err(err)
+        result.map_err(err)?;
+        Ok(journal::follows(Some(&body)))
     }
+}
+
+/// What the state file and the journal beside it hold.
+struct Loaded {
+    /// The newest state: the journal's newest record when its records apply, else the state file's.
+    state: Option<State>,
+    /// The journal, if there is one.
+    contents: Option<journal::Contents>,
+    /// The state file's [`journal::follows`] hash.
+    snapshot: u64,
+    /// Whether the journal's records apply over the state file (they follow it, or the journal
+    /// does not say which state file they follow).
+    applies: bool,
 }
 
 /// One request to [`StateWriter`]'s thread.
@@ -357,15 +430,28 @@ impl StateWriter {
             // Only the lock holder writes these: any left now are from a crash.
             remove_stale_temporaries(&store);
         }
-        let (state, contents) = store.load_with_journal()?;
+        let Loaded {
+            state,
+            contents,
+            snapshot,
+            applies,
+        } = store.load_with_journal()?;
+        if !applies && contents.as_ref().is_some_and(|c| c.newest.is_some()) {
+            tracing::warn!(
+                state_file = %store.path().display(), journal = %store.journal_path().display(),
+                "the state journal's records follow another state file than the one beside it (a crash after a new state file was written, or the state file was restored from a backup, edited, or written by a version without a journal); using the state file and dropping the records"
+            );
+        }
         let path = store.path().to_path_buf();
         let mut files = StateFiles {
             store,
             journal: None,
             last: state.clone(),
+            snapshot,
+            behind: false,
             lock,
         };
-        files.open_journal(contents);
+        files.open_journal(contents, applies);
         let (jobs, pending) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("rayshift-state".into())
@@ -427,17 +513,22 @@ struct StateFiles {
     journal: Option<journal::Journal>,
     /// The newest durable state.
     last: Option<State>,
+    /// The [`journal::follows`] hash of the state file on disk: the journal's records follow it.
+    snapshot: u64,
+    /// Whether the state file is older than `last` (records since it are in the journal).
+    behind: bool,
     /// The state file's lock, held while the writer runs (`None`: it could not be taken, and no
     /// journal is kept).
     lock: Option<fs::File>,
 }
 
 impl StateFiles {
-    /// At start: fold the records of the journal `contents` describe into the state file and
-    /// reuse the journal file; else create a journal.
-    fn open_journal(&mut self, contents: Option<journal::Contents>) {
+    /// At start: fold the records of the journal `contents` describe into the state file when
+    /// they apply to it (`applies`) and reuse the journal file, retired so that it follows the
+    /// state file; else create a journal.
+    fn open_journal(&mut self, contents: Option<journal::Contents>, applies: bool) {
         let path = self.store.journal_path().to_path_buf();
-        let had_records = contents.as_ref().is_some_and(|c| c.newest.is_some());
+        let had_records = applies && contents.as_ref().is_some_and(|c| c.newest.is_some());
         if let Some(contents) = contents.filter(|_| self.lock.is_some()) {
             match journal::Journal::reopen(&path, &contents) {
                 Ok(j) => self.journal = Some(j),
@@ -446,12 +537,23 @@ impl StateFiles {
                 }
             }
         }
+        let len = self.last.as_ref().map_or(0, record_len);
         let result = match self.last.clone() {
             // The records' newest state becomes the state file before the journal is reused.
-            Some(state) if had_records => self.fold(&state),
-            last if self.journal.is_none() => {
-                self.recreate_journal(last.as_ref().map_or(0, record_len))
+            Some(state) if had_records => {
+                self.behind = true;
+                self.fold(&state)
             }
+            // Records that do not apply, or a journal that does not name its state file: new
+            // records must follow the state file as it is.
+            _ if self
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.follows() != Some(self.snapshot)) =>
+            {
+                self.restart_journal(len)
+            }
+            _ if self.journal.is_none() => self.recreate_journal(len),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -466,6 +568,10 @@ impl StateFiles {
             source: e.into(),
         })?;
         let mut not_withdrawn = None;
+        debug_assert!(self
+            .journal
+            .as_ref()
+            .is_none_or(|j| j.follows() == Some(self.snapshot)));
         let appended = match self.journal.as_mut().map(|j| j.append(&payload)) {
             Some(Ok(appended)) => appended,
             Some(Err(e)) => {
@@ -480,7 +586,9 @@ impl StateFiles {
             }
             None => false,
         };
-        if !appended {
+        if appended {
+            self.behind = true;
+        } else {
             // A new state file (and journal) also replaces a record that could not be withdrawn.
             if let Err(e) = self.fold(&state) {
                 return Err(match not_withdrawn {
@@ -496,15 +604,16 @@ impl StateFiles {
         Ok(())
     }
 
-    /// Folds when the journal holds records.
+    /// Folds when the state file is behind the newest state (also when the journal has become
+    /// unusable since: its records are then still the newest on disk).
     fn fold_if_needed(&mut self) -> Result<(), StateError> {
-        match (&self.journal, self.last.take()) {
-            (Some(j), Some(last)) if !j.is_empty() => {
+        match self.last.take() {
+            Some(last) if self.behind => {
                 let result = self.fold(&last);
                 self.last = Some(last);
                 result
             }
-            (_, last) => {
+            last => {
                 self.last = last;
                 Ok(())
             }
@@ -514,11 +623,21 @@ impl StateFiles {
     /// Writes `state` as the state file, then retires the journal's records, or replaces the
     /// journal by an empty one large enough for the state.
     fn fold(&mut self, state: &State) -> Result<(), StateError> {
-        self.store.save(state)?;
-        let len = record_len(state);
+        self.snapshot = self.store.save(state)?;
+        self.behind = false;
+        self.restart_journal(record_len(state))
+            .map_err(|e| StateError::Unretired {
+                path: self.store.path().to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
+    /// Makes the journal empty and following the state file on disk: retires its records, or
+    /// replaces it by an empty journal large enough for a state of `len` bytes.
+    fn restart_journal(&mut self, len: usize) -> Result<(), StateError> {
         let capacity = journal::capacity_for(len);
         if let Some(j) = self.journal.as_mut().filter(|j| j.capacity() >= capacity) {
-            match j.retire() {
+            match j.retire(self.snapshot) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(journal = %self.store.journal_path().display(), error = %e, "retiring the state journal's records failed")
@@ -538,7 +657,11 @@ impl StateFiles {
             // state file (each rewrite is whole: temp file and rename).
             return self.remove_journal();
         }
-        match journal::Journal::create(self.store.journal_path(), journal::capacity_for(len)) {
+        match journal::Journal::create(
+            self.store.journal_path(),
+            journal::capacity_for(len),
+            self.snapshot,
+        ) {
             Ok(j) => {
                 self.journal = Some(j);
                 Ok(())
@@ -823,6 +946,104 @@ mod tests {
         assert_eq!(blue(&store.load().unwrap().unwrap()), 4);
     }
 
+    /// Writes a state file as something other than the writer would: a crash after the new
+    /// snapshot, a restored backup, a version without a journal.
+    fn replace_state_file(store: &StateStore, state: &State) {
+        fs::write(store.path(), serde_json::to_vec(state).unwrap()).unwrap();
+    }
+
+    /// Records follow the state file they were made after. A state file replaced since (restored
+    /// from a backup here; a crash between a new snapshot and the retirement looks the same) is
+    /// used as it is, the records are dropped, and the journal follows the state file again.
+    #[tokio::test]
+    async fn records_do_not_override_another_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        writer.save(weights(3)).await.unwrap();
+        drop(writer);
+        replace_state_file(&store, &weights(7));
+        assert_eq!(blue(&store.load().unwrap().unwrap()), 7);
+        let (writer, loaded) = reopen(&store).await;
+        assert_eq!(blue(&loaded.unwrap()), 7, "the journal's records won");
+        let contents = journal::read(store.journal_path()).unwrap().unwrap();
+        assert!(contents.newest.is_none());
+        assert_eq!(
+            contents.follows,
+            Some(journal::follows(Some(&fs::read(store.path()).unwrap())))
+        );
+        // Records made after that start apply (a crash again: no fold).
+        writer.save(weights(8)).await.unwrap();
+        drop(writer);
+        let (_, loaded) = reopen(&store).await;
+        assert_eq!(blue(&loaded.unwrap()), 8);
+    }
+
+    /// Records that follow a state file which is missing now stop the start (and change nothing):
+    /// dropping them silently would reset the operator's weights.
+    #[tokio::test]
+    async fn records_after_a_missing_state_file_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        drop(writer);
+        fs::remove_file(store.path()).unwrap();
+        let before = fs::read(store.journal_path()).unwrap();
+        let e = loop {
+            match StateWriter::open(store.clone()) {
+                Err(StateError::InUse { .. }) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                Err(e) => break e,
+                Ok(_) => panic!("started over a journal whose state file is missing"),
+            }
+        };
+        assert!(matches!(e, StateError::SnapshotMissing { .. }), "{e}");
+        assert!(e.to_string().contains("restore the state file"), "{e}");
+        assert_eq!(fs::read(store.journal_path()).unwrap(), before);
+        assert!(!store.path().exists());
+    }
+
+    /// A journal written by a version that did not name its state file applies as it did then,
+    /// and follows the state file from the first start on.
+    #[tokio::test]
+    async fn a_journal_of_an_older_version_applies_and_is_upgraded() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        drop(writer);
+        // The older version's header: its first 24 bytes only.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all_at(&[0u8; 32], 24)
+            .unwrap();
+        // And the state file as that version wrote it (compact, not this version's bytes).
+        replace_state_file(&store, &weights(1));
+        assert_eq!(
+            journal::read(store.journal_path())
+                .unwrap()
+                .unwrap()
+                .follows,
+            None
+        );
+        let (_, loaded) = reopen(&store).await;
+        assert_eq!(blue(&loaded.unwrap()), 2);
+        let contents = journal::read(store.journal_path()).unwrap().unwrap();
+        assert_eq!(
+            contents.follows,
+            Some(journal::follows(Some(&fs::read(store.path()).unwrap())))
+        );
+    }
+
     /// Without the state lock (its file cannot be opened) no journal is kept: records a crash
     /// left are folded into the state file and the journal is removed, and every change is a whole
     /// state file, so a second gateway in the same situation cannot overwrite acknowledged records.
@@ -855,7 +1076,7 @@ mod tests {
     /// directory makes the next state-file write fail (its temporary file cannot be created).
     fn files_with_journal(dir: &Path) -> (StateFiles, PathBuf) {
         let store = StateStore::new(dir.join("state.json"));
-        store.save(&weights(1)).unwrap();
+        let snapshot = store.save(&weights(1)).unwrap();
         let lock = lock_state(&store).unwrap();
         assert!(lock.is_some());
         let block = dir.join(format!(
@@ -867,9 +1088,11 @@ mod tests {
             store,
             journal: None,
             last: Some(weights(1)),
+            snapshot,
+            behind: false,
             lock,
         };
-        files.open_journal(None);
+        files.open_journal(None, false);
         assert!(files.journal.is_some());
         (files, block)
     }
@@ -878,8 +1101,7 @@ mod tests {
     fn blue_at_next_start(files: StateFiles) -> u32 {
         let store = files.store.clone();
         drop(files);
-        let (state, _) = store.load_with_journal().unwrap();
-        blue(&state.unwrap())
+        blue(&store.load().unwrap().unwrap())
     }
 
     /// A journal record whose `fdatasync` fails, when the state file cannot be written either, is
@@ -918,6 +1140,45 @@ mod tests {
         fs::remove_dir(&block).unwrap();
         files.save(weights(3)).unwrap();
         assert_eq!(blue_at_next_start(files), 3);
+    }
+
+    /// A graceful stop folds the journal's acknowledged records into the state file also when the
+    /// journal has become unusable since (an append failed): the state file alone is then current.
+    #[test]
+    fn a_fold_after_the_journal_failed_still_writes_the_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, block) = files_with_journal(dir.path());
+        files.save(weights(2)).unwrap();
+        files.journal.as_mut().unwrap().failing_syncs = 1;
+        fs::create_dir(&block).unwrap();
+        assert!(files.save(weights(9)).is_err());
+        assert!(files.journal.is_none());
+        fs::remove_dir(&block).unwrap();
+        files.fold_if_needed().unwrap();
+        let snapshot = parse(&fs::read(files.store.path()).unwrap(), files.store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 2);
+    }
+
+    /// A new state file whose journal can neither be retired nor replaced nor removed is not
+    /// reported as "old state still in place": the state file holds the change.
+    #[test]
+    fn a_state_file_written_with_its_journal_stuck_is_reported_as_uncertain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, _) = files_with_journal(dir.path());
+        // The journal's path becomes a directory that is not empty: no rename onto it, no removal.
+        let journal = files.store.journal_path().to_path_buf();
+        files.journal = None;
+        fs::remove_file(&journal).unwrap();
+        fs::create_dir(&journal).unwrap();
+        fs::write(journal.join("keep"), b"x").unwrap();
+        match files.save(weights(4)) {
+            Err(e @ StateError::Unretired { .. }) => {
+                assert!(e.to_string().contains("was written"), "{e}")
+            }
+            other => panic!("expected Unretired, got {other:?}"),
+        }
+        let snapshot = parse(&fs::read(files.store.path()).unwrap(), files.store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 4);
     }
 
     /// A lock file this process can open for reading only (another user's, or here a directory,
@@ -1015,7 +1276,12 @@ mod tests {
     fn a_corrupt_journal_record_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
-        let mut j = journal::Journal::create(store.journal_path(), journal::MIN_CAPACITY).unwrap();
+        let mut j = journal::Journal::create(
+            store.journal_path(),
+            journal::MIN_CAPACITY,
+            journal::follows(None),
+        )
+        .unwrap();
         j.append(b"{\"version\": 1, \"shards\": 3}").unwrap();
         let e = StateWriter::open(store.clone()).unwrap_err();
         assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
@@ -1029,8 +1295,9 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
-        store.save(&weights(1)).unwrap();
-        let mut j = journal::Journal::create(store.journal_path(), journal::MIN_CAPACITY).unwrap();
+        let snapshot = store.save(&weights(1)).unwrap();
+        let mut j = journal::Journal::create(store.journal_path(), journal::MIN_CAPACITY, snapshot)
+            .unwrap();
         j.append(&serde_json::to_vec(&weights(2)).unwrap()).unwrap();
         drop(j);
         fs::OpenOptions::new()
