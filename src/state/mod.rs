@@ -104,17 +104,17 @@ pub enum StateError {
         /// The journal's error, then the state file's.
         source: std::io::Error,
     },
-    /// The new state file was written, but the journal beside it could neither be retired nor
-    /// removed: the change is not in effect now, and may be after the next start.
+    /// The new state file reached the disk (or may have), but a later step failed: syncing its
+    /// directory, or retiring or removing the journal beside it. The change is not in effect
+    /// now, and may be after the next start.
     #[error(
-        "state file {path} was written, but its journal could neither be retired nor removed \
-         ({source}); the change is not in effect now, and may take effect when the gateway next \
-         starts"
+        "state file {path}: {source}; the new state file may be on disk, so the change is not in \
+         effect now but may take effect when the gateway next starts"
     )]
-    Unretired {
+    Unsettled {
         /// The state file.
         path: PathBuf,
-        /// The journal's error.
+        /// What failed after the state file was written.
         source: std::io::Error,
     },
     /// The journal holds changes made after a state file that is not there.
@@ -192,7 +192,7 @@ impl StateError {
                 path: path.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
-            StateError::Unretired { path, source } => StateError::Unretired {
+            StateError::Unsettled { path, source } => StateError::Unsettled {
                 path: path.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
@@ -349,6 +349,15 @@ impl StateStore {
         };
         let state = parse(&bytes, &self.path)?;
         Ok((Some(state), journal::follows(Some(&bytes))))
+    }
+
+    /// The [`journal::follows`] hash of the state file on disk now; `None` when it cannot be read.
+    fn disk_hash(&self) -> Option<u64> {
+        match fs::read(&self.path) {
+            Ok(bytes) => Some(journal::follows(Some(&bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(journal::follows(None)),
+            Err(_) => None,
+        }
     }
 
     /// Writes `state` as the state file, atomically and durably (temp file, fsync, rename, fsync
@@ -551,7 +560,11 @@ impl StateFiles {
                 .as_ref()
                 .is_some_and(|j| j.follows() != Some(self.snapshot)) =>
             {
-                self.restart_journal(len)
+                let restarted = self.restart_journal(len);
+                // Records left that do not apply: a graceful stop tries again, so that a version
+                // before this naming (which applies any records) does not see them.
+                self.behind = restarted.is_err();
+                restarted
             }
             _ if self.journal.is_none() => self.recreate_journal(len),
             _ => Ok(()),
@@ -568,10 +581,12 @@ impl StateFiles {
             source: e.into(),
         })?;
         let mut not_withdrawn = None;
+        // A journal takes records only while they follow the state file on disk (or, written by
+        // an older version, it names none: its records apply over any).
         debug_assert!(self
             .journal
             .as_ref()
-            .is_none_or(|j| j.follows() == Some(self.snapshot)));
+            .is_none_or(|j| j.follows().is_none_or(|f| f == self.snapshot)));
         let appended = match self.journal.as_mut().map(|j| j.append(&payload)) {
             Some(Ok(appended)) => appended,
             Some(Err(e)) => {
@@ -580,6 +595,8 @@ impl StateFiles {
                 if e.get_ref()
                     .is_some_and(|inner| inner.is::<journal::NotWithdrawn>())
                 {
+                    // A graceful stop settles it with a new state file if nothing else does.
+                    self.behind = true;
                     not_withdrawn = Some(e);
                 }
                 false
@@ -623,12 +640,32 @@ impl StateFiles {
     /// Writes `state` as the state file, then retires the journal's records, or replaces the
     /// journal by an empty one large enough for the state.
     fn fold(&mut self, state: &State) -> Result<(), StateError> {
-        self.snapshot = self.store.save(state)?;
+        match self.store.save(state) {
+            Ok(hash) => self.snapshot = hash,
+            // A failure after the rename (syncing the directory) leaves the new file in place:
+            // the journal's records no longer follow the file on disk, so it takes no more (they
+            // would be dropped at the next start).
+            Err(e) if self.store.disk_hash() != Some(self.snapshot) => {
+                self.journal = None;
+                self.behind = true;
+                let source = match e {
+                    StateError::Write { source, .. } => source,
+                    other => std::io::Error::other(other.to_string()),
+                };
+                return Err(StateError::Unsettled {
+                    path: self.store.path().to_path_buf(),
+                    source,
+                });
+            }
+            Err(e) => return Err(e),
+        }
         self.behind = false;
         self.restart_journal(record_len(state))
-            .map_err(|e| StateError::Unretired {
+            .map_err(|e| StateError::Unsettled {
                 path: self.store.path().to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
+                source: std::io::Error::other(format!(
+                    "written, but its journal could neither be retired nor removed: {e}"
+                )),
             })
     }
 
@@ -1172,13 +1209,77 @@ mod tests {
         fs::create_dir(&journal).unwrap();
         fs::write(journal.join("keep"), b"x").unwrap();
         match files.save(weights(4)) {
-            Err(e @ StateError::Unretired { .. }) => {
-                assert!(e.to_string().contains("was written"), "{e}")
+            Err(e @ StateError::Unsettled { .. }) => {
+                assert!(e.to_string().contains("may take effect"), "{e}")
             }
-            other => panic!("expected Unretired, got {other:?}"),
+            other => panic!("expected Unsettled, got {other:?}"),
         }
         let snapshot = parse(&fs::read(files.store.path()).unwrap(), files.store.path()).unwrap();
         assert_eq!(blue(&snapshot), 4);
+    }
+
+    /// A state-file write that fails after the new file is in place (its directory's fsync, say:
+    /// here the file is replaced by hand and the write then fails) leaves a journal whose records
+    /// no longer follow the file on disk: it takes no more records, which the next start would
+    /// drop, and the answer says the change may be in effect.
+    #[test]
+    fn a_journal_takes_no_records_once_the_state_file_changed_under_a_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, block) = files_with_journal(dir.path());
+        files.save(weights(2)).unwrap();
+        replace_state_file(&files.store, &weights(5));
+        fs::create_dir(&block).unwrap();
+        match files.fold(&weights(5)) {
+            Err(e @ StateError::Unsettled { .. }) => {
+                assert!(e.to_string().contains("may take effect"), "{e}")
+            }
+            other => panic!("expected Unsettled, got {other:?}"),
+        }
+        assert!(files.journal.is_none(), "the journal still takes records");
+        fs::remove_dir(&block).unwrap();
+        files.save(weights(6)).unwrap();
+        assert_eq!(blue_at_next_start(files), 6);
+    }
+
+    /// An older version's journal whose records apply but cannot be folded at start (the state
+    /// file cannot be written then) still takes the next changes, which apply at the start after.
+    #[tokio::test]
+    async fn an_older_journal_that_cannot_be_folded_at_start_still_takes_changes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        drop(writer);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(store.journal_path())
+            .unwrap()
+            .write_all_at(&[0u8; 32], 24)
+            .unwrap();
+        // The next writer's temporary state file cannot be created.
+        let block = dir.path().join(format!(
+            "{}{}",
+            snapshot_temp_prefix(store.path()),
+            std::process::id()
+        ));
+        let (writer, loaded) = loop {
+            // The previous writer's thread lets go of the lock when it ends.
+            fs::create_dir_all(&block).unwrap();
+            match StateWriter::open(store.clone()) {
+                Err(StateError::InUse { .. }) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                other => break other.unwrap(),
+            }
+        };
+        assert_eq!(blue(&loaded.unwrap()), 2);
+        writer.save(weights(3)).await.unwrap();
+        drop(writer);
+        fs::remove_dir(&block).unwrap();
+        let (_, loaded) = reopen(&store).await;
+        assert_eq!(blue(&loaded.unwrap()), 3);
     }
 
     /// A lock file this process can open for reading only (another user's, or here a directory,
