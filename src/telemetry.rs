@@ -11,7 +11,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 /// Requests answered, by application, shard, cluster and status code (`cluster` is `none` when the
 /// gateway answered itself, e.g. 503 without a ready cluster).
 pub const REQUESTS_TOTAL: &str = "rayshift_requests_total";
-/// Time from receiving a request to the upstream's response headers, by shard and cluster.
+/// Time from receiving a request (a retried one: from its retry) to the answering cluster's
+/// response headers, by shard and cluster.
 pub const REQUEST_DURATION_SECONDS: &str = "rayshift_request_duration_seconds";
 /// Failed upstream attempts by cluster and kind (`connect`, `request`, `body`, ...).
 pub const UPSTREAM_ERRORS_TOTAL: &str = "rayshift_upstream_errors_total";
@@ -170,7 +171,7 @@ fn describe() {
     describe_histogram!(
         REQUEST_DURATION_SECONDS,
         Unit::Seconds,
-        "Time from receiving a request to the upstream's response headers."
+        "Time from receiving a request (a retried one: from its retry) to the answering cluster's response headers."
     );
     describe_counter!(
         UPSTREAM_ERRORS_TOTAL,

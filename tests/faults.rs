@@ -65,6 +65,83 @@ async fn killed_backend_with_retries_loses_no_get() {
     assert!(metrics.contains(r#"rayshift_upstream_errors_total{cluster="rt-green""#));
 }
 
+/// A request retried on another cluster is timed there from the retry: the time it spent on the
+/// failed cluster is not the answering cluster's (shift analysis judges a target by it). On both
+/// paths: the direct HTTP/1.1 one and hyper's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_is_timed_from_its_retry() {
+    for direct in [true, false] {
+        let (blue_name, green_name) = if direct {
+            ("rd-blue", "rd-green")
+        } else {
+            ("rg-blue", "rg-green")
+        };
+        let blue = stub(blue_name, "v1", &[("echo", "/echo")]).await;
+        let green = stub(green_name, "v1", &[("echo", "/echo")]).await;
+        let yaml = config_yaml(
+            &["shard-0"],
+            &[
+                cluster(&blue, "shard-0", "v1", Some(50)),
+                cluster(&green, "shard-0", "v1", Some(50)),
+            ],
+            &format!(
+                "upstream:\n  retry_min_per_second: 1000\n  direct_http1: {direct}\n\
+                 passive_health:\n  consecutive_failures: 0\n"
+            ),
+        );
+        // Slow probes keep blue in the split after it breaks.
+        let gw = TestGateway::start(&yaml.replace("interval: 100ms", "interval: 10s")).await;
+        gw.wait_cluster_ready(green_name, true).await;
+        gw.wait_cluster_ready(blue_name, true).await;
+        // Blue now takes each request and closes without an answer after 300 ms.
+        let addr = blue.addr();
+        blue.kill();
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        let broken = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                });
+            }
+        });
+        let mut retried = 0;
+        for _ in 0..12 {
+            let started = Instant::now();
+            let r = get(&gw.url("/echo")).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            assert_eq!(r.cluster(), Some(green_name));
+            retried += u32::from(started.elapsed() >= Duration::from_millis(300));
+        }
+        broken.abort();
+        assert!(retried > 0, "no request went to the broken cluster first");
+        let metrics = get(&gw.admin("/metrics")).await.body;
+        let series = |suffix: &str, extra: &str| -> f64 {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("rayshift_request_duration_seconds_{suffix}{{"))
+                        && l.contains(&format!("cluster=\"{green_name}\""))
+                        && l.contains(extra)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {suffix} series for {green_name}: {metrics}"))
+        };
+        let all = series("count", "");
+        let fast = series("bucket", "le=\"0.25\"");
+        assert_eq!(all, 12.0, "{metrics}");
+        assert_eq!(
+            fast, all,
+            "green was charged for blue's 300 ms (direct: {direct})"
+        );
+    }
+}
+
 /// Only requests routed to a cluster fund the retry budget: the gateway's own answers (404 here)
 /// buy no retries for later requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,9 @@ pub async fn handle(
     let mut cluster = route.cluster;
     set_upstream(&mut parts, &cluster);
     let (body, request_sent) = RequestBody::new(body, ctx.max_body_bytes, ctx.body_read_timeout);
+    // When the attempt whose outcome is recorded began: a retried request's time on the first
+    // cluster is not the second one's (shift analysis judges a target by it).
+    let mut attempt_start = start;
     let mut outcome = send(&ctx, &cluster, Request::from_parts(parts, body)).await;
 
     if let (Err(Failure::Error { connect, .. }), Some((method, path, headers))) =
@@ -152,6 +155,7 @@ pub async fn handle(
                     *retry.uri_mut() = origin_form(path.as_ref());
                     *retry.version_mut() = Version::HTTP_11;
                     ensure_host(retry.headers_mut(), &cluster);
+                    attempt_start = Instant::now();
                     outcome = send(&ctx, &cluster, retry).await;
                 } else {
                     metrics::counter!(telemetry::RETRY_BUDGET_EXHAUSTED_TOTAL).increment(1);
@@ -160,7 +164,7 @@ pub async fn handle(
         }
     }
 
-    let elapsed = start.elapsed();
+    let elapsed = attempt_start.elapsed();
     let (mut resp, conn) = match outcome {
         Ok(sent) => sent,
         Err(failure) => {

@@ -445,6 +445,9 @@ impl Exchange<'_> {
             return write_all(client, down_head, &[]).await.is_ok() && !close;
         };
         let since = tokio::time::Instant::from_std(self.start);
+        // When the attempt whose outcome is recorded began: a retried request's time on the
+        // first cluster is not the second one's (shift analysis judges a target by it).
+        let mut attempt_start = self.start;
         let mut outcome = match self.watched(client, &cluster, scratch, since).await {
             Some(outcome) => outcome,
             None => return false,
@@ -468,6 +471,7 @@ impl Exchange<'_> {
                     cluster = other;
                     in_flight = entered;
                     self.ready_at = Instant::now();
+                    attempt_start = self.ready_at;
                     let since = tokio::time::Instant::from_std(self.ready_at);
                     outcome = match self.watched(client, &cluster, scratch, since).await {
                         Some(outcome) => outcome,
@@ -500,7 +504,7 @@ impl Exchange<'_> {
             });
         }
         let end = Instant::now();
-        let elapsed = end - self.start;
+        let elapsed = end - attempt_start;
         self.done_at = end;
         let request_id = &self.up_head[req.request_id.clone()];
         // Shutting down: this is the connection's last response, and the client is told so.
