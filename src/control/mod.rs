@@ -132,6 +132,9 @@ impl ControlError {
             | ControlError::RolloutState { .. }
             | ControlError::RolloutRunning(_) => StatusCode::CONFLICT,
             ControlError::Persist(StateError::Conflict(_)) => StatusCode::CONFLICT,
+            ControlError::Persist(StateError::KubeUncertain { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ControlError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
@@ -424,6 +427,9 @@ struct Desired {
     store: Store,
     /// True while this replica holds the Lease (`None`: a single replica, always leading).
     leader: Option<watch::Receiver<bool>>,
+    /// Whether the last tick advanced shifts (held the Lease): on becoming leader, the shifts'
+    /// timers start afresh.
+    leading: bool,
     table: Arc<ArcSwap<Snapshot>>,
     version: u64,
     /// Route conflicts already logged, so a rebuild does not repeat them.
@@ -521,6 +527,7 @@ pub async fn start(
         state,
         store,
         leader: leader.clone(),
+        leading: false,
         table: Arc::clone(&table),
         version: 0,
         warned: HashSet::new(),

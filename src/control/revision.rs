@@ -2,9 +2,13 @@
 
 use std::cmp::Ordering;
 
-/// Orders revisions so that `v2 < v10` (digit runs compare as numbers).
+/// Orders revisions so that `v2 < v10` (digit runs compare as numbers). A total order: labels
+/// equal as numbers but written differently (`v02`, `v2`) are told apart byte by byte.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
-    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    natural(a.as_bytes(), b.as_bytes()).then_with(|| a.cmp(b))
+}
+
+fn natural(mut a: &[u8], mut b: &[u8]) -> Ordering {
     loop {
         match (a.first(), b.first()) {
             (None, None) => return Ordering::Equal,
@@ -62,11 +66,15 @@ mod tests {
                 "2026-01-03",
                 "2026-01-10",
                 "v1",
-                "v2",
                 "v02",
+                "v2",
                 "v2-rc1",
                 "v10"
             ]
         );
+        // Different labels are never equal (automatic shifts would take them for one revision).
+        assert_eq!(natural_cmp("v2", "v02"), Ordering::Greater);
+        assert_eq!(natural_cmp("v2", "v2"), Ordering::Equal);
+        assert_eq!(natural_cmp("v2.0.0", "v2.0-rc1"), Ordering::Greater);
     }
 }

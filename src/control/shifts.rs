@@ -121,7 +121,20 @@ impl Desired {
             .into_iter()
             .map(|(name, w)| (name.to_string(), w))
             .collect();
-        let shift = Shift::new(target, target_clusters, policy, start_weights);
+        // Clusters of a target revision that are not among the targets yet (not ready) join as
+        // they become ready: never drained as old ones, even when they hold weight now.
+        let of_target_revision: Vec<String> = match &target {
+            Target::Revision(revision) => members
+                .iter()
+                .filter(|c| &c.config.revision == revision)
+                .map(|c| c.config.name.clone())
+                .collect(),
+            Target::Cluster(_) => Vec::new(),
+        };
+        let mut shift = Shift::new(target, target_clusters, policy, start_weights);
+        shift
+            .old_clusters
+            .retain(|c| !of_target_revision.contains(c));
         if shift.old_clusters.is_empty() || shift.target_weight >= 100 {
             return Err(ControlError::BadRequest(format!(
                 "nothing to shift: {} already has all of shard \"{shard}\"'s traffic",
@@ -341,6 +354,22 @@ impl Desired {
         }
         // With several replicas, only the Lease holder advances shifts and rollouts.
         if self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
+            self.leading = false;
+            return;
+        }
+        if !self.leading {
+            // Newly leading: timers and windows kept from before (or adopted with another
+            // leader's states) are stale; start afresh, as after a restart.
+            for entry in self.state.shards.values_mut() {
+                if let Some(shift) = entry.shift.as_mut() {
+                    shift.reset_timers();
+                }
+            }
+            self.leading = true;
+        }
+        // Before the first list of discovered clusters, a shift would find its clusters gone (and
+        // roll back), a drain nothing in flight, a rollout no cluster of its revision.
+        if !self.discovery_pending.is_empty() {
             return;
         }
         let mut next = self.state.clone();
@@ -364,7 +393,6 @@ impl Desired {
             // Clusters of a revision shift's revision that became ready since it started join
             // its target (they have no weight yet).
             if let Target::Revision(revision) = &shift.target {
-                let split = shift.weights();
                 let apps = self.gate_apps(shard);
                 let joining: Vec<String> = self
                     .clusters
@@ -373,7 +401,6 @@ impl Desired {
                         c.config.shard == *shard
                             && c.config.revision == *revision
                             && !shift.target_clusters.contains(&c.config.name)
-                            && split.get(&c.config.name).copied().unwrap_or(0) == 0
                             && c.serving_ready()
                             // Ready as a target must be, or it would hold the shift at once.
                             && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some())
@@ -469,6 +496,17 @@ impl Desired {
         let changed = actions.changed || next.rollout.as_ref() != Some(&rollout);
         if changed && rollout.phase == RolloutPhase::Halted {
             tracing::warn!(rollout = rollout.id, reason = ?rollout.reason, "rollout halted");
+            // The shards it had not started stay where they are: an automatic shift must not
+            // start them on the halted revision (as one would once no active rollout holds them).
+            for progress in &rollout.shards {
+                if progress.state == ShardProgress::Waiting {
+                    let entry = next.shards.entry(progress.shard.clone()).or_default();
+                    tried_revision(
+                        &mut entry.auto_shift_revision,
+                        Some(rollout.revision.clone()),
+                    );
+                }
+            }
         }
         next.rollout = Some(rollout);
         changed

@@ -290,9 +290,11 @@ impl Shift {
 
     /// Adds `cluster`, of the target revision, to the target of a revision shift that is not
     /// promoted yet (a shard served by several small clusters is upgraded as a whole, also when its
-    /// new clusters become ready one after another). The caller passes a cluster that is ready
-    /// and has no weight in the shift's split; from now it shares the target weight equally with
-    /// the other target clusters, and it is not drained at promotion. `None`: nothing to do.
+    /// new clusters become ready one after another). The caller passes a cluster that is ready;
+    /// from now it shares the target weight equally with the other target clusters, and it is not
+    /// drained at promotion. The share it had in the split (a cluster of the revision that was not
+    /// ready when the shift started) moves into the target weight with it, so no traffic moves
+    /// back to the old clusters. `None`: nothing to do.
     pub fn join_target(&mut self, cluster: &str) -> Option<Event> {
         let joins = matches!(self.target, Target::Revision(_))
             && matches!(self.phase, Phase::Progressing | Phase::Paused)
@@ -300,11 +302,23 @@ impl Shift {
         if !joins {
             return None;
         }
+        let share = self.weights().get(cluster).copied().unwrap_or(0);
+        self.target_weight = (self.target_weight + share).min(100);
         self.old_clusters.retain(|c| c != cluster);
         self.target_clusters.push(cluster.to_string());
+        // The window so far covered the other target clusters only: the joined one's requests
+        // from before would count in it. A fresh window (a full interval) from now.
+        self.runtime.window_base = None;
         Some(Event::TargetJoined {
             cluster: cluster.to_string(),
         })
+    }
+
+    /// Forgets the in-memory timers and analysis window, as after a restart: a replica that did
+    /// not advance the shift for a while (another one led) starts a fresh window, counts a
+    /// not-ready spell from now, and drains until `drain_timeout` after the promotion.
+    pub fn reset_timers(&mut self) {
+        self.runtime = Runtime::default();
     }
 
     /// Keeps `other`'s in-memory timers and analysis window when it is the same shift at the same
@@ -329,10 +343,17 @@ impl Shift {
         match self.phase {
             Phase::Progressing => self.tick_progressing(now, obs),
             Phase::Draining => {
-                let deadline = *self
-                    .runtime
-                    .drain_deadline
-                    .get_or_insert(now + self.policy.drain_timeout);
+                let (promoted_at, drain_timeout) = (self.promoted_at, self.policy.drain_timeout);
+                let deadline = *self.runtime.drain_deadline.get_or_insert_with(|| {
+                    // After a restart or a change of leader: the drain began at the promotion.
+                    let since = promoted_at.map_or(Duration::ZERO, |at| {
+                        let wall = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        Duration::from_secs(wall.saturating_sub(at))
+                    });
+                    now + drain_timeout.saturating_sub(since)
+                });
                 let idle = obs.draining_in_flight == 0 && !obs.in_flight_elsewhere;
                 if idle || now >= deadline {
                     self.phase = Phase::Completed;

@@ -538,3 +538,96 @@ fn a_late_cluster_joins_a_revision_target_before_promotion_only() {
     s.promote(Instant::now()).unwrap();
     assert_eq!(s.join_target("g3"), None);
 }
+
+/// A cluster that joins a revision target brings its counters from before: they do not count in
+/// the window that was open, a fresh one starts with the join.
+#[tokio::test(start_paused = true)]
+async fn a_joined_cluster_starts_a_fresh_window() {
+    let mut s = Shift::new(
+        Target::Revision("v2".into()),
+        vec!["green".into()],
+        policy(),
+        BTreeMap::from([("blue".into(), 100), ("green".into(), 0), ("g2".into(), 0)]),
+    );
+    let t = TargetStats::new();
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 25 }]
+    );
+    t.serve(30, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(5)).await;
+    assert!(s.join_target("g2").is_some());
+    // The target's counters now include g2's errors from before the shift reached it.
+    t.serve(0, 100, Duration::from_millis(5));
+    advance(Duration::from_secs(5)).await;
+    assert!(s.tick(Instant::now(), &t.obs(true)).is_empty());
+    assert_eq!(s.consecutive_failures, 0, "{:?}", s.last_check);
+    t.serve(30, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        s.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 50 }]
+    );
+}
+
+/// A drain resumed after a restart (or by a new leader) ends `drain_timeout` after the promotion,
+/// not after the resumption.
+#[tokio::test(start_paused = true)]
+async fn a_resumed_drain_ends_its_timeout_after_the_promotion() {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut busy = TargetStats::new().obs(true);
+    busy.draining_in_flight = 1;
+    let resumed = |promoted_secs_ago: u64| {
+        let mut s = shift();
+        s.promote(Instant::now()).unwrap();
+        let mut back: Shift = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        back.promoted_at = Some(wall - promoted_secs_ago);
+        back
+    };
+    let mut late = resumed(40);
+    assert_eq!(
+        late.tick(Instant::now(), &busy),
+        vec![Event::Drained { timed_out: true }]
+    );
+    let mut early = resumed(10);
+    assert!(early.tick(Instant::now(), &busy).is_empty());
+    advance(Duration::from_secs(18)).await;
+    assert!(early.tick(Instant::now(), &busy).is_empty());
+    advance(Duration::from_secs(3)).await;
+    assert_eq!(
+        early.tick(Instant::now(), &busy),
+        vec![Event::Drained { timed_out: true }]
+    );
+    // A leader that takes over resets its timers: the same.
+    let mut s = shift();
+    s.promote(Instant::now()).unwrap();
+    s.promoted_at = Some(wall - 40);
+    s.reset_timers();
+    assert_eq!(
+        s.tick(Instant::now(), &busy),
+        vec![Event::Drained { timed_out: true }]
+    );
+}
+
+/// A cluster of the target revision that held weight when the shift started (it was not ready
+/// then) joins with its share: the old clusters' share does not grow, and it is not drained.
+#[test]
+fn a_weighted_cluster_of_the_revision_joins_with_its_share() {
+    let mut s = Shift::new(
+        Target::Revision("v2".into()),
+        vec!["g1".into()],
+        policy(),
+        BTreeMap::from([("blue".into(), 80), ("g1".into(), 10), ("g2".into(), 10)]),
+    );
+    assert_eq!(s.target_weight, 10);
+    let w = s.weights();
+    assert_eq!((w["blue"], w["g1"], w["g2"]), (80, 10, 10));
+    assert!(s.join_target("g2").is_some());
+    assert_eq!(s.target_weight, 20);
+    let w = s.weights();
+    assert_eq!((w["blue"], w["g1"], w["g2"]), (80, 10, 10));
+    assert_eq!(s.old_clusters, ["blue"]);
+}
