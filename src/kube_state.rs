@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::Client;
 use tokio::sync::{mpsc, watch};
@@ -175,8 +175,12 @@ impl ConfigMapStore {
             self.remember(None);
             return Ok(None);
         };
+        // The version is held only with a state this replica could read: holding a version whose
+        // state it cannot (a newer format, a hand edit) would let its next write replace that
+        // state with its own, older one.
+        let parsed = self.parse(&cm)?;
         self.remember(cm.metadata.resource_version.clone());
-        self.parse(&cm).map(|s| s.map(|(state, _)| state))
+        Ok(parsed.map(|(state, _)| state))
     }
 
     /// The state in a ConfigMap and its `resourceVersion`.
@@ -190,35 +194,53 @@ impl ConfigMapStore {
 
     /// Writes `state` if nobody wrote since this replica's last read or write; otherwise
     /// [`StateError::Conflict`] and nothing changes.
+    ///
+    /// An existing ConfigMap gets a merge patch of the state key alone, carrying the held
+    /// `resourceVersion` (the API server refuses it with a conflict when the object changed): its
+    /// other keys, labels, annotations and owners (a ConfigMap created by Helm, say) stay. A
+    /// ConfigMap deleted meanwhile is a conflict too: the reload finds none, and the next write
+    /// creates it.
     pub async fn save(&self, next: &State) -> Result<(), StateError> {
         let text = serde_json::to_string_pretty(next).map_err(|e| self.kube_error(e))?;
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                resource_version: self.seen_version(),
-                labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/name".into(),
-                    "rayshift".into(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            data: Some(BTreeMap::from([(STATE_KEY.to_string(), text)])),
-            ..ConfigMap::default()
-        };
-        // A write that timed out may still have been applied; the next one then conflicts on the
-        // resourceVersion, reloads and retries, so nothing is applied twice.
-        let result = if cm.metadata.resource_version.is_some() {
-            bounded(
-                API_TIMEOUT,
-                self.api.replace(&self.name, &PostParams::default(), &cm),
-            )
-            .await
-        } else {
-            bounded(API_TIMEOUT, self.api.create(&PostParams::default(), &cm)).await
+        let result = match self.seen_version() {
+            Some(version) => {
+                let patch = serde_json::json!({
+                    "metadata": { "resourceVersion": version },
+                    "data": { STATE_KEY: text },
+                });
+                bounded(
+                    API_TIMEOUT,
+                    self.api
+                        .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)),
+                )
+                .await
+            }
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/name".into(),
+                            "rayshift".into(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(BTreeMap::from([(STATE_KEY.to_string(), text)])),
+                    ..ConfigMap::default()
+                };
+                bounded(API_TIMEOUT, self.api.create(&PostParams::default(), &cm)).await
+            }
         };
         let result = match result {
             Ok(result) => result,
-            Err(e) => return Err(self.kube_error(e)),
+            // The write may still be applied: the next one then conflicts on the resourceVersion,
+            // reloads and retries, so nothing is applied twice; and the watch brings it here.
+            Err(timeout) => {
+                return Err(StateError::KubeUncertain {
+                    path: self.origin.clone(),
+                    message: timeout.to_string(),
+                })
+            }
         };
         match result {
             Ok(written) => {
@@ -226,6 +248,10 @@ impl ConfigMapStore {
                 Ok(())
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
+                Err(StateError::Conflict(self.origin.clone()))
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.remember(None);
                 Err(StateError::Conflict(self.origin.clone()))
             }
             Err(e) => Err(self.kube_error(e)),

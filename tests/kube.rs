@@ -34,6 +34,7 @@ async fn kubernetes_discovery_end_to_end() {
     two_replicas_share_state_and_fail_over(&env).await;
     a_hung_api_server_fails_state_writes_in_bounded_time(&env).await;
     back_to_back_writes_keep_the_newest_shared_state(&env).await;
+    a_state_configmap_keeps_what_others_put_in_it_and_comes_back(&env).await;
     ready_waits_for_the_first_probes_of_a_late_list(&env).await;
     drained_raycluster_is_deleted_when_configured(&env).await;
     a_raycluster_never_removes_a_static_cluster(&env).await;
@@ -610,6 +611,63 @@ async fn back_to_back_writes_keep_the_newest_shared_state(env: &KubeEnv) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     replicas_hold_the_configmaps_state(env, &[&gw, &gw_b]).await;
     gw_b.gateway.shutdown().await;
+    gw.gateway.shutdown().await;
+}
+
+/// A state ConfigMap created beforehand (by Helm, say) keeps its labels, annotations and other
+/// keys when the gateway writes its state into it; deleted while the gateway runs, it is created
+/// again by the next change (the first attempt may be answered 409 while the gateway reloads).
+async fn a_state_configmap_keeps_what_others_put_in_it_and_comes_back(env: &KubeEnv) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    env.namespace("cmx").await;
+    let api = env.rayclusters("cmx");
+    let v1 = stub("cmx-v1", "v1", &[("echo", "/echo")]).await;
+    let v2 = stub("cmx-v2", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "cmx-v1", "shard-0", "v1", v1.addr().port(), true).await;
+    create_raycluster(&api, "cmx-v2", "shard-0", "v2", v2.addr().port(), true).await;
+    let cms: kube::Api<ConfigMap> = kube::Api::namespaced(env.client.clone(), "cmx");
+    let foreign: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "rayshift-state",
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {"meta.helm.sh/release-name": "gw"}
+        },
+        "data": {"notes": "kept"}
+    }))
+    .unwrap();
+    cms.create(&Default::default(), &foreign).await.unwrap();
+    let extra = "    state: {namespace: cmx, configmap: rayshift-state, lease: rayshift-leader, identity: solo}\n\
+                 apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "cmx", extra)).await;
+    gw.wait_cluster_ready("cmx-v2", true).await;
+    let url = gw.admin("/v1/shards/shard-0/weights");
+    let r = put(&url, r#"{"weights": {"cmx-v1": 30, "cmx-v2": 70}}"#, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let cm = cms.get("rayshift-state").await.unwrap();
+    let labels = cm.metadata.labels.clone().unwrap_or_default();
+    let annotations = cm.metadata.annotations.clone().unwrap_or_default();
+    let data = cm.data.clone().unwrap_or_default();
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "Helm", "{cm:?}");
+    assert_eq!(annotations["meta.helm.sh/release-name"], "gw", "{cm:?}");
+    assert_eq!(data["notes"], "kept", "{cm:?}");
+    assert!(data["state.json"].contains("\"cmx-v2\": 70"), "{cm:?}");
+
+    cms.delete("rayshift-state", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("a change creates the state ConfigMap again", || async {
+        put(&url, r#"{"weights": {"cmx-v1": 10, "cmx-v2": 90}}"#, None)
+            .await
+            .status
+            == StatusCode::OK
+    })
+    .await;
+    let cm = cms.get("rayshift-state").await.unwrap();
+    assert!(
+        cm.data.unwrap_or_default()["state.json"].contains("\"cmx-v2\": 90"),
+        "state not written again"
+    );
+    assert_eq!(gw.cluster_state("cmx-v2").await["weight"], 90);
     gw.gateway.shutdown().await;
 }
 

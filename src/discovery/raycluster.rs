@@ -12,8 +12,12 @@
 //! its name. Neither is a port of the service's cluster IP, so then the port comes from the head
 //! container's port of that name in `spec.headGroupSpec.template` (KubeRay's services expose the
 //! container ports as they are), else the default.
-//! Readiness: `.status.state == ready` and, where KubeRay sets conditions, `HeadPodReady` true; the
-//! gateway's own Serve probes must pass too.
+//! Readiness: the condition `HeadPodReady` true (older KubeRay without conditions:
+//! `.status.state == ready`), not suspended (`spec.suspend`, the conditions `RayClusterSuspending`
+//! and `RayClusterSuspended`, or state `suspended`) and not being deleted; the gateway's own Serve
+//! probes must pass too. Serve runs its proxy on the head, and the probes see whether its
+//! applications are up, so workers still pending (a GPU node being provisioned) do not hold a
+//! cluster back, as they hold back `.status.state`, which is `ready` only once every pod runs.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -69,6 +73,9 @@ struct Status {
 struct Spec {
     #[serde(default)]
     head_group_spec: HeadGroupSpec,
+    /// `spec.suspend`: KubeRay deletes the cluster's pods.
+    #[serde(default)]
+    suspend: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -286,16 +293,24 @@ pub fn to_cluster(
     };
     let serve_url = url(&serve_host, port("serve").unwrap_or(DEFAULT_SERVE_PORT))?;
     let dashboard_url = port("dashboard").map(|p| url(&head_host, p)).transpose()?;
-    let head_ready = status
-        .conditions
-        .iter()
-        .find(|c| c.kind == "HeadPodReady")
-        .is_none_or(|c| c.status == "True");
+    let condition = |kind: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.kind == kind)
+            .map(|c| c.status == "True")
+    };
+    let head_ready = condition("HeadPodReady").unwrap_or(status.state.as_deref() == Some("ready"));
+    // Suspending: KubeRay deletes the pods while the head still reads ready.
+    let suspended = spec.suspend == Some(true)
+        || condition("RayClusterSuspending") == Some(true)
+        || condition("RayClusterSuspended") == Some(true)
+        || status.state.as_deref() == Some("suspended");
     // Marked for deletion (a foreground delete, or a finalizer such as KubeRay's GCS
     // fault-tolerance cleanup holding the object): its pods and services are going away while
     // the status still says "ready", so it takes no new traffic from this moment.
     let deleting = metadata.deletion_timestamp.is_some();
-    let ready = status.state.as_deref() == Some("ready") && head_ready && !deleting;
+    let ready = head_ready && !suspended && !deleting;
     Ok(DiscoveredCluster {
         config: ClusterConfig {
             name: cluster_name(namespace, name, single_namespace),
@@ -502,9 +517,31 @@ mod tests {
     }
 
     #[test]
-    fn readiness_needs_state_ready_and_head_pod_ready() {
+    fn readiness_follows_the_head_pod_and_suspension() {
+        // A worker that failed or is still pending (state not `ready`): the head serves.
         let (meta, status) =
             fixture(&READY.replace("\"state\": \"ready\"", "\"state\": \"failed\""));
+        assert!(serve_service(&meta, status.as_ref()).unwrap().ready);
+        for suspending in [
+            r#"{"type": "RayClusterSuspending", "status": "True"}"#,
+            r#"{"type": "RayClusterSuspended", "status": "True"}"#,
+        ] {
+            let json = READY.replace(
+                r#"{"type": "RayClusterProvisioned", "status": "True"}"#,
+                suspending,
+            );
+            let (meta, status) = fixture(&json);
+            assert!(
+                !serve_service(&meta, status.as_ref()).unwrap().ready,
+                "{suspending}"
+            );
+        }
+        let (meta, status) = fixture(READY);
+        let suspend = serde_json::json!({"suspend": true});
+        let c = serve_service_with(&meta, &suspend, status.as_ref().unwrap()).unwrap();
+        assert!(!c.ready, "spec.suspend");
+        let json = READY.replace("\"state\": \"ready\"", "\"state\": \"suspended\"");
+        let (meta, status) = fixture(&json);
         assert!(!serve_service(&meta, status.as_ref()).unwrap().ready);
         let json = READY.replace(
             "{\"type\": \"HeadPodReady\", \"status\": \"True\"}",
@@ -517,6 +554,10 @@ mod tests {
             r#"{"metadata": {"name": "a", "namespace": "n", "labels": {"rayshift.io/shard": "s"}}, "status": {"state": "ready"}}"#,
         );
         assert!(serve_service(&meta, status.as_ref()).unwrap().ready);
+        let (meta, status) = fixture(
+            r#"{"metadata": {"name": "a", "namespace": "n", "labels": {"rayshift.io/shard": "s"}}, "status": {"state": "failed"}}"#,
+        );
+        assert!(!serve_service(&meta, status.as_ref()).unwrap().ready);
     }
 
     #[test]

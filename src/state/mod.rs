@@ -83,6 +83,18 @@ pub enum StateError {
         /// What went wrong.
         message: String,
     },
+    /// A write of the state object got no answer in time: it may still be applied (the watch
+    /// then brings it).
+    #[error(
+        "state object {path}: {message}; the write may still be applied: check the state \
+         (GET /v1/state) before changing it again"
+    )]
+    KubeUncertain {
+        /// The object.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The file is well-formed but holds a value rayshift would never have written (edited by
     /// hand).
     #[error("state file {path} holds an invalid value: {message}; fix or remove it")]
@@ -178,9 +190,13 @@ impl StateError {
     pub fn same_kind(&self, message: &str) -> StateError {
         match self {
             StateError::Conflict(path) => StateError::Conflict(path.clone()),
-            StateError::Kube { path, .. } => StateError::Kube {
+            StateError::Kube { path, message } => StateError::Kube {
                 path: path.clone(),
-                message: message.to_string(),
+                message: message.clone(),
+            },
+            StateError::KubeUncertain { path, message } => StateError::KubeUncertain {
+                path: path.clone(),
+                message: message.clone(),
             },
             StateError::Read { path, source } | StateError::Write { path, source } => {
                 StateError::Write {
@@ -511,7 +527,11 @@ impl StateWriter {
         };
         let (reply, outcome) = tokio::sync::oneshot::channel();
         self.jobs.send(job(reply)).map_err(|_| gone())?;
-        outcome.await.map_err(|_| gone())?
+        // Taken but not answered: the thread may have made the change durable before it ended.
+        outcome.await.map_err(|_| StateError::Unsettled {
+            path: self.path.clone(),
+            source: std::io::Error::other("the state writer thread stopped before answering"),
+        })?
     }
 }
 
@@ -566,7 +586,12 @@ impl StateFiles {
                 self.behind = restarted.is_err();
                 restarted
             }
-            _ if self.journal.is_none() => self.recreate_journal(len),
+            _ if self.journal.is_none() => {
+                let created = self.recreate_journal(len);
+                // Records left that do not apply: as above.
+                self.behind = created.is_err();
+                created
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -595,7 +620,8 @@ impl StateFiles {
                 if e.get_ref()
                     .is_some_and(|inner| inner.is::<journal::NotWithdrawn>())
                 {
-                    // A graceful stop settles it with a new state file if nothing else does.
+                    // A graceful stop settles it with a new state file if nothing else does (when
+                    // there is a state in effect to write).
                     self.behind = true;
                     not_withdrawn = Some(e);
                 }
@@ -645,28 +671,43 @@ impl StateFiles {
             // A failure after the rename (syncing the directory) leaves the new file in place:
             // the journal's records no longer follow the file on disk, so it takes no more (they
             // would be dropped at the next start).
-            Err(e) if self.store.disk_hash() != Some(self.snapshot) => {
-                self.journal = None;
-                self.behind = true;
-                let source = match e {
-                    StateError::Write { source, .. } => source,
-                    other => std::io::Error::other(other.to_string()),
-                };
-                return Err(StateError::Unsettled {
-                    path: self.store.path().to_path_buf(),
-                    source,
-                });
+            Err(e) => {
+                let on_disk = self.store.disk_hash();
+                if on_disk != Some(self.snapshot) {
+                    // The file on disk changed (the new one is in place) or cannot be read: the
+                    // journal's records may no longer follow it, so it takes no more.
+                    self.journal = None;
+                    self.behind = true;
+                }
+                match on_disk {
+                    Some(hash) if hash != self.snapshot => {
+                        // Later writes compare with the file as it is now.
+                        self.snapshot = hash;
+                        let source = match e {
+                            StateError::Write { source, .. } => source,
+                            other => std::io::Error::other(other.to_string()),
+                        };
+                        return Err(StateError::Unsettled {
+                            path: self.store.path().to_path_buf(),
+                            source,
+                        });
+                    }
+                    _ => return Err(e),
+                }
             }
-            Err(e) => return Err(e),
         }
         self.behind = false;
-        self.restart_journal(record_len(state))
-            .map_err(|e| StateError::Unsettled {
+        self.restart_journal(record_len(state)).map_err(|e| {
+            // The state file holds a change that is not in effect: a graceful stop writes the
+            // newest state in effect again.
+            self.behind = true;
+            StateError::Unsettled {
                 path: self.store.path().to_path_buf(),
                 source: std::io::Error::other(format!(
                     "written, but its journal could neither be retired nor removed: {e}"
                 )),
-            })
+            }
+        })
     }
 
     /// Makes the journal empty and following the state file on disk: retires its records, or
@@ -930,7 +971,7 @@ mod tests {
     /// Opens `store` once the previous writer's thread (its last handle dropped) has let go of the
     /// lock.
     async fn reopen(store: &StateStore) -> (StateWriter, Option<State>) {
-        for _ in 0..500 {
+        for _ in 0..2000 {
             match StateWriter::open(store.clone()) {
                 Err(StateError::InUse { .. }) => {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await
@@ -1030,14 +1071,16 @@ mod tests {
         drop(writer);
         fs::remove_file(store.path()).unwrap();
         let before = fs::read(store.journal_path()).unwrap();
-        let e = loop {
-            match StateWriter::open(store.clone()) {
-                Err(StateError::InUse { .. }) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
-                }
-                Err(e) => break e,
-                Ok(_) => panic!("started over a journal whose state file is missing"),
+        let mut outcome = StateWriter::open(store.clone());
+        for _ in 0..1000 {
+            if !matches!(outcome, Err(StateError::InUse { .. })) {
+                break;
             }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            outcome = StateWriter::open(store.clone());
+        }
+        let Err(e) = outcome else {
+            panic!("started over a journal whose state file is missing");
         };
         assert!(matches!(e, StateError::SnapshotMissing { .. }), "{e}");
         assert!(e.to_string().contains("restore the state file"), "{e}");
@@ -1176,7 +1219,33 @@ mod tests {
         }
         fs::remove_dir(&block).unwrap();
         files.save(weights(3)).unwrap();
+        // The new state file's journal holds nothing and follows it.
+        let contents = journal::read(files.store.journal_path()).unwrap().unwrap();
+        assert!(contents.newest.is_none());
+        let on_disk = fs::read(files.store.path()).unwrap();
+        assert_eq!(contents.follows, Some(journal::follows(Some(&on_disk))));
         assert_eq!(blue_at_next_start(files), 3);
+    }
+
+    /// A record that could not be withdrawn is settled by the graceful stop's fold when no later
+    /// change did: the state in effect is written again.
+    #[test]
+    fn a_graceful_stop_settles_a_record_that_could_not_be_withdrawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut files, block) = files_with_journal(dir.path());
+        files.save(weights(2)).unwrap();
+        files.fold_if_needed().unwrap();
+        assert!(!files.behind);
+        files.journal.as_mut().unwrap().failing_syncs = 2;
+        fs::create_dir(&block).unwrap();
+        assert!(matches!(
+            files.save(weights(9)),
+            Err(StateError::Uncertain { .. })
+        ));
+        assert!(files.behind);
+        fs::remove_dir(&block).unwrap();
+        files.fold_if_needed().unwrap();
+        assert_eq!(blue_at_next_start(files), 2);
     }
 
     /// A graceful stop folds the journal's acknowledged records into the state file also when the
@@ -1199,7 +1268,7 @@ mod tests {
     /// A new state file whose journal can neither be retired nor replaced nor removed is not
     /// reported as "old state still in place": the state file holds the change.
     #[test]
-    fn a_state_file_written_with_its_journal_stuck_is_reported_as_uncertain() {
+    fn a_state_file_written_with_its_journal_stuck_is_reported_as_unsettled() {
         let dir = tempfile::tempdir().unwrap();
         let (mut files, _) = files_with_journal(dir.path());
         // The journal's path becomes a directory that is not empty: no rename onto it, no removal.
@@ -1236,6 +1305,7 @@ mod tests {
             other => panic!("expected Unsettled, got {other:?}"),
         }
         assert!(files.journal.is_none(), "the journal still takes records");
+        assert!(files.behind);
         fs::remove_dir(&block).unwrap();
         files.save(weights(6)).unwrap();
         assert_eq!(blue_at_next_start(files), 6);
@@ -1264,16 +1334,8 @@ mod tests {
             snapshot_temp_prefix(store.path()),
             std::process::id()
         ));
-        let (writer, loaded) = loop {
-            // The previous writer's thread lets go of the lock when it ends.
-            fs::create_dir_all(&block).unwrap();
-            match StateWriter::open(store.clone()) {
-                Err(StateError::InUse { .. }) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
-                }
-                other => break other.unwrap(),
-            }
-        };
+        fs::create_dir(&block).unwrap();
+        let (writer, loaded) = reopen(&store).await;
         assert_eq!(blue(&loaded.unwrap()), 2);
         writer.save(weights(3)).await.unwrap();
         drop(writer);
