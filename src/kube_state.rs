@@ -300,18 +300,24 @@ impl ConfigMapStore {
     }
 }
 
-/// Runs leader election on a Lease; the receiver is true while this replica holds it.
+/// Runs leader election on a Lease, from when `start` is first true (the replica is ready: a
+/// replica that cannot list its clusters must not hold the Lease, which would keep the others
+/// from advancing shifts); the receiver is true while this replica holds it.
 pub fn elect(
     client: Client,
     namespace: &str,
     name: &str,
     identity: String,
     duration: Duration,
+    mut start: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let name = name.to_string();
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
+        if start.wait_for(|ready| *ready).await.is_err() {
+            return;
+        }
         let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
             // A renewal is valid from when it was sent (the Lease's renewTime), and one that hangs

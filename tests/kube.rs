@@ -36,6 +36,7 @@ async fn kubernetes_discovery_end_to_end() {
     back_to_back_writes_keep_the_newest_shared_state(&env).await;
     a_state_configmap_keeps_what_others_put_in_it_and_comes_back(&env).await;
     ready_waits_for_the_first_probes_of_a_late_list(&env).await;
+    changes_wait_for_the_first_list(&env).await;
     drained_raycluster_is_deleted_when_configured(&env).await;
     a_raycluster_never_removes_a_static_cluster(&env).await;
 }
@@ -745,6 +746,51 @@ async fn ready_waits_for_the_first_probes_of_a_late_list(env: &KubeEnv) {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.cluster(), Some("late-a"));
     gw.gateway.shutdown().await;
+}
+
+/// Until the first list of RayClusters has arrived the gateway does not know every cluster of its
+/// shards: a weight change is refused with 503 (it would set the unlisted clusters to 0), and once
+/// the list is in, the same change is made.
+async fn changes_wait_for_the_first_list(env: &KubeEnv) {
+    env.namespace("early").await;
+    let api = env.rayclusters("early");
+    let a = stub("early-a", "v1", &[("echo", "/echo")]).await;
+    let b = stub("early-b", "v2", &[("echo", "/echo")]).await;
+    create_raycluster(&api, "early-a", "shard-0", "v1", a.addr().port(), true).await;
+    create_raycluster(&api, "early-b", "shard-0", "v2", b.addr().port(), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rayshift.yaml");
+    let yaml = gateway_yaml(
+        env,
+        "early",
+        "apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n",
+    );
+    std::fs::write(&config, yaml).unwrap();
+    env.freeze_apiserver(true);
+    let spawned = GatewayProcess::spawn(&config);
+    let change = r#"{"weights": {"early-a": 40, "early-b": 60}}"#;
+    let refused = match &spawned {
+        Ok(gw) => Some(put(&gw.admin("/v1/shards/shard-0/weights"), change, None).await),
+        Err(_) => None,
+    };
+    env.freeze_apiserver(false);
+    let mut gw = spawned.expect("the gateway listens before its first list");
+    let refused = refused.unwrap();
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body.contains("first list of RayClusters"),
+        "{}",
+        refused.body
+    );
+    gw.wait_ready().await;
+    let r = put(&gw.admin("/v1/shards/shard-0/weights"), change, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(gw.terminate().success());
 }
 
 /// A RayCluster with the name of a static cluster neither replaces it nor, when it turns

@@ -127,6 +127,7 @@ impl Desired {
         if self.config.shard_index(shard).is_none() {
             return Err(ControlError::UnknownShard(shard.to_string()));
         }
+        self.ensure_listed()?;
         self.ensure_no_shift(shard)?;
         if weights.is_empty() {
             return Err(ControlError::NoWeights);
@@ -370,7 +371,7 @@ impl Desired {
                     // probes pass gets that reason.
                     (Some(p), None) if !p.ready() => p.detail.clone(),
                     _ if !entry.external_ready => {
-                        "not ready in Kubernetes (RayCluster status or head pod not ready, or the RayCluster being deleted)".to_string()
+                        "not ready in Kubernetes (head pod not ready, or the RayCluster suspended or being deleted)".to_string()
                     }
                     (None, None) => "not probed yet".to_string(),
                     (Some(p), None) => p.detail.clone(),

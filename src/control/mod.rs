@@ -110,6 +110,13 @@ pub enum ControlError {
     /// The control task is gone (the gateway is shutting down).
     #[error("the gateway is shutting down")]
     Stopped,
+    /// The first list of RayClusters has not arrived for these scopes: the gateway does not know
+    /// every cluster of its shards yet, so a split set or started now could leave some out.
+    #[error(
+        "the first list of RayClusters has not arrived yet ({0}); weights, shifts and rollouts \
+         can be changed once it has (GET /ready answers 200)"
+    )]
+    DiscoveryPending(String),
 }
 
 impl ControlError {
@@ -136,7 +143,9 @@ impl ControlError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ControlError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Stopped | ControlError::DiscoveryPending(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -379,7 +388,8 @@ struct ClusterEntry {
     source: ClusterSource,
     /// When its source object was created (Unix seconds), when known.
     created: Option<u64>,
-    /// The discovery source's own readiness (Kubernetes: state ready and head pod ready).
+    /// The discovery source's own readiness (Kubernetes: head pod ready, not suspended or being
+    /// deleted).
     external_ready: bool,
     /// Passive health: ejected from the split until this time (and a successful probe after it).
     ejected_until: Option<tokio::time::Instant>,
@@ -488,6 +498,7 @@ pub async fn start(
     kube: Option<kube::Client>,
 ) -> Result<ControlHandle, StartError> {
     let (state_tx, state_rx) = mpsc::channel(16);
+    let (ready_tx, ready) = watch::channel(false);
     let shared = kube.zip(config.kubernetes.as_ref().and_then(|k| k.state.clone()));
     let (store, state, leader) = match shared {
         Some((client, st)) => {
@@ -500,12 +511,15 @@ pub async fn start(
             Arc::clone(&store).watch(state_tx);
             let identity = st.identity.clone().unwrap_or_else(default_identity);
             tracing::info!(configmap = %store.origin().display(), lease = %st.lease, %identity, "state shared through Kubernetes");
+            // Campaigns only once ready (the first lists of RayClusters are in): a replica that
+            // cannot list would hold the Lease and advance nothing.
             let leader = crate::kube_state::elect(
                 client,
                 &st.namespace,
                 &st.lease,
                 identity,
                 st.lease_duration,
+                ready.clone(),
             );
             (Store::ConfigMap(store), state, Some(leader))
         }
@@ -517,7 +531,6 @@ pub async fn start(
     let (probe_tx, probe_rx) = mpsc::unbounded_channel();
     let table = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
     let (commands, command_rx) = mpsc::channel(64);
-    let (ready_tx, ready) = watch::channel(false);
     let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
     let mut desired = Desired {
         prober: Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls),

@@ -30,6 +30,23 @@ impl Desired {
         Ok(())
     }
 
+    /// Refuses changes that need every cluster of the shards while a first list of RayClusters
+    /// is still missing.
+    pub(super) fn ensure_listed(&self) -> Result<(), ControlError> {
+        if self.discovery_pending.is_empty() {
+            return Ok(());
+        }
+        let scopes: Vec<&str> = self
+            .discovery_pending
+            .iter()
+            .map(|ns| ns.as_deref().unwrap_or("all namespaces"))
+            .collect();
+        Err(ControlError::DiscoveryPending(format!(
+            "waiting for: {}",
+            scopes.join(", ")
+        )))
+    }
+
     /// The revision a shift moves traffic to: its target revision, or its target cluster's.
     fn target_revision(&self, shift: &Shift) -> Option<String> {
         match &shift.target {
@@ -153,6 +170,7 @@ impl Desired {
         if self.config.shard_index(shard).is_none() {
             return Err(ControlError::UnknownShard(shard.to_string()));
         }
+        self.ensure_listed()?;
         self.ensure_no_shift(shard)?;
         let shift = self.new_shift(&self.state, shard, request.target, request.policy)?;
         let mut next = self.state.clone();
@@ -207,6 +225,7 @@ impl Desired {
         max_concurrent: usize,
         policy: ShiftPolicy,
     ) -> Result<Rollout, ControlError> {
+        self.ensure_listed()?;
         if let Some(r) = self.state.rollout.as_ref().filter(|r| r.phase.is_active()) {
             return Err(ControlError::RolloutRunning(r.id));
         }
@@ -312,6 +331,23 @@ impl Desired {
             },
             _ => shifting,
         };
+        // An aborted rollout's waiting shards stay where they are: no automatic shift starts
+        // them on its revision either (no active rollout holds them any more).
+        let untouched: Vec<String> = if action == Action::Abort {
+            rollout
+                .shards
+                .iter()
+                .filter(|p| p.state == ShardProgress::Waiting)
+                .map(|p| p.shard.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let revision = rollout.revision.clone();
+        for shard in untouched {
+            let entry = next.shards.entry(shard).or_default();
+            tried_revision(&mut entry.auto_shift_revision, Some(revision.clone()));
+        }
         let mut paused = Vec::new();
         for shard in shifting {
             let Some(entry) = next.shards.get_mut(&shard) else {
@@ -638,7 +674,10 @@ impl Desired {
                         entry.config.dashboard_url.is_some(),
                     )
                 } else {
-                    Err("not ready according to its RayCluster status".to_string())
+                    Err(
+                        "not ready according to its RayCluster (head pod, suspension, deletion)"
+                            .to_string(),
+                    )
                 };
                 if let Err(detail) = gated {
                     obs.target_ready = false;

@@ -179,6 +179,10 @@ pub struct InvalidTransition {
     pub phase: &'static str,
 }
 
+/// Added to what is left of a drain resumed after a restart or by another replica, whose clock
+/// may differ from the promoting one's (and `promoted_at` is in whole seconds).
+const CLOCK_ALLOWANCE: Duration = Duration::from_secs(2);
+
 /// Timers and the analysis window: in memory only. After a restart they start afresh (the next
 /// step waits one more interval), which errs on the side of caution.
 #[derive(Debug, Clone, Default)]
@@ -345,14 +349,17 @@ impl Shift {
             Phase::Draining => {
                 let (promoted_at, drain_timeout) = (self.promoted_at, self.policy.drain_timeout);
                 let deadline = *self.runtime.drain_deadline.get_or_insert_with(|| {
-                    // After a restart or a change of leader: the drain began at the promotion.
+                    // After a restart or a change of leader: the drain began at the promotion,
+                    // by the promoting replica's clock (whole seconds); what is left of it gets
+                    // an allowance for the clocks' difference.
                     let since = promoted_at.map_or(Duration::ZERO, |at| {
                         let wall = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_secs());
                         Duration::from_secs(wall.saturating_sub(at))
                     });
-                    now + drain_timeout.saturating_sub(since)
+                    let left = drain_timeout.saturating_sub(since) + CLOCK_ALLOWANCE;
+                    now + left.min(drain_timeout)
                 });
                 let idle = obs.draining_in_flight == 0 && !obs.in_flight_elsewhere;
                 if idle || now >= deadline {
