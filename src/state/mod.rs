@@ -1088,24 +1088,40 @@ mod tests {
         assert!(!store.path().exists());
     }
 
-    /// A journal written by a version that did not name its state file applies as it did then,
-    /// and follows the state file from the first start on.
-    #[tokio::test]
-    async fn a_journal_of_an_older_version_applies_and_is_upgraded() {
+    /// A state file of blue 1 and, after a crash, a journal holding blue 2 as a version before
+    /// the header named its state file wrote it (the header's first 24 bytes only).
+    async fn older_version_journal(dir: &Path) -> StateStore {
         use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
+        let store = StateStore::new(dir.join("state.json"));
         store.save(&weights(1)).unwrap();
         let (writer, _) = StateWriter::open(store.clone()).unwrap();
         writer.save(weights(2)).await.unwrap();
         drop(writer);
-        // The older version's header: its first 24 bytes only.
         fs::OpenOptions::new()
             .write(true)
             .open(store.journal_path())
             .unwrap()
             .write_all_at(&[0u8; 32], 24)
             .unwrap();
+        store
+    }
+
+    /// The path of the temporary file this process writes a new state file of `store` to: a
+    /// directory there makes the write fail.
+    fn temp_path(store: &StateStore) -> PathBuf {
+        journal::dir_of(store.path()).join(format!(
+            "{}{}",
+            snapshot_temp_prefix(store.path()),
+            std::process::id()
+        ))
+    }
+
+    /// A journal written by a version that did not name its state file applies as it did then,
+    /// and follows the state file from the first start on.
+    #[tokio::test]
+    async fn a_journal_of_an_older_version_applies_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = older_version_journal(dir.path()).await;
         // And the state file as that version wrote it (compact, not this version's bytes).
         replace_state_file(&store, &weights(1));
         assert_eq!(
@@ -1159,11 +1175,7 @@ mod tests {
         let snapshot = store.save(&weights(1)).unwrap();
         let lock = lock_state(&store).unwrap();
         assert!(lock.is_some());
-        let block = dir.join(format!(
-            "{}{}",
-            snapshot_temp_prefix(store.path()),
-            std::process::id()
-        ));
+        let block = temp_path(&store);
         let mut files = StateFiles {
             store,
             journal: None,
@@ -1315,25 +1327,10 @@ mod tests {
     /// file cannot be written then) still takes the next changes, which apply at the start after.
     #[tokio::test]
     async fn an_older_journal_that_cannot_be_folded_at_start_still_takes_changes() {
-        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
-        store.save(&weights(1)).unwrap();
-        let (writer, _) = StateWriter::open(store.clone()).unwrap();
-        writer.save(weights(2)).await.unwrap();
-        drop(writer);
-        fs::OpenOptions::new()
-            .write(true)
-            .open(store.journal_path())
-            .unwrap()
-            .write_all_at(&[0u8; 32], 24)
-            .unwrap();
+        let store = older_version_journal(dir.path()).await;
         // The next writer's temporary state file cannot be created.
-        let block = dir.path().join(format!(
-            "{}{}",
-            snapshot_temp_prefix(store.path()),
-            std::process::id()
-        ));
+        let block = temp_path(&store);
         fs::create_dir(&block).unwrap();
         let (writer, loaded) = reopen(&store).await;
         assert_eq!(blue(&loaded.unwrap()), 2);
