@@ -668,14 +668,12 @@ impl StateFiles {
     fn fold(&mut self, state: &State) -> Result<(), StateError> {
         match self.store.save(state) {
             Ok(hash) => self.snapshot = hash,
-            // A failure after the rename (syncing the directory) leaves the new file in place:
-            // the journal's records no longer follow the file on disk, so it takes no more (they
-            // would be dropped at the next start).
             Err(e) => {
                 let on_disk = self.store.disk_hash();
                 if on_disk != Some(self.snapshot) {
-                    // The file on disk changed (the new one is in place) or cannot be read: the
-                    // journal's records may no longer follow it, so it takes no more.
+                    // The new file is in place (the write failed after its rename, syncing the
+                    // directory), or the file cannot be read: the journal's records may no longer
+                    // follow it (the next start would drop them), so it takes no more.
                     self.journal = None;
                     self.behind = true;
                 }
