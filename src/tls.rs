@@ -90,11 +90,23 @@ pub fn install_default_provider() {
 /// Reads a certificate chain (leaf first) and its private key from PEM files and checks that the
 /// key matches the certificate.
 pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
-    const CERT: &str = "tls.cert_file";
-    const KEY: &str = "tls.key_file";
-    let certs = read_certs(CERT, cert_file)?;
+    let cert_pem = read(CERT, cert_file)?;
     let key_pem = read(KEY, key_file)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+    parse_certified_key(cert_file, &cert_pem, key_file, &key_pem)
+}
+
+const CERT: &str = "tls.cert_file";
+const KEY: &str = "tls.key_file";
+
+/// [`load_certified_key`] of the files' contents, already read (the paths name them in errors).
+fn parse_certified_key(
+    cert_file: &Path,
+    cert_pem: &[u8],
+    key_file: &Path,
+    key_pem: &[u8],
+) -> Result<CertifiedKey, TlsError> {
+    let certs = parse_certs(CERT, cert_file, cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
         what: KEY,
         path: key_file.to_path_buf(),
         message: match e {
@@ -119,15 +131,18 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Every certificate of a PEM file, in file order; at least one.
-fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(what, path)?;
+/// Every certificate of a PEM file's contents, in file order; at least one.
+fn parse_certs(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bad = |message: String| TlsError::Pem {
         what,
         path: path.to_path_buf(),
         message,
     };
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("invalid PEM: {e}")))?;
     if certs.is_empty() {
@@ -183,21 +198,52 @@ impl fmt::Debug for CertResolver {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Version(Option<u64>, Option<u64>);
 
-impl Version {
-    /// The files' version; a file that is missing has none (it is being replaced). Any other
-    /// read error (permissions, a directory) is returned, naming the file.
-    fn of(cert_file: &Path, key_file: &Path) -> Result<Version, String> {
-        let hash = |key: &str, path: &Path| match std::fs::read(path) {
-            Ok(bytes) => Ok(Some(xxhash_rust::xxh3::xxh3_64(&bytes))),
+/// The certificate and key files as read in one look (`None`: missing at the moment). A reload
+/// parses the very bytes its version was taken of: files read twice could change in between (a
+/// deploy copying them in place), and the version recorded would be one that never loaded.
+struct Contents {
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
+impl Contents {
+    /// Reads both files; a file that is missing has no contents (it is being replaced). Any
+    /// other read error (permissions, a directory) is returned, naming the file.
+    fn read(cert_file: &Path, key_file: &Path) -> Result<Contents, String> {
+        let read = |key: &str, path: &Path| match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("reading {key} {}: {e}", path.display())),
         };
-        Ok(Version(
-            hash("tls.cert_file", cert_file)?,
-            hash("tls.key_file", key_file)?,
-        ))
+        Ok(Contents {
+            cert: read(CERT, cert_file)?,
+            key: read(KEY, key_file)?,
+        })
+    }
+
+    fn version(&self) -> Version {
+        let hash = |bytes: &Option<Vec<u8>>| bytes.as_deref().map(xxhash_rust::xxh3::xxh3_64);
+        Version(hash(&self.cert), hash(&self.key))
+    }
+
+    /// The file that is missing, if one is.
+    fn missing<'a>(
+        &self,
+        cert_file: &'a Path,
+        key_file: &'a Path,
+    ) -> Option<(&'static str, &'a Path)> {
+        if self.cert.is_none() {
+            Some((CERT, cert_file))
+        } else if self.key.is_none() {
+            Some((KEY, key_file))
+        } else {
+            None
+        }
     }
 }
+
+/// Polls a certificate or key file may be missing for (being replaced) before that is reported.
+const MISSING_POLLS: u32 = 3;
 
 /// The listener's TLS: its rustls configuration and the files its certificate comes from.
 #[derive(Debug)]
@@ -212,6 +258,8 @@ pub struct ServerTls {
     version: Mutex<Version>,
     /// Why the files could not be read at the last look (reported once, not at every poll).
     unreadable: Mutex<Option<String>>,
+    /// Polls in a row that found a file missing.
+    missing_polls: std::sync::atomic::AtomicU32,
     /// Whether the last load of the files failed (`rayshift_tls_reload_failing`).
     load_failed: AtomicBool,
     /// Held through a reload (files' version, load, swap): a SIGHUP reload and the file watcher's
@@ -223,9 +271,18 @@ impl ServerTls {
     /// Loads the certificate and key (an error names the file) and builds the server
     /// configuration: TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`, no client certificates.
     pub fn new(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
-        // Unreadable files fail the load just below, naming the file.
-        let version = Version::of(&cfg.cert_file, &cfg.key_file).unwrap_or(Version(None, None));
-        let key = load_certified_key(&cfg.cert_file, &cfg.key_file)?;
+        // Unreadable or missing files fail the load just below, naming the file.
+        let contents = Contents::read(&cfg.cert_file, &cfg.key_file).ok();
+        let version = contents
+            .as_ref()
+            .map_or(Version(None, None), Contents::version);
+        let key = match contents {
+            Some(Contents {
+                cert: Some(cert),
+                key: Some(key),
+            }) => parse_certified_key(&cfg.cert_file, &cert, &cfg.key_file, &key)?,
+            _ => load_certified_key(&cfg.cert_file, &cfg.key_file)?,
+        };
         let resolver = Arc::new(CertResolver::new(key));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -241,6 +298,7 @@ impl ServerTls {
             reload_interval: cfg.reload_interval,
             version: Mutex::new(version),
             unreadable: Mutex::new(None),
+            missing_polls: std::sync::atomic::AtomicU32::new(0),
             load_failed: AtomicBool::new(false),
             reloading: Mutex::new(()),
         })
@@ -261,9 +319,23 @@ impl ServerTls {
     /// counted in `rayshift_tls_reloads_total{result="ok"|"error"}`.
     pub fn reload(&self) -> Result<(), TlsError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
-        *self.version.lock().unwrap_or_else(|e| e.into_inner()) =
-            Version::of(&self.cert_file, &self.key_file).unwrap_or(Version(None, None));
-        self.load_and_swap()
+        let contents = Contents::read(&self.cert_file, &self.key_file).ok();
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = contents
+            .as_ref()
+            .map_or(Version(None, None), Contents::version);
+        self.swap(self.load(contents))
+    }
+
+    /// The certificate of `contents` when both files were read; else a load from the files,
+    /// which reports the one that cannot be read.
+    fn load(&self, contents: Option<Contents>) -> Result<CertifiedKey, TlsError> {
+        match contents {
+            Some(Contents {
+                cert: Some(cert),
+                key: Some(key),
+            }) => parse_certified_key(&self.cert_file, &cert, &self.key_file, &key),
+            _ => load_certified_key(&self.cert_file, &self.key_file),
+        }
     }
 
     /// Records the outcome of a load in `rayshift_tls_reload_failing`.
@@ -272,8 +344,9 @@ impl ServerTls {
         metrics::gauge!(telemetry::TLS_RELOAD_FAILING).set(f64::from(u8::from(failed)));
     }
 
-    fn load_and_swap(&self) -> Result<(), TlsError> {
-        match load_certified_key(&self.cert_file, &self.key_file) {
+    /// Presents `loaded` from now on, or keeps the current certificate when it failed.
+    fn swap(&self, loaded: Result<CertifiedKey, TlsError>) -> Result<(), TlsError> {
+        match loaded {
             Ok(key) => {
                 self.resolver.set(key);
                 metrics::counter!(telemetry::TLS_RELOADS_TOTAL, "result" => "ok").increment(1);
@@ -293,8 +366,28 @@ impl ServerTls {
     /// Reloads if the certificate or key file changed since the last load attempt; whether it did.
     pub fn reload_if_changed(&self) -> bool {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
-        let now = match Version::of(&self.cert_file, &self.key_file) {
-            Ok(now) => {
+        let read = Contents::read(&self.cert_file, &self.key_file).and_then(|contents| {
+            match contents.missing(&self.cert_file, &self.key_file) {
+                None => {
+                    self.missing_polls.store(0, Ordering::Relaxed);
+                    Ok(Some(contents))
+                }
+                // Missing for a moment (an editor or a secret mount replacing it): wait. Missing
+                // for longer (removed, a symlink whose target was pruned): reported.
+                Some((key, path)) => {
+                    if self.missing_polls.fetch_add(1, Ordering::Relaxed) + 1 >= MISSING_POLLS {
+                        Err(format!(
+                            "{key} {} is missing (for {MISSING_POLLS} checks in a row)",
+                            path.display()
+                        ))
+                    } else {
+                        Ok(None)
+                    }
+                }
+            }
+        });
+        let contents = match read {
+            Ok(Some(contents)) => {
                 if self
                     .unreadable
                     .lock()
@@ -307,8 +400,9 @@ impl ServerTls {
                         self.load_failed.load(Ordering::Relaxed),
                     )));
                 }
-                now
+                contents
             }
+            Ok(None) => return false,
             Err(e) => {
                 let mut last = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
                 if last.as_deref() != Some(e.as_str()) {
@@ -321,10 +415,7 @@ impl ServerTls {
                 return false;
             }
         };
-        if now.0.is_none() || now.1.is_none() {
-            // A file is missing for the moment (an editor or a secret mount replacing it): wait.
-            return false;
-        }
+        let now = contents.version();
         {
             let mut last = self.version.lock().unwrap_or_else(|e| e.into_inner());
             if *last == now {
@@ -332,7 +423,7 @@ impl ServerTls {
             }
             *last = now;
         }
-        let _ = self.load_and_swap();
+        let _ = self.swap(self.load(Some(contents)));
         true
     }
 
@@ -367,7 +458,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
     match ca_file {
         Some(path) => {
             const CA: &str = "upstream.ca_file";
-            for cert in read_certs(CA, path)? {
+            for cert in parse_certs(CA, path, &read(CA, path)?)? {
                 roots.add(cert).map_err(|e| TlsError::Pem {
                     what: CA,
                     path: path.to_path_buf(),
@@ -464,6 +555,32 @@ mod tests {
         assert!(e.contains("tls.key_file"), "{e}");
     }
 
+    /// A file missing for a moment is waited for; missing for longer, it is reported (counted,
+    /// the failing gauge set), and the current certificate stays until it is back.
+    #[test]
+    fn a_file_missing_for_long_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(dir.path(), "one");
+        let tls = ServerTls::new(&cfg(c.clone(), k.clone())).unwrap();
+        let before = tls.resolver().current();
+        std::fs::remove_file(&k).unwrap();
+        for _ in 1..MISSING_POLLS {
+            assert!(!tls.reload_if_changed());
+            assert!(tls.unreadable.lock().unwrap().is_none(), "reported at once");
+        }
+        assert!(!tls.reload_if_changed());
+        let reported = tls.unreadable.lock().unwrap().clone().unwrap();
+        assert!(
+            reported.contains("tls.key_file") && reported.contains("missing"),
+            "{reported}"
+        );
+        assert!(Arc::ptr_eq(&before, &tls.resolver().current()));
+        write_pair(dir.path(), "two");
+        assert!(tls.reload_if_changed());
+        assert!(tls.unreadable.lock().unwrap().is_none());
+        assert!(!Arc::ptr_eq(&before, &tls.resolver().current()));
+    }
+
     /// A file that exists but cannot be read (here: a directory in its place) is an error naming
     /// it, not "being replaced": the poll reports it and keeps the current certificate.
     #[test]
@@ -473,9 +590,10 @@ mod tests {
         let tls = ServerTls::new(&cfg(c.clone(), k.clone())).unwrap();
         let before = tls.resolver().current();
         std::fs::remove_file(&k).unwrap();
-        assert_eq!(Version::of(&c, &k).map(|v| v.1), Ok(None), "missing: wait");
+        let missing = Contents::read(&c, &k).unwrap();
+        assert_eq!(missing.version().1, None, "missing: wait");
         std::fs::create_dir(&k).unwrap();
-        let e = Version::of(&c, &k).unwrap_err();
+        let e = Contents::read(&c, &k).err().unwrap();
         assert!(e.contains("tls.key_file") && e.contains("key.pem"), "{e}");
         assert!(!tls.reload_if_changed());
         assert_eq!(tls.unreadable.lock().unwrap().as_deref(), Some(e.as_str()));

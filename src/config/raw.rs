@@ -106,9 +106,16 @@ pub(crate) struct RawKubernetes {
 
 /// A section whose keys are checked by validation (so an unknown key gets a field path and the list
 /// of known keys). A key with an empty value (`key:` or `key: ~`) counts as omitted, as everywhere
-/// else in the file.
+/// else in the file; its name is kept, so that an unknown one is still reported.
 #[derive(Debug, Default)]
-pub(crate) struct RawSection(BTreeMap<String, Text>);
+pub(crate) struct RawSection(BTreeMap<String, Text>, Vec<String>);
+
+impl RawSection {
+    /// The keys given without a value.
+    pub fn empty_keys(&self) -> &[String] {
+        &self.1
+    }
+}
 
 impl std::ops::Deref for RawSection {
     type Target = BTreeMap<String, Text>;
@@ -128,10 +135,16 @@ impl<'a> IntoIterator for &'a RawSection {
 impl<'de> Deserialize<'de> for RawSection {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let keys = BTreeMap::<String, Option<Text>>::deserialize(deserializer)?;
+        let empty = keys
+            .iter()
+            .filter(|(_, value)| value.is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
         Ok(Self(
             keys.into_iter()
                 .filter_map(|(key, value)| Some((key, value?)))
                 .collect(),
+            empty,
         ))
     }
 }

@@ -1189,6 +1189,44 @@ fn tls_section_and_upstream_ca_file() {
     assert_eq!(parse("shards: [s]\ntls:\n").unwrap().tls, None);
 }
 
+/// A `tls` mapping that is empty, or whose values rendered empty (a template with unset
+/// variables), is an error: not plain HTTP on the port clients expect TLS on.
+#[test]
+fn an_empty_tls_section_is_an_error() {
+    let missing = vec![
+        "tls.cert_file: required key is missing: TLS needs tls.cert_file and tls.key_file",
+        "tls.key_file: required key is missing: TLS needs tls.cert_file and tls.key_file",
+    ];
+    assert_eq!(lines("shards: [s]\ntls: {}\n"), missing);
+    assert_eq!(
+        lines("shards: [s]\ntls:\n  cert_file:\n  key_file:\n"),
+        missing
+    );
+}
+
+/// A misspelt key is reported also without a value (an empty value otherwise means the default).
+#[test]
+fn unknown_keys_without_values_are_reported() {
+    let errors = lines(
+        "shards: [s]\nlimits:\n  max_bodybytes:\nshift_defaults:\n  stepsize:\ntls:\n  cert_file: c.pem\n  key_file: k.pem\n  reload_intreval:\n",
+    );
+    for needle in [
+        "limits.max_bodybytes: unknown key; expected one of",
+        "shift_defaults.stepsize: unknown policy key; expected one of",
+        "tls.reload_intreval: unknown key; expected one of",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(needle)),
+            "{needle} not in {errors:#?}"
+        );
+    }
+    // Known keys without a value still mean the default.
+    let config =
+        parse("shards: [s]\nlimits:\n  max_body_bytes:\nshift_defaults:\n  step_percent:\n")
+            .unwrap();
+    assert_eq!(config.limits, LimitsConfig::default());
+}
+
 #[test]
 fn tls_needs_both_files() {
     assert_eq!(

@@ -446,6 +446,15 @@ fn keyed<T>(
     keys: &[KeySetter<T>],
 ) {
     let Some(raw) = raw else { return };
+    let known = || keys.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ");
+    for key in raw.empty_keys() {
+        if !keys.iter().any(|(k, _)| k == key) {
+            p.push(
+                format!("{field}.{key}"),
+                format!("unknown key; expected one of {}", known()),
+            );
+        }
+    }
     for (key, value) in raw {
         match keys.iter().find(|(k, _)| k == key) {
             Some((_, set)) => {
@@ -454,10 +463,9 @@ fn keyed<T>(
                 }
             }
             None => {
-                let known: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
                 p.push(
                     format!("{field}.{key}"),
-                    format!("unknown key; expected one of {}", known.join(", ")),
+                    format!("unknown key; expected one of {}", known()),
                 );
             }
         }
@@ -623,9 +631,11 @@ fn shutdown(p: &mut Problems, raw: Option<&RawSection>) -> ShutdownConfig {
     shutdown
 }
 
-/// `tls`: absent (or empty) is plain HTTP; otherwise both files are required.
+/// `tls`: absent (or `tls: ~`) is plain HTTP; a `tls` mapping needs both files, also when it is
+/// empty or its values are (a template that rendered them empty must not serve plain HTTP on the
+/// TLS port).
 fn tls(p: &mut Problems, raw: Option<&RawSection>, base_dir: &Path) -> Option<TlsConfig> {
-    let raw = raw.filter(|section| !section.is_empty())?;
+    let raw = raw?;
     // Empty paths stand for "not set"; they never escape (a missing file key is a problem).
     let mut tls = TlsConfig {
         cert_file: PathBuf::new(),
@@ -680,6 +690,17 @@ fn non_empty_path(s: &str) -> Result<PathBuf, String> {
 /// A policy: `base` with every key of `keys` applied; each bad key is reported as `field.key`.
 fn policy(p: &mut Problems, field: &str, base: &ShiftPolicy, keys: &RawPolicy) -> ShiftPolicy {
     let mut policy = base.clone();
+    for key in keys.empty_keys() {
+        if !crate::shift::policy::KEYS.contains(&key.as_str()) {
+            p.push(
+                format!("{field}.{key}"),
+                format!(
+                    "unknown policy key; expected one of {}",
+                    crate::shift::policy::KEYS.join(", ")
+                ),
+            );
+        }
+    }
     for (key, value) in keys {
         if let Err(e) = policy.set(key, value.as_str()) {
             p.push(format!("{field}.{key}"), e.message);
