@@ -221,6 +221,22 @@ impl Contents {
         })
     }
 
+    /// The certificate of `contents` when both files were read; else a load from the files,
+    /// which reports the one that cannot be read.
+    fn load(
+        contents: Option<Contents>,
+        cert_file: &Path,
+        key_file: &Path,
+    ) -> Result<CertifiedKey, TlsError> {
+        match contents {
+            Some(Contents {
+                cert: Some(cert),
+                key: Some(key),
+            }) => parse_certified_key(cert_file, &cert, key_file, &key),
+            _ => load_certified_key(cert_file, key_file),
+        }
+    }
+
     fn version(&self) -> Version {
         let hash = |bytes: &Option<Vec<u8>>| bytes.as_deref().map(xxhash_rust::xxh3::xxh3_64);
         Version(hash(&self.cert), hash(&self.key))
@@ -276,13 +292,7 @@ impl ServerTls {
         let version = contents
             .as_ref()
             .map_or(Version(None, None), Contents::version);
-        let key = match contents {
-            Some(Contents {
-                cert: Some(cert),
-                key: Some(key),
-            }) => parse_certified_key(&cfg.cert_file, &cert, &cfg.key_file, &key)?,
-            _ => load_certified_key(&cfg.cert_file, &cfg.key_file)?,
-        };
+        let key = Contents::load(contents, &cfg.cert_file, &cfg.key_file)?;
         let resolver = Arc::new(CertResolver::new(key));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
@@ -323,19 +333,7 @@ impl ServerTls {
         *self.version.lock().unwrap_or_else(|e| e.into_inner()) = contents
             .as_ref()
             .map_or(Version(None, None), Contents::version);
-        self.swap(self.load(contents))
-    }
-
-    /// The certificate of `contents` when both files were read; else a load from the files,
-    /// which reports the one that cannot be read.
-    fn load(&self, contents: Option<Contents>) -> Result<CertifiedKey, TlsError> {
-        match contents {
-            Some(Contents {
-                cert: Some(cert),
-                key: Some(key),
-            }) => parse_certified_key(&self.cert_file, &cert, &self.key_file, &key),
-            _ => load_certified_key(&self.cert_file, &self.key_file),
-        }
+        self.swap(Contents::load(contents, &self.cert_file, &self.key_file))
     }
 
     /// Records the outcome of a load in `rayshift_tls_reload_failing`.
@@ -423,7 +421,11 @@ impl ServerTls {
             }
             *last = now;
         }
-        let _ = self.swap(self.load(Some(contents)));
+        let _ = self.swap(Contents::load(
+            Some(contents),
+            &self.cert_file,
+            &self.key_file,
+        ));
         true
     }
 
