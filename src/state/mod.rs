@@ -1062,11 +1062,7 @@ mod tests {
     #[tokio::test]
     async fn records_after_a_missing_state_file_refuse() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
-        store.save(&weights(1)).unwrap();
-        let (writer, _) = StateWriter::open(store.clone()).unwrap();
-        writer.save(weights(2)).await.unwrap();
-        drop(writer);
+        let store = crashed_with_a_record(dir.path()).await;
         fs::remove_file(store.path()).unwrap();
         let before = fs::read(store.journal_path()).unwrap();
         let mut outcome = StateWriter::open(store.clone());
@@ -1086,15 +1082,21 @@ mod tests {
         assert!(!store.path().exists());
     }
 
-    /// A state file of blue 1 and, after a crash, a journal holding blue 2 as a version before
-    /// the header named its state file wrote it (the header's first 24 bytes only).
-    async fn older_version_journal(dir: &Path) -> StateStore {
-        use std::os::unix::fs::FileExt;
+    /// A state file of blue 1 and, after a crash (no fold), a journal holding blue 2.
+    async fn crashed_with_a_record(dir: &Path) -> StateStore {
         let store = StateStore::new(dir.join("state.json"));
         store.save(&weights(1)).unwrap();
         let (writer, _) = StateWriter::open(store.clone()).unwrap();
         writer.save(weights(2)).await.unwrap();
         drop(writer);
+        store
+    }
+
+    /// [`crashed_with_a_record`], the journal as a version before the header named its state
+    /// file wrote it (the header's first 24 bytes only).
+    async fn older_version_journal(dir: &Path) -> StateStore {
+        use std::os::unix::fs::FileExt;
+        let store = crashed_with_a_record(dir).await;
         fs::OpenOptions::new()
             .write(true)
             .open(store.journal_path())
