@@ -1013,6 +1013,30 @@ async fn resume_after_a_paused_rollout_halted_lets_its_shifts_go_on() {
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 }
 
+/// A shard whose shift an operator promoted is done even before the rollout notices: aborting the
+/// rollout right after leaves it on the new revision, draining, and aborts only the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_abort_leaves_a_just_promoted_shard_on_its_new_revision() {
+    let (_stubs, gw) = fleet(2, "").await;
+    rollout_of_both_shards(&gw).await;
+    let r = post(&gw.admin("/v1/shards/shard-0/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = post(&gw.admin("/v1/rollouts/abort"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let promoted = shift_of(&gw, "shard-0").await;
+    assert!(
+        promoted["state"] == "draining" || promoted["state"] == "completed",
+        "{promoted}"
+    );
+    assert_eq!(promoted["weights"]["s0-v2"], 100, "{promoted}");
+    assert_eq!(shift_of(&gw, "shard-1").await["state"], "aborted");
+    eventually("the promoted shard counts as done", || async {
+        gw.state().await["rollout"]["shards"][0]["state"] == "done"
+    })
+    .await;
+    assert_eq!(gw.state().await["rollout"]["phase"], "aborted");
+}
+
 /// A shard still waiting in a paused rollout keeps its weights locked; the 409 says what frees
 /// it (abort, or the rollout's end), not to pause what is paused already.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

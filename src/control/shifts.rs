@@ -359,6 +359,9 @@ impl Desired {
             let applied = match action {
                 Action::Pause => shift.pause().is_ok(),
                 Action::Resume => shift.resume().is_ok(),
+                // A shift promoted since the rollout last looked (it is draining the old
+                // clusters) is done: the rollout's abort does not take the shard back.
+                Action::Abort if shift.phase == Phase::Draining => false,
                 Action::Abort => shift.abort("rollout aborted by an operator".into()).is_ok(),
                 Action::Promote => false,
             };
