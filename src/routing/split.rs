@@ -4,112 +4,152 @@
 //! Fed a random value it splits by weight; fed the hash of a stable key it is sticky, and as a
 //! shift grows the last cluster's weight (the others shrinking, the total fixed) a key moves to
 //! the last cluster at most once and never back.
+//!
+//! A cluster that has weight but cannot take the app's requests now (not ready, ejected, not
+//! serving the app) keeps its interval as a *hole*: a value landing there is picked again over
+//! the clusters that can, by weight. So when one cluster goes unready only its own keys move, and
+//! every other key keeps its cluster (the intervals of the others do not shift).
 
 use super::ClusterId;
+
+/// Marks a hole: weight held by a cluster that cannot take the app's requests now.
+const HOLE: ClusterId = ClusterId::MAX;
 
 /// The clusters an app's requests go to, with their weights, in the control plane's order
 /// (older revision first, shift target last).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Split {
-    /// `(cumulative weight up to and including this entry, cluster)`; cumulative weights strictly
-    /// increase, so no entry has weight 0.
+    /// `(cumulative weight up to and including this entry, cluster or HOLE)`; cumulative weights
+    /// strictly increase, so no entry has weight 0.
     entries: Box<[(u32, ClusterId)]>,
+    /// The sum of the weights of the clusters that can take requests (holes left out).
+    available: u32,
+    /// The number of clusters that can take requests.
+    len: u32,
 }
 
 // === impl Split ===
 
 impl Split {
-    /// Builds a split from `(cluster, weight)` pairs, in order.
-    ///
-    /// Zero-weight clusters are dropped, except when every cluster given has weight 0: then each
-    /// gets weight 1, so an app stays available when the clusters holding its weight are not
-    /// eligible. Weights adding past `u32::MAX` are cut there (entries beyond get nothing).
+    /// Builds a split from `(cluster, weight)` pairs, in order, every cluster able to take
+    /// requests (see [`from_slots`](Self::from_slots)).
     pub fn from_weights(entries: impl IntoIterator<Item = (ClusterId, u32)>) -> Split {
-        let given: Vec<(ClusterId, u32)> = entries.into_iter().collect();
-        let all_zero = given.iter().all(|&(_, weight)| weight == 0);
+        Split::from_slots(entries.into_iter().map(|(c, w)| (Some(c), w)))
+    }
+
+    /// Builds a split from `(cluster, weight)` slots, in order; a `None` cluster is a hole: weight
+    /// of a cluster that cannot take requests now, whose share goes to the others by weight.
+    ///
+    /// Zero-weight slots are dropped, except when every cluster that can take requests has weight
+    /// 0: then each of those gets weight 1 and there are no holes, so an app stays available when
+    /// the clusters holding its weight are not eligible. Weights adding past `u32::MAX` are cut
+    /// there (entries beyond get nothing).
+    pub fn from_slots(slots: impl IntoIterator<Item = (Option<ClusterId>, u32)>) -> Split {
+        let given: Vec<(Option<ClusterId>, u32)> = slots.into_iter().collect();
+        let all_zero = given.iter().all(|&(c, weight)| c.is_none() || weight == 0);
         let mut cumulative = 0u32;
         let mut out = Vec::with_capacity(given.len());
+        let (mut available, mut len) = (0u32, 0u32);
         for (cluster, weight) in given {
-            let weight = if all_zero { 1 } else { weight };
+            let weight = match cluster {
+                None if all_zero => continue,
+                Some(_) if all_zero => 1,
+                _ => weight,
+            };
             let next = cumulative.saturating_add(weight);
             if next > cumulative {
+                match cluster {
+                    Some(c) => {
+                        debug_assert_ne!(c, HOLE, "cluster id reserved for holes");
+                        available += next - cumulative;
+                        len += 1;
+                        out.push((next, c));
+                    }
+                    None => out.push((next, HOLE)),
+                }
                 cumulative = next;
-                out.push((cumulative, cluster));
             }
+        }
+        if len == 0 {
+            return Split::default();
         }
         Split {
             entries: out.into_boxed_slice(),
+            available,
+            len,
         }
     }
 
     /// The cluster for `x`: a random value for a weighted split, or a key's [`key_hash`] for a
     /// sticky one. `None` when the split is empty.
     ///
-    /// `x` scales to a point in `[0, total)` and the first entry whose cumulative weight exceeds
-    /// it is chosen.
+    /// `x` scales to a point in `[0, span)` over every interval, holes included, and the first
+    /// entry whose cumulative weight exceeds it is chosen; a hole picks again over the others.
     ///
     /// [`key_hash`]: super::key_hash
     #[inline]
     pub fn pick(&self, x: u64) -> Option<ClusterId> {
-        let point = ((x as u128 * self.total() as u128) >> 64) as u32;
-        self.entries
-            .iter()
-            .find(|&&(end, _)| end > point)
-            .map(|&(_, cluster)| cluster)
+        let span = self.entries.last().map_or(0, |&(end, _)| end);
+        let point = ((x as u128 * span as u128) >> 64) as u32;
+        let &(_, cluster) = self.entries.iter().find(|&&(end, _)| end > point)?;
+        if cluster != HOLE {
+            return Some(cluster);
+        }
+        // The value's other half, so the hole's keys spread over the others by weight.
+        self.pick_among(x.rotate_left(32), HOLE)
     }
 
     /// Like [`pick`](Self::pick) over the split without `exclude` (a cluster that just failed), for
     /// a retry: `None` when no other cluster is in the split.
     pub fn pick_excluding(&self, x: u64, exclude: ClusterId) -> Option<ClusterId> {
-        let mut start = 0;
-        let mut others = 0u32;
-        for &(end, cluster) in &self.entries {
-            if cluster != exclude {
-                others += end - start;
-            }
-            start = end;
-        }
+        self.pick_among(x, exclude)
+    }
+
+    /// Picks by weight over the clusters that can take requests, other than `exclude`.
+    fn pick_among(&self, x: u64, exclude: ClusterId) -> Option<ClusterId> {
+        let others: u32 = self
+            .entries()
+            .filter(|&(cluster, _)| cluster != exclude)
+            .map(|(_, weight)| weight)
+            .sum();
         if others == 0 {
             return None;
         }
         let point = ((x as u128 * others as u128) >> 64) as u32;
-        let (mut start, mut seen) = (0, 0u32);
-        for &(end, cluster) in &self.entries {
-            let weight = end - start;
-            start = end;
-            if cluster == exclude {
-                continue;
-            }
-            seen += weight;
-            if seen > point {
-                return Some(cluster);
-            }
-        }
-        None
+        let mut seen = 0u32;
+        self.entries()
+            .filter(|&(cluster, _)| cluster != exclude)
+            .find(|&(_, weight)| {
+                seen += weight;
+                seen > point
+            })
+            .map(|(cluster, _)| cluster)
     }
 
     /// Whether no cluster can take the app's requests.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
-    /// The number of clusters in the split.
+    /// The number of clusters that can take requests.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len as usize
     }
 
-    /// The sum of the weights.
+    /// The sum of the weights of the clusters that can take requests.
     #[inline]
     pub fn total(&self) -> u32 {
-        self.entries.last().map_or(0, |&(end, _)| end)
+        self.available
     }
 
-    /// The `(cluster, weight)` pairs, in order; every weight is above 0.
+    /// The `(cluster, weight)` pairs of the clusters that can take requests, in order; every
+    /// weight is above 0.
     pub fn entries(&self) -> impl Iterator<Item = (ClusterId, u32)> + '_ {
         let starts = std::iter::once(0).chain(self.entries.iter().map(|&(end, _)| end));
         self.entries
             .iter()
             .zip(starts)
+            .filter(|&(&(_, cluster), _)| cluster != HOLE)
             .map(|(&(end, cluster), start)| (cluster, end - start))
     }
 }
@@ -227,6 +267,41 @@ mod tests {
         assert!((69.0..=71.0).contains(&share), "cluster 0 got {share}%");
     }
 
+    #[test]
+    fn holes_send_their_share_to_the_others_by_weight() {
+        let split = Split::from_slots([(Some(0), 50), (None, 30), (Some(1), 20)]);
+        assert_eq!(split.entries().collect::<Vec<_>>(), [(0, 50), (1, 20)]);
+        assert_eq!((split.total(), split.len()), (70, 2));
+        let n = 100_000u64;
+        let counts = counts(&split, (0..n).map(|i| key_hash(&i.to_le_bytes())));
+        let share = counts[0] as f64 * 100.0 / n as f64;
+        assert!(
+            (share - 50.0 / 70.0 * 100.0).abs() < 1.0,
+            "cluster 0 got {share}%"
+        );
+        // A retry never lands in a hole either.
+        for i in 0..1000u64 {
+            assert_eq!(split.pick_excluding(key_hash(&i.to_le_bytes()), 0), Some(1));
+        }
+    }
+
+    #[test]
+    fn holes_alone_make_an_empty_split() {
+        let split = Split::from_slots([(None, 100), (None, 0)]);
+        assert!(split.is_empty());
+        assert_eq!(split.pick(0), None);
+        assert_eq!(split.pick(u64::MAX), None);
+    }
+
+    #[test]
+    fn clusters_of_weight_zero_share_equally_when_only_holes_have_weight() {
+        let split = Split::from_slots([(None, 100), (Some(1), 0), (Some(2), 0)]);
+        assert_eq!(split.entries().collect::<Vec<_>>(), [(1, 1), (2, 1)]);
+        let step = u64::MAX / 2000 + 1;
+        let counts = counts(&split, (0..2000u64).map(|i| i * step));
+        assert_eq!((counts[1], counts[2]), (1000, 1000));
+    }
+
     /// Weights of a shift of `clusters` clusters where the last one reaches each weight of
     /// `last_steps`; the others give up weight first-to-last starting at `rotate`, never growing.
     fn shift_weights(
@@ -253,6 +328,27 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_hole_moves_only_its_own_keys(
+            weights in prop::collection::vec(0u32..=100, 2..6),
+            hole in 0usize..6,
+            keys in prop::collection::vec(any::<u64>(), 200),
+        ) {
+            let hole = hole % weights.len();
+            let full = Split::from_weights(weights.iter().enumerate().map(|(i, &w)| (i as ClusterId, w)));
+            let holed = Split::from_slots(weights.iter().enumerate().map(|(i, &w)| ((i != hole).then_some(i as ClusterId), w)));
+            let others: u32 = weights.iter().enumerate().filter(|&(i, _)| i != hole).map(|(_, &w)| w).sum();
+            for &key in &keys {
+                let (was, now) = (full.pick(key), holed.pick(key));
+                prop_assert_ne!(now, Some(hole as ClusterId));
+                // With weight elsewhere, a key of another cluster keeps it (with none, all of the
+                // others share equally: a different split).
+                if others > 0 && was != Some(hole as ClusterId) {
+                    prop_assert_eq!(was, now, "key {:#x} moved with {:?}, hole {}", key, weights, hole);
+                }
+            }
+        }
+
         #[test]
         fn sticky_keys_never_leave_the_last_cluster(
             others in prop::collection::vec(0u32..=40, 1..4),
