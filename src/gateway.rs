@@ -132,6 +132,7 @@ impl Gateway {
             shift_defaults: config.shift_defaults.clone(),
             shutting_down: draining_rx.clone(),
             request_timeout: config.admin.request_timeout,
+            removed_series_ttl: config.admin.removed_series_ttl,
         });
         // The proxy stops accepting `ready_delay` after /ready turned 503, so load balancers that
         // watch /ready stop sending first.

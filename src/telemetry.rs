@@ -4,6 +4,7 @@
 //! never rename one.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -126,6 +127,15 @@ pub enum TelemetryError {
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+mod retention;
+pub use retention::{cluster_joined, cluster_left};
+
+/// The `/metrics` exposition: every series, except those of clusters that left the gateway more
+/// than `removed_series_ttl` ago (see [`retention`]).
+pub fn render(handle: &PrometheusHandle, removed_series_ttl: Duration) -> String {
+    retention::filter(handle.render(), removed_series_ttl)
+}
 
 /// Installs the process-wide Prometheus recorder (once) and returns a handle to render `/metrics`.
 ///

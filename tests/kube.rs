@@ -137,12 +137,14 @@ async fn traffic_follows_rayclusters(env: &KubeEnv) {
     let a = stub("a", "v1", &[("echo", "/echo")]).await;
     let b = stub("b", "v1", &[("echo", "/echo")]).await;
     create_raycluster(&api, "a", "shard-0", "v1", a.addr().port(), true).await;
-    let gw = TestGateway::start(&gateway_yaml(
+    // The series of clusters that left stay on /metrics for 1 s.
+    let yaml = gateway_yaml(
         env,
         "follow",
         "apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n",
-    ))
-    .await;
+    )
+    .replace("admin:\n", "admin:\n  removed_series_ttl: 1s\n");
+    let gw = TestGateway::start(&yaml).await;
     // The initial list is in the table when the gateway is ready.
     assert_eq!(get(&gw.url("/echo")).await.cluster(), Some("a"));
 
@@ -219,6 +221,22 @@ async fn traffic_follows_rayclusters(env: &KubeEnv) {
     let metrics = get(&gw.admin("/metrics")).await.body;
     assert!(
         metrics.contains("rayshift_kube_watch_events_total{namespace=\"follow\",event=\"delete\"}")
+    );
+    // A second later the series of a, and of b in the shard it left, are gone from /metrics; b's
+    // in its new shard stay.
+    eventually("series of clusters that left are dropped", || async {
+        let metrics = get(&gw.admin("/metrics")).await.body;
+        !metrics.contains("cluster=\"a\"") && !metrics.contains("shard=\"shard-0\",cluster=\"b\"")
+    })
+    .await;
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics.contains("rayshift_cluster_present{shard=\"shard-1\",cluster=\"b\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rayshift_probes_total{cluster=\"b\""),
+        "{metrics}"
     );
     gw.gateway.shutdown().await;
 }

@@ -36,7 +36,8 @@ pub async fn handle(
         (["live"], &Method::GET) => text(StatusCode::OK, "ok\n"),
         (["ready"], &Method::GET) => ready(&ctx),
         (["metrics"], &Method::GET) => {
-            let mut resp = text(StatusCode::OK, ctx.prometheus.render());
+            let exposition = crate::telemetry::render(&ctx.prometheus, ctx.removed_series_ttl);
+            let mut resp = text(StatusCode::OK, exposition);
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

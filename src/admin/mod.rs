@@ -53,6 +53,9 @@ pub struct AdminContext {
     /// How long a client has to send a request head, and then its body
     /// (`admin.request_timeout`).
     pub request_timeout: Duration,
+    /// How long the series of a cluster that left stay on `/metrics`
+    /// (`admin.removed_series_ttl`).
+    pub removed_series_ttl: Duration,
 }
 
 /// Serves the admin API until `shutdown` turns true.

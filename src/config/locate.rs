@@ -89,7 +89,7 @@ fn bare_message(error: &serde_saphyr::Error) -> String {
 fn expected_at(path: &str) -> &'static str {
     match generic_path(path).as_str() {
         "" => "a mapping of config keys (listen, admin, state_file, shards, split_key, clusters, apps, probe, upstream, shift_defaults, max_concurrent_shifts, limits, passive_health, shutdown, tls, discovery)",
-        "admin" => "a mapping with keys listen, token_file and request_timeout",
+        "admin" => "a mapping with keys listen, token_file, request_timeout and removed_series_ttl",
         "shards" => "a list of shard names",
         "shards[]" => "a shard name or a {name, weight} mapping",
         "shards[].auto_shift" | "shift_defaults" | "discovery.kubernetes.auto_shift" => {

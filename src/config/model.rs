@@ -150,10 +150,17 @@ pub struct AdminConfig {
     /// How long a client has to send a whole admin request, head and body
     /// (`admin.request_timeout`); a slower one gets 408 (body) or is disconnected (head).
     pub request_timeout: Duration,
+    /// How long the series of a cluster that left the gateway (a deleted RayCluster, a cluster
+    /// moved to another shard) stay on `/metrics` (`admin.removed_series_ttl`); long enough for
+    /// scrapes to see their last values.
+    pub removed_series_ttl: Duration,
 }
 
 /// Default of `admin.request_timeout`.
 pub const DEFAULT_ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of `admin.removed_series_ttl`.
+pub const DEFAULT_REMOVED_SERIES_TTL: Duration = Duration::from_secs(600);
 
 impl Default for AdminConfig {
     fn default() -> Self {
@@ -161,6 +168,7 @@ impl Default for AdminConfig {
             listen: DEFAULT_ADMIN_LISTEN,
             token_file: None,
             request_timeout: DEFAULT_ADMIN_REQUEST_TIMEOUT,
+            removed_series_ttl: DEFAULT_REMOVED_SERIES_TTL,
         }
     }
 }

@@ -157,12 +157,13 @@ pub(crate) type RawPolicy = RawSection;
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys listen, token_file and request_timeout"
+    expecting = "a mapping with keys listen, token_file, request_timeout and removed_series_ttl"
 )]
 pub(crate) struct RawAdmin {
     pub listen: Option<Text>,
     pub token_file: Option<Text>,
     pub request_timeout: Option<Text>,
+    pub removed_series_ttl: Option<Text>,
 }
 
 /// `shards[i]`: a bare name or a `{name, weight}` mapping.

@@ -13,6 +13,7 @@ admin:
   listen: "[::1]:9902"
   token_file: secrets/admin-token
   request_timeout: 5s
+  removed_series_ttl: 0s
 state_file: /var/lib/rayshift/state.json
 shards: [shard-0, {name: shard-1, weight: 2.5}]
 split_key: header:X-User-Id
@@ -103,6 +104,7 @@ fn full_config_round_trip() {
             listen: addr("[::1]:9902"),
             token_file: Some(PathBuf::from("/etc/rayshift/secrets/admin-token")),
             request_timeout: Duration::from_secs(5),
+            removed_series_ttl: Duration::ZERO,
         },
         state_file: PathBuf::from("/var/lib/rayshift/state.json"),
         shards: vec![
@@ -191,6 +193,7 @@ fn defaults_apply_when_keys_are_omitted() {
             listen: addr("127.0.0.1:9901"),
             token_file: None,
             request_timeout: Duration::from_secs(10),
+            removed_series_ttl: Duration::from_secs(600),
         }
     );
     assert_eq!(
@@ -967,7 +970,7 @@ fn wrong_shapes_name_the_path_and_what_was_expected() {
         only_error("shards: [a]\nadmin: 127.0.0.1:9901\n"),
         err(
             "admin",
-            r#"expected a mapping with keys listen, token_file and request_timeout, found the value "127.0.0.1:9901" at line 2, column 8"#
+            r#"expected a mapping with keys listen, token_file, request_timeout and removed_series_ttl, found the value "127.0.0.1:9901" at line 2, column 8"#
         )
     );
     assert_eq!(

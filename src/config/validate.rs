@@ -728,6 +728,11 @@ fn admin(p: &mut Problems, raw: Option<&RawAdmin>, base_dir: &Path) -> AdminConf
             admin.request_timeout = timeout;
         }
     }
+    if let Some(text) = &raw.removed_series_ttl {
+        if let Some(ttl) = p.check(parse_duration("admin.removed_series_ttl", text.as_str())) {
+            admin.removed_series_ttl = ttl;
+        }
+    }
     // The admin API changes where traffic goes: reachable from other hosts only with a token.
     if !admin.listen.ip().is_loopback() && admin.token_file.is_none() && raw.token_file.is_none() {
         p.push(

@@ -17,6 +17,8 @@ pub(super) struct ClusterGauges {
     drained: metrics::Gauge,
     ejected: metrics::Gauge,
     present: metrics::Gauge,
+    /// Shard and cluster, to tell `/metrics` when the cluster leaves.
+    labels: (String, String),
 }
 
 impl ClusterGauges {
@@ -26,6 +28,7 @@ impl ClusterGauges {
             ("shard", shard.to_string()),
             ("cluster", cluster.to_string()),
         ];
+        telemetry::cluster_joined(shard, cluster);
         ClusterGauges {
             weight: metrics::gauge!(telemetry::CLUSTER_WEIGHT, &labels),
             ready: metrics::gauge!(telemetry::CLUSTER_READY, &labels),
@@ -37,6 +40,7 @@ impl ClusterGauges {
                 present.set(1.0);
                 present
             },
+            labels: (shard.to_string(), cluster.to_string()),
         }
     }
 
@@ -52,10 +56,11 @@ impl ClusterGauges {
 }
 
 /// A cluster that leaves the gateway (deleted RayCluster, moved shard) keeps no stale values:
-/// its series read 0 (the exporter keeps a series until the process restarts), so a deleted
+/// its series read 0 (until they leave `/metrics`), so a deleted
 /// cluster's last `ready` cannot hide a shard with no ready cluster, and a drained one removed as
 /// asked stops showing as drained. `rayshift_cluster_present` turns 0 too, which tells dashboards
-/// and alerts a cluster that left from one that is there but not ready.
+/// and alerts a cluster that left from one that is there but not ready. `admin.removed_series_ttl`
+/// later, its series leave `/metrics`.
 impl Drop for ClusterGauges {
     fn drop(&mut self) {
         for gauge in [
@@ -68,6 +73,7 @@ impl Drop for ClusterGauges {
         ] {
             gauge.set(0.0);
         }
+        telemetry::cluster_left(&self.labels.0, &self.labels.1);
     }
 }
 
