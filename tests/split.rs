@@ -111,8 +111,8 @@ async fn weight_changes_under_load_lose_nothing() {
     assert!(state["version"].as_u64().unwrap() as u32 >= changes);
 }
 
-/// A cluster that goes unready keeps its share of the sticky key space: only its own keys move
-/// (spread over the others), every other key stays on its cluster, and its keys come back with it.
+/// A cluster that goes unready takes only its own sticky keys with it (spread over the others):
+/// every other key stays on its cluster, and its keys come back with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unready_cluster_moves_only_its_own_sticky_keys() {
     let apps = [("echo", "/echo")];
@@ -144,7 +144,8 @@ async fn an_unready_cluster_moves_only_its_own_sticky_keys() {
         }
     };
     let before = picks(&gw).await;
-    // The first cluster: without its interval kept, the others' would slide over each other.
+    // The first cluster: with cumulative intervals over the key hash, the others' keys would
+    // slide from one to the other.
     a.set_healthy(false);
     gw.wait_cluster_ready("sticky-a", false).await;
     let during = picks(&gw).await;

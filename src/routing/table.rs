@@ -176,7 +176,7 @@ impl RoutingTable {
     /// Builds the snapshot for `spec`, checking names, ids and route prefixes.
     ///
     /// An app's split holds the clusters of its shard that are ready, not draining and list the
-    /// app, in spec order, with their weights (see [`Split::from_weights`]).
+    /// app, in spec order, with their weights (see [`Split::from_named`]).
     pub fn build(spec: &TableSpec) -> Result<RoutingTable, TableError> {
         let placement = shards(&spec.shards)?;
         let cluster_names = clusters(&spec.clusters, spec.shards.len())?;
@@ -247,26 +247,16 @@ impl RoutingTable {
             }
         }
 
-        // Each shard's clusters with weight, in spec order: those an app cannot use keep their
-        // interval in its split as a hole, so the others' sticky keys stay where they are.
-        let mut weighted: Vec<Vec<ClusterId>> = vec![Vec::new(); spec.shards.len()];
-        for (cluster_id, cluster) in spec.clusters.iter().enumerate() {
-            if cluster.weight > 0 {
-                weighted[cluster.shard as usize].push(cluster_id as ClusterId);
-            }
-        }
-
-        // Apps of a shard with the same eligible clusters share a split (the holes are the
-        // shard's other weighted clusters).
+        // Apps of a shard with the same eligible clusters share a split.
         let mut split_ids: HashMap<(ShardId, &[ClusterId]), u32> = HashMap::new();
         let mut splits = Vec::new();
         for (app, clusters) in apps.iter_mut().zip(&eligible) {
             app.split = *split_ids.entry((app.shard, clusters)).or_insert_with(|| {
-                splits.push(Split::from_slots(slots(
-                    clusters,
-                    &weighted[app.shard as usize],
-                    &spec.clusters,
-                )));
+                let weights = clusters.iter().map(|&c| {
+                    let cluster = &spec.clusters[c as usize];
+                    (c, cluster.name.as_str(), cluster.weight)
+                });
+                splits.push(Split::from_named(weights));
                 (splits.len() - 1) as u32
             });
         }
@@ -355,38 +345,6 @@ fn shards(shards: &[ShardSpec]) -> Result<Placement, TableError> {
     ))
 }
 
-/// An app's split slots: its `eligible` clusters and the shard's other `weighted` ones (holes),
-/// merged in spec order (both lists are), each with its weight.
-fn slots<'a>(
-    eligible: &'a [ClusterId],
-    weighted: &'a [ClusterId],
-    clusters: &'a [ClusterSpec],
-) -> impl Iterator<Item = (Option<ClusterId>, u32)> + 'a {
-    let mut eligible = eligible.iter().copied().peekable();
-    let mut weighted = weighted.iter().copied().peekable();
-    std::iter::from_fn(move || {
-        let (slot, id) = match (eligible.peek().copied(), weighted.peek().copied()) {
-            (Some(e), Some(w)) if w < e => {
-                weighted.next();
-                (None, w)
-            }
-            (Some(e), w) => {
-                if w == Some(e) {
-                    weighted.next();
-                }
-                eligible.next();
-                (Some(e), e)
-            }
-            (None, Some(w)) => {
-                weighted.next();
-                (None, w)
-            }
-            (None, None) => return None,
-        };
-        Some((slot, clusters[id as usize].weight))
-    })
-}
-
 /// Checks the clusters and returns their names.
 fn clusters(clusters: &[ClusterSpec], shards: usize) -> Result<Vec<Arc<str>>, TableError> {
     let mut names = HashSet::with_capacity(clusters.len());
@@ -466,8 +424,8 @@ mod tests {
         RoutingTable::build(spec).expect("valid spec")
     }
 
-    /// A cluster that goes unready (or stops serving an app) keeps its weight's interval as a
-    /// hole: keys picked for the shard's other clusters keep them; its own move to the others.
+    /// A cluster that goes unready (or stops serving an app) takes only its own sticky keys with
+    /// it: keys picked for the shard's other clusters keep them.
     #[test]
     fn an_unready_cluster_moves_only_its_own_keys() {
         let clusters = || {
@@ -479,7 +437,7 @@ mod tests {
         };
         let before = build(&one_shard(clusters()));
         let mut spec = one_shard(clusters());
-        // The first: without holes the intervals after it would slide down over the others'.
+        // The first: with cumulative intervals, the others' would slide down over each other.
         spec.clusters[0].ready = false;
         // c2 does not serve b: for b both c0 and c2 are holes.
         spec.clusters[2].apps = vec!["a".into()];
@@ -489,7 +447,10 @@ mod tests {
         let keys = (0..2000u64).map(|i| crate::routing::key_hash(&i.to_le_bytes()));
         let (mut moved, mut kept) = (0, 0);
         for x in keys {
-            let (was, now) = (before.split_of(0).pick(x), after.split_of(0).pick(x));
+            let (was, now) = (
+                before.split_of(0).pick_key(x),
+                after.split_of(0).pick_key(x),
+            );
             if was == Some(0) {
                 assert_ne!(now, Some(0));
                 moved += 1;
@@ -497,7 +458,7 @@ mod tests {
                 assert_eq!(was, now, "key {x:#x} of a ready cluster moved");
                 kept += 1;
             }
-            assert_eq!(after.split_of(1).pick(x), Some(1));
+            assert_eq!(after.split_of(1).pick_key(x), Some(1));
         }
         assert!(moved > 600 && kept > 1000, "{moved} moved, {kept} kept");
     }

@@ -34,6 +34,7 @@ use crate::cluster::{Cluster, InFlight};
 use crate::proxy::forward::{self, Failure};
 use crate::proxy::pool::{self, RawConn};
 use crate::proxy::ProxyContext;
+use crate::routing::Draw;
 use crate::telemetry;
 
 use head::{Framing, Parsed};
@@ -360,7 +361,7 @@ struct Scratch {
 struct Route {
     cluster: Arc<Cluster>,
     app: Arc<str>,
-    x: u64,
+    draw: Draw,
     alternatives: bool,
 }
 
@@ -378,12 +379,14 @@ fn route(ctx: &ProxyContext, buf: &[u8], req: &head::Request) -> Option<Route> {
     {
         return None;
     }
-    let x = req.split.unwrap_or_else(|| fastrand::u64(..));
-    let cluster = snap.cluster(hit.split.pick(x)?);
+    let draw = req
+        .split
+        .map_or_else(|| Draw::Random(fastrand::u64(..)), Draw::Key);
+    let cluster = snap.cluster(hit.split.draw(draw)?);
     Some(Route {
         cluster: Arc::clone(cluster),
         app: Arc::clone(&hit.app.name),
-        x,
+        draw,
         alternatives: hit.split.len() > 1,
     })
 }
@@ -460,7 +463,7 @@ impl Exchange<'_> {
                 && req.content_length == 0
                 && (*connect || req.idempotent);
             let other = retry
-                .then(|| forward::retry_target(ctx, &route.app, &cluster, self.path, route.x))
+                .then(|| forward::retry_target(ctx, &route.app, &cluster, self.path, route.draw))
                 .flatten()
                 .filter(|(other, _)| is_plain(other));
             if let Some((other, entered)) = other {
