@@ -147,7 +147,7 @@ fn picks(c: &mut Criterion) {
     group.bench_function("weighted/2", |b| b.iter(cycle(&xs, |&x| shift.pick(x))));
     group.bench_function("weighted/5", |b| b.iter(cycle(&xs, |&x| five.pick(x))));
     group.bench_function("sticky/2", |b| {
-        b.iter(cycle(&sessions, |s| shift.pick_key(key_hash(s.as_bytes()))))
+        b.iter(cycle(&sessions, |s| shift.pick(key_hash(s.as_bytes()))))
     });
     group.finish();
 }

@@ -4,16 +4,14 @@
 //! cut at `u32::MAX`; `pick(x)` is the entry whose cumulative interval holds `x * total / 2^64`, so
 //! it is an entry of the split with weight above 0 and is monotone in `x`; `pick_excluding` never
 //! returns the excluded cluster, is `None` exactly when nothing else is left, and picks like the
-//! split without that cluster; `pick_key` (weighted rendezvous) picks a cluster of the split,
-//! `None` exactly for an empty split, and a retry of a key goes where the key goes in the split
-//! without the failed cluster; and a sticky key (either pick) on the last cluster stays there when
-//! the last cluster's weight grows at the expense of the others (the total unchanged).
+//! split without that cluster; and a sticky key on the last cluster stays there when the last
+//! cluster's weight grows at the expense of the others (the total unchanged).
 
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rayshift::routing::{ClusterId, Draw, Split};
+use rayshift::routing::{ClusterId, Split};
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
@@ -62,28 +60,6 @@ fn run(u: &mut Unstructured) -> Result<()> {
             last_index = i;
         }
 
-        let keyed = split.pick_key(x);
-        assert_eq!(keyed.is_none(), entries.is_empty(), "key {x:#x}, {given:?}");
-        assert!(
-            keyed.is_none_or(|c| entries.iter().any(|&(e, _)| e == c)),
-            "key {x:#x}, {given:?}"
-        );
-        if !given.iter().any(|&(c, _)| c == exclude) {
-            assert_eq!(split.retry(Draw::Key(x), exclude), keyed, "key {x:#x}, {given:?}");
-        } else if given.iter().filter(|&&(c, _)| c == exclude).count() == 1 {
-            let rest: Vec<(ClusterId, u32)> =
-                given.iter().copied().filter(|&(c, _)| c != exclude).collect();
-            if Split::from_weights(rest.iter().copied()).entries().collect::<Vec<_>>()
-                == entries.iter().copied().filter(|&(c, _)| c != exclude).collect::<Vec<_>>()
-            {
-                assert_eq!(
-                    split.retry(Draw::Key(x), exclude),
-                    Split::from_weights(rest).pick_key(x),
-                    "key {x:#x}, {given:?}"
-                );
-            }
-        }
-
         let picked = split.pick_excluding(x, exclude);
         let others: Vec<(ClusterId, u32)> = entries
             .iter()
@@ -128,13 +104,6 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 grown.pick(x),
                 Some(last),
                 "x {x:#x} left {last}: {entries:?} -> {weights:?}"
-            );
-        }
-        if split.pick_key(x) == Some(last) && weights.iter().all(|&w| w > 0) {
-            assert_eq!(
-                grown.pick_key(x),
-                Some(last),
-                "key {x:#x} left {last}: {entries:?} -> {weights:?}"
             );
         }
     }

@@ -15,7 +15,6 @@ use crate::proxy::body::{local_response, ProxyBody};
 use crate::proxy::pool::{self, Sender};
 use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::proxy::{headers, split_key, tunnel, Open, ProxyContext};
-use crate::routing::Draw;
 use crate::telemetry;
 
 /// Label used for `cluster`/`app` when the gateway answered without a cluster.
@@ -25,8 +24,8 @@ pub(crate) const NONE: &str = "none";
 struct Route {
     cluster: Arc<Cluster>,
     app: Arc<str>,
-    /// What the pick was drawn from (a retry draws from it again).
-    draw: Draw,
+    /// The split value used for the pick (reused, shifted, for a retry).
+    x: u64,
     /// The split has another cluster a retry could go to.
     alternatives: bool,
 }
@@ -142,7 +141,7 @@ pub async fn handle(
                 &route.app,
                 &cluster,
                 path.as_ref().map_or("/", |p| p.path()),
-                route.draw,
+                route.x,
             ) {
                 if ctx.retry.try_withdraw() {
                     if let Err(failure) = &outcome {
@@ -262,13 +261,13 @@ fn route(
         );
         return Err(local_response(StatusCode::NOT_FOUND, msg));
     };
-    let draw = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip())
-        .map_or_else(|| Draw::Random(fastrand::u64(..)), Draw::Key);
-    match hit.split.draw(draw) {
+    let x = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip())
+        .unwrap_or_else(|| fastrand::u64(..));
+    match hit.split.pick(x) {
         Some(id) => Ok(Route {
             cluster: Arc::clone(snap.cluster(id)),
             app: Arc::clone(&hit.app.name),
-            draw,
+            x,
             alternatives: hit.split.len() > 1,
         }),
         None => {
@@ -291,7 +290,7 @@ pub(crate) fn retry_target(
     app: &str,
     failed: &Arc<Cluster>,
     path: &str,
-    draw: Draw,
+    x: u64,
 ) -> Option<(Arc<Cluster>, InFlight)> {
     let snap = ctx.table.load();
     let hit = snap.table.lookup(&super::route_path(path))?;
@@ -299,7 +298,7 @@ pub(crate) fn retry_target(
         return None;
     }
     let failed_id = snap.clusters.iter().position(|c| Arc::ptr_eq(c, failed))? as u32;
-    let id = hit.split.retry(draw, failed_id)?;
+    let id = hit.split.pick_excluding(x.rotate_left(32), failed_id)?;
     let other = snap.cluster(id);
     let entered = other.enter(ctx.max_requests_per_cluster)?;
     Some((Arc::clone(other), entered))

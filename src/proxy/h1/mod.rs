@@ -34,7 +34,6 @@ use crate::cluster::{Cluster, InFlight};
 use crate::proxy::forward::{self, Failure};
 use crate::proxy::pool::{self, RawConn};
 use crate::proxy::ProxyContext;
-use crate::routing::Draw;
 use crate::telemetry;
 
 use head::{Framing, Parsed};
@@ -361,7 +360,7 @@ struct Scratch {
 struct Route {
     cluster: Arc<Cluster>,
     app: Arc<str>,
-    draw: Draw,
+    x: u64,
     alternatives: bool,
 }
 
@@ -379,14 +378,12 @@ fn route(ctx: &ProxyContext, buf: &[u8], req: &head::Request) -> Option<Route> {
     {
         return None;
     }
-    let draw = req
-        .split
-        .map_or_else(|| Draw::Random(fastrand::u64(..)), Draw::Key);
-    let cluster = snap.cluster(hit.split.draw(draw)?);
+    let x = req.split.unwrap_or_else(|| fastrand::u64(..));
+    let cluster = snap.cluster(hit.split.pick(x)?);
     Some(Route {
         cluster: Arc::clone(cluster),
         app: Arc::clone(&hit.app.name),
-        draw,
+        x,
         alternatives: hit.split.len() > 1,
     })
 }
@@ -463,7 +460,7 @@ impl Exchange<'_> {
                 && req.content_length == 0
                 && (*connect || req.idempotent);
             let other = retry
-                .then(|| forward::retry_target(ctx, &route.app, &cluster, self.path, route.draw))
+                .then(|| forward::retry_target(ctx, &route.app, &cluster, self.path, route.x))
                 .flatten()
                 .filter(|(other, _)| is_plain(other));
             if let Some((other, entered)) = other {
