@@ -205,7 +205,7 @@ fn describe() {
     );
     describe_gauge!(
         CLUSTER_PRESENT,
-        "1 while the cluster is one of the gateway's (configured or discovered), 0 after it left (its other series then read 0 until the gateway restarts)."
+        "1 while the cluster is one of the gateway's (configured or discovered), 0 after it left (its gauges then read 0; admin.removed_series_ttl later all its series leave /metrics)."
     );
     describe_gauge!(
         CLUSTER_IN_FLIGHT,

@@ -349,6 +349,8 @@ impl Desired {
             tried_revision(&mut entry.auto_shift_revision, Some(revision.clone()));
         }
         let mut paused = Vec::new();
+        // Where the abort leaves the rollout's shifting shards (the next tick would find the same).
+        let mut settled: Vec<(String, ShardProgress)> = Vec::new();
         for shard in shifting {
             let Some(entry) = next.shards.get_mut(&shard) else {
                 continue;
@@ -361,7 +363,10 @@ impl Desired {
                 Action::Resume => shift.resume().is_ok(),
                 // A shift promoted since the rollout last looked (it is draining the old
                 // clusters) is done: the rollout's abort does not take the shard back.
-                Action::Abort if shift.phase == Phase::Draining => false,
+                Action::Abort if shift.phase == Phase::Draining => {
+                    settled.push((shard.clone(), ShardProgress::Done));
+                    false
+                }
                 Action::Abort => shift.abort("rollout aborted by an operator".into()).is_ok(),
                 Action::Promote => false,
             };
@@ -369,6 +374,8 @@ impl Desired {
                 entry.weights = shift.weights();
                 if action == Action::Pause {
                     paused.push(shard);
+                } else if action == Action::Abort {
+                    settled.push((shard, ShardProgress::Failed));
                 }
             }
         }
@@ -377,6 +384,14 @@ impl Desired {
                 rollout.paused_shifts = Some(paused);
             } else if action == Action::Abort {
                 rollout.paused_shifts = None;
+                for s in &mut rollout.shards {
+                    if let Some((_, state)) = settled.iter().find(|(name, _)| *name == s.shard) {
+                        s.state = *state;
+                        if *state == ShardProgress::Failed {
+                            s.reason = Some("rollout aborted by an operator".into());
+                        }
+                    }
+                }
             }
         }
         let rollout = next.rollout.clone();

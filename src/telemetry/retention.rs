@@ -9,10 +9,14 @@
 //!
 //! Presence is kept per shard and cluster (a cluster that moved shard hides only its series of
 //! the shard it left); a series with a `cluster` label but no `shard` label is hidden once the
-//! cluster is in no shard at all. Series of clusters the gateway never had (`cluster="none"`)
-//! are never hidden.
+//! cluster is in no shard at all. Series labelled `cluster="none"` (requests the gateway answered
+//! itself) are never hidden, even after a cluster named `none` left.
+//!
+//! Only the exposition shrinks: the exporter keeps the values (a few KiB per cluster) until the
+//! process exits.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,55 +50,90 @@ impl Presence {
         }
     }
 
-    /// Whether a series labelled `shard` (if it has that label) and `cluster` is hidden at `now`.
-    pub fn hidden(&self, shard: Option<&str>, cluster: &str, now: Instant, ttl: Duration) -> bool {
-        let expired = |at: &Instant| now.saturating_duration_since(*at) >= ttl;
-        match shard {
-            Some(shard) => self
-                .left
-                .get(&(shard.to_string(), cluster.to_string()))
-                .is_some_and(expired),
-            None => {
-                let mut left = self.left.iter().filter(|((_, c), _)| c == cluster);
-                let mut any = false;
-                let all_expired = left.all(|(_, at)| {
-                    any = true;
-                    expired(at)
-                });
-                any && all_expired && !self.live.keys().any(|(_, c)| c == cluster)
-            }
-        }
-    }
-
-    /// Whether anything is hidden at `now` (most of the time nothing is: no filtering then).
-    fn hides_any(&self, now: Instant, ttl: Duration) -> bool {
-        self.left
-            .values()
-            .any(|at| now.saturating_duration_since(*at) >= ttl)
-    }
-
     /// `text` (Prometheus text exposition) without the series hidden at `now`.
-    pub fn filter(&self, text: String, now: Instant, ttl: Duration) -> String {
-        if !self.hides_any(now, ttl) {
-            return text;
-        }
-        let mut out = String::with_capacity(text.len());
-        for line in text.split_inclusive('\n') {
-            let hide = !line.starts_with('#')
-                && labels(line).is_some_and(|(shard, cluster)| {
-                    cluster.is_some_and(|c| self.hidden(shard.as_deref(), &c, now, ttl))
-                });
-            if !hide {
-                out.push_str(line);
+    #[cfg(test)]
+    fn filter(&self, text: String, now: Instant, ttl: Duration) -> String {
+        self.hidden(now, ttl).filter(text)
+    }
+
+    /// What is hidden at `now`.
+    fn hidden(&self, now: Instant, ttl: Duration) -> Hidden {
+        let expired = |at: &Instant| now.saturating_duration_since(*at) >= ttl;
+        let pairs: HashSet<(String, String)> = self
+            .left
+            .iter()
+            .filter(|(_, at)| expired(at))
+            .map(|(key, _)| key.clone())
+            .collect();
+        // Gone from every shard: not live anywhere, and every departure past the ttl.
+        let live: HashSet<&str> = self.live.keys().map(|(_, c)| c.as_str()).collect();
+        let mut clusters: HashSet<String> = pairs
+            .iter()
+            .map(|(_, c)| c.clone())
+            .filter(|c| !live.contains(c.as_str()))
+            .collect();
+        for ((_, c), at) in &self.left {
+            if !expired(at) {
+                clusters.remove(c);
             }
         }
-        out
+        Hidden { pairs, clusters }
     }
 }
 
+/// The series to leave out of one exposition.
+#[derive(Debug, Default)]
+struct Hidden {
+    /// (shard, cluster) pairs that left more than the ttl ago.
+    pairs: HashSet<(String, String)>,
+    /// Clusters in no shard, the last of them to leave more than the ttl ago.
+    clusters: HashSet<String>,
+}
+
+impl Hidden {
+    /// `text` without the hidden series (as it is when nothing is hidden).
+    fn filter(&self, text: String) -> String {
+        if self.pairs.is_empty() {
+            return text;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut key = (String::new(), String::new());
+        for line in text.split_inclusive('\n') {
+            if !line.starts_with('#') && self.hides(line, &mut key) {
+                continue;
+            }
+            out.push_str(line);
+        }
+        out
+    }
+
+    /// Whether the sample `line` is hidden; `key` is reused for the lookup.
+    fn hides(&self, line: &str, key: &mut (String, String)) -> bool {
+        let Some((shard, Some(cluster))) = labels(line) else {
+            return false;
+        };
+        if cluster == "none" {
+            return false;
+        }
+        match shard {
+            Some(shard) => {
+                key.0.clear();
+                key.0.push_str(&shard);
+                key.1.clear();
+                key.1.push_str(&cluster);
+                self.pairs.contains(key)
+            }
+            None => self.clusters.contains(cluster.as_ref()),
+        }
+    }
+}
+
+/// A label value, borrowed from the line unless it holds escapes.
+type Value<'a> = Cow<'a, str>;
+
 /// The `shard` and `cluster` label values of one sample line (`None` when it has no labels or
 /// they do not parse).
-fn labels(line: &str) -> Option<(Option<String>, Option<String>)> {
+fn labels(line: &str) -> Option<(Option<Value<'_>>, Option<Value<'_>>)> {
     let open = line.find('{')?;
     if line[..open].contains(' ') {
         return None;
@@ -109,23 +148,33 @@ fn labels(line: &str) -> Option<(Option<String>, Option<String>)> {
         let eq = rest.find("=\"")?;
         let name = &rest[..eq];
         rest = &rest[eq + 2..];
-        let mut value = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            match chars.next()? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    c => value.push(c),
-                },
-                (_, c) => value.push(c),
-            }
-        };
-        rest = &rest[end + 1..];
+        let (value, len) = label_value(rest)?;
+        rest = &rest[len + 1..];
         match name {
             "shard" => shard = Some(value),
             "cluster" => cluster = Some(value),
             _ => {}
+        }
+    }
+}
+
+/// The label value at the start of `s` (just after its opening quote), unescaped, and the length
+/// of its escaped form (up to its closing quote).
+fn label_value(s: &str) -> Option<(Value<'_>, usize)> {
+    let end = s.find(['"', '\\'])?;
+    if s.as_bytes()[end] == b'"' {
+        return Some((Cow::Borrowed(&s[..end]), end));
+    }
+    let mut value = String::from(&s[..end]);
+    let mut chars = s[end..].char_indices();
+    loop {
+        match chars.next()? {
+            (i, '"') => return Some((Cow::Owned(value), end + i)),
+            (_, '\\') => match chars.next()?.1 {
+                'n' => value.push('\n'),
+                c => value.push(c),
+            },
+            (_, c) => value.push(c),
         }
     }
 }
@@ -151,7 +200,9 @@ pub fn cluster_left(shard: &str, cluster: &str) {
 
 /// `text` without the series of clusters that left more than `ttl` ago.
 pub fn filter(text: String, ttl: Duration) -> String {
-    presence().filter(text, Instant::now(), ttl)
+    // Only the sets are made under the lock, which the control task takes as clusters come and go.
+    let hidden = presence().hidden(Instant::now(), ttl);
+    hidden.filter(text)
 }
 
 #[cfg(test)]
@@ -227,6 +278,16 @@ mod tests {
         }
     }
 
+    /// The gateway's own answers (`cluster="none"`) stay even after a cluster named `none` left.
+    #[test]
+    fn the_gateways_own_series_stay() {
+        let mut p = Presence::default();
+        let t0 = Instant::now();
+        p.join("s0", "none");
+        p.leave("s0", "none", t0);
+        assert_eq!(p.filter(TEXT.into(), t0 + 2 * TTL, TTL), TEXT);
+    }
+
     #[test]
     fn a_cluster_that_comes_back_shows_again() {
         let mut p = Presence::default();
@@ -252,6 +313,10 @@ mod tests {
         assert_eq!(
             labels("m{a=\"cluster=\\\"x\\\"\",cluster=\"b\\\\c\\n\",shard=\"s\"} 1\n"),
             Some((Some("s".into()), Some("b\\c\n".into())))
+        );
+        assert_eq!(
+            labels("m{cluster=\"a\\\"b\"} 1\n"),
+            Some((None, Some("a\"b".into())))
         );
         assert_eq!(labels("m 1\n"), None);
         assert_eq!(labels("m{xcluster=\"blue\"} 1\n"), Some((None, None)));
