@@ -8,8 +8,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rayshift::routing::{
-    key_hash, AppSpec, ClusterSpec, Placement, PrefixMatcher, RoutingTable, ShardSpec, Split,
-    TableSpec,
+    key_hash, AppSpec, ClusterSpec, Member, Placement, PrefixMatcher, RoutingTable, ShardSpec,
+    Split, TableSpec,
 };
 
 /// Inputs cycled through per benchmark; a power of two so the index wraps with a mask.
@@ -56,6 +56,7 @@ fn spec(apps: usize, shards: usize, weights: &[u32]) -> TableSpec {
                     name: format!("shard-{shard}-rev-{k}"),
                     shard: shard as u32,
                     weight,
+                    revision: format!("v{k}"),
                     ready: true,
                     draining: false,
                     apps: names.clone(),
@@ -147,7 +148,27 @@ fn picks(c: &mut Criterion) {
     group.bench_function("weighted/2", |b| b.iter(cycle(&xs, |&x| shift.pick(x))));
     group.bench_function("weighted/5", |b| b.iter(cycle(&xs, |&x| five.pick(x))));
     group.bench_function("sticky/2", |b| {
-        b.iter(cycle(&sessions, |s| shift.pick(key_hash(s.as_bytes()))))
+        b.iter(cycle(&sessions, |s| shift.pick_key(key_hash(s.as_bytes()))))
+    });
+    // Two clusters of one revision: the key picks between them by weighted rendezvous.
+    let one_revision = Split::from_members([
+        Member {
+            cluster: 0,
+            name: "blue-a",
+            group: "v1",
+            weight: 50,
+        },
+        Member {
+            cluster: 1,
+            name: "blue-b",
+            group: "v1",
+            weight: 50,
+        },
+    ]);
+    group.bench_function("sticky/2_of_one_revision", |b| {
+        b.iter(cycle(&sessions, |s| {
+            one_revision.pick_key(key_hash(s.as_bytes()))
+        }))
     });
     group.finish();
 }

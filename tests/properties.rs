@@ -91,8 +91,14 @@ fn spread(n: u64) -> impl Iterator<Item = u64> {
     (0..n).map(move |i| i * step)
 }
 
-/// A one-shard table with one app `app` at `/app`, served by ready clusters `c0..` with `weights`.
+/// A one-shard table with one app `app` at `/app`, served by ready clusters `c0..` with `weights`,
+/// each of its own revision.
 fn one_app_table(weights: &[u32]) -> RoutingTable {
+    one_app_table_of(weights, |i| format!("v{i}"))
+}
+
+/// Like [`one_app_table`], cluster `c<i>` of revision `revision(i)`.
+fn one_app_table_of(weights: &[u32], revision: impl Fn(usize) -> String) -> RoutingTable {
     let spec = TableSpec {
         shards: vec![ShardSpec::new("shard-0")],
         clusters: weights
@@ -102,6 +108,7 @@ fn one_app_table(weights: &[u32]) -> RoutingTable {
                 name: format!("c{i}"),
                 shard: 0,
                 weight,
+                revision: revision(i),
                 ready: true,
                 draining: false,
                 apps: vec!["app".into()],
@@ -273,7 +280,7 @@ proptest! {
         for (i, x) in spread(n).enumerate() {
             even[split.pick(x).expect("total is 100") as usize] += 1;
             let key = key_hash(format!("session-{salt}-{i}").as_bytes());
-            hashed[split.pick(key).expect("total is 100") as usize] += 1;
+            hashed[split.pick_key(key).expect("total is 100") as usize] += 1;
         }
         for (c, &w) in weights.iter().enumerate() {
             let expected = n as f64 * f64::from(w) / 100.0;
@@ -287,14 +294,16 @@ proptest! {
         }
     }
 
-    /// As the shift target (the last cluster) gains weight step by step, however the remaining
-    /// weight is spread over the other clusters, a key that picked the target keeps picking it.
+    /// As the shift target (the last cluster, of a newer revision) gains weight step by step,
+    /// however the remaining weight is spread over the other clusters (one older revision, or one
+    /// revision each), a key that picked the target keeps picking it.
     #[test]
     fn sticky_keys_stay_on_a_growing_target(
         mut target_steps in prop::collection::vec(0u32..=100, 1..10),
         n_others in 1usize..=3,
         shares in prop::collection::vec(prop::collection::vec(1u32..=10, 3), 10),
         salt in any::<u64>(),
+        one_old_revision in any::<bool>(),
     ) {
         target_steps.sort_unstable();
         let keys: Vec<u64> = (0..300).map(|i| key_hash(format!("user-{salt}-{i}").as_bytes())).collect();
@@ -309,10 +318,14 @@ proptest! {
             weights[0] += rest - weights.iter().sum::<u32>();
             weights.push(target_weight);
             prop_assert_eq!(weights.iter().sum::<u32>(), 100);
-            let table = one_app_table(&weights);
+            let table = one_app_table_of(&weights, |i| match i {
+                i if i == n_others => "v9".into(),
+                _ if one_old_revision => "v1".into(),
+                i => format!("v{i}"),
+            });
             let split = table.lookup("/app").expect("routable").split;
             for (k, &key) in keys.iter().enumerate() {
-                let picked = split.pick(key).expect("total is 100");
+                let picked = split.pick_key(key).expect("total is 100");
                 if on_target[k] {
                     prop_assert_eq!(picked, target, "key {} left the target at weights {:?}", k, weights);
                 }

@@ -110,3 +110,62 @@ async fn weight_changes_under_load_lose_nothing() {
     let state = gw.state().await;
     assert!(state["version"].as_u64().unwrap() as u32 >= changes);
 }
+
+/// In a shard of one revision (many small clusters, between upgrades), a cluster that goes unready
+/// takes only its own sticky keys with it, spread over the others: every other key stays on its
+/// cluster, and its keys come back with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unready_cluster_moves_only_its_own_sticky_keys() {
+    let apps = [("echo", "/echo")];
+    let a = stub("sticky-a", "v1", &apps).await;
+    let b = stub("sticky-b", "v1", &apps).await;
+    let c = stub("sticky-c", "v1", &apps).await;
+    let gw = TestGateway::start(&config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&a, "shard-0", "v1", Some(40)),
+            cluster(&b, "shard-0", "v1", Some(30)),
+            cluster(&c, "shard-0", "v1", Some(30)),
+        ],
+        "split_key: header:x-user\n",
+    ))
+    .await;
+    let users: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let picks = |gw: &TestGateway| {
+        let url = gw.url("/echo");
+        let users = users.clone();
+        async move {
+            let mut out = Vec::new();
+            for user in &users {
+                let r = send(Method::GET, &url, &[("x-user", user)], "").await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+                out.push(r.cluster().expect("answered by a cluster").to_string());
+            }
+            out
+        }
+    };
+    let before = picks(&gw).await;
+    // The first cluster: with an interval per cluster, the others' keys would slide from one to
+    // the other.
+    a.set_healthy(false);
+    gw.wait_cluster_ready("sticky-a", false).await;
+    let during = picks(&gw).await;
+    let mut moved = 0;
+    for (i, user) in users.iter().enumerate() {
+        if before[i] == "sticky-a" {
+            assert_ne!(during[i], "sticky-a", "{user}");
+            moved += 1;
+        } else {
+            assert_eq!(during[i], before[i], "{user} moved off a ready cluster");
+        }
+    }
+    assert!(moved > 40, "only {moved} keys were on sticky-a");
+    let spread: std::collections::BTreeSet<&str> = (0..users.len())
+        .filter(|&i| before[i] == "sticky-a")
+        .map(|i| during[i].as_str())
+        .collect();
+    assert_eq!(spread.len(), 2, "sticky-a's keys went to {spread:?}");
+    a.set_healthy(true);
+    gw.wait_cluster_ready("sticky-a", true).await;
+    assert_eq!(picks(&gw).await, before, "keys back where they were");
+}

@@ -192,6 +192,7 @@ fn check_accepted(config: &Config, text: &str) {
                 name: c.name.clone(),
                 shard: config.shard_index(&c.shard).expect("checked above") as u32,
                 weight: c.weight.unwrap_or(0),
+                revision: c.revision.clone(),
                 ready: true,
                 draining: false,
                 apps: config.apps.iter().map(|a| a.name.clone()).collect(),

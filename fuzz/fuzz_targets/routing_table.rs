@@ -14,8 +14,8 @@ use std::mem::discriminant;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use rayshift::routing::{
-    prefix_matches, AppId, AppSpec, ClusterId, ClusterSpec, Placement, RoutingTable, ShardSpec,
-    Split, TableError, TableSpec,
+    prefix_matches, AppId, AppSpec, ClusterId, ClusterSpec, Member, Placement, RoutingTable,
+    ShardSpec, Split, TableError, TableSpec,
 };
 
 const SHARD_NAMES: [&str; 5] = ["s0", "s1", "s2", "shard-3", ""];
@@ -165,12 +165,17 @@ fn reference_check(spec: &TableSpec) -> std::result::Result<(), TableError> {
 /// The clusters of `shard` that are ready, not draining and list the app, in spec order, weighted.
 fn expected_split(spec: &TableSpec, app: usize, shard: u32) -> Split {
     let name = &spec.apps[app].name;
-    Split::from_weights(
+    Split::from_members(
         spec.clusters
             .iter()
             .enumerate()
             .filter(|(_, c)| c.shard == shard && c.ready && !c.draining && c.apps.contains(name))
-            .map(|(i, c)| (i as ClusterId, c.weight)),
+            .map(|(i, c)| Member {
+                cluster: i as ClusterId,
+                name: &c.name,
+                group: &c.revision,
+                weight: c.weight,
+            }),
     )
 }
 
@@ -207,6 +212,7 @@ fn generate(u: &mut Unstructured) -> Result<Generated> {
                 } else {
                     u.int_in_range(0..=100)?
                 },
+                revision: u.choose(&["v1", "v2"])?.to_string(),
                 ready: u.ratio(4, 5)?,
                 draining: u.ratio(1, 6)?,
                 apps: (0..u.int_in_range(0..=4)?)

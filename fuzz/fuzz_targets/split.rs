@@ -4,14 +4,17 @@
 //! cut at `u32::MAX`; `pick(x)` is the entry whose cumulative interval holds `x * total / 2^64`, so
 //! it is an entry of the split with weight above 0 and is monotone in `x`; `pick_excluding` never
 //! returns the excluded cluster, is `None` exactly when nothing else is left, and picks like the
-//! split without that cluster; and a sticky key on the last cluster stays there when the last
-//! cluster's weight grows at the expense of the others (the total unchanged).
+//! split without that cluster; `pick_key` equals `pick` when each cluster is a revision of its own,
+//! and with all of them one revision picks a cluster of the split (`None` only for an empty one);
+//! and a sticky key on the last cluster stays there when the last cluster's weight grows at the
+//! expense of the others (the total unchanged), and on the last revision when the others are one
+//! older revision.
 
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rayshift::routing::{ClusterId, Split};
+use rayshift::routing::{ClusterId, Member, Split};
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
@@ -47,8 +50,26 @@ fn run(u: &mut Unstructured) -> Result<()> {
     assert_eq!(u64::from(split.total()), total);
     assert!(entries.iter().all(|&(_, w)| w > 0));
 
+    let names: Vec<String> = given.iter().map(|(c, _)| format!("c{c}")).collect();
+    let one_revision = Split::from_members(given.iter().zip(&names).map(
+        |(&(cluster, weight), name)| Member {
+            cluster,
+            name,
+            group: "v1",
+            weight,
+        },
+    ));
+    assert_eq!(one_revision.entries().collect::<Vec<_>>(), entries);
+
     let mut last_index = 0;
     for &x in &xs {
+        assert_eq!(split.pick_key(x), split.pick(x), "key {x:#x}, {given:?}");
+        let keyed = one_revision.pick_key(x);
+        assert_eq!(keyed.is_none(), entries.is_empty(), "key {x:#x}, {given:?}");
+        assert!(
+            keyed.is_none_or(|c| entries.iter().any(|&(e, _)| e == c)),
+            "key {x:#x}, {given:?}"
+        );
         let want = interval_of(&entries, x);
         assert_eq!(
             split.pick(x),
@@ -98,12 +119,35 @@ fn run(u: &mut Unstructured) -> Result<()> {
     assert_eq!(deficit, 0);
     let grown = Split::from_weights(entries.iter().zip(&weights).map(|(&(c, _), &w)| (c, w)));
     assert_eq!(grown.total(), split.total());
+    // The same with the others as one older revision (rendezvous among them).
+    let names: Vec<String> = entries.iter().map(|(c, _)| format!("c{c}")).collect();
+    let revisions = |weights: &[u32]| {
+        Split::from_members(entries.iter().zip(weights).zip(&names).enumerate().map(
+            |(i, ((&(cluster, _), &weight), name))| Member {
+                cluster,
+                name,
+                group: if i + 1 == n { "v2" } else { "v1" },
+                weight,
+            },
+        ))
+    };
+    let (before, after) = (
+        revisions(&entries.iter().map(|&(_, w)| w).collect::<Vec<_>>()),
+        revisions(&weights),
+    );
     for &x in &xs {
         if split.pick(x) == Some(last) {
             assert_eq!(
                 grown.pick(x),
                 Some(last),
                 "x {x:#x} left {last}: {entries:?} -> {weights:?}"
+            );
+        }
+        if before.pick_key(x) == Some(last) {
+            assert_eq!(
+                after.pick_key(x),
+                Some(last),
+                "key {x:#x} left revision v2: {entries:?} -> {weights:?}"
             );
         }
     }

@@ -441,6 +441,7 @@ impl Desired {
                 name: entry.config.name.clone(),
                 shard: self.config.shard_index(&entry.config.shard).unwrap_or(0) as u32,
                 weight,
+                revision: entry.config.revision.clone(),
                 ready,
                 draining,
                 apps: Vec::new(),

@@ -261,9 +261,13 @@ fn route(
         );
         return Err(local_response(StatusCode::NOT_FOUND, msg));
     };
-    let x = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip())
-        .unwrap_or_else(|| fastrand::u64(..));
-    match hit.split.pick(x) {
+    let key = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip());
+    let x = key.unwrap_or_else(|| fastrand::u64(..));
+    let picked = match key {
+        Some(key) => hit.split.pick_key(key),
+        None => hit.split.pick(x),
+    };
+    match picked {
         Some(id) => Ok(Route {
             cluster: Arc::clone(snap.cluster(id)),
             app: Arc::clone(&hit.app.name),

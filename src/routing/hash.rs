@@ -11,9 +11,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// Changing it re-places every app on the shards and re-keys every sticky session, so it never changes.
 pub const FIXED_SEED: u64 = 0x7261_7973_6869_6674;
 
-/// Hashes a split key (a session cookie, a header value) into the value [`Split::pick`] takes.
+/// Hashes a split key (a session cookie, a header value) into the value [`Split::pick_key`] takes.
 ///
-/// [`Split::pick`]: super::Split::pick
+/// [`Split::pick_key`]: super::Split::pick_key
 #[inline]
 pub fn key_hash(bytes: &[u8]) -> u64 {
     xxh3_64_with_seed(bytes, FIXED_SEED)

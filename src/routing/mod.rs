@@ -7,8 +7,9 @@
 //! 2. **Shard**: the app's shard is its pinned shard, else the winner of weighted rendezvous
 //!    hashing of its name over the shards ([`Placement`]). Computed when the table is built.
 //! 3. **Split**: the shard's eligible clusters (ready, not draining, serving the app), with their
-//!    weights; [`Split::pick`] maps a random value, or a split key's [`key_hash`] for stickiness,
-//!    onto cumulative weight intervals.
+//!    weights; [`Split::pick`] maps a random value onto cumulative weight intervals, and
+//!    [`Split::pick_key`] a split key's [`key_hash`] onto a revision's interval, then onto one of
+//!    its clusters by weighted rendezvous hashing.
 //!
 //! Every hash is xxh3 with [`FIXED_SEED`], so every gateway replica on every build and machine
 //! agrees on where an app and a sticky key go.
@@ -25,7 +26,7 @@ mod table;
 pub use hash::{key_hash, FIXED_SEED};
 pub use placement::Placement;
 pub use prefix::{prefix_matches, PrefixMatcher};
-pub use split::Split;
+pub use split::{Member, Split};
 pub use table::{
     AppRoute, AppSpec, ClusterSpec, Lookup, RoutingTable, ShardSpec, TableError, TableSpec,
 };

@@ -1,40 +1,118 @@
 //! Weighted split of an app's traffic over the clusters of its shard.
 //!
-//! A pick maps a 64-bit value onto cumulative weight intervals, like Envoy's weighted_clusters.
-//! Fed a random value it splits by weight; fed the hash of a stable key it is sticky, and as a
-//! shift grows the last cluster's weight (the others shrinking, the total fixed) a key moves to
-//! the last cluster at most once and never back.
+//! A pick maps a 64-bit value onto cumulative weight intervals, like Envoy's weighted_clusters,
+//! older revisions first. Fed a random value ([`Split::pick`]) it splits by weight.
+//!
+//! Fed the hash of a stable key ([`Split::pick_key`]) it is sticky, in two levels:
+//!
+//! 1. the key's point on the intervals picks a **revision**: the clusters of one revision share
+//!    one interval, the sum of their weights. As a shift grows the newest revision's weight (the
+//!    others shrinking, the total fixed) a key moves to it at most once and never back, however
+//!    the weights are spread inside each revision (a cluster joining the target revision, rounding);
+//! 2. inside a revision of several clusters, weighted rendezvous hashing of the key over their
+//!    names picks the cluster: each scores `-weight / ln(u)`, `u` a hash of the key and the
+//!    cluster's name, the best wins. A cluster that leaves (unready, ejected) takes only its own
+//!    keys, spread over the others of its revision by weight, and they come back with it.
+//!
+//! A shard of one revision (the steady state of N+1 upgrades: many small clusters) is one
+//! interval, so there a cluster going unready moves no key of the others. While two revisions
+//! share a shard, a cluster leaving shrinks its revision's interval and moves the boundary: some
+//! keys of the other revision move too, and back when it returns.
 
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::hash::{unit_interval, FIXED_SEED};
 use super::ClusterId;
 
 /// The clusters an app's requests go to, with their weights, in the control plane's order
 /// (older revision first, shift target last).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Split {
-    /// `(cumulative weight up to and including this entry, cluster)`; cumulative weights strictly
-    /// increase, so no entry has weight 0.
-    entries: Box<[(u32, ClusterId)]>,
+    /// Cumulative weights strictly increase, so no entry has weight 0.
+    entries: Box<[Entry]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Entry {
+    /// Weight up to and including this entry.
+    end: u32,
+    cluster: ClusterId,
+    /// A hash of the cluster's name: its rendezvous seed, whatever its id.
+    seed: u64,
+    /// Indices of the first and last entry of its revision (next to each other).
+    group: (u32, u32),
+}
+
+/// One cluster of a split, for [`Split::from_members`].
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    /// The cluster.
+    pub cluster: ClusterId,
+    /// Its name: sticky keys follow names, not ids (which shift as clusters come and go).
+    pub name: &'a str,
+    /// Its revision: members of one revision next to each other share one sticky interval.
+    pub group: &'a str,
+    /// Its weight.
+    pub weight: u32,
 }
 
 // === impl Split ===
 
 impl Split {
-    /// Builds a split from `(cluster, weight)` pairs, in order.
-    ///
-    /// Zero-weight clusters are dropped, except when every cluster given has weight 0: then each
-    /// gets weight 1, so an app stays available when the clusters holding its weight are not
-    /// eligible. Weights adding past `u32::MAX` are cut there (entries beyond get nothing).
+    /// Builds a split from `(cluster, weight)` pairs, in order, each cluster a revision of its own
+    /// (so [`pick_key`](Self::pick_key) is [`pick`](Self::pick)).
     pub fn from_weights(entries: impl IntoIterator<Item = (ClusterId, u32)>) -> Split {
-        let given: Vec<(ClusterId, u32)> = entries.into_iter().collect();
-        let all_zero = given.iter().all(|&(_, weight)| weight == 0);
+        let given: Vec<(ClusterId, u32, String)> = entries
+            .into_iter()
+            .map(|(c, w)| (c, w, c.to_string()))
+            .collect();
+        Split::from_members(given.iter().map(|(c, w, name)| Member {
+            cluster: *c,
+            name,
+            group: name,
+            weight: *w,
+        }))
+    }
+
+    /// Builds a split from its members, in order.
+    ///
+    /// Zero-weight members are dropped, except when every member has weight 0: then each gets
+    /// weight 1, so an app stays available when the clusters holding its weight are not eligible.
+    /// Weights adding past `u32::MAX` are cut there (entries beyond get nothing). Consecutive
+    /// members of one `group` form one revision.
+    pub fn from_members<'a>(members: impl IntoIterator<Item = Member<'a>>) -> Split {
+        let given: Vec<Member<'a>> = members.into_iter().collect();
+        let all_zero = given.iter().all(|m| m.weight == 0);
         let mut cumulative = 0u32;
-        let mut out = Vec::with_capacity(given.len());
-        for (cluster, weight) in given {
-            let weight = if all_zero { 1 } else { weight };
+        let mut out: Vec<Entry> = Vec::with_capacity(given.len());
+        let mut last_group: Option<&str> = None;
+        for m in given {
+            let weight = if all_zero { 1 } else { m.weight };
             let next = cumulative.saturating_add(weight);
-            if next > cumulative {
-                cumulative = next;
-                out.push((cumulative, cluster));
+            if next <= cumulative {
+                continue;
+            }
+            cumulative = next;
+            let index = out.len() as u32;
+            let first = match (last_group, out.last()) {
+                (Some(g), Some(prev)) if g == m.group => prev.group.0,
+                _ => index,
+            };
+            out.push(Entry {
+                end: cumulative,
+                cluster: m.cluster,
+                seed: xxh3_64_with_seed(m.name.as_bytes(), FIXED_SEED),
+                group: (first, index),
+            });
+            last_group = Some(m.group);
+        }
+        // Every member of a revision knows where the revision ends.
+        for i in (0..out.len()).rev() {
+            let (first, last) = out[i].group;
+            if i + 1 < out.len() && out[i + 1].group.0 == first {
+                out[i].group.1 = out[i + 1].group.1;
+            } else {
+                out[i].group.1 = last;
             }
         }
         Split {
@@ -42,50 +120,73 @@ impl Split {
         }
     }
 
-    /// The cluster for `x`: a random value for a weighted split, or a key's [`key_hash`] for a
-    /// sticky one. `None` when the split is empty.
-    ///
-    /// `x` scales to a point in `[0, total)` and the first entry whose cumulative weight exceeds
-    /// it is chosen.
-    ///
-    /// [`key_hash`]: super::key_hash
+    /// The cluster for a random value `x`: `x` scales to a point in `[0, total)` and the first
+    /// entry whose cumulative weight exceeds it is chosen. `None` when the split is empty.
     #[inline]
     pub fn pick(&self, x: u64) -> Option<ClusterId> {
+        self.entry_at(x).map(|i| self.entries[i].cluster)
+    }
+
+    /// The cluster for a split key's [`key_hash`](super::key_hash): the revision whose interval
+    /// holds the key's point, then the cluster of that revision by weighted rendezvous (see the
+    /// module docs). `None` when the split is empty.
+    #[inline]
+    pub fn pick_key(&self, key: u64) -> Option<ClusterId> {
+        let i = self.entry_at(key)?;
+        let (first, last) = self.entries[i].group;
+        if first == last {
+            return Some(self.entries[i].cluster);
+        }
+        self.rendezvous(key, first as usize..=last as usize)
+    }
+
+    /// The entry whose interval holds `x` scaled to `[0, total)`.
+    #[inline]
+    fn entry_at(&self, x: u64) -> Option<usize> {
         let point = ((x as u128 * self.total() as u128) >> 64) as u32;
-        self.entries
-            .iter()
-            .find(|&&(end, _)| end > point)
-            .map(|&(_, cluster)| cluster)
+        self.entries.iter().position(|e| e.end > point)
+    }
+
+    /// The entry of `range` with the highest `-weight / ln(u)`, `u = unit_interval(xxh3(key,
+    /// seed))`; the earlier one on a tie. Only `f64::ln` is not exact IEEE arithmetic: a libm
+    /// rounding it differently in the last bit could flip only keys whose two best scores are
+    /// within one ulp (odds about 2^-50 per key).
+    fn rendezvous(&self, key: u64, range: std::ops::RangeInclusive<usize>) -> Option<ClusterId> {
+        let bytes = key.to_le_bytes();
+        let mut best: Option<(f64, ClusterId)> = None;
+        for i in range {
+            let entry = &self.entries[i];
+            let start = if i == 0 { 0 } else { self.entries[i - 1].end };
+            let weight = f64::from(entry.end - start);
+            let u = unit_interval(xxh3_64_with_seed(&bytes, entry.seed));
+            let score = -weight / u.ln();
+            if best.is_none_or(|(top, _)| score > top) {
+                best = Some((score, entry.cluster));
+            }
+        }
+        best.map(|(_, cluster)| cluster)
     }
 
     /// Like [`pick`](Self::pick) over the split without `exclude` (a cluster that just failed), for
     /// a retry: `None` when no other cluster is in the split.
     pub fn pick_excluding(&self, x: u64, exclude: ClusterId) -> Option<ClusterId> {
-        let mut start = 0;
-        let mut others = 0u32;
-        for &(end, cluster) in &self.entries {
-            if cluster != exclude {
-                others += end - start;
-            }
-            start = end;
-        }
+        let others: u32 = self
+            .entries()
+            .filter(|&(c, _)| c != exclude)
+            .map(|(_, w)| w)
+            .sum();
         if others == 0 {
             return None;
         }
         let point = ((x as u128 * others as u128) >> 64) as u32;
-        let (mut start, mut seen) = (0, 0u32);
-        for &(end, cluster) in &self.entries {
-            let weight = end - start;
-            start = end;
-            if cluster == exclude {
-                continue;
-            }
-            seen += weight;
-            if seen > point {
-                return Some(cluster);
-            }
-        }
-        None
+        let mut seen = 0u32;
+        self.entries()
+            .filter(|&(c, _)| c != exclude)
+            .find(|&(_, w)| {
+                seen += w;
+                seen > point
+            })
+            .map(|(c, _)| c)
     }
 
     /// Whether no cluster can take the app's requests.
@@ -101,16 +202,16 @@ impl Split {
     /// The sum of the weights.
     #[inline]
     pub fn total(&self) -> u32 {
-        self.entries.last().map_or(0, |&(end, _)| end)
+        self.entries.last().map_or(0, |e| e.end)
     }
 
     /// The `(cluster, weight)` pairs, in order; every weight is above 0.
     pub fn entries(&self) -> impl Iterator<Item = (ClusterId, u32)> + '_ {
-        let starts = std::iter::once(0).chain(self.entries.iter().map(|&(end, _)| end));
+        let starts = std::iter::once(0).chain(self.entries.iter().map(|e| e.end));
         self.entries
             .iter()
             .zip(starts)
-            .map(|(&(end, cluster), start)| (cluster, end - start))
+            .map(|(e, start)| (e.cluster, e.end - start))
     }
 }
 
@@ -273,8 +374,13 @@ mod tests {
             for weights in shift_weights(clusters, &start, &last_steps, rotate) {
                 prop_assert_eq!(weights.iter().sum::<u32>(), 100);
                 let split = Split::from_weights(weights.iter().enumerate().map(|(i, &w)| (i as ClusterId, w)));
+                // The old clusters as one revision: rendezvous among them, whatever their weights.
+                let grouped = grouped(&weights, weights.len() - 1);
                 for (k, &key) in keys.iter().enumerate() {
                     let picked = split.pick(key).expect("total is 100");
+                    prop_assert_eq!(split.pick_key(key), Some(picked), "each cluster its own revision");
+                    let keyed = grouped.pick_key(key).expect("total is 100");
+                    prop_assert_eq!(keyed == last, picked == last, "the last revision's interval is the same");
                     if on_last[k] {
                         prop_assert_eq!(picked, last, "key {:#x} left the last cluster at {:?}", key, weights);
                     }
@@ -282,5 +388,111 @@ mod tests {
                 }
             }
         }
+
+        /// A target revision of several clusters: however its weight is spread over them (a
+        /// cluster joining it takes an equal share), a key that reached it stays in it.
+        #[test]
+        fn sticky_keys_never_leave_a_growing_target_revision(
+            steps in prop::collection::vec((0u32..=100, 0u32..=100), 1..10),
+            keys in prop::collection::vec(any::<u64>(), 200),
+        ) {
+            let mut target = 0u32;
+            let mut in_target = vec![false; keys.len()];
+            for (grow, spread) in steps {
+                target = (target + grow % 20).min(100);
+                let first = target * spread / 100;
+                let weights = [100 - target, first, target - first];
+                let split = grouped(&weights, 1);
+                for (k, &key) in keys.iter().enumerate() {
+                    let now = split.pick_key(key).map(|c| c >= 1);
+                    if in_target[k] {
+                        prop_assert_eq!(now, Some(true), "key {:#x} left the target at {:?}", key, weights);
+                    }
+                    in_target[k] = now == Some(true);
+                }
+            }
+        }
+
+        /// In a shard of one revision a cluster leaving (unready, ejected) moves only its own
+        /// keys; they come back when it returns.
+        #[test]
+        fn a_cluster_leaving_its_revision_moves_only_its_own_keys(
+            weights in prop::collection::vec(1u32..=100, 2..6),
+            leaving in 0usize..6,
+            keys in prop::collection::vec(any::<u64>(), 200),
+        ) {
+            let leaving = leaving % weights.len();
+            let all = grouped(&weights, weights.len());
+            let mut rest_weights = weights.clone();
+            rest_weights[leaving] = 0;
+            let rest = grouped(&rest_weights, weights.len());
+            for &key in &keys {
+                let (was, now) = (all.pick_key(key), rest.pick_key(key));
+                prop_assert_ne!(now, Some(leaving as ClusterId));
+                if was != Some(leaving as ClusterId) {
+                    prop_assert_eq!(was, now, "key {:#x} moved: {:?} without {}", key, weights, leaving);
+                }
+            }
+        }
     }
+
+    /// A split of clusters `0..weights.len()` named `c<i>`: those before `split_at` of revision
+    /// `v1`, the others of `v2`.
+    fn grouped(weights: &[u32], split_at: usize) -> Split {
+        let names: Vec<String> = (0..weights.len()).map(|i| format!("c{i}")).collect();
+        Split::from_members(weights.iter().enumerate().map(|(i, &weight)| Member {
+            cluster: i as ClusterId,
+            name: &names[i],
+            group: if i < split_at { "v1" } else { "v2" },
+            weight,
+        }))
+    }
+
+    #[test]
+    fn sticky_keys_spread_over_a_revision_by_weight() {
+        let split = grouped(&[50, 30, 20], 3);
+        let n = 100_000u64;
+        let mut counts = [0usize; 3];
+        for i in 0..n {
+            counts[split.pick_key(key_hash(&i.to_le_bytes())).unwrap() as usize] += 1;
+        }
+        for (c, want) in [50.0, 30.0, 20.0].into_iter().enumerate() {
+            let share = counts[c] as f64 * 100.0 / n as f64;
+            assert!((share - want).abs() < 1.0, "cluster {c} got {share}%");
+        }
+    }
+
+    /// Sticky keys follow cluster names, not ids (which shift as clusters come and go).
+    #[test]
+    fn sticky_keys_follow_names() {
+        let member = |cluster, name| Member {
+            cluster,
+            name,
+            group: "v1",
+            weight: 50,
+        };
+        let a = Split::from_members([member(0, "blue"), member(1, "green")]);
+        let b = Split::from_members([member(7, "blue"), member(3, "green")]);
+        for i in 0..1000u64 {
+            let key = key_hash(&i.to_le_bytes());
+            let on_blue = |s: &Split, blue| s.pick_key(key) == Some(blue);
+            assert_eq!(on_blue(&a, 0), on_blue(&b, 7), "key {key:#x}");
+        }
+    }
+
+    /// Stability guard, computed once with this implementation: replicas of different versions
+    /// behind one load balancer must send a key to the same cluster.
+    #[test]
+    fn sticky_picks_are_stable() {
+        let split = grouped(&[40, 30, 30], 3);
+        let picks: String = (0..32u64)
+            .map(|i| {
+                let key = key_hash(format!("session-{i}").as_bytes());
+                char::from(b'0' + split.pick_key(key).unwrap() as u8)
+            })
+            .collect();
+        assert_eq!(picks, GOLDEN_PICKS);
+    }
+
+    const GOLDEN_PICKS: &str = "21200202220000010020120212212201";
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
-use super::{AppId, ClusterId, Placement, PrefixMatcher, ShardId, Split};
+use super::{AppId, ClusterId, Member, Placement, PrefixMatcher, ShardId, Split};
 
 /// Everything a [`RoutingTable`] is built from; ids index these vectors.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,6 +35,9 @@ pub struct ClusterSpec {
     pub shard: ShardId,
     /// Its share of its shard's traffic, 0 to 100; a shard's weights normally add up to 100.
     pub weight: u32,
+    /// Its revision. A shard's clusters of one revision, next to each other in spec order (older
+    /// revisions first), share one interval of a sticky split (see [`Split`]).
+    pub revision: String,
     /// Whether its Serve proxy is healthy.
     pub ready: bool,
     /// Whether it is being drained: it gets no new requests.
@@ -176,7 +179,7 @@ impl RoutingTable {
     /// Builds the snapshot for `spec`, checking names, ids and route prefixes.
     ///
     /// An app's split holds the clusters of its shard that are ready, not draining and list the
-    /// app, in spec order, with their weights (see [`Split::from_weights`]).
+    /// app, in spec order, with their weights and revisions (see [`Split::from_members`]).
     pub fn build(spec: &TableSpec) -> Result<RoutingTable, TableError> {
         let placement = shards(&spec.shards)?;
         let cluster_names = clusters(&spec.clusters, spec.shards.len())?;
@@ -252,10 +255,16 @@ impl RoutingTable {
         let mut splits = Vec::new();
         for (app, clusters) in apps.iter_mut().zip(&eligible) {
             app.split = *split_ids.entry((app.shard, clusters)).or_insert_with(|| {
-                let weights = clusters
-                    .iter()
-                    .map(|&c| (c, spec.clusters[c as usize].weight));
-                splits.push(Split::from_weights(weights));
+                let members = clusters.iter().map(|&c| {
+                    let cluster = &spec.clusters[c as usize];
+                    Member {
+                        cluster: c,
+                        name: &cluster.name,
+                        group: &cluster.revision,
+                        weight: cluster.weight,
+                    }
+                });
+                splits.push(Split::from_members(members));
                 (splits.len() - 1) as u32
             });
         }
@@ -400,6 +409,7 @@ mod tests {
             name: name.into(),
             shard,
             weight,
+            revision: "v1".into(),
             ready: true,
             draining: false,
             apps: apps.iter().map(|a| a.to_string()).collect(),
@@ -421,6 +431,70 @@ mod tests {
 
     fn build(spec: &TableSpec) -> RoutingTable {
         RoutingTable::build(spec).expect("valid spec")
+    }
+
+    /// In a shard of one revision, a cluster that goes unready (or stops serving an app) takes
+    /// only its own sticky keys with it: keys of the others stay on their clusters.
+    #[test]
+    fn an_unready_cluster_of_a_revision_moves_only_its_own_keys() {
+        let clusters = || {
+            vec![
+                cluster("c0", 0, 40, &["a", "b"]),
+                cluster("c1", 0, 30, &["a", "b"]),
+                cluster("c2", 0, 30, &["a", "b"]),
+            ]
+        };
+        let before = build(&one_shard(clusters()));
+        let mut spec = one_shard(clusters());
+        // The first: with intervals per cluster, the others' would slide over each other.
+        spec.clusters[0].ready = false;
+        // c2 does not serve b.
+        spec.clusters[2].apps = vec!["a".into()];
+        let after = build(&spec);
+        assert_eq!(split(&after, 0), [(1, 30), (2, 30)]);
+        let (mut moved, mut kept) = (0, 0);
+        for i in 0..2000u64 {
+            let key = crate::routing::key_hash(&i.to_le_bytes());
+            let (was, now) = (
+                before.split_of(0).pick_key(key),
+                after.split_of(0).pick_key(key),
+            );
+            if was == Some(0) {
+                assert_ne!(now, Some(0));
+                moved += 1;
+            } else {
+                assert_eq!(was, now, "key {key:#x} of a ready cluster moved");
+                kept += 1;
+            }
+            assert_eq!(after.split_of(1).pick_key(key), Some(1), "only c1 serves b");
+        }
+        assert!(moved > 600 && kept > 1000, "{moved} moved, {kept} kept");
+    }
+
+    /// Clusters of one revision share one interval of a sticky split; other revisions keep their
+    /// own, in order.
+    #[test]
+    fn a_revisions_clusters_share_one_sticky_interval() {
+        let mut clusters = vec![
+            cluster("old", 0, 50, &["a"]),
+            cluster("new-1", 0, 25, &["a"]),
+            cluster("new-2", 0, 25, &["a"]),
+        ];
+        clusters[1].revision = "v2".into();
+        clusters[2].revision = "v2".into();
+        let table = build(&one_shard(clusters));
+        let split = table.split_of(0);
+        let step = u64::MAX / 4000 + 1;
+        let mut counts = [0usize; 3];
+        for i in 0..4000u64 {
+            let key = i * step;
+            let picked = split.pick_key(key).unwrap();
+            // The first half of the key space is v1's, the second v2's.
+            assert_eq!(picked == 0, i < 2000, "key {i}");
+            counts[picked as usize] += 1;
+        }
+        assert_eq!(counts[0], 2000);
+        assert!(counts[1].abs_diff(1000) < 120, "{counts:?}");
     }
 
     #[test]
