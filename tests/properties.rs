@@ -15,6 +15,8 @@ use rayshift::routing::{
     key_hash, prefix_matches, AppId, AppSpec, ClusterId, ClusterSpec, Placement, PrefixMatcher,
     RoutingTable, ShardSpec, Split, TableSpec,
 };
+use rayshift::shift::machine::{Shift, Target};
+use rayshift::shift::ShiftPolicy;
 
 // --- generators ---
 
@@ -334,6 +336,51 @@ proptest! {
         }
     }
 
+    /// A shift to one cluster of the revision the old clusters have (`to: green`): the shift
+    /// machine's own weights, step by step, with every cluster in one revision (so the key picks
+    /// by rendezvous among all of them): a key that reached the target stays on it.
+    #[test]
+    fn sticky_keys_stay_on_a_growing_target_of_their_revision(
+        old in prop::collection::vec(1u32..=60, 1..5),
+        target_at in 0usize..5,
+        mut steps in prop::collection::vec(0u32..=100, 5..25),
+        salt in any::<u64>(),
+    ) {
+        let mut names: Vec<String> = (0..old.len()).map(|i| format!("old-{i}")).collect();
+        let target_at = target_at.min(names.len());
+        names.insert(target_at, "target".into());
+        let mut start: BTreeMap<String, u32> = names
+            .iter()
+            .filter(|n| *n != "target")
+            .zip(&old)
+            .map(|(n, &w)| (n.clone(), w))
+            .collect();
+        start.insert("target".into(), 0);
+        let mut shift = Shift::new(
+            Target::Cluster("target".into()),
+            vec!["target".into()],
+            ShiftPolicy::default(),
+            start,
+        );
+        steps.sort_unstable();
+        let keys: Vec<u64> = (0..2000).map(|i| key_hash(format!("user-{salt}-{i}").as_bytes())).collect();
+        let mut on_target = vec![false; keys.len()];
+        for t in steps {
+            shift.target_weight = t;
+            let weights = shift.weights();
+            let in_order: Vec<u32> = names.iter().map(|n| weights[n]).collect();
+            let table = one_app_table_of(&in_order, |_| "v1".into());
+            let split = table.lookup("/app").expect("routable").split;
+            for (k, &key) in keys.iter().enumerate() {
+                let picked = split.pick_key(key).map(|c| c as usize);
+                if on_target[k] {
+                    prop_assert_eq!(picked, Some(target_at), "key {} left the target at {:?}", k, weights);
+                }
+                on_target[k] = picked == Some(target_at);
+            }
+        }
+    }
+
     /// A retry never goes to the cluster that failed, splits the rest by their weights, and finds
     /// nothing only when no other cluster is left.
     #[test]
@@ -366,4 +413,45 @@ proptest! {
         let picked: BTreeSet<ClusterId> = counts.keys().copied().collect();
         prop_assert!(!picked.contains(&exclude));
     }
+}
+
+/// The case that broke largest-remainder rounding: from 40 to 50 on the target, an old cluster
+/// of start weight 1 went from 0 back to 1 and took sticky keys off the target.
+#[test]
+fn a_tiny_old_cluster_never_takes_target_keys_back() {
+    let names = ["old-0", "old-1", "old-2", "old-3", "target"];
+    let start: BTreeMap<String, u32> = names
+        .iter()
+        .zip([36, 28, 1, 35, 0])
+        .map(|(n, w)| (n.to_string(), w))
+        .collect();
+    let mut shift = Shift::new(
+        Target::Cluster("target".into()),
+        vec!["target".into()],
+        ShiftPolicy::default(),
+        start,
+    );
+    let keys: Vec<u64> = (0..20_000)
+        .map(|i| key_hash(format!("user-{i}").as_bytes()))
+        .collect();
+    let picks = |shift: &Shift| {
+        let weights = shift.weights();
+        let in_order: Vec<u32> = names.iter().map(|n| weights[*n]).collect();
+        let table = one_app_table_of(&in_order, |_| "v1".into());
+        let split = table.lookup("/app").expect("routable").split.clone();
+        keys.iter()
+            .map(|&k| split.pick_key(k) == Some(4))
+            .collect::<Vec<bool>>()
+    };
+    shift.target_weight = 40;
+    let at_40 = picks(&shift);
+    shift.target_weight = 50;
+    let at_50 = picks(&shift);
+    let left = at_40
+        .iter()
+        .zip(&at_50)
+        .filter(|(a, b)| **a && !**b)
+        .count();
+    assert_eq!(left, 0, "{left} keys left the target between 40 and 50");
+    assert!(at_40.iter().filter(|on| **on).count() > 7000);
 }

@@ -1,4 +1,5 @@
-//! `Split::from_weights`, `pick` and `pick_excluding` on generated weights.
+//! `Split::from_weights`, `from_members`, `pick`, `pick_key` and `pick_excluding` on generated
+//! weights.
 //!
 //! Asserts: the entries are the given ones without zero weights (all 1 when every weight is 0),
 //! cut at `u32::MAX`; `pick(x)` is the entry whose cumulative interval holds `x * total / 2^64`, so

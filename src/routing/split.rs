@@ -11,8 +11,10 @@
 //!    the weights are spread inside each revision (a cluster joining the target revision, rounding);
 //! 2. inside a revision of several clusters, weighted rendezvous hashing of the key over their
 //!    names picks the cluster: each scores `-weight / ln(u)`, `u` a hash of the key and the
-//!    cluster's name, the best wins. A cluster that leaves (unready, ejected) takes only its own
-//!    keys, spread over the others of its revision by weight, and they come back with it.
+//!    cluster's name, the best wins. A key stays on a cluster whose weight grows while the others'
+//!    do not (the shift machine's rounding never raises them). A cluster that leaves (unready,
+//!    ejected) takes only its own keys, spread over the others by weight, and they come back
+//!    with it.
 //!
 //! A shard of one revision (the steady state of N+1 upgrades: many small clusters) is one
 //! interval, so there a cluster going unready moves no key of the others. While two revisions

@@ -609,35 +609,36 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
-/// Splits `total` over `shares` in proportion (largest remainder), so the parts sum to `total`
-/// exactly; all-zero shares split equally.
+/// Splits `total` over `shares` in proportion, so the parts sum to `total` exactly; all-zero shares
+/// split equally.
+///
+/// Sainte-Laguë: each unit of weight in turn goes to the share with the highest
+/// `share / (2 * units so far + 1)`, the earlier one on a tie. Like every divisor method it is
+/// house-monotone: a smaller `total` never gives any share more. So as a shift's target grows and
+/// the rest shrinks, no old cluster's weight ever rises (largest-remainder rounding can raise one by
+/// a unit, which would send sticky keys of the target back to it).
 fn apportion<'a>(total: u32, shares: &[(&'a str, u64)]) -> Vec<(&'a str, u32)> {
     if shares.is_empty() {
         return Vec::new();
     }
-    let sum: u64 = shares.iter().map(|(_, s)| s).sum();
-    let shares: Vec<(&str, u64)> = if sum == 0 {
-        shares.iter().map(|(n, _)| (*n, 1)).collect()
-    } else {
-        shares.to_vec()
-    };
-    let sum: u64 = shares.iter().map(|(_, s)| s).sum();
-    let mut parts: Vec<(&str, u32, u64)> = shares
+    let all_zero = shares.iter().all(|(_, s)| *s == 0);
+    let mut parts: Vec<(&str, u64, u32)> = shares
         .iter()
-        .map(|(n, s)| {
-            let exact = u64::from(total) * s;
-            (*n, (exact / sum) as u32, exact % sum)
-        })
+        .map(|(n, s)| (*n, if all_zero { 1 } else { *s }, 0))
         .collect();
-    let mut left = total - parts.iter().map(|(_, w, _)| w).sum::<u32>();
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by(|a, b| parts[*b].2.cmp(&parts[*a].2).then(a.cmp(b)));
-    for i in order {
-        if left == 0 {
-            break;
+    for _ in 0..total {
+        // a / (2x + 1) > b / (2y + 1), exactly, in u128.
+        let mut best = 0;
+        for i in 1..parts.len() {
+            let (_, s, units) = parts[i];
+            let (_, top, top_units) = parts[best];
+            if u128::from(s) * (2 * u128::from(top_units) + 1)
+                > u128::from(top) * (2 * u128::from(units) + 1)
+            {
+                best = i;
+            }
         }
-        parts[i].1 += 1;
-        left -= 1;
+        parts[best].2 += 1;
     }
-    parts.into_iter().map(|(n, w, _)| (n, w)).collect()
+    parts.into_iter().map(|(n, _, w)| (n, w)).collect()
 }

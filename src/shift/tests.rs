@@ -636,3 +636,41 @@ fn a_weighted_cluster_of_the_revision_joins_with_its_share() {
     assert_eq!((w["blue"], w["g1"], w["g2"]), (80, 10, 10));
     assert_eq!(s.old_clusters, ["blue"]);
 }
+
+proptest::proptest! {
+    /// As a shift's target weight grows, no other cluster's weight ever rises (the rest shrinks
+    /// unit by unit), and the weights always add up to 100: sticky keys that reached the target
+    /// have nowhere to go back to.
+    #[test]
+    fn old_weights_never_rise_as_the_target_grows(
+        old in proptest::collection::vec(0u32..=60, 1..5),
+        mut steps in proptest::collection::vec(0u32..=100, 1..15),
+    ) {
+        let mut start: BTreeMap<String, u32> = old
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (format!("old-{i}"), w))
+            .collect();
+        let sum: u32 = start.values().sum();
+        start.insert("target".into(), 100u32.saturating_sub(sum));
+        let mut s = Shift::new(
+            Target::Cluster("target".into()),
+            vec!["target".into()],
+            policy(),
+            start,
+        );
+        steps.sort_unstable();
+        let mut before = s.weights();
+        for t in steps {
+            s.target_weight = t.max(s.target_weight);
+            let now = s.weights();
+            proptest::prop_assert_eq!(now.values().sum::<u32>(), 100, "{:?}", now);
+            for (name, w) in &now {
+                if name != "target" {
+                    proptest::prop_assert!(*w <= before[name], "{} rose: {:?} -> {:?}", name, before, now);
+                }
+            }
+            before = now;
+        }
+    }
+}
