@@ -27,14 +27,23 @@ async fn one_cluster(name: &str, extra: &str) -> (ServeStub, TestGateway) {
 /// A backend killed mid-load (connections reset, port closed): with retries, GETs see no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_backend_with_retries_loses_no_get() {
-    // Until its probe fails (100 ms here, longer on a loaded machine) every request the split sends
-    // to the killed cluster is retried: a few hundred at this rate. The retry budget that caps
-    // retry storms (src/proxy/retry.rs) is not what this test is about, so it is set wide.
-    let (_blue, green, gw) = old_and_new(
-        "shard-0",
-        ("rt-blue", 50),
-        ("rt-green", 50),
-        "upstream:\n  retry_min_per_second: 100000\n",
+    // Until its probe fails or passive health ejects it, every request the split sends to the
+    // killed cluster is retried. Probes are 2 s apart here, so requests do reach it after the kill
+    // even on a loaded machine (with 100 ms, a slow load could send none, and no retry be
+    // counted). The retry budget that caps retry storms (src/proxy/retry.rs) is not what this
+    // test is about, so it is set wide.
+    let blue = stub("rt-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("rt-green", "v2", &[("echo", "/echo")]).await;
+    let gw = TestGateway::start(
+        &config_yaml(
+            &["shard-0"],
+            &[
+                cluster(&blue, "shard-0", "v1", Some(50)),
+                cluster(&green, "shard-0", "v2", Some(50)),
+            ],
+            "upstream:\n  retry_min_per_second: 100000\n",
+        )
+        .replace("  interval: 100ms\n", "  interval: 2s\n"),
     )
     .await;
     let load = Load::start(gw.url("/echo"), 8, false);
