@@ -616,7 +616,9 @@ fn round_ms(d: Duration) -> Duration {
 /// `share / (2 * units so far + 1)`, the earlier one on a tie. Like every divisor method it is
 /// house-monotone: a smaller `total` never gives any share more. So as a shift's target grows and
 /// the rest shrinks, no old cluster's weight ever rises (largest-remainder rounding can raise one by
-/// a unit, which would send sticky keys of the target back to it).
+/// a unit, which would send sticky keys of the target back to it). It is consistent too: taking
+/// one share and its units out (a cluster joining the target) leaves the others' parts as they
+/// were. `total` is a weight (at most 100): the work is `total` times the number of shares.
 fn apportion<'a>(total: u32, shares: &[(&'a str, u64)]) -> Vec<(&'a str, u32)> {
     if shares.is_empty() {
         return Vec::new();

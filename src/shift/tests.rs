@@ -643,9 +643,14 @@ proptest::proptest! {
     /// have nowhere to go back to.
     #[test]
     fn old_weights_never_rise_as_the_target_grows(
-        old in proptest::collection::vec(0u32..=60, 1..5),
+        mut old in proptest::collection::vec(0u32..=60, 1..5),
         mut steps in proptest::collection::vec(0u32..=100, 1..15),
     ) {
+        // A shard's weights add up to 100 at most.
+        while old.iter().sum::<u32>() > 100 {
+            let i = old.iter().position(|&w| w > 0).expect("sum above 0");
+            old[i] -= 1;
+        }
         let mut start: BTreeMap<String, u32> = old
             .iter()
             .enumerate()
@@ -672,5 +677,39 @@ proptest::proptest! {
             }
             before = now;
         }
+    }
+}
+
+/// A cluster joining a revision target takes its share with it and changes no other cluster's
+/// weight (the rounding is consistent): the old clusters' sticky keys stay where they are.
+#[test]
+fn a_joining_cluster_leaves_the_other_weights_as_they_were() {
+    let start: BTreeMap<String, u32> = [("a", 33), ("b", 1), ("c", 21), ("g1", 0), ("g2", 45)]
+        .into_iter()
+        .map(|(n, w)| (n.to_string(), w))
+        .collect();
+    let mut s = Shift::new(
+        Target::Revision("v2".into()),
+        vec!["g1".into()],
+        policy(),
+        start,
+    );
+    for t in [10, 17, 23, 36] {
+        s.target_weight = t;
+        let before = s.weights();
+        let mut joined = s.clone();
+        assert!(joined.join_target("g2").is_some());
+        let after = joined.weights();
+        for name in ["a", "b", "c"] {
+            assert_eq!(
+                after[name], before[name],
+                "{name} at {t}: {before:?} -> {after:?}"
+            );
+        }
+        assert_eq!(
+            after["g1"] + after["g2"],
+            before["g1"] + before["g2"],
+            "g2 brought its share: {before:?} -> {after:?}"
+        );
     }
 }
