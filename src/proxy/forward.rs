@@ -262,11 +262,7 @@ fn route(
         return Err(local_response(StatusCode::NOT_FOUND, msg));
     };
     let key = split_key::split_hash(&ctx.split_key, req.headers(), peer.ip());
-    let x = key.unwrap_or_else(|| fastrand::u64(..));
-    let picked = match key {
-        Some(key) => hit.split.pick_key(key),
-        None => hit.split.pick(x),
-    };
+    let (picked, x) = super::pick(hit.split, key);
     match picked {
         Some(id) => Ok(Route {
             cluster: Arc::clone(snap.cluster(id)),

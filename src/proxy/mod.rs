@@ -166,6 +166,22 @@ pub(crate) fn route_path(raw: &str) -> std::borrow::Cow<'_, str> {
         .unwrap_or(std::borrow::Cow::Borrowed(raw))
 }
 
+/// A request's cluster in `split`: sticky by its split key's hash `key` when it has one, else at
+/// random by weight; with the value a retry picks from (`pick_excluding`).
+#[inline]
+pub(crate) fn pick(
+    split: &crate::routing::Split,
+    key: Option<u64>,
+) -> (Option<crate::routing::ClusterId>, u64) {
+    match key {
+        Some(key) => (split.pick_key(key), key),
+        None => {
+            let x = fastrand::u64(..);
+            (split.pick(x), x)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::route_path;

@@ -109,12 +109,9 @@ impl Split {
             last_group = Some(m.group);
         }
         // Every member of a revision knows where the revision ends.
-        for i in (0..out.len()).rev() {
-            let (first, last) = out[i].group;
-            if i + 1 < out.len() && out[i + 1].group.0 == first {
-                out[i].group.1 = out[i + 1].group.1;
-            } else {
-                out[i].group.1 = last;
+        for i in (1..out.len()).rev() {
+            if out[i - 1].group.0 == out[i].group.0 {
+                out[i - 1].group.1 = out[i].group.1;
             }
         }
         Split {

@@ -378,11 +378,7 @@ fn route(ctx: &ProxyContext, buf: &[u8], req: &head::Request) -> Option<Route> {
     {
         return None;
     }
-    let x = req.split.unwrap_or_else(|| fastrand::u64(..));
-    let picked = match req.split {
-        Some(key) => hit.split.pick_key(key),
-        None => hit.split.pick(x),
-    };
+    let (picked, x) = crate::proxy::pick(hit.split, req.split);
     let cluster = snap.cluster(picked?);
     Some(Route {
         cluster: Arc::clone(cluster),
