@@ -11,7 +11,7 @@ mod kube_env;
 use std::time::Duration;
 
 use common::*;
-use http::StatusCode;
+use http::{Method, StatusCode};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube_env::{create_raycluster, set_status, KubeEnv};
 
@@ -33,6 +33,7 @@ async fn kubernetes_discovery_end_to_end() {
     api_server_restart_mid_load(&env).await;
     two_replicas_share_state_and_fail_over(&env).await;
     a_hung_api_server_fails_state_writes_in_bounded_time(&env).await;
+    a_shift_rolls_back_while_the_api_server_hangs(&env).await;
     back_to_back_writes_keep_the_newest_shared_state(&env).await;
     a_state_configmap_keeps_what_others_put_in_it_and_comes_back(&env).await;
     ready_waits_for_the_first_probes_of_a_late_list(&env).await;
@@ -584,6 +585,110 @@ async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
     })
     .await;
     assert_eq!(gw.cluster_state("hung-v2").await["weight"], 100);
+    gw.gateway.shutdown().await;
+}
+
+/// With the state in a ConfigMap and the API server frozen in the middle of a shift, a target
+/// that goes bad is still rolled back: its failed checks and the rollback apply before their
+/// writes (which hang, then fail, again and again), so traffic is back on the old clusters while
+/// nothing can be written. A cluster that goes down meanwhile leaves the table at once (the control
+/// loop applies probe reports while a write hangs), and once the server answers again the
+/// ConfigMap holds the rolled-back shift.
+async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
+    env.namespace("hungshift").await;
+    let api = env.rayclusters("hungshift");
+    let old_a = stub("hs-old-a", "v1", &[("echo", "/echo")]).await;
+    let old_b = stub("hs-old-b", "v1", &[("echo", "/echo")]).await;
+    let new = stub("hs-new", "v2", &[("echo", "/echo")]).await;
+    for (name, rev, s) in [
+        ("hs-old-a", "v1", &old_a),
+        ("hs-old-b", "v1", &old_b),
+        ("hs-new", "v2", &new),
+    ] {
+        create_raycluster(&api, name, "shard-0", rev, s.addr().port(), true).await;
+    }
+    // A Lease long enough to stay leader through the freeze (a leader that cannot renew steps
+    // down after two thirds of it, and then no replica judges shifts).
+    let extra = "    state: {namespace: hungshift, configmap: rayshift-state, lease: rayshift-leader, lease_duration: 120s, identity: solo}\n\
+                 apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
+    let gw = TestGateway::start(&gateway_yaml(env, "hungshift", extra)).await;
+    for name in ["hs-old-a", "hs-old-b", "hs-new"] {
+        gw.wait_cluster_ready(name, true).await;
+    }
+    let load = Load::start(gw.url("/echo"), 6, false);
+    load.wait_for_more(100).await;
+    let r = send(
+        Method::POST,
+        &gw.admin("/v1/shards/shard-0/shift"),
+        &[("content-type", "application/json")],
+        r#"{"to": "hs-new", "step_percent": 20, "step_interval": "1s", "min_requests": 20, "max_error_rate": 0.05, "failure_threshold": 2}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    eventually("the shift's first step", || async {
+        gw.cluster_state("hs-new").await["weight"].as_u64() >= Some(20)
+    })
+    .await;
+
+    env.freeze_apiserver(true);
+    new.set_error_rate(0.5);
+    let frozen = std::time::Instant::now();
+    let deadline = frozen + Duration::from_secs(60);
+    let shift = loop {
+        let shift: serde_json::Value =
+            serde_json::from_str(&get(&gw.admin("/v1/shards/shard-0/shift")).await.body).unwrap();
+        if shift["state"] == "rolled_back" {
+            break shift;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rollback in 60 s with the API server frozen; last: {shift}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "rolled back {:?} after the API server froze",
+        frozen.elapsed()
+    );
+    assert!(
+        shift["reason"].as_str().unwrap().contains("error rate"),
+        "{shift}"
+    );
+    assert_eq!(gw.cluster_state("hs-new").await["weight"], 0);
+    new.reset_requests();
+    for _ in 0..20 {
+        assert_ne!(get(&gw.url("/echo")).await.cluster(), Some("hs-new"));
+    }
+    assert_eq!(new.requests(), 0, "requests reached the rolled-back target");
+
+    // Still frozen (the rollback's write is retried and hangs): a cluster that goes down leaves
+    // the table within a few probe rounds, not after the write's 10 s timeout.
+    let killed = std::time::Instant::now();
+    old_b.kill();
+    gw.wait_cluster_ready("hs-old-b", false).await;
+    let ejected = killed.elapsed();
+    println!("a killed cluster left the table {ejected:?} after it went down, writes hanging");
+    assert!(ejected < Duration::from_secs(4), "{ejected:?}");
+    env.freeze_apiserver(false);
+
+    eventually("the ConfigMap holds the rolled-back shift", || async {
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            kube::Api::namespaced(env.client.clone(), "hungshift")
+                .get("rayshift-state")
+                .await
+                .unwrap();
+        let stored: serde_json::Value =
+            serde_json::from_str(&cm.data.unwrap()["state.json"]).unwrap();
+        stored["shards"]["shard-0"]["shift"]["phase"] == "rolled_back"
+            && stored["shards"]["shard-0"]["weights"]["hs-new"] == 0
+    })
+    .await;
+    let report = load.stop().await;
+    println!(
+        "rollback with the API server frozen: {} requests, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
     gw.gateway.shutdown().await;
 }
 

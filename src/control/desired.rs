@@ -12,6 +12,13 @@ use crate::shift::Phase;
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
 
+/// The outcome of a state write ([`Desired::save_later`]).
+pub(super) struct Saved {
+    result: Result<(), StateError>,
+    /// The state another replica wrote first (a ConfigMap conflict).
+    theirs: Option<State>,
+}
+
 impl Desired {
     /// Handles queued commands in order; consecutive weight changes are committed together. At a
     /// [`Command::Stop`] the state journal is folded and its reply returned: the control task
@@ -221,24 +228,53 @@ impl Desired {
         }
     }
 
-    /// Writes `next` to the state file off the async runtime.
+    /// Writes `next` to the state store, off the async runtime.
     pub(super) async fn persist(&mut self, next: &State) -> Result<(), StateError> {
-        match &self.store {
-            Store::File(writer) => writer.save(next.clone()).await,
-            Store::ConfigMap(store) => {
-                let store = Arc::clone(store);
-                let result = store.save(next).await;
-                if matches!(result, Err(StateError::Conflict(_))) {
-                    // Another replica wrote first: take its state, so the next attempt starts from it.
-                    match store.load().await {
-                        Ok(Some(state)) => self.adopt_state(state),
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, "reloading the shared state failed"),
+        let saved = self.save_later(next.clone()).await;
+        self.settle(saved)
+    }
+
+    /// The write of `next`, owning what it needs: the control loop goes on applying probe
+    /// reports while a clock tick's write is in flight. A ConfigMap write that another replica's
+    /// came before also reads that replica's state, for [`settle`](Self::settle) to take.
+    pub(super) fn save_later(
+        &self,
+        next: State,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Saved> + Send + 'static>> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            match store {
+                Store::File(writer) => Saved {
+                    result: writer.save(next).await,
+                    theirs: None,
+                },
+                Store::ConfigMap(store) => {
+                    let result = store.save(&next).await;
+                    let mut theirs = None;
+                    if matches!(result, Err(StateError::Conflict(_))) {
+                        match store.load().await {
+                            Ok(state) => theirs = state,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reloading the shared state failed")
+                            }
+                        }
                     }
+                    Saved { result, theirs }
                 }
-                result
             }
+        })
+    }
+
+    /// Takes the outcome of a write: on success nothing is held only in memory any more; after a
+    /// conflict the other replica's state is taken, so the next attempt starts from it.
+    pub(super) fn settle(&mut self, saved: Saved) -> Result<(), StateError> {
+        if saved.result.is_ok() {
+            self.unsaved = false;
         }
+        if let Some(state) = saved.theirs {
+            self.adopt_state(state);
+        }
+        saved.result
     }
 
     /// Folds the state journal into the state file (nothing to do for a ConfigMap).
@@ -281,6 +317,9 @@ impl Desired {
             }
         }
         self.state = state;
+        // What only this replica's memory held is replaced (a rollback not yet written is
+        // decided again from the state taken).
+        self.unsaved = false;
         self.publish();
     }
 

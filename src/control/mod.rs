@@ -459,6 +459,10 @@ struct Desired {
     rollout_gauges: gauges::RolloutGauges,
     /// Routing tables published.
     table_updates: metrics::Counter,
+    /// A tick applied transitions (a failed check, a rollback) whose write has not yet succeeded.
+    unsaved: bool,
+    /// After a clock tick's write failed: no tick writes before then.
+    write_retry_at: Option<tokio::time::Instant>,
 }
 
 /// Errors starting the control plane.
@@ -552,6 +556,8 @@ pub async fn start(
             .collect(),
         rollout_gauges: gauges::RolloutGauges::new(),
         table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
+        unsaved: false,
+        write_retry_at: None,
         discovery_pending: match &config.kubernetes {
             None => Default::default(),
             Some(k) if k.namespaces.is_empty() => [None].into(),
@@ -599,6 +605,9 @@ pub(crate) fn upstream_address(url: &url::Url) -> Option<(Scheme, Authority)> {
     Some((scheme, authority))
 }
 
+/// A state write in flight, owning what it needs.
+type SaveFuture = std::pin::Pin<Box<dyn std::future::Future<Output = desired::Saved> + Send>>;
+
 /// The owner loop: apply commands and probe reports, publish after each change.
 async fn run(
     mut desired: Desired,
@@ -620,6 +629,11 @@ async fn run(
     // Shifts, rollouts and automatic shifts advance on this clock.
     let mut tick = tokio::time::interval(SHIFT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A clock tick's write in flight. Probe reports and passive health still apply meanwhile (a
+    // cluster that goes down leaves the table while a state store hangs); commands, other
+    // replicas' states and the next tick's transitions wait for it, as they build on the state
+    // it writes.
+    let mut writing: Option<(shifts::TickWrite, SaveFuture)> = None;
     loop {
         if listing && desired.discovery_pending.is_empty() {
             listing = false;
@@ -636,8 +650,21 @@ async fn run(
             let _ = ready.send(true);
         }
         tokio::select! {
-            _ = tick.tick() => desired.tick().await,
-            cmd = commands.recv() => match cmd {
+            _ = tick.tick() => {
+                if writing.is_some() {
+                    // Passive health still ejects clusters while the write is in flight.
+                    desired.passive_tick();
+                } else if let Some(write) = desired.tick_begin() {
+                    let save = desired.save_later(write.next.clone());
+                    writing = Some((write, save));
+                }
+            }
+            saved = async { writing.as_mut().expect("guarded by is_some").1.as_mut().await }, if writing.is_some() => {
+                if let Some((write, _)) = writing.take() {
+                    desired.tick_end(write, saved);
+                }
+            }
+            cmd = commands.recv(), if writing.is_none() => match cmd {
                 Some(cmd) => {
                     // Take what else is queued, so weight changes that arrived together share one
                     // state-file write.
@@ -664,7 +691,7 @@ async fn run(
                 }
                 desired.publish();
             }
-            Some((state, version)) = shared_state.recv() => desired.adopt_shared_state(state, version),
+            Some((state, version)) = shared_state.recv(), if writing.is_none() => desired.adopt_shared_state(state, version),
             () = &mut deadline, if !waited => {
                 waited = true;
                 if desired.clusters.iter().any(|c| c.probe.is_none()) {

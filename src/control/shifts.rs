@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use tokio::time::Instant;
 
 use super::desired::same_prefix;
+use super::desired::Saved;
 use super::{natural_cmp, Action, ClusterEntry, ControlError, Desired, ShiftRequest};
 use crate::discovery::probe::ProbeReport;
 use crate::shift::machine::{Event, Observation};
@@ -399,17 +400,42 @@ impl Desired {
         rollout.ok_or_else(|| ControlError::NoRollout("is running".into()))
     }
 
-    /// One clock tick: advance every active shift, the rollout and automatic shifts; persist and
-    /// publish if anything changed.
-    pub(super) async fn tick(&mut self) {
-        let now = Instant::now();
-        if self.passive_health(now) {
+    /// Passive health's part of a clock tick: eject or readmit clusters by their recent answers.
+    pub(super) fn passive_tick(&mut self) {
+        if self.passive_health(Instant::now()) {
             self.publish();
+        }
+    }
+
+    /// One clock tick, its write awaited here (a rollout's first shards start this way).
+    pub(super) async fn tick(&mut self) {
+        if let Some(write) = self.tick_begin() {
+            let saved = self.save_later(write.next.clone()).await;
+            self.tick_end(write, saved);
+        }
+    }
+
+    /// The first half of a clock tick: advance every active shift, the rollout and automatic
+    /// shifts, and return the state to write if anything changed. The control loop writes it
+    /// while it goes on applying probe reports, then calls [`tick_end`](Self::tick_end).
+    ///
+    /// Transitions that move no traffic forward (a failed check, a rollback to the old clusters)
+    /// apply here, before their write: a state store that fails or hangs (an API server that
+    /// stopped answering, a full disk) must not keep traffic on a target that went bad. Until a
+    /// write that holds them succeeds they are only in memory (a restart before it starts again
+    /// from the last written state), and every tick writes again. Steps forward (a higher target
+    /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
+    pub(super) fn tick_begin(&mut self) -> Option<TickWrite> {
+        let now = Instant::now();
+        self.passive_tick();
+        // After a failed write the store is given a second before the next attempt.
+        if self.write_retry_at.is_some_and(|at| now < at) {
+            return None;
         }
         // With several replicas, only the Lease holder advances shifts and rollouts.
         if self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
             self.leading = false;
-            return;
+            return None;
         }
         if !self.leading {
             // Newly leading: timers and windows kept from before (or adopted with another
@@ -424,10 +450,11 @@ impl Desired {
         // Before the first list of discovered clusters, a shift would find its clusters gone (and
         // roll back), a drain nothing in flight, a rollout no cluster of its revision.
         if !self.discovery_pending.is_empty() {
-            return;
+            return None;
         }
         let mut next = self.state.clone();
-        let mut changed = false;
+        // Transitions applied ahead of a write that then failed are written again.
+        let mut changed = self.unsaved;
         let mut events: Vec<(String, Event)> = Vec::new();
 
         // Shards of the state that the config no longer declares are left as they are.
@@ -498,19 +525,59 @@ impl Desired {
             }
         }
 
+        // Shards whose every event moves no traffic forward take their new shift now.
+        let at_once: Vec<&String> = shards
+            .iter()
+            .filter(|shard| {
+                let mut mine = events.iter().filter(|(s, _)| s == *shard).peekable();
+                mine.peek().is_some() && mine.all(|(_, e)| moves_nothing_forward(e))
+            })
+            .collect();
+        for shard in &at_once {
+            if let (Some(cur), Some(new)) =
+                (self.state.shards.get_mut(*shard), next.shards.get(*shard))
+            {
+                *cur = new.clone();
+            }
+        }
+        let (now_events, forward): (Vec<_>, Vec<_>) =
+            events.into_iter().partition(|(s, _)| at_once.contains(&s));
+        if !now_events.is_empty() {
+            self.unsaved = true;
+            self.publish();
+            for (shard, event) in &now_events {
+                record(shard, event);
+            }
+        }
+
         changed |= self.advance_rollout(&mut next, now);
         changed |= self.auto_shifts(&mut next);
-        if !changed {
-            return;
-        }
-        match self.commit(next).await {
+        changed.then_some(TickWrite {
+            next,
+            events: forward,
+        })
+    }
+
+    /// The second half of a clock tick: once its state is written, it becomes current and is
+    /// published, and its events are recorded; if the write failed, the next tick tries again.
+    pub(super) fn tick_end(&mut self, write: TickWrite, saved: Saved) {
+        let settled = self.settle(saved);
+        self.write_retry_at = settled.is_err().then(|| Instant::now() + WRITE_RETRY);
+        match settled {
             Ok(()) => {
-                for (shard, event) in events {
+                self.state = write.next;
+                self.publish();
+                for (shard, event) in write.events {
                     record(&shard, &event);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "could not persist a shift transition; will retry")
+                let held = if self.unsaved {
+                    "; a rollback or failed check is applied but not yet written"
+                } else {
+                    ""
+                };
+                tracing::error!(error = %e, "could not persist a shift transition; will retry{held}")
             }
         }
     }
@@ -819,6 +886,27 @@ fn add(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
 }
 
 /// Logs and counts a shift event.
+/// How long a clock tick waits after a failed state write before writing again.
+const WRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A clock tick's next state, being written, and the events it will record once written.
+#[derive(Debug)]
+pub(super) struct TickWrite {
+    /// The state to write.
+    pub(super) next: State,
+    /// Events of the transitions that apply once written.
+    events: Vec<(String, Event)>,
+}
+
+/// Whether a shift's event leaves traffic where it was or takes it back to the old clusters:
+/// such a transition may apply before it is written.
+fn moves_nothing_forward(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::CheckFailed { .. } | Event::RolledBack { .. } | Event::Waiting
+    )
+}
+
 fn record(shard: &str, event: &Event) {
     match event {
         Event::Stepped { weight } => {
