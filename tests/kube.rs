@@ -671,6 +671,14 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     assert!(ejected < Duration::from_secs(4), "{ejected:?}");
     env.freeze_apiserver(false);
 
+    // The writes that timed out may land now, older states among them: the rollback stays.
+    new.reset_requests();
+    let back = std::time::Instant::now();
+    while back.elapsed() < Duration::from_secs(3) {
+        assert_eq!(gw.cluster_state("hs-new").await["weight"], 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(new.requests(), 0, "requests reached the rolled-back target");
     eventually("the ConfigMap holds the rolled-back shift", || async {
         let cm: k8s_openapi::api::core::v1::ConfigMap =
             kube::Api::namespaced(env.client.clone(), "hungshift")

@@ -12,8 +12,8 @@ use crate::shift::Phase;
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
 
-/// The outcome of a state write ([`Desired::save_later`]).
-pub(super) struct Saved {
+/// The outcome of a state write ([`Desired::persist`]).
+struct Saved {
     result: Result<(), StateError>,
     /// The state another replica wrote first (a ConfigMap conflict).
     theirs: Option<State>,
@@ -33,6 +33,13 @@ impl Desired {
                 Command::Stop(reply) => {
                     if !group.is_empty() {
                         self.set_weights_group(std::mem::take(&mut group)).await;
+                    }
+                    if self.unsaved {
+                        // A step back applied but not yet written: one more try before stopping.
+                        let current = self.state.clone();
+                        if let Err(e) = self.persist(&current).await {
+                            tracing::error!(error = %e, "a rollback or failed check applied in memory could not be written before stopping");
+                        }
                     }
                     self.fold_state().await;
                     return Some(reply);
@@ -229,20 +236,42 @@ impl Desired {
     }
 
     /// Writes `next` to the state store, off the async runtime.
+    ///
+    /// Probe reports and passive health go on applying while the write is in flight (a ConfigMap
+    /// write may wait up to 10 s for an API server that stopped answering): a cluster that goes
+    /// down leaves the table meanwhile. The caller's `next` is not yet current, so what is
+    /// published meanwhile is the current state with the new health.
     pub(super) async fn persist(&mut self, next: &State) -> Result<(), StateError> {
-        let saved = self.save_later(next.clone()).await;
+        let mut save = std::pin::pin!(self.save(next.clone()));
+        let mut passive = tokio::time::interval(super::SHIFT_TICK);
+        passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        passive.reset();
+        let saved = loop {
+            tokio::select! {
+                saved = &mut save => break saved,
+                Some(report) = self.probes.recv() => self.apply_probes(report),
+                _ = passive.tick() => self.passive_tick(),
+            }
+        };
         self.settle(saved)
     }
 
-    /// The write of `next`, owning what it needs: the control loop goes on applying probe
-    /// reports while a clock tick's write is in flight. A ConfigMap write that another replica's
-    /// came before also reads that replica's state, for [`settle`](Self::settle) to take.
-    pub(super) fn save_later(
-        &self,
-        next: State,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Saved> + Send + 'static>> {
+    /// Applies `report` and any others queued behind it, then publishes once.
+    pub(super) fn apply_probes(&mut self, report: ProbeReport) {
+        self.apply_probe(report);
+        // Coalesce a burst of reports into one publication.
+        while let Ok(report) = self.probes.try_recv() {
+            self.apply_probe(report);
+        }
+        self.publish();
+    }
+
+    /// The write of `next`, owning what it needs (so that probe reports can apply while it is
+    /// in flight). A ConfigMap write that another replica's came before also reads that
+    /// replica's state, for [`settle`](Self::settle) to take.
+    fn save(&self, next: State) -> impl std::future::Future<Output = Saved> + Send + 'static {
         let store = self.store.clone();
-        Box::pin(async move {
+        async move {
             match store {
                 Store::File(writer) => Saved {
                     result: writer.save(next).await,
@@ -262,12 +291,12 @@ impl Desired {
                     Saved { result, theirs }
                 }
             }
-        })
+        }
     }
 
     /// Takes the outcome of a write: on success nothing is held only in memory any more; after a
     /// conflict the other replica's state is taken, so the next attempt starts from it.
-    pub(super) fn settle(&mut self, saved: Saved) -> Result<(), StateError> {
+    fn settle(&mut self, saved: Saved) -> Result<(), StateError> {
         if saved.result.is_ok() {
             self.unsaved = false;
         }
@@ -310,6 +339,32 @@ impl Desired {
     /// Replaces the state (keeping this replica's shift timers where the shift is the same) and
     /// republishes.
     fn adopt_state(&mut self, mut state: State) {
+        // A rollback this replica applied but has not written stays over the same shift still
+        // running in the state taken (a write of this replica's that timed out and landed later,
+        // say): traffic must not go back to a target judged bad. It is written at the next tick.
+        let mut kept = false;
+        if self.unsaved {
+            for (shard, ours) in &self.state.shards {
+                let Some(rolled_back) =
+                    ours.shift.as_ref().filter(|s| s.phase == Phase::RolledBack)
+                else {
+                    continue;
+                };
+                let Some(entry) = state.shards.get_mut(shard) else {
+                    continue;
+                };
+                let same_running = entry.shift.as_ref().is_some_and(|theirs| {
+                    matches!(theirs.phase, Phase::Progressing | Phase::Paused)
+                        && theirs.target == rolled_back.target
+                        && theirs.start_weights == rolled_back.start_weights
+                });
+                if same_running {
+                    entry.weights = ours.weights.clone();
+                    entry.shift = Some(rolled_back.clone());
+                    kept = true;
+                }
+            }
+        }
         for (shard, entry) in &mut state.shards {
             let ours = self.state.shards.get(shard).and_then(|s| s.shift.as_ref());
             if let (Some(theirs), Some(ours)) = (entry.shift.as_mut(), ours) {
@@ -317,9 +372,7 @@ impl Desired {
             }
         }
         self.state = state;
-        // What only this replica's memory held is replaced (a rollback not yet written is
-        // decided again from the state taken).
-        self.unsaved = false;
+        self.unsaved = kept;
         self.publish();
     }
 

@@ -450,6 +450,9 @@ struct Desired {
     prober: Prober,
     /// Where probes report.
     probe_tx: mpsc::UnboundedSender<ProbeReport>,
+    /// Probe reports, applied by the control loop, and while a state write is in flight
+    /// ([`Desired::persist`]).
+    probes: mpsc::UnboundedReceiver<ProbeReport>,
     /// Discovery scopes (Kubernetes namespaces; `None`: all) whose first list has not arrived:
     /// the gateway is not ready before they have.
     discovery_pending: std::collections::BTreeSet<Option<String>>,
@@ -539,6 +542,7 @@ pub async fn start(
     let mut desired = Desired {
         prober: Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls),
         probe_tx,
+        probes: probe_rx,
         clusters: Vec::with_capacity(config.clusters.len()),
         config: Arc::clone(&config),
         state,
@@ -575,7 +579,7 @@ pub async fn start(
     // The first table before anything can read it: the admin API, started after this returns,
     // never answers from the empty placeholder (a shift's shard would be "unknown").
     desired.publish();
-    tokio::spawn(run(desired, command_rx, probe_rx, state_rx, ready_tx));
+    tokio::spawn(run(desired, command_rx, state_rx, ready_tx));
     Ok(ControlHandle {
         commands,
         table,
@@ -605,14 +609,10 @@ pub(crate) fn upstream_address(url: &url::Url) -> Option<(Scheme, Authority)> {
     Some((scheme, authority))
 }
 
-/// A state write in flight, owning what it needs.
-type SaveFuture = std::pin::Pin<Box<dyn std::future::Future<Output = desired::Saved> + Send>>;
-
 /// The owner loop: apply commands and probe reports, publish after each change.
 async fn run(
     mut desired: Desired,
     mut commands: mpsc::Receiver<Command>,
-    mut probes: mpsc::UnboundedReceiver<ProbeReport>,
     mut shared_state: mpsc::Receiver<(State, Option<String>)>,
     ready: watch::Sender<bool>,
 ) {
@@ -629,11 +629,6 @@ async fn run(
     // Shifts, rollouts and automatic shifts advance on this clock.
     let mut tick = tokio::time::interval(SHIFT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A clock tick's write in flight. Probe reports and passive health still apply meanwhile (a
-    // cluster that goes down leaves the table while a state store hangs); commands, other
-    // replicas' states and the next tick's transitions wait for it, as they build on the state
-    // it writes.
-    let mut writing: Option<(shifts::TickWrite, SaveFuture)> = None;
     loop {
         if listing && desired.discovery_pending.is_empty() {
             listing = false;
@@ -650,21 +645,8 @@ async fn run(
             let _ = ready.send(true);
         }
         tokio::select! {
-            _ = tick.tick() => {
-                if writing.is_some() {
-                    // Passive health still ejects clusters while the write is in flight.
-                    desired.passive_tick();
-                } else if let Some(write) = desired.tick_begin() {
-                    let save = desired.save_later(write.next.clone());
-                    writing = Some((write, save));
-                }
-            }
-            saved = async { writing.as_mut().expect("guarded by is_some").1.as_mut().await }, if writing.is_some() => {
-                if let Some((write, _)) = writing.take() {
-                    desired.tick_end(write, saved);
-                }
-            }
-            cmd = commands.recv(), if writing.is_none() => match cmd {
+            _ = tick.tick() => desired.tick().await,
+            cmd = commands.recv() => match cmd {
                 Some(cmd) => {
                     // Take what else is queued, so weight changes that arrived together share one
                     // state-file write.
@@ -682,16 +664,11 @@ async fn run(
                 }
                 None => return,
             },
-            report = probes.recv() => {
+            report = desired.probes.recv() => {
                 let Some(report) = report else { return };
-                desired.apply_probe(report);
-                // Coalesce a burst of reports into one publication.
-                while let Ok(report) = probes.try_recv() {
-                    desired.apply_probe(report);
-                }
-                desired.publish();
+                desired.apply_probes(report);
             }
-            Some((state, version)) = shared_state.recv(), if writing.is_none() => desired.adopt_shared_state(state, version),
+            Some((state, version)) = shared_state.recv() => desired.adopt_shared_state(state, version),
             () = &mut deadline, if !waited => {
                 waited = true;
                 if desired.clusters.iter().any(|c| c.probe.is_none()) {

@@ -1,14 +1,15 @@
 //! Shifts, rollouts and automatic shifts, as the control task drives them.
 //!
-//! Every change goes the same way: compute the next [`State`], write it to the state file, and only
-//! then make it current and publish the routing snapshot it implies.
+//! Every change goes the same way: compute the next [`State`], write it to the state store, and
+//! only then make it current and publish the routing snapshot it implies. The one exception is a
+//! clock tick's step back (a failed check, a rollback), which applies before its write
+//! ([`Desired::tick`]).
 
 use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
 use super::desired::same_prefix;
-use super::desired::Saved;
 use super::{natural_cmp, Action, ClusterEntry, ControlError, Desired, ShiftRequest};
 use crate::discovery::probe::ProbeReport;
 use crate::shift::machine::{Event, Observation};
@@ -407,25 +408,48 @@ impl Desired {
         }
     }
 
-    /// One clock tick, its write awaited here (a rollout's first shards start this way).
+    /// One clock tick: advance every active shift, the rollout and automatic shifts; write and
+    /// publish if anything changed.
+    ///
+    /// Transitions that move no traffic forward (a failed check, a rollback to the old clusters,
+    /// a cluster of the target revision joining the target) apply here, before their write: a state store that fails or hangs (an API server that
+    /// stopped answering, a full disk) must not keep traffic on a target that went bad. Until a
+    /// write that holds them succeeds they are only in memory (a restart before it starts again
+    /// from the last written state), and the ticks write again, a second after each failed
+    /// write. Steps forward (a higher target
+    /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
     pub(super) async fn tick(&mut self) {
-        if let Some(write) = self.tick_begin() {
-            let saved = self.save_later(write.next.clone()).await;
-            self.tick_end(write, saved);
+        let Some(write) = self.tick_begin() else {
+            return;
+        };
+        let persisted = self.persist(&write.next).await;
+        // A conflict took the other replica's state: the next tick builds on it at once.
+        self.write_retry_at = matches!(
+            persisted,
+            Err(ref e) if !matches!(e, crate::state::StateError::Conflict(_))
+        )
+        .then(|| Instant::now() + WRITE_RETRY);
+        match persisted {
+            Ok(()) => {
+                self.state = write.next;
+                self.publish();
+                for (shard, event) in write.events {
+                    record(&shard, &event);
+                }
+            }
+            Err(e) => {
+                let held = if self.unsaved {
+                    "; a rollback or failed check is applied but not yet written"
+                } else {
+                    ""
+                };
+                tracing::error!(error = %e, "could not persist a shift transition; will retry{held}")
+            }
         }
     }
 
-    /// The first half of a clock tick: advance every active shift, the rollout and automatic
-    /// shifts, and return the state to write if anything changed. The control loop writes it
-    /// while it goes on applying probe reports, then calls [`tick_end`](Self::tick_end).
-    ///
-    /// Transitions that move no traffic forward (a failed check, a rollback to the old clusters)
-    /// apply here, before their write: a state store that fails or hangs (an API server that
-    /// stopped answering, a full disk) must not keep traffic on a target that went bad. Until a
-    /// write that holds them succeeds they are only in memory (a restart before it starts again
-    /// from the last written state), and every tick writes again. Steps forward (a higher target
-    /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
-    pub(super) fn tick_begin(&mut self) -> Option<TickWrite> {
+    /// A tick up to its write: the state to write, if anything changed.
+    fn tick_begin(&mut self) -> Option<TickWrite> {
         let now = Instant::now();
         self.passive_tick();
         // After a failed write the store is given a second before the next attempt.
@@ -556,30 +580,6 @@ impl Desired {
             next,
             events: forward,
         })
-    }
-
-    /// The second half of a clock tick: once its state is written, it becomes current and is
-    /// published, and its events are recorded; if the write failed, the next tick tries again.
-    pub(super) fn tick_end(&mut self, write: TickWrite, saved: Saved) {
-        let settled = self.settle(saved);
-        self.write_retry_at = settled.is_err().then(|| Instant::now() + WRITE_RETRY);
-        match settled {
-            Ok(()) => {
-                self.state = write.next;
-                self.publish();
-                for (shard, event) in write.events {
-                    record(&shard, &event);
-                }
-            }
-            Err(e) => {
-                let held = if self.unsaved {
-                    "; a rollback or failed check is applied but not yet written"
-                } else {
-                    ""
-                };
-                tracing::error!(error = %e, "could not persist a shift transition; will retry{held}")
-            }
-        }
     }
 
     /// The rollout's step: mark shards done or failed, start the next ones.
@@ -885,28 +885,32 @@ fn add(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
     }
 }
 
-/// Logs and counts a shift event.
 /// How long a clock tick waits after a failed state write before writing again.
 const WRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A clock tick's next state, being written, and the events it will record once written.
+/// A clock tick's next state, to be written, and the events it records once written.
 #[derive(Debug)]
-pub(super) struct TickWrite {
+struct TickWrite {
     /// The state to write.
-    pub(super) next: State,
+    next: State,
     /// Events of the transitions that apply once written.
     events: Vec<(String, Event)>,
 }
 
-/// Whether a shift's event leaves traffic where it was or takes it back to the old clusters:
-/// such a transition may apply before it is written.
+/// Whether a shift's event moves no traffic towards its target: it leaves traffic where it was,
+/// takes it back to the old clusters, or shares the target's weight with one more cluster of the
+/// target revision. Such a transition may apply before it is written.
 fn moves_nothing_forward(event: &Event) -> bool {
     matches!(
         event,
-        Event::CheckFailed { .. } | Event::RolledBack { .. } | Event::Waiting
+        Event::CheckFailed { .. }
+            | Event::RolledBack { .. }
+            | Event::Waiting
+            | Event::TargetJoined { .. }
     )
 }
 
+/// Logs and counts a shift event.
 fn record(shard: &str, event: &Event) {
     match event {
         Event::Stepped { weight } => {
