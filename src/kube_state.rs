@@ -300,9 +300,20 @@ impl ConfigMapStore {
     }
 }
 
+/// A replica's standing in the Lease election ([`elect`]).
+#[derive(Debug, Clone)]
+pub struct Election {
+    /// True while this replica holds the Lease.
+    pub leader: watch::Receiver<bool>,
+    /// True while this replica, having held the Lease, cannot reach the API server to renew it:
+    /// it no longer leads, and no answer has said that another replica does. (It may still judge
+    /// its shifts for rollbacks, which need no write.)
+    pub stranded: watch::Receiver<bool>,
+}
+
 /// Runs leader election on a Lease, from when `start` is first true (the replica is ready: a
 /// replica that cannot list its clusters must not hold the Lease, which would keep the others
-/// from advancing shifts); the receiver is true while this replica holds it.
+/// from advancing shifts).
 pub fn elect(
     client: Client,
     namespace: &str,
@@ -310,10 +321,11 @@ pub fn elect(
     identity: String,
     duration: Duration,
     mut start: watch::Receiver<bool>,
-) -> watch::Receiver<bool> {
+) -> Election {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let name = name.to_string();
     let (tx, rx) = watch::channel(false);
+    let (stranded_tx, stranded) = watch::channel(false);
     tokio::spawn(async move {
         if start.wait_for(|ready| *ready).await.is_err() {
             return;
@@ -331,6 +343,8 @@ pub fn elect(
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
             let failed = attempt.is_err();
+            // Led (or was already stranded) and gets no answer now.
+            let stranded = failed && (*tx.borrow() || *stranded_tx.borrow());
             let leader = match attempt {
                 Ok(held) => {
                     if held {
@@ -347,6 +361,11 @@ pub fn elect(
             if *tx.borrow() != leader {
                 tracing::info!(lease = %name, %identity, leader, "leadership changed");
             }
+            let stranded = stranded && !leader;
+            if *stranded_tx.borrow() != stranded {
+                tracing::warn!(lease = %name, %identity, stranded, "stranded: led, and cannot reach the API server to renew the Lease");
+            }
+            stranded_tx.send_replace(stranded);
             if tx.send(leader).is_err() {
                 return;
             }
@@ -354,7 +373,10 @@ pub fn elect(
             tokio::time::sleep(if failed { duration / 12 } else { duration / 3 }).await;
         }
     });
-    rx
+    Election {
+        leader: rx,
+        stranded,
+    }
 }
 
 /// Acquires or renews the Lease; true when this replica holds it afterwards.

@@ -590,8 +590,8 @@ async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
 
 /// With the state in a ConfigMap and the API server frozen in the middle of a shift, a target
 /// that goes bad is still rolled back: its failed checks and the rollback apply before their
-/// writes (which hang, then fail, again and again), so traffic is back on the old clusters while
-/// nothing can be written. A cluster that goes down meanwhile leaves the table at once (the control
+/// writes (which hang, then fail), and the leader, stranded once its Lease ran out, goes on
+/// judging; traffic is back on the old clusters while nothing can be written. A cluster that goes down meanwhile leaves the table at once (the control
 /// loop applies probe reports while a write hangs), and once the server answers again the
 /// ConfigMap holds the rolled-back shift.
 async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
@@ -607,9 +607,9 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     ] {
         create_raycluster(&api, name, "shard-0", rev, s.addr().port(), true).await;
     }
-    // A Lease long enough to stay leader through the freeze (a leader that cannot renew steps
-    // down after two thirds of it, and then no replica judges shifts).
-    let extra = "    state: {namespace: hungshift, configmap: rayshift-state, lease: rayshift-leader, lease_duration: 120s, identity: solo}\n\
+    // A short Lease: the replica steps down a few seconds into the freeze, and judges its shift
+    // stranded (no answer from the API server) from then on.
+    let extra = "    state: {namespace: hungshift, configmap: rayshift-state, lease: rayshift-leader, lease_duration: 6s, identity: solo}\n\
                  apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
     let gw = TestGateway::start(&gateway_yaml(env, "hungshift", extra)).await;
     for name in ["hs-old-a", "hs-old-b", "hs-new"] {
@@ -650,25 +650,24 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
         "rolled back {:?} after the API server froze",
         frozen.elapsed()
     );
+    assert_eq!(
+        gw.state().await["leader"],
+        false,
+        "the rollback came from the stranded former leader"
+    );
     assert!(
         shift["reason"].as_str().unwrap().contains("error rate"),
         "{shift}"
     );
     assert_eq!(gw.cluster_state("hs-new").await["weight"], 0);
+    // Requests already on their way to hs-new when the table changed are not counted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     new.reset_requests();
     for _ in 0..20 {
         assert_ne!(get(&gw.url("/echo")).await.cluster(), Some("hs-new"));
     }
     assert_eq!(new.requests(), 0, "requests reached the rolled-back target");
 
-    // Still frozen (the rollback's write is retried and hangs): a cluster that goes down leaves
-    // the table within a few probe rounds, not after the write's 10 s timeout.
-    let killed = std::time::Instant::now();
-    old_b.kill();
-    gw.wait_cluster_ready("hs-old-b", false).await;
-    let ejected = killed.elapsed();
-    println!("a killed cluster left the table {ejected:?} after it went down, writes hanging");
-    assert!(ejected < Duration::from_secs(4), "{ejected:?}");
     env.freeze_apiserver(false);
 
     // The writes that timed out may land now, older states among them: the rollback stays.
@@ -691,6 +690,40 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
             && stored["shards"]["shard-0"]["weights"]["hs-new"] == 0
     })
     .await;
+
+    // An operator's change while the API server hangs: its write waits up to 10 s, and a cluster
+    // that goes down meanwhile leaves the table within a few probe rounds, not after the write.
+    eventually("leading again", || async {
+        gw.state().await["leader"] == true
+    })
+    .await;
+    env.freeze_apiserver(true);
+    let weights = gw.admin("/v1/shards/shard-0/weights");
+    let change = tokio::spawn(async move {
+        put(
+            &weights,
+            r#"{"weights": {"hs-old-a": 100, "hs-old-b": 0, "hs-new": 0}}"#,
+            None,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = std::time::Instant::now();
+    old_b.kill();
+    gw.wait_cluster_ready("hs-old-b", false).await;
+    let ejected = killed.elapsed();
+    println!("a killed cluster left the table {ejected:?} after it went down, a write hanging");
+    assert!(ejected < Duration::from_secs(4), "{ejected:?}");
+    assert!(!change.is_finished(), "the write was still in flight");
+    let answer = change.await.unwrap();
+    assert!(
+        answer.status.is_server_error(),
+        "{} {}",
+        answer.status,
+        answer.body
+    );
+    env.freeze_apiserver(false);
+
     let report = load.stop().await;
     println!(
         "rollback with the API server frozen: {} requests, {} failed",

@@ -34,7 +34,7 @@ impl Desired {
                     if !group.is_empty() {
                         self.set_weights_group(std::mem::take(&mut group)).await;
                     }
-                    if self.unsaved {
+                    if !self.unsaved.is_empty() && self.leading {
                         // A step back applied but not yet written: one more try before stopping.
                         let current = self.state.clone();
                         if let Err(e) = self.persist(&current).await {
@@ -298,7 +298,7 @@ impl Desired {
     /// conflict the other replica's state is taken, so the next attempt starts from it.
     fn settle(&mut self, saved: Saved) -> Result<(), StateError> {
         if saved.result.is_ok() {
-            self.unsaved = false;
+            self.unsaved.clear();
         }
         if let Some(state) = saved.theirs {
             self.adopt_state(state);
@@ -342,9 +342,13 @@ impl Desired {
         // A rollback this replica applied but has not written stays over the same shift still
         // running in the state taken (a write of this replica's that timed out and landed later,
         // say): traffic must not go back to a target judged bad. It is written at the next tick.
-        let mut kept = false;
-        if self.unsaved {
-            for (shard, ours) in &self.state.shards {
+        // Only while this replica leads (else the leader's states are taken as they are).
+        let mut kept = std::collections::BTreeSet::new();
+        if self.leading {
+            for shard in &self.unsaved {
+                let Some(ours) = self.state.shards.get(shard) else {
+                    continue;
+                };
                 let Some(rolled_back) =
                     ours.shift.as_ref().filter(|s| s.phase == Phase::RolledBack)
                 else {
@@ -361,7 +365,7 @@ impl Desired {
                 if same_running {
                     entry.weights = ours.weights.clone();
                     entry.shift = Some(rolled_back.clone());
-                    kept = true;
+                    kept.insert(shard.clone());
                 }
             }
         }

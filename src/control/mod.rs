@@ -437,6 +437,9 @@ struct Desired {
     store: Store,
     /// True while this replica holds the Lease (`None`: a single replica, always leading).
     leader: Option<watch::Receiver<bool>>,
+    /// True while this replica led and cannot reach the API server to renew the Lease: it goes on
+    /// judging its shifts for rollbacks, applied in memory, and writes nothing.
+    stranded: Option<watch::Receiver<bool>>,
     /// Whether the last tick advanced shifts (held the Lease): on becoming leader, the shifts'
     /// timers start afresh.
     leading: bool,
@@ -462,8 +465,9 @@ struct Desired {
     rollout_gauges: gauges::RolloutGauges,
     /// Routing tables published.
     table_updates: metrics::Counter,
-    /// A tick applied transitions (a failed check, a rollback) whose write has not yet succeeded.
-    unsaved: bool,
+    /// Shards whose tick transitions (a failed check, a rollback) were applied before their write,
+    /// and no write holding them has succeeded yet.
+    unsaved: std::collections::BTreeSet<String>,
     /// After a clock tick's write failed: no tick writes before then.
     write_retry_at: Option<tokio::time::Instant>,
 }
@@ -507,7 +511,7 @@ pub async fn start(
     let (state_tx, state_rx) = mpsc::channel(16);
     let (ready_tx, ready) = watch::channel(false);
     let shared = kube.zip(config.kubernetes.as_ref().and_then(|k| k.state.clone()));
-    let (store, state, leader) = match shared {
+    let (store, state, election) = match shared {
         Some((client, st)) => {
             let store = Arc::new(ConfigMapStore::new(
                 client.clone(),
@@ -520,7 +524,7 @@ pub async fn start(
             tracing::info!(configmap = %store.origin().display(), lease = %st.lease, %identity, "state shared through Kubernetes");
             // Campaigns only once ready (the first lists of RayClusters are in): a replica that
             // cannot list would hold the Lease and advance nothing.
-            let leader = crate::kube_state::elect(
+            let election = crate::kube_state::elect(
                 client,
                 &st.namespace,
                 &st.lease,
@@ -528,7 +532,7 @@ pub async fn start(
                 st.lease_duration,
                 ready.clone(),
             );
-            (Store::ConfigMap(store), state, Some(leader))
+            (Store::ConfigMap(store), state, Some(election))
         }
         None => {
             let (writer, state) = StateWriter::open(StateStore::new(&config.state_file))?;
@@ -547,7 +551,8 @@ pub async fn start(
         config: Arc::clone(&config),
         state,
         store,
-        leader: leader.clone(),
+        leader: election.as_ref().map(|e| e.leader.clone()),
+        stranded: election.as_ref().map(|e| e.stranded.clone()),
         leading: false,
         table: Arc::clone(&table),
         version: 0,
@@ -560,7 +565,7 @@ pub async fn start(
             .collect(),
         rollout_gauges: gauges::RolloutGauges::new(),
         table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
-        unsaved: false,
+        unsaved: Default::default(),
         write_retry_at: None,
         discovery_pending: match &config.kubernetes {
             None => Default::default(),
@@ -584,7 +589,7 @@ pub async fn start(
         commands,
         table,
         ready,
-        leader,
+        leader: election.map(|e| e.leader),
     })
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Every change goes the same way: compute the next [`State`], write it to the state store, and
 //! only then make it current and publish the routing snapshot it implies. The one exception is a
-//! clock tick's step back (a failed check, a rollback), which applies before its write
-//! ([`Desired::tick`]).
+//! clock tick's transitions that move no traffic towards a target (a failed check, a rollback, a
+//! wait for requests, a target join), which apply before their write ([`Desired::tick`]).
 
 use std::collections::BTreeMap;
 
@@ -423,12 +423,7 @@ impl Desired {
             return;
         };
         let persisted = self.persist(&write.next).await;
-        // A conflict took the other replica's state: the next tick builds on it at once.
-        self.write_retry_at = matches!(
-            persisted,
-            Err(ref e) if !matches!(e, crate::state::StateError::Conflict(_))
-        )
-        .then(|| Instant::now() + WRITE_RETRY);
+        self.write_retry_at = persisted.is_err().then(|| Instant::now() + WRITE_RETRY);
         match persisted {
             Ok(()) => {
                 self.state = write.next;
@@ -438,7 +433,7 @@ impl Desired {
                 }
             }
             Err(e) => {
-                let held = if self.unsaved {
+                let held = if !self.unsaved.is_empty() {
                     "; a rollback or failed check is applied but not yet written"
                 } else {
                     ""
@@ -452,13 +447,16 @@ impl Desired {
     fn tick_begin(&mut self) -> Option<TickWrite> {
         let now = Instant::now();
         self.passive_tick();
-        // After a failed write the store is given a second before the next attempt.
-        if self.write_retry_at.is_some_and(|at| now < at) {
-            return None;
-        }
-        // With several replicas, only the Lease holder advances shifts and rollouts.
-        if self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
+        // With several replicas, only the Lease holder advances shifts and rollouts. A holder
+        // that cannot reach the API server to renew it (stranded) still judges its shifts, as
+        // the API server's outage may be when its target goes bad: it applies what moves no
+        // traffic forward, in memory, and writes nothing (a write could not land, and another
+        // replica may lead by now).
+        let stranded = self.leading && self.stranded.as_ref().is_some_and(|s| *s.borrow());
+        if !stranded && self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
             self.leading = false;
+            // What this replica applied but could not write is the leader's to decide.
+            self.unsaved.clear();
             return None;
         }
         if !self.leading {
@@ -478,7 +476,7 @@ impl Desired {
         }
         let mut next = self.state.clone();
         // Transitions applied ahead of a write that then failed are written again.
-        let mut changed = self.unsaved;
+        let mut changed = !self.unsaved.is_empty();
         let mut events: Vec<(String, Event)> = Vec::new();
 
         // Shards of the state that the config no longer declares are left as they are.
@@ -567,11 +565,15 @@ impl Desired {
         let (now_events, forward): (Vec<_>, Vec<_>) =
             events.into_iter().partition(|(s, _)| at_once.contains(&s));
         if !now_events.is_empty() {
-            self.unsaved = true;
+            self.unsaved.extend(at_once.iter().map(|s| s.to_string()));
             self.publish();
             for (shard, event) in &now_events {
                 record(shard, event);
             }
+        }
+        // Stranded, or a second after a failed write: nothing is written, and steps forward wait.
+        if stranded || self.write_retry_at.is_some_and(|at| now < at) {
+            return None;
         }
 
         changed |= self.advance_rollout(&mut next, now);
