@@ -339,12 +339,20 @@ pub fn elect(
                 (duration / 6).min(API_TIMEOUT),
                 try_acquire(&api, &name, &identity, duration),
             )
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .await;
+            // No answer at all (a timeout, a connection that failed), as opposed to an error
+            // status, which is an answer: another replica may hold the Lease by now.
+            let no_answer = match &attempt {
+                Err(_) => true,
+                Ok(Err(kube::Error::Api(_))) | Ok(Ok(_)) => false,
+                Ok(Err(_)) => true,
+            };
+            let attempt = attempt
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             let failed = attempt.is_err();
             // Led (or was already stranded) and gets no answer now.
-            let stranded = failed && (*tx.borrow() || *stranded_tx.borrow());
+            let stranded = no_answer && (*tx.borrow() || *stranded_tx.borrow());
             let leader = match attempt {
                 Ok(held) => {
                     if held {
@@ -365,10 +373,15 @@ pub fn elect(
             if *stranded_tx.borrow() != stranded {
                 tracing::warn!(lease = %name, %identity, stranded, "stranded: led, and cannot reach the API server to renew the Lease");
             }
-            stranded_tx.send_replace(stranded);
+            // Never (neither leader nor stranded) in between for a replica going from one to the
+            // other: it would take that for having lost the Lease to another replica.
+            if stranded {
+                stranded_tx.send_replace(true);
+            }
             if tx.send(leader).is_err() {
                 return;
             }
+            stranded_tx.send_replace(stranded);
             // After a failure, try again soon: leadership lasts only while a renewal is recent.
             tokio::time::sleep(if failed { duration / 12 } else { duration / 3 }).await;
         }

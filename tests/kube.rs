@@ -650,9 +650,10 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
         "rolled back {:?} after the API server froze",
         frozen.elapsed()
     );
+    let standing = gw.state().await;
     assert_eq!(
-        gw.state().await["leader"],
-        false,
+        (&standing["leader"], &standing["stranded"]),
+        (&serde_json::json!(false), &serde_json::json!(true)),
         "the rollback came from the stranded former leader"
     );
     assert!(
@@ -694,7 +695,8 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     // An operator's change while the API server hangs: its write waits up to 10 s, and a cluster
     // that goes down meanwhile leaves the table within a few probe rounds, not after the write.
     eventually("leading again", || async {
-        gw.state().await["leader"] == true
+        let standing = gw.state().await;
+        standing["leader"] == true && standing["stranded"] == false
     })
     .await;
     env.freeze_apiserver(true);

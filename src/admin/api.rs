@@ -51,7 +51,7 @@ pub async fn handle(
                 &StateView::of(
                     &snap,
                     ctx.control.is_ready(),
-                    ctx.control.is_leader(),
+                    (ctx.control.is_leader(), ctx.control.is_stranded()),
                     ctx.split_key.to_string(),
                 ),
             )

@@ -14,6 +14,9 @@ pub struct StateView<'a> {
     pub ready: bool,
     /// This replica advances shifts (it holds the Lease, or runs alone).
     pub leader: bool,
+    /// This replica held the Lease and cannot reach the API server to renew it: it judges its
+    /// shifts for rollbacks only and writes nothing.
+    pub stranded: bool,
     /// The configured split key (`none`, `header:x`, `cookie:x`, `client_ip`).
     pub split_key: String,
     /// Declared shards with their clusters.
@@ -128,7 +131,12 @@ pub struct SplitView {
 
 impl<'a> StateView<'a> {
     /// The view of a snapshot (in-flight counts read live).
-    pub fn of(snap: &'a Snapshot, ready: bool, leader: bool, split_key: String) -> Self {
+    pub fn of(
+        snap: &'a Snapshot,
+        ready: bool,
+        (leader, stranded): (bool, bool),
+        split_key: String,
+    ) -> Self {
         let table = &snap.table;
         let shard_count = table.placement().len();
         let mut shards: Vec<ShardView> = (0..shard_count)
@@ -184,6 +192,7 @@ impl<'a> StateView<'a> {
             version: snap.version,
             ready,
             leader,
+            stranded,
             split_key,
             shards,
             apps,

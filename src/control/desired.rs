@@ -34,7 +34,8 @@ impl Desired {
                     if !group.is_empty() {
                         self.set_weights_group(std::mem::take(&mut group)).await;
                     }
-                    if !self.unsaved.is_empty() && self.leading {
+                    let stranded = self.stranded.as_ref().is_some_and(|s| *s.borrow());
+                    if !self.unsaved.is_empty() && self.leading && !stranded {
                         // A step back applied but not yet written: one more try before stopping.
                         let current = self.state.clone();
                         if let Err(e) = self.persist(&current).await {
@@ -292,6 +293,21 @@ impl Desired {
                 }
             }
         }
+    }
+
+    /// Takes the shared state as the ConfigMap holds it now (a replica that stepped down with
+    /// changes it could not write drops them this way).
+    pub(super) async fn reload_shared_state(&mut self) -> Result<(), StateError> {
+        let Store::ConfigMap(store) = &self.store else {
+            self.reload_shared = false;
+            return Ok(());
+        };
+        let store = Arc::clone(store);
+        if let Some(state) = store.load().await? {
+            self.adopt_state(state);
+        }
+        self.reload_shared = false;
+        Ok(())
     }
 
     /// Takes the outcome of a write: on success nothing is held only in memory any more; after a

@@ -241,6 +241,7 @@ pub struct ControlHandle {
     table: Arc<ArcSwap<Snapshot>>,
     ready: watch::Receiver<bool>,
     leader: Option<watch::Receiver<bool>>,
+    stranded: Option<watch::Receiver<bool>>,
 }
 
 impl ControlHandle {
@@ -258,6 +259,12 @@ impl ControlHandle {
     /// holds the Lease.
     pub fn is_leader(&self) -> bool {
         self.leader.as_ref().is_none_or(|l| *l.borrow())
+    }
+
+    /// True while this replica, having held the Lease, cannot reach the API server to renew it
+    /// (it goes on judging its shifts for rollbacks).
+    pub fn is_stranded(&self) -> bool {
+        self.stranded.as_ref().is_some_and(|s| *s.borrow())
     }
 
     /// True once the first snapshot with probe results has been published.
@@ -468,6 +475,8 @@ struct Desired {
     /// Shards whose tick transitions (a failed check, a rollback) were applied before their write,
     /// and no write holding them has succeeded yet.
     unsaved: std::collections::BTreeSet<String>,
+    /// Stepped down with changes it could not write: the shared state is to be read again.
+    reload_shared: bool,
     /// After a clock tick's write failed: no tick writes before then.
     write_retry_at: Option<tokio::time::Instant>,
 }
@@ -566,6 +575,7 @@ pub async fn start(
         rollout_gauges: gauges::RolloutGauges::new(),
         table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
         unsaved: Default::default(),
+        reload_shared: false,
         write_retry_at: None,
         discovery_pending: match &config.kubernetes {
             None => Default::default(),
@@ -589,6 +599,7 @@ pub async fn start(
         commands,
         table,
         ready,
+        stranded: election.as_ref().map(|e| e.stranded.clone()),
         leader: election.map(|e| e.leader),
     })
 }

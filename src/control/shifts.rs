@@ -420,6 +420,12 @@ impl Desired {
     /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
     pub(super) async fn tick(&mut self) {
         let Some(write) = self.tick_begin() else {
+            if self.reload_shared && self.write_retry_at.is_none_or(|at| Instant::now() >= at) {
+                if let Err(e) = self.reload_shared_state().await {
+                    tracing::warn!(error = %e, "reading the shared state again failed; will retry");
+                    self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
+                }
+            }
             return;
         };
         let persisted = self.persist(&write.next).await;
@@ -455,8 +461,12 @@ impl Desired {
         let stranded = self.leading && self.stranded.as_ref().is_some_and(|s| *s.borrow());
         if !stranded && self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
             self.leading = false;
-            // What this replica applied but could not write is the leader's to decide.
-            self.unsaved.clear();
+            // What this replica applied but could not write is the leader's to decide: the
+            // shared state is read again (the watch brings only what is newer than it holds).
+            if !self.unsaved.is_empty() {
+                self.unsaved.clear();
+                self.reload_shared = true;
+            }
             return None;
         }
         if !self.leading {
