@@ -300,15 +300,18 @@ impl ConfigMapStore {
     }
 }
 
-/// A replica's standing in the Lease election ([`elect`]).
-#[derive(Debug, Clone)]
-pub struct Election {
-    /// True while this replica holds the Lease.
-    pub leader: watch::Receiver<bool>,
-    /// True while this replica, having held the Lease, cannot reach the API server to renew it:
-    /// it no longer leads, and no answer has said that another replica does. (It may still judge
-    /// its shifts for rollbacks, which need no write.)
-    pub stranded: watch::Receiver<bool>,
+/// A replica's standing in the Lease election ([`elect`]), one value so that a reader never sees
+/// half of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Another replica may hold the Lease (or none has been taken yet).
+    Follower,
+    /// This replica holds the Lease.
+    Leader,
+    /// This replica held the Lease and gets no answer from the API server to renew it (timeouts,
+    /// failed connections, 429 and 5xx statuses): it no longer leads, and no answer has said that
+    /// another replica does. (It may still judge its shifts for rollbacks, which need no write.)
+    Stranded,
 }
 
 /// Runs leader election on a Lease, from when `start` is first true (the replica is ready: a
@@ -321,11 +324,10 @@ pub fn elect(
     identity: String,
     duration: Duration,
     mut start: watch::Receiver<bool>,
-) -> Election {
+) -> watch::Receiver<Standing> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let name = name.to_string();
-    let (tx, rx) = watch::channel(false);
-    let (stranded_tx, stranded) = watch::channel(false);
+    let (tx, rx) = watch::channel(Standing::Follower);
     tokio::spawn(async move {
         if start.wait_for(|ready| *ready).await.is_err() {
             return;
@@ -340,19 +342,13 @@ pub fn elect(
                 try_acquire(&api, &name, &identity, duration),
             )
             .await;
-            // No answer at all (a timeout, a connection that failed), as opposed to an error
-            // status, which is an answer: another replica may hold the Lease by now.
-            let no_answer = match &attempt {
-                Err(_) => true,
-                Ok(Err(kube::Error::Api(_))) | Ok(Ok(_)) => false,
-                Ok(Err(_)) => true,
-            };
+            let no_answer = no_answer(&attempt);
             let attempt = attempt
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             let failed = attempt.is_err();
             // Led (or was already stranded) and gets no answer now.
-            let stranded = no_answer && (*tx.borrow() || *stranded_tx.borrow());
+            let stranded = no_answer && *tx.borrow() != Standing::Follower;
             let leader = match attempt {
                 Ok(held) => {
                     if held {
@@ -366,29 +362,37 @@ pub fn elect(
                     last_renewal.is_some_and(|t| t.elapsed() < duration * 2 / 3)
                 }
             };
-            if *tx.borrow() != leader {
+            let standing = match (leader, stranded) {
+                (true, _) => Standing::Leader,
+                (false, true) => Standing::Stranded,
+                (false, false) => Standing::Follower,
+            };
+            let before = *tx.borrow();
+            if (before == Standing::Leader) != leader {
                 tracing::info!(lease = %name, %identity, leader, "leadership changed");
             }
-            let stranded = stranded && !leader;
-            if *stranded_tx.borrow() != stranded {
-                tracing::warn!(lease = %name, %identity, stranded, "stranded: led, and cannot reach the API server to renew the Lease");
+            if before != standing && standing == Standing::Stranded {
+                tracing::warn!(lease = %name, %identity, "stranded: led, and gets no answer from the API server to renew the Lease; judging shifts for rollbacks only");
             }
-            // Never (neither leader nor stranded) in between for a replica going from one to the
-            // other: it would take that for having lost the Lease to another replica.
-            if stranded {
-                stranded_tx.send_replace(true);
-            }
-            if tx.send(leader).is_err() {
+            if tx.send(standing).is_err() {
                 return;
             }
-            stranded_tx.send_replace(stranded);
             // After a failure, try again soon: leadership lasts only while a renewal is recent.
             tokio::time::sleep(if failed { duration / 12 } else { duration / 3 }).await;
         }
     });
-    Election {
-        leader: rx,
-        stranded,
+    rx
+}
+
+/// Whether a Lease call got no answer (a timeout, a connection that failed, a server or its load
+/// balancer too busy or broken to answer: 429, 5xx), as opposed to an answer that another replica
+/// may hold the Lease by now (the Lease itself, a conflict, a refusal).
+fn no_answer(attempt: &Result<Result<bool, kube::Error>, ApiTimeout>) -> bool {
+    match attempt {
+        Err(_) => true,
+        Ok(Err(kube::Error::Api(status))) => status.code == 429 || status.code >= 500,
+        Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
     }
 }
 
@@ -453,6 +457,31 @@ async fn try_acquire(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_timeouts_failed_connections_429_and_5xx_are_no_answer() {
+        let status = |code: u16| -> Result<Result<bool, kube::Error>, ApiTimeout> {
+            Ok(Err(kube::Error::Api(
+                kube::core::Status {
+                    code,
+                    ..Default::default()
+                }
+                .boxed(),
+            )))
+        };
+        assert!(no_answer(&Err(ApiTimeout(Duration::from_secs(1)))));
+        assert!(no_answer(&Ok(Err(
+            kube::Error::LinesCodecMaxLineLengthExceeded
+        ))));
+        for code in [429, 500, 502, 503, 504] {
+            assert!(no_answer(&status(code)), "{code}");
+        }
+        for code in [401, 403, 404, 409, 422] {
+            assert!(!no_answer(&status(code)), "{code}");
+        }
+        assert!(!no_answer(&Ok(Ok(true))));
+        assert!(!no_answer(&Ok(Ok(false))));
+    }
 
     #[test]
     fn own_writes_are_known_after_the_next_write_and_reads_are_not() {

@@ -7,6 +7,7 @@ use tokio::sync::oneshot;
 
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
+use crate::kube_state::Standing;
 use crate::routing::{AppSpec, ClusterSpec, Placement, RoutingTable, TableSpec};
 use crate::shift::Phase;
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
@@ -34,7 +35,7 @@ impl Desired {
                     if !group.is_empty() {
                         self.set_weights_group(std::mem::take(&mut group)).await;
                     }
-                    let stranded = self.stranded.as_ref().is_some_and(|s| *s.borrow());
+                    let stranded = super::standing(&self.leader) == Standing::Stranded;
                     if !self.unsaved.is_empty() && self.leading && !stranded {
                         // A step back applied but not yet written: one more try before stopping.
                         let current = self.state.clone();
@@ -243,18 +244,24 @@ impl Desired {
     /// down leaves the table meanwhile. The caller's `next` is not yet current, so what is
     /// published meanwhile is the current state with the new health.
     pub(super) async fn persist(&mut self, next: &State) -> Result<(), StateError> {
-        let mut save = std::pin::pin!(self.save(next.clone()));
+        let saved = self.while_waiting(self.save(next.clone())).await;
+        self.settle(saved)
+    }
+
+    /// Awaits `call` (a call to the state store, which may wait up to 10 s for an API server),
+    /// applying probe reports and passive health meanwhile.
+    async fn while_waiting<T>(&mut self, call: impl std::future::Future<Output = T>) -> T {
+        let mut call = std::pin::pin!(call);
         let mut passive = tokio::time::interval(super::SHIFT_TICK);
         passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         passive.reset();
-        let saved = loop {
+        loop {
             tokio::select! {
-                saved = &mut save => break saved,
+                done = &mut call => return done,
                 Some(report) = self.probes.recv() => self.apply_probes(report),
                 _ = passive.tick() => self.passive_tick(),
             }
-        };
-        self.settle(saved)
+        }
     }
 
     /// Applies `report` and any others queued behind it, then publishes once.
@@ -303,7 +310,10 @@ impl Desired {
             return Ok(());
         };
         let store = Arc::clone(store);
-        if let Some(state) = store.load().await? {
+        if let Some(state) = self
+            .while_waiting(async move { store.load().await })
+            .await?
+        {
             self.adopt_state(state);
         }
         self.reload_shared = false;

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::cluster::Cluster;
 use crate::config::{ClusterConfig, Config};
 use crate::discovery::probe::{ProbeReport, Prober};
-use crate::kube_state::ConfigMapStore;
+use crate::kube_state::{ConfigMapStore, Standing};
 use crate::routing::Placement;
 use crate::shift::machine::InvalidTransition;
 use crate::shift::policy::PolicyError;
@@ -240,8 +240,7 @@ pub struct ControlHandle {
     commands: mpsc::Sender<Command>,
     table: Arc<ArcSwap<Snapshot>>,
     ready: watch::Receiver<bool>,
-    leader: Option<watch::Receiver<bool>>,
-    stranded: Option<watch::Receiver<bool>>,
+    leader: Option<watch::Receiver<Standing>>,
 }
 
 impl ControlHandle {
@@ -258,13 +257,13 @@ impl ControlHandle {
     /// True when this replica advances shifts: always with a local state file, else while it
     /// holds the Lease.
     pub fn is_leader(&self) -> bool {
-        self.leader.as_ref().is_none_or(|l| *l.borrow())
+        standing(&self.leader) == Standing::Leader
     }
 
     /// True while this replica, having held the Lease, cannot reach the API server to renew it
     /// (it goes on judging its shifts for rollbacks).
     pub fn is_stranded(&self) -> bool {
-        self.stranded.as_ref().is_some_and(|s| *s.borrow())
+        standing(&self.leader) == Standing::Stranded
     }
 
     /// True once the first snapshot with probe results has been published.
@@ -442,11 +441,8 @@ struct Desired {
     clusters: Vec<ClusterEntry>,
     state: State,
     store: Store,
-    /// True while this replica holds the Lease (`None`: a single replica, always leading).
-    leader: Option<watch::Receiver<bool>>,
-    /// True while this replica led and cannot reach the API server to renew the Lease: it goes on
-    /// judging its shifts for rollbacks, applied in memory, and writes nothing.
-    stranded: Option<watch::Receiver<bool>>,
+    /// This replica's standing in the Lease election (`None`: a single replica, always leading).
+    leader: Option<watch::Receiver<Standing>>,
     /// Whether the last tick advanced shifts (held the Lease): on becoming leader, the shifts'
     /// timers start afresh.
     leading: bool,
@@ -560,8 +556,7 @@ pub async fn start(
         config: Arc::clone(&config),
         state,
         store,
-        leader: election.as_ref().map(|e| e.leader.clone()),
-        stranded: election.as_ref().map(|e| e.stranded.clone()),
+        leader: election.clone(),
         leading: false,
         table: Arc::clone(&table),
         version: 0,
@@ -599,9 +594,13 @@ pub async fn start(
         commands,
         table,
         ready,
-        stranded: election.as_ref().map(|e| e.stranded.clone()),
-        leader: election.map(|e| e.leader),
+        leader: election,
     })
+}
+
+/// A replica's standing: its election's, or [`Standing::Leader`] when it runs alone.
+fn standing(election: &Option<watch::Receiver<Standing>>) -> Standing {
+    election.as_ref().map_or(Standing::Leader, |e| *e.borrow())
 }
 
 /// This replica's Lease identity: `POD_NAME` (set it from the downward API), else host and pid.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::desired::same_prefix;
 use super::{natural_cmp, Action, ClusterEntry, ControlError, Desired, ShiftRequest};
 use crate::discovery::probe::ProbeReport;
+use crate::kube_state::Standing;
 use crate::shift::machine::{Event, Observation};
 use crate::shift::{Phase, Rollout, RolloutPhase, ShardProgress, Shift, ShiftPolicy, Target};
 use crate::state::State;
@@ -420,7 +421,10 @@ impl Desired {
     /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
     pub(super) async fn tick(&mut self) {
         let Some(write) = self.tick_begin() else {
-            if self.reload_shared && self.write_retry_at.is_none_or(|at| Instant::now() >= at) {
+            if self.reload_shared
+                && super::standing(&self.leader) != Standing::Stranded
+                && self.write_retry_at.is_none_or(|at| Instant::now() >= at)
+            {
                 if let Err(e) = self.reload_shared_state().await {
                     tracing::warn!(error = %e, "reading the shared state again failed; will retry");
                     self.write_retry_at = Some(Instant::now() + WRITE_RETRY);
@@ -458,8 +462,9 @@ impl Desired {
         // the API server's outage may be when its target goes bad: it applies what moves no
         // traffic forward, in memory, and writes nothing (a write could not land, and another
         // replica may lead by now).
-        let stranded = self.leading && self.stranded.as_ref().is_some_and(|s| *s.borrow());
-        if !stranded && self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
+        let standing = super::standing(&self.leader);
+        let stranded = self.leading && standing == Standing::Stranded;
+        if !stranded && standing != Standing::Leader {
             self.leading = false;
             // What this replica applied but could not write is the leader's to decide: the
             // shared state is read again (the watch brings only what is newer than it holds).
