@@ -351,9 +351,9 @@ pub fn elect(
             let stranded = no_answer && *tx.borrow() != Standing::Follower;
             let leader = match attempt {
                 Ok(held) => {
-                    if held {
-                        last_renewal = Some(started);
-                    }
+                    // Not held: another replica leads; an old renewal must not make this one
+                    // leader again when its next attempt fails.
+                    last_renewal = held.then_some(started);
                     held
                 }
                 Err(e) => {
@@ -373,6 +373,9 @@ pub fn elect(
             }
             if before != standing && standing == Standing::Stranded {
                 tracing::warn!(lease = %name, %identity, "stranded: led, and gets no answer from the API server to renew the Lease; judging shifts for rollbacks only");
+            }
+            if before == Standing::Stranded && standing != Standing::Stranded {
+                tracing::info!(lease = %name, %identity, leader, "no longer stranded: the API server answers");
             }
             if tx.send(standing).is_err() {
                 return;

@@ -51,7 +51,13 @@ pub async fn handle(
                 &StateView::of(
                     &snap,
                     ctx.control.is_ready(),
-                    (ctx.control.is_leader(), ctx.control.is_stranded()),
+                    {
+                        let standing = ctx.control.standing();
+                        (
+                            standing == crate::kube_state::Standing::Leader,
+                            standing == crate::kube_state::Standing::Stranded,
+                        )
+                    },
                     ctx.split_key.to_string(),
                 ),
             )

@@ -263,7 +263,13 @@ impl ControlHandle {
     /// True while this replica, having held the Lease, cannot reach the API server to renew it
     /// (it goes on judging its shifts for rollbacks).
     pub fn is_stranded(&self) -> bool {
-        standing(&self.leader) == Standing::Stranded
+        self.standing() == Standing::Stranded
+    }
+
+    /// This replica's standing in the Lease election, read once ([`Standing::Leader`] when it
+    /// runs alone).
+    pub fn standing(&self) -> Standing {
+        standing(&self.leader)
     }
 
     /// True once the first snapshot with probe results has been published.

@@ -468,13 +468,16 @@ impl Desired {
             self.leading = false;
             // What this replica applied but could not write is the leader's to decide: the
             // shared state is read again (the watch brings only what is newer than it holds).
+            // Taking it clears `unsaved`; until then a replica that leads again writes them.
             if !self.unsaved.is_empty() {
-                self.unsaved.clear();
                 self.reload_shared = true;
             }
             return None;
         }
         if !self.leading {
+            // Leading again before the shared state was read again: what it had not written is
+            // written now (`unsaved`), instead of dropped.
+            self.reload_shared = false;
             // Newly leading: timers and windows kept from before (or adopted with another
             // leader's states) are stale; start afresh, as after a restart.
             for entry in self.state.shards.values_mut() {
