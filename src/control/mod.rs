@@ -2,7 +2,9 @@
 //!
 //! Only this task writes the [`Snapshot`] behind the `ArcSwap`. Everything else talks to it through a
 //! [`ControlHandle`]: the admin API sends commands (and waits for the reply), probes send reports.
-//! Every change that must survive a restart is written to the state file *before* it is published.
+//! Every change that must survive a restart is written to the state store *before* it is
+//! published, except a clock tick's failed checks and rollbacks, which apply first (see
+//! `Desired::tick`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -258,12 +260,6 @@ impl ControlHandle {
     /// holds the Lease.
     pub fn is_leader(&self) -> bool {
         standing(&self.leader) == Standing::Leader
-    }
-
-    /// True while this replica, having held the Lease, cannot reach the API server to renew it
-    /// (it goes on judging its shifts for rollbacks).
-    pub fn is_stranded(&self) -> bool {
-        self.standing() == Standing::Stranded
     }
 
     /// This replica's standing in the Lease election, read once ([`Standing::Leader`] when it

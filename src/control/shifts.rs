@@ -413,11 +413,11 @@ impl Desired {
     /// publish if anything changed.
     ///
     /// Transitions that move no traffic forward (a failed check, a rollback to the old clusters,
-    /// a cluster of the target revision joining the target) apply here, before their write: a state store that fails or hangs (an API server that
-    /// stopped answering, a full disk) must not keep traffic on a target that went bad. Until a
-    /// write that holds them succeeds they are only in memory (a restart before it starts again
-    /// from the last written state), and the ticks write again, a second after each failed
-    /// write. Steps forward (a higher target
+    /// a cluster of the target revision joining the target) apply here, before their write: a
+    /// state store that fails or hangs (an API server that stopped answering, a full disk) must
+    /// not keep traffic on a target that went bad. Until a write that holds them succeeds they
+    /// are only in memory (a restart before it starts again from the last written state), and
+    /// the ticks write again, a second after each failed write. Steps forward (a higher target
     /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
     pub(super) async fn tick(&mut self) {
         let Some(write) = self.tick_begin() else {
