@@ -308,9 +308,10 @@ pub enum Standing {
     Follower,
     /// This replica holds the Lease.
     Leader,
-    /// This replica held the Lease and gets no answer from the API server to renew it (timeouts,
-    /// failed connections, 429 and 5xx statuses): it no longer leads, and no answer has said that
-    /// another replica does. (It may still judge its shifts for rollbacks, which need no write.)
+    /// This replica gets no answer from the API server (timeouts, failed connections, 429 and 5xx
+    /// statuses): it held the Lease and cannot renew it, or it followed and has heard nothing for
+    /// two thirds of the Lease's duration. It does not lead, and it cannot learn what the leader
+    /// decides; it may still judge its shifts for rollbacks, which need no write.
     Stranded,
 }
 
@@ -333,6 +334,8 @@ pub fn elect(
             return;
         }
         let mut last_renewal: Option<tokio::time::Instant> = None;
+        // When the API server last answered (anything: the Lease, a conflict, a refusal).
+        let mut last_answer = tokio::time::Instant::now();
         loop {
             // A renewal is valid from when it was sent (the Lease's renewTime), and one that hangs
             // gives up early enough for another attempt while the last renewal still holds.
@@ -347,8 +350,15 @@ pub fn elect(
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             let failed = attempt.is_err();
-            // Led (or was already stranded) and gets no answer now.
-            let stranded = no_answer && *tx.borrow() != Standing::Follower;
+            if !no_answer {
+                last_answer = started;
+            }
+            // Led (or was already stranded) and gets no answer now; or followed and has had no
+            // answer for as long as a leader keeps leading without one (the leader's decisions
+            // cannot reach it either: with the API server away, every replica judges its shifts).
+            let stranded = no_answer
+                && (*tx.borrow() != Standing::Follower
+                    || last_answer.elapsed() >= duration * 2 / 3);
             let leader = match attempt {
                 Ok(held) => {
                     // Not held: another replica leads; an old renewal must not make this one
@@ -372,7 +382,8 @@ pub fn elect(
                 tracing::info!(lease = %name, %identity, leader, "leadership changed");
             }
             if before != standing && standing == Standing::Stranded {
-                tracing::warn!(lease = %name, %identity, "stranded: led, and gets no answer from the API server to renew the Lease; judging shifts for rollbacks only");
+                let led = before == Standing::Leader;
+                tracing::warn!(lease = %name, %identity, led, "stranded: no answer from the API server; judging shifts for rollbacks only, writing nothing");
             }
             if before == Standing::Stranded && standing != Standing::Stranded {
                 tracing::info!(lease = %name, %identity, leader, "no longer stranded: the API server answers");

@@ -589,11 +589,14 @@ async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
 }
 
 /// With the state in a ConfigMap and the API server frozen in the middle of a shift, a target
-/// that goes bad is still rolled back: its failed checks and the rollback apply before their
-/// writes (which hang, then fail), and the leader, stranded once its Lease ran out, goes on
-/// judging; traffic is back on the old clusters while nothing can be written. A cluster that goes down meanwhile leaves the table at once (the control
-/// loop applies probe reports while a write hangs), and once the server answers again the
-/// ConfigMap holds the rolled-back shift.
+/// that goes bad is still rolled back by both replicas: failed checks and the rollback apply
+/// before their writes (which hang, then fail); the leader, stranded once its Lease ran out, and
+/// the follower, stranded once it heard nothing for as long, go on judging; traffic is back on
+/// the old clusters while nothing can be written. When the server answers again and neither
+/// replica leads (an operator holds the Lease), the rollback stays over the shared state that
+/// still runs the shift; when one leads, the ConfigMap gets the rolled-back shift. A cluster that
+/// goes down while a write hangs leaves the table at once (the control loop applies probe
+/// reports while a write hangs).
 async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     env.namespace("hungshift").await;
     let api = env.rayclusters("hungshift");
@@ -615,8 +618,25 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     for name in ["hs-old-a", "hs-old-b", "hs-new"] {
         gw.wait_cluster_ready(name, true).await;
     }
+    eventually("the first replica leads", || async {
+        gw.state().await["leader"] == true
+    })
+    .await;
+    // A second replica, following: the leader's rollback cannot reach it while the API server
+    // hangs, so it judges the shift on its own traffic.
+    let follower = TestGateway::start(&gateway_yaml(
+        env,
+        "hungshift",
+        &extra.replace("identity: solo", "identity: solo-b"),
+    ))
+    .await;
+    for name in ["hs-old-a", "hs-old-b", "hs-new"] {
+        follower.wait_cluster_ready(name, true).await;
+    }
     let load = Load::start(gw.url("/echo"), 6, false);
+    let follower_load = Load::start(follower.url("/echo"), 6, false);
     load.wait_for_more(100).await;
+    follower_load.wait_for_more(100).await;
     let r = send(
         Method::POST,
         &gw.admin("/v1/shards/shard-0/shift"),
@@ -625,61 +645,99 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    eventually("the shift's first step", || async {
-        gw.cluster_state("hs-new").await["weight"].as_u64() >= Some(20)
-    })
-    .await;
+    for replica in [&gw, &follower] {
+        eventually("the shift's first step", || async {
+            replica.cluster_state("hs-new").await["weight"].as_u64() >= Some(20)
+        })
+        .await;
+    }
+    assert_eq!(follower.state().await["leader"], false);
 
+    // An operator holds the Lease from just before the freeze (60 s): once the API server answers
+    // again neither replica leads, so neither can write its rollback, and each reads the shared
+    // state again, where the shift still runs.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), "hungshift");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let hold = serde_json::json!({"spec": {
+        "holderIdentity": "operator-hold", "leaseDurationSeconds": 60, "renewTime": now,
+    }});
+    leases
+        .patch(
+            "rayshift-leader",
+            &PatchParams::default(),
+            &Patch::Merge(&hold),
+        )
+        .await
+        .unwrap();
     env.freeze_apiserver(true);
     new.set_error_rate(0.5);
     let frozen = std::time::Instant::now();
     let deadline = frozen + Duration::from_secs(60);
-    let shift = loop {
-        let shift: serde_json::Value =
-            serde_json::from_str(&get(&gw.admin("/v1/shards/shard-0/shift")).await.body).unwrap();
-        if shift["state"] == "rolled_back" {
-            break shift;
+    let replicas = [("the former leader", &gw), ("the follower", &follower)];
+    let mut rolled_back = [None, None];
+    while rolled_back.iter().any(Option::is_none) {
+        for (i, (who, replica)) in replicas.iter().enumerate() {
+            let shift: serde_json::Value =
+                serde_json::from_str(&get(&replica.admin("/v1/shards/shard-0/shift")).await.body)
+                    .unwrap();
+            if rolled_back[i].is_some() {
+                continue;
+            }
+            if shift["state"] == "rolled_back" {
+                println!(
+                    "{who} rolled back {:?} after the API server froze",
+                    frozen.elapsed()
+                );
+                rolled_back[i] = Some(shift);
+            } else {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{who}: no rollback in 60 s with the API server frozen; last: {shift}"
+                );
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no rollback in 60 s with the API server frozen; last: {shift}"
-        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    println!(
-        "rolled back {:?} after the API server froze",
-        frozen.elapsed()
-    );
-    let standing = gw.state().await;
-    assert_eq!(
-        (&standing["leader"], &standing["stranded"]),
-        (&serde_json::json!(false), &serde_json::json!(true)),
-        "the rollback came from the stranded former leader"
-    );
-    assert!(
-        shift["reason"].as_str().unwrap().contains("error rate"),
-        "{shift}"
-    );
-    assert_eq!(gw.cluster_state("hs-new").await["weight"], 0);
-    // Requests already on their way to hs-new when the table changed are not counted.
+    }
+    for ((who, replica), shift) in replicas.into_iter().zip(rolled_back) {
+        let shift = shift.expect("rolled back");
+        let standing = replica.state().await;
+        assert_eq!(
+            (&standing["leader"], &standing["stranded"]),
+            (&serde_json::json!(false), &serde_json::json!(true)),
+            "{who}: the rollback came from a stranded replica"
+        );
+        assert!(
+            shift["reason"].as_str().unwrap().contains("error rate"),
+            "{who}: {shift}"
+        );
+        assert_eq!(replica.cluster_state("hs-new").await["weight"], 0, "{who}");
+    }
+    // Requests already on their way to hs-new when the tables changed are not counted.
     tokio::time::sleep(Duration::from_millis(200)).await;
     new.reset_requests();
     for _ in 0..20 {
         assert_ne!(get(&gw.url("/echo")).await.cluster(), Some("hs-new"));
+        assert_ne!(get(&follower.url("/echo")).await.cluster(), Some("hs-new"));
     }
     assert_eq!(new.requests(), 0, "requests reached the rolled-back target");
 
     env.freeze_apiserver(false);
 
-    // The writes that timed out may land now, older states among them: the rollback stays.
+    // Both hear the API server again and follow the operator's hold. The writes that timed out
+    // may land now, older states among them, and each replica reads the shared state again, where
+    // nobody has written the rollback: it stays on both.
     new.reset_requests();
-    let back = std::time::Instant::now();
-    while back.elapsed() < Duration::from_secs(3) {
-        assert_eq!(gw.cluster_state("hs-new").await["weight"], 0);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(new.requests(), 0, "requests reached the rolled-back target");
-    eventually("the ConfigMap holds the rolled-back shift", || async {
+    eventually("both replicas follow the hold", || async {
+        let (a, b) = (gw.state().await, follower.state().await);
+        [a, b]
+            .iter()
+            .all(|s| s["stranded"] == false && s["leader"] == false)
+    })
+    .await;
+    let shared_shift = || async {
         let cm: k8s_openapi::api::core::v1::ConfigMap =
             kube::Api::namespaced(env.client.clone(), "hungshift")
                 .get("rayshift-state")
@@ -687,10 +745,47 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
                 .unwrap();
         let stored: serde_json::Value =
             serde_json::from_str(&cm.data.unwrap()["state.json"]).unwrap();
-        stored["shards"]["shard-0"]["shift"]["phase"] == "rolled_back"
-            && stored["shards"]["shard-0"]["weights"]["hs-new"] == 0
+        stored["shards"]["shard-0"].clone()
+    };
+    let back = std::time::Instant::now();
+    while back.elapsed() < Duration::from_secs(3) {
+        assert_eq!(gw.cluster_state("hs-new").await["weight"], 0);
+        assert_eq!(follower.cluster_state("hs-new").await["weight"], 0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(new.requests(), 0, "requests reached the rolled-back target");
+    let shared = shared_shift().await;
+    assert_eq!(
+        (&shared["shift"]["phase"], &shared["shift"]["step"]),
+        (&serde_json::json!("progressing"), &serde_json::json!(1)),
+        "the shared state still runs the shift: {shared}"
+    );
+
+    // The hold ends: a replica takes the Lease and writes its rollback.
+    leases
+        .delete("rayshift-leader", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the ConfigMap holds the rolled-back shift", || async {
+        let shared = shared_shift().await;
+        shared["shift"]["phase"] == "rolled_back" && shared["weights"]["hs-new"] == 0
     })
     .await;
+
+    eventually("no replica stranded, one leading", || async {
+        let (a, b) = (gw.state().await, follower.state().await);
+        a["stranded"] == false
+            && b["stranded"] == false
+            && (a["leader"] == true) != (b["leader"] == true)
+    })
+    .await;
+    let report = follower_load.stop().await;
+    println!(
+        "through the follower: {} requests, {} failed",
+        report.ok + report.failed,
+        report.failed
+    );
+    follower.gateway.shutdown().await;
 
     // An operator's change while the API server hangs: its write waits up to 10 s, and a cluster
     // that goes down meanwhile leaves the table within a few probe rounds, not after the write.

@@ -14,8 +14,9 @@ pub struct StateView<'a> {
     pub ready: bool,
     /// This replica advances shifts (it holds the Lease, or runs alone).
     pub leader: bool,
-    /// This replica held the Lease and cannot reach the API server to renew it: it judges its
-    /// shifts for rollbacks only and writes nothing.
+    /// This replica gets no answer from the API server (it held the Lease and cannot renew it,
+    /// or it follows and has heard nothing for as long): it judges its shifts for rollbacks only
+    /// and writes nothing.
     pub stranded: bool,
     /// The configured split key (`none`, `header:x`, `cookie:x`, `client_ip`).
     pub split_key: String,

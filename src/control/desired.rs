@@ -366,33 +366,34 @@ impl Desired {
     /// republishes.
     fn adopt_state(&mut self, mut state: State) {
         // A rollback this replica applied but has not written stays over the same shift still
-        // running in the state taken (a write of this replica's that timed out and landed later,
-        // say): traffic must not go back to a target judged bad. It is written at the next tick.
-        // Only while this replica leads (else the leader's states are taken as they are).
+        // running at the same step or an earlier one in the state taken (a write of this
+        // replica's that timed out and landed later, or the shared state a replica reads when the
+        // API server answers again before the leader has written its own decision): traffic must
+        // not go back to a target judged bad. A leader writes it at the next tick; a follower
+        // keeps it until the shared state shows a later decision (the leader's rollback, or a
+        // step past the one judged bad) or another shift.
         let mut kept = std::collections::BTreeSet::new();
-        if self.leading {
-            for shard in &self.unsaved {
-                let Some(ours) = self.state.shards.get(shard) else {
-                    continue;
-                };
-                let Some(rolled_back) =
-                    ours.shift.as_ref().filter(|s| s.phase == Phase::RolledBack)
-                else {
-                    continue;
-                };
-                let Some(entry) = state.shards.get_mut(shard) else {
-                    continue;
-                };
-                let same_running = entry.shift.as_ref().is_some_and(|theirs| {
-                    matches!(theirs.phase, Phase::Progressing | Phase::Paused)
-                        && theirs.target == rolled_back.target
-                        && theirs.start_weights == rolled_back.start_weights
-                });
-                if same_running {
-                    entry.weights = ours.weights.clone();
-                    entry.shift = Some(rolled_back.clone());
-                    kept.insert(shard.clone());
-                }
+        for shard in &self.unsaved {
+            let Some(ours) = self.state.shards.get(shard) else {
+                continue;
+            };
+            let Some(rolled_back) = ours.shift.as_ref().filter(|s| s.phase == Phase::RolledBack)
+            else {
+                continue;
+            };
+            let Some(entry) = state.shards.get_mut(shard) else {
+                continue;
+            };
+            let same_running = entry.shift.as_ref().is_some_and(|theirs| {
+                matches!(theirs.phase, Phase::Progressing | Phase::Paused)
+                    && theirs.target == rolled_back.target
+                    && theirs.start_weights == rolled_back.start_weights
+                    && theirs.step <= rolled_back.step
+            });
+            if same_running {
+                entry.weights = ours.weights.clone();
+                entry.shift = Some(rolled_back.clone());
+                kept.insert(shard.clone());
             }
         }
         for (shard, entry) in &mut state.shards {

@@ -445,8 +445,8 @@ struct Desired {
     store: Store,
     /// This replica's standing in the Lease election (`None`: a single replica, always leading).
     leader: Option<watch::Receiver<Standing>>,
-    /// Whether the last tick advanced shifts (held the Lease): on becoming leader, the shifts'
-    /// timers start afresh.
+    /// Whether the last tick judged shifts (held the Lease, or was stranded): on starting to
+    /// judge, the shifts' timers start afresh.
     leading: bool,
     table: Arc<ArcSwap<Snapshot>>,
     version: u64,

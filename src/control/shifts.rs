@@ -457,29 +457,31 @@ impl Desired {
     fn tick_begin(&mut self) -> Option<TickWrite> {
         let now = Instant::now();
         self.passive_tick();
-        // With several replicas, only the Lease holder advances shifts and rollouts. A holder
-        // that cannot reach the API server to renew it (stranded) still judges its shifts, as
-        // the API server's outage may be when its target goes bad: it applies what moves no
-        // traffic forward, in memory, and writes nothing (a write could not land, and another
-        // replica may lead by now).
+        // With several replicas, only the Lease holder advances shifts and rollouts. A replica
+        // that gets no answer from the API server (stranded: a holder that cannot renew, or a
+        // follower that has heard nothing for as long) judges its shifts on its own traffic, as
+        // the API server's outage may be when a target goes bad and no leader's rollback could
+        // reach it: it applies what moves no traffic forward, in memory, and writes nothing (a
+        // write could not land, and another replica may lead by now).
         let standing = super::standing(&self.leader);
-        let stranded = self.leading && standing == Standing::Stranded;
+        let stranded = standing == Standing::Stranded;
         if !stranded && standing != Standing::Leader {
-            self.leading = false;
             // What this replica applied but could not write is the leader's to decide: the
-            // shared state is read again (the watch brings only what is newer than it holds).
-            // Taking it clears `unsaved`; until then a replica that leads again writes them.
-            if !self.unsaved.is_empty() {
+            // shared state is read again, once (the watch brings only what is newer than it
+            // holds). A rollback stays over the same shift until that state shows a later
+            // decision (`adopt_state`); a replica that leads again meanwhile writes it.
+            if self.leading && !self.unsaved.is_empty() {
                 self.reload_shared = true;
             }
+            self.leading = false;
             return None;
         }
         if !self.leading {
-            // Leading again before the shared state was read again: what it had not written is
-            // written now (`unsaved`), instead of dropped.
+            // Leading again (or stranded) before the shared state was read again: what it had
+            // not written is kept, and written when it leads, instead of dropped.
             self.reload_shared = false;
-            // Newly leading: timers and windows kept from before (or adopted with another
-            // leader's states) are stale; start afresh, as after a restart.
+            // Newly leading or judging: timers and windows kept from before (or adopted with
+            // another leader's states) are stale; start afresh, as after a restart.
             for entry in self.state.shards.values_mut() {
                 if let Some(shift) = entry.shift.as_mut() {
                     shift.reset_timers();
