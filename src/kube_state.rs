@@ -4,8 +4,10 @@
 //!
 //! Every replica watches the ConfigMap and routes by it. Every write is a compare-and-swap on the
 //! ConfigMap's `resourceVersion`: a replica that lost a race gets a conflict, reloads and retries,
-//! so no update is lost. Only the Lease holder ticks shifts, rollouts and automatic shifts; when it
-//! dies, another replica takes the Lease once it expires and continues from the stored step.
+//! so no update is lost. Only the Lease holder advances shifts, rollouts and automatic shifts; when
+//! it dies, another replica takes the Lease once it expires and continues from the stored step. A
+//! replica that gets no answer from the API server is stranded ([`Standing::Stranded`]): it judges
+//! its shifts for rollbacks, in memory.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -334,8 +336,9 @@ pub fn elect(
             return;
         }
         let mut last_renewal: Option<tokio::time::Instant> = None;
-        // When the API server last answered (anything: the Lease, a conflict, a refusal).
-        let mut last_answer = tokio::time::Instant::now();
+        // When the attempts that got no answer began (the first of them), since the last answer
+        // (anything: the Lease, a conflict, a refusal).
+        let mut silent_since: Option<tokio::time::Instant> = None;
         loop {
             // A renewal is valid from when it was sent (the Lease's renewTime), and one that hangs
             // gives up early enough for another attempt while the last renewal still holds.
@@ -350,15 +353,18 @@ pub fn elect(
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             let failed = attempt.is_err();
-            if !no_answer {
-                last_answer = started;
-            }
+            let silence_began = if no_answer {
+                *silent_since.get_or_insert(started)
+            } else {
+                silent_since = None;
+                started
+            };
             // Led (or was already stranded) and gets no answer now; or followed and has had no
             // answer for as long as a leader keeps leading without one (the leader's decisions
             // cannot reach it either: with the API server away, every replica judges its shifts).
             let stranded = no_answer
                 && (*tx.borrow() != Standing::Follower
-                    || last_answer.elapsed() >= duration * 2 / 3);
+                    || silence_began.elapsed() >= duration * 2 / 3);
             let leader = match attempt {
                 Ok(held) => {
                     // Not held: another replica leads; an old renewal must not make this one

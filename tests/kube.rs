@@ -653,7 +653,7 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     }
     assert_eq!(follower.state().await["leader"], false);
 
-    // An operator holds the Lease from just before the freeze (60 s): once the API server answers
+    // An operator holds the Lease from just before the freeze (10 min): once the API server answers
     // again neither replica leads, so neither can write its rollback, and each reads the shared
     // state again, where the shift still runs.
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
@@ -662,7 +662,7 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
         k8s_openapi::jiff::Timestamp::now(),
     );
     let hold = serde_json::json!({"spec": {
-        "holderIdentity": "operator-hold", "leaseDurationSeconds": 60, "renewTime": now,
+        "holderIdentity": "operator-hold", "leaseDurationSeconds": 600, "renewTime": now,
     }});
     leases
         .patch(

@@ -9,7 +9,7 @@ use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
 use crate::kube_state::Standing;
 use crate::routing::{AppSpec, ClusterSpec, Placement, RoutingTable, TableSpec};
-use crate::shift::Phase;
+use crate::shift::{Phase, Shift};
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
 
@@ -35,11 +35,11 @@ impl Desired {
                     if !group.is_empty() {
                         self.set_weights_group(std::mem::take(&mut group)).await;
                     }
-                    let stranded = super::standing(&self.leader) == Standing::Stranded;
-                    if !self.unsaved.is_empty() && self.leading && !stranded {
+                    let leads = super::standing(&self.leader) == Standing::Leader;
+                    if !self.unsaved.is_empty() && leads {
                         // A step back applied but not yet written: one more try before stopping.
-                        let current = self.state.clone();
-                        if let Err(e) = self.persist(&current).await {
+                        let mut current = self.state.clone();
+                        if let Err(e) = self.persist(&mut current).await {
                             tracing::error!(error = %e, "a rollback or failed check applied in memory could not be written before stopping");
                         }
                     }
@@ -220,7 +220,7 @@ impl Desired {
         if accepted.is_empty() {
             return;
         }
-        match self.persist(&next).await {
+        match self.persist(&mut next).await {
             Ok(()) => {
                 self.state = next;
                 self.publish();
@@ -243,7 +243,17 @@ impl Desired {
     /// write may wait up to 10 s for an API server that stopped answering): a cluster that goes
     /// down leaves the table meanwhile. The caller's `next` is not yet current, so what is
     /// published meanwhile is the current state with the new health.
-    pub(super) async fn persist(&mut self, next: &State) -> Result<(), StateError> {
+    ///
+    /// Every shift that differs from the current state's is stamped with this replica's clock
+    /// first ([`Shift::decided_at`]).
+    pub(super) async fn persist(&mut self, next: &mut State) -> Result<(), StateError> {
+        let now = unix_ms();
+        for (shard, entry) in &mut next.shards {
+            if let Some(shift) = entry.shift.as_mut() {
+                let before = self.state.shards.get(shard).and_then(|e| e.shift.as_ref());
+                stamp_if_changed(shift, before, now);
+            }
+        }
         let saved = self.while_waiting(self.save(next.clone())).await;
         self.settle(saved)
     }
@@ -303,7 +313,8 @@ impl Desired {
     }
 
     /// Takes the shared state as the ConfigMap holds it now (a replica that stepped down with
-    /// changes it could not write drops them this way).
+    /// changes it could not write: failed checks are dropped this way; a rollback stays over a
+    /// shift decided before it, see `adopt_state`).
     pub(super) async fn reload_shared_state(&mut self) -> Result<(), StateError> {
         let Store::ConfigMap(store) = &self.store else {
             self.reload_shared = false;
@@ -365,13 +376,13 @@ impl Desired {
     /// Replaces the state (keeping this replica's shift timers where the shift is the same) and
     /// republishes.
     fn adopt_state(&mut self, mut state: State) {
-        // A rollback this replica applied but has not written stays over the same shift still
-        // running at the same step or an earlier one in the state taken (a write of this
+        // A rollback this replica applied but has not written stays over the same shift in the
+        // state taken when that state's shift was decided before the rollback (a write of this
         // replica's that timed out and landed later, or the shared state a replica reads when the
         // API server answers again before the leader has written its own decision): traffic must
-        // not go back to a target judged bad. A leader writes it at the next tick; a follower
-        // keeps it until the shared state shows a later decision (the leader's rollback, or a
-        // step past the one judged bad) or another shift.
+        // not go back to a target judged bad. A later decision (the leader's step after judging
+        // the target on its traffic, an operator's command, another shift) is taken. A leader
+        // writes the rollback at its next tick; any replica writes it with its next write.
         let mut kept = std::collections::BTreeSet::new();
         for shard in &self.unsaved {
             let Some(ours) = self.state.shards.get(shard) else {
@@ -384,13 +395,11 @@ impl Desired {
             let Some(entry) = state.shards.get_mut(shard) else {
                 continue;
             };
-            let same_running = entry.shift.as_ref().is_some_and(|theirs| {
-                matches!(theirs.phase, Phase::Progressing | Phase::Paused)
-                    && theirs.target == rolled_back.target
-                    && theirs.start_weights == rolled_back.start_weights
-                    && theirs.step <= rolled_back.step
-            });
-            if same_running {
+            let stands = entry
+                .shift
+                .as_ref()
+                .is_some_and(|theirs| rolled_back.rollback_stands_over(theirs));
+            if stands {
                 entry.weights = ours.weights.clone();
                 entry.shift = Some(rolled_back.clone());
                 kept.insert(shard.clone());
@@ -784,5 +793,20 @@ impl Desired {
         let rollout = self.state.rollout.as_ref();
         self.rollout_gauges
             .set(|state| rollout.map_or(0, |r| r.count(state)));
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this replica's clock.
+pub(super) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Stamps `shift` as decided at `now` when it differs from `before` (the same shard's shift in the
+/// current state), keeping the stamp it had otherwise.
+pub(super) fn stamp_if_changed(shift: &mut Shift, before: Option<&Shift>, now: u64) {
+    if before.is_none_or(|b| !b.same_decision(shift)) {
+        shift.decided_at = Some(now);
     }
 }

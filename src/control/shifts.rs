@@ -26,8 +26,8 @@ impl Desired {
     }
 
     /// Writes `next`, then makes it current and publishes it.
-    async fn commit(&mut self, next: State) -> Result<(), ControlError> {
-        self.persist(&next).await?;
+    async fn commit(&mut self, mut next: State) -> Result<(), ControlError> {
+        self.persist(&mut next).await?;
         self.state = next;
         self.publish();
         Ok(())
@@ -420,7 +420,7 @@ impl Desired {
     /// the ticks write again, a second after each failed write. Steps forward (a higher target
     /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
     pub(super) async fn tick(&mut self) {
-        let Some(write) = self.tick_begin() else {
+        let Some(mut write) = self.tick_begin() else {
             if self.reload_shared
                 && super::standing(&self.leader) != Standing::Stranded
                 && self.write_retry_at.is_none_or(|at| Instant::now() >= at)
@@ -432,7 +432,7 @@ impl Desired {
             }
             return;
         };
-        let persisted = self.persist(&write.next).await;
+        let persisted = self.persist(&mut write.next).await;
         self.write_retry_at = persisted.is_err().then(|| Instant::now() + WRITE_RETRY);
         match persisted {
             Ok(()) => {
@@ -575,11 +575,30 @@ impl Desired {
                 mine.peek().is_some() && mine.all(|(_, e)| moves_nothing_forward(e))
             })
             .collect();
+        let decided = super::desired::unix_ms();
         for shard in &at_once {
-            if let (Some(cur), Some(new)) =
-                (self.state.shards.get_mut(*shard), next.shards.get(*shard))
-            {
+            if let (Some(cur), Some(new)) = (
+                self.state.shards.get_mut(*shard),
+                next.shards.get_mut(*shard),
+            ) {
+                if let Some(shift) = new.shift.as_mut() {
+                    super::desired::stamp_if_changed(shift, cur.shift.as_ref(), decided);
+                }
                 *cur = new.clone();
+            }
+        }
+        // Stranded, a passed check cannot step (a step needs its write): the check still counts.
+        if stranded {
+            for shard in shards.iter().filter(|s| !at_once.contains(s)) {
+                if let (Some(cur), Some(new)) = (
+                    self.state
+                        .shards
+                        .get_mut(shard)
+                        .and_then(|s| s.shift.as_mut()),
+                    next.shards.get(shard).and_then(|s| s.shift.as_ref()),
+                ) {
+                    cur.hold_at_step(new);
+                }
             }
         }
         let (now_events, forward): (Vec<_>, Vec<_>) =

@@ -224,6 +224,11 @@ pub struct Shift {
     /// created after it is not one of `old_clusters`, even under the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted_at: Option<u64>,
+    /// When the shift last changed (a step, a check, a phase, an operator's command), in
+    /// milliseconds since the Unix epoch, by the clock of the replica that changed it: of two
+    /// states of one shift, the later decision. Unknown for shifts stored by older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<u64>,
     #[serde(skip)]
     runtime: Runtime,
 }
@@ -259,8 +264,55 @@ impl Shift {
             reason: None,
             old_clusters,
             promoted_at: None,
+            decided_at: None,
             runtime: Runtime::default(),
         }
+    }
+
+    /// Whether `other` is this shift with the same persisted state, [`decided_at`](Self::decided_at)
+    /// aside (timers and windows are not persisted).
+    pub fn same_decision(&self, other: &Shift) -> bool {
+        self.target == other.target
+            && self.target_clusters == other.target_clusters
+            && self.policy == other.policy
+            && self.start_weights == other.start_weights
+            && self.target_weight == other.target_weight
+            && self.step == other.step
+            && self.phase == other.phase
+            && self.consecutive_failures == other.consecutive_failures
+            && self.last_check == other.last_check
+            && self.reason == other.reason
+            && self.old_clusters == other.old_clusters
+            && self.promoted_at == other.promoted_at
+    }
+
+    /// Whether this shift, rolled back by this replica and not yet written, stays in force over
+    /// `theirs`, the same shard's shift in a state read from shared storage: when `theirs` is the
+    /// same shift, not ended by a rollback or abort, and was decided before this rollback (an
+    /// older write that landed late, a state read before the leader wrote its own decision). A
+    /// later decision, or another shift, is theirs to keep.
+    pub fn rollback_stands_over(&self, theirs: &Shift) -> bool {
+        self.phase == Phase::RolledBack
+            && !matches!(theirs.phase, Phase::RolledBack | Phase::Aborted)
+            && theirs.target == self.target
+            && theirs.start_weights == self.start_weights
+            && theirs.decided_at.unwrap_or(0) < self.decided_at.unwrap_or(0)
+    }
+
+    /// Takes the passed check of `stepped` (this shift after a tick that stepped forward) without
+    /// the step, for a replica that judges but cannot write (a step needs its write): failures in
+    /// a row start again from zero and the next window from now, as they do for a leader, so
+    /// failures with passed checks in between do not add up to a rollback.
+    pub fn hold_at_step(&mut self, stepped: &Shift) {
+        if self.phase != Phase::Progressing || stepped.step != self.step + 1 {
+            return;
+        }
+        self.consecutive_failures = stepped.consecutive_failures;
+        self.last_check.clone_from(&stepped.last_check);
+        self.runtime
+            .window_base
+            .clone_from(&stepped.runtime.window_base);
+        self.runtime.step_due = stepped.runtime.step_due;
     }
 
     /// Weights of the shard's clusters for the current phase: the target weight split equally over

@@ -713,3 +713,103 @@ fn a_joining_cluster_leaves_the_other_weights_as_they_were() {
         );
     }
 }
+
+/// A replica that judges but cannot write (stranded) holds the step after a passed check: the
+/// count of failures in a row starts again and the next window is a full interval from now, so a
+/// failure, a pass and a failure do not roll back (as for a leader), and the step stays.
+#[tokio::test(start_paused = true)]
+async fn a_passed_check_that_cannot_step_still_resets_the_failures() {
+    let mut s = shift();
+    let t = TargetStats::new();
+    s.tick(Instant::now(), &t.obs(true));
+    assert_eq!(weights(&s), (75, 25));
+    // Failed check 1.
+    t.serve(27, 3, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    s.tick(Instant::now(), &t.obs(true));
+    assert_eq!(s.consecutive_failures, 1);
+    // A clean window: the machine steps; the step cannot be written, the check is kept.
+    t.serve(30, 0, Duration::from_millis(5));
+    advance(Duration::from_secs(10)).await;
+    let mut stepped = s.clone();
+    assert_eq!(
+        stepped.tick(Instant::now(), &t.obs(true)),
+        vec![Event::Stepped { weight: 50 }]
+    );
+    s.hold_at_step(&stepped);
+    assert_eq!((s.step, weights(&s)), (1, (75, 25)));
+    assert_eq!(s.consecutive_failures, 0);
+    assert_eq!(
+        s.last_check.as_ref().map(|c| c.result),
+        Some(CheckResult::Passed)
+    );
+    // The next window is a full interval from the pass, not due at once.
+    advance(Duration::from_secs(5)).await;
+    assert!(s.tick(Instant::now(), &t.obs(true)).is_empty());
+    // A failure after the pass is the first in a row again: no rollback.
+    t.serve(27, 3, Duration::from_millis(5));
+    advance(Duration::from_secs(5)).await;
+    let events = s.tick(Instant::now(), &t.obs(true));
+    assert!(
+        matches!(&events[..], [Event::CheckFailed { .. }]),
+        "{events:?}"
+    );
+    assert_eq!((s.phase, s.consecutive_failures), (Phase::Progressing, 1));
+    // Holding is only for one step forward from a running shift.
+    let mut rolled = s.clone();
+    rolled.phase = Phase::RolledBack;
+    let before = rolled.consecutive_failures;
+    rolled.hold_at_step(&stepped);
+    assert_eq!(rolled.consecutive_failures, before);
+}
+
+/// Two states of one shift differ as decisions by their persisted fields, never by the stamp.
+#[test]
+fn same_decision_ignores_the_stamp_and_sees_every_persisted_change() {
+    let a = shift();
+    let mut b = a.clone();
+    b.decided_at = Some(42);
+    assert!(a.same_decision(&b));
+    let mut c = a.clone();
+    c.consecutive_failures = 1;
+    assert!(!a.same_decision(&c));
+    let mut d = a.clone();
+    d.phase = Phase::Paused;
+    assert!(!a.same_decision(&d));
+}
+
+/// A rollback not yet written stays over an older decision of the same shift (a write that landed
+/// late, even one further along) and gives way to a later one (an operator's pause, the same shift
+/// started again), to a rollback or abort, and to another shift.
+#[test]
+fn an_unwritten_rollback_stands_over_older_decisions_only() {
+    let mut ours = shift();
+    ours.step = 1;
+    ours.phase = Phase::RolledBack;
+    ours.decided_at = Some(2_000);
+    let mut stale = shift();
+    stale.step = 2;
+    stale.target_weight = 50;
+    stale.decided_at = Some(1_000);
+    assert!(ours.rollback_stands_over(&stale));
+    let mut unstamped = stale.clone();
+    unstamped.decided_at = None;
+    assert!(ours.rollback_stands_over(&unstamped));
+    let mut paused_later = stale.clone();
+    paused_later.phase = Phase::Paused;
+    paused_later.decided_at = Some(3_000);
+    assert!(!ours.rollback_stands_over(&paused_later));
+    let mut started_again = shift();
+    started_again.decided_at = Some(3_000);
+    assert!(!ours.rollback_stands_over(&started_again));
+    let mut theirs_rolled_back = stale.clone();
+    theirs_rolled_back.phase = Phase::RolledBack;
+    assert!(!ours.rollback_stands_over(&theirs_rolled_back));
+    let mut other = stale.clone();
+    other.target = Target::Cluster("violet".into());
+    assert!(!ours.rollback_stands_over(&other));
+    // Only a rollback stands.
+    let mut failed_check = ours.clone();
+    failed_check.phase = Phase::Progressing;
+    assert!(!failed_check.rollback_stands_over(&stale));
+}
