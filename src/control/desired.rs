@@ -377,12 +377,11 @@ impl Desired {
     /// republishes.
     fn adopt_state(&mut self, mut state: State) {
         // A rollback this replica applied but has not written stays over the same shift in the
-        // state taken when that state's shift was decided before the rollback (a write of this
-        // replica's that timed out and landed later, or the shared state a replica reads when the
-        // API server answers again before the leader has written its own decision): traffic must
-        // not go back to a target judged bad. A later decision (the leader's step after judging
-        // the target on its traffic, an operator's command, another shift) is taken. A leader
-        // writes the rollback at its next tick; any replica writes it with its next write.
+        // state taken while nothing in it has taken the target to be good since
+        // (`Shift::rollback_stands_over`: a write of this replica's that timed out and landed
+        // later, the leader's failed check, the shared state read when the API server answers
+        // again before the leader has written its own rollback): traffic must not go back to a
+        // target judged bad. A leader writes it at its next tick; any replica with its next write.
         let mut kept = std::collections::BTreeSet::new();
         for shard in &self.unsaved {
             let Some(ours) = self.state.shards.get(shard) else {
@@ -804,9 +803,11 @@ pub(super) fn unix_ms() -> u64 {
 }
 
 /// Stamps `shift` as decided at `now` when it differs from `before` (the same shard's shift in the
-/// current state), keeping the stamp it had otherwise.
+/// current state), keeping the stamp it had otherwise. A decision is stamped after the one it
+/// came from even when another replica's clock ran ahead of this one's.
 pub(super) fn stamp_if_changed(shift: &mut Shift, before: Option<&Shift>, now: u64) {
     if before.is_none_or(|b| !b.same_decision(shift)) {
-        shift.decided_at = Some(now);
+        let after = before.and_then(|b| b.decided_at).map_or(0, |t| t + 1);
+        shift.decided_at = Some(now.max(after));
     }
 }

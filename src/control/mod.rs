@@ -721,3 +721,42 @@ mod tests {
         assert_eq!((s.as_str(), a.as_str()), ("https", "serve.example:443"));
     }
 }
+
+#[cfg(test)]
+mod stamp_tests {
+    use std::collections::BTreeMap;
+
+    use super::desired::stamp_if_changed;
+    use crate::shift::{Shift, ShiftPolicy, Target};
+
+    fn shift() -> Shift {
+        Shift::new(
+            Target::Cluster("green".into()),
+            vec!["green".into()],
+            ShiftPolicy::default(),
+            BTreeMap::from([("blue".into(), 100), ("green".into(), 0)]),
+        )
+    }
+
+    /// A changed shift is stamped now, and never before the decision it came from (another
+    /// replica's clock ahead of this one's); an unchanged one keeps its stamp.
+    #[test]
+    fn a_decision_is_stamped_after_the_one_it_came_from() {
+        let mut before = shift();
+        before.decided_at = Some(5_000);
+        let mut same = before.clone();
+        stamp_if_changed(&mut same, Some(&before), 9_000);
+        assert_eq!(same.decided_at, Some(5_000));
+        let mut stepped = before.clone();
+        stepped.step = 1;
+        stamp_if_changed(&mut stepped, Some(&before), 9_000);
+        assert_eq!(stepped.decided_at, Some(9_000));
+        let mut behind = before.clone();
+        behind.step = 1;
+        stamp_if_changed(&mut behind, Some(&before), 4_000);
+        assert_eq!(behind.decided_at, Some(5_001));
+        let mut new = shift();
+        stamp_if_changed(&mut new, None, 7_000);
+        assert_eq!(new.decided_at, Some(7_000));
+    }
+}

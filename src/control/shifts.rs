@@ -587,7 +587,9 @@ impl Desired {
                 *cur = new.clone();
             }
         }
-        // Stranded, a passed check cannot step (a step needs its write): the check still counts.
+        // Stranded, a passed check cannot step (a step needs its write): the check still counts,
+        // in memory like a failed one (a replica that stops being stranded without leading reads
+        // the shared state again, which drops it).
         if stranded {
             for shard in shards.iter().filter(|s| !at_once.contains(s)) {
                 if let (Some(cur), Some(new)) = (
@@ -597,7 +599,12 @@ impl Desired {
                         .and_then(|s| s.shift.as_mut()),
                     next.shards.get(shard).and_then(|s| s.shift.as_ref()),
                 ) {
+                    let before = cur.clone();
                     cur.hold_at_step(new);
+                    if !cur.same_decision(&before) {
+                        super::desired::stamp_if_changed(cur, Some(&before), decided);
+                        self.unsaved.insert(shard.clone());
+                    }
                 }
             }
         }

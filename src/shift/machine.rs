@@ -224,7 +224,12 @@ pub struct Shift {
     /// created after it is not one of `old_clusters`, even under the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted_at: Option<u64>,
-    /// When the shift last changed (a step, a check, a phase, an operator's command), in
+    /// When the shift was started, in milliseconds since the Unix epoch: tells a shift started
+    /// again with the same target and start weights from the one before. Unknown for shifts
+    /// stored by older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    /// When the shift last changed (a step, a judged check, a phase, an operator's command), in
     /// milliseconds since the Unix epoch, by the clock of the replica that changed it: of two
     /// states of one shift, the later decision. Unknown for shifts stored by older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +269,10 @@ impl Shift {
             reason: None,
             old_clusters,
             promoted_at: None,
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_millis()).ok()),
             decided_at: None,
             runtime: Runtime::default(),
         }
@@ -284,19 +293,27 @@ impl Shift {
             && self.reason == other.reason
             && self.old_clusters == other.old_clusters
             && self.promoted_at == other.promoted_at
+            && self.started_at == other.started_at
     }
 
     /// Whether this shift, rolled back by this replica and not yet written, stays in force over
     /// `theirs`, the same shard's shift in a state read from shared storage: when `theirs` is the
-    /// same shift, not ended by a rollback or abort, and was decided before this rollback (an
-    /// older write that landed late, a state read before the leader wrote its own decision). A
-    /// later decision, or another shift, is theirs to keep.
+    /// same shift (started at the same time, to the same target, from the same weights), not
+    /// ended by a rollback or abort, and either decided before this rollback (an older write
+    /// that landed late, a state read before the leader wrote its own decision) or still
+    /// progressing at this rollback's step or an earlier one (the leader's failed check, its wait
+    /// for requests, a cluster joining the target: nothing that takes the target to be good).
+    /// A step further decided later, a pause, a promotion, or another shift is theirs to keep.
     pub fn rollback_stands_over(&self, theirs: &Shift) -> bool {
-        self.phase == Phase::RolledBack
-            && !matches!(theirs.phase, Phase::RolledBack | Phase::Aborted)
+        let same_shift = theirs.started_at == self.started_at
             && theirs.target == self.target
-            && theirs.start_weights == self.start_weights
-            && theirs.decided_at.unwrap_or(0) < self.decided_at.unwrap_or(0)
+            && theirs.start_weights == self.start_weights;
+        let older = theirs.decided_at.unwrap_or(0) < self.decided_at.unwrap_or(0);
+        let no_further = theirs.phase == Phase::Progressing && theirs.step <= self.step;
+        self.phase == Phase::RolledBack
+            && same_shift
+            && !matches!(theirs.phase, Phase::RolledBack | Phase::Aborted)
+            && (older || no_further)
     }
 
     /// Takes the passed check of `stepped` (this shift after a tick that stepped forward) without

@@ -779,8 +779,9 @@ fn same_decision_ignores_the_stamp_and_sees_every_persisted_change() {
 }
 
 /// A rollback not yet written stays over an older decision of the same shift (a write that landed
-/// late, even one further along) and gives way to a later one (an operator's pause, the same shift
-/// started again), to a rollback or abort, and to another shift.
+/// late, even one further along) and over a later one that does not take the target to be good (a
+/// failed check, a wait); it gives way to a later step, a pause, the same shift started again, a
+/// rollback or abort, and another shift.
 #[test]
 fn an_unwritten_rollback_stands_over_older_decisions_only() {
     let mut ours = shift();
@@ -788,6 +789,7 @@ fn an_unwritten_rollback_stands_over_older_decisions_only() {
     ours.phase = Phase::RolledBack;
     ours.decided_at = Some(2_000);
     let mut stale = shift();
+    stale.started_at = ours.started_at;
     stale.step = 2;
     stale.target_weight = 50;
     stale.decided_at = Some(1_000);
@@ -795,11 +797,19 @@ fn an_unwritten_rollback_stands_over_older_decisions_only() {
     let mut unstamped = stale.clone();
     unstamped.decided_at = None;
     assert!(ours.rollback_stands_over(&unstamped));
-    let mut paused_later = stale.clone();
+    let mut failed_later = stale.clone();
+    failed_later.step = 1;
+    failed_later.consecutive_failures = 1;
+    failed_later.decided_at = Some(3_000);
+    assert!(ours.rollback_stands_over(&failed_later));
+    let mut stepped_later = stale.clone();
+    stepped_later.decided_at = Some(3_000);
+    assert!(!ours.rollback_stands_over(&stepped_later));
+    let mut paused_later = failed_later.clone();
     paused_later.phase = Phase::Paused;
-    paused_later.decided_at = Some(3_000);
     assert!(!ours.rollback_stands_over(&paused_later));
     let mut started_again = shift();
+    started_again.started_at = ours.started_at.map(|t| t + 5_000);
     started_again.decided_at = Some(3_000);
     assert!(!ours.rollback_stands_over(&started_again));
     let mut theirs_rolled_back = stale.clone();
