@@ -378,7 +378,7 @@ impl Desired {
     fn adopt_state(&mut self, mut state: State) {
         // A rollback this replica applied but has not written stays over the same shift in the
         // state taken while nothing in it has taken the target to be good since
-        // (`Shift::rollback_stands_over`: a write of this replica's that timed out and landed
+        // (`Shift::rollback_over`: a write of this replica's that timed out and landed
         // later, the leader's failed check, the shared state read when the API server answers
         // again before the leader has written its own rollback): traffic must not go back to a
         // target judged bad. A leader writes it at its next tick; any replica with its next write.
@@ -394,13 +394,13 @@ impl Desired {
             let Some(entry) = state.shards.get_mut(shard) else {
                 continue;
             };
-            let stands = entry
+            let over = entry
                 .shift
                 .as_ref()
-                .is_some_and(|theirs| rolled_back.rollback_stands_over(theirs));
-            if stands {
-                entry.weights = ours.weights.clone();
-                entry.shift = Some(rolled_back.clone());
+                .and_then(|theirs| rolled_back.rollback_over(theirs));
+            if let Some(over) = over {
+                entry.weights = over.weights();
+                entry.shift = Some(over);
                 kept.insert(shard.clone());
             }
         }

@@ -187,7 +187,12 @@ impl Desired {
             %shard, target = ?shift.target, clusters = ?shift.target_clusters,
             step_percent = shift.policy.step_percent, "shift started"
         );
-        Ok(shift)
+        Ok(self.written_shift(shard).unwrap_or(shift))
+    }
+
+    /// The shard's shift as written (stamped by the write).
+    fn written_shift(&self, shard: &str) -> Option<Shift> {
+        self.state.shards.get(shard)?.shift.clone()
     }
 
     /// Pause, resume, promote or abort a shard's shift.
@@ -217,7 +222,7 @@ impl Desired {
         let shift = shift.clone();
         self.commit(next).await?;
         tracing::info!(%shard, ?action, phase = shift.phase.as_str(), "shift control applied");
-        Ok(shift)
+        Ok(self.written_shift(shard).unwrap_or(shift))
     }
 
     /// `POST /v1/rollouts`: every shard with a ready cluster of `revision` that does not yet have

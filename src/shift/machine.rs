@@ -296,24 +296,45 @@ impl Shift {
             && self.started_at == other.started_at
     }
 
-    /// Whether this shift, rolled back by this replica and not yet written, stays in force over
-    /// `theirs`, the same shard's shift in a state read from shared storage: when `theirs` is the
-    /// same shift (started at the same time, to the same target, from the same weights), not
-    /// ended by a rollback or abort, and either decided before this rollback (an older write
-    /// that landed late, a state read before the leader wrote its own decision) or still
+    /// This shift, rolled back by this replica and not yet written, over `theirs` (the same
+    /// shard's shift in a state read from shared storage), when the rollback stays in force:
+    /// `theirs` is the same shift (started at the same time, to the same target, from the same
+    /// weights), still progressing or paused, and either decided before this rollback (an older
+    /// write that landed late, a state read before the leader wrote its own decision) or still
     /// progressing at this rollback's step or an earlier one (the leader's failed check, its wait
-    /// for requests, a cluster joining the target: nothing that takes the target to be good).
-    /// A step further decided later, a pause, a promotion, or another shift is theirs to keep.
-    pub fn rollback_stands_over(&self, theirs: &Shift) -> bool {
+    /// for requests, a cluster joining the target: nothing that takes the target to be good). A
+    /// step further decided later, a pause decided later, a promotion, an end, or another shift
+    /// is theirs to keep: `None`.
+    ///
+    /// The rollback returned is of `theirs` (its step, its clusters), decided after both: so a
+    /// rollback that stood over a later step is compared with that step from then on.
+    pub fn rollback_over(&self, theirs: &Shift) -> Option<Shift> {
         let same_shift = theirs.started_at == self.started_at
             && theirs.target == self.target
             && theirs.start_weights == self.start_weights;
-        let older = theirs.decided_at.unwrap_or(0) < self.decided_at.unwrap_or(0);
+        // A shift written by an older version carries no stamp: no order to go by.
+        let older = theirs
+            .decided_at
+            .is_some_and(|t| t < self.decided_at.unwrap_or(0));
         let no_further = theirs.phase == Phase::Progressing && theirs.step <= self.step;
-        self.phase == Phase::RolledBack
+        let stands = self.phase == Phase::RolledBack
             && same_shift
-            && !matches!(theirs.phase, Phase::RolledBack | Phase::Aborted)
-            && (older || no_further)
+            && matches!(theirs.phase, Phase::Progressing | Phase::Paused)
+            && (older || no_further);
+        if !stands {
+            return None;
+        }
+        let mut over = theirs.clone();
+        over.phase = Phase::RolledBack;
+        over.reason.clone_from(&self.reason);
+        over.consecutive_failures = self.consecutive_failures;
+        over.last_check.clone_from(&self.last_check);
+        over.decided_at = match (self.decided_at, theirs.decided_at) {
+            (Some(ours), Some(t)) => Some(ours.max(t + 1)),
+            (ours, t) => ours.or(t),
+        };
+        over.runtime = Runtime::default();
+        Some(over)
     }
 
     /// Takes the passed check of `stepped` (this shift after a tick that stepped forward) without

@@ -780,46 +780,93 @@ fn same_decision_ignores_the_stamp_and_sees_every_persisted_change() {
 
 /// A rollback not yet written stays over an older decision of the same shift (a write that landed
 /// late, even one further along) and over a later one that does not take the target to be good (a
-/// failed check, a wait); it gives way to a later step, a pause, the same shift started again, a
-/// rollback or abort, and another shift.
+/// failed check, a wait); it gives way to a later step, a pause, a promotion, the same shift started
+/// again, a rollback or abort, and another shift.
 #[test]
 fn an_unwritten_rollback_stands_over_older_decisions_only() {
     let mut ours = shift();
     ours.step = 1;
     ours.phase = Phase::RolledBack;
+    ours.reason = Some("2 failed checks in a row".into());
     ours.decided_at = Some(2_000);
+    let stands = |theirs: &Shift| ours.rollback_over(theirs).is_some();
     let mut stale = shift();
     stale.started_at = ours.started_at;
     stale.step = 2;
     stale.target_weight = 50;
     stale.decided_at = Some(1_000);
-    assert!(ours.rollback_stands_over(&stale));
-    let mut unstamped = stale.clone();
-    unstamped.decided_at = None;
-    assert!(ours.rollback_stands_over(&unstamped));
+    assert!(stands(&stale));
     let mut failed_later = stale.clone();
     failed_later.step = 1;
     failed_later.consecutive_failures = 1;
     failed_later.decided_at = Some(3_000);
-    assert!(ours.rollback_stands_over(&failed_later));
+    assert!(stands(&failed_later));
     let mut stepped_later = stale.clone();
     stepped_later.decided_at = Some(3_000);
-    assert!(!ours.rollback_stands_over(&stepped_later));
+    assert!(!stands(&stepped_later));
     let mut paused_later = failed_later.clone();
     paused_later.phase = Phase::Paused;
-    assert!(!ours.rollback_stands_over(&paused_later));
+    assert!(!stands(&paused_later));
+    let mut paused_before = stale.clone();
+    paused_before.phase = Phase::Paused;
+    assert!(stands(&paused_before));
+    for phase in [
+        Phase::Draining,
+        Phase::Completed,
+        Phase::RolledBack,
+        Phase::Aborted,
+    ] {
+        let mut ended = stale.clone();
+        ended.phase = phase;
+        assert!(!stands(&ended), "{phase:?}");
+    }
     let mut started_again = shift();
     started_again.started_at = ours.started_at.map(|t| t + 5_000);
     started_again.decided_at = Some(3_000);
-    assert!(!ours.rollback_stands_over(&started_again));
-    let mut theirs_rolled_back = stale.clone();
-    theirs_rolled_back.phase = Phase::RolledBack;
-    assert!(!ours.rollback_stands_over(&theirs_rolled_back));
+    assert!(!stands(&started_again));
     let mut other = stale.clone();
     other.target = Target::Cluster("violet".into());
-    assert!(!ours.rollback_stands_over(&other));
+    assert!(!stands(&other));
+    // Written by an older version (no stamp): no order, only "no further" stands.
+    let mut unstamped = stale.clone();
+    unstamped.decided_at = None;
+    assert!(!stands(&unstamped));
+    unstamped.step = 1;
+    assert!(stands(&unstamped));
     // Only a rollback stands.
     let mut failed_check = ours.clone();
     failed_check.phase = Phase::Progressing;
-    assert!(!failed_check.rollback_stands_over(&stale));
+    assert!(failed_check.rollback_over(&stale).is_none());
+}
+
+/// A rollback that stood over a later step is that step's rollback from then on: the leader's
+/// failed check at that step, decided after it, does not undo it; a step past it does.
+#[test]
+fn a_rollback_over_a_later_step_is_compared_with_that_step() {
+    let mut ours = shift();
+    ours.step = 1;
+    ours.phase = Phase::RolledBack;
+    ours.decided_at = Some(3_000);
+    let mut at_three = shift();
+    at_three.started_at = ours.started_at;
+    at_three.step = 3;
+    at_three.target_weight = 75;
+    at_three.decided_at = Some(2_000);
+    let over = ours
+        .rollback_over(&at_three)
+        .expect("stands over an older step 3");
+    assert_eq!((over.phase, over.step), (Phase::RolledBack, 3));
+    assert_eq!(weights(&over), (100, 0));
+    assert_eq!(over.decided_at, Some(3_000));
+    let mut failed_at_three = at_three.clone();
+    failed_at_three.consecutive_failures = 1;
+    failed_at_three.decided_at = Some(4_000);
+    let again = over
+        .rollback_over(&failed_at_three)
+        .expect("the leader's failed check at step 3 does not undo it");
+    assert_eq!(again.decided_at, Some(4_001));
+    let mut at_four = at_three.clone();
+    at_four.step = 4;
+    at_four.decided_at = Some(5_000);
+    assert!(again.rollback_over(&at_four).is_none());
 }
