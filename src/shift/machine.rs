@@ -309,7 +309,8 @@ impl Shift {
     /// The rollback returned is of `theirs` (its step, its clusters), decided after both: so a
     /// rollback that stood over a later step is compared with that step from then on.
     pub fn rollback_over(&self, theirs: &Shift) -> Option<Shift> {
-        let same_shift = theirs.started_at == self.started_at
+        // A shift written by an older version carries no start: the same if all else is.
+        let same_shift = theirs.started_at.is_none_or(|t| Some(t) == self.started_at)
             && theirs.target == self.target
             && theirs.start_weights == self.start_weights;
         // A shift written by an older version carries no stamp: no order to go by.
@@ -418,7 +419,11 @@ impl Shift {
     /// Keeps `other`'s in-memory timers and analysis window when it is the same shift at the same
     /// step and phase (a state reloaded from shared storage), so reloading does not restart a window.
     pub fn keep_timers_of(&mut self, other: &Shift) {
-        if self.target == other.target && self.step == other.step && self.phase == other.phase {
+        if self.target == other.target
+            && self.started_at == other.started_at
+            && self.step == other.step
+            && self.phase == other.phase
+        {
             self.runtime = other.runtime.clone();
         }
     }

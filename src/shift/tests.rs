@@ -827,8 +827,9 @@ fn an_unwritten_rollback_stands_over_older_decisions_only() {
     let mut other = stale.clone();
     other.target = Target::Cluster("violet".into());
     assert!(!stands(&other));
-    // Written by an older version (no stamp): no order, only "no further" stands.
+    // Written by an older version (no stamps): no order, only "no further" stands.
     let mut unstamped = stale.clone();
+    unstamped.started_at = None;
     unstamped.decided_at = None;
     assert!(!stands(&unstamped));
     unstamped.step = 1;
