@@ -222,8 +222,7 @@ impl Desired {
         }
         match self.persist(&mut next).await {
             Ok(()) => {
-                self.state = next;
-                self.publish();
+                self.take_written(next);
                 for (reply, split) in accepted {
                     let _ = reply.send(Ok(split));
                 }
@@ -246,20 +245,64 @@ impl Desired {
     ///
     /// Every shift that differs from the current state's is stamped with this replica's clock
     /// first ([`Shift::decided_at`]).
+    ///
+    /// Shifts go on being judged meanwhile too: a failed check or a rollback applies at once
+    /// (the write may hang while the target goes bad), and [`take_written`](Self::take_written)
+    /// keeps it over what the write held.
     pub(super) async fn persist(&mut self, next: &mut State) -> Result<(), StateError> {
         let now = unix_ms();
+        self.changed_in_flight.clear();
+        self.stepped_back_in_flight.clear();
         for (shard, entry) in &mut next.shards {
-            if let Some(shift) = entry.shift.as_mut() {
-                let before = self.state.shards.get(shard).and_then(|e| e.shift.as_ref());
-                stamp_if_changed(shift, before, now);
+            let before = self.state.shards.get(shard).and_then(|e| e.shift.as_ref());
+            let changed = match (entry.shift.as_mut(), before) {
+                (Some(shift), before) => {
+                    stamp_if_changed(shift, before, now);
+                    before.is_none_or(|b| !b.same_decision(shift))
+                }
+                (None, before) => before.is_some(),
+            };
+            if changed {
+                self.changed_in_flight.insert(shard.clone());
             }
         }
+        let carried = self.unsaved.clone();
         let saved = self.while_waiting(self.save(next.clone())).await;
+        if saved.result.is_ok() {
+            // What the write carried is written; a step back applied meanwhile is not.
+            let in_flight = &self.stepped_back_in_flight;
+            self.unsaved
+                .retain(|s| !carried.contains(s) || in_flight.contains(s));
+        }
         self.settle(saved)
     }
 
+    /// Makes `next`, just written by [`persist`](Self::persist), the current state and publishes
+    /// it. A shard a tick stepped back while the write was in flight keeps its step back where the
+    /// write did not change its shift, and its rollback where it did (an operator's command, the
+    /// tick's own step forward: decided before it); a failed check gives way to such a change.
+    pub(super) fn take_written(&mut self, mut next: State) {
+        for shard in std::mem::take(&mut self.stepped_back_in_flight) {
+            let Some(ours) = self.state.shards.get(&shard) else {
+                continue;
+            };
+            let rolled_back = ours
+                .shift
+                .as_ref()
+                .is_some_and(|s| s.phase == Phase::RolledBack);
+            if !self.changed_in_flight.contains(&shard) || rolled_back {
+                next.shards.insert(shard, ours.clone());
+            } else {
+                self.unsaved.remove(&shard);
+            }
+        }
+        self.changed_in_flight.clear();
+        self.state = next;
+        self.publish();
+    }
+
     /// Awaits `call` (a call to the state store, which may wait up to 10 s for an API server),
-    /// applying probe reports and passive health meanwhile.
+    /// applying probe reports, passive health and shift checks meanwhile.
     async fn while_waiting<T>(&mut self, call: impl std::future::Future<Output = T>) -> T {
         let mut call = std::pin::pin!(call);
         let mut passive = tokio::time::interval(super::SHIFT_TICK);
@@ -269,7 +312,7 @@ impl Desired {
             tokio::select! {
                 done = &mut call => return done,
                 Some(report) = self.probes.recv() => self.apply_probes(report),
-                _ = passive.tick() => self.passive_tick(),
+                _ = passive.tick() => self.judge_in_flight(),
             }
         }
     }
@@ -331,12 +374,9 @@ impl Desired {
         Ok(())
     }
 
-    /// Takes the outcome of a write: on success nothing is held only in memory any more; after a
-    /// conflict the other replica's state is taken, so the next attempt starts from it.
+    /// Takes the outcome of a write: after a conflict the other replica's state is taken, so the
+    /// next attempt starts from it.
     fn settle(&mut self, saved: Saved) -> Result<(), StateError> {
-        if saved.result.is_ok() {
-            self.unsaved.clear();
-        }
         if let Some(state) = saved.theirs {
             self.adopt_state(state);
         }

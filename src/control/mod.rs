@@ -473,6 +473,11 @@ struct Desired {
     /// Shards whose tick transitions (a failed check, a rollback) were applied before their write,
     /// and no write holding them has succeeded yet.
     unsaved: std::collections::BTreeSet<String>,
+    /// Shards a clock tick stepped back (a failed check, a rollback) while a state write was in
+    /// flight: newer than what that write holds for them.
+    stepped_back_in_flight: std::collections::BTreeSet<String>,
+    /// Shards whose shift the write in flight changes.
+    changed_in_flight: std::collections::BTreeSet<String>,
     /// Stepped down with changes it could not write: the shared state is to be read again.
     reload_shared: bool,
     /// After a clock tick's write failed: no tick writes before then.
@@ -572,6 +577,8 @@ pub async fn start(
         rollout_gauges: gauges::RolloutGauges::new(),
         table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
         unsaved: Default::default(),
+        stepped_back_in_flight: Default::default(),
+        changed_in_flight: Default::default(),
         reload_shared: false,
         write_retry_at: None,
         discovery_pending: match &config.kubernetes {

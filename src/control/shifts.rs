@@ -28,8 +28,7 @@ impl Desired {
     /// Writes `next`, then makes it current and publishes it.
     async fn commit(&mut self, mut next: State) -> Result<(), ControlError> {
         self.persist(&mut next).await?;
-        self.state = next;
-        self.publish();
+        self.take_written(next);
         Ok(())
     }
 
@@ -425,7 +424,7 @@ impl Desired {
     /// the ticks write again, a second after each failed write. Steps forward (a higher target
     /// weight, a promotion, a drain's end, a rollout's next shards) apply only once written.
     pub(super) async fn tick(&mut self) {
-        let Some(mut write) = self.tick_begin() else {
+        let Some(mut write) = self.tick_begin(false) else {
             if self.reload_shared
                 && super::standing(&self.leader) != Standing::Stranded
                 && self.write_retry_at.is_none_or(|at| Instant::now() >= at)
@@ -441,8 +440,7 @@ impl Desired {
         self.write_retry_at = persisted.is_err().then(|| Instant::now() + WRITE_RETRY);
         match persisted {
             Ok(()) => {
-                self.state = write.next;
-                self.publish();
+                self.take_written(write.next);
                 for (shard, event) in write.events {
                     record(&shard, &event);
                 }
@@ -458,8 +456,15 @@ impl Desired {
         }
     }
 
-    /// A tick up to its write: the state to write, if anything changed.
-    fn tick_begin(&mut self) -> Option<TickWrite> {
+    /// A clock tick while a state write is in flight: passive health, and shifts judged for what
+    /// moves no traffic forward (applied at once); nothing else until the write is done.
+    pub(super) fn judge_in_flight(&mut self) {
+        self.tick_begin(true);
+    }
+
+    /// A tick up to its write: the state to write, if anything changed. `in_flight`: a write is
+    /// in flight, so only what moves no traffic forward is applied, and nothing is to be written.
+    fn tick_begin(&mut self, in_flight: bool) -> Option<TickWrite> {
         let now = Instant::now();
         self.passive_tick();
         // With several replicas, only the Lease holder advances shifts and rollouts. A replica
@@ -592,10 +597,11 @@ impl Desired {
                 *cur = new.clone();
             }
         }
-        // Stranded, a passed check cannot step (a step needs its write): the check still counts,
-        // in memory like a failed one (a replica that stops being stranded without leading reads
-        // the shared state again, which drops it).
-        if stranded {
+        // Stranded or with a write in flight, a passed check cannot step (a step needs its
+        // write): the check still counts, in memory like a failed one (a replica that stops being
+        // stranded without leading reads the shared state again, which drops it; a write that
+        // changes the shift replaces it).
+        if stranded || in_flight {
             for shard in shards.iter().filter(|s| !at_once.contains(s)) {
                 if let (Some(cur), Some(new)) = (
                     self.state
@@ -609,6 +615,9 @@ impl Desired {
                     if !cur.same_decision(&before) {
                         super::desired::stamp_if_changed(cur, Some(&before), decided);
                         self.unsaved.insert(shard.clone());
+                        if in_flight {
+                            self.stepped_back_in_flight.insert(shard.clone());
+                        }
                     }
                 }
             }
@@ -617,13 +626,18 @@ impl Desired {
             events.into_iter().partition(|(s, _)| at_once.contains(&s));
         if !now_events.is_empty() {
             self.unsaved.extend(at_once.iter().map(|s| s.to_string()));
+            if in_flight {
+                self.stepped_back_in_flight
+                    .extend(at_once.iter().map(|s| s.to_string()));
+            }
             self.publish();
             for (shard, event) in &now_events {
                 record(shard, event);
             }
         }
-        // Stranded, or a second after a failed write: nothing is written, and steps forward wait.
-        if stranded || self.write_retry_at.is_some_and(|at| now < at) {
+        // Stranded, a write in flight, or a second after a failed write: nothing is written, and
+        // steps forward wait.
+        if stranded || in_flight || self.write_retry_at.is_some_and(|at| now < at) {
             return None;
         }
 
