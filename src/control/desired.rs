@@ -252,6 +252,7 @@ impl Desired {
     pub(super) async fn persist(&mut self, next: &mut State) -> Result<(), StateError> {
         let now = unix_ms();
         self.changed_in_flight.clear();
+        self.ending_in_flight.clear();
         self.stepped_back_in_flight.clear();
         for (shard, entry) in &mut next.shards {
             let before = self.state.shards.get(shard).and_then(|e| e.shift.as_ref());
@@ -264,6 +265,9 @@ impl Desired {
             };
             if changed {
                 self.changed_in_flight.insert(shard.clone());
+                if entry.shift.as_ref().is_none_or(|s| s.phase != Phase::Progressing) {
+                    self.ending_in_flight.insert(shard.clone());
+                }
             }
         }
         let carried = self.unsaved.clone();
@@ -281,22 +285,34 @@ impl Desired {
     /// it. A shard a tick stepped back while the write was in flight keeps its step back where the
     /// write did not change its shift, and its rollback where it did (an operator's command, the
     /// tick's own step forward: decided before it); a failed check gives way to such a change.
+    ///
+    /// The shifts the write did not change keep the timers and windows they advanced meanwhile.
     pub(super) fn take_written(&mut self, mut next: State) {
-        for shard in std::mem::take(&mut self.stepped_back_in_flight) {
-            let Some(ours) = self.state.shards.get(&shard) else {
+        let stepped_back = std::mem::take(&mut self.stepped_back_in_flight);
+        for (shard, entry) in &mut next.shards {
+            let Some(ours) = self.state.shards.get(shard) else {
                 continue;
             };
-            let rolled_back = ours
-                .shift
-                .as_ref()
-                .is_some_and(|s| s.phase == Phase::RolledBack);
-            if !self.changed_in_flight.contains(&shard) || rolled_back {
-                next.shards.insert(shard, ours.clone());
-            } else {
-                self.unsaved.remove(&shard);
+            let changed = self.changed_in_flight.contains(shard);
+            if stepped_back.contains(shard) {
+                let rolled_back = ours
+                    .shift
+                    .as_ref()
+                    .is_some_and(|s| s.phase == Phase::RolledBack);
+                if !changed || rolled_back {
+                    entry.weights.clone_from(&ours.weights);
+                    entry.shift.clone_from(&ours.shift);
+                } else {
+                    self.unsaved.remove(shard);
+                }
+            } else if !changed {
+                if let (Some(theirs), Some(ours)) = (entry.shift.as_mut(), ours.shift.as_ref()) {
+                    theirs.keep_timers_of(ours);
+                }
             }
         }
         self.changed_in_flight.clear();
+        self.ending_in_flight.clear();
         self.state = next;
         self.publish();
     }

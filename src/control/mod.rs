@@ -478,6 +478,9 @@ struct Desired {
     stepped_back_in_flight: std::collections::BTreeSet<String>,
     /// Shards whose shift the write in flight changes.
     changed_in_flight: std::collections::BTreeSet<String>,
+    /// Shards whose shift the write in flight takes out of progress (a promotion, a pause, an
+    /// abort): not judged until it lands.
+    ending_in_flight: std::collections::BTreeSet<String>,
     /// Stepped down with changes it could not write: the shared state is to be read again.
     reload_shared: bool,
     /// After a clock tick's write failed: no tick writes before then.
@@ -579,6 +582,7 @@ pub async fn start(
         unsaved: Default::default(),
         stepped_back_in_flight: Default::default(),
         changed_in_flight: Default::default(),
+        ending_in_flight: Default::default(),
         reload_shared: false,
         write_retry_at: None,
         discovery_pending: match &config.kubernetes {

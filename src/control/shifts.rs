@@ -517,6 +517,11 @@ impl Desired {
             .cloned()
             .collect();
         for shard in &shards {
+            // A write in flight takes this shift out of progress (a promotion, a pause, an
+            // abort): not judged until it has landed.
+            if in_flight && self.ending_in_flight.contains(shard) {
+                continue;
+            }
             let Some(entry) = next.shards.get_mut(shard) else {
                 continue;
             };
@@ -597,11 +602,14 @@ impl Desired {
                 *cur = new.clone();
             }
         }
-        // Stranded or with a write in flight, a passed check cannot step (a step needs its
-        // write): the check still counts, in memory like a failed one (a replica that stops being
-        // stranded without leading reads the shared state again, which drops it; a write that
-        // changes the shift replaces it).
-        if stranded || in_flight {
+        // A passed check that cannot step (a step needs its write) still counts: stranded, in
+        // memory like a failed one (a replica that stops being stranded without leading reads the
+        // shared state again, which drops it); otherwise ahead of the write that steps, so that
+        // while it is in flight the step is judged on a window of its own, from the pass (if the
+        // write fails, the step waits a full interval). With another write in flight a passed
+        // check waits for it, untouched.
+        let stepping = !stranded && !in_flight && self.write_retry_at.is_none_or(|at| now >= at);
+        if stranded || stepping {
             for shard in shards.iter().filter(|s| !at_once.contains(s)) {
                 if let (Some(cur), Some(new)) = (
                     self.state
@@ -612,12 +620,9 @@ impl Desired {
                 ) {
                     let before = cur.clone();
                     cur.hold_at_step(new);
-                    if !cur.same_decision(&before) {
+                    if stranded && !cur.same_decision(&before) {
                         super::desired::stamp_if_changed(cur, Some(&before), decided);
                         self.unsaved.insert(shard.clone());
-                        if in_flight {
-                            self.stepped_back_in_flight.insert(shard.clone());
-                        }
                     }
                 }
             }
