@@ -265,7 +265,11 @@ impl Desired {
             };
             if changed {
                 self.changed_in_flight.insert(shard.clone());
-                if entry.shift.as_ref().is_none_or(|s| s.phase != Phase::Progressing) {
+                if entry
+                    .shift
+                    .as_ref()
+                    .is_none_or(|s| s.phase != Phase::Progressing)
+                {
                     self.ending_in_flight.insert(shard.clone());
                 }
             }

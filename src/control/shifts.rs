@@ -618,11 +618,20 @@ impl Desired {
                         .and_then(|s| s.shift.as_mut()),
                     next.shards.get(shard).and_then(|s| s.shift.as_ref()),
                 ) {
+                    // At 0% nothing was analysed: a first step whose write fails is tried
+                    // again a second later, not an interval.
+                    if stepping && cur.target_weight == 0 {
+                        continue;
+                    }
                     let before = cur.clone();
                     cur.hold_at_step(new);
                     if stranded && !cur.same_decision(&before) {
                         super::desired::stamp_if_changed(cur, Some(&before), decided);
                         self.unsaved.insert(shard.clone());
+                        if in_flight {
+                            // Kept over what the write in flight holds, as a step back is.
+                            self.stepped_back_in_flight.insert(shard.clone());
+                        }
                     }
                 }
             }
