@@ -256,12 +256,9 @@ impl Desired {
         self.stepped_back_in_flight.clear();
         for (shard, entry) in &mut next.shards {
             let before = self.state.shards.get(shard).and_then(|e| e.shift.as_ref());
-            let changed = match (entry.shift.as_mut(), before) {
-                (Some(shift), before) => {
-                    stamp_if_changed(shift, before, now);
-                    before.is_none_or(|b| !b.same_decision(shift))
-                }
-                (None, before) => before.is_some(),
+            let changed = match entry.shift.as_mut() {
+                Some(shift) => stamp_if_changed(shift, before, now),
+                None => before.is_some(),
             };
             if changed {
                 self.changed_in_flight.insert(shard.clone());
@@ -863,11 +860,13 @@ pub(super) fn unix_ms() -> u64 {
 }
 
 /// Stamps `shift` as decided at `now` when it differs from `before` (the same shard's shift in the
-/// current state), keeping the stamp it had otherwise. A decision is stamped after the one it
-/// came from even when another replica's clock ran ahead of this one's.
-pub(super) fn stamp_if_changed(shift: &mut Shift, before: Option<&Shift>, now: u64) {
-    if before.is_none_or(|b| !b.same_decision(shift)) {
+/// current state), keeping the stamp it had otherwise; true when it differs. A decision is
+/// stamped after the one it came from even when another replica's clock ran ahead of this one's.
+pub(super) fn stamp_if_changed(shift: &mut Shift, before: Option<&Shift>, now: u64) -> bool {
+    let changed = before.is_none_or(|b| !b.same_decision(shift));
+    if changed {
         let after = before.and_then(|b| b.decided_at).map_or(0, |t| t + 1);
         shift.decided_at = Some(now.max(after));
     }
+    changed
 }

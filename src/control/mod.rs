@@ -756,18 +756,18 @@ mod stamp_tests {
         let mut before = shift();
         before.decided_at = Some(5_000);
         let mut same = before.clone();
-        stamp_if_changed(&mut same, Some(&before), 9_000);
+        assert!(!stamp_if_changed(&mut same, Some(&before), 9_000));
         assert_eq!(same.decided_at, Some(5_000));
         let mut stepped = before.clone();
         stepped.step = 1;
-        stamp_if_changed(&mut stepped, Some(&before), 9_000);
+        assert!(stamp_if_changed(&mut stepped, Some(&before), 9_000));
         assert_eq!(stepped.decided_at, Some(9_000));
         let mut behind = before.clone();
         behind.step = 1;
-        stamp_if_changed(&mut behind, Some(&before), 4_000);
+        assert!(stamp_if_changed(&mut behind, Some(&before), 4_000));
         assert_eq!(behind.decided_at, Some(5_001));
         let mut new = shift();
-        stamp_if_changed(&mut new, None, 7_000);
+        assert!(stamp_if_changed(&mut new, None, 7_000));
         assert_eq!(new.decided_at, Some(7_000));
     }
 }

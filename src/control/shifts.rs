@@ -625,8 +625,7 @@ impl Desired {
                     }
                     let before = cur.clone();
                     cur.hold_at_step(new);
-                    if stranded && !cur.same_decision(&before) {
-                        super::desired::stamp_if_changed(cur, Some(&before), decided);
+                    if stranded && super::desired::stamp_if_changed(cur, Some(&before), decided) {
                         self.unsaved.insert(shard.clone());
                         if in_flight {
                             // Kept over what the write in flight holds, as a step back is.
