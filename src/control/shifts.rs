@@ -571,13 +571,7 @@ impl Desired {
             if events.iter().any(|(s, _)| s == shard) {
                 continue;
             }
-            if let (Some(cur), Some(new)) = (
-                self.state
-                    .shards
-                    .get_mut(shard)
-                    .and_then(|s| s.shift.as_mut()),
-                next.shards.get(shard).and_then(|s| s.shift.as_ref()),
-            ) {
+            if let Some((cur, new)) = shifts_of(&mut self.state, &next, shard) {
                 *cur = new.clone();
             }
         }
@@ -611,13 +605,7 @@ impl Desired {
         let stepping = !stranded && !in_flight && self.write_retry_at.is_none_or(|at| now >= at);
         if stranded || stepping {
             for shard in shards.iter().filter(|s| !at_once.contains(s)) {
-                if let (Some(cur), Some(new)) = (
-                    self.state
-                        .shards
-                        .get_mut(shard)
-                        .and_then(|s| s.shift.as_mut()),
-                    next.shards.get(shard).and_then(|s| s.shift.as_ref()),
-                ) {
+                if let Some((cur, new)) = shifts_of(&mut self.state, &next, shard) {
                     // At 0% nothing was analysed: a first step whose write fails is tried
                     // again a second later, not an interval.
                     if stepping && cur.target_weight == 0 {
@@ -975,6 +963,16 @@ struct TickWrite {
     next: State,
     /// Events of the transitions that apply once written.
     events: Vec<(String, Event)>,
+}
+
+/// A shard's shift in `state` (to change) and in `next`, when both have one.
+fn shifts_of<'a>(
+    state: &'a mut State,
+    next: &'a State,
+    shard: &str,
+) -> Option<(&'a mut Shift, &'a Shift)> {
+    let cur = state.shards.get_mut(shard)?.shift.as_mut()?;
+    Some((cur, next.shards.get(shard)?.shift.as_ref()?))
 }
 
 /// Whether a shift's event moves no traffic towards its target: it leaves traffic where it was,
