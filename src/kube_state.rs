@@ -353,18 +353,17 @@ pub fn elect(
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             let failed = attempt.is_err();
-            let silence_began = if no_answer {
-                *silent_since.get_or_insert(started)
+            if no_answer {
+                silent_since.get_or_insert(started);
             } else {
                 silent_since = None;
-                started
-            };
+            }
             // Led (or was already stranded) and gets no answer now; or followed and has had no
             // answer for as long as a leader keeps leading without one (the leader's decisions
             // cannot reach it either: with the API server away, every replica judges its shifts).
             let stranded = no_answer
                 && (*tx.borrow() != Standing::Follower
-                    || silence_began.elapsed() >= duration * 2 / 3);
+                    || silent_since.is_some_and(|t| t.elapsed() >= duration * 2 / 3));
             let leader = match attempt {
                 Ok(held) => {
                     // Not held: another replica leads; an old renewal must not make this one

@@ -250,7 +250,7 @@ impl Desired {
     /// (the write may hang while the target goes bad), and [`take_written`](Self::take_written)
     /// keeps it over what the write held.
     pub(super) async fn persist(&mut self, next: &mut State) -> Result<(), StateError> {
-        let now = unix_ms();
+        let now = crate::shift::machine::unix_ms();
         self.changed_in_flight.clear();
         self.ending_in_flight.clear();
         self.stepped_back_in_flight.clear();
@@ -850,13 +850,6 @@ impl Desired {
         self.rollout_gauges
             .set(|state| rollout.map_or(0, |r| r.count(state)));
     }
-}
-
-/// Milliseconds since the Unix epoch, by this replica's clock.
-pub(super) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Stamps `shift` as decided at `now` when it differs from `before` (the same shard's shift in the

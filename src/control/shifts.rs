@@ -584,7 +584,7 @@ impl Desired {
                 mine.peek().is_some() && mine.all(|(_, e)| moves_nothing_forward(e))
             })
             .collect();
-        let decided = super::desired::unix_ms();
+        let decided = crate::shift::machine::unix_ms();
         for shard in &at_once {
             if let (Some(cur), Some(new)) = (
                 self.state.shards.get_mut(*shard),

@@ -195,6 +195,13 @@ struct Runtime {
     drain_deadline: Option<Instant>,
 }
 
+/// Milliseconds since the Unix epoch, by this replica's clock (`started_at`, `decided_at`).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// One shard's shift. Everything but the timers is persisted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Shift {
@@ -269,10 +276,7 @@ impl Shift {
             reason: None,
             old_clusters,
             promoted_at: None,
-            started_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .and_then(|d| u64::try_from(d.as_millis()).ok()),
+            started_at: Some(unix_ms()),
             decided_at: None,
             runtime: Runtime::default(),
         }
