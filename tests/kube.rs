@@ -590,9 +590,10 @@ async fn a_hung_api_server_fails_state_writes_in_bounded_time(env: &KubeEnv) {
 
 /// With the state in a ConfigMap and the API server frozen in the middle of a shift, a target
 /// that goes bad is still rolled back by both replicas: failed checks and the rollback apply
-/// before their writes (which hang, then fail); the leader, stranded once its Lease ran out, and
-/// the follower, stranded once it heard nothing for as long, go on judging; traffic is back on
-/// the old clusters while nothing can be written. When the server answers again and neither
+/// before their writes (which hang, then fail); the leader judges while its first failed check's
+/// write hangs, and so rolls back within seconds; the follower, stranded once it heard nothing
+/// for two thirds of the Lease, judges on its own traffic; traffic is back on the old clusters
+/// while nothing can be written. When the server answers again and neither
 /// replica leads (an operator holds the Lease), the rollback stays over the shared state that
 /// still runs the shift; when one leads, the ConfigMap gets the rolled-back shift. A cluster that
 /// goes down while a write hangs leaves the table at once (the control loop applies probe
@@ -610,8 +611,8 @@ async fn a_shift_rolls_back_while_the_api_server_hangs(env: &KubeEnv) {
     ] {
         create_raycluster(&api, name, "shard-0", rev, s.addr().port(), true).await;
     }
-    // A short Lease: the replica steps down a few seconds into the freeze, and judges its shift
-    // stranded (no answer from the API server) from then on.
+    // A short Lease: the replicas are stranded (no answer from the API server) a few seconds
+    // into the freeze, and judge their shifts on their own from then on.
     let extra = "    state: {namespace: hungshift, configmap: rayshift-state, lease: rayshift-leader, lease_duration: 6s, identity: solo}\n\
                  apps:\n  - {name: echo, route_prefix: /echo, shard: shard-0}\n";
     let gw = TestGateway::start(&gateway_yaml(env, "hungshift", extra)).await;
