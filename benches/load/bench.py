@@ -406,7 +406,8 @@ backend be
 {servers}"""
 
 
-def rayshift_conf(d: Path, name: str, port: int, admin: int, backends: list[tuple[str, int, int]]) -> str:
+def rayshift_conf(d: Path, name: str, port: int, admin: int, backends: list[tuple[str, int, int]],
+                  extra: str = "") -> str:
     lines = [
         f"listen: 127.0.0.1:{port}",
         "admin:",
@@ -424,7 +425,7 @@ def rayshift_conf(d: Path, name: str, port: int, admin: int, backends: list[tupl
             f"    weight: {weight}",
         ]
     lines += ["probe:", "  interval: 1s", "  timeout: 1s"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (extra.rstrip("\n") + "\n" if extra else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ class Bench:
     def start_rayshift(self, name: str, backends: list[tuple[str, int, int]], binary: str | None = None) -> None:
         port, admin = free_port(), free_port()
         conf = self.work / f"{name}.yaml"
-        conf.write_text(rayshift_conf(self.work, name, port, admin, backends))
+        conf.write_text(rayshift_conf(self.work, name, port, admin, backends, self.args.rayshift_config_extra))
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
         if self.args.rayshift_threads:
@@ -953,7 +954,8 @@ class Bench:
             if t.startswith("rayshift"):
                 admin = free_port()
                 conf = self.work / f"{name}.yaml"
-                conf.write_text(rayshift_conf(self.work, name, port, admin, [("bench", backend, 100)]))
+                conf.write_text(rayshift_conf(self.work, name, port, admin, [("bench", backend, 100)],
+                                              self.args.rayshift_config_extra))
                 binary = self.args.compare if t == "rayshift-alt" else self.args.rayshift
                 argv = [binary, "run", "--config", str(conf)]
                 env = dict(os.environ, RUST_LOG="warn")
@@ -1560,6 +1562,9 @@ def parse_args(argv: list[str]):
     ap.add_argument("--compare", metavar="RAYSHIFT_BINARY",
                     help="also benchmark this second rayshift build as target rayshift-alt, in the same rounds "
                          "(A/B of a change against the baseline under the same machine drift)")
+    ap.add_argument("--rayshift-config-extra", default="", metavar="YAML",
+                    help="YAML appended to every rayshift config the benchmark writes, e.g. "
+                         "$'upstream:\\n  direct_http1: false' to measure the general (hyper) path")
     ap.add_argument("--no-churn", dest="churn", action="store_false", help="skip the churn run")
     ap.add_argument("--churn-rate", type=float, default=100, help="weight swaps per second (default 100)")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the idle-connections RSS run")

@@ -5,6 +5,7 @@
 #   benches/load/run.sh --quick    # smoke test: 3 s per run, 1 round (about 2 minutes)
 #   benches/load/run.sh --help     # every option (passed on to bench.py)
 #   benches/load/run.sh --syscalls --kprofile 10 --callgrind 10   # the full run with its diagnostics
+#   benches/load/run.sh --pgo      # rayshift built with scripts/build-pgo, next to the plain release build
 #
 # What it does: installs wrk, nginx and haproxy (Debian packages) if missing, builds rayshift
 # (cargo build --release), then runs benches/load/bench.py, which starts a 1-worker nginx backend,
@@ -13,16 +14,24 @@
 # See benches/load/README.md for the method. Everything it starts is stopped when it exits.
 #
 # Environment: RAYSHIFT_BIN=path skips the build and benchmarks that binary.
+#              BENCH_RESULTS=dir writes the report there instead of benches/load/results.
 #              BENCH_NO_INSTALL=1 never calls apt-get (fails if a tool is missing).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
+pgo=""
+args=()
 for arg in "$@"; do
   case "$arg" in
     -h|--help) exec python3 "$here/bench.py" --help ;;
+    # --pgo: rayshift is the profile-guided build (target rayshift) and the plain release build
+    # runs beside it in the same rounds (target rayshift-alt).
+    --pgo) pgo=1 ;;
+    *) args+=("$arg") ;;
   esac
 done
+set -- ${args[@]+"${args[@]}"}
 
 if [ "$(nproc)" -lt 2 ]; then
   echo "run.sh: needs at least 2 cores (wrk on core 0, proxy and backend on core 1)" >&2
@@ -61,7 +70,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # --- rayshift ----------------------------------------------------------------------------------
-if [ -z "${RAYSHIFT_BIN:-}" ]; then
+if [ -n "$pgo" ]; then
+  [ -z "${RAYSHIFT_BIN:-}" ] || { echo "run.sh: --pgo builds both binaries itself; unset RAYSHIFT_BIN" >&2; exit 1; }
+  echo "run.sh: cargo build --release --bin rayshift, then scripts/build-pgo" >&2
+  (cd "$repo" && cargo build --release --bin rayshift && scripts/build-pgo)
+  RAYSHIFT_BIN="$repo/target/release-pgo/rayshift"
+  set -- "$@" --compare "$repo/target/release/rayshift"
+elif [ -z "${RAYSHIFT_BIN:-}" ]; then
   echo "run.sh: cargo build --release --bin rayshift" >&2
   (cd "$repo" && cargo build --release --bin rayshift)
   RAYSHIFT_BIN="$repo/target/release/rayshift"
@@ -96,4 +111,4 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-python3 "$here/bench.py" --work "$work" --rayshift "$RAYSHIFT_BIN" --results "$here/results" "$@"
+python3 "$here/bench.py" --work "$work" --rayshift "$RAYSHIFT_BIN" --results "${BENCH_RESULTS:-$here/results}" "$@"
