@@ -151,6 +151,103 @@ async fn a_retried_request_is_timed_from_its_retry() {
     }
 }
 
+/// A `101 Switching Protocols` to a request that asked for no upgrade is a failed attempt on both
+/// paths alike: a GET is retried on the other cluster (the client never sees the 101), a POST gets
+/// a 502 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unasked_upgrade_is_retried_like_any_failure_on_both_paths() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for direct in [true, false] {
+        let (blue_name, green_name) = if direct {
+            ("u1-blue", "u1-green")
+        } else {
+            ("u2-blue", "u2-green")
+        };
+        let blue = stub(blue_name, "v1", &[("echo", "/echo")]).await;
+        let green = stub(green_name, "v1", &[("echo", "/echo")]).await;
+        let yaml = config_yaml(
+            &["shard-0"],
+            &[
+                cluster(&blue, "shard-0", "v1", Some(50)),
+                cluster(&green, "shard-0", "v1", Some(50)),
+            ],
+            &format!(
+                "upstream:\n  retry_min_per_second: 1000\n  direct_http1: {direct}\n\
+                 passive_health:\n  consecutive_failures: 0\n"
+            ),
+        );
+        // Slow probes keep blue in the split after it breaks.
+        let gw = TestGateway::start(&yaml.replace("interval: 100ms", "interval: 10s")).await;
+        gw.wait_cluster_ready(green_name, true).await;
+        gw.wait_cluster_ready(blue_name, true).await;
+        // Blue now answers every request with a 101 nobody asked for.
+        let addr = blue.addr();
+        blue.kill();
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        let switched = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&switched);
+        let broken = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    if matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n")
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                });
+            }
+        });
+        for _ in 0..16 {
+            let r = get(&gw.url("/echo")).await;
+            assert_eq!(r.status, StatusCode::OK, "direct {direct}: {}", r.body);
+            assert_eq!(r.cluster(), Some(green_name), "direct {direct}");
+        }
+        let after_gets = switched.load(Ordering::SeqCst);
+        assert!(
+            after_gets > 0,
+            "direct {direct}: no GET went to the broken cluster first"
+        );
+        let mut refused = 0;
+        for _ in 0..16 {
+            let r = send(Method::POST, &gw.url("/echo"), &[], "").await;
+            if r.status == StatusCode::BAD_GATEWAY {
+                assert!(
+                    r.body.contains("unexpected 101 Switching Protocols"),
+                    "direct {direct}: {}",
+                    r.body
+                );
+                refused += 1;
+            } else {
+                assert_eq!(r.status, StatusCode::OK, "direct {direct}: {}", r.body);
+                assert_eq!(r.cluster(), Some(green_name), "direct {direct}");
+            }
+        }
+        broken.abort();
+        // Every POST blue took was answered with the 502: none was sent again.
+        assert_eq!(
+            refused,
+            switched.load(Ordering::SeqCst) - after_gets,
+            "direct {direct}"
+        );
+        assert!(refused > 0, "direct {direct}: no POST went to blue");
+        let metrics = get(&gw.admin("/metrics")).await.body;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("rayshift_retries_total{{cluster=\"{blue_name}\""))),
+            "direct {direct}: no retry from blue counted: {metrics}"
+        );
+    }
+}
+
 /// Only requests routed to a cluster fund the retry budget: the gateway's own answers (404 here)
 /// buy no retries for later requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

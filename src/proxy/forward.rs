@@ -128,7 +128,7 @@ pub async fn handle(
     // When the attempt whose outcome is recorded began: a retried request's time on the first
     // cluster is not the second one's (shift analysis judges a target by it).
     let mut attempt_start = start;
-    let mut outcome = send(&ctx, &cluster, Request::from_parts(parts, body)).await;
+    let mut outcome = send(&ctx, &cluster, Request::from_parts(parts, body), upgrade).await;
 
     if let (Err(Failure::Error { connect, .. }), Some((method, path, headers))) =
         (&outcome, &retry_head)
@@ -156,7 +156,7 @@ pub async fn handle(
                     *retry.version_mut() = Version::HTTP_11;
                     ensure_host(retry.headers_mut(), &cluster);
                     attempt_start = Instant::now();
-                    outcome = send(&ctx, &cluster, retry).await;
+                    outcome = send(&ctx, &cluster, retry, false).await;
                 } else {
                     metrics::counter!(telemetry::RETRY_BUDGET_EXHAUSTED_TOTAL).increment(1);
                 }
@@ -173,16 +173,6 @@ pub async fn handle(
         }
     };
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && downstream_upgrade.is_none() {
-        // Not asked for: what follows on the connection is no longer HTTP (never reused).
-        drop(conn);
-        let failure = Failure::Error {
-            connect: false,
-            cause: "unexpected 101 Switching Protocols".into(),
-        };
-        let (status, msg) = count_failure(&cluster, &route.app, &failure, elapsed);
-        return Ok(answer(status, msg, request_id));
-    }
     let status = resp.status();
     // A 204 or 304 has no body, but one that declares a body may still send it: those bytes
     // would be read as the connection's next answer, so the connection is not reused.
@@ -320,16 +310,28 @@ pub(crate) fn overflow(ctx: &ProxyContext, cluster: &Cluster, app: &str) -> Stri
 
 /// One attempt: send on a pooled connection and wait for the response headers (bounded by
 /// `upstream.response_timeout`). Returns the response and its connection.
+///
+/// A `101` to a request that asked for no upgrade (`upgrade` false) is a failed attempt, retried
+/// where a failure may be (as on the direct path): what follows it on the connection is no longer
+/// HTTP, so the connection is dropped.
 async fn send(
     ctx: &ProxyContext,
     cluster: &Cluster,
     req: Request<RequestBody>,
+    upgrade: bool,
 ) -> Result<(Response<Incoming>, Sender), Failure> {
     let sent = cluster
         .pool
         .send(&ctx.connector, ctx.connect_timeout, cluster, req);
     match tokio::time::timeout(ctx.response_timeout, sent).await {
         Err(_) => Err(Failure::Timeout),
+        Ok(Ok((resp, _conn))) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade => {
+            tracing::debug!(cluster = %cluster.name, "unexpected 101 Switching Protocols");
+            Err(Failure::Error {
+                connect: false,
+                cause: "unexpected 101 Switching Protocols".into(),
+            })
+        }
         Ok(Ok(sent)) => Ok(sent),
         Ok(Err(e)) => {
             if let Some(too_large) = find_source::<BodyTooLarge>(&e) {
