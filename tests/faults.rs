@@ -195,8 +195,13 @@ async fn an_unasked_upgrade_is_retried_like_any_failure_on_both_paths() {
                 let count = Arc::clone(&count);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
-                    if matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {
-                        count.fetch_add(1, Ordering::SeqCst);
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    // Requests only: a probe (`/-/healthz`, `/-/routes`) gets its 101 uncounted.
+                    let head = &buf[..n];
+                    if n > 0 {
+                        if head.starts_with(b"GET /echo") || head.starts_with(b"POST /echo") {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
                         let _ = conn
                             .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n")
                             .await;
@@ -214,6 +219,22 @@ async fn an_unasked_upgrade_is_retried_like_any_failure_on_both_paths() {
         assert!(
             after_gets > 0,
             "direct {direct}: no GET went to the broken cluster first"
+        );
+        let retries = |metrics: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with(&format!("rayshift_retries_total{{cluster=\"{blue_name}\""))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        // Every GET blue took was sent again, once.
+        let metrics = get(&gw.admin("/metrics")).await.body;
+        assert_eq!(
+            retries(&metrics),
+            after_gets as f64,
+            "direct {direct}: {metrics}"
         );
         let mut refused = 0;
         for _ in 0..16 {
@@ -238,12 +259,12 @@ async fn an_unasked_upgrade_is_retried_like_any_failure_on_both_paths() {
             "direct {direct}"
         );
         assert!(refused > 0, "direct {direct}: no POST went to blue");
+        // ... and no POST was.
         let metrics = get(&gw.admin("/metrics")).await.body;
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with(&format!("rayshift_retries_total{{cluster=\"{blue_name}\""))),
-            "direct {direct}: no retry from blue counted: {metrics}"
+        assert_eq!(
+            retries(&metrics),
+            after_gets as f64,
+            "direct {direct}: {metrics}"
         );
     }
 }

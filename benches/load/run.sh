@@ -72,6 +72,7 @@ fi
 # --- rayshift ----------------------------------------------------------------------------------
 if [ -n "$pgo" ]; then
   [ -z "${RAYSHIFT_BIN:-}" ] || { echo "run.sh: --pgo builds both binaries itself; unset RAYSHIFT_BIN" >&2; exit 1; }
+  case " $* " in *" --compare"*) echo "run.sh: --pgo compares with the plain build itself; drop --compare" >&2; exit 1 ;; esac
   echo "run.sh: cargo build --release --bin rayshift, then scripts/build-pgo" >&2
   (cd "$repo" && cargo build --release --bin rayshift && scripts/build-pgo)
   RAYSHIFT_BIN="$repo/target/release-pgo/rayshift"
