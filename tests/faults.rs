@@ -74,6 +74,37 @@ async fn killed_backend_with_retries_loses_no_get() {
     assert!(metrics.contains(r#"rayshift_upstream_errors_total{cluster="rt-green""#));
 }
 
+/// Clusters `blue_name` and `green_name` at 50/50 in `shard-0` serving `echo`, retries on, passive
+/// health off, on the direct path or hyper's; both ready, then blue's stub stopped and its port
+/// taken by the returned listener, for the test to make blue misbehave. Probes are 10 s apart, so
+/// blue stays in the split. Keep the green stub alive.
+async fn split_with_blue_to_break(
+    blue_name: &str,
+    green_name: &str,
+    direct: bool,
+) -> (TestGateway, ServeStub, tokio::net::TcpListener) {
+    let blue = stub(blue_name, "v1", &[("echo", "/echo")]).await;
+    let green = stub(green_name, "v1", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v1", Some(50)),
+        ],
+        &format!(
+            "upstream:\n  retry_min_per_second: 1000\n  direct_http1: {direct}\n\
+             passive_health:\n  consecutive_failures: 0\n"
+        ),
+    );
+    let gw = TestGateway::start(&yaml.replace("interval: 100ms", "interval: 10s")).await;
+    gw.wait_cluster_ready(green_name, true).await;
+    gw.wait_cluster_ready(blue_name, true).await;
+    let addr = blue.addr();
+    blue.kill();
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    (gw, green, listener)
+}
+
 /// A request retried on another cluster is timed there from the retry: the time it spent on the
 /// failed cluster is not the answering cluster's (shift analysis judges a target by it). On both
 /// paths: the direct HTTP/1.1 one and hyper's.
@@ -85,27 +116,8 @@ async fn a_retried_request_is_timed_from_its_retry() {
         } else {
             ("rg-blue", "rg-green")
         };
-        let blue = stub(blue_name, "v1", &[("echo", "/echo")]).await;
-        let green = stub(green_name, "v1", &[("echo", "/echo")]).await;
-        let yaml = config_yaml(
-            &["shard-0"],
-            &[
-                cluster(&blue, "shard-0", "v1", Some(50)),
-                cluster(&green, "shard-0", "v1", Some(50)),
-            ],
-            &format!(
-                "upstream:\n  retry_min_per_second: 1000\n  direct_http1: {direct}\n\
-                 passive_health:\n  consecutive_failures: 0\n"
-            ),
-        );
-        // Slow probes keep blue in the split after it breaks.
-        let gw = TestGateway::start(&yaml.replace("interval: 100ms", "interval: 10s")).await;
-        gw.wait_cluster_ready(green_name, true).await;
-        gw.wait_cluster_ready(blue_name, true).await;
+        let (gw, _green, listener) = split_with_blue_to_break(blue_name, green_name, direct).await;
         // Blue now takes each request and closes without an answer after 300 ms.
-        let addr = blue.addr();
-        blue.kill();
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
         let broken = tokio::spawn(async move {
             loop {
                 let Ok((mut conn, _)) = listener.accept().await else {
@@ -164,27 +176,8 @@ async fn an_unasked_upgrade_is_retried_like_any_failure_on_both_paths() {
         } else {
             ("u2-blue", "u2-green")
         };
-        let blue = stub(blue_name, "v1", &[("echo", "/echo")]).await;
-        let green = stub(green_name, "v1", &[("echo", "/echo")]).await;
-        let yaml = config_yaml(
-            &["shard-0"],
-            &[
-                cluster(&blue, "shard-0", "v1", Some(50)),
-                cluster(&green, "shard-0", "v1", Some(50)),
-            ],
-            &format!(
-                "upstream:\n  retry_min_per_second: 1000\n  direct_http1: {direct}\n\
-                 passive_health:\n  consecutive_failures: 0\n"
-            ),
-        );
-        // Slow probes keep blue in the split after it breaks.
-        let gw = TestGateway::start(&yaml.replace("interval: 100ms", "interval: 10s")).await;
-        gw.wait_cluster_ready(green_name, true).await;
-        gw.wait_cluster_ready(blue_name, true).await;
+        let (gw, _green, listener) = split_with_blue_to_break(blue_name, green_name, direct).await;
         // Blue now answers every request with a 101 nobody asked for.
-        let addr = blue.addr();
-        blue.kill();
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
         let switched = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&switched);
         let broken = tokio::spawn(async move {
