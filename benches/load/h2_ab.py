@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""A/B of two rayshift builds for HTTP/2 clients (h2c, prior knowledge), in the same rounds.
+
+    python3 benches/load/h2_ab.py A_BINARY B_BINARY [--rounds 6] [--duration 6] [--conns 64] [--streams 4]
+
+wrk speaks HTTP/1.1 only, so the main benchmark never takes rayshift's HTTP/2 path; this does,
+with h2load (Debian's nghttp2-client, installed if missing). Starts the benchmark's nginx backend
+and one gateway per build (cores as in bench.py: h2load on the load core, backend and gateways on
+the proxy core), then, round by round with the order alternating, runs h2load against each and
+reads the gateway's CPU from /proc. Prints each run and the medians of the paired per-round
+ratios (req/s, CPU per request) and differences (user time per request). Used to check that the
+profile-guided build (scripts/build-pgo, whose training sends no HTTP/2) is no slower here.
+Run benches/load/run.sh once first: it installs nginx.
+"""
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="h2_ab.py")
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--duration", type=int, default=6)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=4, help="concurrent streams per connection (h2load -m)")
+    a = ap.parse_args()
+    if shutil.which("h2load") is None:
+        subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts/apt-install.sh"), "nghttp2-client"],
+                       check=True)
+    work = tempfile.mkdtemp(prefix="rayshift-h2-ab.")
+    results = Path(__file__).resolve().parent / "results"
+    args = bench.parse_args(["--work", work, "--rayshift", a.a, "--results", str(results), "--targets", "rayshift"])
+    b = bench.Bench(args)
+    runs: dict[str, list[dict]] = {"A": [], "B": []}
+    try:
+        b.start_backend()
+        for k, binary in (("A", a.a), ("B", a.b)):
+            b.start_rayshift(f"gw{k}", [("bench", b.ports["backend"], 100)], binary)
+        for rnd in range(a.rounds):
+            for k in (["A", "B"] if rnd % 2 == 0 else ["B", "A"]):
+                pids = b.pids[f"gw{k}"]
+                u0, s0 = bench.user_system_seconds(pids)
+                out = subprocess.run(
+                    ["taskset", "-c", args.load_cpu, "h2load", "-t", "1", "-c", str(a.conns), "-m", str(a.streams),
+                     "-D", str(a.duration), f"http://127.0.0.1:{b.ports['gw' + k]}/"],
+                    capture_output=True, text=True, check=True).stdout
+                u1, s1 = bench.user_system_seconds(pids)
+                done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+                rps = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+                if not done or not rps or int(done.group(1)) == 0:
+                    raise RuntimeError(f"h2load gave no successful requests:\n{out}")
+                n = int(done.group(1))
+                run = {"rps": float(rps.group(1)), "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6,
+                       "user_us": (u1 - u0) / n * 1e6, "succeeded": n}
+                runs[k].append(run)
+                bench.log(f"round {rnd} {k}: {run['rps']:.0f} req/s, CPU {run['cpu_us']:.1f} us/request "
+                          f"({run['user_us']:.1f} user), {n} succeeded")
+    finally:
+        b.procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    pairs = list(zip(runs["A"], runs["B"]))
+    med = statistics.median
+    print(f"A = {a.a}\nB = {a.b}")
+    print(f"paired medians over {len(pairs)} rounds: req/s A/B {med(x['rps'] / y['rps'] for x, y in pairs):.3f}, "
+          f"CPU/request A/B {med(x['cpu_us'] / y['cpu_us'] for x, y in pairs):.3f}, "
+          f"user time A-B {med(x['user_us'] - y['user_us'] for x, y in pairs):+.2f} us "
+          f"(A lower in {sum(x['user_us'] < y['user_us'] for x, y in pairs)} of {len(pairs)})")
+
+
+if __name__ == "__main__":
+    main()
