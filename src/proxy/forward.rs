@@ -176,15 +176,15 @@ pub async fn handle(
     let status = resp.status();
     // A 204 or 304 has no body, but one that declares a body may still send it: those bytes
     // would be read as the connection's next answer, so the connection is not reused.
-    let reusable = status != StatusCode::SWITCHING_PROTOCOLS
-        && !(matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
-            && declares_body(resp.headers()));
+    let reusable = !(matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        && declares_body(resp.headers()));
     cluster.stats.record_response(status.as_u16(), elapsed);
     cluster.duration.record(elapsed.as_secs_f64());
     cluster
         .requests
         .increment(&route.app, &cluster.shard, &cluster.name, status);
 
+    // `send` lets a 101 through only to a request that asked for the upgrade.
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
             // The connection becomes the tunnel.
@@ -209,7 +209,6 @@ pub async fn handle(
     if !parts.headers.contains_key(&headers::X_REQUEST_ID) {
         parts.headers.insert(&headers::X_REQUEST_ID, request_id);
     }
-    // After a 101 the connection no longer speaks HTTP: it is never reused.
     let conn = reusable.then_some(conn);
     Ok(Response::from_parts(
         parts,
