@@ -157,12 +157,14 @@ fn picks(c: &mut Criterion) {
             name: "blue-a",
             group: "v1",
             weight: 50,
+            available: true,
         },
         Member {
             cluster: 1,
             name: "blue-b",
             group: "v1",
             weight: 50,
+            available: true,
         },
     ]);
     group.bench_function("sticky/2_of_one_revision", |b| {

@@ -116,16 +116,29 @@ async fn weight_changes_under_load_lose_nothing() {
 /// cluster, and its keys come back with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unready_cluster_moves_only_its_own_sticky_keys() {
+    unready_cluster_moves_only_its_own_keys(["v1", "v1", "v1"]).await;
+}
+
+/// The same while two revisions share the shard (mid-shift): an old cluster going unready moves
+/// none of the other old cluster's keys to the new revision, nor any of the new one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unready_cluster_moves_only_its_own_sticky_keys_mid_shift() {
+    unready_cluster_moves_only_its_own_keys(["v1", "v1", "v2"]).await;
+}
+
+/// Clusters `sticky-a` (40), `sticky-b` (30), `sticky-c` (30) of `revisions`; `sticky-a` goes
+/// unready and comes back.
+async fn unready_cluster_moves_only_its_own_keys(revisions: [&str; 3]) {
     let apps = [("echo", "/echo")];
-    let a = stub("sticky-a", "v1", &apps).await;
-    let b = stub("sticky-b", "v1", &apps).await;
-    let c = stub("sticky-c", "v1", &apps).await;
+    let a = stub("sticky-a", revisions[0], &apps).await;
+    let b = stub("sticky-b", revisions[1], &apps).await;
+    let c = stub("sticky-c", revisions[2], &apps).await;
     let gw = TestGateway::start(&config_yaml(
         &["shard-0"],
         &[
-            cluster(&a, "shard-0", "v1", Some(40)),
-            cluster(&b, "shard-0", "v1", Some(30)),
-            cluster(&c, "shard-0", "v1", Some(30)),
+            cluster(&a, "shard-0", revisions[0], Some(40)),
+            cluster(&b, "shard-0", revisions[1], Some(30)),
+            cluster(&c, "shard-0", revisions[2], Some(30)),
         ],
         "split_key: header:x-user\n",
     ))

@@ -472,10 +472,13 @@ class Bench:
         self.pids["backend"] = self.pids["backend"][1:]
         wait_for("backend", lambda: http_get(p1, "/") == (200, SMALL_BODY))
 
-    def start_rayshift(self, name: str, backends: list[tuple[str, int, int]], binary: str | None = None) -> None:
+    def start_rayshift(self, name: str, backends: list[tuple[str, int, int]], binary: str | None = None,
+                       state_dir: Path | None = None) -> None:
+        """Starts rayshift as `name`; its state file goes into `state_dir` (default: the work dir)."""
         port, admin = free_port(), free_port()
         conf = self.work / f"{name}.yaml"
-        conf.write_text(rayshift_conf(self.work, name, port, admin, backends, self.args.rayshift_config_extra))
+        conf.write_text(rayshift_conf(state_dir or self.work, name, port, admin, backends,
+                                      self.args.rayshift_config_extra))
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
         if self.args.rayshift_threads:
@@ -677,20 +680,22 @@ class Bench:
                 for t in order:
                     self.measure(t, sc, rnd, self.args.duration)
 
-    def start_churn_gateway(self) -> None:
+    def start_churn_gateway(self, name: str = "rayshift-churn", state_dir: Path | None = None) -> None:
         """A rayshift with two clusters in shard-0 (the backend's two ports), all weight on `a`."""
-        self.start_rayshift("rayshift-churn", [("a", self.ports["backend"], 100), ("b", self.ports["backend2"], 0)])
+        self.start_rayshift(name, [("a", self.ports["backend"], 100), ("b", self.ports["backend2"], 0)],
+                            state_dir=state_dir)
 
-    def churn_run(self, rnd: int, duration: float, label: str = "rayshift churn", pattern: str = "flip") -> dict:
-        """One 64-connection run through rayshift-churn while the churner swaps weights.
+    def churn_run(self, rnd: int, duration: float, label: str = "rayshift churn", pattern: str = "flip",
+                  target: str = "rayshift-churn") -> dict:
+        """One 64-connection run through `target` (a churn gateway) while the churner swaps weights.
 
         pattern "flip": 100/0 and 0/100 alternate, so every swap moves all traffic to the other
         cluster (and its set of upstream connections); "same": every PUT sets 100/0 again, so every
         swap rebuilds, persists and publishes the table while the traffic stays where it is."""
-        admin = self.ports["rayshift-churn-admin"]
+        admin = self.ports[f"{target}-admin"]
         m0 = scrape_requests(admin)
         t0 = scrape_counter(admin, "rayshift_routing_table_updates_total")
-        r = self.run_with_churner(["--admin", str(admin), "--pattern", pattern], "rayshift-churn", rnd, duration, label)
+        r = self.run_with_churner(["--admin", str(admin), "--pattern", pattern], target, rnd, duration, label)
         m1 = scrape_requests(admin)
         d = {k: m1.get(k, 0) - m0.get(k, 0) for k in set(m0) | set(m1)}
         r.update({

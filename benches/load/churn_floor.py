@@ -16,11 +16,16 @@ runs rotating:
   fsync, load core       the same process on the load generator's core
   write, proxy core      the same process on the proxy's core, page cache only (no fdatasync): the
                          cost of its own wake-ups
+  steady, state in tmpfs and rayshift flip / same split, state in tmpfs
+                         the same three runs through a second churn gateway whose state file is
+                         in --memory-dir (tmpfs: every change written, none reaches a disk), their
+                         changes taken against that gateway's own steady run: what a swap costs
+                         rayshift without the durable write
 
 and prints, per kind, the median of the per-round changes against steady and the proxy's and the
 backend's CPU per request. The files it writes are in the same directory (so on the same
-filesystem) as the gateway's state file. Run benches/load/run.sh once first: it installs wrk and
-nginx and builds rayshift.
+filesystem) as the first gateway's state file. Run benches/load/run.sh once first: it installs wrk
+and nginx and builds rayshift.
 """
 import argparse
 import shutil
@@ -32,8 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
+MEM = ", state in tmpfs"
 KINDS = ["steady", "rayshift flip", "rayshift same split", "fsync, proxy core", "fsync, load core",
-         "write, proxy core"]
+         "write, proxy core", "steady" + MEM, "rayshift flip" + MEM, "rayshift same split" + MEM]
+
+
+def tmpfs_mounts() -> set[str]:
+    with open("/proc/mounts") as f:
+        return {line.split()[1] for line in f if line.split()[2] == "tmpfs"}
 
 
 def main() -> None:
@@ -43,8 +54,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--duration", type=float, default=5)
     ap.add_argument("--rate", type=float, default=100, help="changes (or writes) per second")
+    ap.add_argument("--memory-dir", default="/dev/shm",
+                    help="a tmpfs mount for the second gateway's state file (default /dev/shm)")
     a = ap.parse_args()
+    if a.memory_dir not in tmpfs_mounts():
+        sys.exit(f"churn_floor.py: --memory-dir {a.memory_dir} is not a tmpfs mount point (see /proc/mounts)")
     work = tempfile.mkdtemp(prefix="rayshift-churn-floor.")
+    mem = Path(tempfile.mkdtemp(prefix="rayshift-churn-floor.", dir=a.memory_dir))
     args = bench.parse_args(["--work", work, "--rayshift", a.rayshift, "--results", str(here / "results"),
                              "--targets", "rayshift", "--churn-rate", str(a.rate)])
     b = bench.Bench(args)
@@ -52,24 +68,28 @@ def main() -> None:
     try:
         b.start_backend()
         b.start_churn_gateway()
+        b.start_churn_gateway("rayshift-churn-mem", mem)
         b.measure_once("rayshift-churn", "small-c64", 0, 2, None, None)
+        b.measure_once("rayshift-churn-mem", "small-c64", 0, 2, None, None)
         for rnd in range(1, a.rounds + 1):
             k = (rnd - 1) % len(KINDS)
             for kind in KINDS[k:] + KINDS[:k]:
-                if kind == "steady":
-                    r = b.measure_once("rayshift-churn", "small-c64", rnd, a.duration, kind, None)
+                target = "rayshift-churn-mem" if kind.endswith(MEM) else "rayshift-churn"
+                if kind.startswith("steady"):
+                    r = b.measure_once(target, "small-c64", rnd, a.duration, kind, None)
                 elif kind.startswith("rayshift"):
-                    r = b.churn_run(rnd, a.duration, kind, "flip" if kind.endswith("flip") else "same")
+                    pattern = "flip" if kind.removesuffix(MEM).endswith("flip") else "same"
+                    r = b.churn_run(rnd, a.duration, kind, pattern, target)
                 else:
                     r = writer_run(b, a, rnd, kind)
                 runs[kind].append(r)
         print(f"\n{a.rounds} rounds of {a.duration:g} s, {a.rate:g} changes or writes a second; "
-              f"work dir (state file and written files) {work}\n")
+              f"work dir (state file and written files) {work}, tmpfs state dir {mem}\n")
         print("| run | req/s | change (paired median) | per round | proxy CPU/request | backend CPU/request |")
         print("|---|---|---|---|---|---|")
-        steady = runs["steady"]
         for kind in KINDS:
             rows = runs[kind]
+            steady = runs["steady" + MEM if kind.endswith(MEM) else "steady"]
             rel = [100 * (r["rps"] / s["rps"] - 1) for r, s in zip(rows, steady)]
             print(f"| {kind} | {statistics.median(r['rps'] for r in rows):,.0f} | "
                   f"{statistics.median(rel):+.1f}% | {', '.join(f'{x:+.0f}' for x in rel)} | "
@@ -78,6 +98,7 @@ def main() -> None:
     finally:
         b.procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(mem, ignore_errors=True)
 
 
 def writer_run(b: bench.Bench, a, rnd: int, kind: str) -> dict:

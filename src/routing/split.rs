@@ -3,7 +3,9 @@
 //! A pick maps a 64-bit value onto cumulative weight intervals, like Envoy's weighted_clusters,
 //! older revisions first. Fed a random value ([`Split::pick`]) it splits by weight.
 //!
-//! Fed the hash of a stable key ([`Split::pick_key`]) it is sticky, in two levels:
+//! Fed the hash of a stable key ([`Split::pick_key`]) it is sticky. Every key has a **home**: a
+//! cluster picked from the weights alone, whether or not the cluster can take requests now, in
+//! two levels:
 //!
 //! 1. the key's point on the intervals picks a **revision**: the clusters of one revision share
 //!    one interval, the sum of their weights. As a shift grows the newest revision's weight (the
@@ -12,26 +14,32 @@
 //! 2. inside a revision of several clusters, weighted rendezvous hashing of the key over their
 //!    names picks the cluster: each scores `-weight / ln(u)`, `u` a hash of the key and the
 //!    cluster's name, the best wins. A key stays on a cluster whose weight grows while the others'
-//!    do not (the shift machine's rounding never raises them). A cluster that leaves (unready,
-//!    ejected) takes only its own keys, spread over the others by weight, and they come back
-//!    with it.
+//!    do not (the shift machine's rounding never raises them).
 //!
-//! A shard of one revision (the steady state of N+1 upgrades: many small clusters) is one
-//! interval, so there a cluster going unready moves no key of the others. While two revisions
-//! share a shard, a cluster leaving shrinks its revision's interval and moves the boundary: some
-//! keys of the other revision move too, and back when it returns.
+//! A key whose home cannot take requests (unready, ejected, draining) goes, by the same weighted
+//! rendezvous, to one of the clusters that can, whatever their revision: so a cluster leaving
+//! takes only its own keys, spread over the others by weight as random picks spread its share,
+//! and they come back with it. No other key moves, however many revisions share the shard.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::hash::{unit_interval, FIXED_SEED};
 use super::ClusterId;
 
+/// Seeds the second hash of a key whose home cannot take requests. Any value, but fixed like
+/// [`FIXED_SEED`]: replicas of different versions must send a key to the same cluster.
+const HOMELESS_SEED: u64 = 0x6b65_795f_6177_6179;
+
 /// The clusters an app's requests go to, with their weights, in the control plane's order
 /// (older revision first, shift target last).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Split {
-    /// Cumulative weights strictly increase, so no entry has weight 0.
+    /// The members that can take requests. Cumulative weights strictly increase, so no entry
+    /// has weight 0.
     entries: Box<[Entry]>,
+    /// Every member with a weight above 0, laid out like `entries`, when one of them cannot take
+    /// requests: the sticky keys' homes. Empty when they are `entries`.
+    homes: Box<[Entry]>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,6 +64,9 @@ pub struct Member<'a> {
     pub group: &'a str,
     /// Its weight.
     pub weight: u32,
+    /// Whether it can take requests now (ready, not draining). One that cannot keeps its sticky
+    /// keys' homes: they come back to it when it can again.
+    pub available: bool,
 }
 
 // === impl Split ===
@@ -73,97 +84,57 @@ impl Split {
             name,
             group: name,
             weight: *w,
+            available: true,
         }))
     }
 
     /// Builds a split from its members, in order.
     ///
-    /// Zero-weight members are dropped, except when every member has weight 0: then each gets
-    /// weight 1, so an app stays available when the clusters holding its weight are not eligible.
-    /// Weights adding past `u32::MAX` are cut there (entries beyond get nothing). Consecutive
-    /// members of one `group` form one revision.
+    /// Requests go to the available members. Zero-weight members are dropped, except when every
+    /// available member has weight 0: then each gets weight 1, so an app stays available when the
+    /// clusters holding its weight are not. Weights adding past `u32::MAX` are cut there (entries
+    /// beyond get nothing). Consecutive members of one `group` form one revision. Members that are
+    /// not available keep the homes of their sticky keys (see the module docs).
     pub fn from_members<'a>(members: impl IntoIterator<Item = Member<'a>>) -> Split {
         let given: Vec<Member<'a>> = members.into_iter().collect();
-        let all_zero = given.iter().all(|m| m.weight == 0);
-        let mut cumulative = 0u32;
-        let mut out: Vec<Entry> = Vec::with_capacity(given.len());
-        let mut last_group: Option<&str> = None;
-        for m in given {
-            let weight = if all_zero { 1 } else { m.weight };
-            let next = cumulative.saturating_add(weight);
-            if next <= cumulative {
-                continue;
-            }
-            cumulative = next;
-            let index = out.len() as u32;
-            let first = match (last_group, out.last()) {
-                (Some(g), Some(prev)) if g == m.group => prev.group.0,
-                _ => index,
-            };
-            out.push(Entry {
-                end: cumulative,
-                cluster: m.cluster,
-                seed: xxh3_64_with_seed(m.name.as_bytes(), FIXED_SEED),
-                group: (first, index),
-            });
-            last_group = Some(m.group);
-        }
-        // Every member of a revision knows where the revision ends.
-        for i in (1..out.len()).rev() {
-            if out[i - 1].group.0 == out[i].group.0 {
-                out[i - 1].group.1 = out[i].group.1;
-            }
-        }
-        Split {
-            entries: out.into_boxed_slice(),
-        }
+        let available: Vec<Member<'a>> = given.iter().filter(|m| m.available).copied().collect();
+        let entries = if available.iter().all(|m| m.weight == 0) {
+            layout(available.iter().map(|m| Member { weight: 1, ..*m }))
+        } else {
+            layout(available)
+        };
+        let homes = if given.iter().any(|m| !m.available && m.weight > 0) {
+            layout(given)
+        } else {
+            Box::default()
+        };
+        Split { entries, homes }
     }
 
     /// The cluster for a random value `x`: `x` scales to a point in `[0, total)` and the first
     /// entry whose cumulative weight exceeds it is chosen. `None` when the split is empty.
     #[inline]
     pub fn pick(&self, x: u64) -> Option<ClusterId> {
-        self.entry_at(x).map(|i| self.entries[i].cluster)
+        entry_at(&self.entries, x).map(|i| self.entries[i].cluster)
     }
 
-    /// The cluster for a split key's [`key_hash`](super::key_hash): the revision whose interval
-    /// holds the key's point, then the cluster of that revision by weighted rendezvous (see the
-    /// module docs). `None` when the split is empty.
+    /// The cluster for a split key's [`key_hash`](super::key_hash): its home (the revision whose
+    /// interval holds the key's point, then the cluster of that revision by weighted
+    /// rendezvous) when the home can take requests, else one of those that can, by weighted
+    /// rendezvous (see the module docs). `None` when the split is empty.
     #[inline]
     pub fn pick_key(&self, key: u64) -> Option<ClusterId> {
-        let i = self.entry_at(key)?;
-        let (first, last) = self.entries[i].group;
-        if first == last {
-            return Some(self.entries[i].cluster);
+        if self.homes.is_empty() {
+            return home(&self.entries, key);
         }
-        self.rendezvous(key, first as usize..=last as usize)
-    }
-
-    /// The entry whose interval holds `x` scaled to `[0, total)`.
-    #[inline]
-    fn entry_at(&self, x: u64) -> Option<usize> {
-        let point = ((x as u128 * self.total() as u128) >> 64) as u32;
-        self.entries.iter().position(|e| e.end > point)
-    }
-
-    /// The entry of `range` with the highest `-weight / ln(u)`, `u = unit_interval(xxh3(key,
-    /// seed))`; the earlier one on a tie. Only `f64::ln` is not exact IEEE arithmetic: a libm
-    /// rounding it differently in the last bit could flip only keys whose two best scores are
-    /// within one ulp (odds about 2^-50 per key).
-    fn rendezvous(&self, key: u64, range: std::ops::RangeInclusive<usize>) -> Option<ClusterId> {
-        let bytes = key.to_le_bytes();
-        let mut best: Option<(f64, ClusterId)> = None;
-        for i in range {
-            let entry = &self.entries[i];
-            let start = if i == 0 { 0 } else { self.entries[i - 1].end };
-            let weight = f64::from(entry.end - start);
-            let u = unit_interval(xxh3_64_with_seed(&bytes, entry.seed));
-            let score = -weight / u.ln();
-            if best.is_none_or(|(top, _)| score > top) {
-                best = Some((score, entry.cluster));
-            }
+        let home = home(&self.homes, key)?;
+        if self.entries.iter().any(|e| e.cluster == home) {
+            return Some(home);
         }
-        best.map(|(_, cluster)| cluster)
+        // A hash of its own: the key's scores above picked its home, so on them the home's
+        // revision mates would have lost already, and would get fewer keys than their weight.
+        let again = xxh3_64_with_seed(&key.to_le_bytes(), HOMELESS_SEED);
+        rendezvous(&self.entries, again, 0..=self.entries.len().checked_sub(1)?)
     }
 
     /// Like [`pick`](Self::pick) over the split without `exclude` (a cluster that just failed), for
@@ -212,6 +183,84 @@ impl Split {
             .zip(starts)
             .map(|(e, start)| (e.cluster, e.end - start))
     }
+}
+
+/// Lays members out as entries, in order: cumulative weights, rendezvous seeds, revisions.
+/// Zero-weight members are dropped; weights adding past `u32::MAX` are cut there.
+fn layout<'a>(members: impl IntoIterator<Item = Member<'a>>) -> Box<[Entry]> {
+    let mut cumulative = 0u32;
+    let mut out: Vec<Entry> = Vec::new();
+    let mut last_group: Option<&str> = None;
+    for m in members {
+        let next = cumulative.saturating_add(m.weight);
+        if next <= cumulative {
+            continue;
+        }
+        cumulative = next;
+        let index = out.len() as u32;
+        let first = match (last_group, out.last()) {
+            (Some(g), Some(prev)) if g == m.group => prev.group.0,
+            _ => index,
+        };
+        out.push(Entry {
+            end: cumulative,
+            cluster: m.cluster,
+            seed: xxh3_64_with_seed(m.name.as_bytes(), FIXED_SEED),
+            group: (first, index),
+        });
+        last_group = Some(m.group);
+    }
+    // Every member of a revision knows where the revision ends.
+    for i in (1..out.len()).rev() {
+        if out[i - 1].group.0 == out[i].group.0 {
+            out[i - 1].group.1 = out[i].group.1;
+        }
+    }
+    out.into_boxed_slice()
+}
+
+/// The entry whose interval holds `x` scaled to `[0, total)`.
+#[inline]
+fn entry_at(entries: &[Entry], x: u64) -> Option<usize> {
+    let total = entries.last().map_or(0, |e| e.end);
+    let point = ((x as u128 * total as u128) >> 64) as u32;
+    entries.iter().position(|e| e.end > point)
+}
+
+/// A key's home among `entries`: the revision whose interval holds its point, then the cluster
+/// of that revision by weighted rendezvous.
+#[inline]
+fn home(entries: &[Entry], key: u64) -> Option<ClusterId> {
+    let i = entry_at(entries, key)?;
+    let (first, last) = entries[i].group;
+    if first == last {
+        return Some(entries[i].cluster);
+    }
+    rendezvous(entries, key, first as usize..=last as usize)
+}
+
+/// The entry of `range` with the highest `-weight / ln(u)`, `u = unit_interval(xxh3(key,
+/// seed))`; the earlier one on a tie. Only `f64::ln` is not exact IEEE arithmetic: a libm
+/// rounding it differently in the last bit could flip only keys whose two best scores are
+/// within one ulp (odds about 2^-50 per key).
+fn rendezvous(
+    entries: &[Entry],
+    key: u64,
+    range: std::ops::RangeInclusive<usize>,
+) -> Option<ClusterId> {
+    let bytes = key.to_le_bytes();
+    let mut best: Option<(f64, ClusterId)> = None;
+    for i in range {
+        let entry = &entries[i];
+        let start = if i == 0 { 0 } else { entries[i - 1].end };
+        let weight = f64::from(entry.end - start);
+        let u = unit_interval(xxh3_64_with_seed(&bytes, entry.seed));
+        let score = -weight / u.ln();
+        if best.is_none_or(|(top, _)| score > top) {
+            best = Some((score, entry.cluster));
+        }
+    }
+    best.map(|(_, cluster)| cluster)
 }
 
 #[cfg(test)]
@@ -412,19 +461,19 @@ mod tests {
             }
         }
 
-        /// In a shard of one revision a cluster leaving (unready, ejected) moves only its own
-        /// keys; they come back when it returns.
+        /// A cluster leaving (unready, ejected) moves only its own keys, whether the shard has
+        /// one revision (`split_at` = all) or two; they come back when it returns.
         #[test]
-        fn a_cluster_leaving_its_revision_moves_only_its_own_keys(
+        fn a_cluster_leaving_moves_only_its_own_keys(
             weights in prop::collection::vec(1u32..=100, 2..6),
+            split_at in 1usize..6,
             leaving in 0usize..6,
             keys in prop::collection::vec(any::<u64>(), 200),
         ) {
+            let split_at = split_at.min(weights.len());
             let leaving = leaving % weights.len();
-            let all = grouped(&weights, weights.len());
-            let mut rest_weights = weights.clone();
-            rest_weights[leaving] = 0;
-            let rest = grouped(&rest_weights, weights.len());
+            let all = grouped(&weights, split_at);
+            let rest = grouped_without(&weights, split_at, Some(leaving));
             for &key in &keys {
                 let (was, now) = (all.pick_key(key), rest.pick_key(key));
                 prop_assert_ne!(now, Some(leaving as ClusterId));
@@ -438,13 +487,56 @@ mod tests {
     /// A split of clusters `0..weights.len()` named `c<i>`: those before `split_at` of revision
     /// `v1`, the others of `v2`.
     fn grouped(weights: &[u32], split_at: usize) -> Split {
+        grouped_without(weights, split_at, None)
+    }
+
+    /// [`grouped`], cluster `unavailable` not taking requests.
+    fn grouped_without(weights: &[u32], split_at: usize, unavailable: Option<usize>) -> Split {
         let names: Vec<String> = (0..weights.len()).map(|i| format!("c{i}")).collect();
         Split::from_members(weights.iter().enumerate().map(|(i, &weight)| Member {
             cluster: i as ClusterId,
             name: &names[i],
             group: if i < split_at { "v1" } else { "v2" },
             weight,
+            available: unavailable != Some(i),
         }))
+    }
+
+    /// The keys of a cluster that cannot take requests go to the others in the shares random
+    /// picks give them, across revisions.
+    #[test]
+    fn a_missing_clusters_keys_spread_like_random_picks() {
+        let weights = [40, 30, 30];
+        let split = grouped_without(&weights, 2, Some(1));
+        assert_eq!(split.entries().collect::<Vec<_>>(), [(0, 40), (2, 30)]);
+        let n = 100_000u64;
+        let (mut sticky, mut random) = ([0usize; 3], [0usize; 3]);
+        for i in 0..n {
+            sticky[split.pick_key(key_hash(&i.to_le_bytes())).unwrap() as usize] += 1;
+            random[split.pick(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).unwrap() as usize] += 1;
+        }
+        assert_eq!((sticky[1], random[1]), (0, 0));
+        for c in [0, 2] {
+            let (a, b) = (sticky[c] as f64 / n as f64, random[c] as f64 / n as f64);
+            let want = f64::from(weights[c]) / 70.0;
+            assert!(
+                (a - want).abs() < 0.01 && (b - want).abs() < 0.01,
+                "{sticky:?} {random:?}"
+            );
+        }
+    }
+
+    /// Unavailable members with weight and available ones all at 0: requests share the available
+    /// ones equally (the app stays up) and so do the keys; nothing available: nothing picked.
+    #[test]
+    fn keys_find_zero_weight_members_when_the_weighted_are_missing() {
+        let split = grouped_without(&[0, 100], 1, Some(1));
+        assert_eq!(split.entries().collect::<Vec<_>>(), [(0, 1)]);
+        assert_eq!(split.pick_key(7), Some(0));
+        assert_eq!(split.pick_key(u64::MAX), Some(0));
+        let none = grouped_without(&[100], 1, Some(0));
+        assert!(none.is_empty());
+        assert_eq!((none.pick(3), none.pick_key(3)), (None, None));
     }
 
     #[test]
@@ -469,6 +561,7 @@ mod tests {
             name,
             group: "v1",
             weight: 50,
+            available: true,
         };
         let a = Split::from_members([member(0, "blue"), member(1, "green")]);
         let b = Split::from_members([member(7, "blue"), member(3, "green")]);

@@ -158,6 +158,9 @@ pub struct Lookup<'a> {
     pub split: &'a Split,
 }
 
+/// A cluster of an app's split while the table is built, and whether it can take requests.
+type SplitMember = (ClusterId, bool);
+
 /// An immutable routing snapshot: route prefixes, shard placement and per-app splits.
 #[derive(Debug, Clone, Default)]
 pub struct RoutingTable {
@@ -178,8 +181,9 @@ pub struct RoutingTable {
 impl RoutingTable {
     /// Builds the snapshot for `spec`, checking names, ids and route prefixes.
     ///
-    /// An app's split holds the clusters of its shard that are ready, not draining and list the
-    /// app, in spec order, with their weights and revisions (see [`Split::from_members`]).
+    /// An app's split holds the clusters of its shard that list the app, in spec order, with
+    /// their weights and revisions; requests go to those that are ready and not draining, the
+    /// others keep their sticky keys' homes (see [`Split::from_members`]).
     pub fn build(spec: &TableSpec) -> Result<RoutingTable, TableError> {
         let placement = shards(&spec.shards)?;
         let cluster_names = clusters(&spec.clusters, spec.shards.len())?;
@@ -231,37 +235,39 @@ impl RoutingTable {
             });
         }
 
-        // Each app's eligible clusters, in spec order since clusters are visited in order.
-        let mut eligible: Vec<Vec<ClusterId>> = vec![Vec::new(); apps.len()];
+        // Each app's clusters, in spec order since clusters are visited in order, and whether
+        // each can take requests.
+        let mut members: Vec<Vec<SplitMember>> = vec![Vec::new(); apps.len()];
         for (cluster_id, cluster) in spec.clusters.iter().enumerate() {
-            if !cluster.ready || cluster.draining {
-                continue;
-            }
             let cluster_id = cluster_id as ClusterId;
+            let available = cluster.ready && !cluster.draining;
             for name in &cluster.apps {
                 let Some(&app) = app_ids.get(name.as_str()) else {
                     continue; // served but not declared: nothing routes to it
                 };
-                let list = &mut eligible[app as usize];
+                let list = &mut members[app as usize];
                 // `last` catches an app listed twice by the same cluster.
-                if apps[app as usize].shard == cluster.shard && list.last() != Some(&cluster_id) {
-                    list.push(cluster_id);
+                if apps[app as usize].shard == cluster.shard
+                    && list.last().map(|&(c, _)| c) != Some(cluster_id)
+                {
+                    list.push((cluster_id, available));
                 }
             }
         }
 
-        // Apps of a shard with the same eligible clusters share a split.
-        let mut split_ids: HashMap<(ShardId, &[ClusterId]), u32> = HashMap::new();
+        // Apps of a shard with the same clusters share a split.
+        let mut split_ids: HashMap<(ShardId, &[SplitMember]), u32> = HashMap::new();
         let mut splits = Vec::new();
-        for (app, clusters) in apps.iter_mut().zip(&eligible) {
+        for (app, clusters) in apps.iter_mut().zip(&members) {
             app.split = *split_ids.entry((app.shard, clusters)).or_insert_with(|| {
-                let members = clusters.iter().map(|&c| {
+                let members = clusters.iter().map(|&(c, available)| {
                     let cluster = &spec.clusters[c as usize];
                     Member {
                         cluster: c,
                         name: &cluster.name,
                         group: &cluster.revision,
                         weight: cluster.weight,
+                        available,
                     }
                 });
                 splits.push(Split::from_members(members));
@@ -469,6 +475,57 @@ mod tests {
             assert_eq!(after.split_of(1).pick_key(key), Some(1), "only c1 serves b");
         }
         assert!(moved > 600 && kept > 1000, "{moved} moved, {kept} kept");
+    }
+
+    /// While two revisions share a shard (mid-shift), a cluster that goes unready, of either
+    /// revision, takes only its own sticky keys with it, spread over the clusters that can take
+    /// requests by weight; no key of the other clusters moves, and its own come back with it.
+    #[test]
+    fn an_unready_cluster_moves_only_its_own_keys_while_two_revisions_share_a_shard() {
+        let clusters = || {
+            let mut clusters = vec![
+                cluster("old-a", 0, 35, &["a"]),
+                cluster("old-b", 0, 35, &["a"]),
+                cluster("new", 0, 30, &["a"]),
+            ];
+            clusters[2].revision = "v2".into();
+            clusters
+        };
+        let before = build(&one_shard(clusters()));
+        let keys: Vec<u64> = (0..6000u64)
+            .map(|i| crate::routing::key_hash(&i.to_le_bytes()))
+            .collect();
+        for leaving in 0..3u32 {
+            let mut spec = one_shard(clusters());
+            spec.clusters[leaving as usize].ready = false;
+            let after = build(&spec);
+            let mut went = [0usize; 3];
+            for &key in &keys {
+                let (was, now) = (
+                    before.split_of(0).pick_key(key).unwrap(),
+                    after.split_of(0).pick_key(key).unwrap(),
+                );
+                assert_ne!(now, leaving);
+                if was == leaving {
+                    went[now as usize] += 1;
+                } else {
+                    assert_eq!(was, now, "key {key:#x} of a ready cluster moved");
+                }
+            }
+            // The leaving cluster's keys, spread over the others by weight (35 : 35 : 30).
+            let moved: usize = went.iter().sum();
+            let weights = [35.0, 35.0, 30.0];
+            let others: f64 = (0..3)
+                .filter(|&c| c != leaving as usize)
+                .map(|c| weights[c])
+                .sum();
+            for c in (0..3).filter(|&c| c != leaving as usize) {
+                let share = went[c] as f64 / moved as f64;
+                let want = weights[c] / others;
+                assert!((share - want).abs() < 0.05, "without {leaving}: {went:?}");
+            }
+            assert!(moved > 1500, "without {leaving}: {moved} moved");
+        }
     }
 
     /// Clusters of one revision share one interval of a sticky split; other revisions keep their
