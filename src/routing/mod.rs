@@ -6,10 +6,11 @@
 //!    rule ([`prefix_matches`], [`PrefixMatcher`]).
 //! 2. **Shard**: the app's shard is its pinned shard, else the winner of weighted rendezvous
 //!    hashing of its name over the shards ([`Placement`]). Computed when the table is built.
-//! 3. **Split**: the shard's eligible clusters (ready, not draining, serving the app), with their
-//!    weights; [`Split::pick`] maps a random value onto cumulative weight intervals, and
-//!    [`Split::pick_key`] a split key's [`key_hash`] onto a revision's interval, then onto one of
-//!    its clusters by weighted rendezvous hashing.
+//! 3. **Split**: the shard's clusters serving the app, with their weights; [`Split::pick`] maps a
+//!    random value onto the cumulative weight intervals of those that can take requests (ready,
+//!    not draining), and [`Split::pick_key`] a split key's [`key_hash`] onto a revision's
+//!    interval, then onto one of its clusters by weighted rendezvous hashing (the key's home; when
+//!    the home cannot take requests, another cluster of its revision).
 //!
 //! Every hash is xxh3 with [`FIXED_SEED`], so every gateway replica on every build and machine
 //! agrees on where an app and a sticky key go.

@@ -16,10 +16,15 @@
 //!    cluster's name, the best wins. A key stays on a cluster whose weight grows while the others'
 //!    do not (the shift machine's rounding never raises them).
 //!
-//! A key whose home cannot take requests (unready, ejected, draining) goes, by the same weighted
-//! rendezvous, to one of the clusters that can, whatever their revision: so a cluster leaving
-//! takes only its own keys, spread over the others by weight as random picks spread its share,
-//! and they come back with it. No other key moves, however many revisions share the shard.
+//! A key whose home cannot take requests (not ready, ejected) goes, by the same weighted
+//! rendezvous on a second hash of the key, to a cluster of its home's revision that can; only when
+//! none of them can, to any cluster that can. So a cluster leaving moves no key whose home can
+//! take requests, however many revisions share the shard, and the keys it had come back with it;
+//! the revision intervals do not move, so a key that reached a shift's target revision stays there
+//! while an old cluster is out.
+//!
+//! Clusters of weight 0 are not homes, except when every member has weight 0: then each counts as
+//! weight 1, for homes as for random picks.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -96,13 +101,16 @@ impl Split {
     /// beyond get nothing). Consecutive members of one `group` form one revision. Members that are
     /// not available keep the homes of their sticky keys (see the module docs).
     pub fn from_members<'a>(members: impl IntoIterator<Item = Member<'a>>) -> Split {
-        let given: Vec<Member<'a>> = members.into_iter().collect();
-        let available: Vec<Member<'a>> = given.iter().filter(|m| m.available).copied().collect();
-        let entries = if available.iter().all(|m| m.weight == 0) {
-            layout(available.iter().map(|m| Member { weight: 1, ..*m }))
-        } else {
-            layout(available)
-        };
+        let mut given: Vec<Member<'a>> = members.into_iter().collect();
+        if given.iter().all(|m| m.weight == 0) {
+            given.iter_mut().for_each(|m| m.weight = 1);
+        }
+        let mut available: Vec<Member<'a>> =
+            given.iter().filter(|m| m.available).copied().collect();
+        if available.iter().all(|m| m.weight == 0) {
+            available.iter_mut().for_each(|m| m.weight = 1);
+        }
+        let entries = layout(available);
         let homes = if given.iter().any(|m| !m.available && m.weight > 0) {
             layout(given)
         } else {
@@ -120,21 +128,33 @@ impl Split {
 
     /// The cluster for a split key's [`key_hash`](super::key_hash): its home (the revision whose
     /// interval holds the key's point, then the cluster of that revision by weighted
-    /// rendezvous) when the home can take requests, else one of those that can, by weighted
-    /// rendezvous (see the module docs). `None` when the split is empty.
+    /// rendezvous) when the home can take requests, else one of its revision that can, else any
+    /// that can, by weighted rendezvous (see the module docs). `None` when the split is empty.
     #[inline]
     pub fn pick_key(&self, key: u64) -> Option<ClusterId> {
         if self.homes.is_empty() {
-            return home(&self.entries, key);
+            let i = home(&self.entries, key)?;
+            return Some(self.entries[i].cluster);
         }
-        let home = home(&self.homes, key)?;
-        if self.entries.iter().any(|e| e.cluster == home) {
-            return Some(home);
+        let home = &self.homes[home(&self.homes, key)?];
+        if self.entries.iter().any(|e| e.cluster == home.cluster) {
+            return Some(home.cluster);
         }
         // A hash of its own: the key's scores above picked its home, so on them the home's
         // revision mates would have lost already, and would get fewer keys than their weight.
         let again = xxh3_64_with_seed(&key.to_le_bytes(), HOMELESS_SEED);
-        rendezvous(&self.entries, again, 0..=self.entries.len().checked_sub(1)?)
+        let (first, last) = home.group;
+        let mates = &self.homes[first as usize..=last as usize];
+        let of_revision = |i: &usize| mates.iter().any(|m| m.cluster == self.entries[*i].cluster);
+        let i = match rendezvous(
+            &self.entries,
+            again,
+            (0..self.entries.len()).filter(of_revision),
+        ) {
+            Some(i) => i,
+            None => rendezvous(&self.entries, again, 0..self.entries.len())?,
+        };
+        Some(self.entries[i].cluster)
     }
 
     /// Like [`pick`](Self::pick) over the split without `exclude` (a cluster that just failed), for
@@ -227,40 +247,40 @@ fn entry_at(entries: &[Entry], x: u64) -> Option<usize> {
     entries.iter().position(|e| e.end > point)
 }
 
-/// A key's home among `entries`: the revision whose interval holds its point, then the cluster
-/// of that revision by weighted rendezvous.
+/// The index of a key's home among `entries`: the revision whose interval holds its point, then
+/// the cluster of that revision by weighted rendezvous.
 #[inline]
-fn home(entries: &[Entry], key: u64) -> Option<ClusterId> {
+fn home(entries: &[Entry], key: u64) -> Option<usize> {
     let i = entry_at(entries, key)?;
     let (first, last) = entries[i].group;
     if first == last {
-        return Some(entries[i].cluster);
+        return Some(i);
     }
     rendezvous(entries, key, first as usize..=last as usize)
 }
 
-/// The entry of `range` with the highest `-weight / ln(u)`, `u = unit_interval(xxh3(key,
-/// seed))`; the earlier one on a tie. Only `f64::ln` is not exact IEEE arithmetic: a libm
-/// rounding it differently in the last bit could flip only keys whose two best scores are
-/// within one ulp (odds about 2^-50 per key).
+/// The index, among `indices` of `entries`, of the entry with the highest `-weight / ln(u)`,
+/// `u = unit_interval(xxh3(key, seed))`; the earlier one on a tie. Only `f64::ln` is not exact
+/// IEEE arithmetic: a libm rounding it differently in the last bit could flip only keys whose two
+/// best scores are within one ulp (odds about 2^-50 per key).
 fn rendezvous(
     entries: &[Entry],
     key: u64,
-    range: std::ops::RangeInclusive<usize>,
-) -> Option<ClusterId> {
+    indices: impl IntoIterator<Item = usize>,
+) -> Option<usize> {
     let bytes = key.to_le_bytes();
-    let mut best: Option<(f64, ClusterId)> = None;
-    for i in range {
+    let mut best: Option<(f64, usize)> = None;
+    for i in indices {
         let entry = &entries[i];
         let start = if i == 0 { 0 } else { entries[i - 1].end };
         let weight = f64::from(entry.end - start);
         let u = unit_interval(xxh3_64_with_seed(&bytes, entry.seed));
         let score = -weight / u.ln();
         if best.is_none_or(|(top, _)| score > top) {
-            best = Some((score, entry.cluster));
+            best = Some((score, i));
         }
     }
-    best.map(|(_, cluster)| cluster)
+    best.map(|(_, i)| i)
 }
 
 #[cfg(test)]
@@ -437,6 +457,39 @@ mod tests {
             }
         }
 
+        /// An old cluster out (unready, ejected) for a whole shift: a key that reached the
+        /// target never leaves it, and no key goes to the missing cluster.
+        #[test]
+        fn sticky_keys_never_leave_the_target_while_an_old_cluster_is_out(
+            others in prop::collection::vec(0u32..=40, 1..4),
+            mut last_steps in prop::collection::vec(0u32..=100, 1..12),
+            rotate in 0usize..4,
+            missing in 0usize..4,
+            keys in prop::collection::vec(any::<u64>(), 200),
+        ) {
+            let mut start = others;
+            while start.iter().sum::<u32>() > 100 {
+                let i = start.iter().position(|&w| w > 0).expect("sum above 0");
+                start[i] -= 1;
+            }
+            last_steps.sort_unstable();
+            let clusters = start.len() + 1;
+            let last = (clusters - 1) as ClusterId;
+            let missing = missing % (clusters - 1);
+            let mut on_last = vec![false; keys.len()];
+            for weights in shift_weights(clusters, &start, &last_steps, rotate) {
+                let split = grouped_without(&weights, clusters - 1, &[missing]);
+                for (k, &key) in keys.iter().enumerate() {
+                    let picked = split.pick_key(key).expect("the last cluster is available");
+                    prop_assert_ne!(picked, missing as ClusterId);
+                    if on_last[k] {
+                        prop_assert_eq!(picked, last, "key {:#x} left the target at {:?}", key, weights);
+                    }
+                    on_last[k] = picked == last;
+                }
+            }
+        }
+
         /// A target revision of several clusters: however its weight is spread over them (a
         /// cluster joining it takes an equal share), a key that reached it stays in it.
         #[test]
@@ -473,7 +526,7 @@ mod tests {
             let split_at = split_at.min(weights.len());
             let leaving = leaving % weights.len();
             let all = grouped(&weights, split_at);
-            let rest = grouped_without(&weights, split_at, Some(leaving));
+            let rest = grouped_without(&weights, split_at, &[leaving]);
             for &key in &keys {
                 let (was, now) = (all.pick_key(key), rest.pick_key(key));
                 prop_assert_ne!(now, Some(leaving as ClusterId));
@@ -487,54 +540,90 @@ mod tests {
     /// A split of clusters `0..weights.len()` named `c<i>`: those before `split_at` of revision
     /// `v1`, the others of `v2`.
     fn grouped(weights: &[u32], split_at: usize) -> Split {
-        grouped_without(weights, split_at, None)
+        grouped_without(weights, split_at, &[])
     }
 
-    /// [`grouped`], cluster `unavailable` not taking requests.
-    fn grouped_without(weights: &[u32], split_at: usize, unavailable: Option<usize>) -> Split {
+    /// [`grouped`], the clusters of `unavailable` not taking requests.
+    fn grouped_without(weights: &[u32], split_at: usize, unavailable: &[usize]) -> Split {
         let names: Vec<String> = (0..weights.len()).map(|i| format!("c{i}")).collect();
         Split::from_members(weights.iter().enumerate().map(|(i, &weight)| Member {
             cluster: i as ClusterId,
             name: &names[i],
             group: if i < split_at { "v1" } else { "v2" },
             weight,
-            available: unavailable != Some(i),
+            available: !unavailable.contains(&i),
         }))
     }
 
-    /// The keys of a cluster that cannot take requests go to the others in the shares random
-    /// picks give them, across revisions.
-    #[test]
-    fn a_missing_clusters_keys_spread_like_random_picks() {
-        let weights = [40, 30, 30];
-        let split = grouped_without(&weights, 2, Some(1));
-        assert_eq!(split.entries().collect::<Vec<_>>(), [(0, 40), (2, 30)]);
+    /// Shares of 100,000 keys per cluster, in percent, against `want`: within a point.
+    fn assert_key_shares(split: &Split, want: &[f64]) {
         let n = 100_000u64;
-        let (mut sticky, mut random) = ([0usize; 3], [0usize; 3]);
+        let mut counts = vec![0usize; want.len()];
         for i in 0..n {
-            sticky[split.pick_key(key_hash(&i.to_le_bytes())).unwrap() as usize] += 1;
-            random[split.pick(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).unwrap() as usize] += 1;
+            counts[split.pick_key(key_hash(&i.to_le_bytes())).unwrap() as usize] += 1;
         }
-        assert_eq!((sticky[1], random[1]), (0, 0));
-        for c in [0, 2] {
-            let (a, b) = (sticky[c] as f64 / n as f64, random[c] as f64 / n as f64);
-            let want = f64::from(weights[c]) / 70.0;
+        let got: Vec<f64> = counts
+            .iter()
+            .map(|&c| c as f64 * 100.0 / n as f64)
+            .collect();
+        for (c, want) in want.iter().enumerate() {
             assert!(
-                (a - want).abs() < 0.01 && (b - want).abs() < 0.01,
-                "{sticky:?} {random:?}"
+                (got[c] - want).abs() < 1.0,
+                "cluster {c}: {got:?}, want {want:?}"
             );
         }
     }
 
+    /// The keys of a cluster that cannot take requests stay in its revision, spread over the
+    /// clusters of it that can by weight; when none can, they go to the other revision.
+    #[test]
+    fn a_missing_clusters_keys_stay_in_its_revision() {
+        // v1: c0 30, c1 20, c2 10; v2: c3 40. c1's 20 go to c0 and c2 as 30 : 10.
+        let weights = [30, 20, 10, 40];
+        assert_key_shares(
+            &grouped_without(&weights, 3, &[1]),
+            &[45.0, 0.0, 15.0, 40.0],
+        );
+        // The whole of v1 out: all its keys to v2.
+        assert_key_shares(
+            &grouped_without(&weights, 3, &[0, 1, 2]),
+            &[0.0, 0.0, 0.0, 100.0],
+        );
+        // v2 out: its keys over v1 by weight.
+        assert_key_shares(
+            &grouped_without(&weights, 3, &[3]),
+            &[50.0, 33.3, 16.7, 0.0],
+        );
+        // Random picks spread c1's share over all that can take requests, v2 included.
+        let split = grouped_without(&weights, 3, &[1]);
+        assert_eq!(
+            split.entries().collect::<Vec<_>>(),
+            [(0, 30), (2, 10), (3, 40)]
+        );
+    }
+
+    /// Members all at weight 0 count as 1 each, for homes too: one going out moves only its keys.
     /// Unavailable members with weight and available ones all at 0: requests share the available
     /// ones equally (the app stays up) and so do the keys; nothing available: nothing picked.
     #[test]
-    fn keys_find_zero_weight_members_when_the_weighted_are_missing() {
-        let split = grouped_without(&[0, 100], 1, Some(1));
+    fn zero_weights_and_missing_members() {
+        let all = grouped(&[0, 0, 0], 1);
+        let rest = grouped_without(&[0, 0, 0], 1, &[0]);
+        let mut kept = 0;
+        for i in 0..2000u64 {
+            let key = key_hash(&i.to_le_bytes());
+            let was = all.pick_key(key).unwrap();
+            if was != 0 {
+                assert_eq!(rest.pick_key(key), Some(was), "key {key:#x}");
+                kept += 1;
+            }
+        }
+        assert!(kept > 1000, "{kept}");
+        let split = grouped_without(&[0, 100], 1, &[1]);
         assert_eq!(split.entries().collect::<Vec<_>>(), [(0, 1)]);
         assert_eq!(split.pick_key(7), Some(0));
         assert_eq!(split.pick_key(u64::MAX), Some(0));
-        let none = grouped_without(&[100], 1, Some(0));
+        let none = grouped_without(&[100], 1, &[0]);
         assert!(none.is_empty());
         assert_eq!((none.pick(3), none.pick_key(3)), (None, None));
     }
@@ -587,4 +676,27 @@ mod tests {
     }
 
     const GOLDEN_PICKS: &str = "21200202220000010020120212212201";
+
+    /// The same for keys whose home cannot take requests: c1 out, its keys over c0 and c2 of its
+    /// revision; v1 out, its keys over v2's c3 and c4.
+    #[test]
+    fn homeless_picks_are_stable() {
+        let weights = [30, 20, 10, 25, 15];
+        let picks = |out: &[usize]| -> String {
+            let split = grouped_without(&weights, 3, out);
+            (0..32u64)
+                .map(|i| {
+                    let key = key_hash(format!("session-{i}").as_bytes());
+                    char::from(b'0' + split.pick_key(key).unwrap() as u8)
+                })
+                .collect()
+        };
+        assert_eq!(picks(&[1]), GOLDEN_HOMELESS[0]);
+        assert_eq!(picks(&[0, 1, 2]), GOLDEN_HOMELESS[1]);
+    }
+
+    const GOLDEN_HOMELESS: [&str; 2] = [
+        "30233434420030323020030333343303",
+        "33333434433334343343333333343343",
+    ];
 }

@@ -141,7 +141,8 @@ pub struct AppRoute {
     pub route_prefix: Arc<str>,
     /// The shard serving it.
     pub shard: ShardId,
-    /// Index of its split in [`RoutingTable::splits`]; apps with the same eligible clusters share one.
+    /// Index of its split in [`RoutingTable::splits`]; apps with the same clusters, each as able to
+    /// take requests, share one.
     split: u32,
 }
 
@@ -317,7 +318,8 @@ impl RoutingTable {
         &self.splits[self.apps[app as usize].split as usize]
     }
 
-    /// The distinct splits; apps with the same shard and eligible clusters share one.
+    /// The distinct splits; apps with the same shard and clusters (each as able to take requests)
+    /// share one.
     pub fn splits(&self) -> &[Split] {
         &self.splits
     }
@@ -478,8 +480,9 @@ mod tests {
     }
 
     /// While two revisions share a shard (mid-shift), a cluster that goes unready, of either
-    /// revision, takes only its own sticky keys with it, spread over the clusters that can take
-    /// requests by weight; no key of the other clusters moves, and its own come back with it.
+    /// revision, takes only its own sticky keys with it, to the clusters of its revision that can
+    /// take requests by weight, else to the other revision; no key of the other clusters moves,
+    /// and its own come back with it.
     #[test]
     fn an_unready_cluster_moves_only_its_own_keys_while_two_revisions_share_a_shard() {
         let clusters = || {
@@ -495,6 +498,9 @@ mod tests {
         let keys: Vec<u64> = (0..6000u64)
             .map(|i| crate::routing::key_hash(&i.to_le_bytes()))
             .collect();
+        // Where the leaving cluster's keys go: old-a's to old-b, old-b's to old-a, new's over
+        // both by weight.
+        let to: [[f64; 3]; 3] = [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]];
         for leaving in 0..3u32 {
             let mut spec = one_shard(clusters());
             spec.clusters[leaving as usize].ready = false;
@@ -512,16 +518,9 @@ mod tests {
                     assert_eq!(was, now, "key {key:#x} of a ready cluster moved");
                 }
             }
-            // The leaving cluster's keys, spread over the others by weight (35 : 35 : 30).
             let moved: usize = went.iter().sum();
-            let weights = [35.0, 35.0, 30.0];
-            let others: f64 = (0..3)
-                .filter(|&c| c != leaving as usize)
-                .map(|c| weights[c])
-                .sum();
-            for c in (0..3).filter(|&c| c != leaving as usize) {
+            for (c, want) in to[leaving as usize].iter().enumerate() {
                 let share = went[c] as f64 / moved as f64;
-                let want = weights[c] / others;
                 assert!((share - want).abs() < 0.05, "without {leaving}: {went:?}");
             }
             assert!(moved > 1500, "without {leaving}: {moved} moved");
