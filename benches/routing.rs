@@ -172,6 +172,21 @@ fn picks(c: &mut Criterion) {
             one_revision.pick_key(key_hash(s.as_bytes()))
         }))
     });
+    // Three of one revision and one of the next, one of the three unready: its keys' homes are
+    // kept, and a key whose home it is takes a second pick among the other two.
+    let names = ["blue-a", "blue-b", "blue-c", "green"];
+    let one_out = Split::from_members(names.iter().enumerate().map(|(i, name)| Member {
+        cluster: i as u32,
+        name,
+        group: if i < 3 { "v1" } else { "v2" },
+        weight: 25,
+        available: i != 1,
+    }));
+    group.bench_function("sticky/4_one_unready", |b| {
+        b.iter(cycle(&sessions, |s| {
+            one_out.pick_key(key_hash(s.as_bytes()))
+        }))
+    });
     group.finish();
 }
 
