@@ -7,9 +7,10 @@
 //! returns the excluded cluster, is `None` exactly when nothing else is left, and picks like the
 //! split without that cluster; `pick_key` equals `pick` when each cluster is a revision of its own,
 //! and with all of them one revision picks a cluster of the split (`None` only for an empty one);
-//! and a sticky key on the last cluster stays there when the last cluster's weight grows at the
-//! expense of the others (the total unchanged), and on the last revision when the others are one
-//! older revision.
+//! with some members out (not ready), in two revisions, picks go only to the others and a key whose
+//! cluster is not out stays on it; and a sticky key on the last cluster stays there when the last
+//! cluster's weight grows at the expense of the others (the total unchanged), and on the last
+//! revision when the others are one older revision.
 
 #![no_main]
 
@@ -58,9 +59,50 @@ fn run(u: &mut Unstructured) -> Result<()> {
             name,
             group: "v1",
             weight,
+            available: true,
         },
     ));
     assert_eq!(one_revision.entries().collect::<Vec<_>>(), entries);
+
+    // Some members out (not ready): requests and keys go only to the others, and a key whose
+    // cluster is still available stays on it. Two revisions: the first `split_at` members, the rest.
+    let out: Vec<bool> = (0..given.len())
+        .map(|_| u.arbitrary())
+        .collect::<Result<_>>()?;
+    let split_at = u.int_in_range(0..=given.len())?;
+    let members = |all_available: bool| {
+        Split::from_members(given.iter().zip(&names).enumerate().map(
+            |(i, (&(cluster, weight), name))| Member {
+                cluster,
+                name,
+                group: if i < split_at { "v1" } else { "v2" },
+                weight,
+                available: all_available || !out[i],
+            },
+        ))
+    };
+    let (all, some_out) = (members(true), members(false));
+    let available: Vec<ClusterId> = some_out.entries().map(|(c, _)| c).collect();
+    let unique = {
+        let mut ids: Vec<ClusterId> = given.iter().map(|&(c, _)| c).collect();
+        ids.sort_unstable();
+        ids.windows(2).all(|w| w[0] != w[1])
+    };
+    for &x in &xs {
+        let picked = some_out.pick_key(x);
+        assert_eq!(picked.is_none(), available.is_empty(), "key {x:#x}, {given:?} {out:?}");
+        assert!(
+            picked.is_none_or(|c| available.contains(&c)),
+            "key {x:#x} to a cluster that is out: {given:?} {out:?}"
+        );
+        assert!(
+            some_out.pick(x).is_none_or(|c| available.contains(&c)),
+            "x {x:#x}, {given:?} {out:?}"
+        );
+        if let Some(home) = all.pick_key(x).filter(|c| unique && available.contains(c)) {
+            assert_eq!(picked, Some(home), "key {x:#x} moved: {given:?} {out:?}");
+        }
+    }
 
     let mut last_index = 0;
     for &x in &xs {
@@ -129,6 +171,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 name,
                 group: if i + 1 == n { "v2" } else { "v1" },
                 weight,
+                available: true,
             },
         ))
     };
