@@ -42,9 +42,13 @@ KINDS = ["steady", "rayshift flip", "rayshift same split", "fsync, proxy core", 
          "write, proxy core", "steady" + MEM, "rayshift flip" + MEM, "rayshift same split" + MEM]
 
 
-def tmpfs_mounts() -> set[str]:
+def tmpfs_dir(mount: str, prog: str) -> Path:
+    """A new directory under `mount`, which must be a tmpfs mount point (else exits naming it)."""
     with open("/proc/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[2] == "tmpfs"}
+        mounts = {line.split()[1] for line in f if line.split()[2] == "tmpfs"}
+    if mount not in mounts:
+        sys.exit(f"{prog}: --memory-dir {mount} is not a tmpfs mount point (see /proc/mounts)")
+    return Path(tempfile.mkdtemp(prefix=f"rayshift-{prog.removesuffix('.py')}.", dir=mount))
 
 
 def main() -> None:
@@ -57,10 +61,8 @@ def main() -> None:
     ap.add_argument("--memory-dir", default="/dev/shm",
                     help="a tmpfs mount for the second gateway's state file (default /dev/shm)")
     a = ap.parse_args()
-    if a.memory_dir not in tmpfs_mounts():
-        sys.exit(f"churn_floor.py: --memory-dir {a.memory_dir} is not a tmpfs mount point (see /proc/mounts)")
+    mem = tmpfs_dir(a.memory_dir, "churn_floor.py")
     work = tempfile.mkdtemp(prefix="rayshift-churn-floor.")
-    mem = Path(tempfile.mkdtemp(prefix="rayshift-churn-floor.", dir=a.memory_dir))
     args = bench.parse_args(["--work", work, "--rayshift", a.rayshift, "--results", str(here / "results"),
                              "--targets", "rayshift", "--churn-rate", str(a.rate)])
     b = bench.Bench(args)

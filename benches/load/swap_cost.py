@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
-from churn_floor import tmpfs_mounts  # noqa: E402
+from churn_floor import tmpfs_dir  # noqa: E402
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -87,10 +87,8 @@ def main() -> None:
     ap.add_argument("--pattern", choices=["same", "flip"], default="same")
     ap.add_argument("--memory-dir", default="/dev/shm", help="a tmpfs mount (default /dev/shm)")
     a = ap.parse_args()
-    if a.memory_dir not in tmpfs_mounts():
-        sys.exit(f"swap_cost.py: --memory-dir {a.memory_dir} is not a tmpfs mount point (see /proc/mounts)")
+    mem = tmpfs_dir(a.memory_dir, "swap_cost.py")
     work = Path(tempfile.mkdtemp(prefix="rayshift-swap-cost."))
-    mem = Path(tempfile.mkdtemp(prefix="rayshift-swap-cost.", dir=a.memory_dir))
     args = bench.parse_args(["--work", str(work), "--rayshift", a.rayshift, "--results", str(here / "results"),
                              "--targets", "rayshift"])
     b = bench.Bench(args)
