@@ -695,6 +695,7 @@ class Bench:
         admin = self.ports[f"{target}-admin"]
         m0 = scrape_requests(admin)
         t0 = scrape_counter(admin, "rayshift_routing_table_updates_total")
+        c0 = scrape_counter(admin, "rayshift_upstream_connections_opened_total")
         r = self.run_with_churner(["--admin", str(admin), "--pattern", pattern], target, rnd, duration, label)
         m1 = scrape_requests(admin)
         d = {k: m1.get(k, 0) - m0.get(k, 0) for k in set(m0) | set(m1)}
@@ -702,11 +703,15 @@ class Bench:
             "pattern": pattern,
             # Routing tables published during the run: proves every accepted PUT swapped the table.
             "table_swaps": scrape_counter(admin, "rayshift_routing_table_updates_total") - t0,
+            # Upstream connections opened during the run: a swap should move requests between
+            # pooled connections, not open new ones.
+            "upstream_opened": scrape_counter(admin, "rayshift_upstream_connections_opened_total") - c0,
             # About 50% (pattern flip) proves that the swaps took effect on the request path.
             "share_b_pct": 100 * d.get("b", 0) / (sum(d.values()) or 1),
             "non2xx_by_cluster": {k: v for k, v in d.items() if k not in ("a", "b")},
         })
-        log(f"  churn: tables published {r['table_swaps']:.0f}; share to b {r['share_b_pct']:.0f}%")
+        log(f"  churn: tables published {r['table_swaps']:.0f}; share to b {r['share_b_pct']:.0f}%; "
+            f"upstream connections opened {r['upstream_opened']:.0f}")
         return r
 
     def run_alongside(self, name: str, subcommand: list[str], cpu: str, target: str, rnd: int, duration: float,
@@ -1075,12 +1080,13 @@ def haproxy_server_totals(sock: Path) -> dict[str, float]:
 
 
 def scrape_counter(admin: int, name: str) -> float:
-    """A label-less counter from rayshift's /metrics."""
+    """A counter from rayshift's /metrics, summed over its labels."""
     _, body = http_get(admin, "/metrics", timeout=5)
+    total = 0.0
     for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def scrape_requests(admin: int) -> dict[str, float]:
