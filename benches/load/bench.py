@@ -207,8 +207,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port: int, path: str, timeout: float = 2.0, tls: bool = False) -> tuple[int, bytes]:
+    """GET `path` from 127.0.0.1:`port`; `tls`: over TLS, the certificate not checked."""
+    if tls:
+        import ssl
+        c = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                        context=ssl._create_unverified_context())
+    else:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         c.request("GET", path)
         r = c.getresponse()
@@ -445,6 +451,8 @@ class Bench:
         self.results.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.results / f"{self.stamp}.jsonl"
         self.info: dict = {}
+        # rayshift serves its clients over TLS (h2_ab.py --tls sets it, with a `tls:` config extra).
+        self.client_tls = False
 
     # --- setup -----------------------------------------------------------------------------------
 
@@ -495,7 +503,7 @@ class Bench:
 
         wait_for(f"{name} listener", listening)
         wait_for(f"{name} /ready", lambda: http_get(admin, "/ready")[0] == 200)
-        wait_for(f"{name} route to backend", lambda: http_get(port, "/") == (200, SMALL_BODY))
+        wait_for(f"{name} route to backend", lambda: http_get(port, "/", tls=self.client_tls) == (200, SMALL_BODY))
         self.ports[name], self.ports[name + "-admin"] = port, admin
         self.pids[name] = [p.pid]
 

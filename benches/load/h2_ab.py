@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""A/B of two rayshift builds for HTTP/2 clients (h2c, prior knowledge), in the same rounds.
+"""A/B of two rayshift builds for HTTP/2 or TLS clients, in the same rounds.
 
     python3 benches/load/h2_ab.py A_BINARY B_BINARY [--rounds 6] [--duration 6] [--conns 64] [--streams 4]
+                                  [--tls] [--h1]
 
-wrk speaks HTTP/1.1 only, so the main benchmark never takes rayshift's HTTP/2 path; this does,
-with h2load (Debian's nghttp2-client, installed if missing). Starts the benchmark's nginx backend
-and one gateway per build (cores as in bench.py: h2load on the load core, backend and gateways on
-the proxy core), then, round by round with the order alternating, runs h2load against each and
-reads the gateway's CPU from /proc. Prints each run and the medians of the paired per-round
+The main benchmark sends plain HTTP/1.1 (wrk), so it never takes rayshift's HTTP/2 path nor its
+TLS listener; this does, with h2load (Debian's nghttp2-client, installed if missing): by default
+h2c (HTTP/2 with prior knowledge); `--tls` serves the clients over TLS (a self-signed ECDSA P-256
+certificate made with openssl in the work dir; ALPN picks h2); `--tls --h1` sends HTTP/1.1 over
+TLS (`--streams` then counts requests in flight per connection: keep it 1 for no pipelining).
+Starts the benchmark's nginx backend and one gateway per build (cores as in bench.py: h2load on
+the load core, backend and gateways on the proxy core), then, round by round with the order
+alternating, runs h2load against each and reads the gateway's CPU from /proc (the handshakes,
+one per connection, are in it too). Prints each run and the medians of the paired per-round
 ratios (req/s, CPU per request) and differences (user time per request). Used to check that the
-profile-guided build (scripts/build-pgo, whose training sends no HTTP/2) is no slower here.
-Run benches/load/run.sh once first: it installs nginx.
+profile-guided build (scripts/build-pgo, whose training sends neither HTTP/2 nor TLS) is no
+slower here. Run benches/load/run.sh once first: it installs nginx.
 """
 import argparse
 import re
@@ -33,14 +38,29 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=6)
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--streams", type=int, default=4, help="concurrent streams per connection (h2load -m)")
+    ap.add_argument("--tls", action="store_true", help="clients over TLS (ALPN h2, or HTTP/1.1 with --h1)")
+    ap.add_argument("--h1", action="store_true", help="HTTP/1.1 instead of HTTP/2 (h2load --h1); needs --tls")
     a = ap.parse_args()
+    if a.h1 and not a.tls:
+        ap.error("--h1 needs --tls (plain HTTP/1.1 is the main benchmark's: benches/load/run.sh)")
     if shutil.which("h2load") is None:
         subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts/apt-install.sh"), "nghttp2-client"],
                        check=True)
     work = tempfile.mkdtemp(prefix="rayshift-h2-ab.")
     results = Path(__file__).resolve().parent / "results"
-    args = bench.parse_args(["--work", work, "--rayshift", a.a, "--results", str(results), "--targets", "rayshift"])
+    extra = []
+    if a.tls:
+        cert, key = Path(work) / "tls.crt", Path(work) / "tls.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        extra = ["--rayshift-config-extra", f"tls:\n  cert_file: {cert}\n  key_file: {key}\n"]
+    args = bench.parse_args(["--work", work, "--rayshift", a.a, "--results", str(results), "--targets", "rayshift",
+                             *extra])
     b = bench.Bench(args)
+    b.client_tls = a.tls
+    scheme = "https" if a.tls else "http"
+    protocol = ("HTTP/1.1 over TLS" if a.h1 else "HTTP/2 over TLS") if a.tls else "h2c"
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     try:
         b.start_backend()
@@ -52,7 +72,7 @@ def main() -> None:
                 u0, s0 = bench.user_system_seconds(pids)
                 out = subprocess.run(
                     ["taskset", "-c", args.load_cpu, "h2load", "-t", "1", "-c", str(a.conns), "-m", str(a.streams),
-                     "-D", str(a.duration), f"http://127.0.0.1:{b.ports['gw' + k]}/"],
+                     *(["--h1"] if a.h1 else []), "-D", str(a.duration), f"{scheme}://127.0.0.1:{b.ports['gw' + k]}/"],
                     capture_output=True, text=True, check=True).stdout
                 u1, s1 = bench.user_system_seconds(pids)
                 done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
@@ -70,7 +90,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     pairs = list(zip(runs["A"], runs["B"]))
     med = statistics.median
-    print(f"A = {a.a}\nB = {a.b}")
+    print(f"A = {a.a}\nB = {a.b}\n{protocol}, {a.conns} connections, {a.streams} in flight each")
     print(f"paired medians over {len(pairs)} rounds: req/s A/B {med(x['rps'] / y['rps'] for x, y in pairs):.3f}, "
           f"CPU/request A/B {med(x['cpu_us'] / y['cpu_us'] for x, y in pairs):.3f}, "
           f"user time A-B {med(x['user_us'] - y['user_us'] for x, y in pairs):+.2f} us "

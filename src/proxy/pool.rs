@@ -242,13 +242,13 @@ impl ClusterPool {
                 // while one is open and unused.
                 if let Some((raw, _)) = self.checkout_raw(Instant::now()) {
                     let io = MaybeHttpsStream::Http(TokioIo::new(raw.stream));
-                    idle = start(io, cluster).await.ok();
+                    // Boxed like connecting below: the handshake's state is large and rarely
+                    // needed, and would otherwise be part of every request's future.
+                    idle = Box::pin(start(io, cluster)).await.ok();
                 }
             }
             let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),
-                // Boxed: connecting is rare, and its large state would otherwise be part of (and
-                // moved with) every request's future.
                 None => {
                     // Boxed, timer included: connecting is rare, and its large state would
                     // otherwise be part of (and moved with) every request's future.

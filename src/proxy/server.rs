@@ -93,9 +93,14 @@ pub async fn serve(
                 let requests = watch.clone();
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let guard = requests.request(req.version());
-                    let handled = forward::handle(Arc::clone(&ctx), peer, peer_value.clone(), req);
+                    let (ctx, peer_value) = (Arc::clone(&ctx), peer_value.clone());
+                    // The request's future (several KiB) is made inside the block and boxed:
+                    // one made before the block and awaited inside would be held twice in its
+                    // state, and the block itself is moved several times per request (hyper's
+                    // HTTP/2 server spawns a task per stream; its HTTP/1 dispatcher stores it).
+                    // Measured in BENCHMARKS.md ("HTTP/2 and the general path").
                     async move {
-                        let resp = handled.await?;
+                        let resp = Box::pin(forward::handle(ctx, peer, peer_value, req)).await?;
                         Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
                     }
                 });
