@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A/B of two rayshift builds for HTTP/2 or TLS clients, in the same rounds.
+"""A/B of two rayshift builds (or of rayshift and nginx) for HTTP/2 or TLS clients, in the same rounds.
 
     python3 benches/load/h2_ab.py A_BINARY B_BINARY [--rounds 6] [--duration 6] [--conns 64] [--streams 4]
                                   [--tls] [--h1]
@@ -9,9 +9,10 @@ TLS listener; this does, with h2load (Debian's nghttp2-client, installed if miss
 h2c (HTTP/2 with prior knowledge); `--tls` serves the clients over TLS (a self-signed ECDSA P-256
 certificate made with openssl in the work dir; ALPN picks h2); `--tls --h1` sends HTTP/1.1 over
 TLS (`--streams` then counts requests in flight per connection: keep it 1 for no pipelining).
-Starts the benchmark's nginx backend and one gateway per build (cores as in bench.py: h2load on
-the load core, backend and gateways on the proxy core), then, round by round with the order
-alternating, runs h2load against each and reads the gateway's CPU from /proc (the handshakes,
+Either binary may be the word `nginx`: nginx as bench.py configures it, its listener speaking
+HTTP/2 (`http2`, with `ssl` under --tls). Starts the benchmark's nginx backend and one gateway
+per build (cores as in bench.py: h2load on the load core, backend and gateways on the proxy
+core), then, round by round with the order alternating, runs h2load against each and reads the gateway's CPU from /proc (the handshakes,
 one per connection, are in it too). Prints each run and the medians of the paired per-round
 ratios (req/s, CPU per request) and differences (user time per request). Used to check that the
 profile-guided build (scripts/build-pgo, whose training sends neither HTTP/2 nor TLS) is no
@@ -48,7 +49,7 @@ def main() -> None:
                        check=True)
     work = tempfile.mkdtemp(prefix="rayshift-h2-ab.")
     results = Path(__file__).resolve().parent / "results"
-    extra = []
+    extra, cert, key = [], None, None
     if a.tls:
         cert, key = Path(work) / "tls.crt", Path(work) / "tls.key"
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -65,7 +66,10 @@ def main() -> None:
     try:
         b.start_backend()
         for k, binary in (("A", a.a), ("B", a.b)):
-            b.start_rayshift(f"gw{k}", [("bench", b.ports["backend"], 100)], binary)
+            if binary == "nginx":
+                start_nginx(b, f"gw{k}", a.tls, cert, key)
+            else:
+                b.start_rayshift(f"gw{k}", [("bench", b.ports["backend"], 100)], binary)
         for rnd in range(a.rounds):
             for k in (["A", "B"] if rnd % 2 == 0 else ["B", "A"]):
                 pids = b.pids[f"gw{k}"]
@@ -95,6 +99,21 @@ def main() -> None:
           f"CPU/request A/B {med(x['cpu_us'] / y['cpu_us'] for x, y in pairs):.3f}, "
           f"user time A-B {med(x['user_us'] - y['user_us'] for x, y in pairs):+.2f} us "
           f"(A lower in {sum(x['user_us'] < y['user_us'] for x, y in pairs)} of {len(pairs)})")
+
+
+def start_nginx(b: bench.Bench, name: str, tls: bool, cert: Path | None, key: Path | None) -> None:
+    """nginx as the benchmark configures it (1 worker, upstream keep-alive, no access log), its
+    listener speaking HTTP/2: h2c with prior knowledge, or TLS with ALPN h2 and http/1.1."""
+    port = bench.free_port()
+    listen = f"listen 127.0.0.1:{port} backlog=4096;"
+    assert listen in bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name)
+    if tls:
+        directives = (f"listen 127.0.0.1:{port} backlog=4096 ssl http2;\n    ssl_certificate {cert};\n"
+                      f"    ssl_certificate_key {key};")
+    else:
+        directives = f"listen 127.0.0.1:{port} backlog=4096 http2;"
+    b.start_nginx(name, bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name).replace(listen, directives))
+    b.ports[name] = port
 
 
 if __name__ == "__main__":
