@@ -206,9 +206,7 @@ pub async fn handle(
 
     let (mut parts, body) = resp.into_parts();
     headers::clean_response(&mut parts.headers);
-    if !parts.headers.contains_key(&headers::X_REQUEST_ID) {
-        parts.headers.insert(&headers::X_REQUEST_ID, request_id);
-    }
+    headers::set_response_request_id(&mut parts.headers, request_id);
     let conn = reusable.then_some(conn);
     Ok(Response::from_parts(
         parts,
@@ -227,8 +225,7 @@ fn declares_body(headers: &HeaderMap) -> bool {
 /// The gateway's own answer to a request that has its id (`x-request-id`) already.
 fn answer(status: StatusCode, msg: String, request_id: HeaderValue) -> Response<ProxyBody> {
     let mut resp = local_response(status, msg);
-    resp.headers_mut()
-        .insert(&headers::X_REQUEST_ID, request_id);
+    headers::set_response_request_id(resp.headers_mut(), request_id);
     resp
 }
 

@@ -55,6 +55,22 @@ pub fn clean_response(headers: &mut HeaderMap) {
     remove_hop_by_hop_keeping(headers, false, &[&header::CONTENT_LENGTH, &X_REQUEST_ID]);
 }
 
+/// Gives the response its request id: the cluster's `x-request-id` if it sent one, else
+/// `request_id`, each marked never to be indexed by an HTTP/2 client's HPACK table (RFC 7541
+/// section 7.1.3). A value unique to each response only fills that table, one entry per response,
+/// pushing out the fields that do repeat (`server`, `content-type`), and the encoder compares
+/// every new id against each id the table holds. HTTP/1.1 responses are written the same either way.
+pub fn set_response_request_id(headers: &mut HeaderMap, request_id: HeaderValue) {
+    match headers.entry(&X_REQUEST_ID) {
+        header::Entry::Occupied(mut ids) => ids.iter_mut().for_each(|id| id.set_sensitive(true)),
+        header::Entry::Vacant(slot) => {
+            let mut id = request_id;
+            id.set_sensitive(true);
+            slot.insert(id);
+        }
+    }
+}
+
 /// Every cookie in one `cookie` field: HTTP/2 clients may split them into several fields, which
 /// HTTP/1.1 does not allow (RFC 9113 section 8.2.3); joined with `"; "`.
 pub fn join_cookies(headers: &mut HeaderMap) {
@@ -299,6 +315,21 @@ mod tests {
         let mut h = HeaderMap::new();
         set_forwarded(&mut h, &peer_value("::1".parse().unwrap()), "http", None);
         assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn a_response_request_id_is_never_indexed() {
+        let ours = HeaderValue::from_static("ours");
+        let mut h = HeaderMap::new();
+        set_response_request_id(&mut h, ours.clone());
+        assert_eq!(h["x-request-id"], "ours");
+        assert!(h["x-request-id"].is_sensitive());
+        // The cluster's ids are kept, every one of them marked.
+        let mut h = map(&[("x-request-id", "theirs"), ("x-request-id", "again")]);
+        set_response_request_id(&mut h, ours);
+        let ids: Vec<_> = h.get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["theirs", "again"]);
+        assert!(ids.iter().all(|id| id.is_sensitive()));
     }
 
     #[test]
