@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """A/B of two rayshift builds (or of rayshift and nginx) for HTTP/2 or TLS clients, in the same rounds.
 
-    python3 benches/load/h2_ab.py A_BINARY B_BINARY [--rounds 6] [--duration 6] [--conns 64] [--streams 4]
+    python3 benches/load/h2_ab.py A_BINARY B_BINARY [--rounds 6] [--duration 6] [--conns 64] [--streams N]
                                   [--tls] [--h1]
 
 The main benchmark sends plain HTTP/1.1 (wrk), so it never takes rayshift's HTTP/2 path nor its
 TLS listener; this does, with h2load (Debian's nghttp2-client, installed if missing): by default
 h2c (HTTP/2 with prior knowledge); `--tls` serves the clients over TLS (a self-signed ECDSA P-256
 certificate made with openssl in the work dir; ALPN picks h2); `--tls --h1` sends HTTP/1.1 over
-TLS (`--streams` then counts requests in flight per connection: keep it 1 for no pipelining).
+TLS (`--streams` then counts requests in flight per connection, pipelined: 1 by default).
 Either binary may be the word `nginx`: nginx as bench.py configures it, its listener speaking
 HTTP/2 (`http2`, with `ssl` under --tls). Starts the benchmark's nginx backend and one gateway
 per build (cores as in bench.py: h2load on the load core, backend and gateways on the proxy
@@ -38,12 +38,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--duration", type=int, default=6)
     ap.add_argument("--conns", type=int, default=64)
-    ap.add_argument("--streams", type=int, default=4, help="concurrent streams per connection (h2load -m)")
+    ap.add_argument("--streams", type=int, help="requests in flight per connection (h2load -m): "
+                    "default 4 streams for HTTP/2, 1 (no pipelining) for --h1")
     ap.add_argument("--tls", action="store_true", help="clients over TLS (ALPN h2, or HTTP/1.1 with --h1)")
     ap.add_argument("--h1", action="store_true", help="HTTP/1.1 instead of HTTP/2 (h2load --h1); needs --tls")
     a = ap.parse_args()
     if a.h1 and not a.tls:
         ap.error("--h1 needs --tls (plain HTTP/1.1 is the main benchmark's: benches/load/run.sh)")
+    if a.streams is None:
+        a.streams = 1 if a.h1 else 4
     if shutil.which("h2load") is None:
         subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts/apt-install.sh"), "nghttp2-client"],
                        check=True)
@@ -84,6 +87,9 @@ def main() -> None:
                 if not done or not rps or int(done.group(1)) == 0:
                     raise RuntimeError(f"h2load gave no successful requests:\n{out}")
                 n = int(done.group(1))
+                tls = re.search(r"TLS Protocol: (\S+)\nCipher: (\S+)", out)
+                if tls and rnd == 0:
+                    bench.log(f"{k}: {tls.group(1)}, {tls.group(2)}")
                 run = {"rps": float(rps.group(1)), "cpu_us": (u1 - u0 + s1 - s0) / n * 1e6,
                        "user_us": (u1 - u0) / n * 1e6, "succeeded": n}
                 runs[k].append(run)
@@ -103,13 +109,14 @@ def main() -> None:
 
 def start_nginx(b: bench.Bench, name: str, tls: bool, cert: Path | None, key: Path | None) -> None:
     """nginx as the benchmark configures it (1 worker, upstream keep-alive, no access log), its
-    listener speaking HTTP/2: h2c with prior knowledge, or TLS with ALPN h2 and http/1.1."""
+    listener speaking HTTP/2: h2c with prior knowledge, or TLS 1.3 with ALPN h2 and http/1.1."""
     port = bench.free_port()
     listen = f"listen 127.0.0.1:{port} backlog=4096;"
     assert listen in bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name)
     if tls:
+        # TLS 1.3 as rayshift speaks it (nginx 1.22 otherwise settles on 1.2 with h2load).
         directives = (f"listen 127.0.0.1:{port} backlog=4096 ssl http2;\n    ssl_certificate {cert};\n"
-                      f"    ssl_certificate_key {key};")
+                      f"    ssl_certificate_key {key};\n    ssl_protocols TLSv1.3;")
     else:
         directives = f"listen 127.0.0.1:{port} backlog=4096 http2;"
     b.start_nginx(name, bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name).replace(listen, directives))

@@ -98,7 +98,7 @@ pub async fn serve(
                     // one made before the block and awaited inside would be held twice in its
                     // state, and the block itself is moved several times per request (hyper's
                     // HTTP/2 server spawns a task per stream; its HTTP/1 dispatcher stores it).
-                    // Measured in BENCHMARKS.md ("HTTP/2 and the general path").
+                    // Measured in BENCHMARKS.md ("HTTP/2 and TLS clients").
                     async move {
                         let resp = Box::pin(forward::handle(ctx, peer, peer_value, req)).await?;
                         Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
