@@ -37,6 +37,7 @@ import queue
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -210,7 +211,6 @@ def free_port() -> int:
 def http_get(port: int, path: str, timeout: float = 2.0, tls: bool = False) -> tuple[int, bytes]:
     """GET `path` from 127.0.0.1:`port`; `tls`: over TLS, the certificate not checked."""
     if tls:
-        import ssl
         c = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
                                         context=ssl._create_unverified_context())
     else:

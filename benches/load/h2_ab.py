@@ -10,10 +10,11 @@ h2c (HTTP/2 with prior knowledge); `--tls` serves the clients over TLS (a self-s
 certificate made with openssl in the work dir; ALPN picks h2); `--tls --h1` sends HTTP/1.1 over
 TLS (`--streams` then counts requests in flight per connection, pipelined: 1 by default).
 Either binary may be the word `nginx`: nginx as bench.py configures it, its listener speaking
-HTTP/2 (`http2`, with `ssl` under --tls). Starts the benchmark's nginx backend and one gateway
-per build (cores as in bench.py: h2load on the load core, backend and gateways on the proxy
-core), then, round by round with the order alternating, runs h2load against each and reads the gateway's CPU from /proc (the handshakes,
-one per connection, are in it too). Prints each run and the medians of the paired per-round
+HTTP/2 (`http2`, with `ssl` and TLS 1.3 only under --tls). Starts the benchmark's nginx backend
+and one gateway per build (cores as in bench.py: h2load on the load core, backend and gateways
+on the proxy core), then, round by round with the order alternating, runs h2load against each
+and reads the gateway's CPU from /proc (the handshakes, one per connection, are in it too); the
+negotiated TLS version and cipher are logged. Prints each run and the medians of the paired per-round
 ratios (req/s, CPU per request) and differences (user time per request). Used to check that the
 profile-guided build (scripts/build-pgo, whose training sends neither HTTP/2 nor TLS) is no
 slower here. Run benches/load/run.sh once first: it installs nginx.
@@ -111,15 +112,16 @@ def start_nginx(b: bench.Bench, name: str, tls: bool, cert: Path | None, key: Pa
     """nginx as the benchmark configures it (1 worker, upstream keep-alive, no access log), its
     listener speaking HTTP/2: h2c with prior knowledge, or TLS 1.3 with ALPN h2 and http/1.1."""
     port = bench.free_port()
+    conf = bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name)
     listen = f"listen 127.0.0.1:{port} backlog=4096;"
-    assert listen in bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name)
+    assert listen in conf
     if tls:
         # TLS 1.3 as rayshift speaks it (nginx 1.22 otherwise settles on 1.2 with h2load).
         directives = (f"listen 127.0.0.1:{port} backlog=4096 ssl http2;\n    ssl_certificate {cert};\n"
                       f"    ssl_certificate_key {key};\n    ssl_protocols TLSv1.3;")
     else:
         directives = f"listen 127.0.0.1:{port} backlog=4096 http2;"
-    b.start_nginx(name, bench.nginx_proxy_conf(b.work, port, b.ports["backend"], name).replace(listen, directives))
+    b.start_nginx(name, conf.replace(listen, directives))
     b.ports[name] = port
 
 
