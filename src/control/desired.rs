@@ -13,6 +13,29 @@ use crate::shift::{Phase, Shift};
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
 
+/// Adds the clusters that joined `ours` (this shard's shift in memory) while a write was in flight
+/// to the target of the same shift as that write holds it (`entry`), where it takes them
+/// ([`Shift::join_target`]): true when any did.
+fn rejoin(entry: &mut crate::state::ShardState, ours: Option<&Shift>) -> bool {
+    let (Some(written), Some(ours)) = (entry.shift.as_mut(), ours) else {
+        return false;
+    };
+    if written.target != ours.target || written.started_at != ours.started_at {
+        return false;
+    }
+    let mut joined = false;
+    for cluster in &ours.target_clusters {
+        joined |= written.join_target(cluster).is_some();
+    }
+    if joined {
+        entry.weights = written.weights();
+    }
+    joined
+}
+
+/// Writes a graceful stop makes at most for step backs applied but not written.
+const STOP_WRITES: usize = 3;
+
 /// The outcome of a state write ([`Desired::persist`]).
 struct Saved {
     result: Result<(), StateError>,
@@ -22,7 +45,8 @@ struct Saved {
 
 impl Desired {
     /// Handles queued commands in order; consecutive weight changes are committed together. At a
-    /// [`Command::Stop`] the state journal is folded and its reply returned: the control task
+    /// [`Command::Stop`] step backs not yet written are written, the state journal is folded, and
+    /// the stop's reply is returned: the control task
     /// stops, and commands queued after it are dropped (their callers see it stopped).
     pub(super) async fn handle_batch(
         &mut self,
@@ -35,14 +59,7 @@ impl Desired {
                     if !group.is_empty() {
                         self.set_weights_group(std::mem::take(&mut group)).await;
                     }
-                    let leads = super::standing(&self.leader) == Standing::Leader;
-                    if !self.unsaved.is_empty() && leads {
-                        // A step back applied but not yet written: one more try before stopping.
-                        let mut current = self.state.clone();
-                        if let Err(e) = self.persist(&mut current).await {
-                            tracing::error!(error = %e, "a rollback or failed check applied in memory could not be written before stopping");
-                        }
-                    }
+                    self.write_unsaved_before_stop().await;
                     self.fold_state().await;
                     return Some(reply);
                 }
@@ -67,6 +84,29 @@ impl Desired {
             self.set_weights_group(group).await;
         }
         None
+    }
+
+    /// Before a graceful stop, a leader writes the step backs it applied but has not written (a
+    /// rollback or failed check whose write failed). Shifts are judged while that write is in
+    /// flight, so a rollback may apply meanwhile: it is written by one more write, and so on, up
+    /// to [`STOP_WRITES`] writes.
+    async fn write_unsaved_before_stop(&mut self) {
+        if super::standing(&self.leader) != Standing::Leader {
+            return;
+        }
+        for _ in 0..STOP_WRITES {
+            if self.unsaved.is_empty() {
+                return;
+            }
+            let mut current = self.state.clone();
+            if let Err(e) = self.persist(&mut current).await {
+                tracing::error!(error = %e, shards = ?self.unsaved, "a rollback or failed check applied in memory could not be written before stopping");
+                return;
+            }
+        }
+        if !self.unsaved.is_empty() {
+            tracing::error!(shards = ?self.unsaved, "rollbacks or failed checks kept applying during the writes before stopping; the last ones are not written");
+        }
     }
 
     pub(super) async fn handle(&mut self, cmd: Command) {
@@ -285,7 +325,8 @@ impl Desired {
     /// Makes `next`, just written by [`persist`](Self::persist), the current state and publishes
     /// it. A shard a tick stepped back while the write was in flight keeps its step back where the
     /// write did not change its shift, and its rollback where it did (an operator's command, the
-    /// tick's own step forward: decided before it); a failed check gives way to such a change.
+    /// tick's own step forward: decided before it); a failed check gives way to such a change,
+    /// and clusters that joined the target meanwhile join the written shift's target too.
     ///
     /// The shifts the write did not change keep the timers and windows they advanced meanwhile.
     pub(super) fn take_written(&mut self, mut next: State) {
@@ -303,6 +344,9 @@ impl Desired {
                 if !changed || rolled_back {
                     entry.weights.clone_from(&ours.weights);
                     entry.shift.clone_from(&ours.shift);
+                } else if rejoin(entry, ours.shift.as_ref()) {
+                    // Clusters that joined the target meanwhile stay in it, over the write's
+                    // shift; the next write holds them.
                 } else {
                     self.unsaved.remove(shard);
                 }
@@ -368,23 +412,39 @@ impl Desired {
                     }
                     Saved { result, theirs }
                 }
+                #[cfg(test)]
+                Store::Test(store) => Saved {
+                    result: store.write(next).await,
+                    theirs: None,
+                },
             }
         }
     }
 
     /// Takes the shared state as the ConfigMap holds it now (a replica that stepped down with
-    /// changes it could not write: failed checks are dropped this way; a rollback stays over a
-    /// shift decided before it, see `adopt_state`).
+    /// changes it could not write: failed checks are dropped this way, unless it leads again
+    /// before the read returns; a rollback stays over a shift decided before it, see
+    /// `adopt_state`).
     pub(super) async fn reload_shared_state(&mut self) -> Result<(), StateError> {
-        let Store::ConfigMap(store) = &self.store else {
-            self.reload_shared = false;
-            return Ok(());
+        type Load = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Option<State>, StateError>> + Send>,
+        >;
+        let load: Load = match &self.store {
+            Store::ConfigMap(store) => {
+                let store = Arc::clone(store);
+                Box::pin(async move { store.load().await })
+            }
+            #[cfg(test)]
+            Store::Test(store) if store.shared => {
+                let store = Arc::clone(store);
+                Box::pin(async move { store.read().await })
+            }
+            _ => {
+                self.reload_shared = false;
+                return Ok(());
+            }
         };
-        let store = Arc::clone(store);
-        if let Some(state) = self
-            .while_waiting(async move { store.load().await })
-            .await?
-        {
+        if let Some(state) = self.while_waiting(load).await? {
             self.adopt_state(state);
         }
         self.reload_shared = false;
@@ -439,22 +499,30 @@ impl Desired {
         // later, the leader's failed check, the shared state read when the API server answers
         // again before the leader has written its own rollback): traffic must not go back to a
         // target judged bad. A leader writes it at its next tick; any replica with its next write.
+        // A replica that judges shifts (it leads, or leads again while it reads the shared state
+        // after stepping down) also keeps its other unwritten transitions (a failed check, a wait,
+        // a cluster joining the target) over the shift they were made on (`Shift::unwritten_over`),
+        // and writes them; a follower drops them: they are the leader's to decide.
         let mut kept = std::collections::BTreeSet::new();
         for shard in &self.unsaved {
             let Some(ours) = self.state.shards.get(shard) else {
                 continue;
             };
-            let Some(rolled_back) = ours.shift.as_ref().filter(|s| s.phase == Phase::RolledBack)
-            else {
+            let Some(ours) = ours.shift.as_ref() else {
                 continue;
             };
             let Some(entry) = state.shards.get_mut(shard) else {
                 continue;
             };
-            let over = entry
-                .shift
-                .as_ref()
-                .and_then(|theirs| rolled_back.rollback_over(theirs));
+            let over = entry.shift.as_ref().and_then(|theirs| {
+                if ours.phase == Phase::RolledBack {
+                    ours.rollback_over(theirs)
+                } else if self.leading {
+                    ours.unwritten_over(theirs)
+                } else {
+                    None
+                }
+            });
             if let Some(over) = over {
                 entry.weights = over.weights();
                 entry.shift = Some(over);

@@ -510,6 +510,21 @@ pub enum Store {
     File(StateWriter),
     /// `discovery.kubernetes.state`.
     ConfigMap(Arc<ConfigMapStore>),
+    /// Tests: writes and reads the test answers when it chooses.
+    #[cfg(test)]
+    Test(Arc<test_store::TestStore>),
+}
+
+impl Store {
+    /// Whether the state is shared with other replicas.
+    fn is_shared(&self) -> bool {
+        match self {
+            Store::File(_) => false,
+            Store::ConfigMap(_) => true,
+            #[cfg(test)]
+            Store::Test(store) => store.shared,
+        }
+    }
 }
 
 /// Loads the state, starts probes of every configured cluster and the owner task.
@@ -554,54 +569,10 @@ pub async fn start(
             (Store::File(writer), state.unwrap_or_else(State::new), None)
         }
     };
-    let (probe_tx, probe_rx) = mpsc::unbounded_channel();
-    let table = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
     let (commands, command_rx) = mpsc::channel(64);
-    let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
-    let mut desired = Desired {
-        prober: Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls),
-        probe_tx,
-        probes: probe_rx,
-        clusters: Vec::with_capacity(config.clusters.len()),
-        config: Arc::clone(&config),
-        state,
-        store,
-        leader: election.clone(),
-        leading: false,
-        table: Arc::clone(&table),
-        version: 0,
-        warned: HashSet::new(),
-        placement,
-        shard_gauges: config
-            .shards
-            .iter()
-            .map(|s| gauges::ShardGauges::new(&s.name))
-            .collect(),
-        rollout_gauges: gauges::RolloutGauges::new(),
-        table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
-        unsaved: Default::default(),
-        stepped_back_in_flight: Default::default(),
-        changed_in_flight: Default::default(),
-        ending_in_flight: Default::default(),
-        reload_shared: false,
-        write_retry_at: None,
-        discovery_pending: match &config.kubernetes {
-            None => Default::default(),
-            Some(k) if k.namespaces.is_empty() => [None].into(),
-            Some(k) => k.namespaces.iter().cloned().map(Some).collect(),
-        },
-    };
-    for c in &config.clusters {
-        desired.add_cluster(DiscoveredCluster {
-            config: c.clone(),
-            ready: true,
-            source: ClusterSource::Static,
-            created: None,
-        })?;
-    }
-    // The first table before anything can read it: the admin API, started after this returns,
-    // never answers from the empty placeholder (a shift's shard would be "unknown").
-    desired.publish();
+    let prober = Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls);
+    let desired = Desired::new(config, store, state, election.clone(), prober)?;
+    let table = Arc::clone(&desired.table);
     tokio::spawn(run(desired, command_rx, state_rx, ready_tx));
     Ok(ControlHandle {
         commands,
@@ -609,6 +580,66 @@ pub async fn start(
         ready,
         leader: election,
     })
+}
+
+impl Desired {
+    /// The desired state over `state`, with probes of every configured cluster started and a first
+    /// table published; the control loop is not started.
+    fn new(
+        config: Arc<Config>,
+        store: Store,
+        state: State,
+        leader: Option<watch::Receiver<Standing>>,
+        prober: Prober,
+    ) -> Result<Desired, StartError> {
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let placement = Placement::new(config.shards.iter().map(|s| (s.name.as_str(), s.weight)));
+        let mut desired = Desired {
+            prober,
+            probe_tx,
+            probes: probe_rx,
+            clusters: Vec::with_capacity(config.clusters.len()),
+            config: Arc::clone(&config),
+            state,
+            store,
+            leader,
+            leading: false,
+            table: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
+            version: 0,
+            warned: HashSet::new(),
+            placement,
+            shard_gauges: config
+                .shards
+                .iter()
+                .map(|s| gauges::ShardGauges::new(&s.name))
+                .collect(),
+            rollout_gauges: gauges::RolloutGauges::new(),
+            table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
+            unsaved: Default::default(),
+            stepped_back_in_flight: Default::default(),
+            changed_in_flight: Default::default(),
+            ending_in_flight: Default::default(),
+            reload_shared: false,
+            write_retry_at: None,
+            discovery_pending: match &config.kubernetes {
+                None => Default::default(),
+                Some(k) if k.namespaces.is_empty() => [None].into(),
+                Some(k) => k.namespaces.iter().cloned().map(Some).collect(),
+            },
+        };
+        for c in &config.clusters {
+            desired.add_cluster(DiscoveredCluster {
+                config: c.clone(),
+                ready: true,
+                source: ClusterSource::Static,
+                created: None,
+            })?;
+        }
+        // The first table before anything can read it: the admin API, started after this returns,
+        // never answers from the empty placeholder (a shift's shard would be "unknown").
+        desired.publish();
+        Ok(desired)
+    }
 }
 
 /// A replica's standing: its election's, or [`Standing::Leader`] when it runs alone.
@@ -715,6 +746,10 @@ mod membership;
 pub use membership::{ClusterSource, DiscoveredCluster, DiscoveryEvent};
 mod revision;
 mod shifts;
+#[cfg(test)]
+mod test_store;
+#[cfg(test)]
+mod tests_in_flight;
 
 pub use revision::natural_cmp;
 

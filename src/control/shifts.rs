@@ -845,7 +845,7 @@ impl Desired {
             }
         }
         obs.target_stats = stats;
-        obs.in_flight_elsewhere = matches!(self.store, super::Store::ConfigMap(_));
+        obs.in_flight_elsewhere = self.store.is_shared();
         obs.draining_in_flight = shift
             .draining_clusters()
             .iter()

@@ -342,6 +342,22 @@ impl Shift {
         Some(over)
     }
 
+    /// This shift, changed by this replica and not yet written (a failed check, a wait for
+    /// requests, a cluster joining the target), over `theirs` (the same shard's shift in a state
+    /// read from shared storage), for a replica that leads: `theirs` is what this change was made
+    /// on, the same shift at the same step and phase, decided before it. A shift decided later,
+    /// moved on or another shift is theirs to keep: `None`. (A rollback: [`rollback_over`](Self::rollback_over).)
+    pub fn unwritten_over(&self, theirs: &Shift) -> Option<Shift> {
+        let same_shift = theirs.started_at == self.started_at
+            && theirs.target == self.target
+            && theirs.start_weights == self.start_weights;
+        let older = theirs
+            .decided_at
+            .is_some_and(|t| t < self.decided_at.unwrap_or(0));
+        (same_shift && older && theirs.step == self.step && theirs.phase == self.phase)
+            .then(|| self.clone())
+    }
+
     /// Takes the passed check of `stepped` (this shift after a tick that stepped forward) without
     /// the step, for a replica that judges but cannot write (a step needs its write): failures in
     /// a row start again from zero and the next window from now, as they do for a leader, so

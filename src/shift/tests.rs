@@ -871,3 +871,40 @@ fn a_rollback_over_a_later_step_is_compared_with_that_step() {
     at_four.decided_at = Some(5_000);
     assert!(again.rollback_over(&at_four).is_none());
 }
+
+/// A leader's unwritten failed check stays over the shift it was made on, as read back from shared
+/// storage; not over a later decision, another step or phase, or another shift.
+#[test]
+fn an_unwritten_failed_check_stays_only_over_the_shift_it_was_made_on() {
+    let mut ours = shift();
+    ours.step = 1;
+    ours.target_weight = 25;
+    ours.consecutive_failures = 1;
+    ours.decided_at = Some(2_000);
+    let mut written = ours.clone();
+    written.consecutive_failures = 0;
+    written.decided_at = Some(1_000);
+    let over = ours
+        .unwritten_over(&written)
+        .expect("over the shift it was made on");
+    assert_eq!(over.consecutive_failures, 1);
+    assert_eq!(over.decided_at, Some(2_000));
+    let mut later = written.clone();
+    later.decided_at = Some(3_000);
+    assert!(ours.unwritten_over(&later).is_none(), "decided later");
+    let mut stepped = written.clone();
+    stepped.step = 2;
+    assert!(ours.unwritten_over(&stepped).is_none(), "another step");
+    let mut paused = written.clone();
+    paused.phase = Phase::Paused;
+    assert!(ours.unwritten_over(&paused).is_none(), "another phase");
+    let mut unstamped = written.clone();
+    unstamped.decided_at = None;
+    assert!(
+        ours.unwritten_over(&unstamped).is_none(),
+        "no order to go by"
+    );
+    let mut other = written.clone();
+    other.started_at = Some(ours.started_at.unwrap_or(0) + 1);
+    assert!(ours.unwritten_over(&other).is_none(), "another shift");
+}
