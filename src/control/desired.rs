@@ -233,6 +233,15 @@ impl Desired {
     /// written with one state-file write (group commit): under a burst of changes the gateway
     /// pays one fsync per burst, not one per change. Each change is answered on its own.
     pub(super) async fn set_weights_group(&mut self, group: Vec<WeightChange>) {
+        if let Err(e) = self.follow_before_writing().await {
+            let message = e.to_string();
+            for change in group {
+                let _ = change
+                    .reply
+                    .send(Err(ControlError::Persist(e.same_kind(&message))));
+            }
+            return;
+        }
         let mut next = self.state.clone();
         let mut accepted = Vec::new();
         for change in group {
@@ -274,6 +283,21 @@ impl Desired {
                 }
             }
         }
+    }
+
+    /// Before an operator's change through a replica that follows: what it applied but did not
+    /// write while it judged shifts (stranded, or leading until another replica took the Lease) is
+    /// the leader's to decide, so the shared state is read again first, as its next tick would
+    /// read it (`adopt_state`: a rollback stays, the rest is dropped), and the change is made on
+    /// that; its write would otherwise carry those transitions. A read that fails fails the change.
+    pub(super) async fn follow_before_writing(&mut self) -> Result<(), StateError> {
+        let follows = super::standing(&self.leader) == Standing::Follower;
+        if !follows || self.unsaved.is_empty() || !(self.leading || self.reload_shared) {
+            return Ok(());
+        }
+        self.leading = false;
+        self.reload_shared = true;
+        self.reload_shared_state().await
     }
 
     /// Writes `next` to the state store, off the async runtime.

@@ -173,6 +173,7 @@ impl Desired {
             return Err(ControlError::UnknownShard(shard.to_string()));
         }
         self.ensure_listed()?;
+        self.follow_before_writing().await?;
         self.ensure_no_shift(shard)?;
         let shift = self.new_shift(&self.state, shard, request.target, request.policy)?;
         let mut next = self.state.clone();
@@ -203,6 +204,7 @@ impl Desired {
         if self.config.shard_index(shard).is_none() {
             return Err(ControlError::UnknownShard(shard.to_string()));
         }
+        self.follow_before_writing().await?;
         let mut next = self.state.clone();
         let entry = next.shards.entry(shard.to_string()).or_default();
         let shift = entry
@@ -233,6 +235,7 @@ impl Desired {
         policy: ShiftPolicy,
     ) -> Result<Rollout, ControlError> {
         self.ensure_listed()?;
+        self.follow_before_writing().await?;
         if let Some(r) = self.state.rollout.as_ref().filter(|r| r.phase.is_active()) {
             return Err(ControlError::RolloutRunning(r.id));
         }
@@ -287,6 +290,7 @@ impl Desired {
         id: Option<u64>,
         action: Action,
     ) -> Result<Rollout, ControlError> {
+        self.follow_before_writing().await?;
         let mut next = self.state.clone();
         let Some(rollout) = next
             .rollout

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::test_store::{self, Calls};
-use super::{Command, Desired, ShiftRequest, Store};
+use super::{Command, Desired, ShiftRequest, Store, WeightChange};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::discovery::probe::{ProbeReport, Prober};
@@ -328,4 +328,44 @@ async fn a_follower_drops_its_unwritten_failed_check_at_its_reread() {
     assert_eq!(h.shift("shard-0").consecutive_failures, 0, "dropped");
     assert!(h.desired.unsaved.is_empty());
     assert!(!h.desired.reload_shared);
+}
+
+/// A replica stranded with a failed check it applied in memory, then a follower again: an
+/// operator's change through it before its next tick is made on the shared state read again, so
+/// its write does not carry the failed check (the leader's to decide).
+#[tokio::test(start_paused = true)]
+async fn an_operators_change_through_a_follower_does_not_write_its_unwritten_failed_check() {
+    let (standing, leader) = watch::channel(Standing::Leader);
+    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
+    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
+    h.start_shift("shard-0", Target::Cluster("green-0".into()), 2)
+        .await;
+    let first = h.tick_landed().await;
+
+    // Stranded, it judges on its own traffic: a failed check, in memory.
+    standing.send_replace(Standing::Stranded);
+    h.answers("green-0", 503, 10);
+    tokio::time::advance(INTERVAL).await;
+    h.desired.tick().await;
+    assert!(!h.calls.has_write(), "a stranded replica writes nothing");
+    assert_eq!(h.shift("shard-0").consecutive_failures, 1);
+
+    // It follows again; an operator changes shard-1's weights through it before its next tick.
+    standing.send_replace(Standing::Follower);
+    let weights = BTreeMap::from([("blue-1".to_string(), 60), ("green-1".to_string(), 40)]);
+    let (reply, answer) = oneshot::channel();
+    let change = WeightChange {
+        shard: "shard-1".into(),
+        weights,
+        reply,
+    };
+    let ((), written) = tokio::join!(h.desired.set_weights_group(vec![change]), async {
+        h.calls.read().await.answer(first.clone());
+        h.calls.land().await
+    });
+    answer.await.unwrap().expect("the change is made");
+    assert_eq!(written.shards["shard-1"].weights["green-1"], 40);
+    assert_eq!(shift_in(&written, "shard-0").consecutive_failures, 0);
+    assert_eq!(h.shift("shard-0").consecutive_failures, 0);
+    assert!(h.desired.unsaved.is_empty());
 }
