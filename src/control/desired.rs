@@ -23,11 +23,14 @@ fn rejoin(entry: &mut crate::state::ShardState, ours: Option<&Shift>) -> bool {
     if written.target != ours.target || written.started_at != ours.started_at {
         return false;
     }
+    let before = written.clone();
     let mut joined = false;
     for cluster in &ours.target_clusters {
         joined |= written.join_target(cluster).is_some();
     }
     if joined {
+        // A decision after the write's, as the join applied in flight was.
+        stamp_if_changed(written, Some(&before), crate::shift::machine::unix_ms());
         entry.weights = written.weights();
     }
     joined
@@ -87,25 +90,27 @@ impl Desired {
     }
 
     /// Before a graceful stop, a leader writes the step backs it applied but has not written (a
-    /// rollback or failed check whose write failed). Shifts are judged while that write is in
-    /// flight, so a rollback may apply meanwhile: it is written by one more write, and so on, up
-    /// to [`STOP_WRITES`] writes.
+    /// rollback, failed check, wait or target join whose write failed). Shifts are judged while
+    /// that write is in flight, so another may apply meanwhile, and a shared state's write may
+    /// conflict with another replica's: it writes again, up to [`STOP_WRITES`] writes in all.
     async fn write_unsaved_before_stop(&mut self) {
-        if super::standing(&self.leader) != Standing::Leader {
-            return;
-        }
         for _ in 0..STOP_WRITES {
-            if self.unsaved.is_empty() {
+            if self.unsaved.is_empty() || super::standing(&self.leader) != Standing::Leader {
                 return;
             }
             let mut current = self.state.clone();
-            if let Err(e) = self.persist(&mut current).await {
-                tracing::error!(error = %e, shards = ?self.unsaved, "a rollback or failed check applied in memory could not be written before stopping");
-                return;
+            match self.persist(&mut current).await {
+                Ok(()) => {}
+                // The other replica's state is taken (`settle`); what stays over it is written next.
+                Err(StateError::Conflict(_)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, shards = ?self.unsaved, "shift transitions applied in memory (a rollback, a failed check) could not be written before stopping");
+                    return;
+                }
             }
         }
-        if !self.unsaved.is_empty() {
-            tracing::error!(shards = ?self.unsaved, "rollbacks or failed checks kept applying during the writes before stopping; the last ones are not written");
+        if !self.unsaved.is_empty() && super::standing(&self.leader) == Standing::Leader {
+            tracing::error!(shards = ?self.unsaved, "shift transitions applied in memory (a rollback, a failed check) were not all written before stopping: more kept applying, or writes kept conflicting");
         }
     }
 
@@ -233,14 +238,23 @@ impl Desired {
     /// written with one state-file write (group commit): under a burst of changes the gateway
     /// pays one fsync per burst, not one per change. Each change is answered on its own.
     pub(super) async fn set_weights_group(&mut self, group: Vec<WeightChange>) {
-        if let Err(e) = self.follow_before_writing().await {
-            let message = e.to_string();
-            for change in group {
-                let _ = change
-                    .reply
-                    .send(Err(ControlError::Persist(e.same_kind(&message))));
+        // Judged on the state this replica holds first: a change refused there is refused
+        // without the read `follow_before_writing` may make (whose failure would answer 5xx).
+        let valid = group
+            .iter()
+            .any(|c| self.check_weights(&c.shard, &c.weights).is_ok());
+        if valid {
+            if let Err(e) = self.follow_before_writing().await {
+                let message = e.to_string();
+                for change in group {
+                    let error = match self.check_weights(&change.shard, &change.weights) {
+                        Err(refused) => refused,
+                        Ok(()) => ControlError::Persist(e.same_kind(&message)),
+                    };
+                    let _ = change.reply.send(Err(error));
+                }
+                return;
             }
-            return;
         }
         let mut next = self.state.clone();
         let mut accepted = Vec::new();
@@ -289,15 +303,18 @@ impl Desired {
     /// write while it judged shifts (stranded, or leading until another replica took the Lease) is
     /// the leader's to decide, so the shared state is read again first, as its next tick would
     /// read it (`adopt_state`: a rollback stays, the rest is dropped), and the change is made on
-    /// that; its write would otherwise carry those transitions. A read that fails fails the change.
-    pub(super) async fn follow_before_writing(&mut self) -> Result<(), StateError> {
+    /// that; its write would otherwise carry those transitions. True when it read; a read that
+    /// fails fails the change. Callers judge the change on the state they hold first, so that a
+    /// change refused anyway is refused as such, and again after a read.
+    pub(super) async fn follow_before_writing(&mut self) -> Result<bool, StateError> {
         let follows = super::standing(&self.leader) == Standing::Follower;
         if !follows || self.unsaved.is_empty() || !(self.leading || self.reload_shared) {
-            return Ok(());
+            return Ok(false);
         }
         self.leading = false;
         self.reload_shared = true;
-        self.reload_shared_state().await
+        self.reload_shared_state().await?;
+        Ok(true)
     }
 
     /// Writes `next` to the state store, off the async runtime.
@@ -523,10 +540,12 @@ impl Desired {
         // later, the leader's failed check, the shared state read when the API server answers
         // again before the leader has written its own rollback): traffic must not go back to a
         // target judged bad. A leader writes it at its next tick; any replica with its next write.
-        // A replica that judges shifts (it leads, or leads again while it reads the shared state
-        // after stepping down) also keeps its other unwritten transitions (a failed check, a wait,
-        // a cluster joining the target) over the shift they were made on (`Shift::unwritten_over`),
-        // and writes them; a follower drops them: they are the leader's to decide.
+        // A replica that leads and judges shifts (also one that led again and judged while it
+        // read the shared state after stepping down) keeps its other unwritten transitions (a
+        // failed check, a wait, a cluster joining the target) over the shift they were made on
+        // (`Shift::unwritten_over`), and writes them; a follower or a stranded replica drops
+        // them: they are the leader's to decide.
+        let leads = self.leading && super::standing(&self.leader) == Standing::Leader;
         let mut kept = std::collections::BTreeSet::new();
         for shard in &self.unsaved {
             let Some(ours) = self.state.shards.get(shard) else {
@@ -541,7 +560,7 @@ impl Desired {
             let over = entry.shift.as_ref().and_then(|theirs| {
                 if ours.phase == Phase::RolledBack {
                     ours.rollback_over(theirs)
-                } else if self.leading {
+                } else if leads {
                     ours.unwritten_over(theirs)
                 } else {
                     None

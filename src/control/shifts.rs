@@ -169,25 +169,43 @@ impl Desired {
         shard: &str,
         request: ShiftRequest,
     ) -> Result<Shift, ControlError> {
-        if self.config.shard_index(shard).is_none() {
-            return Err(ControlError::UnknownShard(shard.to_string()));
+        let mut plan = self.shift_start(shard, &request)?;
+        if self.follow_before_writing().await? {
+            plan = self.shift_start(shard, &request)?;
         }
-        self.ensure_listed()?;
-        self.follow_before_writing().await?;
-        self.ensure_no_shift(shard)?;
-        let shift = self.new_shift(&self.state, shard, request.target, request.policy)?;
-        let mut next = self.state.clone();
-        let revision = self.target_revision(&shift);
-        let entry = next.shards.entry(shard.to_string()).or_default();
-        entry.weights = shift.weights();
-        entry.shift = Some(shift.clone());
-        tried_revision(&mut entry.auto_shift_revision, revision);
+        let (next, shift) = plan;
         self.commit(next).await?;
         tracing::info!(
             %shard, target = ?shift.target, clusters = ?shift.target_clusters,
             step_percent = shift.policy.step_percent, "shift started"
         );
         Ok(self.written_shift(shard).unwrap_or(shift))
+    }
+
+    /// The state a shift start makes, and the shift, or why it cannot start.
+    fn shift_start(
+        &self,
+        shard: &str,
+        request: &ShiftRequest,
+    ) -> Result<(State, Shift), ControlError> {
+        if self.config.shard_index(shard).is_none() {
+            return Err(ControlError::UnknownShard(shard.to_string()));
+        }
+        self.ensure_listed()?;
+        self.ensure_no_shift(shard)?;
+        let shift = self.new_shift(
+            &self.state,
+            shard,
+            request.target.clone(),
+            request.policy.clone(),
+        )?;
+        let mut next = self.state.clone();
+        let revision = self.target_revision(&shift);
+        let entry = next.shards.entry(shard.to_string()).or_default();
+        entry.weights = shift.weights();
+        entry.shift = Some(shift.clone());
+        tried_revision(&mut entry.auto_shift_revision, revision);
+        Ok((next, shift))
     }
 
     /// The shard's shift as written (stamped by the write).
@@ -201,10 +219,21 @@ impl Desired {
         shard: &str,
         action: Action,
     ) -> Result<Shift, ControlError> {
+        let mut plan = self.shift_control(shard, action)?;
+        if self.follow_before_writing().await? {
+            plan = self.shift_control(shard, action)?;
+        }
+        let (next, shift) = plan;
+        self.commit(next).await?;
+        tracing::info!(%shard, ?action, phase = shift.phase.as_str(), "shift control applied");
+        Ok(self.written_shift(shard).unwrap_or(shift))
+    }
+
+    /// The state a shift control makes, and the shift, or why it does not apply.
+    fn shift_control(&self, shard: &str, action: Action) -> Result<(State, Shift), ControlError> {
         if self.config.shard_index(shard).is_none() {
             return Err(ControlError::UnknownShard(shard.to_string()));
         }
-        self.follow_before_writing().await?;
         let mut next = self.state.clone();
         let entry = next.shards.entry(shard.to_string()).or_default();
         let shift = entry
@@ -221,9 +250,7 @@ impl Desired {
         }
         entry.weights = shift.weights();
         let shift = shift.clone();
-        self.commit(next).await?;
-        tracing::info!(%shard, ?action, phase = shift.phase.as_str(), "shift control applied");
-        Ok(self.written_shift(shard).unwrap_or(shift))
+        Ok((next, shift))
     }
 
     /// `POST /v1/rollouts`: every shard with a ready cluster of `revision` that does not yet have
@@ -234,8 +261,26 @@ impl Desired {
         max_concurrent: usize,
         policy: ShiftPolicy,
     ) -> Result<Rollout, ControlError> {
+        let mut plan = self.rollout_start(&revision, max_concurrent, &policy)?;
+        if self.follow_before_writing().await? {
+            plan = self.rollout_start(&revision, max_concurrent, &policy)?;
+        }
+        let (next, rollout) = plan;
+        self.commit(next).await?;
+        tracing::info!(id = rollout.id, revision = %rollout.revision, shards = rollout.shards.len(), "rollout started");
+        // Start its first shards right away rather than at the next tick.
+        self.tick().await;
+        Ok(self.state.rollout.clone().unwrap_or(rollout))
+    }
+
+    /// The state a rollout start makes, and the rollout, or why it cannot start.
+    fn rollout_start(
+        &self,
+        revision: &str,
+        max_concurrent: usize,
+        policy: &ShiftPolicy,
+    ) -> Result<(State, Rollout), ControlError> {
         self.ensure_listed()?;
-        self.follow_before_writing().await?;
         if let Some(r) = self.state.rollout.as_ref().filter(|r| r.phase.is_active()) {
             return Err(ControlError::RolloutRunning(r.id));
         }
@@ -257,7 +302,7 @@ impl Desired {
                 .new_shift(
                     &self.state,
                     &shard.name,
-                    Target::Revision(revision.clone()),
+                    Target::Revision(revision.to_string()),
                     policy.clone(),
                 )
                 .is_err()
@@ -275,13 +320,15 @@ impl Desired {
         let mut next = self.state.clone();
         let id = next.next_rollout_id.max(1);
         next.next_rollout_id = id.saturating_add(1);
-        let rollout = Rollout::new(id, revision, max_concurrent, policy, shards);
+        let rollout = Rollout::new(
+            id,
+            revision.to_string(),
+            max_concurrent,
+            policy.clone(),
+            shards,
+        );
         next.rollout = Some(rollout.clone());
-        self.commit(next).await?;
-        tracing::info!(id, revision = %rollout.revision, shards = rollout.shards.len(), "rollout started");
-        // Start its first shards right away rather than at the next tick.
-        self.tick().await;
-        Ok(self.state.rollout.clone().unwrap_or(rollout))
+        Ok((next, rollout))
     }
 
     /// Pause, resume or abort the active rollout (and its running shard shifts).
@@ -290,7 +337,21 @@ impl Desired {
         id: Option<u64>,
         action: Action,
     ) -> Result<Rollout, ControlError> {
-        self.follow_before_writing().await?;
+        let mut plan = self.rollout_control(id, action)?;
+        if self.follow_before_writing().await? {
+            plan = self.rollout_control(id, action)?;
+        }
+        let (next, rollout) = plan;
+        self.commit(next).await?;
+        Ok(rollout)
+    }
+
+    /// The state a rollout control makes, and the rollout, or why it does not apply.
+    fn rollout_control(
+        &self,
+        id: Option<u64>,
+        action: Action,
+    ) -> Result<(State, Rollout), ControlError> {
         let mut next = self.state.clone();
         let Some(rollout) = next
             .rollout
@@ -405,9 +466,11 @@ impl Desired {
                 }
             }
         }
-        let rollout = next.rollout.clone();
-        self.commit(next).await?;
-        rollout.ok_or_else(|| ControlError::NoRollout("is running".into()))
+        let rollout = next
+            .rollout
+            .clone()
+            .ok_or_else(|| ControlError::NoRollout("is running".into()))?;
+        Ok((next, rollout))
     }
 
     /// Passive health's part of a clock tick: eject or readmit clusters by their recent answers.

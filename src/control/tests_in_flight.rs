@@ -254,6 +254,10 @@ async fn a_cluster_joining_during_a_steps_write_stays_in_the_target() {
         ["green-a", "green-b"],
         "the join stayed"
     );
+    assert!(
+        shift.decided_at > shift_in(&stepped, "shard-0").decided_at,
+        "the join is a decision after the step's"
+    );
     let weights = h.desired.shard_weights("shard-0");
     assert_eq!(
         weights,
@@ -368,4 +372,103 @@ async fn an_operators_change_through_a_follower_does_not_write_its_unwritten_fai
     assert_eq!(shift_in(&written, "shard-0").consecutive_failures, 0);
     assert_eq!(h.shift("shard-0").consecutive_failures, 0);
     assert!(h.desired.unsaved.is_empty());
+}
+
+/// A leader whose failed check's write failed takes a state another replica wrote (an operator's
+/// change of another shard, seen through the watch): the failed check stays over its shift as the
+/// leader last wrote it, but not over that shift with more failed checks (another judge's); a
+/// stranded replica drops it.
+#[tokio::test(start_paused = true)]
+async fn a_state_from_another_replica_keeps_a_leaders_unwritten_failed_check_only() {
+    let (standing, leader) = watch::channel(Standing::Leader);
+    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
+    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
+    h.start_shift("shard-0", Target::Cluster("green-0".into()), 4)
+        .await;
+    let first = h.tick_landed().await;
+    h.answers("green-0", 503, 10);
+    tokio::time::advance(INTERVAL).await;
+    tokio::join!(h.desired.tick(), async { h.calls.write().await.fail() });
+    assert_eq!(h.shift("shard-0").consecutive_failures, 1);
+
+    let mut theirs = first.clone();
+    theirs.shards.entry("shard-1".into()).or_default().weights =
+        BTreeMap::from([("blue-1".into(), 70), ("green-1".into(), 30)]);
+    h.desired.adopt_shared_state(theirs.clone(), None);
+    assert_eq!(h.desired.shard_weights("shard-1")["green-1"], 30, "taken");
+    assert_eq!(h.shift("shard-0").consecutive_failures, 1, "kept");
+    assert!(h.desired.unsaved.contains("shard-0"));
+
+    // Another judge's two failed checks at the same step, written before ours was decided: theirs.
+    let mut two = theirs.clone();
+    let shift = two
+        .shards
+        .get_mut("shard-0")
+        .unwrap()
+        .shift
+        .as_mut()
+        .unwrap();
+    shift.consecutive_failures = 2;
+    h.desired.adopt_shared_state(two, None);
+    assert_eq!(h.shift("shard-0").consecutive_failures, 2, "theirs");
+    assert!(h.desired.unsaved.is_empty());
+
+    // Stranded, a failed check in memory; a state taken then drops it.
+    let after_two = h.desired.state.clone();
+    standing.send_replace(Standing::Stranded);
+    h.answers("green-0", 503, 10);
+    tokio::time::advance(INTERVAL).await;
+    h.desired.tick().await;
+    assert_eq!(h.shift("shard-0").consecutive_failures, 3);
+    assert!(!h.calls.has_write());
+    h.desired.adopt_shared_state(after_two, None);
+    assert_eq!(h.shift("shard-0").consecutive_failures, 2, "dropped");
+}
+
+/// Through a follower with an unwritten failed check, a change refused anyway is refused as such
+/// (no read of the shared state); a valid change whose read fails is refused with the read's error
+/// and writes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_followers_read_before_a_change_fails_only_valid_changes() {
+    let (standing, leader) = watch::channel(Standing::Leader);
+    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
+    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
+    h.start_shift("shard-0", Target::Cluster("green-0".into()), 2)
+        .await;
+    h.tick_landed().await;
+    standing.send_replace(Standing::Stranded);
+    h.answers("green-0", 503, 10);
+    tokio::time::advance(INTERVAL).await;
+    h.desired.tick().await;
+    standing.send_replace(Standing::Follower);
+
+    let change = |blue: u64, green: u64| {
+        let (reply, answer) = oneshot::channel();
+        let weights =
+            BTreeMap::from([("blue-1".to_string(), blue), ("green-1".to_string(), green)]);
+        let change = WeightChange {
+            shard: "shard-1".into(),
+            weights,
+            reply,
+        };
+        (change, answer)
+    };
+    let (bad, bad_answer) = change(60, 60);
+    h.desired.set_weights_group(vec![bad]).await;
+    let refused = bad_answer.await.unwrap().expect_err("refused");
+    assert!(refused.is_client_error(), "{refused}");
+    assert_eq!(h.shift("shard-0").consecutive_failures, 1, "no read made");
+
+    let (good, good_answer) = change(60, 40);
+    let (bad, bad_answer) = change(50, 40);
+    let ((), ()) = tokio::join!(h.desired.set_weights_group(vec![good, bad]), async {
+        let read = h.calls.read().await;
+        drop(read);
+    });
+    let failed = good_answer.await.unwrap().expect_err("the read failed");
+    assert!(!failed.is_client_error(), "{failed}");
+    let refused = bad_answer.await.unwrap().expect_err("refused");
+    assert!(refused.is_client_error(), "{refused}");
+    assert!(!h.calls.has_write(), "nothing written");
+    assert_eq!(h.desired.shard_weights("shard-1")["green-1"], 0);
 }

@@ -345,8 +345,10 @@ impl Shift {
     /// This shift, changed by this replica and not yet written (a failed check, a wait for
     /// requests, a cluster joining the target), over `theirs` (the same shard's shift in a state
     /// read from shared storage), for a replica that leads: `theirs` is what this change was made
-    /// on, the same shift at the same step and phase, decided before it. A shift decided later,
-    /// moved on or another shift is theirs to keep: `None`. (A rollback: [`rollback_over`](Self::rollback_over).)
+    /// on, the same shift at the same step and phase, decided before it, and holding nothing this
+    /// one lacks (no more failed checks in a row, no target cluster it does not have). A shift
+    /// decided later, moved on, changed by another judge, or another shift is theirs to keep:
+    /// `None`. (A rollback: [`rollback_over`](Self::rollback_over).)
     pub fn unwritten_over(&self, theirs: &Shift) -> Option<Shift> {
         let same_shift = theirs.started_at == self.started_at
             && theirs.target == self.target
@@ -354,7 +356,12 @@ impl Shift {
         let older = theirs
             .decided_at
             .is_some_and(|t| t < self.decided_at.unwrap_or(0));
-        (same_shift && older && theirs.step == self.step && theirs.phase == self.phase)
+        let within = theirs.consecutive_failures <= self.consecutive_failures
+            && theirs
+                .target_clusters
+                .iter()
+                .all(|c| self.target_clusters.contains(c));
+        (same_shift && older && within && theirs.step == self.step && theirs.phase == self.phase)
             .then(|| self.clone())
     }
 

@@ -907,4 +907,16 @@ fn an_unwritten_failed_check_stays_only_over_the_shift_it_was_made_on() {
     let mut other = written.clone();
     other.started_at = Some(ours.started_at.unwrap_or(0) + 1);
     assert!(ours.unwritten_over(&other).is_none(), "another shift");
+    let mut judged_more = written.clone();
+    judged_more.consecutive_failures = 2;
+    assert!(
+        ours.unwritten_over(&judged_more).is_none(),
+        "more failed checks"
+    );
+    let mut joined = written.clone();
+    joined.target_clusters.push("green-2".into());
+    assert!(
+        ours.unwritten_over(&joined).is_none(),
+        "a target cluster ours lacks"
+    );
 }
