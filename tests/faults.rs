@@ -714,6 +714,31 @@ async fn bad_clients_get_the_right_4xx() {
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
     assert!(resp.contains("more than one Host header"), "{resp:.300}");
     assert_eq!(blue.requests(), before, "forwarded all the same");
+    // No Host, or one that is no host[:port]: 400 as well (RFC 9112 section 3.2).
+    let resp = raw(b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec()).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
+    assert!(resp.contains("needs a Host header"), "{resp:.300}");
+    let resp = raw(b"GET /echo HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n".to_vec()).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
+    assert!(resp.contains("not a host"), "{resp:.300}");
+    // A transfer coding the gateway cannot forward (its name would be lost): 501.
+    let resp = raw(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 501"), "{resp:.200}");
+    assert_eq!(blue.requests(), before, "none of them forwarded");
+    // After a request served, the HTTP/2 preface is a bad request, not a switch to h2c.
+    let resp =
+        raw(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec())
+            .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:.200}");
+    assert!(
+        resp.contains("echo 0\nHTTP/1.1 400 Bad Request\r\n"),
+        "{resp:.600}"
+    );
+    assert!(resp.contains("only valid at the start"), "{resp:.600}");
 
     // Declared too large: refused before anything is sent upstream.
     let before = blue.requests();

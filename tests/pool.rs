@@ -30,7 +30,8 @@ const BIG: usize = 4 << 20;
 /// `/app/hold` (never answers; the connection ends when the client closes it), `/app/liar` (a 204
 /// declaring a 38-byte body, whose 38 bytes, a response head, follow 1 s later), `/app/switch`
 /// (101 to a request that asked for no upgrade), `/app/both` (chunked with a wrong
-/// `content-length` too), `/app/listed` (`Connection` naming `content-length` and `x-request-id`),
+/// `content-length` too), `/app/gzipped` (a transfer coding before `chunked`), `/app/listed`
+/// (`Connection` naming `content-length` and `x-request-id`),
 /// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails),
 /// `/app/quiet` (one chunk of a stream, then nothing: counted in `cancelled` when the gateway
 /// closes the connection), `/app/slowlen` (a 6-byte `content-length` body, its second half 2 s
@@ -318,6 +319,14 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
                         "200 OK",
                         "transfer-encoding: chunked\r\ncontent-length: 2\r\n",
                     ),
+                    b"3\r\nabc\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                false,
+            ),
+            "/app/gzipped" => (
+                [
+                    head("200 OK", "transfer-encoding: gzip, chunked\r\n"),
                     b"3\r\nabc\r\n0\r\n\r\n".to_vec(),
                 ]
                 .concat(),
@@ -1234,8 +1243,8 @@ async fn connect_is_refused() {
 
 /// Upstream answers that would mislead the client are made right on both paths (HTTP/1.1, the
 /// direct path; HTTP/2, the general one): a 101 nobody asked for is a 502; a chunked response that
-/// also declares a (wrong) length arrives whole; `Connection` naming `content-length` or
-/// `x-request-id` drops neither.
+/// also declares a (wrong) length arrives whole; a coding other than chunked is a 502;
+/// `Connection` naming `content-length` or `x-request-id` drops neither.
 #[tokio::test]
 async fn misleading_response_heads_are_made_right_on_both_paths() {
     use http_body_util::BodyExt;
@@ -1276,6 +1285,11 @@ async fn misleading_response_heads_are_made_right_on_both_paths() {
             (200, Some(&b"abc"[..])),
             "http2 {http2}"
         );
+
+        // A transfer coding the gateway cannot forward (its name would be lost, the body still
+        // coded): the cluster's failure.
+        let (status, _, _) = fetch("/app/gzipped").await;
+        assert_eq!(status, 502, "http2 {http2}");
 
         let (status, headers, body) = fetch("/app/listed").await;
         assert_eq!(

@@ -9,7 +9,8 @@
 //! `content-length` (the one that framed the client's body), and a non-empty request id inside the
 //! rewritten head; a response head that is taken is rewritten into a head that parses again with
 //! the same status, the cluster's fields unchanged and in order (less the ones that may go), and no
-//! hop-by-hop field but `transfer-encoding: chunked` for a chunked body;
+//! hop-by-hop field but `transfer-encoding: chunked` for a chunked body (none on a 204 or 304, and
+//! no `content-length` on a 204);
 //! the chunked scanner gives the same answer whether the bytes come whole or in two pieces.
 
 #![no_main]
@@ -162,6 +163,14 @@ fn response(is_head: bool, bytes: &[u8]) {
     }
     for h in again.headers.iter() {
         let name = h.name.to_ascii_lowercase();
+        // RFC 9110 sections 8.6 and 15.3.5: a 204 carries no framing field, a 304 no
+        // `transfer-encoding`.
+        if resp.status == 204 {
+            assert!(name != "content-length", "content-length on a 204");
+        }
+        if resp.status == 204 || resp.status == 304 {
+            assert!(name != "transfer-encoding", "transfer-encoding on a {}", resp.status);
+        }
         if name == "transfer-encoding" {
             assert!(resp.framing == Framing::Chunked || resp.framing == Framing::Empty);
             continue;

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use crate::cluster::{Cluster, InFlight};
 use crate::proxy::body::{local_response, ProxyBody};
+use crate::proxy::h1::head::is_host;
 use crate::proxy::pool::{self, Sender};
 use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::proxy::{headers, split_key, tunnel, Open, ProxyContext};
@@ -69,6 +70,22 @@ pub async fn handle(
         count(NONE, NONE, NONE, StatusCode::BAD_REQUEST);
         let msg = "the request has more than one Host header\n";
         return Ok(local_response(StatusCode::BAD_REQUEST, msg.into()));
+    }
+    // RFC 9112 section 3.2: an HTTP/1.1 request names its host, and a `Host` field holds a host.
+    let host = req.headers().get(header::HOST);
+    if host.is_some_and(|h| !is_host(h.as_bytes()))
+        || (host.is_none() && req.version() == Version::HTTP_11)
+    {
+        count(NONE, NONE, NONE, StatusCode::BAD_REQUEST);
+        let msg = match host {
+            Some(_) => "the Host header is not a host[:port]\n",
+            None => "an HTTP/1.1 request needs a Host header\n",
+        };
+        return Ok(local_response(StatusCode::BAD_REQUEST, msg.into()));
+    }
+    if let Err((status, msg)) = headers::check_transfer_codings(req.headers()) {
+        count(NONE, NONE, NONE, status);
+        return Ok(local_response(status, msg));
     }
     // hyper parsed `content-length` already: the body's exact size hint is it.
     if let (Some(limit), Some(len)) = (ctx.max_body_bytes, req.body().size_hint().exact()) {
@@ -165,6 +182,18 @@ pub async fn handle(
     }
 
     let elapsed = attempt_start.elapsed();
+    // A response coded otherwise than chunked (hyper takes the chunks off; the coding's name
+    // would go with the field while the body stays coded) is the cluster's failure.
+    let outcome =
+        outcome.and_then(
+            |(resp, conn)| match headers::check_transfer_codings(resp.headers()) {
+                Ok(()) => Ok((resp, conn)),
+                Err((_, msg)) => Err(Failure::Error {
+                    connect: false,
+                    cause: format!("response {}", msg.trim_end()),
+                }),
+            },
+        );
     let (mut resp, conn) = match outcome {
         Ok(sent) => sent,
         Err(failure) => {

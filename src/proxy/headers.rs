@@ -137,6 +137,38 @@ fn remove_hop_by_hop_keeping(headers: &mut HeaderMap, keep_upgrade: bool, keep: 
     }
 }
 
+/// What the gateway cannot forward in a message's `transfer-encoding`: a coding other than
+/// `chunked` (the framing is taken off and the field with it, hop-by-hop, so the coding's name
+/// would be lost while the body stays coded), or `chunked` applied twice (RFC 9112 section 6.1).
+/// `Err` holds the status a request gets (501 for a coding, 400 for the double `chunked`) and
+/// the message.
+pub fn check_transfer_codings(headers: &HeaderMap) -> Result<(), (http::StatusCode, String)> {
+    let mut chunked = false;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let codings = value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii);
+        for coding in codings.filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case(b"chunked") {
+                let coding = String::from_utf8_lossy(coding);
+                return Err((
+                    http::StatusCode::NOT_IMPLEMENTED,
+                    format!("transfer coding \"{coding}\" is not supported (only chunked)\n"),
+                ));
+            }
+            if chunked {
+                return Err((
+                    http::StatusCode::BAD_REQUEST,
+                    "transfer-encoding applies chunked more than once\n".into(),
+                ));
+            }
+            chunked = true;
+        }
+    }
+    Ok(())
+}
+
 /// The client's address as a header value: made once per connection, shared by its requests.
 pub fn peer_value(peer: IpAddr) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(peer.to_string()))
@@ -151,14 +183,21 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<HeaderValue>,
 ) {
-    let prev = headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-        .filter(|prev| !prev.trim().is_empty());
-    let chain = match prev {
-        Some(prev) => {
-            let peer = peer.to_str().unwrap_or_default();
-            HeaderValue::from_str(&format!("{prev}, {peer}")).ok()
+    // Every field line of the chain, in order (RFC 9110 section 5.3: one list): a proxy in front
+    // may have added its own line after the client's. A line that is not text is left out.
+    let mut prev = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .peekable();
+    let chain = match prev.peek() {
+        Some(_) => {
+            let mut chain = prev.collect::<Vec<_>>().join(", ");
+            chain.push_str(", ");
+            chain.push_str(peer.to_str().unwrap_or_default());
+            HeaderValue::from_str(&chain).ok()
         }
         None => Some(peer.clone()),
     };
@@ -315,6 +354,33 @@ mod tests {
         let mut h = HeaderMap::new();
         set_forwarded(&mut h, &peer_value("::1".parse().unwrap()), "http", None);
         assert_eq!(h["x-forwarded-for"], "::1");
+        // Several lines are one list, in order; an empty line adds nothing.
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", " "),
+            ("x-forwarded-for", "203.0.113.7, 10.0.0.2"),
+        ]);
+        set_forwarded(&mut h, &peer_value("::1".parse().unwrap()), "http", None);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["6.6.6.6, 203.0.113.7, 10.0.0.2, ::1"]
+        );
+    }
+
+    #[test]
+    fn only_chunked_transfer_coding_is_forwarded() {
+        assert!(check_transfer_codings(&HeaderMap::new()).is_ok());
+        assert!(check_transfer_codings(&map(&[("transfer-encoding", "Chunked")])).is_ok());
+        let (status, msg) =
+            check_transfer_codings(&map(&[("transfer-encoding", "gzip, chunked")])).unwrap_err();
+        assert_eq!(status, http::StatusCode::NOT_IMPLEMENTED);
+        assert!(msg.contains("\"gzip\""), "{msg}");
+        let split = map(&[
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        let (status, _) = check_transfer_codings(&split).unwrap_err();
+        assert_eq!(status, http::StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -148,8 +148,8 @@ impl ClusterPool {
         self.push(&mut self.lock_raw(), conn, now);
     }
 
-    /// The most recently used idle connection still open and young enough. Older ones behind an
-    /// expired one are expired too, so they go at once.
+    /// The most recently used idle connection still open and young enough (the closed and expired
+    /// ones in front of it are closed).
     fn checkout(&self) -> Option<Sender> {
         self.pop(&mut self.lock(), Instant::now(), |s| !s.is_closed())
     }
@@ -179,7 +179,9 @@ impl ClusterPool {
     }
 
     /// The newest connection of `idle` that is `usable` and young enough at `now`; the unusable
-    /// ones before it are closed, and all of them once one has expired (the older ones have too).
+    /// and expired ones before it are closed. (The others stay: a connection is stamped with the
+    /// end of its response, which a slow client can make older than that of one put back before
+    /// it, so the order is only nearly by age.)
     fn pop<T>(
         &self,
         idle: &mut VecDeque<Idle<T>>,
@@ -197,11 +199,7 @@ impl ClusterPool {
         usable: impl Fn(&T) -> bool,
     ) -> Option<Idle<T>> {
         while let Some(c) = idle.pop_back() {
-            if now.saturating_duration_since(c.since) >= self.idle_timeout {
-                idle.clear();
-                return None;
-            }
-            if usable(&c.conn) {
+            if now.saturating_duration_since(c.since) < self.idle_timeout && usable(&c.conn) {
                 return Some(c);
             }
         }
@@ -384,4 +382,30 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection put back with an old stamp (its response ended long ago, a slow client
+    /// held it) after fresher ones: taking the newest finds it expired, closes it, and takes the
+    /// next one, instead of closing every idle connection as if all behind it were older.
+    #[test]
+    fn an_expired_connection_put_back_last_leaves_the_fresh_ones() {
+        let pool = ClusterPool::new(8, Duration::from_secs(4));
+        let now = Instant::now();
+        let mut idle = VecDeque::new();
+        pool.push(&mut idle, "fresh-1", now - Duration::from_secs(1));
+        pool.push(&mut idle, "fresh-2", now);
+        pool.push(&mut idle, "stale", now - Duration::from_secs(5));
+        assert_eq!(pool.pop(&mut idle, now, |_| true), Some("fresh-2"));
+        assert_eq!(idle.len(), 1, "the stale one closed, fresh-1 kept");
+        assert_eq!(pool.pop(&mut idle, now, |_| true), Some("fresh-1"));
+        // All expired: none taken, all closed.
+        pool.push(&mut idle, "old", now - Duration::from_secs(9));
+        pool.push(&mut idle, "older", now - Duration::from_secs(10));
+        assert_eq!(pool.pop(&mut idle, now, |_| true), None);
+        assert!(idle.is_empty());
+    }
 }

@@ -204,7 +204,12 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
                 }
             }
             15 if is_name(name, b"x-forwarded-for") => {
-                forwarded_for = forwarded_for.or(Some(value));
+                // Several lines are one list (a proxy in front may add its own line): the general
+                // path joins them.
+                if forwarded_for.is_some() {
+                    return Parsed::Handoff("forwarded_for");
+                }
+                forwarded_for = Some(value);
                 continue;
             }
             17 if is_name(name, b"x-forwarded-proto") => continue,
@@ -232,6 +237,10 @@ pub fn request(buf: &[u8], client: Client<'_>, out: &mut Vec<u8>) -> Parsed<Requ
     let Some(host) = host else {
         return Parsed::Handoff("no_host");
     };
+    if !is_host(host) {
+        // The general path answers 400.
+        return Parsed::Handoff("malformed");
+    }
     // The chain grows by the client; an earlier value that is not text starts a new one.
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(prev) = forwarded_for.filter(|v| is_text(v) && !v.trim_ascii().is_empty()) {
@@ -328,6 +337,7 @@ pub fn response(
     let mut chunked = false;
     let mut has_request_id = false;
     let mut length_at = None;
+    let mut te_at = None;
     let mut lines = Lines::new(buf);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -343,6 +353,8 @@ pub fn response(
                     return Err(BadResponse::TransferEncoding);
                 }
                 chunked = true;
+                lines.flush(out);
+                te_at = Some(out.len()..out.len() + name.len() + h.value.len() + 4);
             }
             14 if is_name(name, b"content-length") => {
                 let n = parse_length(h.value).ok_or(BadResponse::ContentLength)?;
@@ -365,11 +377,20 @@ pub fn response(
         lines.push(out, name, h.value);
     }
     lines.flush(out);
-    if chunked {
-        // Chunked framing wins over a length (RFC 9112 section 6.3); the length is not forwarded.
-        if let Some(range) = length_at {
-            out.drain(range);
-        }
+    // Chunked framing wins over a length (RFC 9112 section 6.3): the length is not forwarded, and
+    // as a sender that sent both may frame its next response wrongly too, the connection is not
+    // reused. A 204 carries neither field, a 304 no `transfer-encoding` (RFC 9110 sections 8.6,
+    // 15.3.5; RFC 9112 section 6.1): they are not forwarded either.
+    let cut_length = length_at.filter(|_| chunked || status == 204);
+    let cut_te = te_at.filter(|_| status == 204 || status == 304);
+    let mut cuts = [cut_length, cut_te];
+    // The later one first, so that the earlier one's place holds.
+    cuts.sort_by_key(|cut| std::cmp::Reverse(cut.as_ref().map(|r| r.start)));
+    for range in cuts.into_iter().flatten() {
+        out.drain(range);
+    }
+    if chunked && length.is_some() {
+        keep_alive = false;
     }
     if (status == 204 || status == 304) && (chunked || length.is_some_and(|n| n > 0)) {
         // No body by definition, but one declared: a server that sends it anyway would have it
@@ -534,6 +555,16 @@ fn is_text(value: &[u8]) -> bool {
     value
         .iter()
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+/// Whether `value` is a `Host` field value: empty, or a host (a name, an IPv4 address or an IP
+/// literal in brackets) and an optional port, in the bytes RFC 3986 allows there (section 3.2.2:
+/// unreserved, percent-encoded, sub-delimiters; `:` and brackets). No user information (`@`),
+/// path or whitespace.
+pub fn is_host(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
 /// Longest request target `http::Uri` accepts (hyper answers 400 to a longer one).
@@ -810,6 +841,83 @@ mod tests {
                 (Framing::Empty, keep_alive),
                 "{raw:?}"
             );
+        }
+    }
+
+    /// A 204 goes out without `content-length` and `transfer-encoding`, a 304 without
+    /// `transfer-encoding`; a response with both framing fields loses its length and ends its
+    /// upstream connection.
+    #[test]
+    fn bodiless_statuses_and_double_framing_are_forwarded_without_the_fields() {
+        for (raw, forwarded, keep_alive) in [
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n",
+                "HTTP/1.1 204 No Content\r\nx-a: 1\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\nx-a: 1\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+                "HTTP/1.1 204 No Content\r\nx-a: 1\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\netag: x\r\n\r\n",
+                "HTTP/1.1 304 Not Modified\r\netag: x\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n",
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n",
+                true,
+            ),
+        ] {
+            let (parsed, out) = response_of(raw, false);
+            let Ok(Parsed::Complete(resp)) = parsed else {
+                panic!("{parsed:?}")
+            };
+            assert_eq!(out, forwarded, "{raw:?}");
+            assert_eq!(resp.keep_alive, keep_alive, "{raw:?}");
+        }
+    }
+
+    /// Several `x-forwarded-for` lines are one list: the general path joins them.
+    #[test]
+    fn repeated_forwarded_for_lines_go_to_the_general_path() {
+        let raw = "GET /a HTTP/1.1\r\nhost: h\r\nx-forwarded-for: 6.6.6.6\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n";
+        assert!(matches!(rewrite(raw).0, Parsed::Handoff("forwarded_for")));
+    }
+
+    /// A `Host` that is no host (RFC 9112 section 3.2) goes to the general path, which answers
+    /// 400; an empty one is allowed.
+    #[test]
+    fn an_invalid_host_goes_to_the_general_path() {
+        for host in ["h\u{7f}", "a b", "h/x", "h@x", "\"h\""] {
+            let raw = format!("GET /a HTTP/1.1\r\nhost: {host}\r\n\r\n");
+            assert!(
+                matches!(rewrite(&raw).0, Parsed::Handoff("malformed")),
+                "{host:?}"
+            );
+        }
+        for host in [
+            "",
+            "api.example",
+            "api.example:8080",
+            "[::1]:80",
+            "10.0.0.1",
+            "x_y-z.~",
+        ] {
+            let raw = format!("GET /a HTTP/1.1\r\nhost: {host}\r\n\r\n");
+            assert!(matches!(rewrite(&raw).0, Parsed::Complete(_)), "{host:?}");
         }
     }
 

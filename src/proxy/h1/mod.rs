@@ -149,6 +149,14 @@ where
         // of its length).
         let mut scanned: usize = 0;
         let req = loop {
+            // Empty lines before a request line are ignored (RFC 9112 section 2.2), and dropped
+            // here: httparse would skip them on every parse, and a client sending nothing else
+            // would make each read parse them all again.
+            let empty = empty_lines(&buf);
+            if empty > 0 {
+                buf.advance(empty);
+                scanned = scanned.saturating_sub(empty);
+            }
             if !buf.is_empty() && scanned > 0 && !may_end_head(&buf[scanned.saturating_sub(3)..]) {
                 if buf.len() >= settings.max_header_bytes {
                     return hand_off(client, buf, shutdown, "head_size").await;
@@ -161,6 +169,30 @@ where
                     // Over the limit: the general path answers 431.
                     Parsed::Complete(_) => {
                         return hand_off(client, buf, shutdown, "head_size").await
+                    }
+                    // The HTTP/2 preface starts an h2c connection only as its first bytes
+                    // (RFC 9113 section 3.3); after a request served here it is a bad request,
+                    // not a switch to HTTP/2 (which the general path would make).
+                    Parsed::Handoff(_) if idle_since != start && buf.starts_with(H2_PREFACE) => {
+                        let answer = &mut scratch.down_head;
+                        let msg = "the HTTP/2 connection preface is only valid at the start of a connection\n";
+                        forward::count(
+                            forward::NONE,
+                            forward::NONE,
+                            forward::NONE,
+                            StatusCode::BAD_REQUEST,
+                        );
+                        head::local_response(
+                            answer,
+                            StatusCode::BAD_REQUEST,
+                            b"-",
+                            true,
+                            false,
+                            msg,
+                        );
+                        let _ = write_all(&mut client, answer, &[]).await;
+                        let _ = client.shutdown().await;
+                        return Ended::Closed;
                     }
                     Parsed::Handoff(why) => return hand_off(client, buf, shutdown, why).await,
                     Parsed::Partial if buf.len() >= settings.max_header_bytes => {
@@ -282,6 +314,21 @@ where
         }
         if scratch.early.capacity() > READ_BUF {
             scratch.early = BytesMut::new();
+        }
+    }
+}
+
+/// The request line of the HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// How many bytes at the start of `buf` are whole empty lines (`\r\n` or `\n`).
+fn empty_lines(buf: &[u8]) -> usize {
+    let mut n = 0;
+    loop {
+        match &buf[n..] {
+            [b'\r', b'\n', ..] => n += 2,
+            [b'\n', ..] => n += 1,
+            _ => return n,
         }
     }
 }
@@ -778,7 +825,7 @@ enum Copy {
 /// Writes `down_head` and the response body to the client, reading from `conn` as needed, and
 /// watching the client meanwhile ([`read_upstream`]). On success `conn.buf` holds what the cluster
 /// sent after the body (nothing, for a reusable connection), and the result tells whether the copy
-/// took more than the one write of a small body that was already in (so its end needs the clock).
+/// took more than one write that did not wait (so its end needs the clock).
 async fn copy_body<S>(
     client: &mut S,
     conn: &mut RawConn,
@@ -794,25 +841,25 @@ where
         // one round of the kernel's per-packet work, not two.
         if n <= COALESCE as u64 && conn.buf.len() as u64 >= n {
             let n = n as usize;
-            let written = if n <= COPY_INTO_HEAD {
+            let (written, blocked) = if n <= COPY_INTO_HEAD {
                 // Small: behind the head in one buffer, one `send`.
                 down_head.extend_from_slice(&conn.buf[..n]);
-                write_all(client, down_head, &[]).await
+                waiting(write_all(client, down_head, &[])).await
             } else {
-                write_all(client, down_head, &conn.buf[..n]).await
+                waiting(write_all(client, down_head, &conn.buf[..n])).await
             };
             conn.buf.advance(n);
             return written
-                .map(|()| n > COPY_INTO_HEAD)
+                .map(|()| n > COPY_INTO_HEAD || blocked)
                 .map_err(|_| Copy::Client);
         }
     }
     let mut head: &[u8] = down_head;
     match framing {
-        Framing::Empty => write_all(client, head, &[])
-            .await
-            .map(|()| false)
-            .map_err(|_| Copy::Client),
+        Framing::Empty => {
+            let (written, blocked) = waiting(write_all(client, head, &[])).await;
+            written.map(|()| blocked).map_err(|_| Copy::Client)
+        }
         Framing::Length(mut left) => loop {
             let take = (conn.buf.len() as u64).min(left) as usize;
             write_all(client, head, &conn.buf[..take])
@@ -986,6 +1033,20 @@ fn client_io<T>(done: io::Result<T>) -> io::Result<T> {
     done
 }
 
+/// Awaits `fut`, telling also whether it had to wait (a write to a client that does not read:
+/// the clock must be read again after it).
+async fn waiting<F: std::future::Future>(fut: F) -> (F::Output, bool) {
+    let mut fut = std::pin::pin!(fut);
+    let mut waited = false;
+    let out = std::future::poll_fn(|cx| {
+        let poll = fut.as_mut().poll(cx);
+        waited |= poll.is_pending();
+        poll
+    })
+    .await;
+    (out, waited)
+}
+
 /// [`write_all`], telling on failure how many bytes were written.
 async fn write_counted<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -1023,7 +1084,16 @@ async fn write_counted<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use super::may_end_head;
+    use super::{empty_lines, may_end_head};
+
+    #[test]
+    fn empty_lines_are_whole_crlf_or_lf_lines() {
+        assert_eq!(empty_lines(b"\r\n\n\r\nGET"), 5);
+        assert_eq!(empty_lines(b"\r\n\r"), 2);
+        assert_eq!(empty_lines(b"\rGET"), 0);
+        assert_eq!(empty_lines(b"GET"), 0);
+        assert_eq!(empty_lines(b""), 0);
+    }
 
     #[test]
     fn a_head_may_end_only_where_an_empty_line_ends() {
