@@ -160,6 +160,42 @@ impl Harness {
     }
 }
 
+/// A replica whose state is shared, leading (its standing set through the sender returned), every
+/// cluster of [`TWO_SHARDS`] ready, shard-0 shifting to green-0 (rolled back at the
+/// `failure_threshold`-th failed check) and stepped to 10%: and the state that step wrote.
+async fn shifting_replica(failure_threshold: u32) -> (Harness, watch::Sender<Standing>, State) {
+    let (standing, leader) = watch::channel(Standing::Leader);
+    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
+    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
+    h.start_shift(
+        "shard-0",
+        Target::Cluster("green-0".into()),
+        failure_threshold,
+    )
+    .await;
+    let first = h.tick_landed().await;
+    assert_eq!(shift_in(&first, "shard-0").target_weight, 10);
+    (h, standing, first)
+}
+
+impl Harness {
+    /// green-0 fails shard-0's next check, which applies at once; its write (a replica that may
+    /// write makes one) fails.
+    async fn failed_check(&mut self) {
+        self.answers("green-0", 503, 10);
+        tokio::time::advance(INTERVAL).await;
+        let stranded =
+            *self.desired.leader.as_ref().expect("a replica").borrow() == Standing::Stranded;
+        if stranded {
+            self.desired.tick().await;
+        } else {
+            tokio::join!(self.desired.tick(), async {
+                self.calls.write().await.fail()
+            });
+        }
+    }
+}
+
 fn shift_in<'a>(state: &'a State, shard: &str) -> &'a Shift {
     let entry = state.shards.get(shard).expect("the shard has state");
     entry.shift.as_ref().expect("the shard has a shift")
@@ -279,18 +315,9 @@ async fn a_cluster_joining_during_a_steps_write_stays_in_the_target() {
 /// state read (and writes it), instead of dropping it and judging the target afresh.
 #[tokio::test(start_paused = true)]
 async fn a_replica_leading_again_during_its_reread_keeps_its_failed_check() {
-    let (standing, leader) = watch::channel(Standing::Leader);
-    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
-    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
-    h.start_shift("shard-0", Target::Cluster("green-0".into()), 2)
-        .await;
-    let first = h.tick_landed().await;
-    assert_eq!(shift_in(&first, "shard-0").target_weight, 10);
-
+    let (mut h, standing, first) = shifting_replica(2).await;
     // A failed check (the first of two), applied at once; its write fails.
-    h.answers("green-0", 503, 10);
-    tokio::time::advance(INTERVAL).await;
-    tokio::join!(h.desired.tick(), async { h.calls.write().await.fail() });
+    h.failed_check().await;
     assert_eq!(h.shift("shard-0").consecutive_failures, 1);
 
     // It steps down: the next tick reads the shared state again. It leads again while that read
@@ -313,15 +340,8 @@ async fn a_replica_leading_again_during_its_reread_keeps_its_failed_check() {
 /// takes the shared state as read: the failed check was the leader's to decide.
 #[tokio::test(start_paused = true)]
 async fn a_follower_drops_its_unwritten_failed_check_at_its_reread() {
-    let (standing, leader) = watch::channel(Standing::Leader);
-    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
-    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
-    h.start_shift("shard-0", Target::Cluster("green-0".into()), 2)
-        .await;
-    let first = h.tick_landed().await;
-    h.answers("green-0", 503, 10);
-    tokio::time::advance(INTERVAL).await;
-    tokio::join!(h.desired.tick(), async { h.calls.write().await.fail() });
+    let (mut h, standing, first) = shifting_replica(2).await;
+    h.failed_check().await;
     assert_eq!(h.shift("shard-0").consecutive_failures, 1);
 
     standing.send_replace(Standing::Follower);
@@ -339,18 +359,11 @@ async fn a_follower_drops_its_unwritten_failed_check_at_its_reread() {
 /// its write does not carry the failed check (the leader's to decide).
 #[tokio::test(start_paused = true)]
 async fn an_operators_change_through_a_follower_does_not_write_its_unwritten_failed_check() {
-    let (standing, leader) = watch::channel(Standing::Leader);
-    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
-    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
-    h.start_shift("shard-0", Target::Cluster("green-0".into()), 2)
-        .await;
-    let first = h.tick_landed().await;
+    let (mut h, standing, first) = shifting_replica(2).await;
 
     // Stranded, it judges on its own traffic: a failed check, in memory.
     standing.send_replace(Standing::Stranded);
-    h.answers("green-0", 503, 10);
-    tokio::time::advance(INTERVAL).await;
-    h.desired.tick().await;
+    h.failed_check().await;
     assert!(!h.calls.has_write(), "a stranded replica writes nothing");
     assert_eq!(h.shift("shard-0").consecutive_failures, 1);
 
@@ -380,15 +393,8 @@ async fn an_operators_change_through_a_follower_does_not_write_its_unwritten_fai
 /// stranded replica drops it.
 #[tokio::test(start_paused = true)]
 async fn a_state_from_another_replica_keeps_a_leaders_unwritten_failed_check_only() {
-    let (standing, leader) = watch::channel(Standing::Leader);
-    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
-    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
-    h.start_shift("shard-0", Target::Cluster("green-0".into()), 4)
-        .await;
-    let first = h.tick_landed().await;
-    h.answers("green-0", 503, 10);
-    tokio::time::advance(INTERVAL).await;
-    tokio::join!(h.desired.tick(), async { h.calls.write().await.fail() });
+    let (mut h, standing, first) = shifting_replica(4).await;
+    h.failed_check().await;
     assert_eq!(h.shift("shard-0").consecutive_failures, 1);
 
     let mut theirs = first.clone();
@@ -416,9 +422,7 @@ async fn a_state_from_another_replica_keeps_a_leaders_unwritten_failed_check_onl
     // Stranded, a failed check in memory; a state taken then drops it.
     let after_two = h.desired.state.clone();
     standing.send_replace(Standing::Stranded);
-    h.answers("green-0", 503, 10);
-    tokio::time::advance(INTERVAL).await;
-    h.desired.tick().await;
+    h.failed_check().await;
     assert_eq!(h.shift("shard-0").consecutive_failures, 3);
     assert!(!h.calls.has_write());
     h.desired.adopt_shared_state(after_two, None);
@@ -430,16 +434,9 @@ async fn a_state_from_another_replica_keeps_a_leaders_unwritten_failed_check_onl
 /// and writes nothing.
 #[tokio::test(start_paused = true)]
 async fn a_followers_read_before_a_change_fails_only_valid_changes() {
-    let (standing, leader) = watch::channel(Standing::Leader);
-    let mut h = Harness::new(TWO_SHARDS, true, Some(leader));
-    h.ready(&["blue-0", "green-0", "blue-1", "green-1"]);
-    h.start_shift("shard-0", Target::Cluster("green-0".into()), 2)
-        .await;
-    h.tick_landed().await;
+    let (mut h, standing, _) = shifting_replica(2).await;
     standing.send_replace(Standing::Stranded);
-    h.answers("green-0", 503, 10);
-    tokio::time::advance(INTERVAL).await;
-    h.desired.tick().await;
+    h.failed_check().await;
     standing.send_replace(Standing::Follower);
 
     let change = |blue: u64, green: u64| {
