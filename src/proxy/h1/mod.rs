@@ -174,24 +174,8 @@ where
                     // (RFC 9113 section 3.3); after a request served here it is a bad request,
                     // not a switch to HTTP/2 (which the general path would make).
                     Parsed::Handoff(_) if idle_since != start && buf.starts_with(H2_PREFACE) => {
-                        let answer = &mut scratch.down_head;
                         let msg = "the HTTP/2 connection preface is only valid at the start of a connection\n";
-                        forward::count(
-                            forward::NONE,
-                            forward::NONE,
-                            forward::NONE,
-                            StatusCode::BAD_REQUEST,
-                        );
-                        head::local_response(
-                            answer,
-                            StatusCode::BAD_REQUEST,
-                            b"-",
-                            true,
-                            false,
-                            msg,
-                        );
-                        let _ = write_all(&mut client, answer, &[]).await;
-                        let _ = client.shutdown().await;
+                        answer_and_close(client, StatusCode::BAD_REQUEST, false, msg).await;
                         return Ended::Closed;
                     }
                     Parsed::Handoff(why) => return hand_off(client, buf, shutdown, why).await,
@@ -347,7 +331,7 @@ fn may_end_head(bytes: &[u8]) -> bool {
 /// answered `503` and the connection closed (a connection handed over now would be closed by the
 /// drain before its request was read).
 async fn hand_off<S>(
-    mut client: S,
+    client: S,
     buf: BytesMut,
     shutdown: &watch::Receiver<bool>,
     reason: &'static str,
@@ -360,21 +344,26 @@ where
         metrics::counter!(telemetry::HTTP1_HANDOFFS_TOTAL, "reason" => reason).increment(1);
         return Ended::Handoff(Rewind::new(buf, client));
     }
-    forward::count(
-        forward::NONE,
-        forward::NONE,
-        forward::NONE,
+    let is_head = buf.starts_with(b"HEAD ");
+    answer_and_close(
+        client,
         StatusCode::SERVICE_UNAVAILABLE,
-    );
-    let mut answer = Vec::new();
-    head::local_response(
-        &mut answer,
-        StatusCode::SERVICE_UNAVAILABLE,
-        b"-",
-        true,
-        buf.starts_with(b"HEAD "),
+        is_head,
         "the gateway is shutting down\n",
-    );
+    )
+    .await;
+    Ended::Closed
+}
+
+/// Answers the connection's next request with `status` and `msg` (no cluster involved: counted
+/// with `none` labels) and closes the connection.
+async fn answer_and_close<S>(mut client: S, status: StatusCode, is_head: bool, msg: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    forward::count(forward::NONE, forward::NONE, forward::NONE, status);
+    let mut answer = Vec::new();
+    head::local_response(&mut answer, status, b"-", true, is_head, msg);
     let _ = write_all(&mut client, &answer, &[]).await;
     let _ = client.shutdown().await;
     // Unread request bytes at close would make the kernel reset the connection, which can
@@ -388,7 +377,6 @@ where
         }
     })
     .await;
-    Ended::Closed
 }
 
 /// What a connection's exchanges work in, kept from one request to the next.
