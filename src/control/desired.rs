@@ -49,8 +49,8 @@ struct Saved {
 impl Desired {
     /// Handles queued commands in order; consecutive weight changes are committed together. At a
     /// [`Command::Stop`] step backs not yet written are written, the state journal is folded, and
-    /// the stop's reply is returned: the control task
-    /// stops, and commands queued after it are dropped (their callers see it stopped).
+    /// the stop's reply is returned: the control task stops, and commands queued after it are
+    /// dropped (their callers see it stopped).
     pub(super) async fn handle_batch(
         &mut self,
         batch: Vec<Command>,
@@ -239,11 +239,13 @@ impl Desired {
     /// pays one fsync per burst, not one per change. Each change is answered on its own.
     pub(super) async fn set_weights_group(&mut self, group: Vec<WeightChange>) {
         // Judged on the state this replica holds first: a change refused there is refused
-        // without the read `follow_before_writing` may make (whose failure would answer 5xx).
-        let valid = group
-            .iter()
-            .any(|c| self.check_weights(&c.shard, &c.weights).is_ok());
-        if valid {
+        // without the read `follow_before_writing` makes (whose failure would answer 5xx).
+        let valid = || {
+            group
+                .iter()
+                .any(|c| self.check_weights(&c.shard, &c.weights).is_ok())
+        };
+        if self.must_follow() && valid() {
             if let Err(e) = self.follow_before_writing().await {
                 let message = e.to_string();
                 for change in group {
@@ -307,14 +309,21 @@ impl Desired {
     /// fails fails the change. Callers judge the change on the state they hold first, so that a
     /// change refused anyway is refused as such, and again after a read.
     pub(super) async fn follow_before_writing(&mut self) -> Result<bool, StateError> {
-        let follows = super::standing(&self.leader) == Standing::Follower;
-        if !follows || self.unsaved.is_empty() || !(self.leading || self.reload_shared) {
+        if !self.must_follow() {
             return Ok(false);
         }
         self.leading = false;
         self.reload_shared = true;
         self.reload_shared_state().await?;
         Ok(true)
+    }
+
+    /// Whether [`follow_before_writing`](Self::follow_before_writing) reads: the replica follows,
+    /// and holds transitions it applied but did not write while it judged shifts.
+    fn must_follow(&self) -> bool {
+        super::standing(&self.leader) == Standing::Follower
+            && !self.unsaved.is_empty()
+            && (self.leading || self.reload_shared)
     }
 
     /// Writes `next` to the state store, off the async runtime.
