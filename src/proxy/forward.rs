@@ -12,7 +12,6 @@ use hyper::body::Incoming;
 
 use crate::cluster::{Cluster, InFlight};
 use crate::proxy::body::{local_response, ProxyBody};
-use crate::proxy::h1::head::is_host;
 use crate::proxy::pool::{self, Sender};
 use crate::proxy::request_body::{BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::proxy::{headers, split_key, tunnel, Open, ProxyContext};
@@ -73,7 +72,7 @@ pub async fn handle(
     }
     // RFC 9112 section 3.2: an HTTP/1.1 request names its host, and a `Host` field holds a host.
     let host = req.headers().get(header::HOST);
-    if host.is_some_and(|h| !is_host(h.as_bytes()))
+    if host.is_some_and(|h| !headers::is_host(h.as_bytes()))
         || (host.is_none() && req.version() == Version::HTTP_11)
     {
         count(NONE, NONE, NONE, StatusCode::BAD_REQUEST);

@@ -137,6 +137,31 @@ fn remove_hop_by_hop_keeping(headers: &mut HeaderMap, keep_upgrade: bool, keep: 
     }
 }
 
+/// Whether `value` is a `Host` field value: empty, or a host (a name, an IPv4 address or an IP
+/// literal in brackets) and an optional port, in the bytes RFC 3986 allows there (section 3.2.2:
+/// unreserved, percent-encoded, sub-delimiters; `:` and brackets). No user information (`@`),
+/// path or whitespace.
+pub fn is_host(value: &[u8]) -> bool {
+    value.iter().all(|&b| HOST_BYTES[b as usize])
+}
+
+/// The bytes [`is_host`] allows, by value (one load per byte on the request path).
+static HOST_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"-._~%!$&'()*+,;=:[]";
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 /// What the gateway cannot forward in a message's `transfer-encoding`: a coding other than
 /// `chunked` (the framing is taken off and the field with it, hop-by-hop, so the coding's name
 /// would be lost while the body stays coded), or `chunked` applied twice (RFC 9112 section 6.1).

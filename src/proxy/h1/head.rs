@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 use std::net::IpAddr;
 
 use crate::config::SplitKey;
+use crate::proxy::headers::is_host;
 use crate::proxy::split_key;
 use crate::routing::key_hash;
 
@@ -558,31 +559,6 @@ fn is_text(value: &[u8]) -> bool {
         .iter()
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
-
-/// Whether `value` is a `Host` field value: empty, or a host (a name, an IPv4 address or an IP
-/// literal in brackets) and an optional port, in the bytes RFC 3986 allows there (section 3.2.2:
-/// unreserved, percent-encoded, sub-delimiters; `:` and brackets). No user information (`@`),
-/// path or whitespace.
-pub fn is_host(value: &[u8]) -> bool {
-    value.iter().all(|&b| HOST_BYTES[b as usize])
-}
-
-/// The bytes [`is_host`] allows, by value (one load per byte on the request path).
-static HOST_BYTES: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        table[b] = (b as u8).is_ascii_alphanumeric();
-        b += 1;
-    }
-    let extra = b"-._~%!$&'()*+,;=:[]";
-    let mut i = 0;
-    while i < extra.len() {
-        table[extra[i] as usize] = true;
-        i += 1;
-    }
-    table
-};
 
 /// Longest request target `http::Uri` accepts (hyper answers 400 to a longer one).
 const MAX_TARGET_LEN: usize = u16::MAX as usize - 1;
