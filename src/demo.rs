@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     /// Admin API.
     pub admin_listen: SocketAddr,
+    /// Per-core proxy workers (`Config::proxy_workers`; 0: none).
+    pub proxy_workers: usize,
 }
 
 /// Why the demo could not start.
@@ -136,7 +138,12 @@ probe:
         green = green.url(),
     );
     let started = match Config::from_yaml(&yaml, &state_dir) {
-        Ok(config) => Gateway::start(config).await.map_err(DemoError::from),
+        Ok(config) => Gateway::start(Config {
+            proxy_workers: opts.proxy_workers,
+            ..config
+        })
+        .await
+        .map_err(DemoError::from),
         Err(e) => Err(DemoError::from(e)),
     };
     let gateway = match started {

@@ -46,6 +46,9 @@ pub enum GatewayError {
     /// The Kubernetes client could not be set up (`discovery.kubernetes`).
     #[error(transparent)]
     Kube(#[from] crate::discovery::kube::KubeError),
+    /// A proxy worker thread or its runtime could not be started.
+    #[error(transparent)]
+    Workers(#[from] proxy::workers::StartError),
 }
 
 /// A running gateway.
@@ -65,6 +68,8 @@ pub struct Gateway {
     tls: Option<Arc<ServerTls>>,
     /// RayCluster watchers and the drain annotator (Kubernetes discovery).
     discovery_tasks: Vec<JoinHandle<()>>,
+    /// The per-core proxy workers (`Config::proxy_workers`), stopped after the drain.
+    workers: Option<proxy::workers::Workers>,
 }
 
 impl Gateway {
@@ -88,6 +93,10 @@ impl Gateway {
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| GatewayError::Bind { what, addr, source })
+        };
+        let workers = match config.proxy_workers {
+            0 => None,
+            n => Some(proxy::workers::Workers::start(n)?),
         };
         let proxy_listener = bind("proxy", config.listen).await?;
         let admin_listener = bind("admin", config.admin.listen).await?;
@@ -151,6 +160,9 @@ impl Gateway {
             config.limits.clone(),
             config.shutdown.drain_timeout,
             server_tls.as_ref().map(|t| t.server_config()),
+            workers
+                .as_ref()
+                .map_or_else(proxy::workers::Spawner::local, |w| w.spawner()),
         ));
         if let Some(tls) = &server_tls {
             tls.spawn_watcher(stop_rx.clone());
@@ -168,6 +180,7 @@ impl Gateway {
             shutdown: config.shutdown.clone(),
             tls: server_tls,
             discovery_tasks,
+            workers,
         })
     }
 
@@ -228,6 +241,9 @@ impl Gateway {
             "shutting down: draining client connections"
         );
         let _ = self.proxy_task.await;
+        if let Some(workers) = self.workers {
+            workers.stop().await;
+        }
         let _ = self.stop.send(true);
         for task in &self.discovery_tasks {
             task.abort();

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let cfg = match Config::load(&config) {
+            let mut cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
                 Err(errors) => {
                     eprintln!("{}: invalid config, not starting:", config.display());
@@ -70,17 +70,21 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            report(runtime().and_then(|rt| rt.block_on(run(cfg))))
+            report(runtime().and_then(|(rt, workers)| {
+                cfg.proxy_workers = workers;
+                rt.block_on(run(cfg))
+            }))
         }
         Command::Demo {
             listen,
             admin_listen,
             shift,
-        } => report(runtime().and_then(|rt| {
+        } => report(runtime().and_then(|(rt, proxy_workers)| {
             rt.block_on(run_demo(
                 DemoOptions {
                     listen,
                     admin_listen,
+                    proxy_workers,
                 },
                 shift,
             ))
@@ -105,10 +109,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// The tokio runtime: `RAYSHIFT_WORKER_THREADS=N` uses N worker threads; unset, one per core the
-/// process may use (CPU affinity, cgroup quota). One thread means tokio's single-threaded runtime,
-/// which is the cheapest per request when rayshift gets one core (BENCHMARKS.md).
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The tokio runtime and the number of per-core proxy workers (`Config::proxy_workers`).
+///
+/// `RAYSHIFT_WORKER_THREADS=N` serves client connections on N threads; unset, one per core the
+/// process may use (CPU affinity, cgroup quota). One thread: everything on tokio's
+/// single-threaded runtime, the cheapest per request when rayshift gets one core. More: with
+/// `RAYSHIFT_RUNTIME=per-core` (the default) N proxy workers, each a thread with its own
+/// single-threaded runtime, and the control plane and admin API on a single-threaded runtime of
+/// their own; with `RAYSHIFT_RUNTIME=work-stealing` everything on tokio's work-stealing pool of N
+/// threads (BENCHMARKS.md compares them).
+fn runtime() -> anyhow::Result<(tokio::runtime::Runtime, usize)> {
+    let per_core = match std::env::var("RAYSHIFT_RUNTIME") {
+        Ok(v) => match v.trim() {
+            "per-core" => true,
+            "work-stealing" => false,
+            _ => {
+                anyhow::bail!("RAYSHIFT_RUNTIME={v:?}: expected \"per-core\" or \"work-stealing\"")
+            }
+        },
+        Err(_) => true,
+    };
     let threads = match std::env::var("RAYSHIFT_WORKER_THREADS") {
         Ok(v) => Some(
             v.trim()
@@ -123,17 +143,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     };
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
+    let (mut builder, workers) = if threads == 1 {
+        (tokio::runtime::Builder::new_current_thread(), 0)
+    } else if per_core {
+        (tokio::runtime::Builder::new_current_thread(), threads)
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(threads);
-        b
+        (b, 0)
     };
-    builder
+    let runtime = builder
         .enable_all()
         .build()
-        .context("starting the tokio runtime")
+        .context("starting the tokio runtime")?;
+    Ok((runtime, workers))
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

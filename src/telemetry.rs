@@ -47,6 +47,8 @@ pub const CLUSTER_READY: &str = "rayshift_cluster_ready";
 pub const CLUSTER_PRESENT: &str = "rayshift_cluster_present";
 /// Requests currently in flight on each cluster.
 pub const CLUSTER_IN_FLIGHT: &str = "rayshift_cluster_in_flight";
+/// Client connections each proxy worker serves now (only with per-core workers).
+pub const WORKER_CONNECTIONS: &str = "rayshift_worker_connections";
 /// Routing-table snapshots published.
 pub const ROUTING_TABLE_UPDATES_TOTAL: &str = "rayshift_routing_table_updates_total";
 /// Readiness probes sent to clusters, by cluster and result.
@@ -211,6 +213,10 @@ fn describe() {
         CLUSTER_IN_FLIGHT,
         "Requests currently in flight on each cluster."
     );
+    describe_gauge!(
+        WORKER_CONNECTIONS,
+        "Client connections each proxy worker thread serves now (per-core workers only)."
+    );
     describe_counter!(
         ROUTING_TABLE_UPDATES_TOTAL,
         "Routing-table snapshots published."
@@ -295,6 +301,13 @@ fn describe() {
 /// Counts a client connection the gateway closed for `reason` (one of [`CLOSE_REASONS`]).
 pub fn connection_closed(reason: &'static str) {
     metrics::counter!(CLIENT_CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// The gauge of client connections on proxy worker `index` (from 0), exported at 0 from the start.
+pub fn worker_connections(index: usize) -> metrics::Gauge {
+    let gauge = metrics::gauge!(WORKER_CONNECTIONS, "worker" => index.to_string());
+    gauge.set(0.0);
+    gauge
 }
 
 /// Sets up logging to stderr; `RUST_LOG` overrides the default level (`info`).

@@ -279,3 +279,37 @@ async fn busy_port_is_a_start_error() {
         "{stderr}"
     );
 }
+
+/// A bad `RAYSHIFT_RUNTIME` or `RAYSHIFT_WORKER_THREADS` stops `run` before it binds anything,
+/// naming the variable and what it takes.
+#[test]
+fn bad_runtime_variables_are_start_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "rayshift.yaml",
+        "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\nshards: [s]\n",
+    );
+    for (var, value, expected) in [
+        (
+            "RAYSHIFT_RUNTIME",
+            "stealing",
+            "RAYSHIFT_RUNTIME=\"stealing\": expected \"per-core\" or \"work-stealing\"",
+        ),
+        (
+            "RAYSHIFT_WORKER_THREADS",
+            "0",
+            "RAYSHIFT_WORKER_THREADS=\"0\": expected an integer >= 1",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rayshift"))
+            .args(["run", "--config", &config])
+            .env(var, value)
+            .output()
+            .expect("run rayshift");
+        assert_eq!(out.status.code(), Some(1), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+        assert!(!dir.path().join("state.json").exists());
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, get, send, TestGateway};
+use common::{eventually, get, send, GatewayProcess, TestGateway};
 use http::Method;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -1500,4 +1500,94 @@ fn h2_get(gw: &TestGateway, path: &str) -> http::Request<http_body_util::Empty<b
     http::Request::get(gw.url(path))
         .body(http_body_util::Empty::new())
         .unwrap()
+}
+
+/// With per-core workers (`rayshift run` with `RAYSHIFT_WORKER_THREADS=2`), client connections are
+/// spread over the workers and each worker keeps its own upstream connections: requests on the
+/// client connections of one worker share one upstream connection, those of the other worker
+/// another. SIGTERM still drains: a request in flight is answered, and the process exits cleanly.
+#[tokio::test]
+async fn per_core_workers_spread_clients_and_keep_their_own_upstream_connections() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rayshift.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nstate_file: state.json\nshards: [s]\n\
+             probe:\n  interval: 100ms\n  timeout: 500ms\n\
+             shutdown:\n  ready_delay: 0s\n  drain_timeout: 30s\n\
+             clusters:\n  - name: workers\n    shard: s\n    revision: v1\n    serve_url: http://127.0.0.1:{}\n",
+            backend.port
+        ),
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::spawn_with_env(
+        &config,
+        &[
+            ("RAYSHIFT_WORKER_THREADS", "2"),
+            ("RAYSHIFT_RUNTIME", "per-core"),
+        ],
+    )
+    .unwrap();
+    gw.wait_ready().await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(TcpStream::connect(gw.proxy).await.unwrap());
+    }
+    let conn_id = |head: &[u8]| {
+        let head = String::from_utf8_lossy(head);
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-conn: "))
+            .unwrap_or_else(|| panic!("no x-conn in {head}"))
+            .to_string()
+    };
+    // One request at a time: each worker's pool always has its connection idle for the next.
+    let mut seen = vec![Vec::new(); 4];
+    for _ in 0..3 {
+        for (client, seen) in clients.iter_mut().zip(&mut seen) {
+            client
+                .write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            seen.push(conn_id(
+                &read_until(client, |s| s.ends_with(b"hello")).await,
+            ));
+        }
+    }
+    // Accepted in order, each to the worker with fewer connections: 0, 1, 0, 1.
+    for seen in &seen {
+        assert!(seen.iter().all(|c| *c == seen[0]), "{seen:?}");
+    }
+    assert_eq!(seen[0][0], seen[2][0], "{seen:?}");
+    assert_eq!(seen[1][0], seen[3][0], "{seen:?}");
+    assert_ne!(seen[0][0], seen[1][0], "{seen:?}");
+    assert_eq!(backend.app_conns(), 2);
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    for worker in 0..2 {
+        let series = format!("rayshift_worker_connections{{worker=\"{worker}\"}} 2");
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
+
+    // A request in flight (answered after 5 s) when SIGTERM arrives is still answered.
+    clients[1]
+        .write_all(b"GET /app/slow HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let in_flight = gw.admin("/metrics");
+    eventually("the slow request reaches the cluster", || {
+        let url = in_flight.clone();
+        async move {
+            get(&url)
+                .await
+                .body
+                .contains("rayshift_cluster_in_flight{cluster=\"workers\"} 1")
+        }
+    })
+    .await;
+    let stopping = tokio::task::spawn_blocking(move || gw.terminate());
+    let answer = read_until_closed(&mut clients[1]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = stopping.await.unwrap();
+    assert!(status.success(), "{status:?}");
 }

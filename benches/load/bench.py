@@ -493,8 +493,8 @@ class Bench:
             # Not read by every rayshift version; taskset alone already gives tokio one worker.
             env["RAYSHIFT_WORKER_THREADS"] = str(self.args.rayshift_threads)
         out = self.work / f"{name}.stdout"
-        p = self.procs.start(name, [binary or self.args.rayshift, "run", "--config", str(conf)], self.args.proxy_cpu,
-                             env=env, stdout=out)
+        p = self.procs.start(name, [binary or self.args.rayshift, "run", "--config", str(conf)],
+                             self.args.rayshift_cpus or self.args.proxy_cpu, env=env, stdout=out)
 
         def listening():
             if p.poll() is not None:
@@ -1610,6 +1610,9 @@ def parse_args(argv: list[str]):
     ap.add_argument("--proxy-cpu", default="1", help="core for the backend and the proxy under test (default 1)")
     ap.add_argument("--rayshift-threads", type=int, default=1,
                     help="RAYSHIFT_WORKER_THREADS passed to rayshift (0: not set)")
+    ap.add_argument("--rayshift-cpus", default=None, metavar="CPUS",
+                    help="cores rayshift runs on (a taskset list; default: --proxy-cpu), e.g. 0,1 with "
+                         "--rayshift-threads 2 to compare RAYSHIFT_RUNTIME=per-core and work-stealing")
     ap.add_argument("--work", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--rayshift", required=True, help=argparse.SUPPRESS)
     ap.add_argument("--results", required=True, help=argparse.SUPPRESS)

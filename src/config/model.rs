@@ -77,6 +77,11 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Dynamic discovery of clusters (`discovery.kubernetes`); `None`: static clusters only.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Per-core proxy worker threads that serve client connections ([`crate::proxy::workers`]);
+    /// 0 (what a config file gives) serves them on the runtime that starts the gateway. Not a
+    /// file key: `rayshift run` sets it from the process's cores (`RAYSHIFT_WORKER_THREADS`,
+    /// `RAYSHIFT_RUNTIME`).
+    pub proxy_workers: usize,
 }
 
 /// How a RayCluster's Serve endpoint is reached (`discovery.kubernetes.endpoint`).

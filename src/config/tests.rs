@@ -175,6 +175,7 @@ fn full_config_round_trip() {
         shutdown: crate::config::ShutdownConfig::default(),
         tls: None,
         kubernetes: None,
+        proxy_workers: 0,
     };
     assert_eq!(config, expected);
     assert_eq!(config.shard_index("shard-1"), Some(1));

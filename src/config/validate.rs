@@ -311,6 +311,7 @@ pub(crate) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
         shutdown,
         tls,
         kubernetes,
+        proxy_workers: 0,
     })
 }
 

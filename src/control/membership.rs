@@ -82,6 +82,7 @@ impl Desired {
             ClusterPool::new(
                 self.config.upstream.max_idle_per_cluster,
                 self.config.upstream.idle_timeout,
+                self.config.proxy_workers,
             ),
         ));
         let target = ProbeTarget {

@@ -14,6 +14,7 @@ pub mod retry;
 pub mod server;
 pub mod split_key;
 mod tunnel;
+pub mod workers;
 
 use std::sync::Arc;
 

@@ -62,14 +62,35 @@ impl SendError {
 
 /// Idle keep-alive connections to one cluster, newest last: hyper's (general path) and plain
 /// TCP ones with their read buffers (the direct HTTP/1.1 path, [`crate::proxy::h1`]).
+///
+/// With per-core proxy workers ([`crate::proxy::workers`]) the pool has one part per worker (and
+/// one for any other thread): a connection is registered with the poller of the worker that
+/// opened it, and stays with that worker, so it is never used from another core.
 #[derive(Debug)]
 pub struct ClusterPool {
-    idle: Mutex<VecDeque<Idle<Sender>>>,
-    raw: Mutex<VecDeque<Idle<RawConn>>>,
-    /// Most idle connections kept (`upstream.max_idle_per_cluster`).
+    slots: Box<[Slot]>,
+    /// Most idle connections kept in each slot (`upstream.max_idle_per_cluster` over the workers).
     max_idle: usize,
     /// Idle connections older than this are closed (`upstream.idle_timeout`).
     idle_timeout: Duration,
+}
+
+/// The idle connections of one worker (or of the threads that are none).
+#[derive(Debug, Default)]
+struct Slot {
+    idle: Mutex<VecDeque<Idle<Sender>>>,
+    raw: Mutex<VecDeque<Idle<RawConn>>>,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<Sender>>> {
+        // A panic while holding the lock leaves a valid deque: recover it.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<RawConn>>> {
+        self.raw.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// An idle connection and when it became idle.
@@ -92,28 +113,43 @@ pub struct RawConn {
 const RAW_READ_BUF: usize = 32 * 1024;
 
 impl ClusterPool {
-    /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`.
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+    /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`,
+    /// for a gateway with `workers` per-core proxy workers (0: none, connections served on the
+    /// main runtime). With workers, each keeps at most its share of `max_idle` (rounded up).
+    pub fn new(max_idle: usize, idle_timeout: Duration, workers: usize) -> Self {
         Self {
-            idle: Mutex::new(VecDeque::new()),
-            raw: Mutex::new(VecDeque::new()),
-            max_idle,
+            slots: (0..=workers).map(|_| Slot::default()).collect(),
+            max_idle: if workers == 0 {
+                max_idle
+            } else {
+                max_idle.div_ceil(workers)
+            },
             idle_timeout,
         }
     }
 
     /// Idle connections now (including ones the cluster may have closed since).
     pub fn idle_count(&self) -> usize {
-        self.lock().len() + self.lock_raw().len()
+        self.slots
+            .iter()
+            .map(|slot| slot.lock().len() + slot.lock_raw().len())
+            .sum()
+    }
+
+    /// The calling thread's part of the pool.
+    fn slot(&self) -> &Slot {
+        let slots = &self.slots;
+        slots
+            .get(crate::proxy::workers::slot())
+            .unwrap_or(&slots[0])
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<Sender>>> {
-        // A panic while holding the lock leaves a valid deque: recover it.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        self.slot().lock()
     }
 
     fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<RawConn>>> {
-        self.raw.lock().unwrap_or_else(|e| e.into_inner())
+        self.slot().lock_raw()
     }
 
     /// The most recently used idle plain connection still open and young enough at `now` (see
@@ -209,10 +245,13 @@ impl ClusterPool {
     /// Closes idle connections that expired or that the cluster closed.
     pub fn prune(&self) {
         let now = Instant::now();
-        self.lock()
-            .retain(|c| !c.conn.is_closed() && now.duration_since(c.since) < self.idle_timeout);
-        self.lock_raw()
-            .retain(|c| is_open(&c.conn.stream) && now.duration_since(c.since) < self.idle_timeout);
+        for slot in &self.slots {
+            slot.lock()
+                .retain(|c| !c.conn.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+            slot.lock_raw().retain(|c| {
+                is_open(&c.conn.stream) && now.duration_since(c.since) < self.idle_timeout
+            });
+        }
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. Returns the
@@ -393,7 +432,7 @@ mod tests {
     /// next one, instead of closing every idle connection as if all behind it were older.
     #[test]
     fn an_expired_connection_put_back_last_leaves_the_fresh_ones() {
-        let pool = ClusterPool::new(8, Duration::from_secs(4));
+        let pool = ClusterPool::new(8, Duration::from_secs(4), 0);
         let now = Instant::now();
         let mut idle = VecDeque::new();
         pool.push(&mut idle, "fresh-1", now - Duration::from_secs(1));

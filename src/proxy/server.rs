@@ -14,11 +14,13 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
 use crate::proxy::conn_watch::{ConnWatch, Ended, Tracked};
+use crate::proxy::workers::Spawner;
 use crate::proxy::{forward, h1, headers, Open, ProxyContext};
 
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
 /// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
-/// requests, streamed bodies and upgraded connections (WebSockets) to finish.
+/// requests, streamed bodies and upgraded connections (WebSockets) to finish. Each connection is
+/// served where `spawner` starts it: on this runtime or on a per-core worker.
 ///
 /// With `tls`, every connection starts with a TLS handshake (bounded by
 /// `limits.header_read_timeout`, done on the connection's own task); the protocol is then what
@@ -31,6 +33,7 @@ pub async fn serve(
     limits: LimitsConfig,
     drain: Duration,
     tls: Option<Arc<rustls::ServerConfig>>,
+    spawner: Spawner,
 ) {
     let tls = tls.map(TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -115,7 +118,7 @@ pub async fn serve(
                     direct,
                 };
                 let Some(acceptor) = &tls else {
-                    tokio::spawn(async move {
+                    spawner.spawn(stream, move |stream| async move {
                         client.serve(stream, watch, service).await;
                         drop(permit);
                     });
@@ -123,7 +126,7 @@ pub async fn serve(
                 };
                 let acceptor = acceptor.clone();
                 let handshake_timeout = limits.header_read_timeout;
-                tokio::spawn(async move {
+                spawner.spawn(stream, move |stream| async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => client.serve(stream, watch, service).await,
                         Ok(Err(e)) => {

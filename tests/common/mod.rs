@@ -443,10 +443,16 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Runs `rayshift run --config PATH` and reads the bound addresses from its stdout.
     pub fn spawn(config: &Path) -> Result<GatewayProcess, String> {
+        Self::spawn_with_env(config, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with more environment variables.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> Result<GatewayProcess, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rayshift"))
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
