@@ -30,7 +30,8 @@ const BIG: usize = 4 << 20;
 /// `/app/hold` (never answers; the connection ends when the client closes it), `/app/liar` (a 204
 /// declaring a 38-byte body, whose 38 bytes, a response head, follow 1 s later), `/app/switch`
 /// (101 to a request that asked for no upgrade), `/app/both` (chunked with a wrong
-/// `content-length` too), `/app/gzipped` (a transfer coding before `chunked`), `/app/listed`
+/// `content-length` too), `/app/gzipped` (a transfer coding before `chunked`), `/app/badchunk`
+/// (a chunked body malformed in its first bytes, sent with the head), `/app/listed`
 /// (`Connection` naming `content-length` and `x-request-id`),
 /// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails),
 /// `/app/quiet` (one chunk of a stream, then nothing: counted in `cancelled` when the gateway
@@ -323,6 +324,14 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
                 ]
                 .concat(),
                 false,
+            ),
+            "/app/badchunk" => (
+                [
+                    head("200 OK", "transfer-encoding: chunked\r\n"),
+                    b"zz\r\nabc\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+                true,
             ),
             "/app/gzipped" => (
                 [
@@ -1290,6 +1299,16 @@ async fn misleading_response_heads_are_made_right_on_both_paths() {
         // coded): the cluster's failure.
         let (status, _, _) = fetch("/app/gzipped").await;
         assert_eq!(status, 502, "http2 {http2}");
+
+        if !http2 {
+            // Malformed in the bytes that came with the head, before anything reached the
+            // client: a 502 (the general path has sent the head by then and can only cut the
+            // body short).
+            let (status, _, body) = fetch("/app/badchunk").await;
+            let body = String::from_utf8_lossy(body.as_deref().unwrap_or_default()).into_owned();
+            assert_eq!(status, 502, "{body}");
+            assert!(body.contains("malformed chunked body"), "{body}");
+        }
 
         let (status, headers, body) = fetch("/app/listed").await;
         assert_eq!(

@@ -519,7 +519,13 @@ impl Exchange<'_> {
         }
         // A small body that came after its head is waited for here, before the response counts:
         // a cluster that closes instead of sending it gets the client a 502, not an empty reply.
+        // Likewise a chunked body malformed in the bytes that came with its head: nothing has
+        // reached the client yet.
         let short_body = match &mut outcome {
+            Ok((conn, resp)) if resp.framing == Framing::Chunked => chunked::Scanner::default()
+                .scan(&conn.buf[resp.head_len..])
+                .err()
+                .map(|e| e.to_string()),
             Ok((conn, resp)) => {
                 match await_small_body(client, conn, resp, scratch, self.pipelined).await {
                     Ok(()) => None,
