@@ -68,8 +68,6 @@ pub struct Gateway {
     tls: Option<Arc<ServerTls>>,
     /// RayCluster watchers and the drain annotator (Kubernetes discovery).
     discovery_tasks: Vec<JoinHandle<()>>,
-    /// The per-core proxy workers (`Config::proxy_workers`), stopped after the drain.
-    workers: Option<proxy::workers::Workers>,
 }
 
 impl Gateway {
@@ -153,17 +151,26 @@ impl Gateway {
             tokio::time::sleep(ready_delay).await;
             let _ = proxy_stop_tx.send(true);
         });
-        let proxy_task = tokio::spawn(proxy::server::serve(
+        let spawner = workers
+            .as_ref()
+            .map_or_else(proxy::workers::Spawner::local, |w| w.spawner());
+        let serving = proxy::server::serve(
             proxy_listener,
             proxy_ctx,
             proxy_stop,
             config.limits.clone(),
             config.shutdown.drain_timeout,
             server_tls.as_ref().map(|t| t.server_config()),
-            workers
-                .as_ref()
-                .map_or_else(proxy::workers::Spawner::local, |w| w.spawner()),
-        ));
+            spawner,
+        );
+        // The workers stop once the proxy has drained, whether the gateway is shut down or
+        // dropped (which also starts the drain).
+        let proxy_task = tokio::spawn(async move {
+            serving.await;
+            if let Some(workers) = workers {
+                workers.stop().await;
+            }
+        });
         if let Some(tls) = &server_tls {
             tls.spawn_watcher(stop_rx.clone());
         }
@@ -180,7 +187,6 @@ impl Gateway {
             shutdown: config.shutdown.clone(),
             tls: server_tls,
             discovery_tasks,
-            workers,
         })
     }
 
@@ -241,9 +247,6 @@ impl Gateway {
             "shutting down: draining client connections"
         );
         let _ = self.proxy_task.await;
-        if let Some(workers) = self.workers {
-            workers.stop().await;
-        }
         let _ = self.stop.send(true);
         for task in &self.discovery_tasks {
             task.abort();

@@ -16,6 +16,7 @@
 //! hyper's connections do not go the other way.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -63,34 +64,80 @@ impl SendError {
 /// Idle keep-alive connections to one cluster, newest last: hyper's (general path) and plain
 /// TCP ones with their read buffers (the direct HTTP/1.1 path, [`crate::proxy::h1`]).
 ///
-/// With per-core proxy workers ([`crate::proxy::workers`]) the pool has one part per worker (and
-/// one for any other thread): a connection is registered with the poller of the worker that
-/// opened it, and stays with that worker, so it is never used from another core.
+/// With per-core proxy workers ([`crate::proxy::workers`]) each kind is split into one part per
+/// worker (and one for any other thread): a connection is registered with the poller of the
+/// worker that opened it and is only used by that worker. The budget (`max_idle`) is the
+/// cluster's, shared by the parts.
 #[derive(Debug)]
 pub struct ClusterPool {
-    slots: Box<[Slot]>,
-    /// Most idle connections kept in each slot (`upstream.max_idle_per_cluster` over the workers).
+    idle: Kind<Sender>,
+    raw: Kind<RawConn>,
+    /// Most idle connections of each kind kept (`upstream.max_idle_per_cluster`).
     max_idle: usize,
     /// Idle connections older than this are closed (`upstream.idle_timeout`).
     idle_timeout: Duration,
 }
 
-/// The idle connections of one worker (or of the threads that are none).
-#[derive(Debug, Default)]
-struct Slot {
-    idle: Mutex<VecDeque<Idle<Sender>>>,
-    raw: Mutex<VecDeque<Idle<RawConn>>>,
+/// The idle connections of one kind, in one part per worker, and how many there are in all.
+#[derive(Debug)]
+struct Kind<T> {
+    slots: Box<[Slot<T>]>,
+    /// Idle connections in all parts (counted where they are added and removed, under their
+    /// part's lock).
+    count: AtomicUsize,
 }
 
-impl Slot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<Sender>>> {
-        // A panic while holding the lock leaves a valid deque: recover it.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+/// The idle connections of one worker (or of the threads that are none). Each on its own cache
+/// lines: two workers' locks are never in one line.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot<T>(Mutex<VecDeque<Idle<T>>>);
+
+type Guard<'a, T> = std::sync::MutexGuard<'a, VecDeque<Idle<T>>>;
+
+impl<T> Kind<T> {
+    fn new(slots: usize) -> Self {
+        Self {
+            slots: (0..slots).map(|_| Slot(Mutex::default())).collect(),
+            count: AtomicUsize::new(0),
+        }
     }
 
-    fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<RawConn>>> {
-        self.raw.lock().unwrap_or_else(|e| e.into_inner())
+    /// The calling thread's part.
+    fn local(&self) -> Guard<'_, T> {
+        let slots = &self.slots;
+        lock(
+            slots
+                .get(crate::proxy::workers::slot())
+                .unwrap_or(&slots[0]),
+        )
     }
+
+    /// Every part, one after the other.
+    fn each(&self) -> impl Iterator<Item = Guard<'_, T>> {
+        self.slots.iter().map(lock)
+    }
+
+    /// Counts `n` connections taken out of a part.
+    fn removed(&self, n: usize) {
+        if n > 0 {
+            self.count.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Keeps the connections of every part for which `keep` holds; the others are closed.
+    fn retain(&self, mut keep: impl FnMut(&Idle<T>) -> bool) {
+        for mut part in self.each() {
+            let before = part.len();
+            part.retain(&mut keep);
+            self.removed(before - part.len());
+        }
+    }
+}
+
+fn lock<T>(slot: &Slot<T>) -> Guard<'_, T> {
+    // A panic while holding the lock leaves a valid deque: recover it.
+    slot.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An idle connection and when it became idle.
@@ -113,66 +160,45 @@ pub struct RawConn {
 const RAW_READ_BUF: usize = 32 * 1024;
 
 impl ClusterPool {
-    /// An empty pool keeping at most `max_idle` connections, each for at most `idle_timeout`,
-    /// for a gateway with `workers` per-core proxy workers (0: none, connections served on the
-    /// main runtime). With workers, each keeps at most its share of `max_idle` (rounded up).
+    /// An empty pool keeping at most `max_idle` connections of each kind, each for at most
+    /// `idle_timeout`, for a gateway with `workers` per-core proxy workers (0: none, connections
+    /// served on the main runtime).
     pub fn new(max_idle: usize, idle_timeout: Duration, workers: usize) -> Self {
         Self {
-            slots: (0..=workers).map(|_| Slot::default()).collect(),
-            max_idle: if workers == 0 {
-                max_idle
-            } else {
-                max_idle.div_ceil(workers)
-            },
+            idle: Kind::new(workers + 1),
+            raw: Kind::new(workers + 1),
+            max_idle,
             idle_timeout,
         }
     }
 
     /// Idle connections now (including ones the cluster may have closed since).
     pub fn idle_count(&self) -> usize {
-        self.slots
-            .iter()
-            .map(|slot| slot.lock().len() + slot.lock_raw().len())
-            .sum()
-    }
-
-    /// The calling thread's part of the pool.
-    fn slot(&self) -> &Slot {
-        let slots = &self.slots;
-        slots
-            .get(crate::proxy::workers::slot())
-            .unwrap_or(&slots[0])
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<Sender>>> {
-        self.slot().lock()
-    }
-
-    fn lock_raw(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle<RawConn>>> {
-        self.slot().lock_raw()
+        let idle: usize = self.idle.each().map(|part| part.len()).sum();
+        idle + self.raw.each().map(|part| part.len()).sum::<usize>()
     }
 
     /// The most recently used idle plain connection still open and young enough at `now` (see
     /// [`ClusterPool::checkout`]), and since when it was idle.
     pub fn checkout_raw(&self, now: Instant) -> Option<(RawConn, Instant)> {
-        self.pop_idle(&mut self.lock_raw(), now, |c| is_open(&c.stream))
+        self.pop_idle(&self.raw, now, |c| is_open(&c.stream))
             .map(|c| (c.conn, c.since))
     }
 
     /// Closes the idle plain connections that have been idle since `since` or longer. Called when
     /// the cluster closed a pooled connection, idle since `since`, under a request: whatever
-    /// ended it (the cluster's keep-alive timer, a restart) has likely ended those too. Younger
-    /// ones, put back since, stay.
+    /// ended it (the cluster's keep-alive timer, a restart) has likely ended those too, every
+    /// worker's. Younger ones, put back since, stay.
     pub fn close_idle_since(&self, since: Instant) {
-        let stale: VecDeque<Idle<RawConn>> = {
-            let mut idle = self.lock_raw();
-            let all = std::mem::take(&mut *idle);
-            let (stale, young) = all.into_iter().partition(|c| c.since <= since);
-            *idle = young;
-            stale
-        };
-        // Closed outside the lock.
-        drop(stale);
+        for mut part in self.raw.each() {
+            let all = std::mem::take(&mut *part);
+            let (stale, young): (VecDeque<_>, _) = all.into_iter().partition(|c| c.since <= since);
+            *part = young;
+            drop(part);
+            self.raw.removed(stale.len());
+            // Closed outside the lock.
+            drop(stale);
+        }
     }
 
     /// Takes a plain connection back after its response ended on a message boundary, its buffer
@@ -181,13 +207,14 @@ impl ClusterPool {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
-        self.push(&mut self.lock_raw(), conn, now);
+        self.push(&self.raw, conn, now);
     }
 
     /// The most recently used idle connection still open and young enough (the closed and expired
     /// ones in front of it are closed).
     fn checkout(&self) -> Option<Sender> {
-        self.pop(&mut self.lock(), Instant::now(), |s| !s.is_closed())
+        self.pop_idle(&self.idle, Instant::now(), |s| !s.is_closed())
+            .map(|c| c.conn)
     }
 
     /// Takes a connection back after its response ended. Expired connections and those over
@@ -196,62 +223,65 @@ impl ClusterPool {
         if sender.is_closed() || self.max_idle == 0 {
             return;
         }
-        self.push(&mut self.lock(), sender, Instant::now());
+        self.push(&self.idle, sender, Instant::now());
     }
 
-    /// Adds `conn` to `idle` as the newest, after closing the expired ones and the oldest over
-    /// `max_idle`.
-    fn push<T>(&self, idle: &mut VecDeque<Idle<T>>, conn: T, now: Instant) {
-        while let Some(oldest) = idle.front() {
-            if idle.len() >= self.max_idle
-                || now.saturating_duration_since(oldest.since) >= self.idle_timeout
-            {
-                idle.pop_front();
-            } else {
-                break;
+    /// Adds `conn` to the calling thread's part of `kind` as the newest, after closing that part's
+    /// expired connections. At the budget (`max_idle` of the kind, all parts together) the part's
+    /// oldest is closed to make room; a part with none closes `conn` instead (the budget is held
+    /// by other workers' connections).
+    fn push<T>(&self, kind: &Kind<T>, conn: T, now: Instant) {
+        let mut idle = kind.local();
+        let before = idle.len();
+        while idle
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.since) >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        kind.removed(before - idle.len());
+        if kind.count.load(Ordering::Relaxed) >= self.max_idle {
+            if idle.pop_front().is_none() {
+                return;
             }
+            kind.removed(1);
         }
         idle.push_back(Idle { conn, since: now });
+        kind.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The newest connection of `idle` that is `usable` and young enough at `now`; the unusable
-    /// and expired ones before it are closed. (The others stay: a connection is stamped with the
-    /// end of its response, which a slow client can make older than that of one put back before
-    /// it, so the order is only nearly by age.)
-    fn pop<T>(
-        &self,
-        idle: &mut VecDeque<Idle<T>>,
-        now: Instant,
-        usable: impl Fn(&T) -> bool,
-    ) -> Option<T> {
-        self.pop_idle(idle, now, usable).map(|c| c.conn)
-    }
-
-    /// [`ClusterPool::pop`] with the time the connection became idle.
+    /// The newest connection of the calling thread's part of `kind` that is `usable` and young
+    /// enough at `now`, with the time it became idle; the unusable and expired ones before it are
+    /// closed. (The others stay: a connection is stamped with the end of its response, which a
+    /// slow client can make older than that of one put back before it, so the order is only
+    /// nearly by age.)
     fn pop_idle<T>(
         &self,
-        idle: &mut VecDeque<Idle<T>>,
+        kind: &Kind<T>,
         now: Instant,
         usable: impl Fn(&T) -> bool,
     ) -> Option<Idle<T>> {
+        let mut idle = kind.local();
+        let mut taken = 0;
+        let mut found = None;
         while let Some(c) = idle.pop_back() {
+            taken += 1;
             if now.saturating_duration_since(c.since) < self.idle_timeout && usable(&c.conn) {
-                return Some(c);
+                found = Some(c);
+                break;
             }
         }
-        None
+        kind.removed(taken);
+        found
     }
 
     /// Closes idle connections that expired or that the cluster closed.
     pub fn prune(&self) {
         let now = Instant::now();
-        for slot in &self.slots {
-            slot.lock()
-                .retain(|c| !c.conn.is_closed() && now.duration_since(c.since) < self.idle_timeout);
-            slot.lock_raw().retain(|c| {
-                is_open(&c.conn.stream) && now.duration_since(c.since) < self.idle_timeout
-            });
-        }
+        let young = |since: Instant| now.duration_since(since) < self.idle_timeout;
+        self.idle.retain(|c| !c.conn.is_closed() && young(c.since));
+        self.raw
+            .retain(|c| is_open(&c.conn.stream) && young(c.since));
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. Returns the
@@ -433,18 +463,47 @@ mod tests {
     #[test]
     fn an_expired_connection_put_back_last_leaves_the_fresh_ones() {
         let pool = ClusterPool::new(8, Duration::from_secs(4), 0);
+        let idle = Kind::new(1);
         let now = Instant::now();
-        let mut idle = VecDeque::new();
-        pool.push(&mut idle, "fresh-1", now - Duration::from_secs(1));
-        pool.push(&mut idle, "fresh-2", now);
-        pool.push(&mut idle, "stale", now - Duration::from_secs(5));
-        assert_eq!(pool.pop(&mut idle, now, |_| true), Some("fresh-2"));
-        assert_eq!(idle.len(), 1, "the stale one closed, fresh-1 kept");
-        assert_eq!(pool.pop(&mut idle, now, |_| true), Some("fresh-1"));
+        let pop = || pool.pop_idle(&idle, now, |_| true).map(|c| c.conn);
+        pool.push(&idle, "fresh-1", now - Duration::from_secs(1));
+        pool.push(&idle, "fresh-2", now);
+        pool.push(&idle, "stale", now - Duration::from_secs(5));
+        assert_eq!(pop(), Some("fresh-2"));
+        assert_eq!(idle.local().len(), 1, "the stale one closed, fresh-1 kept");
+        assert_eq!(pop(), Some("fresh-1"));
         // All expired: none taken, all closed.
-        pool.push(&mut idle, "old", now - Duration::from_secs(9));
-        pool.push(&mut idle, "older", now - Duration::from_secs(10));
-        assert_eq!(pool.pop(&mut idle, now, |_| true), None);
-        assert!(idle.is_empty());
+        pool.push(&idle, "old", now - Duration::from_secs(9));
+        pool.push(&idle, "older", now - Duration::from_secs(10));
+        assert_eq!(pop(), None);
+        assert!(idle.local().is_empty());
+        assert_eq!(idle.count.load(Ordering::Relaxed), 0);
+    }
+
+    /// With per-core workers, each worker takes only the connections it put back, and the budget
+    /// is the cluster's: a worker at the budget replaces its own oldest; one with none of its own
+    /// does not pool the connection.
+    #[test]
+    fn workers_keep_their_own_connections_within_one_budget() {
+        use crate::proxy::workers::with_slot;
+        let pool = ClusterPool::new(2, Duration::from_secs(4), 2);
+        let idle = Kind::new(3);
+        let now = Instant::now();
+        let push = |slot, conn| with_slot(slot, || pool.push(&idle, conn, now));
+        let pop = |slot| with_slot(slot, || pool.pop_idle(&idle, now, |_| true).map(|c| c.conn));
+        push(1, "a");
+        push(1, "b");
+        push(2, "c");
+        assert_eq!(idle.count.load(Ordering::Relaxed), 2, "c was not kept");
+        push(1, "d");
+        assert_eq!(idle.count.load(Ordering::Relaxed), 2, "a made room for d");
+        assert_eq!(pop(2), None);
+        assert_eq!(pop(0), None);
+        assert_eq!(pop(1), Some("d"));
+        assert_eq!(pop(1), Some("b"));
+        assert_eq!(pop(1), None);
+        push(2, "e");
+        assert_eq!(pop(2), Some("e"));
+        assert_eq!(idle.count.load(Ordering::Relaxed), 0);
     }
 }

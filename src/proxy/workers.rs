@@ -5,10 +5,10 @@
 //! connection is handed to the worker with the fewest open connections and stays there: its
 //! requests, its upstream connections (each cluster's pool keeps one part per worker, see
 //! [`crate::proxy::pool`]) and the tasks it spawns (HTTP/2 streams, WebSockets) all run on that
-//! thread. Nothing on the request path crosses threads: no work stealing, no cross-thread
-//! wake-ups, no pool lock another core holds, no cache line bouncing between cores: the shape of
-//! nginx's workers and Envoy's, with the connection assigned by the gateway instead of by the
-//! kernel's `SO_REUSEPORT` hash (so a worker busy with a few heavy connections gets no new ones).
+//! thread. No task moves between threads and no request wakes another thread; what workers still
+//! share is atomic counters (a cluster's in-flight count and statistics, metrics, the retry
+//! budget and the pool's budget). The shape of nginx's workers and Envoy's, with the connection
+//! assigned by the gateway (fewest connections) instead of by the kernel's `SO_REUSEPORT` hash.
 //!
 //! The accept loop, the admin API and the control plane stay on the main runtime; handing a
 //! connection over costs one cross-thread wake-up per connection, not per request.
@@ -32,6 +32,15 @@ thread_local! {
 /// itself.
 pub fn slot() -> usize {
     SLOT.with(Cell::get)
+}
+
+/// Runs `f` as if on the worker of `slot` (0: no worker): for tests of what depends on it.
+#[cfg(test)]
+pub(crate) fn with_slot<R>(slot: usize, f: impl FnOnce() -> R) -> R {
+    let before = SLOT.with(|s| s.replace(slot));
+    let result = f();
+    SLOT.with(|s| s.set(before));
+    result
 }
 
 /// Running proxy workers. Dropping it stops them (their open connections are closed); the gateway
@@ -77,25 +86,39 @@ impl Workers {
         let mut threads = Vec::with_capacity(n);
         for index in 0..n {
             let fail = |source| StartError { index, source };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(fail)?;
-            workers.push(Worker {
-                handle: runtime.handle().clone(),
-                connections: AtomicUsize::new(0),
-                gauge: crate::telemetry::worker_connections(index),
-            });
+            // The runtime is built and dropped on its own thread (a runtime dropped inside the
+            // caller's async context would panic).
+            let (started, handle) = std::sync::mpsc::channel();
             let mut stop_rx = stop_rx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("rayshift-worker-{index}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
                     SLOT.with(|slot| slot.set(index + 1));
+                    let _ = started.send(Ok(runtime.handle().clone()));
                     runtime.block_on(crate::gateway::stopped(&mut stop_rx));
                     // Dropping the runtime drops the tasks still open (after the drain timeout).
                     drop(runtime);
                 })
                 .map_err(fail)?;
+            let handle = handle
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the worker thread ended")))
+                .map_err(fail)?;
+            workers.push(Worker {
+                handle,
+                connections: AtomicUsize::new(0),
+                gauge: crate::telemetry::worker_connections(index),
+            });
             threads.push(thread);
         }
         Ok(Workers {
@@ -132,7 +155,7 @@ impl Spawner {
     }
 
     /// Runs `serve` on the client connection `stream` (accepted on the calling runtime): here, or
-    /// on the least busy worker, where the socket is registered with that worker's poller first.
+    /// on the worker with the fewest connections, where the socket is registered with that worker's poller first.
     pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -174,8 +197,10 @@ struct Open {
 impl Open {
     fn new(workers: Arc<[Worker]>, index: usize) -> Open {
         let worker = &workers[index];
-        let now = worker.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        worker.gauge.set(now as f64);
+        worker.connections.fetch_add(1, Ordering::Relaxed);
+        // Moved by one, not set: the decrement runs on the worker, and two sets could land in
+        // either order.
+        worker.gauge.increment(1.0);
         Open { workers, index }
     }
 }
@@ -183,8 +208,8 @@ impl Open {
 impl Drop for Open {
     fn drop(&mut self) {
         let worker = &self.workers[self.index];
-        let now = worker.connections.fetch_sub(1, Ordering::Relaxed) - 1;
-        worker.gauge.set(now as f64);
+        worker.connections.fetch_sub(1, Ordering::Relaxed);
+        worker.gauge.decrement(1.0);
     }
 }
 

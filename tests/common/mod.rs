@@ -118,6 +118,10 @@ pub fn blue_green_yaml(blue: &ServeStub, green: &ServeStub, admin_extra: &str) -
     )
 }
 
+/// Per-core proxy workers of an in-process test gateway: what `rayshift run` starts on a
+/// two-core machine, so the suites exercise client connections served on worker threads.
+pub const PROXY_WORKERS: usize = 2;
+
 /// An in-process gateway with its own temporary directory (state file lives there).
 pub struct TestGateway {
     pub gateway: Gateway,
@@ -133,9 +137,20 @@ impl TestGateway {
 
     /// Like [`start`](Self::start) in a given directory.
     pub async fn start_in(yaml: &str, dir: tempfile::TempDir) -> TestGateway {
+        Self::start_with(yaml, dir, PROXY_WORKERS).await
+    }
+
+    /// Like [`start_in`](Self::start_in) with `workers` per-core proxy workers (0: client
+    /// connections served on the test's runtime, sharing one part of each cluster's pool).
+    pub async fn start_with(yaml: &str, dir: tempfile::TempDir, workers: usize) -> TestGateway {
         let config = Config::from_yaml(yaml, dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
-        let gateway = Gateway::start(config).await.expect("start gateway");
+        let gateway = Gateway::start(Config {
+            proxy_workers: workers,
+            ..config
+        })
+        .await
+        .expect("start gateway");
         tokio::time::timeout(WAIT, gateway.wait_ready())
             .await
             .expect("gateway ready");
