@@ -67,7 +67,7 @@ impl SendError {
 /// With per-core proxy workers ([`crate::proxy::workers`]) each kind is split into one part per
 /// worker (and one for any other thread): a connection is registered with the poller of the
 /// worker that opened it and is only used by that worker. The budget (`max_idle`) is the
-/// cluster's, shared by the parts.
+/// cluster's, shared by the parts (see [`ClusterPool::push`]).
 #[derive(Debug)]
 pub struct ClusterPool {
     idle: Kind<Sender>,
@@ -78,33 +78,61 @@ pub struct ClusterPool {
     idle_timeout: Duration,
 }
 
-/// The idle connections of one kind, in one part per worker, and how many there are in all.
+/// The idle connections of one kind, in one part per worker.
 #[derive(Debug)]
 struct Kind<T> {
     slots: Box<[Slot<T>]>,
-    /// Idle connections in all parts (counted where they are added and removed, under their
-    /// part's lock).
-    count: AtomicUsize,
 }
 
-/// The idle connections of one worker (or of the threads that are none). Each on its own cache
-/// lines: two workers' locks are never in one line.
+/// The idle connections of one worker (or of the threads that are none), and how many there are
+/// (written under the lock, read by the other workers when their own part is over its share).
+/// Each on its own cache lines: a worker writes only lines no other worker writes.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Slot<T>(Mutex<VecDeque<Idle<T>>>);
+struct Slot<T> {
+    idle: Mutex<VecDeque<Idle<T>>>,
+    len: AtomicUsize,
+}
 
-type Guard<'a, T> = std::sync::MutexGuard<'a, VecDeque<Idle<T>>>;
+/// A locked part; its length is published when it is released.
+struct Part<'a, T> {
+    idle: std::sync::MutexGuard<'a, VecDeque<Idle<T>>>,
+    published: &'a AtomicUsize,
+}
+
+impl<T> std::ops::Deref for Part<'_, T> {
+    type Target = VecDeque<Idle<T>>;
+    fn deref(&self) -> &Self::Target {
+        &self.idle
+    }
+}
+
+impl<T> std::ops::DerefMut for Part<'_, T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.idle
+    }
+}
+
+impl<T> Drop for Part<'_, T> {
+    fn drop(&mut self) {
+        self.published.store(self.idle.len(), Ordering::Relaxed);
+    }
+}
 
 impl<T> Kind<T> {
     fn new(slots: usize) -> Self {
         Self {
-            slots: (0..slots).map(|_| Slot(Mutex::default())).collect(),
-            count: AtomicUsize::new(0),
+            slots: (0..slots)
+                .map(|_| Slot {
+                    idle: Mutex::default(),
+                    len: AtomicUsize::new(0),
+                })
+                .collect(),
         }
     }
 
     /// The calling thread's part.
-    fn local(&self) -> Guard<'_, T> {
+    fn local(&self) -> Part<'_, T> {
         let slots = &self.slots;
         lock(
             slots
@@ -114,30 +142,32 @@ impl<T> Kind<T> {
     }
 
     /// Every part, one after the other.
-    fn each(&self) -> impl Iterator<Item = Guard<'_, T>> {
+    fn each(&self) -> impl Iterator<Item = Part<'_, T>> {
         self.slots.iter().map(lock)
     }
 
-    /// Counts `n` connections taken out of a part.
-    fn removed(&self, n: usize) {
-        if n > 0 {
-            self.count.fetch_sub(n, Ordering::Relaxed);
-        }
+    /// Idle connections in all parts (as last published by each).
+    fn total(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| s.len.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Keeps the connections of every part for which `keep` holds; the others are closed.
     fn retain(&self, mut keep: impl FnMut(&Idle<T>) -> bool) {
         for mut part in self.each() {
-            let before = part.len();
             part.retain(&mut keep);
-            self.removed(before - part.len());
         }
     }
 }
 
-fn lock<T>(slot: &Slot<T>) -> Guard<'_, T> {
-    // A panic while holding the lock leaves a valid deque: recover it.
-    slot.0.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(slot: &Slot<T>) -> Part<'_, T> {
+    Part {
+        // A panic while holding the lock leaves a valid deque: recover it.
+        idle: slot.idle.lock().unwrap_or_else(|e| e.into_inner()),
+        published: &slot.len,
+    }
 }
 
 /// An idle connection and when it became idle.
@@ -174,8 +204,7 @@ impl ClusterPool {
 
     /// Idle connections now (including ones the cluster may have closed since).
     pub fn idle_count(&self) -> usize {
-        let idle: usize = self.idle.each().map(|part| part.len()).sum();
-        idle + self.raw.each().map(|part| part.len()).sum::<usize>()
+        self.idle.total() + self.raw.total()
     }
 
     /// The most recently used idle plain connection still open and young enough at `now` (see
@@ -195,7 +224,6 @@ impl ClusterPool {
             let (stale, young): (VecDeque<_>, _) = all.into_iter().partition(|c| c.since <= since);
             *part = young;
             drop(part);
-            self.raw.removed(stale.len());
             // Closed outside the lock.
             drop(stale);
         }
@@ -227,27 +255,29 @@ impl ClusterPool {
     }
 
     /// Adds `conn` to the calling thread's part of `kind` as the newest, after closing that part's
-    /// expired connections. At the budget (`max_idle` of the kind, all parts together) the part's
-    /// oldest is closed to make room; a part with none closes `conn` instead (the budget is held
-    /// by other workers' connections).
+    /// expired connections. A part keeps up to its share of the budget (`max_idle` over the
+    /// workers, rounded up; all of it without workers) on its own, and more only while all parts
+    /// together hold fewer than `max_idle`: over that, its oldest makes room, and a part with none
+    /// closes `conn` (other workers hold the budget). All parts together so hold at most
+    /// `max_idle` plus each other worker's share, and a worker under its share touches no other
+    /// worker's cache lines.
     fn push<T>(&self, kind: &Kind<T>, conn: T, now: Instant) {
         let mut idle = kind.local();
-        let before = idle.len();
         while idle
             .front()
             .is_some_and(|c| now.saturating_duration_since(c.since) >= self.idle_timeout)
         {
             idle.pop_front();
         }
-        kind.removed(before - idle.len());
-        if kind.count.load(Ordering::Relaxed) >= self.max_idle {
-            if idle.pop_front().is_none() {
+        let workers = (kind.slots.len() - 1).max(1);
+        if idle.len() >= self.max_idle.div_ceil(workers) {
+            // This part's published length is unchanged while it is locked.
+            let others = kind.total() - idle.published.load(Ordering::Relaxed);
+            if idle.len() + others >= self.max_idle && idle.pop_front().is_none() {
                 return;
             }
-            kind.removed(1);
         }
         idle.push_back(Idle { conn, since: now });
-        kind.count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The newest connection of the calling thread's part of `kind` that is `usable` and young
@@ -262,17 +292,12 @@ impl ClusterPool {
         usable: impl Fn(&T) -> bool,
     ) -> Option<Idle<T>> {
         let mut idle = kind.local();
-        let mut taken = 0;
-        let mut found = None;
         while let Some(c) = idle.pop_back() {
-            taken += 1;
             if now.saturating_duration_since(c.since) < self.idle_timeout && usable(&c.conn) {
-                found = Some(c);
-                break;
+                return Some(c);
             }
         }
-        kind.removed(taken);
-        found
+        None
     }
 
     /// Closes idle connections that expired or that the cluster closed.
@@ -477,33 +502,47 @@ mod tests {
         pool.push(&idle, "older", now - Duration::from_secs(10));
         assert_eq!(pop(), None);
         assert!(idle.local().is_empty());
-        assert_eq!(idle.count.load(Ordering::Relaxed), 0);
+        assert_eq!(idle.total(), 0);
     }
 
-    /// With per-core workers, each worker takes only the connections it put back, and the budget
-    /// is the cluster's: a worker at the budget replaces its own oldest; one with none of its own
-    /// does not pool the connection.
+    /// With per-core workers, each worker takes only the connections it put back. A worker keeps
+    /// its share of the budget on its own, and more only while the cluster's total is under the
+    /// budget; past that its oldest makes room.
     #[test]
-    fn workers_keep_their_own_connections_within_one_budget() {
+    fn workers_keep_their_own_connections_within_the_budget() {
         use crate::proxy::workers::with_slot;
-        let pool = ClusterPool::new(2, Duration::from_secs(4), 2);
+        let pool = ClusterPool::new(4, Duration::from_secs(4), 2);
         let idle = Kind::new(3);
         let now = Instant::now();
         let push = |slot, conn| with_slot(slot, || pool.push(&idle, conn, now));
         let pop = |slot| with_slot(slot, || pool.pop_idle(&idle, now, |_| true).map(|c| c.conn));
-        push(1, "a");
-        push(1, "b");
-        push(2, "c");
-        assert_eq!(idle.count.load(Ordering::Relaxed), 2, "c was not kept");
-        push(1, "d");
-        assert_eq!(idle.count.load(Ordering::Relaxed), 2, "a made room for d");
+        for conn in ["a", "b", "c", "d"] {
+            push(1, conn);
+        }
+        assert_eq!(
+            idle.total(),
+            4,
+            "past its share of 2 while the total was under 4"
+        );
+        push(1, "e");
+        assert_eq!(idle.total(), 4, "at the budget: a made room for e");
+        push(2, "f");
+        push(2, "g");
+        assert_eq!(idle.total(), 6, "worker 2 keeps its share of 2 on its own");
+        push(2, "h");
+        assert_eq!(
+            idle.total(),
+            6,
+            "past its share at the budget: f made room for h"
+        );
+        assert_eq!(pop(0), None, "no worker: a part of its own");
+        assert_eq!(pop(2), Some("h"));
+        assert_eq!(pop(2), Some("g"));
         assert_eq!(pop(2), None);
-        assert_eq!(pop(0), None);
-        assert_eq!(pop(1), Some("d"));
-        assert_eq!(pop(1), Some("b"));
+        for conn in ["e", "d", "c", "b"] {
+            assert_eq!(pop(1), Some(conn));
+        }
         assert_eq!(pop(1), None);
-        push(2, "e");
-        assert_eq!(pop(2), Some("e"));
-        assert_eq!(idle.count.load(Ordering::Relaxed), 0);
+        assert_eq!(idle.total(), 0);
     }
 }

@@ -155,7 +155,8 @@ impl Spawner {
     }
 
     /// Runs `serve` on the client connection `stream` (accepted on the calling runtime): here, or
-    /// on the worker with the fewest connections, where the socket is registered with that worker's poller first.
+    /// on the worker with the fewest connections, where the socket is registered with that
+    /// worker's poller first.
     pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
