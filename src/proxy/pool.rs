@@ -74,6 +74,9 @@ pub struct ClusterPool {
     raw: Kind<RawConn>,
     /// Most idle connections of each kind kept (`upstream.max_idle_per_cluster`).
     max_idle: usize,
+    /// What one worker's part keeps without looking at the others' (`max_idle` over the
+    /// workers, rounded up).
+    share: usize,
     /// Idle connections older than this are closed (`upstream.idle_timeout`).
     idle_timeout: Duration,
 }
@@ -198,6 +201,7 @@ impl ClusterPool {
             idle: Kind::new(workers + 1),
             raw: Kind::new(workers + 1),
             max_idle,
+            share: max_idle.div_ceil(workers.max(1)),
             idle_timeout,
         }
     }
@@ -269,8 +273,7 @@ impl ClusterPool {
         {
             idle.pop_front();
         }
-        let workers = (kind.slots.len() - 1).max(1);
-        if idle.len() >= self.max_idle.div_ceil(workers) {
+        if idle.len() >= self.share {
             // This part's published length is unchanged while it is locked.
             let others = kind.total() - idle.published.load(Ordering::Relaxed);
             if idle.len() + others >= self.max_idle && idle.pop_front().is_none() {
