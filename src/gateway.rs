@@ -92,13 +92,29 @@ impl Gateway {
                 .await
                 .map_err(|source| GatewayError::Bind { what, addr, source })
         };
-        let workers = match config.proxy_workers {
-            0 => None,
-            n => Some(proxy::workers::Workers::start(n)?),
+        // With per-core workers, one listening socket each (SO_REUSEPORT), registered with its
+        // worker's poller.
+        let bind_error = |source| GatewayError::Bind {
+            what: "proxy",
+            addr: config.listen,
+            source,
         };
-        let proxy_listener = bind("proxy", config.listen).await?;
+        let (proxy_listeners, workers) = match config.proxy_workers {
+            0 => (vec![bind("proxy", config.listen).await?], None),
+            n => {
+                let workers = proxy::workers::Workers::start(n)?;
+                let listeners = proxy::workers::bind(config.listen, n)
+                    .map_err(bind_error)?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, listener)| workers.listener(i, listener))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bind_error)?;
+                (listeners, Some(workers))
+            }
+        };
         let admin_listener = bind("admin", config.admin.listen).await?;
-        let proxy_addr = local_addr(&proxy_listener, "proxy", config.listen)?;
+        let proxy_addr = local_addr(&proxy_listeners[0], "proxy", config.listen)?;
         let admin_addr = local_addr(&admin_listener, "admin", config.admin.listen)?;
 
         let config = Arc::new(config);
@@ -151,26 +167,41 @@ impl Gateway {
             tokio::time::sleep(ready_delay).await;
             let _ = proxy_stop_tx.send(true);
         });
-        let spawner = workers
-            .as_ref()
-            .map_or_else(proxy::workers::Spawner::local, |w| w.spawner());
-        let serving = proxy::server::serve(
-            proxy_listener,
-            proxy_ctx,
-            proxy_stop,
-            config.limits.clone(),
-            config.shutdown.drain_timeout,
-            server_tls.as_ref().map(|t| t.server_config()),
-            spawner,
-        );
-        // The workers stop once the proxy has drained, whether the gateway is shut down or
-        // dropped (which also starts the drain).
-        let proxy_task = tokio::spawn(async move {
-            serving.await;
-            if let Some(workers) = workers {
-                workers.stop().await;
+        let serve = |listener, worker| {
+            proxy::server::serve(
+                listener,
+                Arc::clone(&proxy_ctx),
+                proxy_stop.clone(),
+                config.limits.clone(),
+                config.shutdown.drain_timeout,
+                server_tls.as_ref().map(|t| t.server_config()),
+                worker,
+            )
+        };
+        let proxy_task = match workers {
+            None => tokio::spawn(serve(
+                proxy_listeners.into_iter().next().expect("one"),
+                None,
+            )),
+            Some(workers) => {
+                let serving: Vec<_> = proxy_listeners
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, listener)| {
+                        let gauge = telemetry::worker_connections(i);
+                        workers.spawn(i, serve(listener, Some(gauge)))
+                    })
+                    .collect();
+                // The workers stop once every one has drained, whether the gateway is shut down
+                // or dropped (which also starts the drain).
+                tokio::spawn(async move {
+                    for worker in serving {
+                        let _ = worker.await;
+                    }
+                    workers.stop().await;
+                })
             }
-        });
+        };
         if let Some(tls) = &server_tls {
             tls.spawn_watcher(stop_rx.clone());
         }

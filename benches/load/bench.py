@@ -58,7 +58,10 @@ SCENARIOS = {
     "small-c1": ("/", 1),
     "16k-c64": ("/16k", 64),
     "16k-c1": ("/16k", 1),
+    # A new connection per request (wrk sends `Connection: close`): the accept path's cost.
+    "close-c32": ("/", 32),
 }
+CLOSE_SCENARIOS = {"close-c32"}
 SYSCALLS = ["read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "sendfile64",
             "epoll_wait", "epoll_pwait", "epoll_ctl", "futex", "sched_yield"]
 DEFAULT_SCENARIOS = ["small-c64", "small-c1", "16k-c64"]
@@ -585,9 +588,10 @@ class Bench:
 
     # --- one wrk run -----------------------------------------------------------------------------
 
-    def wrk(self, port: int, path: str, conns: int, duration: float) -> tuple[dict, float]:
+    def wrk(self, port: int, path: str, conns: int, duration: float, close: bool = False) -> tuple[dict, float]:
         argv = ["taskset", "-c", self.args.load_cpu, *self.procs.nice, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s",
-                "--timeout", "5s", "--latency", "-s", str(LUA), f"http://127.0.0.1:{port}{path}"]
+                "--timeout", "5s", "--latency", *(["-H", "Connection: close"] if close else []),
+                "-s", str(LUA), f"http://127.0.0.1:{port}{path}"]
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         (self.procs.piddir / "wrk.pid").write_text(str(p.pid))
         out = p.stdout.read().decode(errors="replace")
@@ -627,7 +631,7 @@ class Bench:
         x0, us0 = ctx_switches(pids), user_system_seconds(pids)
         n0 = tcp_counters()
         k0, c0, b0, t0 = core_times(), cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
-        w, wrk_cpu = self.wrk(port or self.ports[target], path, conns, duration)
+        w, wrk_cpu = self.wrk(port or self.ports[target], path, conns, duration, scenario in CLOSE_SCENARIOS)
         k1, c1, b1, t1 = core_times(), cpu_seconds(pids), cpu_seconds(bpids), time.monotonic()
         n1 = tcp_counters()
         x1, us1 = ctx_switches(pids), user_system_seconds(pids)

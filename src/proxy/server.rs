@@ -14,13 +14,14 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::LimitsConfig;
 use crate::proxy::conn_watch::{ConnWatch, Ended, Tracked};
-use crate::proxy::workers::Spawner;
+use crate::proxy::workers::Counted;
 use crate::proxy::{forward, h1, headers, Open, ProxyContext};
 
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
 /// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
-/// requests, streamed bodies and upgraded connections (WebSockets) to finish. Each connection is
-/// served where `spawner` starts it: on this runtime or on a per-core worker.
+/// requests, streamed bodies and upgraded connections (WebSockets) to finish. Connections are
+/// served on the runtime this runs on (a per-core worker's, see [`crate::proxy::workers`], with
+/// `worker` its connection gauge).
 ///
 /// With `tls`, every connection starts with a TLS handshake (bounded by
 /// `limits.header_read_timeout`, done on the connection's own task); the protocol is then what
@@ -33,7 +34,7 @@ pub async fn serve(
     limits: LimitsConfig,
     drain: Duration,
     tls: Option<Arc<rustls::ServerConfig>>,
-    spawner: Spawner,
+    worker: Option<metrics::Gauge>,
 ) {
     let tls = tls.map(TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -117,16 +118,17 @@ pub async fn serve(
                     limits: limits.clone(),
                     direct,
                 };
+                let counted = worker.as_ref().map(Counted::new);
                 let Some(acceptor) = &tls else {
-                    spawner.spawn(stream, move |stream| async move {
+                    tokio::spawn(async move {
                         client.serve(stream, watch, service).await;
-                        drop(permit);
+                        drop((permit, counted));
                     });
                     continue;
                 };
                 let acceptor = acceptor.clone();
                 let handshake_timeout = limits.header_read_timeout;
-                spawner.spawn(stream, move |stream| async move {
+                tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => client.serve(stream, watch, service).await,
                         Ok(Err(e)) => {
@@ -150,7 +152,7 @@ pub async fn serve(
                             tracing::debug!(%peer, ?handshake_timeout, "TLS handshake timed out");
                         }
                     }
-                    drop(permit);
+                    drop((permit, counted));
                 });
             }
             () = crate::gateway::stopped(&mut shutdown) => break,

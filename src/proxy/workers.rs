@@ -1,26 +1,25 @@
 //! Proxy workers: one thread per core, each running its own single-threaded tokio runtime.
 //!
 //! With more than one core, `rayshift run` serves client connections on `N` worker threads
-//! instead of tokio's work-stealing pool (`RAYSHIFT_RUNTIME`, docs/cli.md). Each accepted
-//! connection is handed to the worker with the fewest open connections and stays there: its
-//! requests, its upstream connections (each cluster's pool keeps one part per worker, see
-//! [`crate::proxy::pool`]) and the tasks it spawns (HTTP/2 streams, WebSockets) all run on that
-//! thread. No task moves between threads and no request wakes another thread; what workers still
-//! share is atomic counters (a cluster's in-flight count and statistics, metrics, the retry
-//! budget and the pool's budget). The shape of nginx's workers and Envoy's, with the connection
-//! assigned by the gateway (fewest connections) instead of by the kernel's `SO_REUSEPORT` hash.
+//! instead of tokio's work-stealing pool (`RAYSHIFT_RUNTIME`, docs/cli.md). Each worker accepts
+//! on its own listening socket, all bound to the proxy address with `SO_REUSEPORT` (the kernel
+//! spreads new connections over them by a hash of their addresses, [`bind`]), and a connection
+//! stays on the worker that accepted it: its requests, its upstream connections (each cluster's
+//! pool keeps one part per worker, see [`crate::proxy::pool`]) and the tasks it spawns (HTTP/2
+//! streams, WebSockets) all run on that thread. No task moves between threads and neither a
+//! request nor a new connection wakes another thread; what workers still share is atomic
+//! counters (a cluster's in-flight count and statistics, metrics, the retry budget, the
+//! connection limit). The shape of nginx's workers with `reuseport` and of Envoy's.
 //!
-//! The accept loop, the admin API and the control plane stay on the main runtime; handing a
-//! connection over costs one cross-thread wake-up per connection, not per request.
+//! The admin API and the control plane stay on the main runtime.
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 thread_local! {
     /// 1 + the index of the worker running on this thread; 0 on every other thread.
@@ -47,25 +46,9 @@ pub(crate) fn with_slot<R>(slot: usize, f: impl FnOnce() -> R) -> R {
 /// stops them with [`Workers::stop`] after its drain.
 #[derive(Debug)]
 pub struct Workers {
-    spawner: Spawner,
+    handles: Vec<Handle>,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// One worker: where its tasks go and how many client connections it serves now.
-#[derive(Debug)]
-struct Worker {
-    handle: Handle,
-    connections: AtomicUsize,
-    gauge: metrics::Gauge,
-}
-
-/// Where the accept loop starts a client connection's task: on the runtime the accept loop runs
-/// on ([`Spawner::local`]: one core, or tokio's work-stealing pool), or on the proxy worker with
-/// the fewest open connections ([`Workers::spawner`]).
-#[derive(Debug, Clone, Default)]
-pub struct Spawner {
-    workers: Option<Arc<[Worker]>>,
 }
 
 /// Why the workers could not start.
@@ -79,10 +62,10 @@ pub struct StartError {
 
 impl Workers {
     /// Starts `n` worker threads (`rayshift-worker-<i>`), each with a single-threaded runtime
-    /// (I/O and timers on), parked until a connection arrives.
+    /// (I/O and timers on), parked until given work.
     pub fn start(n: usize) -> Result<Workers, StartError> {
         let (stop, stop_rx) = watch::channel(false);
-        let mut workers = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for index in 0..n {
             let fail = |source| StartError { index, source };
@@ -114,25 +97,43 @@ impl Workers {
                 .recv()
                 .unwrap_or_else(|_| Err(std::io::Error::other("the worker thread ended")))
                 .map_err(fail)?;
-            workers.push(Worker {
-                handle,
-                connections: AtomicUsize::new(0),
-                gauge: crate::telemetry::worker_connections(index),
-            });
+            handles.push(handle);
             threads.push(thread);
         }
         Ok(Workers {
-            spawner: Spawner {
-                workers: Some(workers.into()),
-            },
+            handles,
             stop,
             threads,
         })
     }
 
-    /// How the accept loop hands connections to these workers.
-    pub fn spawner(&self) -> Spawner {
-        self.spawner.clone()
+    /// How many workers run.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Always false: [`Workers::start`] starts at least the one it is asked for (for clippy).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Runs `future` on worker `index`.
+    pub fn spawn<F>(&self, index: usize, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handles[index].spawn(future)
+    }
+
+    /// Registers `listener` with worker `index`'s poller.
+    pub fn listener(
+        &self,
+        index: usize,
+        listener: std::net::TcpListener,
+    ) -> std::io::Result<tokio::net::TcpListener> {
+        let _on_worker = self.handles[index].enter();
+        tokio::net::TcpListener::from_std(listener)
     }
 
     /// Stops the workers and waits for their threads to end. Connections still open are closed.
@@ -148,69 +149,46 @@ impl Workers {
     }
 }
 
-impl Spawner {
-    /// Starts connections on the calling runtime.
-    pub fn local() -> Spawner {
-        Spawner::default()
-    }
+/// Binds `n` listening sockets to `addr`, all with `SO_REUSEPORT` (one per worker: the kernel
+/// spreads new connections over them), non-blocking, with a backlog of 1024 each. Port 0 picks
+/// one port for all of them.
+///
+/// A port another socket holds is refused, as a plain bind is: without the check the group would
+/// silently share the port with another process's `SO_REUSEPORT` sockets of the same user (a
+/// second gateway started by mistake), which would then get part of the traffic.
+pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    // A plain socket (no SO_REUSEPORT) binds only where nothing listens; it also picks port 0's
+    // port, then steps aside for the group.
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    (0..n)
+        .map(|_| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        })
+        .collect()
+}
 
-    /// Runs `serve` on the client connection `stream` (accepted on the calling runtime): here, or
-    /// on the worker with the fewest connections, where the socket is registered with that
-    /// worker's poller first.
-    pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
-    where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let Some(workers) = &self.workers else {
-            tokio::spawn(serve(stream));
-            return;
-        };
-        let std_stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "handing a client connection to a worker failed");
-                return;
-            }
-        };
-        let (index, worker) = workers
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, w)| w.connections.load(Ordering::Relaxed))
-            .expect("at least one worker");
-        let open = Open::new(Arc::clone(workers), index);
-        worker.handle.spawn(async move {
-            let _open = open;
-            match TcpStream::from_std(std_stream) {
-                Ok(stream) => serve(stream).await,
-                Err(e) => tracing::warn!(error = %e, "registering a client connection failed"),
-            }
-        });
+/// Counts a client connection on its worker's `rayshift_worker_connections` gauge until dropped.
+#[derive(Debug)]
+pub struct Counted(metrics::Gauge);
+
+impl Counted {
+    /// Counts one connection on `gauge`.
+    pub fn new(gauge: &metrics::Gauge) -> Counted {
+        gauge.increment(1.0);
+        Counted(gauge.clone())
     }
 }
 
-/// Counts a connection on its worker until dropped.
-struct Open {
-    workers: Arc<[Worker]>,
-    index: usize,
-}
-
-impl Open {
-    fn new(workers: Arc<[Worker]>, index: usize) -> Open {
-        let worker = &workers[index];
-        worker.connections.fetch_add(1, Ordering::Relaxed);
-        // Moved by one, not set: the decrement runs on the worker, and two sets could land in
-        // either order.
-        worker.gauge.increment(1.0);
-        Open { workers, index }
-    }
-}
-
-impl Drop for Open {
+impl Drop for Counted {
     fn drop(&mut self) {
-        let worker = &self.workers[self.index];
-        worker.connections.fetch_sub(1, Ordering::Relaxed);
-        worker.gauge.decrement(1.0);
+        self.0.decrement(1.0);
     }
 }
 
@@ -218,49 +196,41 @@ impl Drop for Open {
 mod tests {
     use super::*;
 
+    /// Four sockets on one port (port 0 picked once), each accepting on its own worker; a port
+    /// another socket holds is refused.
     #[tokio::test]
-    async fn connections_go_to_the_least_busy_worker_and_run_there() {
+    async fn each_worker_accepts_on_its_own_socket_of_one_port() {
         let workers = Workers::start(2).unwrap();
-        let spawner = workers.spawner();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let port = listeners[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert_eq!(listeners[1].local_addr().unwrap().port(), port);
         let (report, mut reports) = tokio::sync::mpsc::unbounded_channel();
-        let (release, released) = watch::channel(false);
-        let (mut clients, mut slots) = (Vec::new(), Vec::new());
-        for _ in 0..4 {
-            clients.push(TcpStream::connect(addr).await.unwrap());
-            let (stream, _) = listener.accept().await.unwrap();
-            let (report, mut released) = (report.clone(), released.clone());
-            spawner.spawn(stream, move |stream| async move {
-                // Served on a worker thread, with the socket registered there.
-                let _ = report.send((slot(), stream.peer_addr().is_ok()));
-                crate::gateway::stopped(&mut released).await;
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let listener = workers.listener(index, listener).unwrap();
+            let report = report.clone();
+            workers.spawn(index, async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let _ = report.send((slot(), stream));
+                }
             });
-            let (slot, registered) = reports.recv().await.unwrap();
-            assert!(registered);
-            slots.push(slot);
         }
-        // Each to the worker with fewer connections (the first of equals): served on its thread.
-        assert_eq!(slots, [1, 2, 1, 2]);
-        let list = spawner.workers.as_ref().expect("workers spawn on workers");
-        let open: Vec<usize> = list
-            .iter()
-            .map(|w| w.connections.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(open, [2, 2], "four connections spread over two workers");
-        let _ = release.send(true);
-        for _ in 0..100 {
-            if list
-                .iter()
-                .all(|w| w.connections.load(Ordering::Relaxed) == 0)
-            {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        // Connections from many source ports: the kernel's hash sends some to each socket.
+        let mut clients = Vec::new();
+        let mut slots = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            clients.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+            let (slot, _stream) = reports.recv().await.unwrap();
+            slots.insert(slot);
         }
-        assert!(list
-            .iter()
-            .all(|w| w.connections.load(Ordering::Relaxed) == 0));
+        assert_eq!(slots, [1, 2].into(), "accepted on both workers' threads");
+
+        let taken = bind(SocketAddr::from(([127, 0, 0, 1], port)), 1).unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
         drop(clients);
         workers.stop().await;
     }
