@@ -68,6 +68,9 @@ pub struct Gateway {
     tls: Option<Arc<ServerTls>>,
     /// RayCluster watchers and the drain annotator (Kubernetes discovery).
     discovery_tasks: Vec<JoinHandle<()>>,
+    /// The permits of `limits.max_connections`, one per open client connection.
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
 }
 
 impl Gateway {
@@ -100,7 +103,12 @@ impl Gateway {
             source,
         };
         let (proxy_listeners, workers) = match config.proxy_workers {
-            0 => (vec![bind("proxy", config.listen).await?], None),
+            0 => {
+                let listener = proxy::workers::bind(config.listen, 1)
+                    .and_then(|mut one| TcpListener::from_std(one.remove(0)))
+                    .map_err(bind_error)?;
+                (vec![listener], None)
+            }
             n => {
                 let workers = proxy::workers::Workers::start(n)?;
                 let listeners = proxy::workers::bind(config.listen, n)
@@ -167,6 +175,8 @@ impl Gateway {
             tokio::time::sleep(ready_delay).await;
             let _ = proxy_stop_tx.send(true);
         });
+        // One connection limit for all workers.
+        let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         let serve = |listener, worker| {
             proxy::server::serve(
                 listener,
@@ -175,28 +185,45 @@ impl Gateway {
                 config.limits.clone(),
                 config.shutdown.drain_timeout,
                 server_tls.as_ref().map(|t| t.server_config()),
-                worker,
+                proxy::server::Shared {
+                    connections: Arc::clone(&connections),
+                    worker,
+                },
             )
         };
+        let drain = config.shutdown.drain_timeout;
         let proxy_task = match workers {
-            None => tokio::spawn(serve(
-                proxy_listeners.into_iter().next().expect("one"),
-                None,
-            )),
+            None => {
+                let serving = serve(proxy_listeners.into_iter().next().expect("one"), None);
+                tokio::spawn(async move {
+                    if let Some(deadline) = serving.await {
+                        proxy::server::drain_untracked(&proxy_ctx, deadline, drain).await;
+                    }
+                })
+            }
             Some(workers) => {
                 let serving: Vec<_> = proxy_listeners
                     .into_iter()
                     .enumerate()
                     .map(|(i, listener)| {
                         let gauge = telemetry::worker_connections(i);
-                        workers.spawn(i, serve(listener, Some(gauge)))
+                        workers.spawn(i, serve(listener, Some((i, gauge))))
                     })
                     .collect();
                 // The workers stop once every one has drained, whether the gateway is shut down
                 // or dropped (which also starts the drain).
                 tokio::spawn(async move {
-                    for worker in serving {
-                        let _ = worker.await;
+                    let mut drained = Vec::new();
+                    for (index, worker) in serving.into_iter().enumerate() {
+                        drained.push(worker.await.unwrap_or_else(|e| {
+                            tracing::error!(worker = index, error = %e, "proxy worker failed");
+                            None
+                        }));
+                    }
+                    // The earliest deadline; none when a worker's drain timed out or it failed.
+                    let deadline = drained.into_iter().collect::<Option<Vec<_>>>();
+                    if let Some(deadline) = deadline.and_then(|d| d.into_iter().min()) {
+                        proxy::server::drain_untracked(&proxy_ctx, deadline, drain).await;
                     }
                     workers.stop().await;
                 })
@@ -218,6 +245,8 @@ impl Gateway {
             shutdown: config.shutdown.clone(),
             tls: server_tls,
             discovery_tasks,
+            connections,
+            max_connections: config.limits.max_connections,
         })
     }
 
@@ -248,6 +277,11 @@ impl Gateway {
     /// Address of the client-traffic listener (useful with port 0).
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy_addr
+    }
+
+    /// Client connections open now (each holds one of `limits.max_connections`), on every worker.
+    pub fn client_connections(&self) -> usize {
+        self.max_connections - self.connections.available_permits()
     }
 
     /// Address of the admin listener.

@@ -599,7 +599,12 @@ async fn silent_connections_do_not_hold_the_connection_limit() {
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut half_preface = tokio::net::TcpStream::connect(addr).await.unwrap();
     half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
-    // Both permits are taken: this client waits in the listen backlog until one is freed.
+    // Both accepted (each worker accepts on its own socket, so a later client could otherwise be
+    // accepted first) and holding both permits: the next client waits until one is freed.
+    eventually("both silent clients hold a permit", || async {
+        gw.gateway.client_connections() == 2
+    })
+    .await;
     let started = Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(10), get(&gw.url("/echo")))
         .await

@@ -386,15 +386,13 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
 
 /// A gateway with one cluster, `name` (unique per test: the metrics recorder is shared by the
 /// tests of this binary), in front of `backend`.
+///
+/// Every client connection is served on the test's runtime, so all of them share one part of the
+/// cluster's pool: these tests follow upstream connections across client connections, and with
+/// per-core workers the kernel would spread the client connections over the workers' sockets at
+/// random, each worker with its own upstream connections
+/// (`per_core_workers_spread_clients_and_keep_their_own_upstream_connections` covers that).
 async fn gateway(backend: &Backend, name: &str, upstream: &str) -> TestGateway {
-    TestGateway::start(&gateway_yaml(backend, name, upstream)).await
-}
-
-/// [`gateway`] serving every client connection on the test's runtime, so all of them share one
-/// part of the cluster's pool: for the tests that follow one upstream connection across several
-/// client connections (with per-core workers, each worker keeps its own upstream connections;
-/// `per_core_workers_spread_clients_and_keep_their_own_upstream_connections` covers that).
-async fn gateway_on_one_thread(backend: &Backend, name: &str, upstream: &str) -> TestGateway {
     let yaml = gateway_yaml(backend, name, upstream);
     TestGateway::start_with(&yaml, tempfile::tempdir().unwrap(), 0).await
 }
@@ -443,7 +441,7 @@ async fn one_connection_carries_requests_with_every_kind_of_body_through_hyper()
 
 async fn reuse_one_connection(name: &str, upstream: &str) {
     let backend = Backend::start().await;
-    let gw = gateway_on_one_thread(&backend, name, upstream).await;
+    let gw = gateway(&backend, name, upstream).await;
     let mut conns = Vec::new();
     for round in 0..10 {
         let small = get(&gw.url("/app/small")).await;
@@ -842,7 +840,7 @@ async fn a_request_the_cluster_drops_is_sent_again_only_once() {
 #[tokio::test]
 async fn an_abandoned_body_is_not_reused() {
     let backend = Backend::start().await;
-    let gw = gateway_on_one_thread(&backend, "abandon", "").await;
+    let gw = gateway(&backend, "abandon", "").await;
     let first = get(&gw.url("/app/small")).await;
     assert_eq!(first.status.as_u16(), 200);
 
@@ -963,7 +961,7 @@ async fn shutdown_closes_idle_direct_connections_and_answers_busy_ones() {
 async fn the_general_path_takes_over_idle_direct_connections() {
     use http_body_util::{BodyExt, Empty};
     let backend = Backend::start().await;
-    let gw = gateway_on_one_thread(&backend, "takeover", "").await;
+    let gw = gateway(&backend, "takeover", "").await;
     let addr = gw.gateway.proxy_addr();
     let mut h1 = TcpStream::connect(addr).await.unwrap();
     h1.write_all(b"GET /app/small HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -1615,7 +1613,7 @@ async fn per_core_workers_spread_clients_and_keep_their_own_upstream_connections
     assert!(per_worker.iter().all(|n| *n >= 1.0), "{per_worker:?}");
     assert_eq!(per_worker.iter().sum::<f64>(), 32.0, "{per_worker:?}");
 
-    // A request in flight (answered after 5 s) when SIGTERM arrives is still answered.    // A request in flight (answered after 5 s) when SIGTERM arrives is still answered.
+    // A request in flight (answered after 5 s) when SIGTERM arrives is still answered.
     clients[1]
         .write_all(b"GET /app/slow HTTP/1.1\r\nhost: x\r\n\r\n")
         .await

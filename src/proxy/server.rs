@@ -19,9 +19,10 @@ use crate::proxy::{forward, h1, headers, Open, ProxyContext};
 
 /// Serves client connections from `listener` until `shutdown` turns true; then stops accepting,
 /// tells HTTP/2 clients GOAWAY, closes idle HTTP/1 connections, and waits up to `drain` for open
-/// requests, streamed bodies and upgraded connections (WebSockets) to finish. Connections are
-/// served on the runtime this runs on (a per-core worker's, see [`crate::proxy::workers`], with
-/// `worker` its connection gauge).
+/// requests, streamed bodies and upgraded connections (WebSockets) to finish: those hyper tracks
+/// here, then ([`drain_untracked`], called by the gateway once for all listeners) the others.
+/// Returns the drain's deadline, or `None` when it passed (logged). Connections are served on
+/// the runtime this runs on (a per-core worker's, see [`crate::proxy::workers`]).
 ///
 /// With `tls`, every connection starts with a TLS handshake (bounded by
 /// `limits.header_read_timeout`, done on the connection's own task); the protocol is then what
@@ -34,8 +35,14 @@ pub async fn serve(
     limits: LimitsConfig,
     drain: Duration,
     tls: Option<Arc<rustls::ServerConfig>>,
-    worker: Option<metrics::Gauge>,
-) {
+    shared: Shared,
+) -> Option<tokio::time::Instant> {
+    let Shared {
+        connections,
+        worker,
+    } = shared;
+    let index = worker.as_ref().map(|(index, _)| *index);
+    let worker = worker.map(|(_, gauge)| gauge);
     let tls = tls.map(TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -62,16 +69,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let direct = ctx.direct_http1;
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        // At the connection limit, stop accepting: new clients wait in the listen backlog.
-        let permit = tokio::select! {
-            permit = Arc::clone(&connections).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = crate::gateway::stopped(&mut shutdown) => break,
-        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -82,6 +80,17 @@ pub async fn serve(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                // At the connection limit this client waits, accepted and unread, for a permit,
+                // and the next ones wait in the listen backlog. (Taking the permit before
+                // accepting would leave it idle with a worker whose socket gets no client while
+                // another worker's clients wait.)
+                let permit = tokio::select! {
+                    permit = Arc::clone(&connections).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    () = crate::gateway::stopped(&mut shutdown) => break,
                 };
                 let _ = stream.set_nodelay(true);
                 // A client that stops reading leaves sent data unacknowledged (its window shut):
@@ -166,10 +175,17 @@ pub async fn serve(
     {
         tracing::warn!(
             ?drain,
+            worker = index,
             "drain timeout: closing remaining client connections"
         );
-        return;
+        return None;
     }
+    Some(deadline)
+}
+
+/// The rest of the drain, once every listener's [`serve`] has drained what hyper tracks: waits
+/// until `deadline` for the connections it does not (counted in `ctx`, on every worker).
+pub async fn drain_untracked(ctx: &ProxyContext, deadline: tokio::time::Instant, drain: Duration) {
     // Upgraded connections (WebSockets) left hyper's connection tracking when they switched
     // protocols; the proxy counts them until they close (whatever happened to their cluster).
     // Connections on the direct path finish their request in flight and close.
@@ -185,6 +201,15 @@ pub async fn serve(
         ?drain,
         "drain timeout: closing remaining upgraded and direct-path connections"
     );
+}
+
+/// What a listener's [`serve`] shares with the other workers' and the gateway.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The permits of `limits.max_connections`, one per open client connection, for all workers.
+    pub connections: Arc<Semaphore>,
+    /// The worker's index and its `rayshift_worker_connections` gauge (per-core workers only).
+    pub worker: Option<(usize, metrics::Gauge)>,
 }
 
 /// The general path's per-connection service (hyper calls it for each request).

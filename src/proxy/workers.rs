@@ -149,27 +149,40 @@ impl Workers {
     }
 }
 
-/// Binds `n` listening sockets to `addr`, all with `SO_REUSEPORT` (one per worker: the kernel
-/// spreads new connections over them), non-blocking, with a backlog of 1024 each. Port 0 picks
-/// one port for all of them.
+/// Backlog of each proxy listening socket: connections the kernel has accepted that wait for the
+/// gateway (at `limits.max_connections`, or in a burst).
+pub const BACKLOG: i32 = 1024;
+
+/// Binds the proxy's listening sockets to `addr`, non-blocking, each with a backlog of
+/// [`BACKLOG`]: one plain socket for `n == 1`; for more (one per worker), `n` sockets with
+/// `SO_REUSEPORT`, among which the kernel spreads new connections. Port 0 picks one port for all.
 ///
 /// A port another socket holds is refused, as a plain bind is: without the check the group would
-/// silently share the port with another process's `SO_REUSEPORT` sockets of the same user (a
-/// second gateway started by mistake), which would then get part of the traffic.
+/// share the port with another process's `SO_REUSEPORT` sockets of the same user (a second
+/// gateway started by mistake), which would then get part of the traffic. (The check is made at
+/// start; a socket of the same user that joins the group later is not seen.)
 pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Socket, Type};
-    // A plain socket (no SO_REUSEPORT) binds only where nothing listens; it also picks port 0's
-    // port, then steps aside for the group.
-    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    let group = n > 1;
+    if group && addr.port() != 0 {
+        // A plain socket binds only where nothing listens, SO_REUSEPORT or not.
+        drop(std::net::TcpListener::bind(addr)?);
+    }
+    let mut addr = addr;
     (0..n)
         .map(|_| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
+            if group {
+                socket.set_reuse_port(true)?;
+            }
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
-            socket.listen(1024)?;
-            Ok(socket.into())
+            socket.listen(BACKLOG)?;
+            let listener: std::net::TcpListener = socket.into();
+            // Port 0: the first socket's port for the others.
+            addr = listener.local_addr()?;
+            Ok(listener)
         })
         .collect()
 }
@@ -196,7 +209,7 @@ impl Drop for Counted {
 mod tests {
     use super::*;
 
-    /// Four sockets on one port (port 0 picked once), each accepting on its own worker; a port
+    /// Two sockets on one port (port 0 picked once), each accepting on its own worker; a port
     /// another socket holds is refused.
     #[tokio::test]
     async fn each_worker_accepts_on_its_own_socket_of_one_port() {
