@@ -9,9 +9,15 @@ use common::*;
 use http::StatusCode;
 
 fn rayshift(args: &[&str]) -> std::process::Output {
+    rayshift_with_env(args, &[])
+}
+
+/// [`rayshift`] with more environment variables.
+fn rayshift_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_rayshift"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("run rayshift")
 }
@@ -302,11 +308,7 @@ fn bad_runtime_variables_are_start_errors() {
             "RAYSHIFT_WORKER_THREADS=\"0\": expected an integer >= 1",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_rayshift"))
-            .args(["run", "--config", &config])
-            .env(var, value)
-            .output()
-            .expect("run rayshift");
+        let out = rayshift_with_env(&["run", "--config", &config], &[(var, value)]);
         assert_eq!(out.status.code(), Some(1), "{var}={value}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{var}={value}: {stderr}");

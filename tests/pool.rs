@@ -410,10 +410,17 @@ fn gateway_yaml(backend: &Backend, name: &str, upstream: &str) -> String {
 /// `rayshift_upstream_connections_opened_total` of `cluster`, from the admin API's `/metrics`.
 async fn connections_opened(gw: &TestGateway, cluster: &str) -> u64 {
     let metrics = get(&gw.admin("/metrics")).await.body;
-    let series = format!("rayshift_upstream_connections_opened_total{{cluster=\"{cluster}\"}} ");
+    series_value(
+        &metrics,
+        &format!("rayshift_upstream_connections_opened_total{{cluster=\"{cluster}\"}}"),
+    ) as u64
+}
+
+/// The value of `series` (name and labels, as exported) in a `/metrics` text.
+fn series_value(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(&series))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
         .trim()
         .parse()
@@ -1600,14 +1607,10 @@ async fn per_core_workers_spread_clients_and_keep_their_own_upstream_connections
     let metrics = get(&gw.admin("/metrics")).await.body;
     let per_worker: Vec<f64> = (0..2)
         .map(|worker| {
-            let series = format!("rayshift_worker_connections{{worker=\"{worker}\"}} ");
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&series))
-                .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
-                .trim()
-                .parse()
-                .unwrap()
+            series_value(
+                &metrics,
+                &format!("rayshift_worker_connections{{worker=\"{worker}\"}}"),
+            )
         })
         .collect();
     assert!(per_worker.iter().all(|n| *n >= 1.0), "{per_worker:?}");
