@@ -90,7 +90,7 @@ struct Kind<T> {
 /// The idle connections of one worker (or of the threads that are none), and how many there are
 /// (written under the lock, read by the other workers when their own part is over its share).
 /// Each on its own cache lines: a worker writes only lines no other worker writes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(align(128))]
 struct Slot<T> {
     idle: Mutex<VecDeque<Idle<T>>>,

@@ -107,16 +107,6 @@ impl Workers {
         })
     }
 
-    /// How many workers run.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Always false: [`Workers::start`] starts at least the one it is asked for (for clippy).
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Runs `future` on worker `index`.
     pub fn spawn<F>(&self, index: usize, future: F) -> JoinHandle<F::Output>
     where
