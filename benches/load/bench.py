@@ -89,6 +89,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(proc_ticks(p) for p in pids) / CLK_TCK
 
 
+def thread_run_seconds(pid: int) -> dict[str, float]:
+    """Time each thread of `pid` ran on a CPU, keyed by thread name (threads of one name summed):
+    the scheduler's nanosecond count from /proc/PID/task/*/schedstat, not clock ticks."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            ran = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        out[comm] = out.get(comm, 0.0) + ran / 1e9
+    return out
+
+
+def run_seconds(pids: list[int]) -> float:
+    """Time every thread of pids ran on a CPU (nanosecond count, see `thread_run_seconds`)."""
+    return sum(sum(thread_run_seconds(p).values()) for p in pids)
+
+
 def user_system_seconds(pids: list[int]) -> tuple[float, float]:
     u = s = 0
     for p in pids:
@@ -763,9 +783,68 @@ class Bench:
             + (f"; errors {stats['errors']}" if stats["errors"] else ""))
         return r
 
+    def start_spinner(self) -> None:
+        """Keeps the proxy core busy at the lowest priority (SCHED_IDLE) until `procs.stop("spinner")`.
+
+        On this kind of VM a thread woken on an idle core is charged the wake-up from halt, tens of
+        microseconds per wake-up that a core busy with client load does not pay; any other thread
+        on the core runs before the spinner."""
+        self.procs.start("spinner", ["chrt", "-i", "0", sys.executable, "-c", "while True: pass"],
+                         self.args.proxy_cpu)
+        time.sleep(0.5)
+
+    def swap_cost(self, target: str, churner_args: list[str], label: str, duration: float) -> dict:
+        """What a swap costs the proxy: the churner alone against `target` for `duration` seconds,
+        and as long without it (the baseline: probes, timers), the time the proxy's threads ran
+        (nanoseconds) taken per swap, the proxy core kept busy meanwhile as client load keeps it
+        (`start_spinner`). Under
+        load the same work takes that share of the core from requests: the loss a swap itself
+        costs, without the churn run's round-to-round scatter and without the flip's move of all
+        traffic to the other cluster's connections."""
+        pids = self.pids[target]
+
+        def window(seconds):
+            a, t0 = run_seconds(pids), time.monotonic()
+            time.sleep(seconds)
+            return (run_seconds(pids) - a) / (time.monotonic() - t0)
+
+        out = self.work / "swapcost.out"
+        self.start_spinner()
+        try:
+            idle = window(duration)
+            argv = [sys.executable, str(Path(__file__)), "churn", "--rate", str(self.args.churn_rate),
+                    "--clusters", "a,b", *churner_args]
+            p = self.procs.start("swapcost", argv, self.args.load_cpu, stdout=out)
+            wait_for("churner", lambda: "CHURN started" in out.read_text())
+            time.sleep(0.5)
+            busy = window(duration)
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=15)
+        finally:
+            self.procs.stop("swapcost")
+            self.procs.stop("spinner")
+        stats = json.loads(re.findall(r"^CHURNJSON (.*)$", out.read_text(), re.M)[-1])
+        out.unlink()
+        rate = max(stats["rate"], 1e-9)
+        r = {
+            "round": 0, "scenario": "swap-cost", "target": label, "swaps_per_s": stats["rate"],
+            "swaps_failed": stats["failed"], "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"],
+            "proxy_us_per_swap": 1e6 * (busy - idle) / rate,
+            "core_share_pct": 100 * (busy - idle),
+        }
+        log(f"  swap cost {label}: {stats['rate']:.1f} swaps/s, {r['proxy_us_per_swap']:.0f} us of the proxy "
+            f"per swap ({r['core_share_pct']:.2f}% of the core)")
+        self.runs.append(r)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        return r
+
     def churn(self) -> None:
         self.start_churn_gateway()
         self.measure_once("rayshift-churn", "small-c64", 0, self.args.warmup or 1, None, None)
+        admin = str(self.ports["rayshift-churn-admin"])
+        for pattern, label in (("flip", "rayshift flip"), ("same", "rayshift same split")):
+            self.swap_cost("rayshift-churn", ["--admin", admin, "--pattern", pattern], label, self.args.duration)
         kinds = ["steady", "flip", "same"]
         for rnd in range(1, self.args.rounds + 1):
             # Rotate the order, so drift hits every kind alike.
@@ -788,6 +867,8 @@ class Bench:
         """The flip pattern through HAProxy: `set weight` on its admin socket (not persisted)."""
         self.start_haproxy("haproxy-churn", churn=True)
         self.measure_once("haproxy-churn", "small-c64", 0, self.args.warmup or 1, None, None)
+        self.swap_cost("haproxy-churn", ["--haproxy-socket", str(self.haproxy_sock), "--pattern", "flip"],
+                       "haproxy flip", self.args.duration)
         for rnd in range(1, self.args.rounds + 1):
             for kind in (["steady", "flip"] if rnd % 2 else ["flip", "steady"]):
                 if kind == "steady":
@@ -1256,6 +1337,34 @@ def render(runs: list[dict], info: dict, args) -> str:
                      f"| {med(churn, 'put_p50_ms'):.1f} / {med(churn, 'put_p99_ms'):.1f} / {max(r['put_max_ms'] for r in churn):.1f} ms "
                      f"| {med(churn, 'share_b_pct'):.0f}% | {fmt_us(med(churn, 'cpu_us'))} | {per_swap_s} |")
         L.append("")
+        # Each churn run against the steady run of its own round: drift between rounds cancels.
+        paired = []
+        for proxy, name, churn, steady in churn_rows:
+            by_round = {r["round"]: r["rps"] for r in steady}
+            ratios = [r["rps"] / by_round[r["round"]] - 1 for r in churn if by_round.get(r["round"])]
+            if ratios:
+                paired.append(f"{proxy} {name.split(' (')[0]} {100 * statistics.median(ratios):+.1f}% "
+                              f"(rounds {', '.join(f'{100 * x:+.1f}%' for x in ratios)})")
+        if paired:
+            L.append("Same-round change against steady, median of rounds: " + "; ".join(paired) + ".")
+            L.append("")
+
+    costs = [r for r in runs if r["scenario"] == "swap-cost"]
+    if costs:
+        L.append(f"## What a swap costs the proxy ({args.churn_rate}/s, churner alone, proxy core kept busy)")
+        L.append("")
+        L.append("Time the proxy's threads ran per swap (scheduler nanoseconds), the same time without swaps "
+                 "taken out, a lowest-priority spinner keeping the core busy as client load does. Under load "
+                 "that share of the core is taken from requests: what the swap itself costs, apart from the "
+                 "flip's move of all traffic between the clusters' connections and the churn runs' scatter.")
+        L.append("")
+        L.append("| swaps | swaps/s done (failed) | PUT p50 / p99 | proxy CPU per swap | share of the proxy core |")
+        L.append("|---|---|---|---|---|")
+        for r in costs:
+            L.append(f"| {r['target']} | {r['swaps_per_s']:.1f} ({r['swaps_failed']}) "
+                     f"| {r['put_p50_ms']:.1f} / {r['put_p99_ms']:.1f} ms | {r['proxy_us_per_swap']:,.0f} us "
+                     f"| {r['core_share_pct']:.2f}% |")
+        L.append("")
 
     rss = [r for r in runs if r["scenario"] == "rss"]
     if rss:
@@ -1367,7 +1476,7 @@ def render(runs: list[dict], info: dict, args) -> str:
              "| errors + non-2xx | proxy core busy (foreign) | wrk CPU |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if r["scenario"] in ("rss", "syscalls", "callgrind", "kprofile"):
+        if r["scenario"] in ("rss", "syscalls", "callgrind", "kprofile", "swap-cost"):
             continue
         L.append(f"| {r['round']} | {r['scenario']} | {r['target']} | {fmt_rps(r['rps'])} "
                  f"| {r['p50_us']:,} / {r['p99_us']:,} / {r['max_us']:,} us | {fmt_cpu(r)} "

@@ -2,21 +2,22 @@
 """CPU a weight change costs an idle gateway, by thread, with its state file on disk and on tmpfs.
 
     python3 benches/load/swap_cost.py [--rayshift BIN] [--rounds 3] [--duration 10] [--rate 100]
-                                      [--pattern same|flip] [--memory-dir /dev/shm]
+                                      [--pattern same|flip] [--memory-dir /dev/shm] [--idle-core]
 
 Starts the benchmark's nginx backend and, in turn, a churn gateway (two clusters, all weight on
 `a`, cores as in bench.py) with its state file in the work directory (this machine's disk) and one
 with it in --memory-dir (tmpfs), sends --rate weight PUTs a second to each for --duration seconds
-with no client load, and prints the gateway's CPU time per accepted change (utime + stime of every
-thread from /proc/PID/task, divided by the changes): in total and per thread (the main thread runs
-the admin API, the control task and the proxy; `rayshift-state` writes the state). The gateways
+with no client load, and prints the gateway's CPU time per accepted change (the time every thread
+ran, in nanoseconds from /proc/PID/task/*/schedstat, divided by the changes): in total and per
+thread (the main thread runs the admin API, the control task and the proxy; `rayshift-state`
+writes the state). A spinner at the lowest priority keeps the proxy core busy, as client load
+does (`--idle-core`: not; each change then also pays this VM's wake-ups from halt). The gateways
 are started afresh each round and the two kinds alternate, so drift hits both alike. Without load
 the figures are far steadier than churn under load, where rounds scatter by more than a swap costs.
 Run benches/load/run.sh once first: it installs nginx and builds rayshift.
 """
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
@@ -31,21 +32,6 @@ import bench  # noqa: E402
 from churn_floor import tmpfs_dir  # noqa: E402
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of `pid`, keyed by thread name (threads of one name summed)."""
-    out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:
-            continue  # the thread ended meanwhile
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
 def one_run(b: bench.Bench, state_dir: Path, a) -> tuple[float, dict[str, float], dict]:
     """Starts a churn gateway with its state in `state_dir`, churns it, stops it."""
     b.start_churn_gateway("gateway", state_dir)
@@ -58,9 +44,9 @@ def one_run(b: bench.Bench, state_dir: Path, a) -> tuple[float, dict[str, float]
                                           "--pattern", a.pattern], b.args.load_cpu, stdout=out)
         try:
             bench.wait_for("churn", lambda: "CHURN started" in out.read_text())
-            before = thread_cpu(pid)
+            before = bench.thread_run_seconds(pid)
             time.sleep(a.duration)
-            after = thread_cpu(pid)
+            after = bench.thread_run_seconds(pid)
             churner.send_signal(signal.SIGTERM)
             churner.wait(timeout=15)
         finally:
@@ -86,6 +72,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100, help="weight changes per second")
     ap.add_argument("--pattern", choices=["same", "flip"], default="same")
     ap.add_argument("--memory-dir", default="/dev/shm", help="a tmpfs mount (default /dev/shm)")
+    ap.add_argument("--idle-core", action="store_true",
+                    help="leave the proxy core idle between changes (each change then also pays this VM's "
+                         "wake-ups from halt, which a core busy with client load does not)")
     a = ap.parse_args()
     mem = tmpfs_dir(a.memory_dir, "swap_cost.py")
     work = Path(tempfile.mkdtemp(prefix="rayshift-swap-cost."))
@@ -97,6 +86,8 @@ def main() -> None:
     threads: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     try:
         b.start_backend()
+        if not a.idle_core:
+            b.start_spinner()
         for rnd in range(1, a.rounds + 1):
             order = list(kinds) if rnd % 2 else list(reversed(kinds))
             for kind in order:
@@ -106,8 +97,9 @@ def main() -> None:
                     threads[kind].setdefault(name, []).append(us)
                 bench.log(f"round {rnd} {kind}: {stats['ok']} changes, {stats['rate']:.1f}/s, "
                           f"PUT p50 {stats['p50_ms']:.2f} ms; {total:.0f} us of CPU per change")
-        print(f"\n{a.rounds} rounds of {a.duration:g} s, {a.rate:g} `{a.pattern}` changes a second, no client load; "
-              f"medians per accepted change\n")
+        core = "proxy core idle between changes" if a.idle_core else "proxy core kept busy by a lowest-priority spinner"
+        print(f"\n{a.rounds} rounds of {a.duration:g} s, {a.rate:g} `{a.pattern}` changes a second, no client load, "
+              f"{core}; medians per accepted change\n")
         names = sorted({n for k in kinds for n in threads[k]})
         print("| state file on | CPU per change | " + " | ".join(f"thread `{n}`" for n in names) + " |")
         print("|---|---|" + "---|" * len(names))
