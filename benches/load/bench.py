@@ -839,12 +839,82 @@ class Bench:
             f.write(json.dumps(r) + "\n")
         return r
 
+    def churn_interleaved(self, target: str, churner_args: list[str], label: str, count,
+                          windows: int = 16, window: float = 2.0) -> dict:
+        """One continuous 64-connection load through `target` while the churner is switched
+        on and off every `window` seconds (`windows` of each, starting and ending steady): each
+        churn window is compared with the mean of the steady windows on either side, so the
+        machine's drift, which moves whole rounds by tens of percent here, cancels. Per window:
+        requests from the proxy's own counters (`count()`), CPU from its threads' run time."""
+        pids = self.pids[target]
+        out = self.work / "interleaved.out"
+        churner = self.procs.start("churn", [sys.executable, str(Path(__file__)), "churn", "--rate",
+                                             str(self.args.churn_rate), "--clusters", "a,b", *churner_args,
+                                             "--paused"], self.args.load_cpu, stdout=out)
+        total = (2 * windows + 1) * window + 2
+        load = None
+        try:
+            wait_for("churner", lambda: "CHURN started" in out.read_text())
+            load = subprocess.Popen(["taskset", "-c", self.args.load_cpu, "wrk", "-t1", "-c64", f"-d{round(total)}s",
+                                     "--timeout", "5s", "-s", str(LUA), f"http://127.0.0.1:{self.ports[target]}/"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(1)
+
+            def sample():
+                return count(), run_seconds(pids), time.monotonic()
+
+            samples, kinds = [sample()], []
+            for i in range(2 * windows + 1):
+                churning = i % 2 == 1
+                churner.send_signal(signal.SIGUSR1 if churning else signal.SIGUSR2)
+                time.sleep(window)
+                samples.append(sample())
+                kinds.append(churning)
+            churner.send_signal(signal.SIGUSR2)
+            wrk_out, _ = load.communicate(timeout=total + 15)
+            m = re.search(r"^WRKJSON (.*)$", wrk_out, re.M)
+            if load.returncode != 0 or not m:
+                raise RuntimeError(f"wrk failed ({load.returncode}):\n{wrk_out}")
+            load = None
+            w = json.loads(m.group(1))
+            churner.send_signal(signal.SIGTERM)
+            churner.wait(timeout=15)
+        finally:
+            if load is not None:
+                load.kill()
+                load.wait()
+            self.procs.stop("churn")
+        stats = json.loads(re.findall(r"^CHURNJSON (.*)$", out.read_text(), re.M)[-1])
+        out.unlink()
+        rps = [(b[0] - a[0]) / (b[2] - a[2]) for a, b in zip(samples, samples[1:])]
+        cpu = [(b[1] - a[1]) * 1e6 / max(b[0] - a[0], 1) for a, b in zip(samples, samples[1:])]
+        d_rps = [rps[i] / ((rps[i - 1] + rps[i + 1]) / 2) - 1 for i in range(1, len(rps) - 1, 2)]
+        d_cpu = [cpu[i] / ((cpu[i - 1] + cpu[i + 1]) / 2) - 1 for i in range(1, len(cpu) - 1, 2)]
+        r = {
+            "round": 0, "scenario": "churn-interleaved", "target": label, "windows": windows, "window_s": window,
+            "steady_rps": statistics.median(rps[0::2]), "churn_rps": statistics.median(rps[1::2]),
+            "rps_change": statistics.median(d_rps), "cpu_change": statistics.median(d_cpu),
+            "rps_changes": d_rps, "swaps_ok": stats["ok"], "swaps_failed": stats["failed"],
+            "failed": w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"] + w["err_status"],
+            "steady_cpu_us": statistics.median(cpu[0::2]), "churn_cpu_us": statistics.median(cpu[1::2]),
+        }
+        log(f"  interleaved {label}: req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}% "
+            f"(median of {windows} churn windows against their neighbours; {stats['ok']} swaps, "
+            f"{stats['failed']} failed; {r['failed']} failed requests)")
+        self.runs.append(r)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        return r
+
     def churn(self) -> None:
         self.start_churn_gateway()
         self.measure_once("rayshift-churn", "small-c64", 0, self.args.warmup or 1, None, None)
         admin = str(self.ports["rayshift-churn-admin"])
         for pattern, label in (("flip", "rayshift flip"), ("same", "rayshift same split")):
             self.swap_cost("rayshift-churn", ["--admin", admin, "--pattern", pattern], label, self.args.duration)
+        for pattern, label in (("flip", "rayshift flip"), ("same", "rayshift same split")):
+            self.churn_interleaved("rayshift-churn", ["--admin", admin, "--pattern", pattern], label,
+                                   lambda: sum(scrape_requests(int(admin)).values()))
         kinds = ["steady", "flip", "same"]
         for rnd in range(1, self.args.rounds + 1):
             # Rotate the order, so drift hits every kind alike.
@@ -869,6 +939,8 @@ class Bench:
         self.measure_once("haproxy-churn", "small-c64", 0, self.args.warmup or 1, None, None)
         self.swap_cost("haproxy-churn", ["--haproxy-socket", str(self.haproxy_sock), "--pattern", "flip"],
                        "haproxy flip", self.args.duration)
+        self.churn_interleaved("haproxy-churn", ["--haproxy-socket", str(self.haproxy_sock), "--pattern", "flip"],
+                               "haproxy flip", lambda: haproxy_requests(self.haproxy_sock))
         for rnd in range(1, self.args.rounds + 1):
             for kind in (["steady", "flip"] if rnd % 2 else ["flip", "steady"]):
                 if kind == "steady":
@@ -1172,6 +1244,14 @@ def haproxy_server_totals(sock: Path) -> dict[str, float]:
     return out
 
 
+def haproxy_requests(sock: Path) -> float:
+    """HTTP requests HAProxy's frontends took so far (`show stat`, field req_tot)."""
+    lines = haproxy_command(sock, "show stat").splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    return sum(float(row.get("req_tot") or 0) for row in (dict(zip(header, line.split(","))) for line in lines[1:])
+               if row.get("svname") == "FRONTEND")
+
+
 def scrape_counter(admin: int, name: str) -> float:
     """A counter from rayshift's /metrics, summed over its labels."""
     _, body = http_get(admin, "/metrics", timeout=5)
@@ -1348,6 +1428,17 @@ def render(runs: list[dict], info: dict, args) -> str:
         if paired:
             L.append("Same-round change against steady, median of rounds: " + "; ".join(paired) + ".")
             L.append("")
+    inter = [r for r in runs if r["scenario"] == "churn-interleaved"]
+    if inter:
+        r0 = inter[0]
+        L.append(f"Interleaved: one continuous 64-connection load through the churn gateway, the churner switched on "
+                 f"and off every {r0['window_s']:g} s ({r0['windows']} churn windows), each churn window against the "
+                 f"mean of the steady windows on either side (median): "
+                 + "; ".join(f"{r['target']} req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}% "
+                             f"({fmt_rps(r['churn_rps'])} vs {fmt_rps(r['steady_rps'])} req/s; windows "
+                             f"{min(r['rps_changes']) * 100:+.0f}% to {max(r['rps_changes']) * 100:+.0f}%; "
+                             f"{r['failed']} failed requests, {r['swaps_failed']} failed swaps)" for r in inter) + ".")
+        L.append("")
 
     costs = [r for r in runs if r["scenario"] == "swap-cost"]
     if costs:
@@ -1416,6 +1507,11 @@ def render(runs: list[dict], info: dict, args) -> str:
             L.append(f"| {name}: 0 failed requests, < 3% throughput loss | {fails} failed, {100 * (c / s - 1):+.1f}% "
                      f"| {f'HAProxy {100 * peer[0]:+.1f}%' if peer else '-'} "
                      f"| {'met' if fails == 0 and c >= 0.97 * s else 'NOT met'} |")
+        for r in [r for r in runs if r["scenario"] == "churn-interleaved" and r["target"].startswith("rayshift")] \
+                if cand == "rayshift" else []:
+            ok = r["failed"] == 0 and r["swaps_failed"] == 0 and r["rps_change"] >= -0.03
+            L.append(f"| churn interleaved, {r['target'].removeprefix('rayshift ')}: 0 failed requests, < 3% throughput "
+                     f"loss | {r['failed']} failed, {100 * r['rps_change']:+.1f}% | - | {'met' if ok else 'NOT met'} |")
         mine = [r for r in rss if r["target"] == cand]
         if mine:
             v = mine[0]["rss_idle_conns_kib"] / 1024
@@ -1476,7 +1572,7 @@ def render(runs: list[dict], info: dict, args) -> str:
              "| errors + non-2xx | proxy core busy (foreign) | wrk CPU |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if r["scenario"] in ("rss", "syscalls", "callgrind", "kprofile", "swap-cost"):
+        if r["scenario"] in ("rss", "syscalls", "callgrind", "kprofile", "swap-cost", "churn-interleaved"):
             continue
         L.append(f"| {r['round']} | {r['scenario']} | {r['target']} | {fmt_rps(r['rps'])} "
                  f"| {r['p50_us']:,} / {r['p99_us']:,} / {r['max_us']:,} us | {fmt_cpu(r)} "
@@ -1503,10 +1599,17 @@ def churn_main(argv: list[str]) -> None:
     ap.add_argument("--workers", type=int, default=4, help="concurrent admin connections (keeps the rate when a PUT is slow)")
     ap.add_argument("--pattern", choices=["flip", "same"], default="flip",
                     help="flip: alternate 100/0 and 0/100; same: always 100/0 (the table is swapped, the split kept)")
+    ap.add_argument("--paused", action="store_true",
+                    help="start paused; SIGUSR1 resumes the swaps, SIGUSR2 pauses them")
     a = ap.parse_args(argv)
     c1, c2 = a.clusters.split(",")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    active = threading.Event()
+    if not a.paused:
+        active.set()
+    signal.signal(signal.SIGUSR1, lambda *_: active.set())
+    signal.signal(signal.SIGUSR2, lambda *_: active.clear())
     tickets: queue.Queue = queue.Queue()
     lock = threading.Lock()
     stats = {"ok": 0, "failed": 0, "errors": {}}
@@ -1559,8 +1662,9 @@ def churn_main(argv: list[str]) -> None:
     start = nxt = time.monotonic()
     i = 0
     while not stop.is_set():
-        tickets.put(i)
-        i += 1
+        if active.is_set():
+            tickets.put(i)
+            i += 1
         nxt += 1 / a.rate
         stop.wait(max(0.0, nxt - time.monotonic()))
     elapsed = time.monotonic() - start

@@ -180,7 +180,8 @@ struct Idle<T> {
     since: Instant,
 }
 
-/// A plain TCP connection to a cluster with its read buffer (empty between responses).
+/// A plain TCP connection to a cluster with its read buffer while it carries an exchange (idle in
+/// the pool it holds none).
 #[derive(Debug)]
 pub struct RawConn {
     /// The connection.
@@ -191,6 +192,49 @@ pub struct RawConn {
 
 /// Initial read buffer of a direct-path upstream connection: a head and a 16 KiB body in one read.
 const RAW_READ_BUF: usize = 32 * 1024;
+
+/// Read buffers kept per thread for the next exchange (see [`read_buffer`]).
+const SPARE_BUFFERS: usize = 64;
+
+/// Buffers that grew past this are freed, not kept for another exchange.
+const SPARE_BUFFER_MAX: usize = 4 * RAW_READ_BUF;
+
+std::thread_local! {
+    /// Read buffers of plain connections that went idle, most recently used last.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer for an exchange: the one this thread freed last (its memory likely still in
+/// the core's caches), or a new one.
+///
+/// Buffers follow exchanges, not connections: an idle connection holds none. Traffic that moves
+/// between clusters (a weight change sends every request to another cluster's idle connections)
+/// then reuses the same few warm buffers instead of touching a second set, and idle connections
+/// cost no buffer memory.
+fn read_buffer() -> BytesMut {
+    match SPARE.with(|spare| spare.borrow_mut().pop()) {
+        Some(mut buf) => {
+            // Empty, so this only moves its start back to the start of its memory (bytes read
+            // earlier advanced it): a head and a 16 KiB body fit in one read again.
+            buf.reserve(RAW_READ_BUF);
+            buf
+        }
+        None => BytesMut::with_capacity(RAW_READ_BUF),
+    }
+}
+
+/// Keeps the (empty) read buffer of a connection that goes idle for the next exchange.
+fn spare_buffer(buf: BytesMut) {
+    if buf.capacity() == 0 || buf.capacity() > SPARE_BUFFER_MAX {
+        return;
+    }
+    SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(buf);
+        }
+    });
+}
 
 impl ClusterPool {
     /// An empty pool keeping at most `max_idle` connections of each kind, each for at most
@@ -215,7 +259,10 @@ impl ClusterPool {
     /// [`ClusterPool::checkout`]), and since when it was idle.
     pub fn checkout_raw(&self, now: Instant) -> Option<(RawConn, Instant)> {
         self.pop_idle(&self.raw, now, |c| is_open(&c.stream))
-            .map(|c| (c.conn, c.since))
+            .map(|mut c| {
+                c.conn.buf = read_buffer();
+                (c.conn, c.since)
+            })
     }
 
     /// Closes the idle plain connections that have been idle since `since` or longer. Called when
@@ -235,10 +282,11 @@ impl ClusterPool {
 
     /// Takes a plain connection back after its response ended on a message boundary, its buffer
     /// empty, at `now`. As [`ClusterPool::put`].
-    pub fn put_raw(&self, conn: RawConn, now: Instant) {
+    pub fn put_raw(&self, mut conn: RawConn, now: Instant) {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
+        spare_buffer(std::mem::take(&mut conn.buf));
         self.push(&self.raw, conn, now);
     }
 
@@ -425,7 +473,7 @@ pub async fn connect_raw(cluster: &Cluster, connect_timeout: Duration) -> Result
     cluster.connections_opened.increment(1);
     Ok(RawConn {
         stream,
-        buf: BytesMut::with_capacity(RAW_READ_BUF),
+        buf: read_buffer(),
     })
 }
 
@@ -547,5 +595,77 @@ mod tests {
         }
         assert_eq!(pop(1), None);
         assert_eq!(idle.total(), 0);
+    }
+
+    /// An idle plain connection holds no read buffer: the buffer goes back to the thread and the
+    /// next checkout, of this cluster's connection or another's, takes it again, reset to its
+    /// whole capacity after reads that advanced it. One that grew past the limit is freed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn read_buffers_follow_exchanges_not_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                held.push(listener.accept().await.unwrap().0);
+            }
+            held
+        });
+        let a = TcpStream::connect(addr).await.unwrap();
+        let b = TcpStream::connect(addr).await.unwrap();
+        let _held = accept.await.unwrap();
+        SPARE.with(|spare| spare.borrow_mut().clear());
+        let (pool_a, pool_b) = (
+            ClusterPool::new(8, Duration::from_secs(60), 0),
+            ClusterPool::new(8, Duration::from_secs(60), 0),
+        );
+        let now = Instant::now();
+
+        let mut buf = read_buffer();
+        let memory = buf.as_ptr();
+        buf.extend_from_slice(&[7u8; 20 * 1024]);
+        bytes::Buf::advance(&mut buf, 20 * 1024);
+        pool_a.put_raw(RawConn { stream: a, buf }, now);
+        assert_eq!(
+            SPARE.with(|spare| spare.borrow().len()),
+            1,
+            "the buffer left the idle connection"
+        );
+
+        // Traffic moves to the other cluster: its connection takes the same buffer.
+        pool_b.put_raw(
+            RawConn {
+                stream: b,
+                buf: BytesMut::new(),
+            },
+            now,
+        );
+        let (conn, _) = pool_b.checkout_raw(now).expect("b's idle connection");
+        assert_eq!(
+            conn.buf.as_ptr(),
+            memory,
+            "the buffer freed last, still warm"
+        );
+        assert!(conn.buf.is_empty());
+        assert!(
+            conn.buf.capacity() >= RAW_READ_BUF,
+            "reset to its whole memory, not the {} bytes left after the reads",
+            RAW_READ_BUF - 20 * 1024
+        );
+
+        let (mut conn, _) = pool_a.checkout_raw(now).expect("a's idle connection");
+        assert_ne!(
+            conn.buf.as_ptr(),
+            memory,
+            "a buffer is in one exchange at a time"
+        );
+        conn.buf.reserve(SPARE_BUFFER_MAX + 1);
+        pool_a.put_raw(conn, now);
+        assert_eq!(
+            SPARE.with(|spare| spare.borrow().len()),
+            0,
+            "a buffer that grew past the limit is freed"
+        );
+        assert_eq!(pool_a.idle_count(), 1, "the connection itself is kept");
     }
 }
