@@ -851,31 +851,37 @@ class Bench:
         churner = self.procs.start("churn", [sys.executable, str(Path(__file__)), "churn", "--rate",
                                              str(self.args.churn_rate), "--clusters", "a,b", *churner_args,
                                              "--paused"], self.args.load_cpu, stdout=out)
-        total = (2 * windows + 1) * window + 2
+        # Margin for the scrapes between windows; the last window must end before the load does.
+        total = (2 * windows + 1) * window + 6
         load = None
         try:
             wait_for("churner", lambda: "CHURN started" in out.read_text())
             load = subprocess.Popen(["taskset", "-c", self.args.load_cpu, "wrk", "-t1", "-c64", f"-d{round(total)}s",
                                      "--timeout", "5s", "-s", str(LUA), f"http://127.0.0.1:{self.ports[target]}/"],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            (self.procs.piddir / "wrk.pid").write_text(str(load.pid))
+            load_end = time.monotonic() + total
             time.sleep(1)
 
             def sample():
                 return count(), run_seconds(pids), time.monotonic()
 
-            samples, kinds = [sample()], []
+            samples = [sample()]
+            deadline = samples[0][2]
             for i in range(2 * windows + 1):
-                churning = i % 2 == 1
-                churner.send_signal(signal.SIGUSR1 if churning else signal.SIGUSR2)
-                time.sleep(window)
+                churner.send_signal(signal.SIGUSR1 if i % 2 else signal.SIGUSR2)
+                deadline += window
+                time.sleep(max(0.0, deadline - time.monotonic()))
                 samples.append(sample())
-                kinds.append(churning)
             churner.send_signal(signal.SIGUSR2)
+            if samples[-1][2] > load_end - 1:
+                raise RuntimeError("the interleaved windows outlasted the load")
             wrk_out, _ = load.communicate(timeout=total + 15)
             m = re.search(r"^WRKJSON (.*)$", wrk_out, re.M)
             if load.returncode != 0 or not m:
                 raise RuntimeError(f"wrk failed ({load.returncode}):\n{wrk_out}")
             load = None
+            (self.procs.piddir / "wrk.pid").unlink(missing_ok=True)
             w = json.loads(m.group(1))
             churner.send_signal(signal.SIGTERM)
             churner.wait(timeout=15)
@@ -1608,9 +1614,19 @@ def churn_main(argv: list[str]) -> None:
     active = threading.Event()
     if not a.paused:
         active.set()
-    signal.signal(signal.SIGUSR1, lambda *_: active.set())
-    signal.signal(signal.SIGUSR2, lambda *_: active.clear())
     tickets: queue.Queue = queue.Queue()
+
+    def pause():
+        """Stops the swaps at once: none of those already queued is sent."""
+        active.clear()
+        try:
+            while True:
+                tickets.get_nowait()
+        except queue.Empty:
+            pass
+
+    signal.signal(signal.SIGUSR1, lambda *_: active.set())
+    signal.signal(signal.SIGUSR2, lambda *_: pause())
     lock = threading.Lock()
     stats = {"ok": 0, "failed": 0, "errors": {}}
     lat: list[float] = []

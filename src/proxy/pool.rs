@@ -62,7 +62,8 @@ impl SendError {
 }
 
 /// Idle keep-alive connections to one cluster, newest last: hyper's (general path) and plain
-/// TCP ones with their read buffers (the direct HTTP/1.1 path, [`crate::proxy::h1`]).
+/// TCP ones (the direct HTTP/1.1 path, [`crate::proxy::h1`]; their read buffers stay with the
+/// thread while they are idle, see [`RawConn`]).
 ///
 /// With per-core proxy workers ([`crate::proxy::workers`]) each kind is split into one part per
 /// worker (and one for any other thread): a connection is registered with the poller of the
@@ -196,7 +197,7 @@ const RAW_READ_BUF: usize = 32 * 1024;
 /// Read buffers kept per thread for the next exchange (see [`read_buffer`]).
 const SPARE_BUFFERS: usize = 64;
 
-/// Buffers that grew past this are freed, not kept for another exchange.
+/// Buffers whose memory grew past this are freed, not kept for another exchange.
 const SPARE_BUFFER_MAX: usize = 4 * RAW_READ_BUF;
 
 std::thread_local! {
@@ -212,20 +213,20 @@ std::thread_local! {
 /// then reuses the same few warm buffers instead of touching a second set, and idle connections
 /// cost no buffer memory.
 fn read_buffer() -> BytesMut {
-    match SPARE.with(|spare| spare.borrow_mut().pop()) {
-        Some(mut buf) => {
-            // Empty, so this only moves its start back to the start of its memory (bytes read
-            // earlier advanced it): a head and a 16 KiB body fit in one read again.
-            buf.reserve(RAW_READ_BUF);
-            buf
-        }
-        None => BytesMut::with_capacity(RAW_READ_BUF),
-    }
+    SPARE
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(RAW_READ_BUF))
 }
 
-/// Keeps the (empty) read buffer of a connection that goes idle for the next exchange.
-fn spare_buffer(buf: BytesMut) {
-    if buf.capacity() == 0 || buf.capacity() > SPARE_BUFFER_MAX {
+/// Keeps the empty read buffer of a connection that goes idle for the next exchange, its start
+/// moved back to the start of its memory (the bytes read advanced it), so that a head and a
+/// 16 KiB body fit in one read again. Moving the start copies nothing: the buffer is empty.
+fn spare_buffer(mut buf: BytesMut) {
+    debug_assert!(buf.is_empty());
+    // `capacity` is the room after the read position, not the buffer's memory: one that can make
+    // room for more than the limit has grown past it. One that cannot make room for a read
+    // buffer's worth holds no memory to speak of (an idle connection's).
+    if buf.try_reclaim(SPARE_BUFFER_MAX + 1) || !buf.try_reclaim(RAW_READ_BUF) {
         return;
     }
     SPARE.with(|spare| {
@@ -383,8 +384,10 @@ impl ClusterPool {
             if idle.is_none() && cluster.scheme == http::uri::Scheme::HTTP {
                 // An idle connection of the direct HTTP/1.1 path, taken over: no new connection
                 // while one is open and unused.
-                if let Some((raw, _)) = self.checkout_raw(Instant::now()) {
-                    let io = MaybeHttpsStream::Http(TokioIo::new(raw.stream));
+                let raw = self.pop_idle(&self.raw, Instant::now(), |c| is_open(&c.stream));
+                if let Some(raw) = raw {
+                    // hyper reads with its own buffers: no read buffer taken for it.
+                    let io = MaybeHttpsStream::Http(TokioIo::new(raw.conn.stream));
                     // Boxed like connecting below: the handshake's state is large and rarely
                     // needed, and would otherwise be part of every request's future.
                     idle = Box::pin(start(io, cluster)).await.ok();
@@ -659,7 +662,10 @@ mod tests {
             memory,
             "a buffer is in one exchange at a time"
         );
-        conn.buf.reserve(SPARE_BUFFER_MAX + 1);
+        // Grown past the limit, then read through far enough that the room left is under it.
+        conn.buf.extend_from_slice(&vec![1u8; SPARE_BUFFER_MAX + 1]);
+        bytes::Buf::advance(&mut conn.buf, SPARE_BUFFER_MAX + 1);
+        assert!(conn.buf.capacity() < SPARE_BUFFER_MAX);
         pool_a.put_raw(conn, now);
         assert_eq!(
             SPARE.with(|spare| spare.borrow().len()),
