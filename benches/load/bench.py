@@ -840,13 +840,14 @@ class Bench:
         return r
 
     def churn_interleaved(self, target: str, churner_args: list[str], label: str, count,
-                          windows: int = 16, window: float = 2.0) -> dict:
+                          window: float = 2.0) -> dict:
         """One continuous 64-connection load through `target` while the churner is switched
         on and off every `window` seconds (`windows` of each, starting and ending steady): each
         churn window is compared with the mean of the steady windows on either side, so the
         machine's drift, which moves whole rounds by tens of percent here, cancels. Per window:
         requests from the proxy's own counters (`count()`), CPU from its threads' run time."""
         pids = self.pids[target]
+        windows = 4 if self.args.quick else 16
         out = self.work / "interleaved.out"
         churner = self.procs.start("churn", [sys.executable, str(Path(__file__)), "churn", "--rate",
                                              str(self.args.churn_rate), "--clusters", "a,b", *churner_args,
