@@ -793,6 +793,11 @@ class Bench:
                          self.args.proxy_cpu)
         time.sleep(0.5)
 
+    def churner_argv(self, *args: str) -> list[str]:
+        """`bench.py churn` at --churn-rate between clusters a and b, with `args` added."""
+        return [sys.executable, str(Path(__file__)), "churn", "--rate", str(self.args.churn_rate),
+                "--clusters", "a,b", *args]
+
     def swap_cost(self, target: str, churner_args: list[str], label: str, duration: float) -> dict:
         """What a swap costs the proxy: the churner alone against `target` for `duration` seconds,
         and as long without it (the baseline: probes, timers), the time the proxy's threads ran
@@ -812,8 +817,7 @@ class Bench:
         self.start_spinner()
         try:
             idle = window(duration)
-            argv = [sys.executable, str(Path(__file__)), "churn", "--rate", str(self.args.churn_rate),
-                    "--clusters", "a,b", *churner_args]
+            argv = self.churner_argv(*churner_args)
             p = self.procs.start("swapcost", argv, self.args.load_cpu, stdout=out)
             wait_for("churner", lambda: "CHURN started" in out.read_text())
             time.sleep(0.5)
@@ -849,9 +853,8 @@ class Bench:
         pids = self.pids[target]
         windows = 4 if self.args.quick else 16
         out = self.work / "interleaved.out"
-        churner = self.procs.start("churn", [sys.executable, str(Path(__file__)), "churn", "--rate",
-                                             str(self.args.churn_rate), "--clusters", "a,b", *churner_args,
-                                             "--paused"], self.args.load_cpu, stdout=out)
+        churner = self.procs.start("churn", self.churner_argv(*churner_args, "--paused"), self.args.load_cpu,
+                                   stdout=out)
         # Margin for the scrapes between windows; the last window must end before the load does.
         total = (2 * windows + 1) * window + 6
         load = None

@@ -259,11 +259,16 @@ impl ClusterPool {
     /// The most recently used idle plain connection still open and young enough at `now` (see
     /// [`ClusterPool::checkout`]), and since when it was idle.
     pub fn checkout_raw(&self, now: Instant) -> Option<(RawConn, Instant)> {
+        self.pop_raw(now).map(|mut c| {
+            c.conn.buf = read_buffer();
+            (c.conn, c.since)
+        })
+    }
+
+    /// The most recently used idle plain connection still open and young enough at `now`,
+    /// without a read buffer.
+    fn pop_raw(&self, now: Instant) -> Option<Idle<RawConn>> {
         self.pop_idle(&self.raw, now, |c| is_open(&c.stream))
-            .map(|mut c| {
-                c.conn.buf = read_buffer();
-                (c.conn, c.since)
-            })
     }
 
     /// Closes the idle plain connections that have been idle since `since` or longer. Called when
@@ -384,8 +389,7 @@ impl ClusterPool {
             if idle.is_none() && cluster.scheme == http::uri::Scheme::HTTP {
                 // An idle connection of the direct HTTP/1.1 path, taken over: no new connection
                 // while one is open and unused.
-                let raw = self.pop_idle(&self.raw, Instant::now(), |c| is_open(&c.stream));
-                if let Some(raw) = raw {
+                if let Some(raw) = self.pop_raw(Instant::now()) {
                     // hyper reads with its own buffers: no read buffer taken for it.
                     let io = MaybeHttpsStream::Http(TokioIo::new(raw.conn.stream));
                     // Boxed like connecting below: the handshake's state is large and rarely
