@@ -39,9 +39,8 @@ def one_run(b: bench.Bench, state_dir: Path, a) -> tuple[float, dict[str, float]
         pid = b.pids["gateway"][0]
         time.sleep(1)  # first probes, first table
         out = b.work / "churn.out"
-        churner = b.procs.start("churn", [sys.executable, str(Path(bench.__file__)), "churn", "--rate", str(a.rate),
-                                          "--clusters", "a,b", "--admin", str(b.ports["gateway-admin"]),
-                                          "--pattern", a.pattern], b.args.load_cpu, stdout=out)
+        churner = b.procs.start("churn", b.churner_argv("--admin", str(b.ports["gateway-admin"]), "--pattern", a.pattern),
+                                b.args.load_cpu, stdout=out)
         try:
             bench.wait_for("churn", lambda: "CHURN started" in out.read_text())
             before = bench.thread_run_seconds(pid)
@@ -79,7 +78,7 @@ def main() -> None:
     mem = tmpfs_dir(a.memory_dir, "swap_cost.py")
     work = Path(tempfile.mkdtemp(prefix="rayshift-swap-cost."))
     args = bench.parse_args(["--work", str(work), "--rayshift", a.rayshift, "--results", str(here / "results"),
-                             "--targets", "rayshift"])
+                             "--targets", "rayshift", "--churn-rate", str(a.rate)])
     b = bench.Bench(args)
     kinds = {"disk": work, "tmpfs": mem}
     totals: dict[str, list[float]] = {k: [] for k in kinds}
