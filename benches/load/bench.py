@@ -22,7 +22,8 @@ Run it through benches/load/run.sh (which installs the tools and builds rayshift
 * RSS: VmRSS of each proxy (all its processes) with 1,000 idle keep-alive client connections, each
   of which has completed one request.
 
-Helper modes (used by the benchmark itself): `bench.py churn ...` and `bench.py idle ...`.
+Helper modes (used by the benchmark itself): `bench.py idle ...` and `bench.py fsync ...`. The churner
+is native (examples/churn.rs, built by run.sh): it shares wrk's core.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import http.client
 import json
 import os
 import platform
-import queue
 import re
 import signal
 import socket
@@ -746,14 +746,14 @@ class Bench:
             f"upstream connections opened {r['upstream_opened']:.0f}")
         return r
 
-    def run_alongside(self, name: str, subcommand: list[str], cpu: str, target: str, rnd: int, duration: float,
+    def run_alongside(self, name: str, argv: list[str], cpu: str, target: str, rnd: int, duration: float,
                       label: str) -> tuple[dict, dict]:
-        """One 64-connection run through `target` while `bench.py SUBCOMMAND...` runs on `cpu`: it
+        """One 64-connection run through `target` while the helper `argv` runs on `cpu`: it
         prints "<NAME> started" when it is going and "<NAME>JSON {...}" after SIGTERM. Returns the
         run's figures and the helper's JSON."""
         out = self.work / f"{name}.out"
         tag = name.upper()
-        p = self.procs.start(name, [sys.executable, str(Path(__file__)), *subcommand], cpu, stdout=out)
+        p = self.procs.start(name, argv, cpu, stdout=out)
         try:
             wait_for(name, lambda: f"{tag} started" in out.read_text())
             time.sleep(0.2)
@@ -768,18 +768,19 @@ class Bench:
         return r, stats
 
     def run_with_churner(self, churner_args: list[str], target: str, rnd: int, duration: float, label: str) -> dict:
-        """One 64-connection run through `target` while `bench.py churn churner_args...` swaps weights
-        --churn-rate times a second; the run's figures plus the churner's."""
-        r, stats = self.run_alongside("churn", ["churn", "--rate", str(self.args.churn_rate), "--clusters", "a,b",
-                                                *churner_args], self.args.load_cpu, target, rnd, duration, label)
+        """One 64-connection run through `target` while the churner (`churner_args` added) swaps
+        weights --churn-rate times a second; the run's figures plus the churner's."""
+        r, stats = self.run_alongside("churn", self.churner_argv(*churner_args), self.args.load_cpu, target, rnd,
+                                      duration, label)
         r.update({
             "swaps_ok": stats["ok"], "swaps_failed": stats["failed"], "swaps_per_s": stats["rate"],
             "swaps_total": stats["ok"] + stats["failed"],
             "put_p50_ms": stats["p50_ms"], "put_p99_ms": stats["p99_ms"], "put_max_ms": stats["max_ms"],
-            "put_errors": stats["errors"],
+            "put_errors": stats["errors"], "churner_cpu_us": stats.get("cpu_us_per_change"),
         })
         log(f"  churn: {stats['ok']} swaps ok, {stats['failed']} failed, {stats['rate']:.1f}/s, "
-            f"p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms"
+            f"p50/p99 {stats['p50_ms']:.1f}/{stats['p99_ms']:.1f} ms, churner {stats.get('cpu_us_per_change') or 0:.0f} us "
+            f"of CPU per swap"
             + (f"; errors {stats['errors']}" if stats["errors"] else ""))
         return r
 
@@ -794,9 +795,14 @@ class Bench:
         time.sleep(0.5)
 
     def churner_argv(self, *args: str) -> list[str]:
-        """`bench.py churn` at --churn-rate between clusters a and b, with `args` added."""
-        return [sys.executable, str(Path(__file__)), "churn", "--rate", str(self.args.churn_rate),
-                "--clusters", "a,b", *args]
+        """The churner (examples/churn.rs, $BENCH_CHURN_BIN; run.sh builds it) at --churn-rate
+        between clusters a and b, with `args` added."""
+        churner = os.environ.get("BENCH_CHURN_BIN") or str(Path(__file__).resolve().parents[2] / "target" / "release"
+                                                           / "examples" / "churn")
+        if not os.access(churner, os.X_OK):
+            raise RuntimeError(f"no churner at {churner}: run benches/load/run.sh, or cargo build --release "
+                               "--example churn")
+        return [churner, "--rate", str(self.args.churn_rate), "--clusters", "a,b", *args]
 
     def swap_cost(self, target: str, churner_args: list[str], label: str, duration: float) -> dict:
         """What a swap costs the proxy: the churner alone against `target` for `duration` seconds,
@@ -907,10 +913,13 @@ class Bench:
             "rps_changes": d_rps, "swaps_ok": stats["ok"], "swaps_failed": stats["failed"],
             "failed": w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"] + w["err_status"],
             "steady_cpu_us": statistics.median(cpu[0::2]), "churn_cpu_us": statistics.median(cpu[1::2]),
+            # Taken from wrk's core while the churner runs (it sleeps while paused).
+            "churner_cpu_us": stats.get("cpu_us_per_change"), "swap_errors": stats["errors"],
         }
         log(f"  interleaved {label}: req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}% "
             f"(median of {windows} churn windows against their neighbours; {stats['ok']} swaps, "
-            f"{stats['failed']} failed; {r['failed']} failed requests)")
+            f"{stats['failed']} failed; {r['failed']} failed requests; the churner's own CPU "
+            f"{r['churner_cpu_us'] or 0:.0f} us per swap)" + (f"; swap errors {stats['errors']}" if stats["errors"] else ""))
         self.runs.append(r)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(r) + "\n")
@@ -1400,10 +1409,13 @@ def render(runs: list[dict], info: dict, args) -> str:
     if churn_rows:
         L.append(f"## Churn: weights swapped {args.churn_rate}/s through the admin API (64 conns, small body)")
         L.append("")
+        churner = [r["churner_cpu_us"] for _, _, churn, _ in churn_rows for r in churn if r.get("churner_cpu_us")]
         L.append("flip: 100/0 and 0/100 alternate, every swap moves all traffic to the other cluster's "
                  "connections; same split: every PUT sets 100/0 again, the table is rebuilt, persisted and "
                  "published all the same (tables published counts them) while traffic stays put. HAProxy: "
-                 "the flip through `set weight` on its admin socket, which persists nothing.")
+                 "the flip through `set weight` on its admin socket, which persists nothing."
+                 + (f" The churner runs on wrk's core and took {statistics.median(churner):.0f} us of it per swap "
+                    f"(median), {statistics.median(churner) * args.churn_rate / 1e4:.1f}% of the core." if churner else ""))
         L.append("")
         L.append("| proxy | run | req/s | failed requests | swaps/s done | tables published | swap p50 / p99 / max "
                  "| share to cluster b | CPU/request | CPU/swap (approx.) |")
@@ -1447,7 +1459,9 @@ def render(runs: list[dict], info: dict, args) -> str:
                  + "; ".join(f"{r['target']} req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}% "
                              f"({fmt_rps(r['churn_rps'])} vs {fmt_rps(r['steady_rps'])} req/s; windows "
                              f"{min(r['rps_changes']) * 100:+.0f}% to {max(r['rps_changes']) * 100:+.0f}%; "
-                             f"{r['failed']} failed requests, {r['swaps_failed']} failed swaps)" for r in inter) + ".")
+                             f"{r['failed']} failed requests, {r['swaps_failed']} failed swaps; the churner's own "
+                             f"CPU {r.get('churner_cpu_us') or 0:.0f} us per swap, taken from wrk's core)" for r in inter)
+                 + ".")
         L.append("")
 
     costs = [r for r in runs if r["scenario"] == "swap-cost"]
@@ -1596,111 +1610,6 @@ def render(runs: list[dict], info: dict, args) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Helper modes
-
-
-def churn_main(argv: list[str]) -> None:
-    """PUTs alternating weights at a fixed rate until SIGTERM; prints CHURNJSON stats."""
-    ap = argparse.ArgumentParser(prog="bench.py churn")
-    ap.add_argument("--admin", type=int, help="rayshift's admin port")
-    ap.add_argument("--haproxy-socket", help="HAProxy's admin socket instead (set weight be/<cluster>)")
-    ap.add_argument("--rate", type=float, default=100)
-    ap.add_argument("--clusters", default="a,b")
-    ap.add_argument("--shard", default="shard-0")
-    ap.add_argument("--workers", type=int, default=4, help="concurrent admin connections (keeps the rate when a PUT is slow)")
-    ap.add_argument("--pattern", choices=["flip", "same"], default="flip",
-                    help="flip: alternate 100/0 and 0/100; same: always 100/0 (the table is swapped, the split kept)")
-    ap.add_argument("--paused", action="store_true",
-                    help="start paused; SIGUSR1 resumes the swaps, SIGUSR2 pauses them")
-    a = ap.parse_args(argv)
-    c1, c2 = a.clusters.split(",")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    active = threading.Event()
-    if not a.paused:
-        active.set()
-    tickets: queue.Queue = queue.Queue()
-
-    def pause():
-        """Stops the swaps at once: none of those already queued is sent."""
-        active.clear()
-        try:
-            while True:
-                tickets.get_nowait()
-        except queue.Empty:
-            pass
-
-    signal.signal(signal.SIGUSR1, lambda *_: active.set())
-    signal.signal(signal.SIGUSR2, lambda *_: pause())
-    lock = threading.Lock()
-    stats = {"ok": 0, "failed": 0, "errors": {}}
-    lat: list[float] = []
-
-    def worker():
-        conn = None
-        while True:
-            i = tickets.get()
-            if i is None:
-                return
-            flip = a.pattern == "flip" and i % 2 == 1
-            body = json.dumps({"weights": {c1: 0, c2: 100} if flip else {c1: 100, c2: 0}})
-            t = time.monotonic()
-            if a.haproxy_socket:
-                # The server taking the traffic first, so that no instant has both at weight 0.
-                up, down = (c2, c1) if flip else (c1, c2)
-                try:
-                    reply = haproxy_command(Path(a.haproxy_socket), f"set weight be/{up} 100; set weight be/{down} 0", 10)
-                    ok, err = not reply.strip(), (reply.strip()[:100] or None)
-                except Exception as e:  # noqa: BLE001
-                    ok, err = False, type(e).__name__
-                with lock:
-                    lat.append(time.monotonic() - t)
-                    stats["ok" if ok else "failed"] += 1
-                    if err:
-                        stats["errors"][err] = stats["errors"].get(err, 0) + 1
-                continue
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", a.admin, timeout=10)
-                conn.request("PUT", f"/v1/shards/{a.shard}/weights", body, {"content-type": "application/json"})
-                r = conn.getresponse()
-                data = r.read()
-                ok = 200 <= r.status < 300
-                err = None if ok else f"{r.status} {data[:100]!r}"
-            except Exception as e:  # noqa: BLE001
-                ok, err = False, type(e).__name__
-                conn = None
-            with lock:
-                lat.append(time.monotonic() - t)
-                stats["ok" if ok else "failed"] += 1
-                if err:
-                    stats["errors"][err] = stats["errors"].get(err, 0) + 1
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(a.workers)]
-    for t in threads:
-        t.start()
-    print("CHURN started", flush=True)
-    start = nxt = time.monotonic()
-    i = 0
-    while not stop.is_set():
-        if active.is_set():
-            tickets.put(i)
-            i += 1
-        nxt += 1 / a.rate
-        stop.wait(max(0.0, nxt - time.monotonic()))
-    elapsed = time.monotonic() - start
-    for _ in threads:
-        tickets.put(None)
-    for t in threads:
-        t.join(timeout=10)
-    lat.sort()
-
-    def pct(p):
-        return 1000 * lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else 0.0
-
-    print("CHURNJSON " + json.dumps({
-        "sent": i, "ok": stats["ok"], "failed": stats["failed"], "rate": stats["ok"] / elapsed,
-        "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": 1000 * lat[-1] if lat else 0.0, "errors": stats["errors"],
-    }), flush=True)
 
 
 def read_response(s: socket.socket) -> int:
@@ -1880,9 +1789,6 @@ def parse_args(argv: list[str]):
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "churn":
-        churn_main(sys.argv[2:])
-        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "fsync":
         fsync_main(sys.argv[2:])
         return 0

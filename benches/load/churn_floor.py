@@ -106,7 +106,7 @@ def main() -> None:
 def writer_run(b: bench.Bench, a, rnd: int, kind: str) -> dict:
     """One steady run through the churn gateway while `bench.py fsync` writes on a core."""
     cpu = b.args.proxy_cpu if "proxy core" in kind else b.args.load_cpu
-    argv = ["fsync", "--path", str(b.work / "fsync.bin"), "--rate", str(a.rate),
+    argv = [sys.executable, bench.__file__, "fsync", "--path", str(b.work / "fsync.bin"), "--rate", str(a.rate),
             *(["--no-sync"] if kind.startswith("write") else [])]
     r, stats = b.run_alongside("fsync", argv, cpu, "rayshift-churn", rnd, a.duration, kind)
     bench.log(f"  {kind}: {stats['writes']} writes, {stats['rate']:.1f}/s")

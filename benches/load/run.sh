@@ -83,6 +83,10 @@ elif [ -z "${RAYSHIFT_BIN:-}" ]; then
   RAYSHIFT_BIN="$repo/target/release/rayshift"
 fi
 [ -x "$RAYSHIFT_BIN" ] || { echo "run.sh: no rayshift binary at $RAYSHIFT_BIN" >&2; exit 1; }
+# The churner (examples/churn.rs), built whatever RAYSHIFT_BIN names: it runs on wrk's core, so
+# it is native and lean (a Python one took 3-5% of that core at 100 changes a second).
+(cd "$repo" && cargo build --release --example churn -q)
+export BENCH_CHURN_BIN="${BENCH_CHURN_BIN:-$repo/target/release/examples/churn}"
 
 # --- run ---------------------------------------------------------------------------------------
 # 1,000 idle client connections plus the proxies' upstream connections need more descriptors than

@@ -14,7 +14,7 @@ writes the state). A spinner at the lowest priority keeps the proxy core busy, a
 does (`--idle-core`: not; each change then also pays this VM's wake-ups from halt). The gateways
 are started afresh each round and the two kinds alternate, so drift hits both alike. Without load
 the figures are far steadier than churn under load, where rounds scatter by more than a swap costs.
-Run benches/load/run.sh once first: it installs nginx and builds rayshift.
+Run benches/load/run.sh once first: it installs nginx and builds rayshift and the churner.
 """
 import argparse
 import json

@@ -1,0 +1,355 @@
+//! The load benchmark's churner (`benches/load`): weight changes at a fixed rate through
+//! rayshift's admin API (`PUT /v1/shards/<shard>/weights`) or HAProxy's admin socket (`set
+//! weight`), until SIGTERM; then one line `CHURNJSON {...}` with what it did.
+//!
+//! ```text
+//! churn (--admin PORT | --haproxy-socket PATH) [--rate 100] [--clusters a,b] [--shard shard-0]
+//!       [--pattern flip|same] [--paused]
+//! ```
+//!
+//! `flip` alternates all weight on the first cluster and all on the second; `same` puts it on the
+//! first every time (the table is rebuilt, persisted and published, the traffic stays). With
+//! `--paused` it starts paused; SIGUSR1 resumes, SIGUSR2 pauses (changes that fell due meanwhile
+//! are dropped, not sent late).
+//!
+//! It shares the load generator's core, so what it spends is taken from wrk: one thread, requests
+//! built once, one kept-alive connection, no allocation per change beyond the answer's buffer. A
+//! change slower than the period delays the next ones, which then go out back to back until the
+//! rate is caught up. A kept-alive connection the admin API closed while it was idle gets the
+//! (idempotent) PUT again on a new one, as HTTP clients do.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+static ACTIVE: AtomicBool = AtomicBool::new(true);
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    match signal {
+        libc::SIGUSR1 => ACTIVE.store(true, Ordering::SeqCst),
+        libc::SIGUSR2 => ACTIVE.store(false, Ordering::SeqCst),
+        _ => STOP.store(true, Ordering::SeqCst),
+    }
+}
+
+/// Where the changes go.
+enum Target {
+    Admin(u16),
+    Haproxy(String),
+}
+
+struct Args {
+    target: Target,
+    rate: f64,
+    clusters: (String, String),
+    shard: String,
+    flip: bool,
+    paused: bool,
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!(
+        "churn: {problem}\nusage: churn (--admin PORT | --haproxy-socket PATH) [--rate 100] \
+         [--clusters a,b] [--shard shard-0] [--pattern flip|same] [--paused]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut target = None;
+    let mut rate = 100.0;
+    let mut clusters = ("a".to_string(), "b".to_string());
+    let mut shard = "shard-0".to_string();
+    let mut flip = true;
+    let mut paused = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--paused" {
+            paused = true;
+            continue;
+        }
+        let Some(value) = args.next() else {
+            usage(&format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--admin" => {
+                let port = value
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("--admin {value}: not a port")));
+                target = Some(Target::Admin(port));
+            }
+            "--haproxy-socket" => target = Some(Target::Haproxy(value)),
+            "--rate" => {
+                rate = value
+                    .parse()
+                    .ok()
+                    .filter(|r: &f64| *r > 0.0 && r.is_finite())
+                    .unwrap_or_else(|| usage(&format!("--rate {value}: not a positive number")));
+            }
+            "--clusters" => match value.split_once(',') {
+                Some((a, b)) if !a.is_empty() && !b.is_empty() => {
+                    clusters = (a.to_string(), b.to_string())
+                }
+                _ => usage(&format!("--clusters {value}: two names with a comma")),
+            },
+            "--shard" => shard = value,
+            "--pattern" => match value.as_str() {
+                "flip" => flip = true,
+                "same" => flip = false,
+                _ => usage(&format!("--pattern {value}: flip or same")),
+            },
+            _ => usage(&format!("unknown argument {flag}")),
+        }
+    }
+    let Some(target) = target else {
+        usage("--admin or --haproxy-socket is required")
+    };
+    Args {
+        target,
+        rate,
+        clusters,
+        shard,
+        flip,
+        paused,
+    }
+}
+
+/// The two messages, built once: `[0]` puts all weight on the first cluster, `[1]` on the second.
+fn messages(args: &Args) -> [Vec<u8>; 2] {
+    let (a, b) = (&args.clusters.0, &args.clusters.1);
+    match &args.target {
+        // The server taking the traffic first, so that no instant has both at weight 0.
+        Target::Haproxy(_) => [
+            format!("set weight be/{a} 100; set weight be/{b} 0\n").into_bytes(),
+            format!("set weight be/{b} 100; set weight be/{a} 0\n").into_bytes(),
+        ],
+        Target::Admin(port) => [(a, b), (b, a)].map(|(up, down)| {
+            let body =
+                serde_json::json!({"weights": {up.as_str(): 100, down.as_str(): 0}}).to_string();
+            format!(
+                "PUT /v1/shards/{shard}/weights HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n{body}",
+                shard = args.shard,
+                len = body.len()
+            )
+            .into_bytes()
+        }),
+    }
+}
+
+/// How one change ended.
+type Outcome = Result<(), String>;
+
+/// Reads one HTTP/1.1 answer from `conn` into `buf`: its status, and whether the connection
+/// stays open. `Ok(None)`: closed before a byte of it came.
+fn read_answer(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<(u16, bool)>> {
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(std::io::Error::other("closed in the middle of the answer"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let status = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no status line"))?;
+        let keep = !head.contains("\r\nconnection: close");
+        let length = head.split("\r\n").find_map(|line| {
+            let value = line.strip_prefix("content-length:")?;
+            value.trim().parse::<usize>().ok()
+        });
+        let complete = match length {
+            Some(len) => buf.len() >= head_end + 4 + len,
+            None if head.contains("\r\ntransfer-encoding: chunked") => buf.ends_with(b"0\r\n\r\n"),
+            None => return Err(std::io::Error::other("answer without a length")),
+        };
+        if complete {
+            return Ok(Some((status, keep)));
+        }
+    }
+}
+
+/// The admin API over one kept-alive connection.
+struct Admin {
+    port: u16,
+    conn: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Admin {
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let conn = TcpStream::connect(("127.0.0.1", self.port))?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(conn)
+    }
+
+    fn change(&mut self, message: &[u8]) -> Outcome {
+        for attempt in 0..2 {
+            let reused = self.conn.is_some();
+            let mut conn = match self.conn.take() {
+                Some(conn) => conn,
+                None => self
+                    .connect()
+                    .map_err(|e| format!("connect: {}", e.kind()))?,
+            };
+            self.buf.clear();
+            let answer = conn
+                .write_all(message)
+                .and_then(|()| read_answer(&mut conn, &mut self.buf));
+            match answer {
+                Ok(Some((status, keep))) => {
+                    if keep {
+                        self.conn = Some(conn);
+                    }
+                    if (200..300).contains(&status) {
+                        return Ok(());
+                    }
+                    let body = self
+                        .buf
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map_or(&[][..], |at| &self.buf[at + 4..]);
+                    let body = String::from_utf8_lossy(&body[..body.len().min(100)]).into_owned();
+                    return Err(format!("{status} {body}"));
+                }
+                // Closed (or reset) while idle before a byte of the answer: once more, new.
+                Ok(None) if reused && attempt == 0 => continue,
+                Err(_) if reused && attempt == 0 && self.buf.is_empty() => continue,
+                Ok(None) => return Err("closed before the answer".to_string()),
+                Err(e) => return Err(format!("{}: {e}", e.kind())),
+            }
+        }
+        Err("closed before the answer".to_string())
+    }
+}
+
+/// One command on HAProxy's admin socket (non-interactive: it answers, nothing on success, and
+/// closes).
+fn haproxy_change(path: &str, message: &[u8]) -> Outcome {
+    let mut conn = UnixStream::connect(path).map_err(|e| format!("connect: {}", e.kind()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(message).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)
+        .map_err(|e| format!("{}: {e}", e.kind()))?;
+    match reply.trim() {
+        "" => Ok(()),
+        text => Err(text.chars().take(100).collect()),
+    }
+}
+
+/// CPU time (user + system) this process used so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn main() {
+    let args = parse_args();
+    ACTIVE.store(!args.paused, Ordering::SeqCst);
+    for signal in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to atomics, which is async-signal-safe.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+    let messages = messages(&args);
+    let mut admin = match args.target {
+        Target::Admin(port) => Some(Admin {
+            port,
+            conn: None,
+            buf: Vec::with_capacity(4096),
+        }),
+        Target::Haproxy(_) => None,
+    };
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let mut latencies: Vec<Duration> = Vec::with_capacity(1 << 16);
+    let mut ok = 0u64;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut sent = 0u64;
+    let mut pending = 0u64;
+    let mut next = Instant::now();
+    let mut ticking = false;
+    println!("CHURN started");
+    let _ = std::io::stdout().flush();
+    let cpu0 = cpu_time();
+    let start = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if ACTIVE.load(Ordering::SeqCst) {
+            if !ticking {
+                (next, ticking) = (now, true);
+            }
+            while next <= now {
+                pending += 1;
+                next += period;
+            }
+        } else {
+            (ticking, pending) = (false, 0);
+        }
+        while pending > 0 && ACTIVE.load(Ordering::SeqCst) && !STOP.load(Ordering::SeqCst) {
+            pending -= 1;
+            let message = &messages[usize::from(args.flip && sent % 2 == 1)];
+            sent += 1;
+            let t = Instant::now();
+            let outcome = match (&mut admin, &args.target) {
+                (Some(admin), _) => admin.change(message),
+                (None, Target::Haproxy(path)) => haproxy_change(path, message),
+                (None, Target::Admin(_)) => unreachable!("an admin target has its connection"),
+            };
+            latencies.push(t.elapsed());
+            match outcome {
+                Ok(()) => ok += 1,
+                Err(e) => *errors.entry(e).or_default() += 1,
+            }
+        }
+        // Paused: look again a period later (a signal does not cut a sleep short).
+        let wake = if ticking { next } else { now + period };
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu0).as_secs_f64();
+    latencies.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let pct = |p: f64| {
+        latencies
+            .get(
+                ((p / 100.0 * latencies.len() as f64) as usize)
+                    .min(latencies.len().saturating_sub(1)),
+            )
+            .map_or(0.0, |d| ms(*d))
+    };
+    let failed: u64 = errors.values().sum();
+    let stats = serde_json::json!({
+        "sent": sent,
+        "ok": ok,
+        "failed": failed,
+        "rate": ok as f64 / elapsed,
+        "p50_ms": pct(50.0),
+        "p99_ms": pct(99.0),
+        "max_ms": latencies.last().map_or(0.0, |d| ms(*d)),
+        "errors": errors,
+        // Its own CPU (user + system) per change: taken from the load generator's core.
+        "cpu_us_per_change": (sent > 0).then(|| 1e6 * cpu / sent as f64),
+    });
+    println!("CHURNJSON {stats}");
+}
