@@ -23,7 +23,7 @@ Run it through benches/load/run.sh (which installs the tools and builds rayshift
   of which has completed one request.
 
 Helper modes (used by the benchmark itself): `bench.py idle ...` and `bench.py fsync ...`. The churner
-is native (examples/churn.rs, built by run.sh): it shares wrk's core.
+is native (crates/churn, built by run.sh): it shares wrk's core.
 """
 
 from __future__ import annotations
@@ -795,13 +795,12 @@ class Bench:
         time.sleep(0.5)
 
     def churner_argv(self, *args: str) -> list[str]:
-        """The churner (examples/churn.rs, $BENCH_CHURN_BIN; run.sh builds it) at --churn-rate
+        """The churner (crates/churn, $BENCH_CHURN_BIN; run.sh builds it) at --churn-rate
         between clusters a and b, with `args` added."""
         churner = os.environ.get("BENCH_CHURN_BIN") or str(Path(__file__).resolve().parents[2] / "target" / "release"
-                                                           / "examples" / "churn")
+                                                           / "churn")
         if not os.access(churner, os.X_OK):
-            raise RuntimeError(f"no churner at {churner}: run benches/load/run.sh, or cargo build --release "
-                               "--example churn")
+            raise RuntimeError(f"no churner at {churner}: run benches/load/run.sh, or cargo build --release -p churn")
         return [churner, "--rate", str(self.args.churn_rate), "--clusters", "a,b", *args]
 
     def swap_cost(self, target: str, churner_args: list[str], label: str, duration: float) -> dict:
@@ -857,7 +856,7 @@ class Bench:
         machine's drift, which moves whole rounds by tens of percent here, cancels. Per window:
         requests from the proxy's own counters (`count()`), CPU from its threads' run time."""
         pids = self.pids[target]
-        windows = 4 if self.args.quick else 16
+        windows = self.args.churn_windows or (4 if self.args.quick else 16)
         out = self.work / "interleaved.out"
         churner = self.procs.start("churn", self.churner_argv(*churner_args, "--paused"), self.args.load_cpu,
                                    stdout=out)
@@ -1732,6 +1731,9 @@ def parse_args(argv: list[str]):
                          "$'upstream:\\n  direct_http1: false' to measure the general (hyper) path")
     ap.add_argument("--no-churn", dest="churn", action="store_false", help="skip the churn run")
     ap.add_argument("--churn-rate", type=float, default=100, help="weight swaps per second (default 100)")
+    ap.add_argument("--churn-windows", type=int, default=0, metavar="N",
+                    help="churn windows of the interleaved churn run (default 16, 4 with --quick): the "
+                         "median's scatter shrinks with their square root, the run takes 4 s more per window")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the idle-connections RSS run")
     ap.add_argument("--idle-conns", type=int, default=1000)
     ap.add_argument("--perf", type=int, default=0, metavar="SECONDS",
@@ -1785,6 +1787,8 @@ def parse_args(argv: list[str]):
         ap.error("rayshift binary needed")
     if a.perf and "rayshift" not in a.targets:
         ap.error("--perf needs the rayshift target")
+    if a.churn_windows < 0:
+        ap.error("--churn-windows must be 1 or more")
     return a
 
 

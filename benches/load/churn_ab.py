@@ -5,7 +5,7 @@
 
 Starts the benchmark's nginx backend and one churn gateway per build (two clusters, all weight on
 `a`; cores as in bench.py), then, round by round with the order alternating, measures each gateway
-steady and while the churner (examples/churn.rs) swaps its weights 100 times a second. Prints per
+steady and while the churner (crates/churn) swaps its weights 100 times a second. Prints per
 build the median req/s steady and under churn, the median of the paired per-round changes, and the
 CPU each request costs more under churn. Run benches/load/run.sh once first: it installs wrk and
 nginx and builds the churner.

@@ -13,7 +13,8 @@
 # and prints a markdown table that is also written to benches/load/results/<timestamp>.md.
 # See benches/load/README.md for the method. Everything it starts is stopped when it exits.
 #
-# Environment: RAYSHIFT_BIN=path skips the build and benchmarks that binary.
+# Environment: RAYSHIFT_BIN=path skips rayshift's build and benchmarks that binary.
+#              BENCH_CHURN_BIN=path: the churner (default: crates/churn, built here).
 #              BENCH_RESULTS=dir writes the report there instead of benches/load/results.
 #              BENCH_NO_INSTALL=1 never calls apt-get (fails if a tool is missing).
 set -euo pipefail
@@ -83,10 +84,15 @@ elif [ -z "${RAYSHIFT_BIN:-}" ]; then
   RAYSHIFT_BIN="$repo/target/release/rayshift"
 fi
 [ -x "$RAYSHIFT_BIN" ] || { echo "run.sh: no rayshift binary at $RAYSHIFT_BIN" >&2; exit 1; }
-# The churner (examples/churn.rs), built whatever RAYSHIFT_BIN names: it runs on wrk's core, so
-# it is native and lean (a Python one took 3-5% of that core at 100 changes a second).
-(cd "$repo" && cargo build --release --example churn -q)
-export BENCH_CHURN_BIN="${BENCH_CHURN_BIN:-$repo/target/release/examples/churn}"
+# The churner (crates/churn, seconds to build), built whatever RAYSHIFT_BIN names: it runs on wrk's
+# core, so it is native and lean (the Python one it replaced took 4-5% of that core at 100 changes
+# a second).
+if [ -z "${BENCH_CHURN_BIN:-}" ]; then
+  echo "run.sh: cargo build --release -p churn" >&2
+  (cd "$repo" && cargo build --release -p churn)
+  export BENCH_CHURN_BIN="${CARGO_TARGET_DIR:-$repo/target}/release/churn"
+fi
+[ -x "$BENCH_CHURN_BIN" ] || { echo "run.sh: no churner at $BENCH_CHURN_BIN" >&2; exit 1; }
 
 # --- run ---------------------------------------------------------------------------------------
 # 1,000 idle client connections plus the proxies' upstream connections need more descriptors than

@@ -13,10 +13,13 @@
 //! are dropped, not sent late).
 //!
 //! It shares the load generator's core, so what it spends is taken from wrk: one thread, requests
-//! built once, one kept-alive connection, no allocation per change beyond the answer's buffer. A
-//! change slower than the period delays the next ones, which then go out back to back until the
-//! rate is caught up. A kept-alive connection the admin API closed while it was idle gets the
-//! (idempotent) PUT again on a new one, as HTTP clients do.
+//! built once, one kept-alive connection; paused, it sleeps until a signal comes. A change slower
+//! than the period delays the next ones, which then go out back to back until the rate is caught
+//! up. A kept-alive connection the admin API closed while it was idle (reset, or closed before a
+//! byte of the answer) gets the (idempotent) PUT again on a new one, as HTTP clients do.
+//!
+//! Signals are blocked except while it waits for the next change (`ppoll`): a pause, resume or
+//! stop never interrupts a change in flight, and takes effect right after it.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -150,7 +153,11 @@ fn read_answer(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Optio
     buf.clear();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = conn.read(&mut chunk)?;
+        let n = match conn.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             if buf.is_empty() {
                 return Ok(None);
@@ -226,15 +233,25 @@ impl Admin {
                     let body = String::from_utf8_lossy(&body[..body.len().min(100)]).into_owned();
                     return Err(format!("{status} {body}"));
                 }
-                // Closed (or reset) while idle before a byte of the answer: once more, new.
+                // Closed (or reset) while idle, before a byte of the answer: once more, on a new
+                // connection. Not after a timeout: the server may have applied that one.
                 Ok(None) if reused && attempt == 0 => continue,
-                Err(_) if reused && attempt == 0 && self.buf.is_empty() => continue,
+                Err(e) if reused && attempt == 0 && self.buf.is_empty() && closed(&e) => continue,
                 Ok(None) => return Err("closed before the answer".to_string()),
                 Err(e) => return Err(format!("{}: {e}", e.kind())),
             }
         }
         Err("closed before the answer".to_string())
     }
+}
+
+/// Whether `e` says the peer closed or reset the connection.
+fn closed(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+    )
 }
 
 /// One command on HAProxy's admin socket (non-interactive: it answers, nothing on success, and
@@ -265,13 +282,50 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// Installs the handlers and blocks the signals they handle; returns the mask to wait with
+/// (those signals unblocked).
+fn handle_signals() -> libc::sigset_t {
+    const SIGNALS: [libc::c_int; 4] = [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT];
+    // SAFETY: plain libc calls on sets owned here; the handler only stores to atomics, which is
+    // async-signal-safe.
+    unsafe {
+        let mut handled: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut handled);
+        for signal in SIGNALS {
+            libc::sigaddset(&mut handled, signal);
+        }
+        let mut waiting: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &handled, &mut waiting);
+        for signal in SIGNALS {
+            libc::sigdelset(&mut waiting, signal);
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+        waiting
+    }
+}
+
+/// Waits until `until` (for ever with `None`) or a signal, whichever comes first; signals are
+/// taken only here.
+fn wait(until: Option<Instant>, mask: &libc::sigset_t) {
+    let timeout = until.map(|t| {
+        let d = t.saturating_duration_since(Instant::now());
+        libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        }
+    });
+    let timeout = timeout.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+    // SAFETY: no descriptors; `timeout` is null or points at a live timespec; `mask` is a valid set.
+    unsafe { libc::ppoll(std::ptr::null_mut(), 0, timeout, mask) };
+}
+
 fn main() {
     let args = parse_args();
     ACTIVE.store(!args.paused, Ordering::SeqCst);
-    for signal in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only stores to atomics, which is async-signal-safe.
-        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
-    }
+    let mask = handle_signals();
     let messages = messages(&args);
     let mut admin = match args.target {
         Target::Admin(port) => Some(Admin {
@@ -322,9 +376,8 @@ fn main() {
                 Err(e) => *errors.entry(e).or_default() += 1,
             }
         }
-        // Paused: look again a period later (a signal does not cut a sleep short).
-        let wake = if ticking { next } else { now + period };
-        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        // Paused: until a signal.
+        wait(ticking.then_some(next), &mask);
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = (cpu_time() - cpu0).as_secs_f64();
