@@ -360,7 +360,17 @@ fn main() {
         } else {
             (ticking, pending) = (false, 0);
         }
-        while pending > 0 && ACTIVE.load(Ordering::SeqCst) && !STOP.load(Ordering::SeqCst) {
+        let mut first = true;
+        while pending > 0 {
+            if !first {
+                // Catching up after a slow change: take a pause or stop that came meanwhile
+                // before sending the next one.
+                wait(Some(Instant::now()), &mask);
+                if !ACTIVE.load(Ordering::SeqCst) || STOP.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            first = false;
             pending -= 1;
             let message = &messages[usize::from(args.flip && sent % 2 == 1)];
             sent += 1;
@@ -376,7 +386,7 @@ fn main() {
                 Err(e) => *errors.entry(e).or_default() += 1,
             }
         }
-        // Paused: until a signal.
+        // Until the next change is due (paused: until a signal).
         wait(ticking.then_some(next), &mask);
     }
     let elapsed = start.elapsed().as_secs_f64();
