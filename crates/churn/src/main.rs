@@ -416,3 +416,133 @@ fn main() {
     });
     println!("CHURNJSON {stats}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// A loopback server that follows `script`: for each request it reads, the next entry's
+    /// pieces are written one by one (`None`: the connection is closed instead). After the last
+    /// entry it closes and returns how many connections it accepted.
+    fn serve(script: Vec<Option<Vec<&'static [u8]>>>) -> (u16, thread::JoinHandle<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = thread::spawn(move || {
+            let mut accepted = 0;
+            let mut script = script.into_iter().peekable();
+            // Bounded in time: a test whose client stops coming back fails instead of hanging.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            listener.set_nonblocking(true).unwrap();
+            'conns: loop {
+                let mut conn = match listener.accept() {
+                    Ok((conn, _)) => conn,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            && Instant::now() < deadline =>
+                    {
+                        thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    Err(_) => return accepted,
+                };
+                conn.set_nonblocking(false).unwrap();
+                accepted += 1;
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                loop {
+                    let mut request = [0u8; 4096];
+                    match conn.read(&mut request) {
+                        Ok(0) | Err(_) => continue 'conns,
+                        Ok(_) => {}
+                    }
+                    match script.next() {
+                        Some(Some(pieces)) => {
+                            for piece in pieces {
+                                conn.write_all(piece).unwrap();
+                                conn.flush().unwrap();
+                                thread::sleep(Duration::from_millis(5));
+                            }
+                        }
+                        Some(None) if script.peek().is_some() => continue 'conns,
+                        Some(None) | None => return accepted,
+                    }
+                    if script.peek().is_none() {
+                        return accepted;
+                    }
+                }
+            }
+        });
+        (port, handle)
+    }
+
+    fn admin(port: u16) -> Admin {
+        Admin {
+            port,
+            conn: None,
+            buf: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn answers_in_pieces_with_a_length_or_chunked() {
+        let (port, server) = serve(vec![
+            Some(vec![
+                b"HTTP/1.1 200 OK\r\ncontent-le",
+                b"ngth: 2\r\n\r\n{",
+                b"}",
+            ]),
+            Some(vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
+                b"0\r\n\r\n",
+            ]),
+            Some(vec![
+                b"HTTP/1.1 409 Conflict\r\ncontent-length: 4\r\n\r\nbusy",
+            ]),
+        ]);
+        let mut a = admin(port);
+        assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
+        assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
+        assert_eq!(
+            a.change(b"PUT / HTTP/1.1\r\n\r\n"),
+            Err("409 busy".to_string())
+        );
+        drop(a);
+        assert_eq!(
+            server.join().unwrap(),
+            1,
+            "one kept-alive connection for all three"
+        );
+    }
+
+    #[test]
+    fn a_kept_alive_connection_closed_while_idle_gets_the_change_again() {
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        // The first connection answers once, then closes when the second change comes.
+        let (port, server) = serve(vec![Some(vec![answer]), None, Some(vec![answer])]);
+        let mut a = admin(port);
+        assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
+        assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
+        drop(a);
+        assert_eq!(
+            server.join().unwrap(),
+            2,
+            "the change went again on a new connection"
+        );
+    }
+
+    #[test]
+    fn a_connection_closed_in_the_middle_of_an_answer_fails_the_change() {
+        let (port, server) = serve(vec![Some(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}",
+        ])]);
+        let mut a = admin(port);
+        let outcome = a.change(b"PUT / HTTP/1.1\r\n\r\n");
+        assert!(
+            matches!(&outcome, Err(e) if e.contains("closed in the middle")),
+            "{outcome:?}"
+        );
+        drop(a);
+        assert_eq!(server.join().unwrap(), 1, "not sent again");
+    }
+}
