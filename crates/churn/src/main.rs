@@ -41,8 +41,18 @@ extern "C" fn on_signal(signal: libc::c_int) {
 
 /// Where the changes go.
 enum Target {
-    Admin(u16),
+    Admin(Admin),
     Haproxy(String),
+}
+
+impl Target {
+    /// Sends one change and waits for its answer.
+    fn change(&mut self, message: &[u8]) -> Outcome {
+        match self {
+            Target::Admin(admin) => admin.change(message),
+            Target::Haproxy(path) => haproxy_change(path, message),
+        }
+    }
 }
 
 struct Args {
@@ -83,7 +93,7 @@ fn parse_args() -> Args {
                 let port = value
                     .parse()
                     .unwrap_or_else(|_| usage(&format!("--admin {value}: not a port")));
-                target = Some(Target::Admin(port));
+                target = Some(Target::Admin(Admin::new(port)));
             }
             "--haproxy-socket" => target = Some(Target::Haproxy(value)),
             "--rate" => {
@@ -130,7 +140,7 @@ fn messages(args: &Args) -> [Vec<u8>; 2] {
             format!("set weight be/{a} 100; set weight be/{b} 0\n").into_bytes(),
             format!("set weight be/{b} 100; set weight be/{a} 0\n").into_bytes(),
         ],
-        Target::Admin(port) => [(a, b), (b, a)].map(|(up, down)| {
+        Target::Admin(Admin { port, .. }) => [(a, b), (b, a)].map(|(up, down)| {
             let body =
                 serde_json::json!({"weights": {up.as_str(): 100, down.as_str(): 0}}).to_string();
             format!(
@@ -197,6 +207,15 @@ struct Admin {
 }
 
 impl Admin {
+    /// The admin API on 127.0.0.1:`port`, not connected yet.
+    fn new(port: u16) -> Admin {
+        Admin {
+            port,
+            conn: None,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
     fn connect(&self) -> std::io::Result<TcpStream> {
         let conn = TcpStream::connect(("127.0.0.1", self.port))?;
         conn.set_nodelay(true)?;
@@ -327,14 +346,7 @@ fn main() {
     ACTIVE.store(!args.paused, Ordering::SeqCst);
     let mask = handle_signals();
     let messages = messages(&args);
-    let mut admin = match args.target {
-        Target::Admin(port) => Some(Admin {
-            port,
-            conn: None,
-            buf: Vec::with_capacity(4096),
-        }),
-        Target::Haproxy(_) => None,
-    };
+    let mut target = args.target;
     let period = Duration::from_secs_f64(1.0 / args.rate);
     let mut latencies: Vec<Duration> = Vec::with_capacity(1 << 16);
     let mut ok = 0u64;
@@ -375,11 +387,7 @@ fn main() {
             let message = &messages[usize::from(args.flip && sent % 2 == 1)];
             sent += 1;
             let t = Instant::now();
-            let outcome = match (&mut admin, &args.target) {
-                (Some(admin), _) => admin.change(message),
-                (None, Target::Haproxy(path)) => haproxy_change(path, message),
-                (None, Target::Admin(_)) => unreachable!("an admin target has its connection"),
-            };
+            let outcome = target.change(message);
             latencies.push(t.elapsed());
             match outcome {
                 Ok(()) => ok += 1,
@@ -476,14 +484,6 @@ mod tests {
         (port, handle)
     }
 
-    fn admin(port: u16) -> Admin {
-        Admin {
-            port,
-            conn: None,
-            buf: Vec::new(),
-        }
-    }
-
     #[test]
     fn answers_in_pieces_with_a_length_or_chunked() {
         let (port, server) = serve(vec![
@@ -500,7 +500,7 @@ mod tests {
                 b"HTTP/1.1 409 Conflict\r\ncontent-length: 4\r\n\r\nbusy",
             ]),
         ]);
-        let mut a = admin(port);
+        let mut a = Admin::new(port);
         assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
         assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
         assert_eq!(
@@ -520,7 +520,7 @@ mod tests {
         let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
         // The first connection answers once, then closes when the second change comes.
         let (port, server) = serve(vec![Some(vec![answer]), None, Some(vec![answer])]);
-        let mut a = admin(port);
+        let mut a = Admin::new(port);
         assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
         assert_eq!(a.change(b"PUT / HTTP/1.1\r\n\r\n"), Ok(()));
         drop(a);
@@ -536,7 +536,7 @@ mod tests {
         let (port, server) = serve(vec![Some(vec![
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}",
         ])]);
-        let mut a = admin(port);
+        let mut a = Admin::new(port);
         let outcome = a.change(b"PUT / HTTP/1.1\r\n\r\n");
         assert!(
             matches!(&outcome, Err(e) if e.contains("closed in the middle")),
