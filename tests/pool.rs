@@ -36,8 +36,9 @@ const BIG: usize = 4 << 20;
 /// `/app/endless` (a chunked stream of 64 KiB chunks that ends only when writing fails),
 /// `/app/quiet` (one chunk of a stream, then nothing: counted in `cancelled` when the gateway
 /// closes the connection), `/app/slowlen` (a 6-byte `content-length` body, its second half 2 s
-/// late), `/app/cut` (a head announcing a body, then the connection closes), `/app/stall` (never
-/// reads the request body, never answers).
+/// late), `/app/stalllen` (a head announcing a 10-byte body, 3 bytes of it, then nothing until the
+/// gateway closes), `/app/cut` (a head announcing a body, then the connection closes),
+/// `/app/stall` (never reads the request body, never answers).
 struct Backend {
     port: u16,
     /// Connections that carried at least one request outside `/-/`.
@@ -246,6 +247,18 @@ async fn serve_conn(stream: TcpStream, id: usize, counts: Counts) {
                 return;
             }
             continue;
+        }
+        if path == "/app/stalllen" {
+            // A head announcing 10 bytes of body, 3 of them, then nothing until the gateway closes.
+            let first = format!("HTTP/1.1 200 OK\r\nx-conn: {id}\r\ncontent-length: 10\r\n\r\nabc");
+            if write.write_all(first.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut probe = [0u8; 1];
+            if let Ok(0) = read.read(&mut probe).await {
+                closed_by_client.fetch_add(1, Ordering::SeqCst);
+            }
+            return;
         }
         if path == "/app/cut" {
             // A head announcing 10 bytes of body, then the connection closes.
@@ -792,6 +805,45 @@ async fn a_body_cut_before_anything_was_sent_is_a_502() {
                 && l.contains("code=\"502\"")),
         "no 502 counted for the cluster:\n{metrics}"
     );
+}
+
+/// A cluster that sends a head announcing a small body, part of the body, and then nothing: the
+/// client is not held without an answer. Nothing has reached it yet (a small body goes out with
+/// its head), so after `upstream.response_timeout` it gets the 504 of a cluster that does not
+/// answer, counted as a timeout, and the stalled connection is closed, not pooled.
+#[tokio::test]
+async fn a_body_that_stalls_before_anything_was_sent_is_a_504() {
+    let backend = Backend::start().await;
+    let gw = gateway(
+        &backend,
+        "pool-stalllen",
+        "upstream:\n  response_timeout: 1s\n",
+    )
+    .await;
+    let mut client = TcpStream::connect(gw.gateway.proxy_addr()).await.unwrap();
+    client
+        .write_all(b"GET /app/stalllen HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut client))
+        .await
+        .expect("an answer within the response timeout and some slack");
+    assert!(resp.starts_with("HTTP/1.1 504"), "{resp:?}");
+    assert!(resp.contains("did not answer in time"), "{resp:?}");
+    let metrics = get(&gw.admin("/metrics")).await.body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rayshift_upstream_errors_total{")
+                && l.contains("pool-stalllen")
+                && l.contains("kind=\"timeout\"")),
+        "no timeout counted for the cluster:\n{metrics}"
+    );
+    eventually(
+        "the stalled connection is closed by the gateway",
+        || async { backend.closed_by_client() == 1 },
+    )
+    .await;
 }
 
 /// The cluster closes a pooled connection as a request arrives on it, without answering: a GET

@@ -258,6 +258,7 @@ where
                     let answer = &mut scratch.down_head;
                     head::local_response(answer, status, id, true, req.is_head, &msg);
                     let _ = write_all(&mut client, answer, &[]).await;
+                    linger_close(client).await;
                     return Ended::Closed;
                 }
             }
@@ -284,7 +285,7 @@ where
             scratch.early.clear();
         }
         if !done {
-            let _ = client.shutdown().await;
+            linger_close(client).await;
             return Ended::Closed;
         }
         // A long head or a body grew the buffers: an idle connection keeps only small ones.
@@ -365,11 +366,20 @@ where
     let mut answer = Vec::new();
     head::local_response(&mut answer, status, b"-", true, is_head, msg);
     let _ = write_all(&mut client, &answer, &[]).await;
+    linger_close(client).await;
+}
+
+/// Closes a client connection after its last answer. Unread request bytes at close would make
+/// the kernel reset the connection, which can destroy the answer before the client reads it: the
+/// sending side is shut first, and what the client still sends is read and dropped for a moment
+/// (until it closes too, at most [`LINGER`]).
+async fn linger_close<S>(mut client: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _ = client.shutdown().await;
-    // Unread request bytes at close would make the kernel reset the connection, which can
-    // destroy the answer before the client reads it: read what is left for a moment first.
     let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+    let _ = tokio::time::timeout(LINGER, async {
         while let Ok(n) = client.read(&mut sink).await {
             if n == 0 {
                 break;
@@ -378,6 +388,9 @@ where
     })
     .await;
 }
+
+/// How long [`linger_close`] waits for a client to close after its last answer.
+const LINGER: Duration = Duration::from_millis(500);
 
 /// What a connection's exchanges work in, kept from one request to the next.
 struct Scratch {
@@ -525,24 +538,28 @@ impl Exchange<'_> {
             Ok((conn, resp)) if resp.framing == Framing::Chunked => chunked::Scanner::default()
                 .scan(&conn.buf[resp.head_len..])
                 .err()
-                .map(|e| e.to_string()),
+                .map(|e| Failure::Error {
+                    connect: false,
+                    cause: e.to_string(),
+                }),
             Ok((conn, resp)) => {
                 match await_small_body(client, conn, resp, scratch, self.pipelined).await {
                     Ok(()) => None,
-                    Err(Copy::Client) => {
+                    Err(SmallBody::Copy(Copy::Client)) => {
                         tracing::debug!(cluster = %cluster.name, "client went away before the response: request dropped");
                         return false;
                     }
-                    Err(Copy::Upstream(cause)) => Some(cause),
+                    Err(SmallBody::Copy(Copy::Upstream(cause))) => Some(Failure::Error {
+                        connect: false,
+                        cause,
+                    }),
+                    Err(SmallBody::Timeout) => Some(Failure::Timeout),
                 }
             }
             Err(_) => None,
         };
-        if let Some(cause) = short_body {
-            outcome = Err(Failure::Error {
-                connect: false,
-                cause,
-            });
+        if let Some(failure) = short_body {
+            outcome = Err(failure);
         }
         let end = Instant::now();
         let elapsed = end - attempt_start;
@@ -931,16 +948,28 @@ struct ClientWatch<'a> {
     pipelined: bool,
 }
 
+/// Why the wait for a small body ([`await_small_body`]) ended without it.
+enum SmallBody {
+    /// The cluster closed or failed, or the client went away.
+    Copy(Copy),
+    /// `upstream.response_timeout` passed: the cluster sent a head and stalled.
+    Timeout,
+}
+
 /// Waits once for the rest of a `content-length` body of up to [`COALESCE`] bytes that did not
 /// come with its head, so head and body can go out in one write ([`copy_body`]); a body still
 /// incomplete after that read is forwarded as it comes. `conn.buf` still starts with the head.
+///
+/// The wait is bounded by the attempt's `upstream.response_timeout`: nothing has reached the
+/// client yet, so a cluster that sends a head and then nothing must not hold the client without
+/// an answer; it gets the 504 a cluster that sends no head gets.
 async fn await_small_body<S>(
     client: &mut S,
     conn: &mut RawConn,
     resp: &head::Response,
     scratch: &mut Scratch,
     pipelined: bool,
-) -> Result<(), Copy>
+) -> Result<(), SmallBody>
 where
     S: AsyncRead + Unpin,
 {
@@ -950,12 +979,22 @@ where
     if n > COALESCE as u64 || (conn.buf.len() - resp.head_len) as u64 >= n {
         return Ok(());
     }
+    let Scratch {
+        early,
+        deadline,
+        half_closed,
+        ..
+    } = scratch;
     let mut watch = ClientWatch {
-        early: &mut scratch.early,
-        half_closed: &mut scratch.half_closed,
+        early,
+        half_closed,
         pipelined,
     };
-    read_more(conn, client, &mut watch).await
+    tokio::select! {
+        biased;
+        read = read_more(conn, client, &mut watch) => read.map_err(SmallBody::Copy),
+        () = deadline.passed() => Err(SmallBody::Timeout),
+    }
 }
 
 /// Bodies up to this size are copied behind their head and sent with it as one buffer.
