@@ -368,6 +368,48 @@ async fn header_hygiene() {
     );
 }
 
+/// An IPv4 client of an IPv6 listener (one on `[::]`, dual-stack, or as here on the IPv4-mapped
+/// loopback address) arrives as an IPv4-mapped IPv6 address: `x-forwarded-for` names it as
+/// IPv4, on the direct HTTP/1.1 path and on the general one (an HTTP/1.0 request goes there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_an_ipv6_listener_is_forwarded_as_ipv4() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], "").replacen(
+        "listen: 127.0.0.1:0\n",
+        "listen: \"[::ffff:127.0.0.1]:0\"\n",
+        1,
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let port = gw.gateway.proxy_addr().port();
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!(
+            "GET /echo/headers {version}\r\nhost: x\r\nx-forwarded-for: 192.0.2.1\r\nconnection: close\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole response");
+        assert!(
+            head.starts_with(&format!("{version} 200")),
+            "{version}: {answer}"
+        );
+        let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+        let seen: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            seen["x-forwarded-for"], "192.0.2.1, 127.0.0.1",
+            "{version}: {seen}"
+        );
+    }
+}
+
 /// Request and response bodies of every size and method pass through byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_and_status_codes_pass_through() {

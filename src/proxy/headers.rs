@@ -194,9 +194,11 @@ pub fn check_transfer_codings(headers: &HeaderMap) -> Result<(), (http::StatusCo
     Ok(())
 }
 
-/// The client's address as a header value: made once per connection, shared by its requests.
+/// The client's address as a header value: made once per connection, shared by its requests. An
+/// IPv4 client of a dual-stack (`[::]`) listener arrives as an IPv4-mapped IPv6 address and is
+/// written as its IPv4 address (`192.0.2.7`, not `::ffff:192.0.2.7`), as the split hashes it.
 pub fn peer_value(peer: IpAddr) -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(peer.to_string()))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(peer.to_canonical().to_string()))
         .expect("an IP address is a valid header value")
 }
 
@@ -379,6 +381,9 @@ mod tests {
         let mut h = HeaderMap::new();
         set_forwarded(&mut h, &peer_value("::1".parse().unwrap()), "http", None);
         assert_eq!(h["x-forwarded-for"], "::1");
+        // An IPv4 client of a dual-stack listener is written as IPv4.
+        assert_eq!(peer_value("::ffff:192.0.2.7".parse().unwrap()), "192.0.2.7");
+        assert_eq!(peer_value("2001:db8::7".parse().unwrap()), "2001:db8::7");
         // Several lines are one list, in order; an empty line adds nothing.
         let mut h = map(&[
             ("x-forwarded-for", "6.6.6.6"),
