@@ -47,6 +47,87 @@ async fn unready_cluster_mid_load_gets_no_new_requests() {
     println!("{} requests, 0 failed", report.ok);
 }
 
+/// A ready cluster whose probes fail stays ready, in its split and taking requests, until
+/// `probe.failure_threshold` rounds in a row have failed (one slow round or a blip does not take a
+/// cluster out; `rayshift_probes_total` counts the failed rounds meanwhile). Then it is not ready;
+/// one passing round makes it ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes() {
+    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let yaml = config_yaml(
+        &["shard-0"],
+        &[
+            cluster(&blue, "shard-0", "v1", Some(50)),
+            cluster(&green, "shard-0", "v2", Some(50)),
+        ],
+        "",
+    )
+    // 30 rounds of 100 ms: time to see the cluster failing its probes but still serving.
+    .replace("probe:\n", "probe:\n  failure_threshold: 30\n");
+    let gw = TestGateway::start(&yaml).await;
+    gw.wait_cluster_ready("green", true).await;
+    let load = Load::start(gw.url("/echo"), 4, true);
+    load.wait_for_more(200).await;
+
+    let failed_rounds = || async {
+        let metrics = get(&gw.admin("/metrics")).await.body;
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("rayshift_probes_total{")
+                    && l.contains("cluster=\"green\"")
+                    && l.contains("result=\"not_ready\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    green.set_healthy(false);
+    eventually("two failed probe rounds of green", || async {
+        failed_rounds().await >= 2.0
+    })
+    .await;
+    let state = gw.cluster_state("green").await;
+    let rounds = failed_rounds().await;
+    assert!(
+        rounds < 30.0,
+        "{rounds} failed rounds already: the machine stalled for seconds"
+    );
+    assert_eq!(
+        state["ready"], true,
+        "after {rounds} failed rounds: {state}"
+    );
+    let before = green.requests();
+    load.wait_for_more(100).await;
+    assert!(
+        green.requests() > before,
+        "a cluster still counted ready got no requests"
+    );
+
+    gw.wait_cluster_ready("green", false).await;
+    assert!(
+        failed_rounds().await >= 30.0,
+        "not ready before 30 failed rounds"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = green.requests();
+    load.wait_for_more(500).await;
+    assert_eq!(green.requests(), before, "a cluster not ready got requests");
+    let state = gw.cluster_state("green").await;
+    assert!(
+        state["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("/-/healthz answered 503"),
+        "{state}"
+    );
+
+    green.set_healthy(true);
+    gw.wait_cluster_ready("green", true).await;
+    let report = load.stop().await;
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+}
+
 /// Healthy but with no routes yet (Serve starting up), or routes without the app: no traffic for it.
 /// When the only weighted cluster is unready, its share goes to the ready one even at weight 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

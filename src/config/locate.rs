@@ -99,7 +99,7 @@ fn expected_at(path: &str) -> &'static str {
         "clusters[]" => "a cluster mapping (name, shard, revision, serve_url, dashboard_url, weight)",
         "apps" => "a list of apps",
         "apps[]" => "an app mapping (name, route_prefix, shard)",
-        "probe" => "a mapping with keys interval and timeout",
+        "probe" => "a mapping with keys interval, timeout and failure_threshold",
         "upstream" => "a mapping with keys idle_timeout, connect_timeout, response_timeout, max_idle_per_cluster, max_requests_per_cluster, retries, retry_budget, retry_min_per_second, ca_file and direct_http1",
         "limits" | "passive_health" | "shutdown" | "tls" | "discovery.kubernetes.state" => {
             "a mapping of keys to values"

@@ -255,13 +255,25 @@ pub struct ProbeConfig {
     pub interval: Duration,
     /// Time a probe may take before it counts as failed; > 0.
     pub timeout: Duration,
+    /// Failed probe rounds in a row before a ready cluster counts as not ready; 1 to
+    /// [`MAX_PROBE_FAILURE_THRESHOLD`]. A cluster that was not ready is ready at its first passing
+    /// round.
+    pub failure_threshold: u32,
 }
+
+/// Default `probe.failure_threshold`: a single slow or failed round (a GC pause, a dropped
+/// connection) does not take a cluster out of its splits; three in a row do.
+pub const DEFAULT_PROBE_FAILURE_THRESHOLD: u32 = 3;
+
+/// Largest `probe.failure_threshold`.
+pub const MAX_PROBE_FAILURE_THRESHOLD: u32 = 100;
 
 impl Default for ProbeConfig {
     fn default() -> Self {
         ProbeConfig {
             interval: DEFAULT_PROBE_INTERVAL,
             timeout: DEFAULT_PROBE_TIMEOUT,
+            failure_threshold: DEFAULT_PROBE_FAILURE_THRESHOLD,
         }
     }
 }

@@ -256,11 +256,12 @@ pub(crate) struct RawApp {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with keys interval and timeout"
+    expecting = "a mapping with keys interval, timeout and failure_threshold"
 )]
 pub(crate) struct RawProbe {
     pub interval: Option<Text>,
     pub timeout: Option<Text>,
+    pub failure_threshold: Option<Text>,
 }
 
 /// `upstream`.

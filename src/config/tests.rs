@@ -42,6 +42,7 @@ apps:
 probe:
   interval: 2s
   timeout: 500ms
+  failure_threshold: 2
 upstream:
   idle_timeout: 3s
   connect_timeout: 1s 500ms
@@ -161,6 +162,7 @@ fn full_config_round_trip() {
         probe: ProbeConfig {
             interval: Duration::from_secs(2),
             timeout: Duration::from_millis(500),
+            failure_threshold: 2,
         },
         upstream: UpstreamConfig {
             idle_timeout: Duration::from_secs(3),
@@ -216,7 +218,8 @@ fn defaults_apply_when_keys_are_omitted() {
         config.probe,
         ProbeConfig {
             interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1)
+            timeout: Duration::from_secs(1),
+            failure_threshold: 3,
         }
     );
     assert_eq!(
@@ -784,6 +787,23 @@ upstream: {idle_timeout: soon, connect_timeout: 3 parsecs, max_idle_per_cluster:
             r#"upstream.max_idle_per_cluster: expected a non-negative integer, got "-1""#,
         ]
     );
+}
+
+#[test]
+fn probe_failure_threshold_is_a_count_from_1() {
+    for (text, want) in [("1", 1), ("3", 3), ("100", 100)] {
+        let yaml = format!("shards: [s]\nprobe: {{failure_threshold: {text}}}\n");
+        assert_eq!(parse(&yaml).unwrap().probe.failure_threshold, want);
+    }
+    for text in ["0", "101", "-1", "three", "1.5"] {
+        let yaml = format!("shards: [s]\nprobe: {{failure_threshold: {text}}}\n");
+        assert_eq!(
+            lines(&yaml),
+            vec![format!(
+                "probe.failure_threshold: expected an integer 1 to 100, got {text:?}"
+            )],
+        );
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ use super::model::{
     AdminConfig, AppConfig, ClusterConfig, Config, KubeEndpoint, KubeStateConfig, KubernetesConfig,
     LimitsConfig, PassiveHealthConfig, ProbeConfig, ShardConfig, ShutdownConfig, SplitKey,
     TlsConfig, UpstreamConfig, DEFAULT_LISTEN, DEFAULT_SHARD_WEIGHT, DEFAULT_STATE_FILE,
-    DEFAULT_TLS_RELOAD_INTERVAL, MAX_NAME_LEN,
+    DEFAULT_TLS_RELOAD_INTERVAL, MAX_NAME_LEN, MAX_PROBE_FAILURE_THRESHOLD,
 };
 use super::raw::{
     RawAdmin, RawApp, RawCluster, RawConfig, RawKubernetes, RawPolicy, RawProbe, RawSection,
@@ -1085,6 +1085,13 @@ fn probe(p: &mut Problems, raw: Option<&RawProbe>) -> ProbeConfig {
     if let Some(text) = &raw.timeout {
         if let Some(d) = p.check(parse_positive_duration("probe.timeout", text.as_str())) {
             probe.timeout = d;
+        }
+    }
+    if let Some(text) = &raw.failure_threshold {
+        let max = u64::from(MAX_PROBE_FAILURE_THRESHOLD);
+        match bounded_count(text.as_str().trim(), 1, max) {
+            Ok(n) => probe.failure_threshold = n,
+            Err(message) => p.push("probe.failure_threshold", message),
         }
     }
     probe

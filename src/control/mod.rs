@@ -570,7 +570,8 @@ pub async fn start(
         }
     };
     let (commands, command_rx) = mpsc::channel(64);
-    let prober = Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls);
+    let prober = Prober::with_tls(config.probe.interval, config.probe.timeout, probe_tls)
+        .with_failure_threshold(config.probe.failure_threshold);
     let desired = Desired::new(config, store, state, election.clone(), prober)?;
     let table = Arc::clone(&desired.table);
     tokio::spawn(run(desired, command_rx, state_rx, ready_tx));

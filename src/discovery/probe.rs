@@ -78,6 +78,8 @@ pub struct Prober {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     interval: Duration,
     timeout: Duration,
+    /// `probe.failure_threshold`.
+    failure_threshold: u32,
 }
 
 impl Prober {
@@ -98,7 +100,15 @@ impl Prober {
             client,
             interval,
             timeout,
+            failure_threshold: crate::config::DEFAULT_PROBE_FAILURE_THRESHOLD,
         }
+    }
+
+    /// Sets `probe.failure_threshold`: failed rounds in a row before a ready cluster is reported
+    /// not ready (at least 1).
+    pub fn with_failure_threshold(mut self, rounds: u32) -> Self {
+        self.failure_threshold = rounds.max(1);
+        self
     }
 
     /// Probes the cluster once.
@@ -230,12 +240,27 @@ impl Prober {
     ) -> JoinHandle<()> {
         let prober = self.clone();
         tokio::spawn(async move {
+            // The last report sent: the control plane's view of the cluster.
             let mut last: Option<ProbeReport> = None;
+            let mut failures: u32 = 0;
             let mut tick = tokio::time::interval(prober.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let report = prober.probe(&cluster, &target).await;
+                failures = if report.ready() {
+                    0
+                } else {
+                    failures.saturating_add(1)
+                };
+                // A ready cluster stays ready through fewer than `failure_threshold` failed
+                // rounds in a row: one slow round or a blip does not take it out of its splits.
+                // (`rayshift_probes_total{result="not_ready"}` counts every failed round.)
+                let was_ready = last.as_ref().is_some_and(ProbeReport::ready);
+                if was_ready && failures > 0 && failures < prober.failure_threshold {
+                    tracing::info!(cluster = %cluster, failed_rounds = failures, threshold = prober.failure_threshold, detail = %report.detail, "probe round failed; the cluster stays ready until probe.failure_threshold rounds in a row fail");
+                    continue;
+                }
                 if last.as_ref() != Some(&report) {
                     if report.ready() {
                         tracing::info!(cluster = %cluster, "cluster ready");
