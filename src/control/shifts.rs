@@ -724,7 +724,7 @@ impl Desired {
         };
         let actions = rollout.advance(|shard| {
             let shift = next.shards.get(shard)?.shift.as_ref()?;
-            Some((shift.phase, shift.reason.clone()))
+            Some((shift.phase, shift.reason.clone(), shift.started_at))
         });
         for shard in &actions.start {
             match self.new_shift(
@@ -735,6 +735,7 @@ impl Desired {
             ) {
                 Ok(shift) => {
                     tracing::info!(rollout = rollout.id, %shard, "rollout starts shifting shard");
+                    rollout.started(shard, shift.started_at);
                     let entry = next.shards.entry(shard.clone()).or_default();
                     entry.weights = shift.weights();
                     entry.shift = Some(shift);

@@ -87,7 +87,24 @@ pub struct RolloutShard {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The `started_at` of the shift the rollout started on the shard: once the shard is done, a
+    /// later shift there (an operator's, an automatic one) is not the rollout's, and its end does
+    /// not fail the rollout. `None` for rollouts stored by older versions: the shard's shift is
+    /// taken as the rollout's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift_started_at: Option<u64>,
 }
+
+impl RolloutShard {
+    /// Whether a shift started at `started_at` is the one the rollout started on this shard.
+    fn owns(&self, started_at: Option<u64>) -> bool {
+        self.shift_started_at.is_none() || self.shift_started_at == started_at
+    }
+}
+
+/// What a rollout sees of a shard's current shift: its phase, why it ended (rolled back or
+/// aborted) and its `started_at`.
+pub type ShardShift = (Phase, Option<String>, Option<u64>);
 
 /// A fleet rollout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,6 +161,7 @@ impl Rollout {
                     shard,
                     state: ShardProgress::Waiting,
                     reason: None,
+                    shift_started_at: None,
                 })
                 .collect(),
             reason: None,
@@ -156,12 +174,9 @@ impl Rollout {
         self.shards.iter().filter(|s| s.state == state).count()
     }
 
-    /// Updates shard progress from their shifts' phases (`None`: the shard has no shift), and
-    /// decides which waiting shards start now.
-    pub fn advance(
-        &mut self,
-        shift_phase: impl Fn(&str) -> Option<(Phase, Option<String>)>,
-    ) -> RolloutActions {
+    /// Updates shard progress from their shifts (`None`: the shard has no shift), and decides
+    /// which waiting shards start now.
+    pub fn advance(&mut self, shift_phase: impl Fn(&str) -> Option<ShardShift>) -> RolloutActions {
         let mut actions = RolloutActions::default();
         let active = self.phase.is_active();
         // Shards' shifts go on after a halt or an abort: their progress is still followed.
@@ -169,10 +184,15 @@ impl Rollout {
             if s.state == ShardProgress::Done && active {
                 // A shard is done once its shift promoted; aborted while draining (its target
                 // failed after promotion), it went back to the old revision: the rollout halts.
-                if let Some((Phase::Aborted | Phase::RolledBack, reason)) = shift_phase(&s.shard) {
-                    s.state = ShardProgress::Failed;
-                    s.reason = reason;
-                    actions.changed = true;
+                // A later shift of the shard is not the rollout's.
+                if let Some((Phase::Aborted | Phase::RolledBack, reason, started_at)) =
+                    shift_phase(&s.shard)
+                {
+                    if s.owns(started_at) {
+                        s.state = ShardProgress::Failed;
+                        s.reason = reason;
+                        actions.changed = true;
+                    }
                 }
                 continue;
             }
@@ -180,16 +200,16 @@ impl Rollout {
                 continue;
             }
             match shift_phase(&s.shard) {
-                Some((Phase::Draining | Phase::Completed, _)) => {
+                Some((Phase::Draining | Phase::Completed, _, _)) => {
                     s.state = ShardProgress::Done;
                     actions.changed = true;
                 }
-                Some((Phase::RolledBack | Phase::Aborted, reason)) => {
+                Some((Phase::RolledBack | Phase::Aborted, reason, _)) => {
                     s.state = ShardProgress::Failed;
                     s.reason = reason;
                     actions.changed = true;
                 }
-                Some((Phase::Progressing | Phase::Paused, _)) => {}
+                Some((Phase::Progressing | Phase::Paused, _, _)) => {}
                 None => {
                     s.state = ShardProgress::Failed;
                     s.reason = Some("the shard's shift disappeared".into());
@@ -238,6 +258,13 @@ impl Rollout {
         actions
     }
 
+    /// Records the shift the rollout started on `shard` (its `started_at`).
+    pub fn started(&mut self, shard: &str, started_at: Option<u64>) {
+        if let Some(s) = self.shards.iter_mut().find(|s| s.shard == shard) {
+            s.shift_started_at = started_at;
+        }
+    }
+
     /// Marks a shard whose shift could not start as failed (the next `advance` halts the rollout).
     pub fn start_failed(&mut self, shard: &str, reason: String) {
         if let Some(s) = self.shards.iter_mut().find(|s| s.shard == shard) {
@@ -271,7 +298,7 @@ mod tests {
         let mut phases: BTreeMap<String, Phase> = BTreeMap::new();
         let mut order = Vec::new();
         for _ in 0..20 {
-            let actions = r.advance(|s| phases.get(s).map(|p| (*p, None)));
+            let actions = r.advance(|s| phases.get(s).map(|p| (*p, None, None)));
             assert!(r.count(ShardProgress::Shifting) <= 1);
             for shard in actions.start {
                 phases.insert(shard.clone(), Phase::Progressing);
@@ -296,16 +323,16 @@ mod tests {
         assert_eq!(started, ["shard-0", "shard-1"]);
         let actions = r.advance(|s| {
             Some(if s == "shard-0" {
-                (Phase::RolledBack, Some("error rate".into()))
+                (Phase::RolledBack, Some("error rate".into()), None)
             } else {
-                (Phase::Progressing, None)
+                (Phase::Progressing, None, None)
             })
         });
         assert!(actions.start.is_empty());
         assert_eq!(r.phase, RolloutPhase::Halted);
         assert!(r.reason.as_deref().unwrap().contains("shard-0"));
         assert_eq!(r.count(ShardProgress::Waiting), 2);
-        let actions = r.advance(|_| Some((Phase::Draining, None)));
+        let actions = r.advance(|_| Some((Phase::Draining, None, None)));
         assert!(actions.start.is_empty());
         // The halted rollout still follows its other shard, whose shift went on and promoted.
         assert!(actions.changed);
@@ -318,18 +345,53 @@ mod tests {
     fn a_done_shard_aborted_while_draining_halts_the_rollout() {
         let mut r = rollout(1);
         assert_eq!(r.advance(|_| None).start, ["shard-0"]);
-        r.advance(|_| Some((Phase::Draining, None)));
+        r.advance(|_| Some((Phase::Draining, None, None)));
         assert_eq!(r.count(ShardProgress::Done), 1);
         let actions = r.advance(|s| {
             Some(if s == "shard-0" {
-                (Phase::Aborted, Some("aborted by an operator".into()))
+                (Phase::Aborted, Some("aborted by an operator".into()), None)
             } else {
-                (Phase::Progressing, None)
+                (Phase::Progressing, None, None)
             })
         });
         assert_eq!(r.phase, RolloutPhase::Halted);
         assert!(actions.start.is_empty(), "{:?}", actions.start);
         assert!(r.reason.as_deref().unwrap().contains("shard-0"));
+    }
+
+    /// A later shift of a shard the rollout is done with (an operator's, an automatic one to a
+    /// newer revision) is not the rollout's: its rollback or abort does not halt the rollout.
+    #[test]
+    fn a_later_shift_of_a_done_shard_is_not_the_rollouts() {
+        let mut r = rollout(1);
+        assert_eq!(r.advance(|_| None).start, ["shard-0"]);
+        r.started("shard-0", Some(1_000));
+        r.advance(|_| Some((Phase::Completed, None, Some(1_000))));
+        assert_eq!(r.count(ShardProgress::Done), 1);
+        let later = |s: &str| {
+            Some(if s == "shard-0" {
+                (Phase::RolledBack, Some("error rate".into()), Some(2_000))
+            } else {
+                (Phase::Progressing, None, None)
+            })
+        };
+        r.advance(later);
+        assert_eq!(r.phase, RolloutPhase::Running);
+        assert_eq!(r.count(ShardProgress::Done), 1);
+        assert_eq!(r.count(ShardProgress::Failed), 0);
+        // Its own shift, aborted while draining, still halts it.
+        r.advance(|s| {
+            Some(if s == "shard-0" {
+                (
+                    Phase::Aborted,
+                    Some("aborted by an operator".into()),
+                    Some(1_000),
+                )
+            } else {
+                (Phase::Progressing, None, None)
+            })
+        });
+        assert_eq!(r.phase, RolloutPhase::Halted);
     }
 
     #[test]
