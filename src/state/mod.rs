@@ -769,10 +769,11 @@ impl StateFiles {
 /// same state file refuses to start instead of interleaving its journal records with this one's.
 /// The lock goes with the returned file (or the process). A lock file this process may read but
 /// not write (another user's) is locked all the same: `flock` needs no write access, and a
-/// gateway that went without the lock would fold away the running one's journal. `Ok(None)`: the
-/// lock file can neither be created nor opened (a read-only directory, say); the writer then keeps
-/// no journal, and every change is a whole new state file (temp file and rename, refused where the
-/// directory is read-only).
+/// gateway that went without the lock would fold away the running one's journal. `Ok(None)`: there
+/// is no lock file and none can be created (a read-only directory, say); the writer then keeps no
+/// journal, and every change is a whole new state file (temp file and rename, refused where the
+/// directory is read-only). A lock file that exists but can be neither written nor read (another
+/// user's, unreadable) is an error: the gateway holding it could be running.
 fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
     let lock = journal::with_suffix(store.path(), ".lock");
     let opened = fs::OpenOptions::new()
@@ -783,6 +784,17 @@ fn lock_state(store: &StateStore) -> Result<Option<fs::File>, StateError> {
         .or_else(|write_error| fs::File::open(&lock).map_err(|_| write_error));
     let file = match opened {
         Ok(file) => file,
+        Err(e) if fs::symlink_metadata(&lock).is_ok() => {
+            let message = format!(
+                "{e}: the state lock file exists but cannot be opened, so the gateway holding the \
+                 state file may be running; fix the lock file's permissions, or give each gateway \
+                 its own state_file"
+            );
+            return Err(StateError::Read {
+                path: lock,
+                source: std::io::Error::new(e.kind(), message),
+            });
+        }
         Err(e) => {
             tracing::warn!(lock = %lock.display(), error = %e, "cannot create the state lock file");
             return Ok(None);
@@ -1140,32 +1152,60 @@ mod tests {
         );
     }
 
-    /// Without the state lock (its file cannot be opened) no journal is kept: records a crash
-    /// left are folded into the state file and the journal is removed, and every change is a whole
-    /// state file, so a second gateway in the same situation cannot overwrite acknowledged records.
+    /// A state lock file that is there but cannot be opened (another user's, unreadable; here a
+    /// symbolic link into a directory that does not exist, which root cannot open either) stops
+    /// the start and changes nothing: the gateway holding the lock may be running, and folding its
+    /// journal away would lose the changes it acknowledges from then on.
     #[tokio::test]
-    async fn without_the_lock_no_journal_is_kept() {
+    async fn a_lock_that_cannot_be_taken_stops_the_start_and_leaves_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
         store.save(&weights(1)).unwrap();
         let (writer, _) = StateWriter::open(store.clone()).unwrap();
         writer.save(weights(2)).await.unwrap();
         drop(writer);
-        // The lock file becomes something that cannot be opened at all (also not by root): a
-        // symbolic link into a directory that does not exist.
         let lock = journal::with_suffix(store.path(), ".lock");
         fs::remove_file(&lock).unwrap();
         std::os::unix::fs::symlink(dir.path().join("gone/state.json.lock"), &lock).unwrap();
+        let journal_before = fs::read(store.journal_path()).unwrap();
+        let state_before = fs::read(store.path()).unwrap();
 
-        let (writer, loaded) = StateWriter::open(store.clone()).unwrap();
-        assert_eq!(blue(&loaded.unwrap()), 2, "the crash's record is loaded");
-        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
-        assert_eq!(blue(&snapshot), 2, "and folded");
-        assert!(!store.journal_path().exists(), "the journal is removed");
-        writer.save(weights(3)).await.unwrap();
-        assert!(!store.journal_path().exists(), "no journal is started");
-        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
-        assert_eq!(blue(&snapshot), 3, "the change is a whole state file");
+        let Err(err) = StateWriter::open(store.clone()) else {
+            panic!("the start is refused");
+        };
+        assert!(
+            err.to_string()
+                .contains("the state lock file exists but cannot be opened"),
+            "{err}"
+        );
+        assert_eq!(fs::read(store.journal_path()).unwrap(), journal_before);
+        assert_eq!(fs::read(store.path()).unwrap(), state_before);
+        assert_eq!(
+            blue(&store.load().unwrap().unwrap()),
+            2,
+            "the record is kept"
+        );
+    }
+
+    /// A lock file that is there but cannot be opened (here a link to nowhere; as another user's
+    /// unreadable file would be) stops the start: the gateway holding it may be running, and one
+    /// without the lock would fold away its journal.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_cannot_be_opened_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let lock = dir.path().join("state.json.lock");
+        std::os::unix::fs::symlink(dir.path().join("gone/lock"), &lock).unwrap();
+        let err = lock_state(&store).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the state lock file exists but cannot be opened"),
+            "{err}"
+        );
+        // Nothing there at all, in a directory where none can be made: no lock, no journal.
+        let missing = StateStore::new(dir.path().join("gone/state.json"));
+        assert!(lock_state(&missing).unwrap().is_none());
     }
 
     /// A writer's files with a journal, as the writer thread holds them, and the path at which a
