@@ -854,8 +854,11 @@ class Bench:
         on and off every `window` seconds (`windows` of each, starting and ending steady): each
         churn window is compared with the mean of the steady windows on either side, so the
         machine's drift, which moves whole rounds by tens of percent here, cancels. Per window:
-        requests from the proxy's own counters (`count()`), CPU from its threads' run time."""
+        requests from the proxy's own counters (`count()`), CPU from its threads' run time, and
+        the backend's (which shares the proxy's core: what a swap costs it comes off the
+        throughput too)."""
         pids = self.pids[target]
+        backend = self.pids["backend"]
         windows = self.args.churn_windows or (4 if self.args.quick else 16)
         out = self.work / "interleaved.out"
         churner = self.procs.start("churn", self.churner_argv(*churner_args, "--paused"), self.args.load_cpu,
@@ -873,7 +876,7 @@ class Bench:
             time.sleep(1)
 
             def sample():
-                return count(), run_seconds(pids), time.monotonic()
+                return count(), run_seconds(pids), time.monotonic(), run_seconds(backend)
 
             samples = [sample()]
             deadline = samples[0][2]
@@ -905,17 +908,21 @@ class Bench:
         cpu = [(b[1] - a[1]) * 1e6 / max(b[0] - a[0], 1) for a, b in zip(samples, samples[1:])]
         d_rps = [rps[i] / ((rps[i - 1] + rps[i + 1]) / 2) - 1 for i in range(1, len(rps) - 1, 2)]
         d_cpu = [cpu[i] / ((cpu[i - 1] + cpu[i + 1]) / 2) - 1 for i in range(1, len(cpu) - 1, 2)]
+        bcpu = [(b[3] - a[3]) * 1e6 / max(b[0] - a[0], 1) for a, b in zip(samples, samples[1:])]
+        d_bcpu = [bcpu[i] / ((bcpu[i - 1] + bcpu[i + 1]) / 2) - 1 for i in range(1, len(bcpu) - 1, 2)]
         r = {
             "round": 0, "scenario": "churn-interleaved", "target": label, "windows": windows, "window_s": window,
             "steady_rps": statistics.median(rps[0::2]), "churn_rps": statistics.median(rps[1::2]),
             "rps_change": statistics.median(d_rps), "cpu_change": statistics.median(d_cpu),
+            "backend_cpu_change": statistics.median(d_bcpu),
             "rps_changes": d_rps, "swaps_ok": stats["ok"], "swaps_failed": stats["failed"],
             "failed": w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"] + w["err_status"],
             "steady_cpu_us": statistics.median(cpu[0::2]), "churn_cpu_us": statistics.median(cpu[1::2]),
             # Taken from wrk's core while the churner runs (it sleeps while paused).
             "churner_cpu_us": stats.get("cpu_us_per_change"), "swap_errors": stats["errors"],
         }
-        log(f"  interleaved {label}: req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}% "
+        log(f"  interleaved {label}: req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}%, "
+            f"backend CPU/request {100 * r['backend_cpu_change']:+.1f}% "
             f"(median of {windows} churn windows against their neighbours; {stats['ok']} swaps, "
             f"{stats['failed']} failed; {r['failed']} failed requests; the churner's own CPU "
             f"{r['churner_cpu_us'] or 0:.0f} us per swap)" + (f"; swap errors {stats['errors']}" if stats["errors"] else ""))
@@ -1455,7 +1462,9 @@ def render(runs: list[dict], info: dict, args) -> str:
         L.append(f"Interleaved: one continuous 64-connection load through the churn gateway, the churner switched on "
                  f"and off every {r0['window_s']:g} s ({r0['windows']} churn windows), each churn window against the "
                  f"mean of the steady windows on either side (median): "
-                 + "; ".join(f"{r['target']} req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}% "
+                 + "; ".join(f"{r['target']} req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}%"
+                             + (f", backend CPU/request {100 * r['backend_cpu_change']:+.1f}%"
+                                if "backend_cpu_change" in r else "") + " "
                              f"({fmt_rps(r['churn_rps'])} vs {fmt_rps(r['steady_rps'])} req/s; windows "
                              f"{min(r['rps_changes']) * 100:+.0f}% to {max(r['rps_changes']) * 100:+.0f}%; "
                              f"{r['failed']} failed requests, {r['swaps_failed']} failed swaps; the churner's own "
