@@ -49,12 +49,12 @@ async fn unready_cluster_mid_load_gets_no_new_requests() {
 
 /// A ready cluster whose probes fail stays ready, in its split and taking requests, until
 /// `probe.failure_threshold` rounds in a row have failed (one slow round or a blip does not take a
-/// cluster out; `rayshift_probes_total` counts the failed rounds meanwhile). Then it is not ready;
-/// one passing round makes it ready again.
+/// cluster out); meanwhile its `detail` says its probes are failing and `rayshift_probes_total`
+/// counts the failed rounds. Then it is not ready; one passing round makes it ready again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes() {
-    let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
-    let green = stub("green", "v2", &[("echo", "/echo")]).await;
+    let blue = stub("ft-blue", "v1", &[("echo", "/echo")]).await;
+    let green = stub("ft-green", "v2", &[("echo", "/echo")]).await;
     let yaml = config_yaml(
         &["shard-0"],
         &[
@@ -66,29 +66,37 @@ async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes()
     // 30 rounds of 100 ms: time to see the cluster failing its probes but still serving.
     .replace("probe:\n", "probe:\n  failure_threshold: 30\n");
     let gw = TestGateway::start(&yaml).await;
-    gw.wait_cluster_ready("green", true).await;
+    gw.wait_cluster_ready("ft-green", true).await;
     let load = Load::start(gw.url("/echo"), 4, true);
     load.wait_for_more(200).await;
 
+    // The counter is the process's (tests share it): counted from here.
     let failed_rounds = || async {
         let metrics = get(&gw.admin("/metrics")).await.body;
         metrics
             .lines()
             .find(|l| {
                 l.starts_with("rayshift_probes_total{")
-                    && l.contains("cluster=\"green\"")
+                    && l.contains("cluster=\"ft-green\"")
                     && l.contains("result=\"not_ready\"")
             })
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    let base = failed_rounds().await;
     green.set_healthy(false);
-    eventually("two failed probe rounds of green", || async {
-        failed_rounds().await >= 2.0
-    })
+    eventually(
+        "green's probes reported failing while it stays ready",
+        || async {
+            let state = gw.cluster_state("ft-green").await;
+            state["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("still ready, but its probes are failing"))
+        },
+    )
     .await;
-    let state = gw.cluster_state("green").await;
-    let rounds = failed_rounds().await;
+    let state = gw.cluster_state("ft-green").await;
+    let rounds = failed_rounds().await - base;
     assert!(
         rounds < 30.0,
         "{rounds} failed rounds already: the machine stalled for seconds"
@@ -97,6 +105,12 @@ async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes()
         state["ready"], true,
         "after {rounds} failed rounds: {state}"
     );
+    assert!(
+        state["detail"].as_str().unwrap().ends_with(
+            "(not ready after 30 failed rounds in a row): /-/healthz answered 503 Service Unavailable: This node is being drained."
+        ),
+        "{state}"
+    );
     let before = green.requests();
     load.wait_for_more(100).await;
     assert!(
@@ -104,16 +118,14 @@ async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes()
         "a cluster still counted ready got no requests"
     );
 
-    gw.wait_cluster_ready("green", false).await;
-    assert!(
-        failed_rounds().await >= 30.0,
-        "not ready before 30 failed rounds"
-    );
+    gw.wait_cluster_ready("ft-green", false).await;
+    let rounds = failed_rounds().await - base;
+    assert!(rounds >= 30.0, "not ready after {rounds} failed rounds");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = green.requests();
     load.wait_for_more(500).await;
     assert_eq!(green.requests(), before, "a cluster not ready got requests");
-    let state = gw.cluster_state("green").await;
+    let state = gw.cluster_state("ft-green").await;
     assert!(
         state["detail"]
             .as_str()
@@ -123,7 +135,7 @@ async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes()
     );
 
     green.set_healthy(true);
-    gw.wait_cluster_ready("green", true).await;
+    gw.wait_cluster_ready("ft-green", true).await;
     let report = load.stop().await;
     assert_eq!(report.failed, 0, "{:?}", report.failures);
 }

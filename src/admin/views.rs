@@ -100,7 +100,8 @@ pub struct ClusterStateView {
     pub in_flight: u64,
     /// Applications its `/-/routes` lists.
     pub apps: Vec<String>,
-    /// Why it is not ready.
+    /// Why it is not ready; for a ready cluster whose latest probe rounds failed (fewer than
+    /// `probe.failure_threshold` in a row), that it is failing and why.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
 }

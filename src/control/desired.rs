@@ -166,7 +166,11 @@ impl Desired {
         }
     }
 
+    /// Takes a cluster's probe report. A passing round makes it ready at once; a ready cluster
+    /// stays ready until `probe.failure_threshold` rounds in a row have failed, so one slow or
+    /// failed round does not take it out of its splits.
     pub(super) fn apply_probe(&mut self, report: ProbeReport) {
+        let threshold = self.config.probe.failure_threshold;
         if let Some(entry) = self
             .clusters
             .iter_mut()
@@ -174,6 +178,11 @@ impl Desired {
         {
             if let Some(routes) = &report.routes {
                 entry.last_routes.clone_from(routes);
+            }
+            if report.ready() {
+                entry.probe_ready = true;
+            } else if report.failed_rounds >= threshold {
+                entry.probe_ready = false;
             }
             entry.probe = Some(report);
         }
@@ -677,6 +686,10 @@ impl Desired {
                     // The probe's own reason first; a cluster Kubernetes holds back (its
                     // RayCluster or head pod not ready, or the RayCluster being deleted) whose
                     // probes pass gets that reason.
+                    (Some(p), None) if !p.ready() && entry.probe_ready => format!(
+                        "still ready, but its probes are failing (not ready after {} failed rounds in a row): {}",
+                        self.config.probe.failure_threshold, p.detail
+                    ),
                     (Some(p), None) if !p.ready() => p.detail.clone(),
                     _ if !entry.external_ready => {
                         "not ready in Kubernetes (head pod not ready, or the RayCluster suspended or being deleted)".to_string()

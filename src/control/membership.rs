@@ -99,6 +99,7 @@ impl Desired {
             config: c,
             cluster,
             probe: None,
+            probe_ready: false,
             last_routes: BTreeMap::new(),
             prober,
             source: d.source,

@@ -387,8 +387,12 @@ const SHIFT_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 struct ClusterEntry {
     config: ClusterConfig,
     cluster: Arc<Cluster>,
-    /// Latest probe result (None before the first).
+    /// Latest probe result (None before the first). Shift gates and passive health's readmission
+    /// read it as it is.
     probe: Option<ProbeReport>,
+    /// Ready by its probes, for the splits: since it last passed, fewer than
+    /// `probe.failure_threshold` rounds in a row failed.
+    probe_ready: bool,
     /// Routes of the last probe that had them, kept while the cluster is down so its apps stay known.
     last_routes: BTreeMap<String, String>,
     prober: JoinHandle<()>,
@@ -424,9 +428,7 @@ impl ClusterEntry {
     /// Ready to serve by every account: its discovery source says so, its probes pass, and passive
     /// health has not ejected it.
     fn serving_ready(&self) -> bool {
-        self.external_ready
-            && self.probe.as_ref().is_some_and(ProbeReport::ready)
-            && self.ejected_until.is_none()
+        self.external_ready && self.probe_ready && self.ejected_until.is_none()
     }
 }
 

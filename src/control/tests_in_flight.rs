@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::test_store::{self, Calls};
-use super::{Command, Desired, ShiftRequest, Store, WeightChange};
+use super::{Action, Command, Desired, ShiftRequest, Store, WeightChange};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::discovery::probe::{ProbeReport, Prober};
@@ -115,6 +115,7 @@ impl Harness {
             routes: Some(routes),
             app_status: None,
             detail: String::new(),
+            failed_rounds: 0,
         }
     }
 
@@ -308,6 +309,46 @@ async fn a_cluster_joining_during_a_steps_write_stays_in_the_target() {
     );
     assert_eq!(shift_in(&next, "shard-0").step, 2);
     assert!(h.desired.unsaved.is_empty());
+}
+
+/// A paused revision shift holds every weight: a cluster of the revision that becomes ready then
+/// does not join its target at the next tick. Promoted, the shift takes it into its target (it is
+/// not left at no weight, or drained with the old clusters).
+#[tokio::test(start_paused = true)]
+async fn a_paused_shift_holds_its_weights_and_takes_a_late_cluster_at_promotion() {
+    let mut h = Harness::new(TWO_TARGETS, false, None);
+    h.ready(&["blue", "green-a"]);
+    h.start_shift("shard-0", Target::Revision("v2".into()), 2)
+        .await;
+    let first = h.tick_landed().await;
+    assert_eq!(shift_in(&first, "shard-0").target_weight, 10);
+    let (paused, _) = tokio::join!(
+        h.desired.control_shift("shard-0", Action::Pause),
+        h.calls.land()
+    );
+    assert_eq!(paused.unwrap().phase, Phase::Paused);
+
+    h.ready(&["green-b"]);
+    tokio::time::advance(INTERVAL).await;
+    h.desired.tick().await;
+    assert_eq!(h.shift("shard-0").target_clusters, ["green-a"]);
+    assert_eq!(
+        h.desired.shard_weights("shard-0"),
+        BTreeMap::from([("blue", 90), ("green-a", 10), ("green-b", 0)])
+    );
+
+    let (promoted, _) = tokio::join!(
+        h.desired.control_shift("shard-0", Action::Promote),
+        h.calls.land()
+    );
+    let promoted = promoted.unwrap();
+    assert_eq!(promoted.phase, Phase::Draining);
+    assert_eq!(promoted.target_clusters, ["green-a", "green-b"]);
+    assert_eq!(promoted.draining_clusters(), ["blue"]);
+    assert_eq!(
+        h.desired.shard_weights("shard-0"),
+        BTreeMap::from([("blue", 0), ("green-a", 50), ("green-b", 50)])
+    );
 }
 
 /// A replica that stepped down with a failed check it could not write reads the shared state

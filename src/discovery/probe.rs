@@ -38,6 +38,9 @@ pub struct ProbeReport {
     pub app_status: Option<BTreeMap<String, String>>,
     /// Why the cluster is not ready (empty when it is).
     pub detail: String,
+    /// Failed rounds in a row, this one included (0 when it passed). The control plane takes a
+    /// ready cluster out of its splits only at `probe.failure_threshold` of them.
+    pub failed_rounds: u32,
 }
 
 /// Where a cluster's endpoints are.
@@ -68,6 +71,14 @@ impl ProbeReport {
     /// Healthy and with a populated route table.
     pub fn ready(&self) -> bool {
         self.healthy && self.routes.is_some()
+    }
+
+    /// Whether `other` found the same (the failed rounds aside).
+    fn same_result(&self, other: &ProbeReport) -> bool {
+        self.healthy == other.healthy
+            && self.routes == other.routes
+            && self.app_status == other.app_status
+            && self.detail == other.detail
     }
 }
 
@@ -187,6 +198,7 @@ impl Prober {
             routes,
             app_status,
             detail,
+            failed_rounds: 0,
         };
         let result = if report.ready() { "ready" } else { "not_ready" };
         metrics::counter!(telemetry::PROBES_TOTAL, "cluster" => cluster.to_string(), "result" => result)
@@ -243,35 +255,39 @@ impl Prober {
             // The last report sent: the control plane's view of the cluster.
             let mut last: Option<ProbeReport> = None;
             let mut failures: u32 = 0;
+            // Ready as the control plane counts it (see `ProbeReport::failed_rounds`).
+            let mut serving = false;
+            let threshold = prober.failure_threshold;
             let mut tick = tokio::time::interval(prober.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let report = prober.probe(&cluster, &target).await;
+                let mut report = prober.probe(&cluster, &target).await;
                 failures = if report.ready() {
                     0
                 } else {
                     failures.saturating_add(1)
                 };
-                // A ready cluster stays ready through fewer than `failure_threshold` failed
-                // rounds in a row: one slow round or a blip does not take it out of its splits.
-                // (`rayshift_probes_total{result="not_ready"}` counts every failed round.)
-                let was_ready = last.as_ref().is_some_and(ProbeReport::ready);
-                if was_ready && failures > 0 && failures < prober.failure_threshold {
-                    tracing::info!(cluster = %cluster, failed_rounds = failures, threshold = prober.failure_threshold, detail = %report.detail, "probe round failed; the cluster stays ready until probe.failure_threshold rounds in a row fail");
+                report.failed_rounds = failures;
+                serving = report.ready() || (serving && failures < threshold);
+                // Sent when the result changes, and when the failed rounds reach the threshold
+                // (a ready cluster leaves its splits then). Every round is counted in
+                // `rayshift_probes_total`.
+                let changed = !last.as_ref().is_some_and(|l| l.same_result(&report));
+                if !changed && failures != threshold {
                     continue;
                 }
-                if last.as_ref() != Some(&report) {
-                    if report.ready() {
-                        tracing::info!(cluster = %cluster, "cluster ready");
-                    } else {
-                        tracing::warn!(cluster = %cluster, detail = %report.detail, "cluster not ready");
-                    }
-                    if reports.send(report.clone()).is_err() {
-                        return;
-                    }
-                    last = Some(report);
+                if report.ready() {
+                    tracing::info!(cluster = %cluster, "cluster ready");
+                } else if serving {
+                    tracing::info!(cluster = %cluster, failed_rounds = failures, threshold, detail = %report.detail, "probe round failed; the cluster stays ready until probe.failure_threshold rounds in a row fail");
+                } else {
+                    tracing::warn!(cluster = %cluster, failed_rounds = failures, detail = %report.detail, "cluster not ready");
                 }
+                if reports.send(report.clone()).is_err() {
+                    return;
+                }
+                last = Some(report);
             }
         })
     }
