@@ -244,6 +244,15 @@ impl Desired {
             Action::Pause => shift.pause()?,
             Action::Resume => shift.resume()?,
             Action::Promote => {
+                // Clusters of the revision that became ready while the shift was paused join
+                // now: promoted, the shift drains every cluster outside its target.
+                if matches!(shift.phase, Phase::Progressing | Phase::Paused) {
+                    for cluster in self.joining(shard, shift) {
+                        if shift.join_target(&cluster).is_some() {
+                            tracing::info!(%shard, %cluster, "cluster joins the shift's target at its promotion");
+                        }
+                    }
+                }
                 shift.promote(Instant::now())?;
             }
             Action::Abort => shift.abort("aborted by an operator".into())?,
@@ -596,24 +605,10 @@ impl Desired {
                 continue;
             };
             // Clusters of a revision shift's revision that became ready since it started join
-            // its target (they have no weight yet).
-            if let Target::Revision(revision) = &shift.target {
-                let apps = self.gate_apps(shard);
-                let joining: Vec<String> = self
-                    .clusters
-                    .iter()
-                    .filter(|c| {
-                        c.config.shard == *shard
-                            && c.config.revision == *revision
-                            && !shift.target_clusters.contains(&c.config.name)
-                            && c.serving_ready()
-                            // Ready as a target must be, or it would hold the shift at once.
-                            && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some())
-                                .is_ok()
-                    })
-                    .map(|c| c.config.name.clone())
-                    .collect();
-                for cluster in joining {
+            // its target (they have no weight yet); not while the shift is paused, which holds
+            // every weight: they join when it is resumed or promoted.
+            if shift.phase == Phase::Progressing {
+                for cluster in self.joining(shard, shift) {
                     if let Some(joined) = shift.join_target(&cluster) {
                         entry.weights = shift.weights();
                         changed = true;
@@ -863,6 +858,26 @@ impl Desired {
                 name: a.name.to_string(),
                 configured: self.config.apps.iter().any(|c| *c.name == *a.name),
             })
+            .collect()
+    }
+
+    /// Clusters of a revision shift's revision, not in its target yet, that are ready as a target
+    /// (serving and passing its gates: one that is not would hold the shift at once).
+    fn joining(&self, shard: &str, shift: &Shift) -> Vec<String> {
+        let Target::Revision(revision) = &shift.target else {
+            return Vec::new();
+        };
+        let apps = self.gate_apps(shard);
+        self.clusters
+            .iter()
+            .filter(|c| {
+                c.config.shard == shard
+                    && c.config.revision == *revision
+                    && !shift.target_clusters.contains(&c.config.name)
+                    && c.serving_ready()
+                    && gate(c.probe.as_ref(), &apps, c.config.dashboard_url.is_some()).is_ok()
+            })
+            .map(|c| c.config.name.clone())
             .collect()
     }
 

@@ -418,9 +418,8 @@ impl Shift {
     /// ready when the shift started) moves into the target weight with it, so no traffic moves
     /// back to the old clusters. `None`: nothing to do.
     pub fn join_target(&mut self, cluster: &str) -> Option<Event> {
-        // Not while paused: a pause holds every cluster's weight; the cluster joins on resume.
         let joins = matches!(self.target, Target::Revision(_))
-            && self.phase == Phase::Progressing
+            && matches!(self.phase, Phase::Progressing | Phase::Paused)
             && !self.target_clusters.iter().any(|c| c == cluster);
         if !joins {
             return None;
