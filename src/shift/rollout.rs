@@ -89,8 +89,8 @@ pub struct RolloutShard {
     pub reason: Option<String>,
     /// The `started_at` of the shift the rollout started on the shard: once the shard is done, a
     /// later shift there (an operator's, an automatic one) is not the rollout's, and its end does
-    /// not fail the rollout. `None` for rollouts stored by older versions: the shard's shift is
-    /// taken as the rollout's.
+    /// not fail the rollout. `None` in rollouts stored by older versions: the shift the shard has
+    /// when it is done is taken as the rollout's (and recorded then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shift_started_at: Option<u64>,
 }
@@ -200,8 +200,11 @@ impl Rollout {
                 continue;
             }
             match shift_phase(&s.shard) {
-                Some((Phase::Draining | Phase::Completed, _, _)) => {
+                Some((Phase::Draining | Phase::Completed, _, started_at)) => {
                     s.state = ShardProgress::Done;
+                    // A rollout stored by an older version: the shift seen now is its own (no
+                    // other can start on a shifting shard).
+                    s.shift_started_at = s.shift_started_at.or(started_at);
                     actions.changed = true;
                 }
                 Some((Phase::RolledBack | Phase::Aborted, reason, _)) => {
@@ -377,6 +380,14 @@ mod tests {
         };
         r.advance(later);
         assert_eq!(r.phase, RolloutPhase::Running);
+        // A rollout of an older version, which did not record its shifts: the one the shard had
+        // when it was done is recorded then.
+        let mut old = rollout(1);
+        assert_eq!(old.advance(|_| None).start, ["shard-0"]);
+        old.advance(|_| Some((Phase::Draining, None, Some(1_000))));
+        assert_eq!(old.shards[0].shift_started_at, Some(1_000));
+        old.advance(later);
+        assert_eq!(old.phase, RolloutPhase::Running);
         assert_eq!(r.count(ShardProgress::Done), 1);
         assert_eq!(r.count(ShardProgress::Failed), 0);
         // Its own shift, aborted while draining, still halts it.
