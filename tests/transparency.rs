@@ -381,6 +381,11 @@ async fn an_ipv4_client_of_an_ipv6_listener_is_forwarded_as_ipv4() {
         1,
     );
     let gw = TestGateway::start(&yaml).await;
+    assert!(
+        gw.gateway.proxy_addr().is_ipv6(),
+        "{}",
+        gw.gateway.proxy_addr()
+    );
     let port = gw.gateway.proxy_addr().port();
     for version in ["HTTP/1.1", "HTTP/1.0"] {
         let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -1187,6 +1187,42 @@ mod tests {
         );
     }
 
+    /// Without the state lock (no lock file, and none can be made: a read-only directory) no
+    /// journal is kept: records a crash left are folded into the state file and the journal is
+    /// removed, and every change is a whole state file. (Root can make a lock file anywhere it can
+    /// write, so the files are set up here as the writer would hold them without one.)
+    #[tokio::test]
+    async fn without_the_lock_no_journal_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.save(&weights(1)).unwrap();
+        let (writer, _) = StateWriter::open(store.clone()).unwrap();
+        writer.save(weights(2)).await.unwrap();
+        drop(writer);
+        let Loaded {
+            state,
+            contents,
+            snapshot,
+            applies,
+        } = store.load_with_journal().unwrap();
+        let mut files = StateFiles {
+            store: store.clone(),
+            journal: None,
+            last: state,
+            snapshot,
+            behind: false,
+            lock: None,
+        };
+        files.open_journal(contents, applies);
+        let folded = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&folded), 2, "the crash's record is folded");
+        assert!(!store.journal_path().exists(), "the journal is removed");
+        files.save(weights(3)).unwrap();
+        assert!(!store.journal_path().exists(), "no journal is started");
+        let snapshot = parse(&fs::read(store.path()).unwrap(), store.path()).unwrap();
+        assert_eq!(blue(&snapshot), 3, "the change is a whole state file");
+    }
+
     /// A lock file that is there but cannot be opened (here a link to nowhere; as another user's
     /// unreadable file would be) stops the start: the gateway holding it may be running, and one
     /// without the lock would fold away its journal.
