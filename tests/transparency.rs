@@ -292,20 +292,15 @@ async fn h2_cookie_fields_reach_serve_as_one() {
     assert_eq!(seen["cookie"], "theme=dark; session=xyz", "{seen}");
 }
 
-/// An absolute-form target names the host over a `Host` field that disagrees (RFC 9112 section
-/// 3.2.2): Serve's `Host` and `x-forwarded-host` carry the target's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_absolute_form_target_names_the_host() {
+/// Sends `request` (ending the connection) on a new connection to `addr` and reads the answer of
+/// the echo app's `/echo/headers`: the response head and the request headers it saw.
+async fn raw_echo_headers(
+    addr: std::net::SocketAddr,
+    request: &str,
+) -> (String, serde_json::Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_blue, gw) = one_cluster().await;
-    let mut tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
-        .await
-        .unwrap();
-    tcp.write_all(
-        b"GET http://api.example/echo/headers HTTP/1.1\r\nhost: other.example\r\nconnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
         .await
@@ -313,10 +308,22 @@ async fn an_absolute_form_target_names_the_host() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n").expect("a whole response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
     // Whatever the framing, the JSON object is between the first `{` and the last `}`.
     let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
-    let seen: serde_json::Value = serde_json::from_str(json).unwrap();
+    (head.to_string(), serde_json::from_str(json).unwrap())
+}
+
+/// An absolute-form target names the host over a `Host` field that disagrees (RFC 9112 section
+/// 3.2.2): Serve's `Host` and `x-forwarded-host` carry the target's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_names_the_host() {
+    let (_blue, gw) = one_cluster().await;
+    let (head, seen) = raw_echo_headers(
+        gw.gateway.proxy_addr(),
+        "GET http://api.example/echo/headers HTTP/1.1\r\nhost: other.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(seen["host"], "api.example", "{seen}");
     assert_eq!(seen["x-forwarded-host"], "api.example", "{seen}");
 }
@@ -373,7 +380,6 @@ async fn header_hygiene() {
 /// IPv4, on the direct HTTP/1.1 path and on the general one (an HTTP/1.0 request goes there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv4_client_of_an_ipv6_listener_is_forwarded_as_ipv4() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let blue = stub("blue", "v1", &[("echo", "/echo")]).await;
     let yaml = config_yaml(&["shard-0"], &[cluster(&blue, "shard-0", "v1", None)], "").replacen(
         "listen: 127.0.0.1:0\n",
@@ -388,26 +394,15 @@ async fn an_ipv4_client_of_an_ipv6_listener_is_forwarded_as_ipv4() {
     );
     let port = gw.gateway.proxy_addr().port();
     for version in ["HTTP/1.1", "HTTP/1.0"] {
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
         let request = format!(
             "GET /echo/headers {version}\r\nhost: x\r\nx-forwarded-for: 192.0.2.1\r\nconnection: close\r\n\r\n"
         );
-        tcp.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
-            .await
-            .expect("answered and closed")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole response");
+        let (head, seen) =
+            raw_echo_headers(std::net::SocketAddr::from(([127, 0, 0, 1], port)), &request).await;
         assert!(
             head.starts_with(&format!("{version} 200")),
-            "{version}: {answer}"
+            "{version}: {head}"
         );
-        let json = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
-        let seen: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(
             seen["x-forwarded-for"], "192.0.2.1, 127.0.0.1",
             "{version}: {seen}"

@@ -1159,11 +1159,7 @@ mod tests {
     #[tokio::test]
     async fn a_lock_that_cannot_be_taken_stops_the_start_and_leaves_the_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
-        store.save(&weights(1)).unwrap();
-        let (writer, _) = StateWriter::open(store.clone()).unwrap();
-        writer.save(weights(2)).await.unwrap();
-        drop(writer);
+        let store = crashed_with_a_record(dir.path()).await;
         let lock = journal::with_suffix(store.path(), ".lock");
         fs::remove_file(&lock).unwrap();
         std::os::unix::fs::symlink(dir.path().join("gone/state.json.lock"), &lock).unwrap();
@@ -1194,11 +1190,7 @@ mod tests {
     #[tokio::test]
     async fn without_the_lock_no_journal_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
-        store.save(&weights(1)).unwrap();
-        let (writer, _) = StateWriter::open(store.clone()).unwrap();
-        writer.save(weights(2)).await.unwrap();
-        drop(writer);
+        let store = crashed_with_a_record(dir.path()).await;
         let Loaded {
             state,
             contents,
