@@ -72,16 +72,8 @@ async fn a_cluster_leaves_its_split_only_after_failure_threshold_failed_probes()
 
     // The counter is the process's (tests share it): counted from here.
     let failed_rounds = || async {
-        let metrics = get(&gw.admin("/metrics")).await.body;
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("rayshift_probes_total{")
-                    && l.contains("cluster=\"ft-green\"")
-                    && l.contains("result=\"not_ready\"")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        let series = r#"rayshift_probes_total{cluster="ft-green",result="not_ready"}"#;
+        metric(&gw, series).await.unwrap_or(0.0)
     };
     let base = failed_rounds().await;
     green.set_healthy(false);
