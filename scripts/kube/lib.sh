@@ -76,6 +76,18 @@ try: s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError: sys.exit(1)' "$1"
 }
 
+# wait_port_free PORT: waits up to 10 s for PORT to be free. A killed multi-threaded process (Go)
+# shows as a zombie once its main thread is gone, while its other threads, which share its open
+# sockets, may still be exiting: its port is released a moment after stop_group saw it stop.
+wait_port_free() {
+  local i
+  for (( i = 0; i < 100; i++ )); do
+    port_free "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # proc_state_pgrp PID -> "STATE PGRP" of a process (STATE Z for a zombie); fails if gone.
 proc_state_pgrp() {
   local stat st _ppid pgrp _rest
@@ -152,8 +164,8 @@ spawn() {
 
 start_etcd() {
   { [ -n "$ETCD_BIN" ] && [ -x "$ETCD_BIN" ]; } || die "etcd not found (run scripts/kube/install.sh, or set ETCD_BIN)"
-  port_free "$ETCD_PORT" || die "etcd client port $ETCD_PORT on 127.0.0.1 is in use"
-  port_free "$ETCD_PEER_PORT" || die "etcd peer port $ETCD_PEER_PORT on 127.0.0.1 is in use"
+  wait_port_free "$ETCD_PORT" || die "etcd client port $ETCD_PORT on 127.0.0.1 is in use"
+  wait_port_free "$ETCD_PEER_PORT" || die "etcd peer port $ETCD_PEER_PORT on 127.0.0.1 is in use"
   mkdir -p "$KDIR/etcd" "$KDIR/logs"
   chmod 700 "$KDIR/etcd"
   local t
@@ -204,7 +216,7 @@ wait_readyz() {
 
 start_apiserver() {
   [ -x "$KUBE_APISERVER_BIN" ] || die "$KUBE_APISERVER_BIN not found: run scripts/kube/install.sh first (or set KUBE_APISERVER_BIN)"
-  port_free "$APISERVER_PORT" || die "kube-apiserver port $APISERVER_PORT on 127.0.0.1 is in use"
+  wait_port_free "$APISERVER_PORT" || die "kube-apiserver port $APISERVER_PORT on 127.0.0.1 is in use"
   mkdir -p "$KDIR/logs"
   local t
   t=$(now_ms)
