@@ -76,9 +76,10 @@ try: s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError: sys.exit(1)' "$1"
 }
 
-# wait_port_free PORT: waits up to 10 s for PORT to be free. A killed multi-threaded process (Go)
-# shows as a zombie once its main thread is gone, while its other threads, which share its open
-# sockets, may still be exiting: its port is released a moment after stop_group saw it stop.
+# wait_port_free PORT: waits up to 10 s for PORT to be free. A process stop_group saw stop may hold
+# its port a moment longer: a killed multi-threaded process (Go) shows as a zombie once its main
+# thread is gone while its other threads, which share its sockets, are still exiting, and the
+# connections it had are closed by the kernel after it.
 wait_port_free() {
   local i
   for (( i = 0; i < 100; i++ )); do
