@@ -50,7 +50,10 @@ REPO = HERE.parent.parent
 LUA = HERE / "report.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-TARGETS = ["direct", "rayshift", "rayshift-alt", "nginx", "haproxy"]
+TARGETS = ["direct", "rayshift", "rayshift-alt", "nginx", "haproxy", "floor-epoll", "floor-tokio", "floor-uring"]
+# Minimal relays (crates/floor), not proxies: what a proxy's system calls and event loop cost with no
+# proxy logic at all. Only when named in --targets.
+FLOORS = ["floor-epoll", "floor-tokio", "floor-uring"]
 PROXIES = ["rayshift", "rayshift-alt", "nginx", "haproxy"]
 # name -> (path, connections)
 SCENARIOS = {
@@ -548,6 +551,18 @@ class Bench:
         self.ports[name] = port
         self.pids[name] = [p.pid]
 
+    def start_floor(self, name: str) -> None:
+        """One of crates/floor's relays ($BENCH_FLOOR_BIN; run.sh builds it) in front of the backend."""
+        floor = os.environ.get("BENCH_FLOOR_BIN") or str(REPO / "target" / "release" / "floor")
+        if not os.access(floor, os.X_OK):
+            raise RuntimeError(f"no floor relay at {floor}: run benches/load/run.sh, or cargo build --release -p floor")
+        port = free_port()
+        p = self.procs.start(name, [floor, name.removeprefix("floor-"), str(port), str(self.ports["backend"])],
+                             self.args.proxy_cpu)
+        wait_for(name, lambda: p.poll() is None and http_get(port, "/") == (200, SMALL_BODY))
+        self.ports[name] = port
+        self.pids[name] = [p.pid]
+
     def setup(self) -> None:
         log(f"work dir {self.work}; load on cpu {self.args.load_cpu}, backend and proxy on cpu {self.args.proxy_cpu}")
         self.start_backend()
@@ -563,6 +578,8 @@ class Bench:
                 wait_for("nginx proxy", lambda: http_get(port, "/") == (200, SMALL_BODY))
             elif t == "haproxy":
                 self.start_haproxy()
+            elif t in FLOORS:
+                self.start_floor(t)
         for t in self.args.targets:
             status, body = http_get(self.ports[t], "/16k")
             if status != 200 or len(body) != BIG_SIZE:
@@ -1387,6 +1404,12 @@ def render(runs: list[dict], info: dict, args) -> str:
                  f"| {fmt_us(m(t, 'small-c64', 'backend_cpu_us'))} / {fmt_us(m(t, '16k-c64', 'backend_cpu_us'))} "
                  f"| {fails} |")
     L.append("")
+    if any(t in FLOORS for t in targets):
+        L.append("floor-*: crates/floor's minimal relays, not proxies: one upstream connection per client "
+                 "connection, heads forwarded byte for byte, no routing, header rewriting, timeouts or metrics. "
+                 "What the event loop alone costs: floor-epoll a hand-written epoll loop, floor-tokio tokio's "
+                 "current-thread runtime (rayshift's), floor-uring io_uring with one submission per batch.")
+        L.append("")
 
     cpu_rows = [t for t in targets if m(t, "small-c64", "cpu_user_us") is not None]
     if cpu_rows:
@@ -1761,7 +1784,9 @@ def parse_args(argv: list[str]):
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; 1 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="seconds of warm-up per target and body (default 2; 1 with --quick; 0: none)")
     ap.add_argument("--targets", default="direct,rayshift,nginx,haproxy",
-                    help="comma-separated subset of direct,rayshift,nginx,haproxy (rayshift-alt comes with --compare)")
+                    help="comma-separated subset of direct,rayshift,nginx,haproxy (rayshift-alt comes with --compare); "
+                         "floor-epoll, floor-tokio and floor-uring add crates/floor's minimal relays (no proxy logic: "
+                         "the floor of an event loop's system calls)")
     ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                     help="comma-separated subset of " + ",".join(SCENARIOS))
     ap.add_argument("--compare", metavar="RAYSHIFT_BINARY",

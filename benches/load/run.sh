@@ -15,6 +15,7 @@
 #
 # Environment: RAYSHIFT_BIN=path skips rayshift's build and benchmarks that binary.
 #              BENCH_CHURN_BIN=path: the churner (default: crates/churn, built here).
+#              BENCH_FLOOR_BIN=path: crates/floor's relays for the floor-* targets (built here when asked for).
 #              BENCH_RESULTS=dir writes the report there instead of benches/load/results.
 #              BENCH_NO_INSTALL=1 never calls apt-get (fails if a tool is missing).
 set -euo pipefail
@@ -93,6 +94,16 @@ if [ -z "${BENCH_CHURN_BIN:-}" ]; then
   export BENCH_CHURN_BIN="${CARGO_TARGET_DIR:-$repo/target}/release/churn"
 fi
 [ -x "$BENCH_CHURN_BIN" ] || { echo "run.sh: no churner at $BENCH_CHURN_BIN" >&2; exit 1; }
+# crates/floor's minimal relays, only when a floor-* target is asked for.
+case " $* " in
+  *floor-*)
+    if [ -z "${BENCH_FLOOR_BIN:-}" ]; then
+      echo "run.sh: cargo build --release -p floor" >&2
+      (cd "$repo" && cargo build --release -p floor)
+      export BENCH_FLOOR_BIN="${CARGO_TARGET_DIR:-$repo/target}/release/floor"
+    fi
+    ;;
+esac
 
 # --- run ---------------------------------------------------------------------------------------
 # 1,000 idle client connections plus the proxies' upstream connections need more descriptors than
