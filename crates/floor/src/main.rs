@@ -3,7 +3,8 @@
 //!
 //! It is a measuring stick, not a proxy: each client connection gets its own upstream connection,
 //! a request head is forwarded byte for byte once its blank line has arrived (GET only: no request
-//! bodies), and the response is forwarded once its `Content-Length` bytes are in. No routing, no
+//! bodies; one request at a time: a client that pipelines is not served), and the response is
+//! forwarded once its `Content-Length` bytes are in. No routing, no
 //! header rewriting, no timeouts, no pooling, no metrics. What it costs per request is the floor a
 //! proxy on the same event loop cannot go below: four socket calls (epoll, tokio) or four
 //! submitted operations (io_uring) and a buffer search.

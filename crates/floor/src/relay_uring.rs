@@ -92,7 +92,13 @@ pub fn run(port: u16, backend: u16) -> std::io::Result<()> {
     let mut ring: IoUring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
-        .build(4096)?;
+        .build(4096)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("io_uring setup (needs Linux 6.1 or later with io_uring enabled): {e}"),
+            )
+        })?;
     let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
         .build()
         .user_data(ACCEPT);
