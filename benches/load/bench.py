@@ -699,8 +699,8 @@ class Bench:
             "cpu_us": proxy_cpu * 1e6 / reqs if pids else None,
             "backend_cpu_us": backend_cpu * 1e6 / reqs,
             "ctxsw_per_req": (x1 - x0) / reqs if pids else None,
-            # The backend sleeps and wakes with the proxy in front of it: fewer, larger batches
-            # cost it less per request.
+            # On the shared core the proxy and the backend hand it to each other, so the backend's
+            # switches follow the proxy's (equal in the runs of BENCHMARKS.md).
             "backend_ctxsw_per_req": (bx1 - bx0) / reqs,
             "cpu_user_us": (us1[0] - us0[0]) * 1e6 / reqs if pids else None,
             "cpu_sys_us": (us1[1] - us0[1]) * 1e6 / reqs if pids else None,
