@@ -112,6 +112,21 @@ def run_seconds(pids: list[int]) -> float:
     return sum(sum(thread_run_seconds(p).values()) for p in pids)
 
 
+# The interleaved run's control (`Bench.churn_null`).
+NULL_CHURN = "null: swaps sent to a gateway on wrk's core"
+
+
+def core_busy_seconds(cpu: int) -> float:
+    """Time core `cpu` did work (user, nice, system, irq and softirq in /proc/stat; not idle,
+    iowait or steal), in seconds: clock ticks, so read over windows of seconds."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:]]
+                return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
+
+
 def user_system_seconds(pids: list[int]) -> tuple[float, float]:
     u = s = 0
     for p in pids:
@@ -883,6 +898,10 @@ class Bench:
         throughput too)."""
         pids = self.pids[target]
         backend = self.pids["backend"]
+        # The drift-cancelled figure needs the target alone with the backend on one core.
+        alone = self.args.proxy_cpu.isdigit() and (target.startswith("haproxy")
+                                                   or self.args.rayshift_cpus in (None, self.args.proxy_cpu))
+        core = int(self.args.proxy_cpu) if alone else None
         windows = self.args.churn_windows or (4 if self.args.quick else 16)
         out = self.work / "interleaved.out"
         churner = self.procs.start("churn", self.churner_argv(*churner_args, "--paused"), self.args.load_cpu,
@@ -900,7 +919,8 @@ class Bench:
             time.sleep(1)
 
             def sample():
-                return count(), run_seconds(pids), time.monotonic(), run_seconds(backend)
+                busy = core_busy_seconds(core) if core is not None else 0.0
+                return count(), run_seconds(pids), time.monotonic(), run_seconds(backend), busy
 
             samples = [sample()]
             deadline = samples[0][2]
@@ -934,19 +954,41 @@ class Bench:
         d_cpu = [cpu[i] / ((cpu[i - 1] + cpu[i + 1]) / 2) - 1 for i in range(1, len(cpu) - 1, 2)]
         bcpu = [(b[3] - a[3]) * 1e6 / max(b[0] - a[0], 1) for a, b in zip(samples, samples[1:])]
         d_bcpu = [bcpu[i] / ((bcpu[i - 1] + bcpu[i + 1]) / 2) - 1 for i in range(1, len(bcpu) - 1, 2)]
+        # Everything the shared core did per request (the proxy, the backend, interrupts, kernel
+        # threads such as the disk's), in units of the backend's CPU per request in the same
+        # window: the machine's drift moves both alike and cancels, as in the 3 B ratios. With the
+        # core saturated, throughput goes as 1 / work per request, so a churn window's change
+        # against its neighbours is the throughput change the swaps cause, drift taken out (it
+        # assumes the backend's own work per request unchanged, which backend_cpu_change checks).
+        drift_cancelled = {}
+        if core is not None:
+            work = [(b[4] - a[4]) / max(b[3] - a[3], 1e-9) for a, b in zip(samples, samples[1:])]
+            d_work = [((work[i - 1] + work[i + 1]) / 2) / work[i] - 1 for i in range(1, len(work) - 1, 2)]
+            other = [((b[4] - a[4]) - (b[1] - a[1]) - (b[3] - a[3])) * 1e6 / max(b[0] - a[0], 1)
+                     for a, b in zip(samples, samples[1:])]
+            busy = [(b[4] - a[4]) / (b[2] - a[2]) for a, b in zip(samples, samples[1:])]
+            drift_cancelled = {
+                "implied_change": statistics.median(d_work), "implied_changes": d_work, "work_per_window": work,
+                "steady_other_us": statistics.median(other[0::2]), "churn_other_us": statistics.median(other[1::2]),
+                "core_busy_pct": 100 * min(busy),
+            }
         r = {
             "round": 0, "scenario": "churn-interleaved", "target": label, "windows": windows, "window_s": window,
             "steady_rps": statistics.median(rps[0::2]), "churn_rps": statistics.median(rps[1::2]),
             "rps_change": statistics.median(d_rps), "cpu_change": statistics.median(d_cpu),
             "backend_cpu_change": statistics.median(d_bcpu),
-            "rps_changes": d_rps, "swaps_ok": stats["ok"], "swaps_failed": stats["failed"],
+            **drift_cancelled,
+            "rps_changes": d_rps, "rps_per_window": rps, "swaps_ok": stats["ok"], "swaps_failed": stats["failed"],
             "failed": w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"] + w["err_status"],
             "steady_cpu_us": statistics.median(cpu[0::2]), "churn_cpu_us": statistics.median(cpu[1::2]),
             # Taken from wrk's core while the churner runs (it sleeps while paused).
             "churner_cpu_us": stats.get("cpu_us_per_change"), "swap_errors": stats["errors"],
         }
         log(f"  interleaved {label}: req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}%, "
-            f"backend CPU/request {100 * r['backend_cpu_change']:+.1f}% "
+            f"backend CPU/request {100 * r['backend_cpu_change']:+.1f}%"
+            + (f", drift-cancelled {100 * r['implied_change']:+.1f}% (the core's other work "
+               f"{r['steady_other_us']:.2f} -> {r['churn_other_us']:.2f} us/request; busy >= "
+               f"{r['core_busy_pct']:.0f}%)" if drift_cancelled else "") + " "
             f"(median of {windows} churn windows against their neighbours; {stats['ok']} swaps, "
             f"{stats['failed']} failed; {r['failed']} failed requests; the churner's own CPU "
             f"{r['churner_cpu_us'] or 0:.0f} us per swap)" + (f"; swap errors {stats['errors']}" if stats["errors"] else ""))
@@ -955,15 +997,35 @@ class Bench:
             f.write(json.dumps(r) + "\n")
         return r
 
+    def churn_null(self, count) -> None:
+        """The control for the interleaved runs: the same windows through the churn gateway, the
+        churner switched on and off as there, but its weight changes go to another gateway (the
+        sink) on wrk's core, so the proxy core is left alone. What this run reports is what the
+        method reads when the swaps cost nothing: the machine's scatter, and whatever the
+        churner itself takes from wrk's core."""
+        cpus = self.args.rayshift_cpus
+        self.args.rayshift_cpus = self.args.load_cpu
+        try:
+            self.start_churn_gateway("sink")
+        finally:
+            self.args.rayshift_cpus = cpus
+        try:
+            self.churn_interleaved("rayshift-churn", ["--admin", str(self.ports["sink-admin"]), "--pattern", "flip"],
+                                   NULL_CHURN, count)
+        finally:
+            self.procs.stop("sink")
+            del self.pids["sink"]
+
     def churn(self) -> None:
         self.start_churn_gateway()
         self.measure_once("rayshift-churn", "small-c64", 0, self.args.warmup or 1, None, None)
         admin = str(self.ports["rayshift-churn-admin"])
         for pattern, label in (("flip", "rayshift flip"), ("same", "rayshift same split")):
             self.swap_cost("rayshift-churn", ["--admin", admin, "--pattern", pattern], label, self.args.duration)
+        count = lambda: sum(scrape_requests(int(admin)).values())  # noqa: E731
+        self.churn_null(count)
         for pattern, label in (("flip", "rayshift flip"), ("same", "rayshift same split")):
-            self.churn_interleaved("rayshift-churn", ["--admin", admin, "--pattern", pattern], label,
-                                   lambda: sum(scrape_requests(int(admin)).values()))
+            self.churn_interleaved("rayshift-churn", ["--admin", admin, "--pattern", pattern], label, count)
         kinds = ["steady", "flip", "same"]
         for rnd in range(1, self.args.rounds + 1):
             # Rotate the order, so drift hits every kind alike.
@@ -1499,15 +1561,29 @@ def render(runs: list[dict], info: dict, args) -> str:
                      f"| {med(churn, 'share_b_pct'):.0f}% | {fmt_us(med(churn, 'cpu_us'))} | {per_swap_s} |")
         L.append("")
         # Each churn run against the steady run of its own round: drift between rounds cancels.
-        paired = []
+        paired, paired_dc = [], []
         for proxy, name, churn, steady in churn_rows:
-            by_round = {r["round"]: r["rps"] for r in steady}
-            ratios = [r["rps"] / by_round[r["round"]] - 1 for r in churn if by_round.get(r["round"])]
+            by_round = {r["round"]: r for r in steady}
+            pairs = [(r, by_round[r["round"]]) for r in churn if by_round.get(r["round"])]
+            ratios = [c["rps"] / s["rps"] - 1 for c, s in pairs]
             if ratios:
                 paired.append(f"{proxy} {name.split(' (')[0]} {100 * statistics.median(ratios):+.1f}% "
                               f"(rounds {', '.join(f'{100 * x:+.1f}%' for x in ratios)})")
+            # The same pairs with the drift taken out as in the 3 B ratios: each run's CPU per
+            # request over the backend's, and the throughput that implies with both on the core.
+            dc = [(s["cpu_us"] / s["backend_cpu_us"] + 1) / (c["cpu_us"] / c["backend_cpu_us"] + 1) - 1
+                  for c, s in pairs if c.get("cpu_us") and c.get("backend_cpu_us") and s.get("cpu_us")
+                  and s.get("backend_cpu_us")]
+            if dc:
+                paired_dc.append(f"{proxy} {name.split(' (')[0]} {100 * statistics.median(dc):+.1f}% "
+                                 f"(rounds {', '.join(f'{100 * x:+.1f}%' for x in dc)})")
         if paired:
             L.append("Same-round change against steady, median of rounds: " + "; ".join(paired) + ".")
+            L.append("")
+        if paired_dc:
+            L.append("The same pairs, drift-cancelled ((steady + 1) / (churn + 1), each run's CPU per request in units "
+                     "of the backend's; rounds minutes apart, so a few points of scatter remain): "
+                     + "; ".join(paired_dc) + ".")
             L.append("")
     inter = [r for r in runs if r["scenario"] == "churn-interleaved"]
     if inter:
@@ -1517,13 +1593,25 @@ def render(runs: list[dict], info: dict, args) -> str:
                  f"mean of the steady windows on either side (median): "
                  + "; ".join(f"{r['target']} req/s {100 * r['rps_change']:+.1f}%, CPU/request {100 * r['cpu_change']:+.1f}%"
                              + (f", backend CPU/request {100 * r['backend_cpu_change']:+.1f}%"
-                                if "backend_cpu_change" in r else "") + " "
+                                if "backend_cpu_change" in r else "")
+                             + (f", **drift-cancelled {100 * r['implied_change']:+.1f}%** (windows "
+                                f"{min(r['implied_changes']) * 100:+.1f}% to {max(r['implied_changes']) * 100:+.1f}%; "
+                                f"the core's other work {r['steady_other_us']:.2f} -> {r['churn_other_us']:.2f} us "
+                                f"per request)" if "implied_change" in r else "") + " "
                              f"({fmt_rps(r['churn_rps'])} vs {fmt_rps(r['steady_rps'])} req/s; windows "
                              f"{min(r['rps_changes']) * 100:+.0f}% to {max(r['rps_changes']) * 100:+.0f}%; "
                              f"{r['failed']} failed requests, {r['swaps_failed']} failed swaps; the churner's own "
                              f"CPU {r.get('churner_cpu_us') or 0:.0f} us per swap, taken from wrk's core)" for r in inter)
                  + ".")
         L.append("")
+        if any("implied_change" in r for r in inter):
+            L.append("Drift-cancelled: all the work the shared core did per request in a window (the proxy's, the "
+                     "backend's, interrupts', kernel threads'), in units of the backend's CPU per request in the same "
+                     "window, against the same for the steady windows on either side. The machine's drift moves "
+                     "the backend's cost and the rest alike and cancels; with the core saturated, throughput goes as "
+                     "one over that work, so this is the throughput change the swaps cause (it takes the backend's own "
+                     "work per request as unchanged by the swaps, which the backend's CPU/request above checks).")
+            L.append("")
 
     costs = [r for r in runs if r["scenario"] == "swap-cost"]
     if costs:
@@ -1610,6 +1698,12 @@ def render(runs: list[dict], info: dict, args) -> str:
             ok = r["failed"] == 0 and r["swaps_failed"] == 0 and r["rps_change"] >= -0.03
             L.append(f"| churn interleaved, {r['target'].removeprefix('rayshift ')}: 0 failed requests, < 3% throughput "
                      f"loss | {r['failed']} failed, {100 * r['rps_change']:+.1f}% | - | {'met' if ok else 'NOT met'} |")
+            if "implied_change" in r:
+                ok = r["failed"] == 0 and r["swaps_failed"] == 0 and r["implied_change"] >= -0.03
+                peer = [p["implied_change"] for p in runs if p["scenario"] == "churn-interleaved"
+                        and p["target"].startswith("haproxy") and "implied_change" in p]
+                L.append(f"| the same, drift-cancelled | {r['failed']} failed, {100 * r['implied_change']:+.1f}% "
+                         f"| {f'HAProxy flip {100 * peer[0]:+.1f}%' if peer else '-'} | {'met' if ok else 'NOT met'} |")
         mine = [r for r in rss if r["target"] == cand]
         if mine:
             v = mine[0]["rss_idle_conns_kib"] / 1024
