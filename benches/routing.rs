@@ -158,6 +158,7 @@ fn picks(c: &mut Criterion) {
             group: "v1",
             weight: 50,
             available: true,
+            last_resort: false,
         },
         Member {
             cluster: 1,
@@ -165,6 +166,7 @@ fn picks(c: &mut Criterion) {
             group: "v1",
             weight: 50,
             available: true,
+            last_resort: false,
         },
     ]);
     group.bench_function("sticky/2_of_one_revision", |b| {
@@ -181,6 +183,7 @@ fn picks(c: &mut Criterion) {
         group: if i < 3 { "v1" } else { "v2" },
         weight: 25,
         available: i != 1,
+        last_resort: false,
     }));
     group.bench_function("sticky/4_one_unready", |b| {
         b.iter(cycle(&sessions, |s| {

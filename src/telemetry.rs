@@ -55,6 +55,9 @@ pub const ROUTING_TABLE_UPDATES_TOTAL: &str = "rayshift_routing_table_updates_to
 pub const PROBES_TOTAL: &str = "rayshift_probes_total";
 /// Applications in the routing table, by shard.
 pub const APPS: &str = "rayshift_apps";
+/// Gauge: apps of a shard served by draining clusters, no other cluster of theirs able to take
+/// requests (label `shard`).
+pub const APPS_ON_DRAINING_CLUSTERS: &str = "rayshift_apps_on_draining_clusters";
 
 /// 1 for the shard's current shift state (`idle`, `progressing`, `paused`, `draining`,
 /// `completed`, `rolled_back`, `aborted`), 0 for the others.
@@ -226,6 +229,10 @@ fn describe() {
         "Readiness probes sent to clusters, by cluster and result."
     );
     describe_gauge!(APPS, "Applications in the routing table, by shard.");
+    describe_gauge!(
+        APPS_ON_DRAINING_CLUSTERS,
+        "Applications of the shard whose requests go to draining clusters (the old clusters of a promoted shift) because no other cluster of theirs can take requests, by shard; above 0, the shift's target is down."
+    );
     describe_gauge!(
         SHIFT_STATE,
         "1 for the shard's current shift state, 0 for the others."

@@ -897,6 +897,26 @@ tests:
         exp_alerts:
           - exp_labels: {severity: warning, shard: s, cluster: flaky}
 
+  - name: shard on its draining clusters
+    interval: 1m
+    input_series:
+      # s: the target down from 5m to 20m. t: a blip of under a minute.
+      - series: 'rayshift_apps_on_draining_clusters{shard="s"}'
+        values: '0x4 3x15 0x10'
+      - series: 'rayshift_apps_on_draining_clusters{shard="t"}'
+        values: '0x4 2 0x25'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: RayshiftShardOnDrainingClusters
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: RayshiftShardOnDrainingClusters
+        exp_alerts:
+          - exp_labels: {severity: warning, shard: s}
+      - eval_time: 25m
+        alertname: RayshiftShardOnDrainingClusters
+        exp_alerts: []
+
   - name: drained cluster not removed
     interval: 5m
     input_series:

@@ -375,6 +375,56 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
     drop(resp);
 }
 
+/// After promotion the target goes unready while the old cluster is still up: the old cluster
+/// takes the shard's requests rather than them failing (`rayshift_apps_on_draining_clusters`
+/// says so), and gives them back when the target is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_after_promotion_is_covered_by_the_draining_cluster() {
+    let (_blue, green, gw) = named_blue_green("lr", "lr-blue", "lr-green", "").await;
+    let gauge = r#"rayshift_apps_on_draining_clusters{shard="lr"}"#;
+    let r = post(
+        &gw.admin("/v1/shards/lr/shift"),
+        r#"{"to": "lr-green", "step_interval": "1h", "drain_timeout": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/lr/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for _ in 0..5 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("lr-green"));
+    }
+    assert_eq!(metric(&gw, gauge).await, Some(0.0));
+
+    green.set_healthy(false);
+    eventually("lr-green unready", || async {
+        gw.cluster_state("lr-green").await["ready"] == false
+    })
+    .await;
+    let blue = gw.cluster_state("lr-blue").await;
+    assert_eq!(blue["weight"], 0, "{blue}");
+    assert!(blue["drain"].is_string(), "{blue}");
+    for _ in 0..10 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("lr-blue"));
+    }
+    assert_eq!(metric(&gw, gauge).await, Some(1.0));
+
+    green.set_healthy(true);
+    eventually("lr-green ready again", || async {
+        gw.cluster_state("lr-green").await["ready"] == true
+    })
+    .await;
+    for _ in 0..5 {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some("lr-green"));
+    }
+    assert_eq!(metric(&gw, gauge).await, Some(0.0));
+}
+
 /// An upload under way on the old cluster at promotion (its head in, its body still coming) is a
 /// request in flight: the drain waits for it, and the old cluster answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use super::{ClusterEntry, Command, ControlError, Desired, Store, WeightChange};
 use crate::discovery::probe::ProbeReport;
 use crate::kube_state::Standing;
-use crate::routing::{AppSpec, ClusterSpec, Placement, RoutingTable, TableSpec};
+use crate::routing::{AppId, AppSpec, ClusterSpec, Placement, RoutingTable, TableSpec};
 use crate::shift::{Phase, Shift};
 use crate::snapshot::{AppPlacement, ClusterView, Drain, Snapshot};
 use crate::state::{State, StateError};
@@ -705,12 +705,21 @@ impl Desired {
         for (entry, view) in self.clusters.iter().zip(&views) {
             entry.gauges.set(view);
         }
-        let mut apps_per_shard = vec![0usize; self.config.shards.len()];
-        for app in table.apps() {
+        // Per shard: apps, and of them those served by draining clusters (none other can).
+        let mut apps_per_shard = vec![(0usize, 0usize); self.config.shards.len()];
+        let mut on_draining = Vec::new();
+        for (id, app) in table.apps().iter().enumerate() {
+            let last_resort = table.split_of(id as AppId).is_last_resort();
             if let Some(n) = apps_per_shard.get_mut(app.shard as usize) {
-                *n += 1;
+                n.0 += 1;
+                n.1 += usize::from(last_resort);
+            }
+            if last_resort {
+                on_draining.push(&*app.name);
             }
         }
+        self.warn_on_draining(&on_draining);
+        self.apps_on_draining_per_shard = apps_per_shard.iter().map(|n| n.1).collect();
         self.shift_metrics(&apps_per_shard);
         self.table_updates.increment(1);
         self.table.store(Arc::new(Snapshot {
@@ -959,8 +968,27 @@ impl Desired {
         })
     }
 
+    /// Logs when apps start or stop being served by draining clusters only (`apps`: those that
+    /// are now): a shift's target, or every other cluster of theirs, cannot take requests.
+    fn warn_on_draining(&mut self, apps: &[&str]) {
+        if apps.len() == self.apps_on_draining {
+            return;
+        }
+        if apps.is_empty() {
+            tracing::info!("no app is served by draining clusters any more");
+        } else {
+            const SHOWN: usize = 10;
+            tracing::warn!(
+                count = apps.len(),
+                apps = %apps[..apps.len().min(SHOWN)].join(", "),
+                "no cluster that can take requests serves these apps (the shift's target, or every other cluster, is not ready): their requests go to draining clusters that are still ready rather than failing (first {SHOWN} named)"
+            );
+        }
+        self.apps_on_draining = apps.len();
+    }
+
     /// Sets the shard gauges (apps, shift state, target weight) and the rollout gauges.
-    fn shift_metrics(&self, apps_per_shard: &[usize]) {
+    fn shift_metrics(&self, apps_per_shard: &[(usize, usize)]) {
         for ((shard, gauges), apps) in self
             .config
             .shards

@@ -81,6 +81,7 @@ impl Drop for ClusterGauges {
 #[derive(Debug)]
 pub(super) struct ShardGauges {
     apps: metrics::Gauge,
+    apps_on_draining: metrics::Gauge,
     /// `idle`, then one per [`Phase::ALL`].
     shift_state: Vec<(&'static str, metrics::Gauge)>,
     shift_target_weight: metrics::Gauge,
@@ -109,14 +110,17 @@ impl ShardGauges {
             .collect();
         ShardGauges {
             apps: metrics::gauge!(telemetry::APPS, "shard" => shard.to_string()),
+            apps_on_draining: metrics::gauge!(telemetry::APPS_ON_DRAINING_CLUSTERS, "shard" => shard.to_string()),
             shift_state,
             shift_target_weight: metrics::gauge!(telemetry::SHIFT_TARGET_WEIGHT, "shard" => shard.to_string()),
         }
     }
 
-    /// Sets the shard's app count, its shift state (`idle` without a shift) and target weight.
-    pub(super) fn set(&self, apps: usize, shift_state: &str, target_weight: u32) {
-        self.apps.set(apps as f64);
+    /// Sets the shard's app count (`apps.0`; `apps.1` of them served by draining clusters), its
+    /// shift state (`idle` without a shift) and target weight.
+    pub(super) fn set(&self, apps: (usize, usize), shift_state: &str, target_weight: u32) {
+        self.apps.set(apps.0 as f64);
+        self.apps_on_draining.set(apps.1 as f64);
         for (state, gauge) in &self.shift_state {
             gauge.set(flag(*state == shift_state));
         }

@@ -936,6 +936,11 @@ impl Desired {
             .filter(|c| c.predates(shift))
             .map(|c| c.cluster.stats.in_flight())
             .sum();
+        obs.draining_serve = self
+            .config
+            .shard_index(shard)
+            .and_then(|i| self.apps_on_draining_per_shard.get(i))
+            .is_some_and(|&n| n > 0);
         obs
     }
 }

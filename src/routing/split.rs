@@ -27,6 +27,11 @@
 //!
 //! Members of weight 0 are nobody's home, except when every member has weight 0: then each counts
 //! as weight 1, for homes as for random picks.
+//!
+//! When no member can take requests, those that can only as a **last resort** (ready but
+//! draining: the old clusters of a promoted shift, still up) take them, by the same rules, rather
+//! than the app failing: a shift's target that goes unready while its old clusters drain leaves
+//! the app served by them ([`Split::is_last_resort`]).
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -43,6 +48,8 @@ pub struct Split {
     /// Every member with a weight above 0, laid out like `entries`, when one of them cannot take
     /// requests: the sticky keys' homes. Empty when they are `entries`.
     homes: Box<[Entry]>,
+    /// Whether `entries` are last-resort members: no member is available.
+    last_resort: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +77,9 @@ pub struct Member<'a> {
     /// Whether it can take requests now (ready, not draining). One that cannot keeps its sticky
     /// keys' homes: they come back to it when it can again.
     pub available: bool,
+    /// Whether it can take requests as a last resort (ready but draining): it does when no member
+    /// is available.
+    pub last_resort: bool,
 }
 
 // === impl Split ===
@@ -88,6 +98,7 @@ impl Split {
             group: name,
             weight: *w,
             available: true,
+            last_resort: false,
         }))
     }
 
@@ -97,7 +108,8 @@ impl Split {
     /// available member has weight 0: then each gets weight 1, so an app stays available when the
     /// clusters holding its weight are not. Weights adding past `u32::MAX` are cut there (entries
     /// beyond get nothing). Consecutive members of one `group` form one revision. Members that are
-    /// not available keep the homes of their sticky keys (see the module docs).
+    /// not available keep the homes of their sticky keys (see the module docs). When no member is
+    /// available, the last-resort ones take the requests, by the same rules.
     pub fn from_members<'a>(members: impl IntoIterator<Item = Member<'a>>) -> Split {
         let mut given: Vec<Member<'a>> = members.into_iter().collect();
         if given.iter().all(|m| m.weight == 0) {
@@ -105,6 +117,10 @@ impl Split {
         }
         let mut available: Vec<Member<'a>> =
             given.iter().filter(|m| m.available).copied().collect();
+        let last_resort = available.is_empty() && given.iter().any(|m| m.last_resort);
+        if last_resort {
+            available = given.iter().filter(|m| m.last_resort).copied().collect();
+        }
         if available.iter().all(|m| m.weight == 0) {
             available.iter_mut().for_each(|m| m.weight = 1);
         }
@@ -114,7 +130,17 @@ impl Split {
         } else {
             Box::default()
         };
-        Split { entries, homes }
+        Split {
+            entries,
+            homes,
+            last_resort,
+        }
+    }
+
+    /// Whether the split's requests go to last-resort members (ready but draining), no member
+    /// being available.
+    pub fn is_last_resort(&self) -> bool {
+        self.last_resort
     }
 
     /// The cluster for a random value `x`: `x` scales to a point in `[0, total)` and the first
@@ -568,6 +594,7 @@ mod tests {
             group: if i < split_at { "v1" } else { "v2" },
             weight,
             available: !unavailable.contains(&i),
+            last_resort: false,
         }))
     }
 
@@ -667,6 +694,7 @@ mod tests {
             group: "v1",
             weight: 50,
             available: true,
+            last_resort: false,
         };
         let a = Split::from_members([member(0, "blue"), member(1, "green")]);
         let b = Split::from_members([member(7, "blue"), member(3, "green")]);

@@ -40,7 +40,9 @@ pub struct ClusterSpec {
     pub revision: String,
     /// Whether its Serve proxy is healthy.
     pub ready: bool,
-    /// Whether it is being drained: it gets no new requests.
+    /// Whether it is being drained: it gets no new requests while another cluster of the app's
+    /// split can take them (when none can and it is ready, it takes them rather than the app
+    /// failing).
     pub draining: bool,
     /// The app names its `/-/routes` lists.
     pub apps: Vec<String>,
@@ -159,8 +161,9 @@ pub struct Lookup<'a> {
     pub split: &'a Split,
 }
 
-/// A cluster of an app's split while the table is built, and whether it can take requests.
-type SplitMember = (ClusterId, bool);
+/// A cluster of an app's split while the table is built, whether it can take requests, and
+/// whether it can as a last resort (ready but draining).
+type SplitMember = (ClusterId, bool, bool);
 
 /// An immutable routing snapshot: route prefixes, shard placement and per-app splits.
 #[derive(Debug, Clone, Default)]
@@ -183,8 +186,9 @@ impl RoutingTable {
     /// Builds the snapshot for `spec`, checking names, ids and route prefixes.
     ///
     /// An app's split holds the clusters of its shard that list the app, in spec order, with
-    /// their weights and revisions; requests go to those that are ready and not draining, the
-    /// others keep their sticky keys' homes (see [`Split::from_members`]).
+    /// their weights and revisions; requests go to those that are ready and not draining (when
+    /// there are none, to those that are ready and draining), the others keep their sticky keys'
+    /// homes (see [`Split::from_members`]).
     pub fn build(spec: &TableSpec) -> Result<RoutingTable, TableError> {
         let placement = shards(&spec.shards)?;
         let cluster_names = clusters(&spec.clusters, spec.shards.len())?;
@@ -242,6 +246,7 @@ impl RoutingTable {
         for (cluster_id, cluster) in spec.clusters.iter().enumerate() {
             let cluster_id = cluster_id as ClusterId;
             let available = cluster.ready && !cluster.draining;
+            let last_resort = cluster.ready && cluster.draining;
             for name in &cluster.apps {
                 let Some(&app) = app_ids.get(name.as_str()) else {
                     continue; // served but not declared: nothing routes to it
@@ -249,9 +254,9 @@ impl RoutingTable {
                 let list = &mut members[app as usize];
                 // `last` catches an app listed twice by the same cluster.
                 if apps[app as usize].shard == cluster.shard
-                    && list.last().map(|&(c, _)| c) != Some(cluster_id)
+                    && list.last().map(|&(c, _, _)| c) != Some(cluster_id)
                 {
-                    list.push((cluster_id, available));
+                    list.push((cluster_id, available, last_resort));
                 }
             }
         }
@@ -261,7 +266,7 @@ impl RoutingTable {
         let mut splits = Vec::new();
         for (app, clusters) in apps.iter_mut().zip(&members) {
             app.split = *split_ids.entry((app.shard, clusters)).or_insert_with(|| {
-                let members = clusters.iter().map(|&(c, available)| {
+                let members = clusters.iter().map(|&(c, available, last_resort)| {
                     let cluster = &spec.clusters[c as usize];
                     Member {
                         cluster: c,
@@ -269,6 +274,7 @@ impl RoutingTable {
                         group: &cluster.revision,
                         weight: cluster.weight,
                         available,
+                        last_resort,
                     }
                 });
                 splits.push(Split::from_members(members));
@@ -634,12 +640,65 @@ mod tests {
     fn no_eligible_cluster_gives_an_empty_split() {
         let spec = one_shard(vec![ClusterSpec {
             draining: true,
+            ready: false,
             ..cluster("c", 0, 100, &["a"])
         }]);
         let table = build(&spec);
         let hit = table.lookup("/a").expect("app exists");
         assert!(hit.split.is_empty());
+        assert!(!hit.split.is_last_resort());
         assert_eq!(hit.split.pick(7), None);
+    }
+
+    #[test]
+    fn draining_clusters_serve_when_no_other_can() {
+        // After a promotion the old clusters drain at weight 0; the target, holding all the
+        // weight, goes unready: the old ones, still up, take the app's requests (sticky keys
+        // too) rather than the app failing, and only the ready one of them.
+        let spec = one_shard(vec![
+            ClusterSpec {
+                draining: true,
+                ..cluster("old-1", 0, 0, &["a"])
+            },
+            ClusterSpec {
+                draining: true,
+                ready: false,
+                ..cluster("old-2", 0, 0, &["a"])
+            },
+            ClusterSpec {
+                ready: false,
+                ..cluster("new", 0, 100, &["a"])
+            },
+        ]);
+        let table = build(&spec);
+        let hit = table.lookup("/a").expect("app exists");
+        assert!(hit.split.is_last_resort());
+        assert_eq!(split(&table, 0), [(0, 1)]);
+        assert_eq!(
+            hit.split.pick_key(crate::routing::key_hash(b"session")),
+            Some(0)
+        );
+
+        // The target ready again: it takes everything back, the draining ones nothing.
+        let mut spec = spec;
+        spec.clusters[2].ready = true;
+        let table = build(&spec);
+        assert!(!table.lookup("/a").unwrap().split.is_last_resort());
+        assert_eq!(split(&table, 0), [(2, 100)]);
+
+        // Another cluster that can take requests, even at weight 0, comes before draining ones.
+        let spec = one_shard(vec![
+            ClusterSpec {
+                draining: true,
+                ..cluster("old", 0, 0, &["a"])
+            },
+            cluster("spare", 0, 0, &["a"]),
+            ClusterSpec {
+                ready: false,
+                ..cluster("new", 0, 100, &["a"])
+            },
+        ]);
+        assert_eq!(split(&build(&spec), 0), [(1, 1)]);
     }
 
     #[test]

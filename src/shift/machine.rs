@@ -128,6 +128,10 @@ pub struct Observation {
     /// Other gateway replicas (sharing the state) may have requests in flight on the draining
     /// clusters, which this one cannot see: the drain then lasts its whole `drain_timeout`.
     pub in_flight_elsewhere: bool,
+    /// Apps of the shard are served by the draining clusters, no other cluster of theirs (the
+    /// target) able to take requests: the drain lasts while they are, up to `drain_timeout`, so
+    /// the old clusters are not declared safe to delete while they carry the shard.
+    pub draining_serve: bool,
 }
 
 /// Something that happened, for logs and metrics.
@@ -483,11 +487,12 @@ impl Shift {
                     let left = drain_timeout.saturating_sub(since) + CLOCK_ALLOWANCE;
                     now + left.min(drain_timeout)
                 });
-                let idle = obs.draining_in_flight == 0 && !obs.in_flight_elsewhere;
+                let idle =
+                    obs.draining_in_flight == 0 && !obs.in_flight_elsewhere && !obs.draining_serve;
                 if idle || now >= deadline {
                     self.phase = Phase::Completed;
                     vec![Event::Drained {
-                        timed_out: obs.draining_in_flight > 0,
+                        timed_out: obs.draining_in_flight > 0 || obs.draining_serve,
                     }]
                 } else {
                     Vec::new()

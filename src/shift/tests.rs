@@ -62,6 +62,7 @@ impl TargetStats {
             target_stats: self.stats.snapshot(),
             draining_in_flight: 0,
             in_flight_elsewhere: false,
+            draining_serve: false,
         }
     }
     /// Ready by its probes, but ejected by passive health.
@@ -177,6 +178,32 @@ async fn drain_timeout_completes_with_requests_still_running() {
     advance(Duration::from_secs(1)).await;
     assert_eq!(
         s.tick(Instant::now(), &busy),
+        vec![Event::Drained { timed_out: true }]
+    );
+}
+
+/// The target down after promotion, its apps served by the draining cluster: the drain waits
+/// while they are (up to its timeout), and ends once the target serves them again.
+#[tokio::test(start_paused = true)]
+async fn draining_clusters_serving_the_shard_hold_the_drain() {
+    let mut s = shift();
+    s.promote(Instant::now()).unwrap();
+    let mut covering = TargetStats::new().obs(false);
+    covering.draining_serve = true;
+    assert!(s.tick(Instant::now(), &covering).is_empty());
+    advance(Duration::from_secs(10)).await;
+    assert!(s.tick(Instant::now(), &covering).is_empty());
+    assert_eq!(s.phase, Phase::Draining);
+    assert_eq!(
+        s.tick(Instant::now(), &TargetStats::new().obs(true)),
+        vec![Event::Drained { timed_out: false }]
+    );
+
+    let mut s = shift();
+    s.promote(Instant::now()).unwrap();
+    advance(Duration::from_secs(30)).await;
+    assert_eq!(
+        s.tick(Instant::now(), &covering),
         vec![Event::Drained { timed_out: true }]
     );
 }
