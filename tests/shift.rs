@@ -425,6 +425,48 @@ async fn a_target_down_after_promotion_is_covered_by_the_draining_cluster() {
     assert_eq!(metric(&gw, gauge).await, Some(0.0));
 }
 
+/// While the old cluster carries the shard for a target that went down, its drain does not end
+/// even with nothing in flight on it; it ends once the target is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_while_the_old_cluster_covers_for_the_target() {
+    let (_blue, green, gw) = named_blue_green("lw", "lw-blue", "lw-green", "").await;
+    // A stream on blue keeps its drain open until the target is down.
+    let stream_req = http::Request::get(gw.url("/echo/stream?n=100&interval_ms=100"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let stream = client().request(stream_req).await.unwrap();
+    assert_eq!(stream.headers()["x-stub-cluster"], "lw-blue");
+    let r = post(
+        &gw.admin("/v1/shards/lw/shift"),
+        r#"{"to": "lw-green", "step_interval": "1h", "drain_timeout": "1h"}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin("/v1/shards/lw/shift/promote"), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    green.set_healthy(false);
+    eventually("the shard on lw-blue", || async {
+        metric(&gw, r#"rayshift_apps_on_draining_clusters{shard="lw"}"#).await == Some(1.0)
+    })
+    .await;
+    drop(stream);
+    eventually("nothing in flight on lw-blue", || async {
+        gw.cluster_state("lw-blue").await["in_flight"] == 0
+    })
+    .await;
+    // Several drain checks later (one per 100 ms tick), blue still drains.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(shift_of(&gw, "lw").await["state"], "draining");
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.cluster(), Some("lw-blue"), "{}", r.body);
+
+    green.set_healthy(true);
+    wait_shift_state(&gw, "lw", &["completed"]).await;
+    assert_eq!(gw.cluster_state("lw-blue").await["drain"], "drained");
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.cluster(), Some("lw-green"), "{}", r.body);
+}
+
 /// An upload under way on the old cluster at promotion (its head in, its body still coming) is a
 /// request in flight: the drain waits for it, and the old cluster answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
