@@ -169,7 +169,11 @@ fn response(is_head: bool, bytes: &[u8]) {
             assert!(name != "content-length", "content-length on a 204");
         }
         if resp.status == 204 || resp.status == 304 {
-            assert!(name != "transfer-encoding", "transfer-encoding on a {}", resp.status);
+            assert!(
+                name != "transfer-encoding",
+                "transfer-encoding on a {}",
+                resp.status
+            );
         }
         if name == "transfer-encoding" {
             assert!(resp.framing == Framing::Chunked || resp.framing == Framing::Empty);

@@ -164,7 +164,7 @@ fn reference_check(spec: &TableSpec) -> std::result::Result<(), TableError> {
 }
 
 /// The clusters of `shard` that list the app, in spec order, weighted, available when ready and
-/// not draining.
+/// not draining, a last resort when ready and draining.
 fn expected_split(spec: &TableSpec, app: usize, shard: u32) -> Split {
     let name = &spec.apps[app].name;
     Split::from_members(
@@ -178,6 +178,7 @@ fn expected_split(spec: &TableSpec, app: usize, shard: u32) -> Split {
                 group: &c.revision,
                 weight: c.weight,
                 available: c.ready && !c.draining,
+                last_resort: c.ready && c.draining,
             }),
     )
 }

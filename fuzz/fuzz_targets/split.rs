@@ -60,6 +60,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
             group: "v1",
             weight,
             available: true,
+            last_resort: false,
         },
     ));
     assert_eq!(one_revision.entries().collect::<Vec<_>>(), entries);
@@ -78,6 +79,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 group: if i < split_at { "v1" } else { "v2" },
                 weight,
                 available: all_available || !out[i],
+                last_resort: false,
             },
         ))
     };
@@ -90,7 +92,11 @@ fn run(u: &mut Unstructured) -> Result<()> {
     };
     for &x in &xs {
         let picked = some_out.pick_key(x);
-        assert_eq!(picked.is_none(), available.is_empty(), "key {x:#x}, {given:?} {out:?}");
+        assert_eq!(
+            picked.is_none(),
+            available.is_empty(),
+            "key {x:#x}, {given:?} {out:?}"
+        );
         assert!(
             picked.is_none_or(|c| available.contains(&c)),
             "key {x:#x} to a cluster that is out: {given:?} {out:?}"
@@ -172,6 +178,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 group: if i + 1 == n { "v2" } else { "v1" },
                 weight,
                 available: true,
+                last_resort: false,
             },
         ))
     };
