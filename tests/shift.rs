@@ -27,6 +27,19 @@ async fn named_blue_green(
     old_and_new(shard, (old, 100), (new, 0), extra).await
 }
 
+/// Starts a shift of `shard` to `to` that takes no step by itself (1 h apart) and drains for up
+/// to an hour, and promotes it: `to` holds all the weight, the old clusters drain.
+async fn promote_now(gw: &TestGateway, shard: &str, to: &str) {
+    let r = post(
+        &gw.admin(&format!("/v1/shards/{shard}/shift")),
+        &format!(r#"{{"to": "{to}", "step_interval": "1h", "drain_timeout": "1h"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let r = post(&gw.admin(&format!("/v1/shards/{shard}/shift/promote")), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 /// GET, POST and a streamed response, in rotation.
 fn mixed_load(gw: &TestGateway, concurrency: usize) -> Load {
     Load::rotating(
@@ -328,14 +341,7 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
         .unwrap();
     let resp = client().request(stream_req).await.unwrap();
     assert_eq!(resp.headers()["x-stub-cluster"], "ad-blue");
-    let r = post(
-        &gw.admin("/v1/shards/shard-0/shift"),
-        r#"{"to": "ad-green", "step_interval": "1h", "drain_timeout": "1h"}"#,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    let r = post(&gw.admin("/v1/shards/shard-0/shift/promote"), "").await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    promote_now(&gw, "shard-0", "ad-green").await;
     assert_eq!(shift_of(&gw, "shard-0").await["state"], "draining");
     green.set_error_rate(1.0);
     let r = gw
@@ -382,14 +388,7 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
 async fn a_target_down_after_promotion_is_covered_by_the_draining_cluster() {
     let (_blue, green, gw) = named_blue_green("lr", "lr-blue", "lr-green", "").await;
     let gauge = r#"rayshift_apps_on_draining_clusters{shard="lr"}"#;
-    let r = post(
-        &gw.admin("/v1/shards/lr/shift"),
-        r#"{"to": "lr-green", "step_interval": "1h", "drain_timeout": "1h"}"#,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    let r = post(&gw.admin("/v1/shards/lr/shift/promote"), "").await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    promote_now(&gw, "lr", "lr-green").await;
     for _ in 0..5 {
         let r = get(&gw.url("/echo")).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -436,14 +435,7 @@ async fn a_drain_waits_while_the_old_cluster_covers_for_the_target() {
         .unwrap();
     let stream = client().request(stream_req).await.unwrap();
     assert_eq!(stream.headers()["x-stub-cluster"], "lw-blue");
-    let r = post(
-        &gw.admin("/v1/shards/lw/shift"),
-        r#"{"to": "lw-green", "step_interval": "1h", "drain_timeout": "1h"}"#,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
-    let r = post(&gw.admin("/v1/shards/lw/shift/promote"), "").await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    promote_now(&gw, "lw", "lw-green").await;
     green.set_healthy(false);
     eventually("the shard on lw-blue", || async {
         metric(&gw, r#"rayshift_apps_on_draining_clusters{shard="lw"}"#).await == Some(1.0)
