@@ -969,9 +969,10 @@ impl Desired {
     }
 
     /// Logs when apps start or stop being served by draining clusters only (`apps`: those that
-    /// are now): a shift's target, or every other cluster of theirs, cannot take requests.
-    fn warn_on_draining(&mut self, apps: &[&str]) {
-        if apps.len() == self.apps_on_draining {
+    /// are now; before `apps_on_draining_per_shard` is updated): a shift's target, or every other
+    /// cluster of theirs, cannot take requests.
+    fn warn_on_draining(&self, apps: &[&str]) {
+        if apps.len() == self.apps_on_draining_per_shard.iter().sum::<usize>() {
             return;
         }
         if apps.is_empty() {
@@ -984,7 +985,6 @@ impl Desired {
                 "no cluster that can take requests serves these apps (the shift's target, or every other cluster, is not ready): their requests go to draining clusters that are still ready rather than failing (first {SHOWN} named)"
             );
         }
-        self.apps_on_draining = apps.len();
     }
 
     /// Sets the shard gauges (apps, shift state, target weight) and the rollout gauges.

@@ -472,9 +472,8 @@ struct Desired {
     rollout_gauges: gauges::RolloutGauges,
     /// Routing tables published.
     table_updates: metrics::Counter,
-    /// Apps served by draining clusters in the last table published (see `warn_on_draining`).
-    apps_on_draining: usize,
-    /// The same per declared shard, in declaration order: such a shard's drain waits.
+    /// Apps served by draining clusters in the last table published, per declared shard in
+    /// declaration order: such a shard's drain waits (see `warn_on_draining`).
     apps_on_draining_per_shard: Vec<usize>,
     /// Shards whose tick transitions (a failed check, a rollback) were applied before their write,
     /// and no write holding them has succeeded yet.
@@ -622,7 +621,6 @@ impl Desired {
                 .collect(),
             rollout_gauges: gauges::RolloutGauges::new(),
             table_updates: metrics::counter!(crate::telemetry::ROUTING_TABLE_UPDATES_TOTAL),
-            apps_on_draining: 0,
             apps_on_draining_per_shard: Vec::new(),
             unsaved: Default::default(),
             stepped_back_in_flight: Default::default(),
