@@ -28,11 +28,11 @@ async fn named_blue_green(
 }
 
 /// Starts a shift of `shard` to `to` that takes no step by itself (1 h apart) and drains for up
-/// to an hour, and promotes it: `to` holds all the weight, the old clusters drain.
-async fn promote_now(gw: &TestGateway, shard: &str, to: &str) {
+/// to `drain`, and promotes it: `to` holds all the weight, the old clusters drain.
+async fn promote_now(gw: &TestGateway, shard: &str, to: &str, drain: &str) {
     let r = post(
         &gw.admin(&format!("/v1/shards/{shard}/shift")),
-        &format!(r#"{{"to": "{to}", "step_interval": "1h", "drain_timeout": "1h"}}"#),
+        &format!(r#"{{"to": "{to}", "step_interval": "1h", "drain_timeout": "{drain}"}}"#),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
@@ -341,7 +341,7 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
         .unwrap();
     let resp = client().request(stream_req).await.unwrap();
     assert_eq!(resp.headers()["x-stub-cluster"], "ad-blue");
-    promote_now(&gw, "shard-0", "ad-green").await;
+    promote_now(&gw, "shard-0", "ad-green", "1h").await;
     assert_eq!(shift_of(&gw, "shard-0").await["state"], "draining");
     green.set_error_rate(1.0);
     let r = gw
@@ -388,7 +388,7 @@ async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
 async fn a_target_down_after_promotion_is_covered_by_the_draining_cluster() {
     let (_blue, green, gw) = named_blue_green("lr", "lr-blue", "lr-green", "").await;
     let gauge = r#"rayshift_apps_on_draining_clusters{shard="lr"}"#;
-    promote_now(&gw, "lr", "lr-green").await;
+    promote_now(&gw, "lr", "lr-green", "1h").await;
     for _ in 0..5 {
         let r = get(&gw.url("/echo")).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -435,7 +435,7 @@ async fn a_drain_waits_while_the_old_cluster_covers_for_the_target() {
         .unwrap();
     let stream = client().request(stream_req).await.unwrap();
     assert_eq!(stream.headers()["x-stub-cluster"], "lw-blue");
-    promote_now(&gw, "lw", "lw-green").await;
+    promote_now(&gw, "lw", "lw-green", "1h").await;
     green.set_healthy(false);
     eventually("the shard on lw-blue", || async {
         metric(&gw, r#"rayshift_apps_on_draining_clusters{shard="lw"}"#).await == Some(1.0)
@@ -457,6 +457,51 @@ async fn a_drain_waits_while_the_old_cluster_covers_for_the_target() {
     assert_eq!(gw.cluster_state("lw-blue").await["drain"], "drained");
     let r = get(&gw.url("/echo")).await;
     assert_eq!(r.cluster(), Some("lw-green"), "{}", r.body);
+}
+
+/// The target still down when the drain's time is up, the old cluster carrying the shard: the
+/// shift rolls back by itself (`not_ready`) and the old cluster gets its weight back instead of
+/// being declared drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_still_down_at_the_end_of_the_drain_rolls_the_shift_back() {
+    let (_blue, green, gw) = named_blue_green("lx", "lx-blue", "lx-green", "").await;
+    // A stream on blue keeps the drain from ending before the target is down.
+    let stream_req = http::Request::get(gw.url("/echo/stream?n=100&interval_ms=100"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let stream = client().request(stream_req).await.unwrap();
+    assert_eq!(stream.headers()["x-stub-cluster"], "lx-blue");
+    promote_now(&gw, "lx", "lx-green", "3s").await;
+    green.set_healthy(false);
+    eventually("the shard on lx-blue", || async {
+        metric(&gw, r#"rayshift_apps_on_draining_clusters{shard="lx"}"#).await == Some(1.0)
+    })
+    .await;
+    let shift = wait_shift_state(&gw, "lx", &["rolled_back"]).await;
+    assert!(
+        shift["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("end of the drain")),
+        "{shift}"
+    );
+    let blue = gw.cluster_state("lx-blue").await;
+    assert_eq!(blue["weight"], 100, "{blue}");
+    assert!(blue["drain"].is_null(), "{blue}");
+    let r = get(&gw.url("/echo")).await;
+    assert_eq!(r.cluster(), Some("lx-blue"), "{}", r.body);
+    assert_eq!(
+        metric(&gw, r#"rayshift_apps_on_draining_clusters{shard="lx"}"#).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"rayshift_shift_rollbacks_total{shard="lx",reason="not_ready"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    drop(stream);
 }
 
 /// An upload under way on the old cluster at promotion (its head in, its body still coming) is a

@@ -129,8 +129,9 @@ pub struct Observation {
     /// clusters, which this one cannot see: the drain then lasts its whole `drain_timeout`.
     pub in_flight_elsewhere: bool,
     /// Apps of the shard are served by the draining clusters, no other cluster of theirs (the
-    /// target) able to take requests: the drain lasts while they are, up to `drain_timeout`, so
-    /// the old clusters are not declared safe to delete while they carry the shard.
+    /// target) able to take requests: the drain lasts while they are, so the old clusters are not
+    /// declared safe to delete while they carry the shard; still so at `drain_timeout`, the shift
+    /// rolls back.
     pub draining_serve: bool,
 }
 
@@ -489,10 +490,21 @@ impl Shift {
                 });
                 let idle =
                     obs.draining_in_flight == 0 && !obs.in_flight_elsewhere && !obs.draining_serve;
+                if now >= deadline && obs.draining_serve {
+                    // The drain's time is up while the old clusters still carry the shard for a
+                    // target that cannot take requests: they get their weights back rather than
+                    // being declared safe to delete.
+                    let detail = format!(
+                        "target not ready at the end of the drain ({} after the promotion), the old clusters serving the shard: {}",
+                        humantime::format_duration(drain_timeout),
+                        obs.gate_detail
+                    );
+                    return self.roll_back("not_ready", detail);
+                }
                 if idle || now >= deadline {
                     self.phase = Phase::Completed;
                     vec![Event::Drained {
-                        timed_out: obs.draining_in_flight > 0 || obs.draining_serve,
+                        timed_out: obs.draining_in_flight > 0,
                     }]
                 } else {
                     Vec::new()

@@ -183,7 +183,8 @@ async fn drain_timeout_completes_with_requests_still_running() {
 }
 
 /// The target down after promotion, its apps served by the draining cluster: the drain waits
-/// while they are (up to its timeout), and ends once the target serves them again.
+/// while they are, and ends once the target serves them again; still down at the drain's
+/// timeout, the shift rolls back (the old clusters get their weights back).
 #[tokio::test(start_paused = true)]
 async fn draining_clusters_serving_the_shard_hold_the_drain() {
     let mut s = shift();
@@ -202,10 +203,15 @@ async fn draining_clusters_serving_the_shard_hold_the_drain() {
     let mut s = shift();
     s.promote(Instant::now()).unwrap();
     advance(Duration::from_secs(30)).await;
-    assert_eq!(
-        s.tick(Instant::now(), &covering),
-        vec![Event::Drained { timed_out: true }]
+    let events = s.tick(Instant::now(), &covering);
+    assert!(
+        matches!(&events[..], [Event::RolledBack { reason: "not_ready", detail }]
+            if detail.contains("end of the drain") && detail.contains("/-/healthz answered 503")),
+        "{events:?}"
     );
+    assert_eq!(s.phase, Phase::RolledBack);
+    assert_eq!(weights(&s), (100, 0));
+    assert!(s.draining_clusters().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
