@@ -27,6 +27,21 @@ async fn named_blue_green(
     old_and_new(shard, (old, 100), (new, 0), extra).await
 }
 
+/// Opens a streamed response of `chunks` chunks 100 ms apart through the gateway and checks that
+/// `cluster` answers it: a request in flight there until the stream ends or is dropped.
+async fn stream_from(
+    gw: &TestGateway,
+    cluster: &str,
+    chunks: u32,
+) -> http::Response<hyper::body::Incoming> {
+    let req = http::Request::get(gw.url(&format!("/echo/stream?n={chunks}&interval_ms=100")))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.headers()["x-stub-cluster"], cluster);
+    resp
+}
+
 /// Starts a shift of `shard` to `to` that takes no step by itself (1 h apart) and drains for up
 /// to `drain`, and promotes it: `to` holds all the weight, the old clusters drain.
 async fn promote_now(gw: &TestGateway, shard: &str, to: &str, drain: &str) {
@@ -336,11 +351,7 @@ async fn passive_health_never_ejects_the_only_cluster_left_after_a_shift() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_while_draining_gives_the_old_cluster_its_traffic_back() {
     let (_blue, green, gw) = named_blue_green("shard-0", "ad-blue", "ad-green", "").await;
-    let stream_req = http::Request::get(gw.url("/echo/stream?n=50&interval_ms=100"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = client().request(stream_req).await.unwrap();
-    assert_eq!(resp.headers()["x-stub-cluster"], "ad-blue");
+    let resp = stream_from(&gw, "ad-blue", 50).await;
     promote_now(&gw, "shard-0", "ad-green", "1h").await;
     assert_eq!(shift_of(&gw, "shard-0").await["state"], "draining");
     green.set_error_rate(1.0);
@@ -430,11 +441,7 @@ async fn a_target_down_after_promotion_is_covered_by_the_draining_cluster() {
 async fn a_drain_waits_while_the_old_cluster_covers_for_the_target() {
     let (_blue, green, gw) = named_blue_green("lw", "lw-blue", "lw-green", "").await;
     // A stream on blue keeps its drain open until the target is down.
-    let stream_req = http::Request::get(gw.url("/echo/stream?n=100&interval_ms=100"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let stream = client().request(stream_req).await.unwrap();
-    assert_eq!(stream.headers()["x-stub-cluster"], "lw-blue");
+    let stream = stream_from(&gw, "lw-blue", 100).await;
     promote_now(&gw, "lw", "lw-green", "1h").await;
     green.set_healthy(false);
     eventually("the shard on lw-blue", || async {
@@ -466,11 +473,7 @@ async fn a_drain_waits_while_the_old_cluster_covers_for_the_target() {
 async fn a_target_still_down_at_the_end_of_the_drain_rolls_the_shift_back() {
     let (_blue, green, gw) = named_blue_green("lx", "lx-blue", "lx-green", "").await;
     // A stream on blue keeps the drain from ending before the target is down.
-    let stream_req = http::Request::get(gw.url("/echo/stream?n=100&interval_ms=100"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let stream = client().request(stream_req).await.unwrap();
-    assert_eq!(stream.headers()["x-stub-cluster"], "lx-blue");
+    let stream = stream_from(&gw, "lx-blue", 100).await;
     promote_now(&gw, "lx", "lx-green", "3s").await;
     green.set_healthy(false);
     eventually("the shard on lx-blue", || async {
@@ -548,11 +551,7 @@ async fn an_upload_under_way_at_promotion_holds_the_drain() {
 async fn open_streams_and_websockets_finish_after_promotion() {
     let (blue, _green, gw) = blue_green("").await;
     // A 2 s stream and a WebSocket, both on blue (it has all the weight).
-    let stream_req = http::Request::get(gw.url("/echo/stream?n=20&interval_ms=100"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = client().request(stream_req).await.unwrap();
-    assert_eq!(resp.headers()["x-stub-cluster"], "blue");
+    let resp = stream_from(&gw, "blue", 20).await;
     let stream =
         tokio::spawn(async move { resp.into_body().collect().await.map(|b| b.to_bytes()) });
     let tcp = tokio::net::TcpStream::connect(gw.gateway.proxy_addr())
