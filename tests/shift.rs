@@ -42,6 +42,15 @@ async fn stream_from(
     resp
 }
 
+/// Sends `n` requests for `/echo`: each answered 200 by `cluster`.
+async fn answered_by(gw: &TestGateway, cluster: &str, n: usize) {
+    for _ in 0..n {
+        let r = get(&gw.url("/echo")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cluster(), Some(cluster));
+    }
+}
+
 /// Starts a shift of `shard` to `to` that takes no step by itself (1 h apart) and drains for up
 /// to `drain`, and promotes it: `to` holds all the weight, the old clusters drain.
 async fn promote_now(gw: &TestGateway, shard: &str, to: &str, drain: &str) {
@@ -400,38 +409,20 @@ async fn a_target_down_after_promotion_is_covered_by_the_draining_cluster() {
     let (_blue, green, gw) = named_blue_green("lr", "lr-blue", "lr-green", "").await;
     let gauge = r#"rayshift_apps_on_draining_clusters{shard="lr"}"#;
     promote_now(&gw, "lr", "lr-green", "1h").await;
-    for _ in 0..5 {
-        let r = get(&gw.url("/echo")).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        assert_eq!(r.cluster(), Some("lr-green"));
-    }
+    answered_by(&gw, "lr-green", 5).await;
     assert_eq!(metric(&gw, gauge).await, Some(0.0));
 
     green.set_healthy(false);
-    eventually("lr-green unready", || async {
-        gw.cluster_state("lr-green").await["ready"] == false
-    })
-    .await;
+    gw.wait_cluster_ready("lr-green", false).await;
     let blue = gw.cluster_state("lr-blue").await;
     assert_eq!(blue["weight"], 0, "{blue}");
     assert!(blue["drain"].is_string(), "{blue}");
-    for _ in 0..10 {
-        let r = get(&gw.url("/echo")).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        assert_eq!(r.cluster(), Some("lr-blue"));
-    }
+    answered_by(&gw, "lr-blue", 10).await;
     assert_eq!(metric(&gw, gauge).await, Some(1.0));
 
     green.set_healthy(true);
-    eventually("lr-green ready again", || async {
-        gw.cluster_state("lr-green").await["ready"] == true
-    })
-    .await;
-    for _ in 0..5 {
-        let r = get(&gw.url("/echo")).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        assert_eq!(r.cluster(), Some("lr-green"));
-    }
+    gw.wait_cluster_ready("lr-green", true).await;
+    answered_by(&gw, "lr-green", 5).await;
     assert_eq!(metric(&gw, gauge).await, Some(0.0));
 }
 
